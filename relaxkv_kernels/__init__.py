@@ -1,0 +1,27 @@
+"""relaxkv_kernels: fused kernels for structured KV memory in autoregressive video diffusion.
+
+Public API:
+    ops              rope_append, sparse_kv_attention, relax_select, mid_select, compress_kv
+                     (also as torch.ops.relaxkv.*)
+    policies         DenseWindow, RelaxMemory, PackMemory
+    cache            KVCache (begin_chunk / attend / end_chunk)
+    backends()       which backends this machine can run
+"""
+from .backends import backends
+from .cache import KVCache
+from .memory import DenseWindow, PackMemory, RelaxMemory
+from .ops import compress_kv, mid_select, relax_select, rope_append, sparse_kv_attention
+
+__all__ = [
+    "DenseWindow",
+    "KVCache",
+    "PackMemory",
+    "RelaxMemory",
+    "backends",
+    "compress_kv",
+    "mid_select",
+    "relax_select",
+    "rope_append",
+    "sparse_kv_attention",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,43 @@
+"""Fused write path reference: rotate the chunk's Q and K, write K/V into cache rows, per-frame prototypes."""
+from __future__ import annotations
+
+import torch
+
+from .rope import rope_ref, token_positions
+
+
+def rope_append_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    proto: torch.Tensor,
+    frame_slot: torch.Tensor,
+    frame_pos: torch.Tensor,
+    height: int,
+    width: int,
+) -> torch.Tensor:
+    """Rotate and append one chunk of U frames.
+
+    Args:
+        q, k, v: [B, U * F, H, D] (F = height * width), after q/k RMSNorm, before RoPE.
+        k_cache, v_cache: [B, n_rows, H, D]; frame slot ``s`` owns rows ``s*F .. s*F + F - 1``.
+        proto: float32 [B, n_slots, D]; receives each frame's prototype: the mean of its pre-RoPE
+            keys over tokens then heads, NOT normalised (set prototypes are means of these).
+        frame_slot: int64 [U] cache slot of each chunk frame.
+        frame_pos: int64 [U] temporal position of each chunk frame.
+        height, width: token grid of a frame.
+
+    Returns:
+        q rotated at (frame_pos[u], y, x): [B, U * F, H, D], dtype of q. k_cache gets K rotated at the
+        same positions, v_cache gets V, proto gets the prototypes (all in place).
+    """
+    f = height * width
+    u = frame_slot.numel()
+    pos = token_positions(frame_pos.cpu(), height, width).to(q.device)
+    rows = (frame_slot.view(-1, 1) * f + torch.arange(f, device=k.device)).reshape(-1)
+    k_cache[:, rows] = rope_ref(k, pos).to(k_cache.dtype)
+    v_cache[:, rows] = v.to(v_cache.dtype)
+    proto[:, frame_slot] = k.float().unflatten(1, (u, f)).mean(dim=(2, 3))
+    return rope_ref(q, pos)

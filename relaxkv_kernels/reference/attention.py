@@ -1,0 +1,56 @@
+"""Segment attention reference: gather K/V through a segment table, delta-rotate, attend (fp32).
+
+Segment table ``seg``: int32 [B, n_seg, 3], one row per segment ``(start_row, length, delta)``.
+Segment ``s`` of batch element ``b`` covers pool rows ``start .. start + length - 1``; its keys were
+stored rotated at their write-time positions and are rotated again by the temporal shift ``delta``
+(frames) on load. ``length == 0`` marks an unused segment (fixed table shapes for CUDA graphs).
+The keys of all segments, in table order, form one softmax: no mask.
+"""
+from __future__ import annotations
+
+import torch
+
+from .rope import delta_rope_ref
+
+
+def gather_segments_ref(
+    k_pool: torch.Tensor, v_pool: torch.Tensor, seg_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K (delta-rotated) and V of one batch element's segments, in table order.
+
+    Args:
+        k_pool, v_pool: [n_rows, H, D] of one batch element.
+        seg_b: int [n_seg, 3] (start_row, length, delta).
+
+    Returns:
+        (k, v): [sum(length), H, D] each, dtype of the pool.
+    """
+    rows, deltas = [], []
+    for start, length, delta in seg_b.tolist():
+        rows.append(torch.arange(start, start + length, device=k_pool.device))
+        deltas.append(torch.full((length,), delta, dtype=torch.float64, device=k_pool.device))
+    rows = torch.cat(rows)
+    return delta_rope_ref(k_pool[rows], torch.cat(deltas)), v_pool[rows]
+
+
+def sparse_kv_attention_ref(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """softmax(q K^T * scale) V over the segments of ``seg``, in float32.
+
+    Args:
+        q: [B, Nq, H, D] queries, already rotated.
+        k_pool, v_pool: [B, n_rows, H, D] cache pools (keys rotated at write time).
+        seg: int32 [B, n_seg, 3] segment table (start_row, length, delta).
+        scale: softmax scale (usually D ** -0.5).
+
+    Returns:
+        [B, Nq, H, D] in q.dtype.
+    """
+    out = []
+    for b in range(q.shape[0]):
+        k, v = gather_segments_ref(k_pool[b], v_pool[b], seg[b].cpu())
+        qb = q[b].float().transpose(0, 1)  # [H, Nq, D]
+        logits = qb @ k.float().permute(1, 2, 0) * scale  # [H, Nq, Nk]
+        out.append((logits.softmax(-1) @ v.float().transpose(0, 1)).transpose(0, 1))
+    return torch.stack(out).to(q.dtype)
