@@ -189,13 +189,13 @@ def rope_append(
     """
     op = "relaxkv.rope_append"
     _check_qkv_like(op, "q", q)
-    check_tensor(op, "k", k, shape=tuple(q.shape), dtypes=(q.dtype,), device=q.device)
-    check_tensor(op, "v", v, shape=tuple(q.shape), dtypes=(q.dtype,), device=q.device)
     check_int(op, "height", height, low=1)
     check_int(op, "width", width, low=1)
     f = height * width
     if q.shape[1] % f:
         raise ValueError(f"{op}: q: expected a whole number of frames of {height}x{width} = {f} tokens, got {q.shape[1]}")
+    check_tensor(op, "k", k, shape=tuple(q.shape), dtypes=(q.dtype,), device=q.device)
+    check_tensor(op, "v", v, shape=tuple(q.shape), dtypes=(q.dtype,), device=q.device)
     u = q.shape[1] // f
     _check_pool(op, "k_cache", k_cache, k)
     _check_pool(op, "v_cache", v_cache, k)
@@ -323,13 +323,13 @@ def compress_kv(
     """
     op = "relaxkv.compress_kv"
     _check_qkv_like(op, "k", k)
-    check_tensor(op, "v", v, shape=tuple(k.shape), dtypes=(k.dtype,), device=k.device)
     for name, value in (("frames", frames), ("height", height), ("width", width)):
         check_int(op, name, value, low=1)
     if frames < 2 or height < 4 or width < 4:
         raise ValueError(f"{op}: block: expected at least 2x4x4 (t, y, x) to pool, got {frames}x{height}x{width}")
     if k.shape[1] != frames * height * width:
         raise ValueError(f"{op}: k: expected {frames}*{height}*{width} = {frames * height * width} tokens, got {k.shape[1]}")
+    check_tensor(op, "v", v, shape=tuple(k.shape), dtypes=(k.dtype,), device=k.device)
     _check_pool(op, "k_pool", k_pool, k)
     check_tensor(op, "v_pool", v_pool, shape=tuple(k_pool.shape), dtypes=(k.dtype,), device=k.device)
     b, _, h, d = k.shape
