@@ -7,7 +7,7 @@ Public API:
     cache            KVCache (begin_chunk / attend / end_chunk)
     backends()       which backends this machine can run
 """
-from .backends import backends
+from .availability import backends
 from .cache import KVCache
 from .memory import DenseWindow, PackMemory, RelaxMemory
 from .ops import compress_kv, mid_select, relax_select, rope_append, sparse_kv_attention

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .backends import cuda_extension, interpreter_enabled, triton_available
+from .availability import cuda_extension, interpreter_enabled, triton_available
 from .validate import (
     FLOAT_DTYPES,
     INDEX_DTYPES,

@@ -30,7 +30,7 @@ def gather_segments_ref(
         rows.append(torch.arange(start, start + length, device=k_pool.device))
         deltas.append(torch.full((length,), delta, dtype=torch.float64, device=k_pool.device))
     rows = torch.cat(rows)
-    return delta_rope_ref(k_pool[rows], torch.cat(deltas)), v_pool[rows]
+    return delta_rope_ref(k_pool.index_select(0, rows), torch.cat(deltas)), v_pool.index_select(0, rows)
 
 
 def sparse_kv_attention_ref(

@@ -1,0 +1,88 @@
+// Shared helpers of the relaxkv CUDA launchers: error checks that become Python exceptions,
+// dtype codes, element conversions. No torch headers (see DESIGN.md section 2).
+//
+// pybind11 translates std::runtime_error into RuntimeError and std::invalid_argument into
+// ValueError, so a launcher only has to throw.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+namespace relaxkv {
+
+// Element type of a tensor, as passed from Python (relaxkv_kernels/cuda/rope_append.py).
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Throws std::runtime_error("relaxkv <op>: <what> failed: <cuda error>") when err != cudaSuccess.
+inline void check_cuda(cudaError_t err, const char* op, const char* what) {
+    if (err != cudaSuccess) {
+        std::ostringstream msg;
+        msg << "relaxkv " << op << ": " << what << " failed: " << cudaGetErrorName(err) << " ("
+            << cudaGetErrorString(err) << ")";
+        throw std::runtime_error(msg.str());
+    }
+}
+
+#define RELAXKV_CUDA_CHECK(op, expr) ::relaxkv::check_cuda((expr), (op), #expr)
+
+// Raise after a kernel launch if the launch itself failed (bad configuration, no kernel image for
+// this GPU, ...). Asynchronous faults surface at the next synchronising call, as with any CUDA op.
+#define RELAXKV_CHECK_LAUNCH(op) ::relaxkv::check_cuda(cudaGetLastError(), (op), "kernel launch")
+
+// Throws std::invalid_argument (Python ValueError) with the op name when cond is false.
+#define RELAXKV_CHECK_ARG(op, cond, message)                                    \
+    do {                                                                        \
+        if (!(cond)) {                                                          \
+            std::ostringstream relaxkv_msg_;                                    \
+            relaxkv_msg_ << "relaxkv " << (op) << ": " << message;              \
+            throw std::invalid_argument(relaxkv_msg_.str());                    \
+        }                                                                       \
+    } while (0)
+
+// Every launcher calls this first: a clear error instead of a launch failure on CPU-only hosts.
+inline void require_device(const char* op) {
+    int n = 0;
+    cudaError_t err = cudaGetDeviceCount(&n);
+    if (err != cudaSuccess || n == 0) {
+        cudaGetLastError();
+        std::ostringstream msg;
+        msg << "relaxkv " << op << ": no CUDA device available (cudaGetDeviceCount: "
+            << (err != cudaSuccess ? cudaGetErrorString(err) : "0 devices") << ")";
+        throw std::runtime_error(msg.str());
+    }
+}
+
+inline const char* dtype_name(int dtype) {
+    switch (dtype) {
+        case kFloat32: return "float32";
+        case kFloat16: return "float16";
+        case kBFloat16: return "bfloat16";
+        default: return "unknown";
+    }
+}
+
+// fp32 <-> storage type; math is always fp32, stores round to nearest even.
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+    return __float2bfloat16_rn(x);
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace relaxkv

@@ -1,0 +1,95 @@
+"""relaxkv-kernels: pure-Python package + optional CUDA extension relaxkv_kernels._C.
+
+The extension (csrc/*.cu + csrc/bindings.cpp, pybind11, no torch headers) is compiled and linked by
+nvcc itself, so it builds against any torch wheel, CPU-only included. It is skipped, leaving a
+pure-Python install, when nvcc is not found or RELAXKV_SKIP_CUDA_BUILD=1.
+RELAXKV_CUDA_ARCHS="80;90a" picks the targets (default 90a).
+"""
+import os
+import shutil
+import subprocess
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC",
+              "-Xcompiler", "-fvisibility=hidden"]
+
+
+def find_nvcc():
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    for cand in ([os.path.join(cuda_home, "bin", "nvcc")] if cuda_home else []) + [
+            shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]:
+        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def gencode_flags():
+    archs = os.environ.get("RELAXKV_CUDA_ARCHS", "90a").replace(",", ";").replace(" ", ";")
+    archs = [a.replace(".", "") for a in archs.split(";") if a]
+    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+
+
+class NvccBuildExt(build_ext):
+    """Compile every source of an extension with nvcc (in parallel), link with nvcc -shared."""
+
+    def build_extension(self, ext):
+        import pybind11
+
+        nvcc = find_nvcc()
+        out = Path(self.get_ext_fullpath(ext.name))
+        tmp = Path(self.build_temp) / "csrc"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir(parents=True, exist_ok=True)
+        includes = [f"-I{d}" for d in (pybind11.get_include(), sysconfig.get_paths()["include"],
+                                       str(ROOT / "csrc"))]
+        gencode = gencode_flags()
+
+        def compile_one(src):
+            obj = tmp / (Path(src).name + ".o")
+            cmd = [nvcc, "-c", str(ROOT / src), "-o", str(obj), *NVCC_FLAGS, *gencode, *includes]
+            print(" ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+            return str(obj)
+
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            objs = list(pool.map(compile_one, ext.sources))
+        # cudart linked statically: no libcudart.so lookup at import, works beside any torch wheel.
+        cmd = [nvcc, "-shared", *objs, "-o", str(out), "-cudart=static", *gencode]
+        print(" ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+
+
+def extensions():
+    if os.environ.get("RELAXKV_SKIP_CUDA_BUILD", "0") == "1":
+        print("relaxkv-kernels: RELAXKV_SKIP_CUDA_BUILD=1, pure-Python install")
+        return []
+    if find_nvcc() is None:
+        print("relaxkv-kernels: nvcc not found, pure-Python install (no relaxkv_kernels._C)")
+        return []
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
+    headers = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cuh"))
+    return [Extension("relaxkv_kernels._C", sources + ["csrc/bindings.cpp"], depends=headers)]
+
+
+py_packages = find_packages(where="python", include=["relaxkv_gen", "relaxkv_gen.*"])
+
+setup(
+    name="relaxkv-kernels",
+    version="0.1.0",
+    description="Fused Triton/CUDA kernels for KV memory in autoregressive video diffusion",
+    python_requires=">=3.10",
+    packages=find_packages(include=["relaxkv_kernels", "relaxkv_kernels.*"]) + py_packages,
+    package_dir={p: "python/" + p.replace(".", "/") for p in py_packages},
+    install_requires=["torch", "numpy", "tqdm", "matplotlib", "safetensors",
+                      "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+    entry_points={"console_scripts": ["relaxkv-generate = relaxkv_gen.cli:main"]},
+    ext_modules=extensions(),
+    cmdclass={"build_ext": NvccBuildExt},
+    zip_safe=False,
+)
