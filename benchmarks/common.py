@@ -1,0 +1,269 @@
+"""One setup shared by the speed and memory benchmarks: shapes, environment record, timer, bf16 peak, writers.
+
+Every figure a benchmark writes carries the device it was measured on. On a CPU the timer is a plain
+``perf_counter`` median and every result is flagged ``"cpu_timing": true`` and printed as
+"CPU time, not a GPU measurement": those numbers only show that the harness runs end to end.
+
+Call :func:`configure_triton` before anything imports triton (the benchmark scripts do it first thing):
+without CUDA it sets ``TRITON_INTERPRET=1`` so the Triton rows can run, slowly, on CPU tensors.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+CPU_LABEL = "CPU time, not a GPU measurement"
+
+
+def configure_triton() -> None:
+    """Without CUDA, run Triton kernels in the interpreter; must run before triton is imported."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# ----------------------------------------------------------------------------------------------------
+# shapes
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Model geometry of a benchmark run (DESIGN.md 3)."""
+
+    name: str
+    layers: int
+    passes: int
+    batch: int
+    heads: int
+    head_dim: int
+    height: int
+    width: int
+    dtype: str
+
+    @property
+    def frame_tokens(self) -> int:
+        return self.height * self.width
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+SHAPES = {
+    # Wan2.1-T2V-1.3B at 832x480: 30 layers x (4 denoising + 1 refresh) passes, 30x52 grid, bf16
+    "wan": Shape("wan", layers=30, passes=5, batch=1, heads=12, head_dim=128, height=30, width=52, dtype="bfloat16"),
+    # CI on CPU: a 4x4 grid still holds one 2x4x4 PackForcing pooling window per 2 frames
+    "tiny": Shape("tiny", layers=2, passes=2, batch=1, heads=2, head_dim=32, height=4, width=4, dtype="float32"),
+}
+
+
+def shape_from_args(name: str, layers: int | None = None, passes: int | None = None, dtype: str | None = None) -> Shape:
+    """``SHAPES[name]`` with optional overrides of layers, passes and dtype."""
+    s = asdict(SHAPES[name])
+    for key, value in (("layers", layers), ("passes", passes), ("dtype", dtype)):
+        if value is not None:
+            s[key] = value
+    return Shape(**s)
+
+
+def attention_flop(nq: int, nk: int, heads: int, head_dim: int, layers: int, passes: int) -> int:
+    """Attention FLOP of one chunk: 4 * Nq * Nk * H * D * layers * passes (QK^T and PV, 2 FLOP per MAC)."""
+    return 4 * nq * nk * heads * head_dim * layers * passes
+
+
+# ----------------------------------------------------------------------------------------------------
+# environment
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def git_commit() -> str:
+    """``git rev-parse HEAD`` of the repository (with ``+dirty`` when the tree has changes), or 'unknown'."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_DIR,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def env_info(device: torch.device) -> dict:
+    """Device name, library versions, git commit and date of this run."""
+    try:
+        import triton  # noqa: PLC0415 (after configure_triton)
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        name = props.name
+        extra = {"gpu_memory_gib": round(props.total_memory / 2**30, 1), "sm_count": props.multi_processor_count,
+                 "capability": f"{props.major}.{props.minor}"}
+    else:
+        name = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        extra = {"torch_threads": torch.get_num_threads()}
+    return {
+        "device": name,
+        "device_type": device.type,
+        "cpu_timing": device.type != "cuda",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "python": platform.python_version(),
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# timing
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Timing:
+    """Median time of one call of a benchmarked function."""
+
+    ms: float
+    reps: int
+    method: str
+    cpu_timing: bool
+
+    def as_dict(self, prefix: str = "") -> dict:
+        return {f"{prefix}ms": self.ms, f"{prefix}reps": self.reps, f"{prefix}method": self.method}
+
+
+def measure(fn, device: torch.device, warmup: int = 1, reps: int = 5, budget_s: float = 30.0) -> Timing:
+    """Median wall time of ``fn()`` in milliseconds.
+
+    CUDA: one untimed call (compilation, autotuning), then ``triton.testing.do_bench`` (median, L2
+    flushed between reps) when one call takes under a second; longer calls (whole chunks through the
+    reference backend) are timed with CUDA events, ``reps`` times after ``warmup`` calls, so a
+    multi-second row does not cost do_bench's dozens of calls. ``budget_s`` caps the reps either way.
+    CPU: ``warmup`` untimed calls, then the median of ``reps`` ``perf_counter`` intervals (flagged
+    ``cpu_timing``).
+    """
+    if device.type == "cuda":
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        first_ms = (time.perf_counter() - t0) * 1e3
+        reps = max(1, min(reps, int(budget_s * 1e3 / max(first_ms, 1e-3))))
+        if first_ms < 1000.0:
+            from triton.testing import do_bench  # noqa: PLC0415
+
+            rep_ms = min(max(100.0, reps * first_ms), budget_s * 1e3)
+            ms = do_bench(fn, warmup=min(25.0, 2 * first_ms + 1), rep=rep_ms, return_mode="median")
+            return Timing(float(ms), max(1, int(rep_ms / max(first_ms, 1e-3))), "triton.testing.do_bench median", False)
+        for _ in range(max(0, warmup - 1)):
+            fn()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return Timing(statistics.median(times), reps, "cuda events median", False)
+    for _ in range(warmup):
+        fn()
+    times = []
+    deadline = time.perf_counter() + budget_s
+    for i in range(max(1, reps)):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() > deadline:
+            break
+    return Timing(statistics.median(times), len(times), "perf_counter median (" + CPU_LABEL + ")", True)
+
+
+def bf16_matmul_peak(device: torch.device, n: int | None = None, budget_s: float = 10.0) -> dict:
+    """Achieved bf16 matmul throughput (n x n x n, TFLOP/s) on ``device``, measured in this run.
+
+    On CUDA this is the ceiling the attention rows are compared with (n = 8192 by default). On CPU it
+    is reported (n = 512) but labelled: it is CPU bf16 matmul speed, not a GPU figure.
+    """
+    n = n or (8192 if device.type == "cuda" else 512)
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=gen)
+    t = measure(lambda: a @ b, device, warmup=1, reps=5, budget_s=budget_s)
+    tflops = 2 * n**3 / (t.ms * 1e-3) / 1e12
+    out = {"n": n, "ms": t.ms, "tflops": tflops, "method": t.method, "cpu_timing": t.cpu_timing}
+    if t.cpu_timing:
+        out["label"] = f"bf16 matmul on the CPU ({CPU_LABEL})"
+    return out
+
+
+def throughput(flop: int | None, ms: float | None, peak_tflops: float | None) -> tuple[float | None, float | None]:
+    """(achieved TFLOP/s, fraction of the measured bf16 peak) for ``flop`` done in ``ms``."""
+    if not flop or not ms or not math.isfinite(ms):
+        return None, None
+    tflops = flop / (ms * 1e-3) / 1e12
+    return tflops, (tflops / peak_tflops if peak_tflops else None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# results
+
+
+def default_out(kind: str, shape: str, device: torch.device) -> Path:
+    tag = "cpu" if device.type != "cuda" else torch.cuda.get_device_name(device).lower().replace(" ", "_")
+    return RESULTS_DIR / f"{kind}_{shape}_{tag}.json"
+
+
+def write_results(path: str | os.PathLike, payload: dict, rows: list[dict]) -> tuple[Path, Path]:
+    """Write ``payload`` (with ``rows``) as JSON at ``path`` and the rows as CSV beside it (same stem)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = dict(payload, rows=rows)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    csv_path = path.with_suffix(".csv")
+    env = payload.get("env", {})
+    stamp = {k: env.get(k) for k in ("device", "torch", "triton", "cuda", "commit", "date", "cpu_timing")}
+    fields: list[str] = []
+    for row in rows:
+        fields += [k for k in row if k not in fields and not isinstance(row[k], (dict, list))]
+    fields += [k for k in stamp if k not in fields]
+    with csv_path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**stamp, **row})
+    return path, csv_path
+
+
+def fmt(x, digits: int = 3) -> str:
+    """Short human format for tables: None -> '-', floats with ``digits`` significant digits."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}" if abs(x) < 10 ** digits else f"{x:.0f}"
+    return str(x)

@@ -1,0 +1,169 @@
+"""Plots and the README table from benchmark results (JSON written by bench_chunk.py / bench_scaling.py).
+
+    python benchmarks/plot_results.py benchmarks/results/chunk_wan_*.json benchmarks/results/scaling_wan_*.json
+
+For each JSON: a PNG beside it (chunk: ms per chunk per row, one panel per config; scaling: ms per
+chunk and KV memory vs seconds of video), and a Markdown section in ``--table`` (default
+``benchmarks/results/TABLE.md``) headed by the device and date of the run. CPU results are labelled
+"CPU time, not a GPU measurement" in both.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+def _pyplot():
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    return plt
+
+
+def _title(data: dict, what: str) -> str:
+    env = data["env"]
+    note = f"\n{common.CPU_LABEL}" if env.get("cpu_timing") else ""
+    return f"{what} -- {env['device']}, {env['date'][:10]}, commit {env['commit'][:10]}{note}"
+
+
+def plot_chunk(data: dict, png: str | Path) -> Path:
+    """Horizontal bars of ms per chunk for every measured row, one panel per config."""
+    plt = _pyplot()
+    configs = list(dict.fromkeys(r["config"] for r in data["rows"]))
+    fig, axes = plt.subplots(len(configs), 1, figsize=(8, 1.2 + 0.35 * len(data["rows"])), squeeze=False)
+    for ax, config in zip(axes[:, 0], configs):
+        rows = [r for r in data["rows"] if r["config"] == config and r.get("ms_per_chunk") is not None]
+        ax.barh([r["row"] for r in rows], [r["ms_per_chunk"] for r in rows], color="tab:blue")
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_title(config, fontsize=9, loc="left")
+        ax.tick_params(labelsize=8)
+    axes[-1, 0].set_xlabel("ms per chunk (log)")
+    fig.suptitle(_title(data, f"per-chunk attention, {data['shape']['name']} shapes"), fontsize=9)
+    fig.tight_layout()
+    png = Path(png)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png
+
+
+def plot_scaling(data: dict, png: str | Path) -> Path:
+    """Two panels vs seconds of video: ms per chunk, and KV memory (this run, and 30-layer Wan computed)."""
+    plt = _pyplot()
+    rows = [r for r in data["rows"] if r.get("status") == "ok"]
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    shape = data["shape"]
+    for i, policy in enumerate(dict.fromkeys(r["policy"] for r in rows)):
+        pr = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["seconds"])
+        sec = [r["seconds"] for r in pr]
+        color = f"C{i}"
+        ax_t.plot(sec, [r["ms_per_chunk"] for r in pr], "o-", color=color, label=policy)
+        ax_m.plot(sec, [r["kv_gib"] for r in pr], "o-", color=color, label=f"{policy} (this run)")
+        ax_m.plot(sec, [r["wan30_kv_gib_computed"] for r in pr], "--", color=color, alpha=0.6,
+                  label=f"{policy} (Wan 30 layers bf16, computed)")
+    ax_t.set_xlabel("video length (s, 16 fps)")
+    ax_t.set_ylabel(f"ms per chunk ({shape['layers']} layers x {shape['passes']} passes)")
+    ax_m.set_xlabel("video length (s, 16 fps)")
+    ax_m.set_ylabel("KV memory (GiB)")
+    ax_m.set_yscale("log")
+    ax_t.legend(fontsize=8)
+    ax_m.legend(fontsize=7)
+    fig.suptitle(_title(data, f"scaling, {shape['name']} shapes"), fontsize=9)
+    fig.tight_layout()
+    png = Path(png)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png
+
+
+def _heading(data: dict, what: str) -> list[str]:
+    env = data["env"]
+    lines = [f"### {what}: {env['device']}, {env['date'][:10]}", "",
+             f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, commit `{env['commit'][:12]}`."]
+    if env.get("cpu_timing"):
+        lines.append(f"**{common.CPU_LABEL}**: this run only shows that the harness works; no GPU figure here.")
+    return lines + [""]
+
+
+def chunk_table(data: dict) -> str:
+    s, peak = data["shape"], data["peak_bf16"]
+    lines = _heading(data, f"Per-chunk attention ({s['name']} shapes, {s['layers']} layers x {s['passes']} passes, {s['dtype']})")
+    peak_note = f" ({peak['label']})" if peak.get("label") else ""
+    lines += [f"bf16 matmul peak measured in the same run: {common.fmt(peak['tflops'])} TFLOP/s{peak_note}.", "",
+              "| config | row | Nq x Nk | ms / chunk | TFLOP/s | % of peak | selection ms | gather/rope ms | attention ms |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['config']} | {r['row']} | | {r['status']} | | | | | |")
+            continue
+        frac = None if r.get("frac_peak") is None else 100 * r["frac_peak"]
+        lines.append(
+            f"| {r['config']} | {r['label']} | {r['nq']} x {r['nk']} | {common.fmt(r['ms_per_chunk'])} | "
+            f"{common.fmt(r.get('tflops'))} | {common.fmt(frac, 2)} | {common.fmt(r.get('selection_ms'))} | "
+            f"{common.fmt(r.get('gather_rope_ms'))} | {common.fmt(r.get('attention_ms'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def scaling_table(data: dict) -> str:
+    s = data["shape"]
+    lines = _heading(data, f"Scaling with video length ({s['name']} shapes, {s['layers']} layers x {s['passes']} passes)")
+    lines += ["| policy | seconds | chunks | ms / chunk | KV GiB (this run) | KV GiB (Wan 30 layers bf16, computed) |",
+              "|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['policy']} | {common.fmt(r['seconds'])} | | {r['status']} | | |")
+            continue
+        lines.append(f"| {r['policy']} | {common.fmt(r['seconds'])} | {r['chunks']} | {common.fmt(r['ms_per_chunk'])} | "
+                     f"{common.fmt(r['kv_gib'])} | {common.fmt(r['wan30_kv_gib_computed'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def render(paths: list[str | Path], table: str | Path, plot: bool = True) -> tuple[Path, list[Path]]:
+    """Plot every results JSON in ``paths`` and write their tables to ``table``; returns (table, PNGs)."""
+    sections = ["# Benchmark results", "",
+                "Generated by `benchmarks/plot_results.py` from the JSON files beside this table.", ""]
+    pngs = []
+    for path in paths:
+        path = Path(path)
+        data = json.loads(path.read_text())
+        if data.get("kind") == "chunk":
+            sections.append(chunk_table(data))
+            if plot:
+                pngs.append(plot_chunk(data, path.with_suffix(".png")))
+        elif data.get("kind") == "scaling":
+            sections.append(scaling_table(data))
+            if plot:
+                pngs.append(plot_scaling(data, path.with_suffix(".png")))
+        else:
+            raise ValueError(f"plot_results: {path}: expected a chunk or scaling results JSON, got kind {data.get('kind')!r}")
+    table = Path(table)
+    table.parent.mkdir(parents=True, exist_ok=True)
+    table.write_text("\n".join(sections))
+    return table, pngs
+
+
+def main(argv=None) -> tuple[Path, list[Path]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", nargs="*", help="results JSON files (default: chunk_*.json, scaling_*.json in benchmarks/results)")
+    p.add_argument("--table", default=str(common.RESULTS_DIR / "TABLE.md"))
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    paths = args.results or sorted(str(x) for pattern in ("chunk_*.json", "scaling_*.json")
+                                   for x in common.RESULTS_DIR.glob(pattern))
+    if not paths:
+        p.error(f"no results JSON given and none in {common.RESULTS_DIR}")
+    table, pngs = render(paths, args.table, plot=not args.no_plot)
+    print(table.read_text())
+    print(f"wrote {table}" + "".join(f", {x}" for x in pngs))
+    return table, pngs
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Microbenchmarks of every op (pytest-benchmark), and an end-to-end run of the benchmark scripts.
+
+    pytest benchmarks/test_micro.py -m gpu                      # Wan2.1 shapes on a GPU, timed
+    pytest benchmarks/test_micro.py --benchmark-disable         # CPU smoke: every op once at tiny shapes
+
+The ``*_wan`` tests (marked ``gpu``) use one steady-state chunk at Wan2.1-1.3B shapes (B=1, H=12, D=128,
+30x52 grid, bf16) built by ``bench_chunk.build_setup``; the ``*_smoke`` tests run the same code at
+tiny CPU shapes (fp32, 2 heads, 4x4 grid), so CI checks the harness, not the speed. The last tests
+run ``bench_chunk.py``, ``bench_scaling.py`` and ``plot_results.py`` at tiny settings into a
+temporary directory and check what they write.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import bench_chunk
+import bench_scaling
+import common
+import plot_results
+from relaxkv_kernels import ops
+
+_SETUPS: dict = {}
+
+
+def setup_for(config: str, size: str) -> bench_chunk.ChunkSetup:
+    """One steady-state chunk of ``config`` (one layer, one pass), built once per session."""
+    key = (config, size)
+    if key not in _SETUPS:
+        device = torch.device("cuda") if size == "wan" else torch.device("cpu")
+        shape = common.shape_from_args(size, layers=1, passes=1)
+        _SETUPS[key] = bench_chunk.build_setup(config, shape, device)
+    return _SETUPS[key]
+
+
+def need_backend(op: str, device: torch.device, backend: str) -> None:
+    try:
+        ops.resolve_backend(op, device, backend)
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+
+
+def timed(su: bench_chunk.ChunkSetup, fn):
+    """fn followed by a device sync, so pytest-benchmark's host timer sees the whole kernel."""
+    def run():
+        out = fn()
+        common.synchronize(su.device)
+        return out
+    return run
+
+
+# ----------------------------------------------------------------------------------------------------
+# one function per op; the benchmark tests below call them at tiny (CPU) and Wan (GPU) shapes
+
+
+def op_rope_append(su, backend):
+    c, i, s = su.cache, su.idx, su.shape
+    return lambda: ops.rope_append(su.q, su.k, su.v, c.k[0], c.v[0], c.proto[0], i["frame_slot"], i["frame_pos"],
+                                   s.height, s.width, backend=backend)
+
+
+def op_sparse_kv_attention(su, backend):
+    q_rot = bench_chunk.append(su, 0, "reference")
+    return lambda: ops.sparse_kv_attention(q_rot, su.cache.k[0], su.cache.v[0], su.seg_of(0), backend=backend)
+
+
+def op_relax_select(su, backend):
+    seg = su.cache.seg.clone()
+    return lambda: bench_chunk.run_selection(su, backend, seg)
+
+
+def op_mid_select(su, backend):
+    seg = su.cache.seg.clone()
+    return lambda: bench_chunk.run_selection(su, backend, seg)
+
+
+def op_compress_kv(su, backend):
+    c, i, s = su.cache, su.idx, su.shape
+    return lambda: ops.compress_kv(su.k, su.v, c.k[0], c.v[0], c.mean_key[0], i["block_slot"], i["block_t0"],
+                                   c.planner.row0, c.policy.block_frames, s.height, s.width, backend=backend)
+
+
+CASES = [  # (op, config whose steady-state chunk feeds it)
+    ("rope_append", "dense"),
+    ("sparse_kv_attention", "dense"),
+    ("sparse_kv_attention", "relax"),
+    ("sparse_kv_attention", "pack"),
+    ("relax_select", "relax"),
+    ("mid_select", "pack"),
+    ("compress_kv", "pack"),
+]
+CASE_IDS = [f"{op}-{config}" for op, config in CASES]
+
+
+def run_case(benchmark, op: str, config: str, size: str, backend: str):
+    su = setup_for(config, size)
+    need_backend(op, su.device, backend)
+    fn = timed(su, globals()[f"op_{op}"](su, backend))
+    benchmark.extra_info.update(op=op, config=config, shape=size, backend=backend, device=str(su.device),
+                                nq=su.nq, nk=su.nk, cpu_timing=su.device.type != "cuda")
+    benchmark(fn)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["reference", "triton", "cuda", "auto"])
+@pytest.mark.parametrize(("op", "config"), CASES, ids=CASE_IDS)
+def test_op_wan(benchmark, op, config, backend):
+    run_case(benchmark, op, config, "wan", backend)
+
+
+# The interpreter is slow (about 1 s per attention call at these sizes): Triton attention runs on the relax chunk only.
+SMOKE = [(op, config, "reference") for op, config in CASES] + [
+    (op, config, "triton") for op, config in CASES if not (op == "sparse_kv_attention" and config != "relax")]
+
+
+@pytest.mark.benchmark(min_rounds=1, max_time=0.05, warmup=False)
+@pytest.mark.parametrize(("op", "config", "backend"), SMOKE, ids=[f"{o}-{c}-{b}" for o, c, b in SMOKE])
+def test_op_smoke(benchmark, op, config, backend):
+    if torch.cuda.is_available() and backend == "triton":
+        pytest.skip("smoke variant is for CPU-only machines; the GPU runs test_op_wan")
+    run_case(benchmark, op, config, "tiny", backend)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the scripts end to end, at tiny settings
+
+
+TINY = ["--shapes", "tiny", "--reps", "1", "--warmup", "0", "--peak-n", "128", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    """bench_chunk (all configs; Triton on relax only: the interpreter is slow) and bench_scaling into a tmp dir."""
+    if torch.cuda.is_available():
+        pytest.skip("the tiny end-to-end run is the CPU check; on a GPU run the scripts at Wan shapes")
+    tmp = tmp_path_factory.mktemp("bench")
+    chunk = bench_chunk.main(TINY + ["--backends", "reference,auto", "--out", str(tmp / "chunk.json")])
+    triton_rows = bench_chunk.main(TINY + ["--configs", "relax", "--backends", "triton", "--layers", "1",
+                                           "--passes", "1", "--out", str(tmp / "chunk_triton.json")])
+    scaling = bench_scaling.main(["--shapes", "tiny", "--seconds", "1,2", "--layers", "1", "--passes", "1",
+                                  "--no-progress", "--out", str(tmp / "scaling.json")])
+    return tmp, chunk, triton_rows, scaling
+
+
+def test_bench_chunk_rows(outputs):
+    tmp, chunk, triton_rows, _ = outputs
+    data = json.loads((tmp / "chunk.json").read_text())
+    assert data["env"]["cpu_timing"] is True and data["peak_bf16"]["cpu_timing"] is True
+    assert "label" in data["peak_bf16"]
+    for key in ("device", "torch", "triton", "commit", "date"):
+        assert data["env"][key], key
+    rows = {(r["config"], r["row"]): r for r in data["rows"]}
+    common_rows = ["bound[default]", "official", "gather[default]", "fused[reference]", "fused[auto]"]
+    expected = {c: common_rows + (["select[reference]", "select[auto]"] if c != "dense" else [])
+                for c in ("dense", "relax", "pack")}
+    assert set(rows) == {(c, r) for c, names in expected.items() for r in names}
+    for r in data["rows"]:
+        assert r["status"] == "ok", r
+        assert r["cpu_timing"] is True
+        assert r["ms_per_chunk"] > 0
+        if r["kind"] != "select":
+            assert r["flop"] == 4 * r["nq"] * r["nk"] * 2 * 32 * 2 * 2 and r["tflops"] > 0
+    setups = {s["config"]: s for s in data["setups"]}  # tiny steady state: 4x4 grid, Nc = 2 tokens per mid block
+    assert (setups["dense"]["nq"], setups["dense"]["nk"]) == (48, 21 * 16)
+    assert (setups["relax"]["nq"], setups["relax"]["nk"]) == (48, 7 * 16)
+    assert (setups["pack"]["nq"], setups["pack"]["nk"]) == (64, 16 * 16 + 16 * 2)
+    assert (tmp / "chunk.csv").read_text().count("\n") == len(data["rows"]) + 1
+    trows = {r["row"]: r for r in json.loads((tmp / "chunk_triton.json").read_text())["rows"]}
+    assert trows["fused[triton]"]["status"] == "ok" and trows["fused[triton]"]["resolved"]["sparse_kv_attention"] == "triton"
+    assert trows["select[triton]"]["status"] == "ok"
+
+
+def test_bench_scaling_rows(outputs):
+    tmp, _, _, scaling = outputs
+    data = json.loads((tmp / "scaling.json").read_text())
+    assert data["env"]["cpu_timing"] is True
+    got = {(r["policy"], r["seconds"]) for r in data["rows"]}
+    assert got == {(p, s) for p in bench_scaling.POLICIES for s in (1.0, 2.0)}
+    for r in data["rows"]:
+        assert r["status"] == "ok" and r["cpu_timing"] is True and r["ms_per_chunk"] > 0
+        assert r["chunks"] == -(-int(4 * r["seconds"]) // r["chunk_frames"])
+    by = {(r["policy"], r["seconds"]): r for r in data["rows"]}
+    assert by[("dense21", 2.0)]["wan30_kv_gib_computed"] < by[("relax", 2.0)]["wan30_kv_gib_computed"]
+    assert (tmp / "scaling.png").stat().st_size > 0
+
+
+def test_plot_results(outputs, tmp_path):
+    tmp = outputs[0]
+    table, pngs = plot_results.render([tmp / "chunk.json", tmp / "scaling.json"], tmp_path / "TABLE.md")
+    text = table.read_text()
+    assert common.CPU_LABEL in text and "| dense |" in text and "| relax |" in text
+    assert [p.name for p in pngs] == ["chunk.png", "scaling.png"] and all(p.stat().st_size > 0 for p in pngs)
