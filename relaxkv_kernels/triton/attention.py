@@ -1,0 +1,175 @@
+"""Segment-table flash attention: K/V read in place from the cache pools, temporal delta RoPE folded into Q.
+
+Keys of segment s were stored rotated at their write-time positions and must be rotated again by the
+segment's temporal shift ``delta`` (DESIGN.md 5). Rotations are orthogonal, so
+``q . R(delta) k == R(-delta) q . k``: the kernel rotates its Q tile once per segment (BM x D work)
+instead of every K tile (length x D work), and never copies or re-rotates the cache.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import _cos_sin, interpreting, inv_freq_table, pair_split
+
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) == exp2(x * LOG2E); exp2 is the native instruction
+
+
+def _configs() -> list[triton.Config]:
+    if interpreting():  # multi-config autotune needs a GPU driver; small tiles keep CPU tests fast
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    # D = 128 fp16/bf16 on H100: 128 x 64 tiles, 8 warps, 3 stages is the usual sweet spot (FA2 tutorial);
+    # the smaller ones serve D = 64 and short query counts. 128 x 64 at 4 warps is left out: ptxas (sm_90a,
+    # Triton 3.9) reports 3.4 KB of spills for it at D = 128, against ~0.4 KB at 8 warps.
+    return [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    ]
+
+
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "N_Q"])
+@triton.jit
+def _sparse_kv_attention_kernel(
+    # pointers
+    q, k_pool, v_pool, seg, inv_freq, out,
+    # sizes and scalars
+    sm_scale, N_Q, N_SEG, N_HEADS, HEAD_DIM,
+    # strides
+    s_qb, s_qn, s_qh, s_qd,
+    s_kb, s_kn, s_kh, s_kd,
+    s_vb, s_vn, s_vh, s_vd,
+    s_sb, s_ss, s_sf,
+    s_ob, s_on, s_oh, s_od,
+    # meta-parameters
+    N_T: tl.constexpr,  # temporal pairs (the only ones a delta turns)
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,  # do the dots in fp32 (bf16 under the interpreter, where bf16 math is broken)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // N_HEADS).to(tl.int64)
+    i_h = (i_bh % N_HEADS).to(tl.int64)
+    qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E  # host floats may arrive as fp64 (Inductor): keep fp32
+
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    o_n = tl.arange(0, BLOCK_N)  # [BN]
+    o_d = tl.arange(0, BLOCK_D)  # [BD]
+    m_m = o_m < N_Q
+    m_d = o_d < HEAD_DIM
+    m_q = m_m[:, None] & m_d[None, :]
+
+    p_q = q + i_b * s_qb + i_h * s_qh + o_m.to(tl.int64)[:, None] * s_qn
+    # q and q_perp stay in the input dtype through the loops (half the registers of fp32 tiles);
+    # q_perp[2i] = -q[2i+1], q_perp[2i+1] = q[2i]: the same tile read through swapped columns, sign applied later
+    b_q = tl.load(p_q + o_d[None, :] * s_qd, mask=m_q, other=0.0)  # [BM, BD]
+    b_qp = tl.load(p_q + (o_d ^ 1)[None, :] * s_qd, mask=m_q, other=0.0)  # [BM, BD]
+    b_sign = tl.where(o_d % 2 == 0, -1.0, 1.0)  # [BD]
+    # inverse frequency of the temporal pair of each lane; 0 elsewhere, so cos = 1, sin = 0 exactly there
+    b_inv = tl.load(inv_freq + o_d // 2, mask=(o_d // 2) < N_T, other=0.0)  # [BD]
+
+    p_k = k_pool + i_b * s_kb + i_h * s_kh + o_d[:, None] * s_kd  # [BD, 1]
+    p_v = v_pool + i_b * s_vb + i_h * s_vh + o_d[None, :] * s_vd  # [1, BD]
+    p_seg = seg + i_b * s_sb
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for i_s in range(N_SEG):
+        start = tl.load(p_seg + i_s * s_ss).to(tl.int64)
+        length = tl.load(p_seg + i_s * s_ss + s_sf)
+        delta = tl.load(p_seg + i_s * s_ss + 2 * s_sf).to(tl.float32)
+        # R(-delta) q = q cos - q_perp sin on the temporal pairs (fp32); delta = 0 leaves q bit-exact
+        b_cos, b_sin = _cos_sin(delta * b_inv)  # [BD]
+        b_qr = b_q.to(tl.float32) * b_cos[None, :] - b_qp.to(tl.float32) * b_sign[None, :] * b_sin[None, :]
+        if not UPCAST:
+            b_qr = b_qr.to(k_pool.dtype.element_ty)
+        for i_n in range(0, length, BLOCK_N):  # length 0: no iteration
+            o_r = i_n + o_n  # [BN] row inside the segment
+            m_n = o_r < length
+            rows = start + o_r.to(tl.int64)
+            b_k = tl.load(p_k + rows[None, :] * s_kn, mask=m_d[:, None] & m_n[None, :], other=0.0)  # [BD, BN]
+            b_v = tl.load(p_v + rows[:, None] * s_vn, mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BN, BD]
+            if UPCAST:
+                b_k = b_k.to(tl.float32)
+                b_v = b_v.to(tl.float32)
+            b_s = tl.dot(b_qr, b_k, input_precision="ieee")  # [BM, BN] fp32
+            b_s = tl.where(m_n[None, :], b_s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(b_s, 1))  # [BM]
+            # each tile has >= 1 valid column, so m_new is finite; the guard keeps -inf - -inf out regardless
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_safe)  # [BM]
+            b_p = tl.math.exp2(b_s - m_safe[:, None])  # [BM, BN]
+            l_i = l_i * alpha + tl.sum(b_p, 1)
+            acc = tl.dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None], input_precision="ieee")  # [BM, BD]
+            m_i = m_new
+
+    acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no key at all (every length 0): zeros, like the reference
+    p_o = out + i_b * s_ob + i_h * s_oh + o_m.to(tl.int64)[:, None] * s_on + o_d[None, :] * s_od
+    tl.store(p_o, acc.to(out.dtype.element_ty), mask=m_q)
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"sparse_kv_attention_triton: {msg}")
+
+
+def sparse_kv_attention_triton(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """softmax(q K^T * scale) V over the segments of ``seg``, keys delta-rotated on the fly (fp32 accumulation).
+
+    For batch element b, the keys are the pool rows of every segment (start_row, length, delta) of
+    ``seg[b]`` in table order, segment s's keys rotated by ``delta`` on their temporal pairs:
+    ``out[b, i, h] = sum_j softmax_j(q[b, i, h] . R(delta_j) k[b, j, h] * scale) v[b, j, h]``.
+    Implemented as ``R(-delta_s) q . k``: Q is re-rotated once per segment, K/V are read in place.
+    Segments of length 0 are skipped; a batch element with no key at all gets zeros.
+
+    Args:
+        q: [B, Nq, H, D] queries, already rotated (fp16, bf16 or fp32; any strides).
+        k_pool, v_pool: [B, n_rows, H, D] cache pools of q's dtype, keys rotated at write time.
+        seg: int32 [B, n_seg, 3] segment table (start_row, length, delta) on q's device; read in the kernel
+            (no host synchronisation). Rows must lie inside the pools (not checked: that would need a sync).
+        scale: softmax scale (usually D ** -0.5).
+
+    Returns:
+        out: [B, Nq, H, D], dtype of q.
+
+    Example:
+        >>> q = torch.randn(1, 16, 2, 32); kp = torch.randn(1, 40, 2, 32); vp = torch.randn(1, 40, 2, 32)
+        >>> seg = torch.tensor([[[0, 16, -3], [20, 20, 0]]], dtype=torch.int32)
+        >>> out = sparse_kv_attention_triton(q, kp, vp, seg, 32 ** -0.5)  # [1, 16, 2, 32]
+    """
+    _check(q.dim() == 4, f"q: expected [B, Nq, H, D], got shape {tuple(q.shape)}")
+    b, n_q, h, d = q.shape
+    for name, t in (("k_pool", k_pool), ("v_pool", v_pool)):
+        _check(t.dim() == 4 and t.shape[0] == b and t.shape[2:] == (h, d),
+               f"{name}: expected [{b}, n_rows, {h}, {d}], got {tuple(t.shape)}")
+        _check(t.dtype == q.dtype, f"{name}: expected dtype {q.dtype} (that of q), got {t.dtype}")
+        _check(t.device == q.device, f"{name}: expected device {q.device}, got {t.device}")
+        _check(k_pool.shape[1] == v_pool.shape[1], f"pools: row counts differ ({k_pool.shape[1]} vs {v_pool.shape[1]})")
+    _check(q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"q: expected fp16/bf16/fp32, got {q.dtype}")
+    _check(seg.dim() == 3 and seg.shape[0] == b and seg.shape[2] == 3,
+           f"seg: expected [{b}, n_seg, 3], got {tuple(seg.shape)}")
+    _check(seg.dtype == torch.int32, f"seg: expected int32, got {seg.dtype}")
+    _check(seg.device == q.device, f"seg: expected device {q.device}, got {seg.device}")
+    _check(d % 2 == 0 and d >= 16, f"head_dim: expected an even number >= 16, got {d}")
+
+    out = torch.empty((b, n_q, h, d), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    n_t, _ = pair_split(d)
+    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)  # noqa: E731
+    _sparse_kv_attention_kernel[grid](
+        q, k_pool, v_pool, seg, inv_freq_table(d, q.device), out,
+        float(scale), n_q, seg.shape[1], h, d,
+        *q.stride(), *k_pool.stride(), *v_pool.stride(), *seg.stride(), *out.stride(),
+        N_T=n_t,
+        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        UPCAST=interpreting() and q.dtype == torch.bfloat16,
+    )
+    return out
