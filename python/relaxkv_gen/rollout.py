@@ -1,0 +1,244 @@
+"""Chunked autoregressive rollout on top of the ``relaxkv_kernels`` KV memory (public API only).
+
+Per chunk of ``policy.chunk_frames`` latent frames::
+
+    cache.begin_chunk()                       # eviction + plan for the new frames
+    x = noise
+    for each of the 4 denoising steps:        # passes 1..4
+        flow = model(x, t_step, ctx, cache)   # every layer: cache.attend(layer, q, k, v)
+        x0 = x - sigma * flow
+        x = renoise(x0, sigma_next, fresh noise) unless last
+    model(x0, t=0, ctx, cache)                # pass 5: clean refresh, rewrites the chunk's K/V
+    cache.end_chunk()
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from .model import CausalWanModel
+from .sampler import FlowMatchSampler
+
+POLICY_NAMES = ("dense", "sink", "relax", "pack")
+DENSE_WINDOW = 21  # frames, including the current chunk (Self-Forcing)
+SINK_FRAMES = 3  # attention-sink baseline
+SECTIONS = ("qkv", "attend", "o_proj")
+MAX_PLAN_ELEMENTS = 256  # bigger tensors in a plan are summarised by shape in the report
+
+
+def load_kernels():
+    """The ``relaxkv_kernels`` module, checked for the public API the generator needs."""
+    import relaxkv_kernels as rk
+
+    needed = ("KVCache", "DenseWindow", "RelaxMemory", "PackMemory")
+    absent = [n for n in needed if not hasattr(rk, n)]
+    if absent:
+        raise ImportError(f"relaxkv_kernels does not provide {absent} (public API: {list(needed)})")
+    return rk
+
+
+def make_policy(name: str, rk=None):
+    """Memory policy object for ``name`` in :data:`POLICY_NAMES`."""
+    if name not in POLICY_NAMES:
+        raise ValueError(f"unknown policy {name!r}: expected one of {list(POLICY_NAMES)}")
+    rk = rk or load_kernels()
+    if name == "dense":
+        return rk.DenseWindow(window=DENSE_WINDOW, sink=0)
+    if name == "sink":
+        return rk.DenseWindow(window=DENSE_WINDOW, sink=SINK_FRAMES)
+    if name == "relax":
+        return rk.RelaxMemory()
+    return rk.PackMemory()
+
+
+def default_backend() -> str:
+    return "fused" if torch.cuda.is_available() else "reference"
+
+
+class SectionTimer:
+    """Accumulates self-attention section times over a chunk.
+
+    CPU: ``time.perf_counter`` around each section (host wall-clock, labelled "CPU time").
+    CUDA: a pair of CUDA events per section, read once at the end of the chunk (no sync inside).
+    """
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.label = "CUDA events (ms)" if self.cuda else "CPU time (ms, perf_counter)"
+        self.reset()
+
+    def reset(self) -> None:
+        self._cpu: dict[str, float] = defaultdict(float)
+        self._events: dict[str, list] = defaultdict(list)
+
+    @contextlib.contextmanager
+    def section(self, name: str):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events[name].append((start, end))
+        else:
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                self._cpu[name] += time.perf_counter() - t0
+
+    def collect(self) -> dict[str, float]:
+        """Milliseconds per section plus ``self_attn`` (their sum); resets the accumulators."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            ms = {n: sum(s.elapsed_time(e) for s, e in self._events.get(n, ())) for n in SECTIONS}
+        else:
+            ms = {n: 1e3 * self._cpu.get(n, 0.0) for n in SECTIONS}
+        ms["self_attn"] = sum(ms[n] for n in SECTIONS)
+        self.reset()
+        return ms
+
+
+def to_jsonable(obj, depth: int = 0):
+    """Plan / info objects -> JSON-friendly values (tensors to lists, big ones summarised)."""
+    if depth > 8:
+        return repr(obj)
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else repr(obj)
+    if isinstance(obj, torch.Tensor):
+        if obj.numel() > MAX_PLAN_ELEMENTS:
+            return {"tensor_shape": list(obj.shape), "dtype": str(obj.dtype).replace("torch.", "")}
+        return to_jsonable(obj.detach().cpu().tolist(), depth + 1)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name), depth + 1) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [to_jsonable(v, depth + 1) for v in obj]
+    if isinstance(obj, (torch.dtype, torch.device)):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        try:
+            return to_jsonable(obj.item(), depth + 1)
+        except (TypeError, ValueError):
+            pass
+    return repr(obj)
+
+
+@dataclass
+class RolloutResult:
+    policy: str
+    latents: torch.Tensor | None  # [B, 16, frames, H, W] (CPU, model dtype)
+    chunk_frames: int
+    chunks: list[dict] = field(default_factory=list)
+
+
+def random_text(cfg, batch: int, seed: int) -> torch.Tensor:
+    """Seeded stand-in for T5 states: [batch, text_len, text_dim] float32."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, cfg.text_len, cfg.text_dim, generator=g)
+
+
+@torch.no_grad()
+def rollout(
+    model: CausalWanModel,
+    policy_name: str,
+    text: torch.Tensor,
+    *,
+    num_chunks: int,
+    seed: int = 0,
+    backend: str = "reference",
+    sampler: FlowMatchSampler | None = None,
+    timing: bool = True,
+    progress: bool = False,
+    rk=None,
+) -> RolloutResult:
+    """Generate ``num_chunks`` chunks with memory policy ``policy_name``.
+
+    Args:
+        model: the generator (its device and dtype are used for everything).
+        policy_name: one of :data:`POLICY_NAMES`.
+        text: text encoder states [B, L <= text_len, text_dim] (B is the batch size).
+        num_chunks: chunks of ``policy.chunk_frames`` latent frames each.
+        seed: seeds the initial and re-noising noise (drawn on the CPU: identical on every device).
+        backend: ``"reference"`` or ``"fused"``, passed to ``relaxkv_kernels.KVCache``.
+
+    Returns:
+        :class:`RolloutResult` with latents [B, 16, num_chunks * chunk_frames, H, W] and one record per
+        chunk: time, KV bytes, the cache's ``last_plan`` and the self-attention timing breakdown.
+    """
+    if num_chunks < 1:
+        raise ValueError(f"num_chunks: expected >= 1, got {num_chunks}")
+    rk = rk or load_kernels()
+    cfg = model.cfg
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    sampler = sampler or FlowMatchSampler.create()
+    policy = make_policy(policy_name, rk)
+    u = int(policy.chunk_frames)
+    context = model.embed_text(text)
+    batch = context.shape[0]
+    cache = rk.KVCache(
+        policy, num_layers=cfg.num_layers, batch=batch, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
+        height=cfg.grid_height, width=cfg.grid_width, dtype=dtype, device=device, backend=backend,
+    )
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, cfg.in_dim, u, cfg.latent_height, cfg.latent_width)
+
+    def noise():
+        return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+
+    timer = SectionTimer(device) if timing else None
+    result = RolloutResult(policy=policy_name, latents=None, chunk_frames=u)
+    outputs = []
+    bar = _progress(range(num_chunks), policy_name, progress)
+    for i in bar:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        cache.begin_chunk()
+        x = noise()
+        for step in range(sampler.num_steps):
+            t = sampler.timesteps[step].expand(batch, u).to(device)
+            flow = model(x, t, context, cache, timer)
+            x0 = sampler.to_x0(x, flow, sampler.sigmas[step].to(device))
+            if step + 1 < sampler.num_steps:
+                x = sampler.renoise(x0, noise(), sampler.sigmas[step + 1])
+        model(x0, torch.zeros(batch, u, device=device), context, cache, timer)  # refresh pass at t = 0
+        cache.end_chunk()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed_ms = 1e3 * (time.perf_counter() - t0)
+        record = {
+            "chunk": i,
+            "start_frame": i * u,
+            "frames": u,
+            "time_ms": elapsed_ms,
+            "kv_bytes": int(cache.memory_bytes()),
+            "plan": to_jsonable(getattr(cache, "last_plan", None)),
+        }
+        if callable(getattr(cache, "selected_frames", None)):  # reads the device table: after the chunk, not inside
+            record["selected_frames"] = to_jsonable(cache.selected_frames())
+        if timer is not None:
+            record["timing_ms"] = timer.collect()
+        result.chunks.append(record)
+        outputs.append(x0.cpu())
+        if progress:
+            bar.set_postfix(ms=f"{elapsed_ms:.0f}", kv_mib=f"{record['kv_bytes'] / 2**20:.1f}")
+    result.latents = torch.cat(outputs, dim=2)
+    return result
+
+
+def _progress(it, desc: str, enabled: bool):
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, unit="chunk", dynamic_ncols=True)
