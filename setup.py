@@ -86,6 +86,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["relaxkv_kernels", "relaxkv_kernels.*"]) + py_packages,
     package_dir={p: "python/" + p.replace(".", "/") for p in py_packages},
+    package_data={"relaxkv_kernels": ["tuning.json"]},  # impl="auto" table (relaxkv_kernels/tuning.py)
     install_requires=["torch", "numpy", "tqdm", "matplotlib", "safetensors",
                       "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
     entry_points={"console_scripts": ["relaxkv-generate = relaxkv_gen.cli:main"]},

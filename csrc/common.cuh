@@ -83,6 +83,58 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
     return __float2bfloat16_rn(x);
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+// Quiet NaN: what a kernel writes into an output row it has no valid source for.
+__device__ __forceinline__ float nan_f32() { return __int_as_float(0x7fc00000); }
+
+// VEC elements at ptr -> fp32. VECTOR: one 16-byte load (host checked the alignment).
+template <typename T, int VEC, bool VECTOR>
+__device__ __forceinline__ void load_vec(const T* __restrict__ ptr, float (&x)[VEC]) {
+    if constexpr (VECTOR) {
+        static_assert(sizeof(T) * VEC == 16, "a vector access is 16 bytes");
+        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(ptr));
+        const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) x[i] = to_float(e[i]);
+    } else {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) x[i] = to_float(ptr[i]);
+    }
+}
+
+template <typename T, int VEC, bool VECTOR>
+__device__ __forceinline__ void store_vec(T* __restrict__ ptr, const float (&x)[VEC]) {
+    if constexpr (VECTOR) {
+        uint4 raw;
+        T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) e[i] = from_float<T>(x[i]);
+        *reinterpret_cast<uint4*>(ptr) = raw;
+    } else {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) ptr[i] = from_float<T>(x[i]);
+    }
+}
+
+template <typename T, int VEC, bool VECTOR>
+__device__ __forceinline__ void copy_vec(T* __restrict__ dst, const T* __restrict__ src) {
+    if constexpr (VECTOR) {
+        *reinterpret_cast<uint4*>(dst) = __ldg(reinterpret_cast<const uint4*>(src));
+    } else {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) dst[i] = src[i];
+    }
+}
+
+// Sum over the 32 lanes of a warp (every lane gets the result).
+template <typename A>
+__device__ __forceinline__ A warp_sum(A x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
 
 }  // namespace relaxkv

@@ -1,6 +1,4 @@
 // Host launcher of rope_append (kernel and semantics: rope_append.cuh).
-#include <cmath>
-
 #include "rope_append.cuh"
 
 namespace relaxkv {
@@ -8,21 +6,6 @@ namespace relaxkv {
 namespace {
 
 constexpr const char* kOp = "rope_append_cuda";
-
-// Wan inverse frequencies: per axis with d real dims, pair j -> theta^(-2j/d), built in fp64
-// (as relaxkv_kernels/reference/rope.py does), rounded once to fp32.
-RopeFreqs wan_inv_freq(int head_dim, int n_t, int n_h) {
-    constexpr double kTheta = 10000.0;
-    RopeFreqs f{};
-    const int counts[3] = {n_t, n_h, head_dim / 2 - n_t - n_h};
-    int j = 0;
-    for (int axis = 0; axis < 3; ++axis) {
-        const double d = 2.0 * counts[axis];
-        for (int i = 0; i < counts[axis]; ++i, ++j)
-            f.inv_freq[j] = float(1.0 / std::pow(kTheta, 2.0 * i / d));
-    }
-    return f;
-}
 
 template <typename T, int VEC, bool VECTOR>
 void launch(const RopeAppendParams& p, const RopeFreqs& freqs, int64_t batch, int64_t frames,
@@ -47,8 +30,6 @@ void dispatch(const RopeAppendParams& p, const RopeFreqs& freqs, int64_t batch, 
     else
         launch<T, 2, false>(p, freqs, batch, frames, stream);
 }
-
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 }  // namespace
 
@@ -96,9 +77,9 @@ void rope_append_cuda(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t q_rot, ui
     p.n_slots = n_slots;
     p.heads = int(heads);
     p.head_dim = int(head_dim);
-    const int c = int(head_dim / 2);
-    p.n_t_pairs = c - 2 * (c / 3);
-    p.n_h_pairs = c / 3;
+    const RopeSplit split = wan_pair_split(p.head_dim);
+    p.n_t_pairs = split.n_t;
+    p.n_h_pairs = split.n_h;
     p.inv_count = float(1.0 / (double(p.frame_tokens) * double(heads)));
     p.q_sb = q_sb, p.q_sn = q_sn, p.q_sh = q_sh;
     p.k_sb = k_sb, p.k_sn = k_sn, p.k_sh = k_sh;
@@ -108,7 +89,7 @@ void rope_append_cuda(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t q_rot, ui
     p.vc_sb = vc_sb, p.vc_sn = vc_sn, p.vc_sh = vc_sh;
     p.p_sb = p_sb, p.p_ss = p_ss;
     p.slot_stride = slot_stride, p.pos_stride = pos_stride;
-    const RopeFreqs freqs = wan_inv_freq(p.head_dim, p.n_t_pairs, p.n_h_pairs);
+    const RopeFreqs freqs = wan_inv_freq(p.head_dim);
 
     // 16-byte accesses when every base pointer and every row stride allows them, else per element.
     const int64_t vec = dtype == kFloat32 ? 4 : 8;

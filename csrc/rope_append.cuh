@@ -16,18 +16,12 @@
 // by all H heads of q and k (12x fewer sincosf at Wan shapes).
 #pragma once
 
-#include "common.cuh"
+#include "rope.cuh"
 
 namespace relaxkv {
 
-constexpr int kRopeMaxPairs = 256;  // head_dim <= 512
 constexpr int kRopeTileTokens = 8;  // tokens per block: 585 blocks per Wan chunk (U = 3, F = 1560)
 constexpr int kRopeBlockThreads = 256;
-
-// Inverse frequency of every pair, fp32. Passed by value (1 KiB of kernel parameters).
-struct RopeFreqs {
-    float inv_freq[kRopeMaxPairs];
-};
 
 struct RopeAppendParams {
     // pointers
@@ -59,57 +53,6 @@ struct RopeAppendParams {
     int64_t p_sb, p_ss;
     int64_t slot_stride, pos_stride;
 };
-
-// VEC elements at ptr -> fp32. VECTOR: one 16-byte load (host checked the alignment).
-template <typename T, int VEC, bool VECTOR>
-__device__ __forceinline__ void load_vec(const T* __restrict__ ptr, float (&x)[VEC]) {
-    if constexpr (VECTOR) {
-        static_assert(sizeof(T) * VEC == 16, "a vector access is 16 bytes");
-        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(ptr));
-        const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) x[i] = to_float(e[i]);
-    } else {
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) x[i] = to_float(ptr[i]);
-    }
-}
-
-template <typename T, int VEC, bool VECTOR>
-__device__ __forceinline__ void store_vec(T* __restrict__ ptr, const float (&x)[VEC]) {
-    if constexpr (VECTOR) {
-        uint4 raw;
-        T* e = reinterpret_cast<T*>(&raw);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) e[i] = from_float<T>(x[i]);
-        *reinterpret_cast<uint4*>(ptr) = raw;
-    } else {
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) ptr[i] = from_float<T>(x[i]);
-    }
-}
-
-template <typename T, int VEC, bool VECTOR>
-__device__ __forceinline__ void copy_vec(T* __restrict__ dst, const T* __restrict__ src) {
-    if constexpr (VECTOR) {
-        *reinterpret_cast<uint4*>(dst) = __ldg(reinterpret_cast<const uint4*>(src));
-    } else {
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) dst[i] = src[i];
-    }
-}
-
-// (a, b) -> (a cos - b sin, a sin + b cos) for the VEC / 2 pairs of x; cs[p] = (cos, sin).
-template <int VEC>
-__device__ __forceinline__ void rotate_pairs(float (&x)[VEC], const float2* cs) {
-#pragma unroll
-    for (int p = 0; p < VEC / 2; ++p) {
-        const float2 c = cs[p];
-        const float a = x[2 * p], b = x[2 * p + 1];
-        x[2 * p] = a * c.x - b * c.y;
-        x[2 * p + 1] = a * c.y + b * c.x;
-    }
-}
 
 // proto[b, frame_slot[u], :] = 0 for every (u, b); runs on the launcher's stream just before
 // rope_append_kernel, which then adds fp32 partial means with atomicAdd.
@@ -144,9 +87,8 @@ __global__ void __launch_bounds__(kRopeBlockThreads)
     for (int e = tid; e < n_tok * half; e += n_threads) {
         const int i = e / half, j = e - i * half;
         const int64_t tok = tok0 + i;
-        const float pos = j < p.n_t_pairs                  ? t
-                          : j < p.n_t_pairs + p.n_h_pairs ? float(tok / p.width)
-                                                           : float(tok % p.width);
+        const float pos =
+            rope_axis_position(j, p.n_t_pairs, p.n_h_pairs, t, float(tok / p.width), float(tok % p.width));
         float s, c;
         sincosf(pos * freqs.inv_freq[j], &s, &c);
         cs[e] = make_float2(c, s);

@@ -1,7 +1,8 @@
 """relaxkv_kernels: fused kernels for structured KV memory in autoregressive video diffusion.
 
 Public API:
-    ops              rope_append, sparse_kv_attention, relax_select, mid_select, compress_kv
+    ops              rope_append, sparse_kv_attention, relax_select, mid_select, compress_kv,
+                     gather_kv_rope
                      (also as torch.ops.relaxkv.*)
     policies         DenseWindow, RelaxMemory, PackMemory
     cache            KVCache (begin_chunk / attend / end_chunk)
@@ -10,7 +11,7 @@ Public API:
 from .availability import backends
 from .cache import KVCache
 from .memory import DenseWindow, PackMemory, RelaxMemory
-from .ops import compress_kv, mid_select, relax_select, rope_append, sparse_kv_attention
+from .ops import compress_kv, gather_kv_rope, mid_select, relax_select, rope_append, sparse_kv_attention
 
 __all__ = [
     "DenseWindow",
@@ -19,6 +20,7 @@ __all__ = [
     "RelaxMemory",
     "backends",
     "compress_kv",
+    "gather_kv_rope",
     "mid_select",
     "relax_select",
     "rope_append",

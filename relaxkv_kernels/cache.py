@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
+from . import ops, tuning
 from .memory import ChunkPlan, DenseWindow, PackMemory, RelaxMemory
 from .validate import FLOAT_DTYPES, check_head_dim, check_int, check_tensor
 
-CACHE_BACKENDS = ("reference", "fused", "auto", "triton", "cuda")
+CACHE_BACKENDS = ("reference", "fused", "auto", "triton")
 
 
 class KVCache:
@@ -35,7 +35,8 @@ class KVCache:
         height, width: token grid of a latent frame (F = height * width tokens).
         dtype: storage dtype of K and V (bf16 / fp16 / fp32). device: where everything lives.
         backend: "reference" (pure PyTorch), "fused" (kernels: CUDA/Triton on a GPU, the Triton
-            interpreter on CPU), or an op backend name ("auto", "triton", "cuda").
+            interpreter on CPU), or an op backend name ("auto", "triton"); single ops can be sent to the
+            CUDA extension with ``RELAXKV_BACKEND_<OP>=cuda``.
     """
 
     def __init__(self, policy, num_layers: int, batch: int, num_heads: int, head_dim: int, height: int,
@@ -87,12 +88,14 @@ class KVCache:
         self.seg.copy_(seg.expand_as(self.seg), non_blocking=True)
         self.last_scores = {}
         self._pending = set()
+        self._total = sum(length for _, length, _ in plan.segments)  # keys per batch element, selections included
         if plan.relax is not None:
             job = plan.relax
             self._upload("slot_pos", plan.slot_pos)
             for name in ("sink_slots", "tail_slots", "cand_slots", "target_pos"):
                 self._upload(name, getattr(job, name))
             self._pending = {0}
+            self._total += len(job.target_pos) * self.frame_tokens
         if plan.pack is not None:
             job = plan.pack
             self._upload("block_pos", plan.block_pos)
@@ -103,6 +106,9 @@ class KVCache:
                 self._upload("mid_slots", job.mid_slots)
                 self._upload("mid_target_pos", job.target_pos)
                 self._pending = set(range(self.num_layers))
+                self._total += len(job.target_pos) * self.planner.block_tokens
+        u = len(plan.frame_slot) * self.frame_tokens
+        self._impl = tuning.choose_impl(str(self.device), self.head_dim, u, self._total)
         return plan
 
     def end_chunk(self) -> None:
@@ -159,7 +165,8 @@ class KVCache:
                     q, self.mean_key[layer], b["mid_slots"], b["block_pos"], seg, plan.pack.seg_index,
                     b["mid_target_pos"], pl.row0, pl.block_tokens, min(self.policy.q_stride, q.shape[1]), backend=be)
                 self._pending.discard(layer)
-        return ops.sparse_kv_attention(q_rot, self.k[layer], self.v[layer], seg, backend=be)
+        return ops.sparse_kv_attention(q_rot, self.k[layer], self.v[layer], seg, backend=be,
+                                       impl=self._impl, total=self._total)
 
     # ------------------------------------------------------------------ inspection (syncs: not on the hot path)
 

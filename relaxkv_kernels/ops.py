@@ -14,16 +14,19 @@ validate every argument before the op runs; index tensors stay on the device (no
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import reference
+from . import reference, tuning
 from .availability import cuda_extension, interpreter_enabled, triton_available
 from .validate import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    can_inspect,
     check_finite,
     check_head_dim,
     check_index_range,
@@ -39,8 +42,15 @@ _REFERENCE = {
     "relax_select": reference.relax_select_ref,
     "mid_select": reference.mid_select_ref,
     "compress_kv": reference.compress_kv_into_ref,
+    "gather_kv_rope": reference.gather_kv_rope_ref,
 }
-_CUDA_OPS = frozenset({"rope_append"})  # ops with a kernel in relaxkv_kernels._C
+# ops with a kernel in relaxkv_kernels._C
+_CUDA_OPS = frozenset({"rope_append", "relax_select", "mid_select", "compress_kv", "gather_kv_rope"})
+_NO_TRITON = frozenset({"gather_kv_rope"})  # ops without a kernel in relaxkv_kernels.triton
+# "auto" prefers Triton where both exist: the Triton kernels are verified against the references (interpreter
+# tier); the CUDA ones have only been compiled so far. Select them with backend="cuda" (or RELAXKV_BACKEND_<OP>)
+# and move them here once the GPU tests (tests/test_cuda_ops.py -m gpu) and benchmarks have run.
+_CUDA_AUTO = frozenset({"gather_kv_rope"})
 
 
 def resolve_backend(op: str, device: torch.device, backend: str = "auto") -> str:
@@ -51,11 +61,13 @@ def resolve_backend(op: str, device: torch.device, backend: str = "auto") -> str
         raise ValueError(f"relaxkv.{op}: backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if device.type == "cuda":
-            if op in _CUDA_OPS and cuda_extension() is not None:
+            if op in _CUDA_AUTO and cuda_extension() is not None:
                 return "cuda"
-            if triton_available():
+            if triton_available() and op not in _NO_TRITON:
                 return "triton"
         return "reference"
+    if backend == "triton" and op in _NO_TRITON:
+        raise RuntimeError(f"relaxkv.{op}: backend 'triton': no Triton kernel for this op (use 'cuda' or 'reference')")
     if backend == "triton" and not (triton_available() and (device.type == "cuda" or interpreter_enabled())):
         raise RuntimeError(
             f"relaxkv.{op}: backend 'triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU), "
@@ -147,6 +159,17 @@ def _(k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames, height, widt
     return None
 
 
+@torch.library.custom_op("relaxkv::gather_kv_rope", mutates_args=())
+def _gather_kv_rope_op(k_pool: Tensor, v_pool: Tensor, seg: Tensor, total: int, backend: str) -> tuple[Tensor, Tensor]:
+    return implementation("gather_kv_rope", k_pool.device, backend)(k_pool, v_pool, seg, total)
+
+
+@_gather_kv_rope_op.register_fake
+def _(k_pool, v_pool, seg, total, backend):
+    shape = (k_pool.shape[0], total, k_pool.shape[2], k_pool.shape[3])
+    return k_pool.new_empty(shape), v_pool.new_empty(shape)
+
+
 # ----------------------------------------------------------------------------------------------------
 # public wrappers (validation, defaults)
 
@@ -209,7 +232,8 @@ def rope_append(
 
 
 def sparse_kv_attention(
-    q: Tensor, k_pool: Tensor, v_pool: Tensor, seg: Tensor, scale: float | None = None, backend: str = "auto"
+    q: Tensor, k_pool: Tensor, v_pool: Tensor, seg: Tensor, scale: float | None = None, backend: str = "auto",
+    impl: str = "auto", total: int | None = None,
 ) -> Tensor:
     """Attention of q over the K/V rows listed by a device-side segment table, RoPE re-indexed on load.
 
@@ -220,6 +244,13 @@ def sparse_kv_attention(
         q: [B, Nq, H, D] rotated queries. k_pool, v_pool: [B, n_rows, H, D], same dtype as q.
         seg: int32 [B, n_seg, 3] rows (start_row, length, delta); length 0 = unused entry.
         scale: softmax scale, default D ** -0.5.
+        backend: backend of the ops that run (see the module docstring).
+        impl: "fused" (the segment-table attention op), "gather" (:func:`gather_kv_rope`, then
+            flash_attn_func when importable, else SDPA with the flash / cuDNN backends preferred on
+            CUDA), or "auto": the choice of ``relaxkv_kernels/tuning.json`` for this device and shape
+            ("fused" without an entry, without ``total``, or inside torch.compile: pass impl there).
+        total: keys per batch element, sum of the table's lengths (host-known from the plan);
+            required by "gather".
 
     Returns:
         [B, Nq, H, D] in q.dtype.
@@ -231,7 +262,79 @@ def sparse_kv_attention(
     check_tensor(op, "seg", seg, shape=(q.shape[0], None, 3), dtypes=(torch.int32,), device=q.device)
     check_segments(op, seg, k_pool.shape[1])
     scale = q.shape[-1] ** -0.5 if scale is None else check_finite(op, "scale", scale)
+    if impl not in ("auto", *tuning.IMPLS):
+        raise ValueError(f"{op}: impl: expected one of {('auto', *tuning.IMPLS)}, got {impl!r}")
+    if total is not None:
+        _check_total(op, seg, total)
+    elif impl == "gather":
+        raise ValueError(f"{op}: total: required for impl='gather' (keys per batch element, sum of segment lengths)")
+    if impl == "auto":  # the table is read on the host; compiled callers pass impl (KVCache does)
+        compiling = torch.compiler.is_compiling()
+        impl = "fused" if total is None or compiling else tuning.choose_impl(str(q.device), q.shape[-1], q.shape[1], total)
+    if impl == "gather":
+        return _gather_attention(q, k_pool, v_pool, seg, scale, total, backend)
     return torch.ops.relaxkv.sparse_kv_attention(q, k_pool, v_pool, seg, scale, backend)
+
+
+def _check_total(op: str, seg: Tensor, total: int) -> None:
+    check_int(op, "total", total, low=1)
+    if can_inspect(seg) and seg.numel():
+        rows = seg[..., 1].long().clamp_min(0).sum(-1)
+        if bool((rows != total).any()):
+            raise ValueError(f"{op}: total: expected sum(length) of every batch element, {rows.tolist()}, got {total}")
+
+
+# impl="gather" on CUDA: the fastest SDPA kernels first (flash, then cuDNN), the others as fallbacks.
+_SDPA_PREFERENCE = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                    SDPBackend.MATH]
+
+
+@torch.compiler.assume_constant_result
+def _has_flash_attn() -> bool:
+    """Whether flash-attn is installed (checked without importing it; a constant under torch.compile)."""
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def _gather_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, seg: Tensor, scale: float, total: int,
+                      backend: str) -> Tensor:
+    """impl="gather": contiguous K/V of the segments, then a dense attention kernel."""
+    k, v = torch.ops.relaxkv.gather_kv_rope(k_pool, v_pool, seg, total, backend)  # [B, total, H, D]
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _has_flash_attn():
+        from flash_attn import flash_attn_func
+
+        return flash_attn_func(q, k, v, softmax_scale=scale)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, N, D] views
+    if not q.is_cuda:
+        return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, scale=scale).transpose(1, 2)
+    with sdpa_kernel(_SDPA_PREFERENCE, set_priority=True):
+        out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, scale=scale)
+    return out.transpose(1, 2)
+
+
+def gather_kv_rope(k_pool: Tensor, v_pool: Tensor, seg: Tensor, total: int, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """K (temporal delta-rotated) and V of a segment table, gathered into contiguous tensors.
+
+    k[b] = concat over segments s of R_t(delta_s) k_pool[b, start_s : start_s + len_s], v[b] likewise
+    without rotation; zero-length segments skipped.
+
+    Args:
+        k_pool, v_pool: [B, n_rows, H, D], same dtype. seg: int32 [B, n_seg, 3] (start_row, length, delta).
+        total: rows per batch element = sum of the lengths of every batch element (host-known from
+            the plan; checked here for CPU tables, not for device tables: that would synchronise).
+
+    Returns:
+        (k, v): [B, total, H, D] each, contiguous, dtype of the pools.
+
+    Example:
+        >>> k, v = gather_kv_rope(k_pool, v_pool, seg, total=10920)
+    """
+    op = "relaxkv.gather_kv_rope"
+    _check_qkv_like(op, "k_pool", k_pool)
+    check_tensor(op, "v_pool", v_pool, shape=tuple(k_pool.shape), dtypes=(k_pool.dtype,), device=k_pool.device)
+    check_tensor(op, "seg", seg, shape=(k_pool.shape[0], None, 3), dtypes=(torch.int32,), device=k_pool.device)
+    check_segments(op, seg, k_pool.shape[1])
+    _check_total(op, seg, total)
+    return torch.ops.relaxkv.gather_kv_rope(k_pool, v_pool, seg, total, backend)
 
 
 def _check_seg_slice(op: str, seg: Tensor, batch: int, device, seg_index: int, count: int) -> None:

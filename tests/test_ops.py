@@ -49,12 +49,19 @@ def _compress_args(gen):
     return k, v, kp, vp, mean_key, torch.tensor([2]), torch.tensor([12]), 40, 4, 8, 8
 
 
+def _gather_args(gen):
+    kp, vp = _rand(B, 80, H, D, gen=gen), _rand(B, 80, H, D, gen=gen)
+    seg = torch.tensor([[[0, 16, 3], [40, 7, -2], [0, 0, 0]], [[16, 1, 0], [60, 20, 5], [33, 2, 1]]], dtype=torch.int32)
+    return kp, vp, seg, 23
+
+
 OPS = {
     "rope_append": _append_args,
     "sparse_kv_attention": _attention_args,
     "relax_select": _relax_args,
     "mid_select": _mid_args,
     "compress_kv": _compress_args,
+    "gather_kv_rope": _gather_args,
 }
 
 
@@ -96,6 +103,7 @@ def test_compiled_chunk_step_matches_eager(policy):
     def step(cache, qkv):
         return [cache.attend(layer, *qkv[layer]) for layer in range(layers)]
 
+    torch._dynamo.reset()  # warm-up chunks change table shapes (one compile each); count from zero per case
     step_c = torch.compile(step, fullgraph=True, backend="eager")
     for _ in range(7):
         qkv = [tuple(_rand(B, u * F, H, D, gen=gen) for _ in range(3)) for _ in range(layers)]

@@ -54,3 +54,29 @@ def sparse_kv_attention_ref(
         logits = qb @ k.float().permute(1, 2, 0) * scale  # [H, Nq, Nk]
         out.append((logits.softmax(-1) @ v.float().transpose(0, 1)).transpose(0, 1))
     return torch.stack(out).to(q.dtype)
+
+
+def gather_kv_rope_ref(
+    k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch.Tensor, total: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K (temporal delta-rotated, float64 math) and V of every batch element's segments, concatenated.
+
+    k[b] = cat_s R_t(delta_s) k_pool[b, start_s : start_s + len_s], v[b] likewise without rotation,
+    segments in table order, zero-length ones skipped (:func:`gather_segments_ref` per batch element).
+
+    Args:
+        k_pool, v_pool: [B, n_rows, H, D] cache pools (keys rotated at write time).
+        seg: int32 [B, n_seg, 3] segment table (start_row, length, delta).
+        total: rows per batch element; must equal sum(length) of every batch element.
+
+    Returns:
+        (k, v): [B, total, H, D] each, contiguous, dtype of the pools.
+    """
+    ks, vs = [], []
+    for b in range(k_pool.shape[0]):
+        k, v = gather_segments_ref(k_pool[b], v_pool[b], seg[b].cpu())
+        if k.shape[0] != total:
+            raise ValueError(f"gather_kv_rope_ref: seg: expected {total} rows (total) for batch element {b}, got {k.shape[0]}")
+        ks.append(k)
+        vs.append(v)
+    return torch.stack(ks).contiguous(), torch.stack(vs).contiguous()

@@ -1,0 +1,153 @@
+// gather_kv_rope: K (temporal delta-rotated) and V of a segment table, gathered into contiguous
+// [B, total, H, D] tensors for a dense attention kernel (the "gather" implementation of
+// sparse_kv_attention).
+//
+//   out row r of batch element b lies in segment s with end[s-1] <= r < end[s], end = inclusive
+//   prefix sum of max(length, 0) (zero-length segments are skipped by construction), and reads pool
+//   row start[s] + r - end[s-1]:
+//   k[b, r, h] = R_t(delta[s]) k_pool[b, row, h]     (temporal pairs only; other dims copied)
+//   v[b, r, h] = v_pool[b, row, h]
+//
+// Grid (ceil(total / kGatherRows), B), block kGatherThreads. The block loads its batch element's
+// table into shared memory, warp 0 scans the lengths (shuffles, 32 segments per step), each of the
+// kGatherRows rows finds its segment by binary search, the cos/sin of the rows' temporal pairs are
+// computed once per row by the whole block (not per head: 12x fewer sincosf at Wan shapes), then the threads stream
+// (row, head, 16-byte vector) items: 192 vectors of K and V per row for bf16 H = 12, D = 128.
+// A row the table does not cover (table total < total, or a source row outside the pool) is an
+// error the host cannot see without a sync: its output row is written as NaN, nothing is read,
+// nothing is written outside [B, total, H, D].
+#pragma once
+
+#include "rope.cuh"
+
+namespace relaxkv {
+
+constexpr int kGatherRows = 16;
+constexpr int kGatherThreads = 256;
+
+struct GatherParams {
+    // pointers
+    const void* k_pool;
+    const void* v_pool;
+    const int32_t* seg;
+    void* k;  // [B, total, H, D] contiguous
+    void* v;
+    // sizes
+    int64_t total;
+    int64_t n_rows;
+    int n_seg, heads, head_dim, n_t_pairs;
+    // strides, in elements
+    int64_t kp_sb, kp_sn, kp_sh;
+    int64_t vp_sb, vp_sn, vp_sh;
+    int64_t s_sb, s_ss, s_sf;
+};
+
+// Dynamic shared memory: end [n_seg] int64, src [kGatherRows] int64, cos/sin [kGatherRows, n_t]
+// float2, start [n_seg], delta [n_seg], row_delta [kGatherRows] int32.
+template <typename T, int VEC, bool VECTOR>
+__global__ void __launch_bounds__(kGatherThreads)
+    gather_kv_rope_kernel(const GatherParams p, const RopeFreqs freqs) {
+    extern __shared__ int64_t smem_i64[];
+    const int S = p.n_seg, n_t = p.n_t_pairs;
+    int64_t* end = smem_i64;
+    int64_t* src = end + S;
+    float2* cs = reinterpret_cast<float2*>(src + kGatherRows);
+    int32_t* start = reinterpret_cast<int32_t*>(cs + kGatherRows * n_t);
+    int32_t* delta = start + S;
+    int32_t* row_delta = delta + S;
+    const int64_t b = blockIdx.y, r0 = int64_t(blockIdx.x) * kGatherRows;
+    const int tid = threadIdx.x;
+
+    const int32_t* seg = p.seg + b * p.s_sb;
+    for (int s = tid; s < S; s += blockDim.x) {
+        start[s] = seg[s * p.s_ss];
+        end[s] = max(seg[s * p.s_ss + p.s_sf], 0);
+        delta[s] = seg[s * p.s_ss + 2 * p.s_sf];
+    }
+    __syncthreads();
+    if (tid < 32) {  // inclusive scan of the lengths, 32 at a time, carry across steps
+        int64_t carry = 0;
+        for (int s0 = 0; s0 < S; s0 += 32) {
+            const int s = s0 + tid;
+            int64_t x = s < S ? end[s] : 0;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const int64_t y = __shfl_up_sync(0xffffffffu, x, o);
+                if (tid >= o) x += y;
+            }
+            if (s < S) end[s] = carry + x;
+            carry += __shfl_sync(0xffffffffu, x, 31);
+        }
+    }
+    __syncthreads();
+
+    // per row: source pool row (-1: not covered, NaN row; -2: beyond total, nothing) and its delta
+    if (tid < kGatherRows) {
+        const int64_t r = r0 + tid;
+        int64_t row = -2;
+        int32_t dl = 0;
+        if (r < p.total) {
+            int lo = 0, hi = S;  // first s with end[s] > r
+            while (lo < hi) {
+                const int mid = (lo + hi) / 2;
+                if (end[mid] > r) hi = mid; else lo = mid + 1;
+            }
+            row = -1;
+            if (lo < S) {
+                const int64_t begin = lo ? end[lo - 1] : 0;
+                const int64_t cand = int64_t(start[lo]) + (r - begin);
+                if (cand >= 0 && cand < p.n_rows) row = cand, dl = delta[lo];
+            }
+        }
+        src[tid] = row;
+        row_delta[tid] = dl;
+    }
+    __syncthreads();
+    for (int e = tid; e < kGatherRows * n_t; e += blockDim.x) {  // [R, n_t] cos/sin, shared by all heads
+        const int i = e / n_t, j = e - i * n_t;
+        float s, c;
+        sincosf(float(row_delta[i]) * freqs.inv_freq[j], &s, &c);
+        cs[e] = make_float2(c, s);
+    }
+    __syncthreads();
+
+    const int DV = p.head_dim / VEC, H = p.heads;
+    const int per_row = H * DV;
+    const T* k_pool = static_cast<const T*>(p.k_pool) + b * p.kp_sb;
+    const T* v_pool = static_cast<const T*>(p.v_pool) + b * p.vp_sb;
+    T* k_out = static_cast<T*>(p.k) + (b * p.total + r0) * per_row * VEC;
+    T* v_out = static_cast<T*>(p.v) + (b * p.total + r0) * per_row * VEC;
+    for (int e = tid; e < kGatherRows * per_row; e += blockDim.x) {
+        const int i = e / per_row, rem = e - i * per_row, h = rem / DV, d0 = (rem - h * DV) * VEC;
+        const int64_t row = src[i];
+        if (row == -2) continue;
+        T* ko = k_out + int64_t(e) * VEC;  // output is contiguous: item e is element e * VEC of the tile
+        T* vo = v_out + int64_t(e) * VEC;
+        float x[VEC];
+        if (row < 0) {
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) x[j] = nan_f32();
+            store_vec<T, VEC, VECTOR>(ko, x);
+            store_vec<T, VEC, VECTOR>(vo, x);
+            continue;
+        }
+        const T* kp = k_pool + row * p.kp_sn + h * p.kp_sh + d0;
+        if (d0 < 2 * n_t) {  // vector touches the temporal pairs: rotate those, copy the rest
+            load_vec<T, VEC, VECTOR>(kp, x);
+            const float2* c = cs + i * n_t + d0 / 2;
+#pragma unroll
+            for (int q = 0; q < VEC / 2; ++q) {
+                if (d0 / 2 + q >= n_t) break;
+                const float a = x[2 * q], bb = x[2 * q + 1];
+                x[2 * q] = a * c[q].x - bb * c[q].y;
+                x[2 * q + 1] = a * c[q].y + bb * c[q].x;
+            }
+            store_vec<T, VEC, VECTOR>(ko, x);
+        } else {
+            copy_vec<T, VEC, VECTOR>(ko, kp);
+        }
+        copy_vec<T, VEC, VECTOR>(vo, v_pool + row * p.vp_sn + h * p.vp_sh + d0);
+    }
+}
+
+}  // namespace relaxkv

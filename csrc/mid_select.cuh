@@ -1,0 +1,128 @@
+// mid_select: PackForcing mid-block top-k (DESIGN.md 4.3), two launches.
+//
+//   qsum[b, h]  = sum_{i < Nsq} q[b, i * q_stride, h]              (h < H/2, fp32)
+//   s_m         = Nc / (sqrt(D) * B * H/2) * sum_{b, h < H/2} qsum[b, h] . mean_key[b, mid_slots[m], h]
+//               = |Sq| * Nc * mean_{b, h<H/2} qbar . kbar_m / sqrt(D)   (bilinear identity)
+//   the k = target_pos.numel() best blocks, in time (mid_slots) order ->
+//   seg[b, seg_index + j] = (row0 + slot * Nc, Nc, target_pos[j] - block_pos[slot]) for every b
+//
+// Kernel 1, grid (n_split, H/2, B), block (D / VEC, R): a split of the subsampled tokens of one
+// (b, h), 16-byte loads, fp32 partial sums reduced over the R row lanes in shared memory, written
+// to ws[b, h, split, :]. Kernel 2, one block: partials -> qsum (fixed order: deterministic), one
+// warp per mid block for the dot products, the top-k in shared memory, the segment rows.
+#pragma once
+
+#include "select.cuh"
+
+namespace relaxkv {
+
+constexpr int kMidQsumThreads = 256;
+constexpr int kMidSelectThreads = 256;
+
+struct MidSelectParams {
+    // pointers
+    const void* q;
+    const float* mean_key;
+    const int64_t* mid_slots;
+    const int64_t* block_pos;
+    const int64_t* target_pos;
+    int32_t* seg;
+    float* scores;
+    float* ws;  // [B, H/2, n_split, D] partial sums, then [B, H/2, D] qsum
+    // sizes and scalars
+    int64_t n_sub;      // |Sq| = ceil(Nq / q_stride)
+    int64_t q_stride;
+    int64_t n_blocks;   // mean_key rows (archive slots)
+    int64_t row0;
+    int64_t block_tokens;
+    int batch, half_heads, head_dim, n_split, n_mid, n_sel, seg_index;
+    float factor;       // Nc / (sqrt(D) * B * H/2)
+    // strides, in elements
+    int64_t q_sb, q_sn, q_sh;
+    int64_t k_sb, k_sn, k_sh, k_sd;
+    int64_t s_mid, s_pos, s_tgt;
+    int64_t s_sb, s_ss, s_sf;
+    int64_t o_s;
+};
+
+// Dynamic shared memory: [R, D] fp32 partials.
+template <typename T, int VEC, bool VECTOR>
+__global__ void __launch_bounds__(kMidQsumThreads) mid_select_qsum_kernel(const MidSelectParams p) {
+    extern __shared__ float part[];
+    const int tx = threadIdx.x, ty = threadIdx.y, n_lanes = blockDim.y;
+    const int D = p.head_dim, d0 = tx * VEC;
+    const int split = blockIdx.x;
+    const int64_t h = blockIdx.y, b = blockIdx.z;
+    const int64_t per_split = ceil_div(p.n_sub, p.n_split);
+    const int64_t i0 = split * per_split, i1 = min(p.n_sub, i0 + per_split);
+    const T* q = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + d0;
+
+    float acc[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc[e] = 0.f;
+    for (int64_t i = i0 + ty; i < i1; i += n_lanes) {
+        float x[VEC];
+        load_vec<T, VEC, VECTOR>(q + i * p.q_stride * p.q_sn, x);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[e] += x[e];
+    }
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) part[ty * D + d0 + e] = acc[e];
+    __syncthreads();
+    float* out = p.ws + ((b * p.half_heads + h) * p.n_split + split) * D;
+    for (int d = ty * blockDim.x + tx; d < D; d += blockDim.x * n_lanes) {
+        float s = 0.f;
+        for (int l = 0; l < n_lanes; ++l) s += part[l * D + d];
+        out[d] = s;
+    }
+}
+
+// Dynamic shared memory: scores [M] fp32, flag [M], picked [M] int.
+__global__ void __launch_bounds__(kMidSelectThreads) mid_select_kernel(const MidSelectParams p) {
+    extern __shared__ float score[];
+    int* flag = reinterpret_cast<int*>(score + p.n_mid);
+    int* picked = flag + p.n_mid;
+    const int D = p.head_dim, HH = p.half_heads;
+    const int64_t n_q = int64_t(p.batch) * HH * D;
+    float* qsum = p.ws + n_q * p.n_split;  // written and read by this block only: plain (coherent) loads
+
+    for (int64_t e = threadIdx.x; e < n_q; e += blockDim.x) {
+        const int64_t bh = e / D, d = e - bh * D;
+        const float* part = p.ws + bh * p.n_split * D + d;
+        float s = 0.f;
+        for (int i = 0; i < p.n_split; ++i) s += part[i * D];
+        qsum[e] = s;
+    }
+    __syncthreads();
+
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
+    for (int m = warp; m < p.n_mid; m += n_warps) {
+        const int64_t slot = p.mid_slots[m * p.s_mid];
+        float acc = 0.f;
+        if (slot >= 0 && slot < p.n_blocks) {  // uniform over the warp
+            for (int64_t e = lane; e < n_q; e += 32) {
+                const int64_t bh = e / D, d = e - bh * D, b = bh / HH, h = bh - b * HH;
+                acc += qsum[e] * p.mean_key[b * p.k_sb + slot * p.k_sn + h * p.k_sh + d * p.k_sd];
+            }
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) {
+            score[m] = acc * p.factor;
+            p.scores[m * p.o_s] = acc * p.factor;
+        }
+    }
+    __syncthreads();
+    block_top_k_in_order(score, p.n_mid, p.n_sel, flag, picked);
+
+    for (int e = threadIdx.x; e < p.batch * p.n_sel; e += blockDim.x) {
+        const int b = e / p.n_sel, j = e - b * p.n_sel;
+        const int64_t slot = p.mid_slots[picked[j] * p.s_mid];
+        const bool ok = slot >= 0 && slot < p.n_blocks;
+        int32_t* row = p.seg + b * p.s_sb + int64_t(p.seg_index + j) * p.s_ss;
+        row[0] = int32_t(p.row0 + (ok ? slot : 0) * p.block_tokens);
+        row[p.s_sf] = int32_t(ok ? p.block_tokens : 0);  // an invalid slot attends to nothing
+        row[2 * p.s_sf] = int32_t(ok ? p.target_pos[j * p.s_tgt] - p.block_pos[slot * p.s_pos] : 0);
+    }
+}
+
+}  // namespace relaxkv

@@ -1,0 +1,39 @@
+// Top-k of a small score vector inside one thread block, shared by relax_select and mid_select.
+//
+// Order: a stable descending sort (torch.sort(descending=True, stable=True), as the references use):
+// higher score first, NaN above every number, ties to the lower index. The k winners are then
+// listed by index (memory / time order), which is the order their segment rows are written in.
+#pragma once
+
+#include "common.cuh"
+
+namespace relaxkv {
+
+// Whether entry (a, ia) comes before entry (b, ib) in the stable descending order.
+__device__ __forceinline__ bool ranks_before(float a, int ia, float b, int ib) {
+    const bool na = isnan(a), nb = isnan(b);
+    if (na != nb) return na;
+    if (!na && a != b) return a > b;
+    return ia < ib;
+}
+
+// picked[0 .. k-1] = indices of the k best of score[0 .. n-1] (shared memory), ascending.
+// flag: shared int [n] scratch. Every thread of the block calls this (it synchronises).
+// O(n^2 / threads): n is a handful of candidates / mid blocks.
+__device__ inline void block_top_k_in_order(const float* score, int n, int k, int* flag, int* picked) {
+    for (int c = threadIdx.x; c < n; c += blockDim.x) {
+        int rank = 0;
+        for (int o = 0; o < n; ++o) rank += ranks_before(score[o], o, score[c], c);
+        flag[c] = rank < k;
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < n; c += blockDim.x) {
+        if (!flag[c]) continue;
+        int j = 0;
+        for (int o = 0; o < c; ++o) j += flag[o];
+        picked[j] = c;
+    }
+    __syncthreads();
+}
+
+}  // namespace relaxkv

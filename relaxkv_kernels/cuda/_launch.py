@@ -1,0 +1,42 @@
+"""Shared pieces of the Python launchers of ``relaxkv_kernels._C``: extension/device checks, dtype codes, streams."""
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from relaxkv_kernels.availability import require_cuda_extension
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def require_device(op: str) -> ModuleType:
+    """The extension for ``op``; RuntimeError (not a crash) when it is not built or no GPU is present."""
+    ext = require_cuda_extension(op)
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"relaxkv {op}: no CUDA device available (torch.cuda.is_available() is False)")
+    return ext
+
+
+def check(op: str, cond: bool, message: str) -> None:
+    """ValueError ``relaxkv <op>: <message>`` when ``cond`` is false."""
+    if not cond:
+        raise ValueError(f"relaxkv {op}: {message}")
+
+
+def check_cuda_tensors(op: str, device: torch.device, **tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        check(op, isinstance(t, torch.Tensor) and t.is_cuda and t.device == device,
+              f"{name}: expected a CUDA tensor on {device}, got {getattr(t, 'device', type(t).__name__)}")
+
+
+def check_index(op: str, name: str, t: torch.Tensor) -> torch.Tensor:
+    """An int64 1-D index tensor (int32 is widened on the device: no host sync)."""
+    check(op, t.dim() == 1 and t.dtype in (torch.int32, torch.int64),
+          f"{name}: expected int32/int64 [n], got {t.dtype} {tuple(t.shape)}")
+    return t.long()
+
+
+def stream(device: torch.device) -> int:
+    """The current stream of ``device`` as the integer the launchers take."""
+    return torch.cuda.current_stream(device).cuda_stream
