@@ -188,7 +188,19 @@ class KVCache:
             out.append(frames)
         return out
 
+    def live_bytes(self) -> int:
+        """Bytes of K/V rows holding frames or compressed blocks the memory can still read (all layers)."""
+        pl = self.planner
+        rows = len(pl.slots.slot_of) * self.frame_tokens
+        if self.mean_key is not None:
+            rows += sum(pos >= 0 for pos in pl.block_pos) * pl.block_tokens
+        per_row = 2 * self.num_layers * self.batch * self.num_heads * self.head_dim * self.k.element_size()
+        return rows * per_row
+
     def memory_bytes(self) -> int:
-        """Bytes of device storage held by the cache (K, V, prototypes, mean keys, segment tables)."""
+        """Bytes of device storage allocated by the cache (K, V, prototypes, mean keys, segment tables).
+
+        Fixed at construction: pools are sized for the steady state (see :meth:`live_bytes` for use).
+        """
         tensors = [self.k, self.v, self.proto, self.seg] + ([self.mean_key] if self.mean_key is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors)

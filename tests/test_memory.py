@@ -206,3 +206,16 @@ def test_cache_errors():
         cache.attend(0, q.half(), q.half(), q.half())
     with pytest.raises(ValueError, match="lam"):
         rk.RelaxMemory(lam=float("nan"))
+
+
+def test_live_bytes_grow_then_stay_bounded():
+    """Dense and Relax hold a bounded number of frames; the allocation covers the largest live set."""
+    for policy in (rk.DenseWindow(window=9), rk.RelaxMemory(reservoir=30), rk.PackMemory(top_k=2, archive=3)):
+        cache = rk.KVCache(policy, 1, 1, 1, 16, 4, 4, dtype=torch.float32, device="meta")
+        live = []
+        for _ in range(40):
+            cache.last_plan = cache.planner.plan(cache.chunk)  # planner only: no tensors are touched
+            cache.chunk += 1
+            live.append(cache.live_bytes())
+        assert max(live) <= cache.memory_bytes()
+        assert live[-1] == live[-2] > live[0]

@@ -51,10 +51,10 @@ def plot_report(report: dict, path) -> None:
     for name, pol in report["policies"].items():
         idx = [c["chunk"] for c in pol["chunks"]]
         ax_t.plot(idx, [c["time_ms"] for c in pol["chunks"]], marker="o", ms=3, label=name)
-        ax_m.plot(idx, [c["kv_bytes"] / MIB for c in pol["chunks"]], marker="o", ms=3, label=name)
+        ax_m.plot(idx, [c["kv_live_bytes"] / MIB for c in pol["chunks"]], marker="o", ms=3, label=name)
     meta = report["meta"]
     ax_t.set(xlabel="chunk index", ylabel="time per chunk (ms)", title="chunk time (5 passes)")
-    ax_m.set(xlabel="chunk index", ylabel="KV cache (MiB)", title="KV-cache storage after the chunk")
+    ax_m.set(xlabel="chunk index", ylabel="KV in use (MiB)", title="K/V rows the memory still holds after the chunk")
     for ax in (ax_t, ax_m):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -72,7 +72,7 @@ def format_timing_table(report: dict) -> str:
     """Per-chunk self-attention breakdown (summed over layers and the 5 passes) for every policy."""
     label = report["meta"].get("timing", "")
     cols = [*SECTIONS, "self_attn"]
-    head = ["chunk", *[SECTION_TITLES[c] for c in cols], "chunk total", "KV MiB"]
+    head = ["chunk", *[SECTION_TITLES[c] for c in cols], "chunk total", "KV in use MiB"]
     lines = []
     for name, pol in report["policies"].items():
         lines.append(f"policy {name} (chunk = {pol['chunk_frames']} latent frames) - {label}, "
@@ -81,7 +81,7 @@ def format_timing_table(report: dict) -> str:
         for c in pol["chunks"]:
             t = c.get("timing_ms", {})
             rows.append([str(c["chunk"]), *[f"{t.get(k, float('nan')):.2f}" for k in cols],
-                         f"{c['time_ms']:.2f}", f"{c['kv_bytes'] / MIB:.3f}"])
+                         f"{c['time_ms']:.2f}", f"{c['kv_live_bytes'] / MIB:.3f}"])
         if rows:
             n = len(rows)
             means = ["mean"]

@@ -222,6 +222,7 @@ def rollout(
             "frames": u,
             "time_ms": elapsed_ms,
             "kv_bytes": int(cache.memory_bytes()),
+            "kv_live_bytes": int(cache.live_bytes()),
             "plan": to_jsonable(getattr(cache, "last_plan", None)),
         }
         if callable(getattr(cache, "selected_frames", None)):  # reads the device table: after the chunk, not inside
