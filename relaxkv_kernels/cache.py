@@ -112,9 +112,12 @@ class KVCache:
         return plan
 
     def end_chunk(self) -> None:
-        """Finish the chunk (its refresh pass has written the final K/V)."""
-        if self._pending:
-            raise RuntimeError(f"KVCache.end_chunk: selection never ran for layers {sorted(self._pending)}: no attend call")
+        """Finish the chunk (its refresh pass has written the final K/V).
+
+        A chunk step captured in a CUDA graph (after ``begin_chunk``, which resets the pending
+        selections so the capture includes them) is replayed between ``begin_chunk`` and ``end_chunk``
+        of later chunks: ``begin_chunk`` refreshes the index buffers in place once shapes are steady.
+        """
         self.chunk += 1
 
     def _upload(self, name: str, values: list[int]) -> None:

@@ -79,6 +79,8 @@ class _SlotMap:
         return evicted
 
     def place(self, frame: int, slot: int | None = None) -> int:
+        if slot is None and frame in self.slot_of:  # planning the same chunk again keeps its slots
+            return self.slot_of[frame]
         if slot is None:
             used = set(self.slot_of.values())
             slot = next(s for s in range(self.n_slots) if s not in used)

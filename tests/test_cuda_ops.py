@@ -450,17 +450,18 @@ def test_gather_impl_matches_fused_on_gpu(dtype):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_replays_a_relax_chunk_step():
+def test_cuda_graph_replays_a_relax_chunk_step(monkeypatch):
     """A whole first pass of a Relax chunk (rope_append, relax_select at layer 0, attention) in one graph."""
     _extension_or_skip()
     _triton_or_skip("sparse_kv_attention")
     dev, layers, b, h, d, hh, ww = torch.device("cuda"), 2, 2, 2, 64, 4, 4
-    assert resolve_backend("relax_select", dev) == "cuda" and resolve_backend("rope_append", dev) == "cuda"
     policy = rk.RelaxMemory()
     u, f = policy.chunk_frames, hh * ww
     gen = torch.Generator(device=dev).manual_seed(25)
     caches = [rk.KVCache(policy, layers, b, h, d, hh, ww, dtype=torch.bfloat16, device=dev, backend="auto")
               for _ in range(2)]
+    for op in ("RELAX_SELECT", "ROPE_APPEND"):  # the CUDA kernels (auto would pick Triton)
+        monkeypatch.setenv(f"RELAXKV_BACKEND_{op}", "cuda")
     eager, graphed = caches
 
     def inputs():
