@@ -17,6 +17,8 @@ steady state (index buffers are reused in place when their shape does not change
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import ops, tuning
@@ -75,6 +77,7 @@ class KVCache:
         self.last_plan: ChunkPlan | None = None
         self.last_scores: dict[int, torch.Tensor] = {}
         self._pending: set[int] = set()
+        self.profiler = None  # optional name -> context manager, timing the sections of attend (eager only)
 
     # ------------------------------------------------------------------ host side, between chunks
 
@@ -147,29 +150,39 @@ class KVCache:
         for name, t in (("q", q), ("k", k), ("v", v)):
             check_tensor("KVCache.attend", name, t, shape=shape, dtypes=(self.dtype,), device=self.device)
         b, be = self._buffers, self.backend
-        q_rot = ops.rope_append(q, k, v, self.k[layer], self.v[layer], self.proto[layer], b["frame_slot"],
-                                b["frame_pos"], self.height, self.width, backend=be)
+        with self._section("rope_append"):
+            q_rot = ops.rope_append(q, k, v, self.k[layer], self.v[layer], self.proto[layer], b["frame_slot"],
+                                    b["frame_pos"], self.height, self.width, backend=be)
         seg = self.seg[layer if self.seg.shape[0] > 1 else 0]
         plan = self.last_plan
         if plan.relax is not None and layer in self._pending:
             p = self.policy
-            self.last_scores[layer] = ops.relax_select(
-                self.proto[0], b["slot_pos"], b["sink_slots"], b["tail_slots"], b["cand_slots"], seg,
-                plan.relax.seg_index, b["target_pos"], self.frame_tokens, p.lam, p.batch0_decides,
-                p.contiguous_rope, backend=be)
+            with self._section("select"):
+                self.last_scores[layer] = ops.relax_select(
+                    self.proto[0], b["slot_pos"], b["sink_slots"], b["tail_slots"], b["cand_slots"], seg,
+                    plan.relax.seg_index, b["target_pos"], self.frame_tokens, p.lam, p.batch0_decides,
+                    p.contiguous_rope, backend=be)
             self._pending.discard(layer)
         if plan.pack is not None:
             pl = self.planner
             if plan.pack.block_slot is not None:
-                ops.compress_kv(k, v, self.k[layer], self.v[layer], self.mean_key[layer], b["block_slot"],
-                                b["block_t0"], pl.row0, self.policy.block_frames, self.height, self.width, backend=be)
+                with self._section("compress"):
+                    ops.compress_kv(k, v, self.k[layer], self.v[layer], self.mean_key[layer], b["block_slot"],
+                                    b["block_t0"], pl.row0, self.policy.block_frames, self.height, self.width,
+                                    backend=be)
             if layer in self._pending:
-                self.last_scores[layer] = ops.mid_select(
-                    q, self.mean_key[layer], b["mid_slots"], b["block_pos"], seg, plan.pack.seg_index,
-                    b["mid_target_pos"], pl.row0, pl.block_tokens, min(self.policy.q_stride, q.shape[1]), backend=be)
+                with self._section("select"):
+                    self.last_scores[layer] = ops.mid_select(
+                        q, self.mean_key[layer], b["mid_slots"], b["block_pos"], seg, plan.pack.seg_index,
+                        b["mid_target_pos"], pl.row0, pl.block_tokens, min(self.policy.q_stride, q.shape[1]),
+                        backend=be)
                 self._pending.discard(layer)
-        return ops.sparse_kv_attention(q_rot, self.k[layer], self.v[layer], seg, backend=be,
-                                       impl=self._impl, total=self._total)
+        with self._section("attention"):
+            return ops.sparse_kv_attention(q_rot, self.k[layer], self.v[layer], seg, backend=be,
+                                           impl=self._impl, total=self._total)
+
+    def _section(self, name: str):
+        return contextlib.nullcontext() if self.profiler is None else self.profiler(name)
 
     # ------------------------------------------------------------------ inspection (syncs: not on the hot path)
 

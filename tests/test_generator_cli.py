@@ -97,7 +97,9 @@ def test_tiny_run_all_policies_writes_report(tmp_path, capsys):
         for i, c in enumerate(pol["chunks"]):
             assert c["chunk"] == i and c["start_frame"] == i * u and c["frames"] == u
             assert c["time_ms"] > 0 and c["kv_bytes"] >= c["kv_live_bytes"] > 0
-            assert set(c["timing_ms"]) == {"qkv", "attend", "o_proj", "self_attn"}
+            sections = {"qkv", "rope_append", "select", "compress", "attention", "o_proj", "self_attn"}
+            assert set(c["timing_ms"]) == sections
+            assert (c["timing_ms"]["select"] > 0) == (name in ("relax", "pack") and c["plan"]["frames_attended"].count(-1) > 0)
             assert c["plan"]["start_frame"] == i * u
         lat = torch.load(out / f"latents_{name}.pt", weights_only=True)
         assert lat.shape == (1, 16, u * n, 8, 8) and torch.isfinite(lat).all()

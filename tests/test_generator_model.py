@@ -222,6 +222,9 @@ class _RecordingCache(PlainAttend):
     def memory_bytes(self):
         return 1
 
+    def live_bytes(self):
+        return 1
+
     last_plan = None
 
 

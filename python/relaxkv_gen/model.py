@@ -86,8 +86,7 @@ class SelfAttention(nn.Module):
             q = self.norm_q(self.q(x)).view(shape)  # [B, L, H, D], pre-RoPE
             k = self.norm_k(self.k(x)).view(shape)
             v = self.v(x).view(shape)
-        with timer.section("attend") if timer else _NO_TIMER:
-            out = cache.attend(layer, q, k, v)  # [B, L, H, D]
+        out = cache.attend(layer, q, k, v)  # [B, L, H, D]; the cache times its own sections
         with timer.section("o_proj") if timer else _NO_TIMER:
             return self.o(out.flatten(2))
 
@@ -241,7 +240,8 @@ class CausalWanModel(nn.Module):
             t: per-frame timesteps [B, U] (float32; 0..1000).
             context: ``embed_text`` output [B, text_len, dim].
             cache: KV memory; ``cache.attend(layer, q, k, v)`` with q/k/v [B, U*F, heads, head_dim].
-            timer: optional object with ``section(name)`` context managers ("qkv", "attend", "o_proj").
+            timer: optional object with ``section(name)`` context managers ("qkv", "o_proj"; the KV
+                memory's own sections are timed by the cache).
 
         Returns:
             flow [B, out_dim, U, H, W] in the model's dtype.

@@ -9,7 +9,8 @@ import torch
 
 from .rollout import SECTIONS, RolloutResult
 
-SECTION_TITLES = {"qkv": "qkv+norm", "attend": "attend", "o_proj": "o-proj", "self_attn": "self-attn"}
+SECTION_TITLES = {"qkv": "qkv+norm", "rope_append": "rope+write", "select": "scoring", "compress": "compress",
+                  "attention": "attention", "o_proj": "o-proj", "self_attn": "self-attn"}
 MIB = 2**20
 
 
@@ -76,7 +77,7 @@ def format_timing_table(report: dict) -> str:
     lines = []
     for name, pol in report["policies"].items():
         lines.append(f"policy {name} (chunk = {pol['chunk_frames']} latent frames) - {label}, "
-                     "self-attention sections summed over layers x passes; 'attend' = RoPE + KV memory + attention")
+                     "self-attention sections summed over layers x passes")
         rows = []
         for c in pol["chunks"]:
             t = c.get("timing_ms", {})

@@ -28,7 +28,9 @@ from .sampler import FlowMatchSampler
 POLICY_NAMES = ("dense", "sink", "relax", "pack")
 DENSE_WINDOW = 21  # frames, including the current chunk (Self-Forcing)
 SINK_FRAMES = 3  # attention-sink baseline
-SECTIONS = ("qkv", "attend", "o_proj")
+# the Relax Forcing profiler's rows: qkv, rope + cache write, candidate scoring, compression (Pack),
+# attention, output projection; all but qkv and o_proj are timed inside KVCache.attend
+SECTIONS = ("qkv", "rope_append", "select", "compress", "attention", "o_proj")
 MAX_PLAN_ELEMENTS = 256  # bigger tensors in a plan are summarised by shape in the report
 
 
@@ -196,6 +198,8 @@ def rollout(
         return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
 
     timer = SectionTimer(device) if timing else None
+    if timer is not None:
+        cache.profiler = timer.section
     result = RolloutResult(policy=policy_name, latents=None, chunk_frames=u)
     outputs = []
     bar = _progress(range(num_chunks), policy_name, progress)
