@@ -36,7 +36,9 @@ void gather_kv_rope_cuda(uintptr_t k_pool, uintptr_t v_pool, uintptr_t seg, uint
     RELAXKV_CHECK_ARG(kOp, batch >= 0 && batch <= 65535, "batch: expected 0 .. 65535, got " << batch);
     RELAXKV_CHECK_ARG(kOp, total >= 1 && ceil_div(total, kGatherRows) <= INT32_MAX,
                       "total: expected >= 1 (and < 2^35), got " << total);
-    RELAXKV_CHECK_ARG(kOp, heads >= 1 && heads <= (1 << 20), "heads: expected 1 .. 2^20, got " << heads);
+    RELAXKV_CHECK_ARG(kOp, heads >= 1 && heads <= (1 << 20) && heads * head_dim <= (1 << 24),
+                      "heads: expected 1 .. 2^20 with heads * head_dim <= 2^24 (int item index), got "
+                          << heads << " x " << head_dim);
     RELAXKV_CHECK_ARG(kOp, head_dim >= 2 && head_dim % 2 == 0 && head_dim <= 2 * kRopeMaxPairs,
                       "head_dim: expected an even number in [2, " << 2 * kRopeMaxPairs << "], got " << head_dim);
     RELAXKV_CHECK_ARG(kOp, n_seg >= 1, "seg: expected at least one segment row, got " << n_seg);
