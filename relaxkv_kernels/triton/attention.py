@@ -21,7 +21,7 @@ def _configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=1, num_stages=1)]
     # D = 128 fp16/bf16 on H100: 128 x 64 tiles, 8 warps, 3 stages is the usual sweet spot (FA2 tutorial);
     # the smaller ones serve D = 64 and short query counts. 128 x 64 at 4 warps is left out: ptxas (sm_90a,
-    # Triton 3.9) reports 3.4 KB of spills for it at D = 128, against ~0.4 KB at 8 warps.
+    # Triton 3.9, benchmarks/ptxas_report.py) gives it 592 B of stack at D = 128, against 32 B at 8 warps.
     return [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
@@ -46,6 +46,7 @@ def _sparse_kv_attention_kernel(
     # meta-parameters
     N_T: tl.constexpr,  # temporal pairs (the only ones a delta turns)
     BLOCK_D: tl.constexpr,
+    HALF_D: tl.constexpr,  # BLOCK_D // 2, >= 2 * N_T
     UPCAST: tl.constexpr,  # do the dots in fp32 (bf16 under the interpreter, where bf16 math is broken)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -58,22 +59,33 @@ def _sparse_kv_attention_kernel(
 
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     o_n = tl.arange(0, BLOCK_N)  # [BN]
-    o_d = tl.arange(0, BLOCK_D)  # [BD]
+    # head dims in two halves: every temporal pair (the only ones a delta turns: 44 of 128 dims) lies in
+    # the first, so only that half of the Q tile is re-rotated per segment; the second stays as loaded.
+    # ptxas, sm_90a, bf16 D = 128, 128x64 tiles, 8 warps, 3 stages (benchmarks/ptxas_report.py):
+    # 246 registers and 32 B of stack, against 255 and 312 B of spills with one full-width rotated tile
+    o_a = tl.arange(0, HALF_D)  # [BH] dims 0 .. BD/2-1
+    o_b = HALF_D + tl.arange(0, HALF_D)  # [BH] dims BD/2 .. BD-1
     m_m = o_m < N_Q
-    m_d = o_d < HEAD_DIM
-    m_q = m_m[:, None] & m_d[None, :]
+    m_a = o_a < HEAD_DIM
+    m_b = o_b < HEAD_DIM
+    o_v = tl.arange(0, BLOCK_D)  # [BD]
+    m_v = o_v < HEAD_DIM
 
     p_q = q + i_b * s_qb + i_h * s_qh + o_m.to(tl.int64)[:, None] * s_qn
-    # q and q_perp stay in the input dtype through the loops (half the registers of fp32 tiles);
     # q_perp[2i] = -q[2i+1], q_perp[2i+1] = q[2i]: the same tile read through swapped columns, sign applied later
-    b_q = tl.load(p_q + o_d[None, :] * s_qd, mask=m_q, other=0.0)  # [BM, BD]
-    b_qp = tl.load(p_q + (o_d ^ 1)[None, :] * s_qd, mask=m_q, other=0.0)  # [BM, BD]
-    b_sign = tl.where(o_d % 2 == 0, -1.0, 1.0)  # [BD]
+    b_qa = tl.load(p_q + o_a[None, :] * s_qd, mask=m_m[:, None] & m_a[None, :], other=0.0)  # [BM, BH]
+    b_qp = tl.load(p_q + (o_a ^ 1)[None, :] * s_qd, mask=m_m[:, None] & m_a[None, :], other=0.0)  # [BM, BH]
+    b_qb = tl.load(p_q + o_b[None, :] * s_qd, mask=m_m[:, None] & m_b[None, :], other=0.0)  # [BM, BH]
+    if UPCAST:
+        b_qb = b_qb.to(tl.float32)
+    b_sign = tl.where(o_a % 2 == 0, -1.0, 1.0)  # [BH]
     # inverse frequency of the temporal pair of each lane; 0 elsewhere, so cos = 1, sin = 0 exactly there
-    b_inv = tl.load(inv_freq + o_d // 2, mask=(o_d // 2) < N_T, other=0.0)  # [BD]
+    b_inv = tl.load(inv_freq + o_a // 2, mask=(o_a // 2) < N_T, other=0.0)  # [BH]
 
-    p_k = k_pool + i_b * s_kb + i_h * s_kh + o_d[:, None] * s_kd  # [BD, 1]
-    p_v = v_pool + i_b * s_vb + i_h * s_vh + o_d[None, :] * s_vd  # [1, BD]
+    p_k = k_pool + i_b * s_kb + i_h * s_kh
+    p_ka = p_k + o_a[:, None] * s_kd  # [BH, 1]
+    p_kb = p_k + o_b[:, None] * s_kd  # [BH, 1]
+    p_v = v_pool + i_b * s_vb + i_h * s_vh + o_v[None, :] * s_vd  # [1, BD]
     p_seg = seg + i_b * s_sb
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -84,20 +96,23 @@ def _sparse_kv_attention_kernel(
         length = tl.load(p_seg + i_s * s_ss + s_sf)
         delta = tl.load(p_seg + i_s * s_ss + 2 * s_sf).to(tl.float32)
         # R(-delta) q = q cos - q_perp sin on the temporal pairs (fp32); delta = 0 leaves q bit-exact
-        b_cos, b_sin = _cos_sin(delta * b_inv)  # [BD]
-        b_qr = b_q.to(tl.float32) * b_cos[None, :] - b_qp.to(tl.float32) * b_sign[None, :] * b_sin[None, :]
+        b_cos, b_sin = _cos_sin(delta * b_inv)  # [BH]
+        b_qr = b_qa.to(tl.float32) * b_cos[None, :] - b_qp.to(tl.float32) * b_sign[None, :] * b_sin[None, :]
         if not UPCAST:
             b_qr = b_qr.to(k_pool.dtype.element_ty)
         for i_n in range(0, length, BLOCK_N):  # length 0: no iteration
             o_r = i_n + o_n  # [BN] row inside the segment
             m_n = o_r < length
             rows = start + o_r.to(tl.int64)
-            b_k = tl.load(p_k + rows[None, :] * s_kn, mask=m_d[:, None] & m_n[None, :], other=0.0)  # [BD, BN]
-            b_v = tl.load(p_v + rows[:, None] * s_vn, mask=m_n[:, None] & m_d[None, :], other=0.0)  # [BN, BD]
+            b_ka = tl.load(p_ka + rows[None, :] * s_kn, mask=m_a[:, None] & m_n[None, :], other=0.0)  # [BH, BN]
+            b_kb = tl.load(p_kb + rows[None, :] * s_kn, mask=m_b[:, None] & m_n[None, :], other=0.0)  # [BH, BN]
+            b_v = tl.load(p_v + rows[:, None] * s_vn, mask=m_n[:, None] & m_v[None, :], other=0.0)  # [BN, BD]
             if UPCAST:
-                b_k = b_k.to(tl.float32)
+                b_ka = b_ka.to(tl.float32)
+                b_kb = b_kb.to(tl.float32)
                 b_v = b_v.to(tl.float32)
-            b_s = tl.dot(b_qr, b_k, input_precision="ieee")  # [BM, BN] fp32
+            b_s = tl.dot(b_qr, b_ka, input_precision="ieee")  # [BM, BN] fp32
+            b_s = tl.dot(b_qb, b_kb, b_s, input_precision="ieee")
             b_s = tl.where(m_n[None, :], b_s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(b_s, 1))  # [BM]
             # each tile has >= 1 valid column, so m_new is finite; the guard keeps -inf - -inf out regardless
@@ -109,8 +124,8 @@ def _sparse_kv_attention_kernel(
             m_i = m_new
 
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no key at all (every length 0): zeros, like the reference
-    p_o = out + i_b * s_ob + i_h * s_oh + o_m.to(tl.int64)[:, None] * s_on + o_d[None, :] * s_od
-    tl.store(p_o, acc.to(out.dtype.element_ty), mask=m_q)
+    p_o = out + i_b * s_ob + i_h * s_oh + o_m.to(tl.int64)[:, None] * s_on + o_v[None, :] * s_od
+    tl.store(p_o, acc.to(out.dtype.element_ty), mask=m_m[:, None] & m_v[None, :])
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -163,13 +178,16 @@ def sparse_kv_attention_triton(
     if out.numel() == 0:
         return out
     n_t, _ = pair_split(d)
+    block_d = max(32, triton.next_power_of_2(d))
+    _check(2 * n_t <= block_d // 2, f"head_dim {d}: the temporal dims must fit in the first half of the tile")
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)  # noqa: E731
     _sparse_kv_attention_kernel[grid](
         q, k_pool, v_pool, seg, inv_freq_table(d, q.device), out,
         float(scale), n_q, seg.shape[1], h, d,
         *q.stride(), *k_pool.stride(), *v_pool.stride(), *seg.stride(), *out.stride(),
         N_T=n_t,
-        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        BLOCK_D=block_d,
+        HALF_D=block_d // 2,
         UPCAST=interpreting() and q.dtype == torch.bfloat16,
     )
     return out
