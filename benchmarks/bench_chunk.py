@@ -10,8 +10,9 @@ data once, and only the per-chunk work is timed. Rows (all per chunk, same run, 
 
     official     official-style unfused path: slice + cat of cached pre-RoPE frames, float64 complex
                  RoPE on Q and the gathered keys (Wan's causal_rope_apply), cast back, SDPA
-    gather[b]    gather (reference) + SDPA[b]: K delta-rotated and V gathered through the segment table
-                 with ``gather_segments_ref``, then SDPA with backend b (flash / cuDNN / efficient)
+    gather[b]    gather_kv_rope + SDPA[b]: K delta-rotated and V gathered through the device segment table
+                 (the CUDA kernel where built, else the reference), then SDPA with backend b
+                 (flash / cuDNN / efficient)
     fused[be]    the fused op: rope_append (+ compress_kv for pack) and sparse_kv_attention, backend be
     bound[b]     attention-only bound: SDPA[b] on pre-gathered, pre-rotated contiguous K/V
     select[be]   relax_select (relax, once per chunk) or mid_select (pack, once per layer per chunk)
@@ -35,7 +36,7 @@ common.configure_triton()
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from relaxkv_kernels import DenseWindow, KVCache, PackMemory, RelaxMemory, backends, ops  # noqa: E402
+from relaxkv_kernels import DenseWindow, KVCache, PackMemory, RelaxMemory, backends, ops, tuning  # noqa: E402
 from relaxkv_kernels.reference import gather_segments_ref, mid_affinity_literal, token_positions  # noqa: E402
 from relaxkv_kernels.reference.pack import compressed_positions, subsample_queries  # noqa: E402
 from relaxkv_kernels.reference.relax import frame_means_literal, set_prototype  # noqa: E402
@@ -394,27 +395,20 @@ class RowRunner:
     def gather_row(self, name: str, backend) -> dict:
         su = self.su
         attn = attention_fn(name, backend, su.device)
-        row = self.row("gather", f"gather[{name}]", f"gather (reference) + {self._attn_label(name)}", name)
-        seg_cpu = [su.seg_of(layer).cpu() for layer in range(su.shape.layers)]
+        row = self.row("gather", f"gather[{name}]", f"gather_kv_rope[auto] + {self._attn_label(name)}", name,
+                       resolved=ops.resolve_backend("gather_kv_rope", su.device))
         q_rot = append(su, 0, "auto")
 
-        def gather(layer):
-            kv = [gather_segments_ref(su.cache.k[layer][b], su.cache.v[layer][b], seg_cpu[layer][b])
-                  for b in range(su.shape.batch)]
-            return torch.stack([x[0] for x in kv]), torch.stack([x[1] for x in kv])
+        def gather(layer):  # device-side table, no host copy: the host only knows the key count
+            return ops.gather_kv_rope(su.cache.k[layer], su.cache.v[layer], su.seg_of(layer), su.nk)
 
         def call(layer):
             q = append(su, layer, "auto")
             attn(q, *gather(layer))
 
-        def select_then_copy():  # one host copy of the table per chunk: gather_segments_ref reads it on the host
-            run_selection(su, "auto", su.cache.seg)
-            for layer in range(su.shape.layers):
-                seg_cpu[layer] = su.seg_of(layer).cpu()
-
         attn(q_rot, *gather(0))  # raises when this backend does not support the inputs
         t_rope = self.time(chunk_loop(su, lambda layer: (append(su, layer, "auto"), gather(layer))))
-        sel = select_then_copy if has_selection(su) else None
+        sel = (lambda: run_selection(su, "auto", su.cache.seg)) if has_selection(su) else None
         total = self.time(chunk_loop(su, call, sel))
         row.update(gather_rope_ms=t_rope.ms, selection_ms=self.cache_ms.get("select:auto"),
                    attention_ms=self.cache_ms.get(f"attn:{name}"), attention_source=f"bound[{name}]")
@@ -499,7 +493,24 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="JSON path (CSV written beside it); default benchmarks/results/chunk_<shapes>_<device>.json")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--write-tuning", action="store_true",
+                   help="record the faster of fused[auto] and the best gather row per config in relaxkv_kernels/tuning.json (CUDA only)")
     return p.parse_args(argv)
+
+
+def record_tuning(rows: list[dict], config: str, su: ChunkSetup) -> None:
+    """impl="auto" table entry for this device and shape: the faster of the fused op and gather + attention."""
+    def best(kind):
+        times = [r["ms_per_chunk"] for r in rows if r["config"] == config and r["kind"] == kind
+                 and r["status"] == "ok" and (kind != "fused" or r["row"] == "fused[auto]")]
+        return min(times, default=None)
+
+    fused, gather = best("fused"), best("gather")
+    if fused is None or gather is None:
+        return
+    key = tuning.tuning_key(tuning.device_name(str(su.device)), su.shape.head_dim, su.nq, su.nk)
+    path = tuning.record({key: "gather" if gather < fused else "fused"})
+    print(f"tuning: {key} -> {'gather' if gather < fused else 'fused'} ({gather:.3g} vs {fused:.3g} ms) in {path}")
 
 
 def print_table(rows: list[dict], env: dict, peak: dict) -> None:
@@ -543,6 +554,8 @@ def main(argv=None) -> dict:
             except (RuntimeError, NotImplementedError, ValueError) as exc:  # backend unsupported here
                 msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
                 rows.append(runner.row(name.split("[")[0], name, name, name, status=f"unavailable: {msg}"))
+        if args.write_tuning and device.type == "cuda":
+            record_tuning(rows, config, su)
         setups.append({"config": config, "chunk": su.plan.chunk, "nq": su.nq, "nk": su.nk,
                        "segments": [list(x) for x in su.cache.seg[0, 0].tolist() if x[1] > 0],
                        "flop": runner.flop, "kv_bytes": su.cache.memory_bytes()})

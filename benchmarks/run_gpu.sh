@@ -17,7 +17,7 @@ dev=$(python -c "import torch; print(torch.cuda.get_device_name().lower().replac
 tag=${CONFIGS//,/-}
 
 if [[ $part == all || $part == chunk ]]; then
-    python benchmarks/bench_chunk.py --shapes wan --configs "$CONFIGS" --out "$RESULTS/chunk_wan_${tag}_${dev}.json"
+    python benchmarks/bench_chunk.py --shapes wan --configs "$CONFIGS" --write-tuning --out "$RESULTS/chunk_wan_${tag}_${dev}.json"
 fi
 if [[ $part == all || $part == scaling ]]; then
     python benchmarks/bench_scaling.py --shapes wan --seconds "$SECONDS_LIST" --layers 2 \
