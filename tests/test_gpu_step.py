@@ -7,13 +7,13 @@ import relaxkv_kernels as rk
 from relaxkv_kernels.reference import gather_segments_ref
 
 pytestmark = pytest.mark.gpu
-WAN = dict(heads=12, head_dim=128, height=30, width=52)  # F = 1560 tokens per latent frame
+WAN = dict(num_heads=12, head_dim=128, height=30, width=52)  # F = 1560 tokens per latent frame
 F = 1560
 
 
 def _wan_attention_case(gen, kind):
     """Rotated bf16 queries of one chunk and a pool; tables of the relax (7 frames) or pack-like layout."""
-    dev, h, d = "cuda", WAN["heads"], WAN["head_dim"]
+    dev, h, d = "cuda", WAN["num_heads"], WAN["head_dim"]
     if kind == "relax":  # sink 2, history 1, tail 1, current 3 frames; hybrid deltas
         lengths, deltas, n_q = [F] * 7, [296, 296, 240, 0, 0, 0, 0], 3 * F
     else:  # pack: 8 sink frames, 16 compressed blocks of 182 tokens, 4 recent + 4 current frames
@@ -45,7 +45,7 @@ def test_triton_attention_bf16_at_wan_shapes(kind):
 
 
 def _relax_inputs(layers, batch, u, gen):
-    shape = (batch, u * F, WAN["heads"], WAN["head_dim"])
+    shape = (batch, u * F, WAN["num_heads"], WAN["head_dim"])
     return [tuple(torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(3))
             for _ in range(layers)]
 
