@@ -219,3 +219,22 @@ def test_live_bytes_grow_then_stay_bounded():
             live.append(cache.live_bytes())
         assert max(live) <= cache.memory_bytes()
         assert live[-1] == live[-2] > live[0]
+
+
+@pytest.mark.parametrize(
+    "policy", [rk.DenseWindow(sink=3), rk.RelaxMemory(), rk.PackMemory(top_k=4, archive=8, q_stride=2)],
+    ids=["sink", "relax", "pack"],
+)
+def test_200_chunk_rollout_keeps_memory_bounded(policy):
+    """A long rollout (fast stand-in for the model: random q/k/v) holds a bounded, eventually flat memory."""
+    gen = torch.Generator().manual_seed(7)
+    cache = rk.KVCache(policy, 1, 1, 2, 16, 4, 4, dtype=torch.float32, backend="reference")
+    u, live = policy.chunk_frames, []
+    for _ in range(200):
+        cache.begin_chunk()
+        q, k, v = (torch.randn(1, u * 16, 2, 16, generator=gen) for _ in range(3))
+        assert torch.isfinite(cache.attend(0, q, k, v)).all()
+        cache.end_chunk()
+        live.append(cache.live_bytes())
+    assert max(live) <= cache.memory_bytes()
+    assert len(set(live[-100:])) == 1  # flat once the memory is full
