@@ -14,6 +14,12 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
+def require(op: str, cond: bool, message: str) -> None:
+    """ValueError ``<op>: <message>`` when ``cond`` is false (the kernels' launchers use it for their checks)."""
+    if not cond:
+        raise ValueError(f"{op}: {message}")
+
+
 def check_tensor(
     op: str,
     name: str,

@@ -66,7 +66,9 @@ class LayerNorm(nn.LayerNorm):
         return super().forward(x).type_as(x)
 
 
-class SelfAttention(nn.Module):
+class _Projections(nn.Module):
+    """q, k, v, o projections and the full-dim q/k RMSNorms (Wan names), shared by both attentions."""
+
     def __init__(self, dim: int, num_heads: int, eps: float, device=None):
         super().__init__()
         self.num_heads = num_heads
@@ -78,6 +80,8 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps, device)
         self.norm_k = RMSNorm(dim, eps, device)
 
+
+class SelfAttention(_Projections):
     def forward(self, x: torch.Tensor, cache: AttendFn, layer: int, timer=None) -> torch.Tensor:
         """x [B, U*F, dim] -> [B, U*F, dim]; RoPE, caching and attention happen in ``cache.attend``."""
         b, s = x.shape[:2]
@@ -91,19 +95,8 @@ class SelfAttention(nn.Module):
             return self.o(out.flatten(2))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Projections):
     """Wan t2v cross-attention: RMSNorm on q and k, no RoPE, no mask (padded text rows are attended)."""
-
-    def __init__(self, dim: int, num_heads: int, eps: float, device=None):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.q = nn.Linear(dim, dim, device=device)
-        self.k = nn.Linear(dim, dim, device=device)
-        self.v = nn.Linear(dim, dim, device=device)
-        self.o = nn.Linear(dim, dim, device=device)
-        self.norm_q = RMSNorm(dim, eps, device)
-        self.norm_k = RMSNorm(dim, eps, device)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape[0], self.num_heads, self.head_dim

@@ -6,6 +6,7 @@ from types import ModuleType
 import torch
 
 from relaxkv_kernels.availability import require_cuda_extension
+from relaxkv_kernels.validate import require
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -20,8 +21,7 @@ def require_device(op: str) -> ModuleType:
 
 def check(op: str, cond: bool, message: str) -> None:
     """ValueError ``relaxkv <op>: <message>`` when ``cond`` is false."""
-    if not cond:
-        raise ValueError(f"relaxkv {op}: {message}")
+    require(f"relaxkv {op}", cond, message)
 
 
 def check_cuda_tensors(op: str, device: torch.device, **tensors: torch.Tensor) -> None:

@@ -1,17 +1,14 @@
 """rope_append through the CUDA extension (kernel: csrc/rope_append.cuh, launcher: csrc/rope_append.cu)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from relaxkv_kernels.availability import require_cuda_extension
+from ._launch import DTYPE_CODES, check, require_device, stream
 
 _OP = "rope_append_cuda"
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ValueError(f"relaxkv {_OP}: {message}")
+_check = functools.partial(check, _OP)
 
 
 def rope_append_cuda(
@@ -64,9 +61,7 @@ def rope_append_cuda(
         >>> slot = torch.tensor([5, 6, 7], device="cuda"); pos = torch.tensor([5, 6, 7], device="cuda")
         >>> q_rot = rope_append_cuda(q, k, v, k_cache, v_cache, proto, slot, pos, h, w)
     """
-    ext = require_cuda_extension(_OP)
-    if not torch.cuda.is_available():
-        raise RuntimeError(f"relaxkv {_OP}: no CUDA device available (torch.cuda.is_available() is False)")
+    ext = require_device(_OP)
 
     _check(q.dim() == 4, f"q: expected [B, U*F, H, D], got shape {tuple(q.shape)}")
     B, N, H, D = q.shape
@@ -79,7 +74,7 @@ def rope_append_cuda(
            f"frame_slot, frame_pos: expected [U], got {tuple(frame_slot.shape)}, {tuple(frame_pos.shape)}")
     _check(frame_slot.dtype == torch.int64 and frame_pos.dtype == torch.int64,
            f"frame_slot, frame_pos: expected int64, got {frame_slot.dtype}, {frame_pos.dtype}")
-    _check(q.dtype in _DTYPE_CODES, f"q: expected float16, bfloat16 or float32, got {q.dtype}")
+    _check(q.dtype in DTYPE_CODES, f"q: expected float16, bfloat16 or float32, got {q.dtype}")
     _check(all(t.dtype == q.dtype for t in (k, v, k_cache, v_cache)),
            f"k, v, k_cache, v_cache: expected dtype {q.dtype}, got "
            f"{k.dtype}, {v.dtype}, {k_cache.dtype}, {v_cache.dtype}")
@@ -109,6 +104,6 @@ def rope_append_cuda(
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *q_rot.stride()[:3],
             *k_cache.stride()[:3], *v_cache.stride()[:3], *proto.stride()[:2],
             frame_slot.stride(0), frame_pos.stride(0),
-            _DTYPE_CODES[q.dtype], torch.cuda.current_stream(q.device).cuda_stream,
+            DTYPE_CODES[q.dtype], stream(q.device),
         )
     return q_rot

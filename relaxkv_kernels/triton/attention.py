@@ -7,9 +7,13 @@ instead of every K tile (length x D work), and never copies or re-rotates the ca
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+
+from ..validate import require
 
 from ._common import _cos_sin, interpreting, inv_freq_table, pair_split
 
@@ -128,9 +132,7 @@ def _sparse_kv_attention_kernel(
     tl.store(p_o, acc.to(out.dtype.element_ty), mask=m_m[:, None] & m_v[None, :])
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(f"sparse_kv_attention_triton: {msg}")
+_check = functools.partial(require, "sparse_kv_attention_triton")
 
 
 def sparse_kv_attention_triton(

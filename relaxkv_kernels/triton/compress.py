@@ -8,9 +8,13 @@ no atomics).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+
+from ..validate import require
 
 from ..reference.pack import POOL_T, POOL_X, POOL_Y, compressed_grid
 from ._common import _rope_rotate, inv_freq_table, pair_split, row_mean_scatter
@@ -73,9 +77,7 @@ def _compress_kv_kernel(
     tl.store(p_vp, b_pv.to(v_pool.dtype.element_ty), mask=m_cd)
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(f"compress_kv_triton: {msg}")
+_check = functools.partial(require, "compress_kv_triton")
 
 
 def compress_kv_triton(

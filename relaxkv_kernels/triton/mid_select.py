@@ -7,11 +7,15 @@ top-k in a single program (kernel 2).
 """
 from __future__ import annotations
 
+import functools
+
 import math
 
 import torch
 import triton
 import triton.language as tl
+
+from ..validate import require
 
 from ._common import _top_k_mask, interpreting
 
@@ -83,9 +87,7 @@ def _mid_select_kernel(
         tl.store(p_seg + 2 * s_sf, b_delta.to(tl.int32), mask=m_sel)
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(f"mid_select_triton: {msg}")
+_check = functools.partial(require, "mid_select_triton")
 
 
 def mid_select_triton(

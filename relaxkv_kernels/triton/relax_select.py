@@ -1,9 +1,13 @@
 """Relax Forcing history selection in one launch: prototypes, r(h) = S(h) - lambda R(h), top-k, segment rows."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+
+from ..validate import require
 
 from ._common import _top_k_mask
 
@@ -89,9 +93,7 @@ def _relax_select_kernel(
     tl.store(p_seg + 2 * s_sf, b_delta.to(tl.int32), mask=m_sel)
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(f"relax_select_triton: {msg}")
+_check = functools.partial(require, "relax_select_triton")
 
 
 def relax_select_triton(

@@ -7,9 +7,13 @@ heads into ``proto[b, frame_slot[u]]`` (deterministic, no atomics).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+
+from ..validate import require
 
 from ._common import _rope_rotate, inv_freq_table, pair_split, row_mean_scatter
 
@@ -68,9 +72,7 @@ def _rope_append_kernel(
     tl.store(p_vc, b_v.to(v_cache.dtype.element_ty), mask=m_td)
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(f"rope_append_triton: {msg}")
+_check = functools.partial(require, "rope_append_triton")
 
 
 def rope_append_triton(
