@@ -4,6 +4,7 @@ Every ``torch.empty*`` called from package code (``relaxkv_kernels``) returns me
 (floating dtypes) or with an out-of-range sentinel (integer dtypes), so a kernel that forgets to write
 part of its output fails its comparison instead of passing on leftover zeros.
 """
+import functools
 import os
 import sys
 
@@ -46,6 +47,37 @@ def poison_empty(monkeypatch):
     for name in ("empty", "empty_like", "empty_strided"):
         monkeypatch.setattr(torch, name, _poisoning(getattr(torch, name)))
     yield
+
+
+@functools.cache
+def _emulated_runtime():
+    import cuda_emulator  # tests/cuda_emulator.py
+
+    return cuda_emulator.EmulatedRuntime(cuda_emulator.load(cuda_emulator.build()))
+
+
+@pytest.fixture(params=[pytest.param("gpu", marks=pytest.mark.gpu), "emulated"])
+def kernel_device(request, monkeypatch) -> str:
+    """Where a test of the csrc/ kernels runs: ``"cuda"`` (relaxkv_kernels._C on the GPU) or ``"cpu"``.
+
+    ``"cpu"`` runs the same launchers and kernels compiled for the CPU emulation of tests/cuda_emulator.py
+    (built once per session; skipped without g++ or pybind11, failing if the build fails).
+    """
+    if request.param == "gpu":
+        from relaxkv_kernels.availability import cuda_extension
+
+        if cuda_extension() is None:
+            pytest.skip("relaxkv_kernels._C not built (no nvcc at install time)")
+        return "cuda"
+    import cuda_emulator
+
+    pytest.importorskip("pybind11")
+    if cuda_emulator.compiler() is None:
+        pytest.skip("no C++ compiler for the CUDA emulation")
+    from relaxkv_kernels.cuda import _launch
+
+    monkeypatch.setattr(_launch, "runtime", _emulated_runtime())
+    return "cpu"
 
 
 def pytest_collection_modifyitems(config, items):

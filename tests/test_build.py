@@ -11,7 +11,6 @@ from relaxkv_kernels.reference.rope import rope_angles, rope_ref, token_position
 
 # the module (relaxkv_kernels.backends is also the name of the backends() function the package exports)
 backends = importlib.import_module("relaxkv_kernels.availability")
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def _nvcc_found() -> bool:
@@ -106,8 +105,6 @@ def _make_qkv(layout, B, N, H, D, dtype, dev):
     return q, k, v
 
 
-@pytest.mark.gpu
-@requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("layout,U,h,w,H,D", [
@@ -115,8 +112,8 @@ def _make_qkv(layout, B, N, H, D, dtype, dev):
     ("unaligned", 3, 5, 7, 3, 128),
     ("strided", 1, 1, 9, 2, 64),  # single frame, one token row, D = 64 (12/10/10 pairs)
 ], ids=["strided-wan_d", "unaligned-wan_d", "single_frame-d64"])
-def test_rope_append_cuda_matches_reference(dtype, layout, U, h, w, H, D):
-    dev, B, F = "cuda", 2, h * w
+def test_rope_append_cuda_matches_reference(kernel_device, dtype, layout, U, h, w, H, D):
+    dev, B, F = kernel_device, 2, h * w
     n_slots = U + 2
     q, k, v = _make_qkv(layout, B, U * F, H, D, dtype, dev)
     q0, k0, v0 = q.clone(), k.clone(), v.clone()
@@ -135,7 +132,6 @@ def test_rope_append_cuda_matches_reference(dtype, layout, U, h, w, H, D):
     kc0, vc0, p0 = k_cache.clone(), v_cache.clone(), proto.clone()
 
     q_rot = rope_append_cuda(q, k, v, k_cache, v_cache, proto, frame_slot, frame_pos, h, w)
-    torch.cuda.synchronize()
 
     pos = token_positions(frame_pos, h, w)
     assert q_rot.shape == q.shape and q_rot.dtype == dtype and q_rot.is_contiguous()
@@ -154,17 +150,15 @@ def test_rope_append_cuda_matches_reference(dtype, layout, U, h, w, H, D):
     assert torch.equal(q, q0) and torch.equal(k, k0) and torch.equal(v, v0)
 
 
-@pytest.mark.gpu
-@requires_cuda
-def test_rope_append_cuda_rejects_bad_inputs():
-    _extension_or_skip()
-    q = torch.randn(1, 4, 1, 8, device="cuda")
-    cache, proto = torch.randn(1, 8, 1, 8, device="cuda"), torch.randn(1, 2, 8, device="cuda")
-    slot, pos = torch.tensor([1], device="cuda"), torch.tensor([0], device="cuda")
+def test_rope_append_cuda_rejects_bad_inputs(kernel_device):
+    dev = kernel_device
+    q = torch.randn(1, 4, 1, 8, device=dev)
+    cache, proto = torch.randn(1, 8, 1, 8, device=dev), torch.randn(1, 2, 8, device=dev)
+    slot, pos = torch.tensor([1], device=dev), torch.tensor([0], device=dev)
     with pytest.raises(ValueError, match="tokens"):
         rope_append_cuda(q, q, q, cache, cache.clone(), proto, slot, pos, 3, 2)
     with pytest.raises(ValueError, match="stride"):
-        qt = torch.randn(1, 4, 8, 1, device="cuda").transpose(-1, -2)
+        qt = torch.randn(1, 4, 1, 16, device=dev)[..., ::2]  # stride(-1) == 2
         rope_append_cuda(qt, qt, qt, cache, cache.clone(), proto, slot, pos, 2, 2)
     with pytest.raises(ValueError, match="dtype"):
         rope_append_cuda(q, q, q, cache.half(), cache.half(), proto, slot, pos, 2, 2)

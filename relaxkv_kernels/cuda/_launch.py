@@ -1,6 +1,12 @@
-"""Shared pieces of the Python launchers of ``relaxkv_kernels._C``: extension/device checks, dtype codes, streams."""
+"""Shared pieces of the Python launchers of ``relaxkv_kernels._C``: extension/device checks, dtype codes, streams.
+
+Everything device-specific goes through ``runtime`` (a :class:`CudaRuntime`): the extension module, which
+tensors it accepts, the device guard and the stream. ``tests/cuda_emulator.py`` replaces it with a CPU build
+of the same ``csrc/`` sources to run the launchers and kernels without a GPU.
+"""
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from types import ModuleType
 
 import torch
@@ -11,12 +17,41 @@ from relaxkv_kernels.validate import require
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
+class CudaRuntime:
+    """The launchers' device: ``relaxkv_kernels._C`` on CUDA tensors, the current torch stream."""
+
+    device_type = "cuda"
+
+    def extension(self, op: str) -> ModuleType:
+        """The extension for ``op``; RuntimeError (not a crash) when it is not built or no GPU is present."""
+        ext = require_cuda_extension(op)
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"relaxkv {op}: no CUDA device available (torch.cuda.is_available() is False)")
+        return ext
+
+    def guard(self, device: torch.device) -> AbstractContextManager:
+        """Makes ``device`` current for the launch."""
+        return torch.cuda.device(device)
+
+    def stream(self, device: torch.device) -> int:
+        """The current stream of ``device`` as the integer the launchers take."""
+        return torch.cuda.current_stream(device).cuda_stream
+
+
+runtime = CudaRuntime()
+
+
 def require_device(op: str) -> ModuleType:
-    """The extension for ``op``; RuntimeError (not a crash) when it is not built or no GPU is present."""
-    ext = require_cuda_extension(op)
-    if not torch.cuda.is_available():
-        raise RuntimeError(f"relaxkv {op}: no CUDA device available (torch.cuda.is_available() is False)")
-    return ext
+    """The extension for ``op`` (see :meth:`CudaRuntime.extension`)."""
+    return runtime.extension(op)
+
+
+def device_guard(device: torch.device) -> AbstractContextManager:
+    return runtime.guard(device)
+
+
+def stream(device: torch.device) -> int:
+    return runtime.stream(device)
 
 
 def check(op: str, cond: bool, message: str) -> None:
@@ -26,8 +61,9 @@ def check(op: str, cond: bool, message: str) -> None:
 
 def check_cuda_tensors(op: str, device: torch.device, **tensors: torch.Tensor) -> None:
     for name, t in tensors.items():
-        check(op, isinstance(t, torch.Tensor) and t.is_cuda and t.device == device,
-              f"{name}: expected a CUDA tensor on {device}, got {getattr(t, 'device', type(t).__name__)}")
+        check(op, isinstance(t, torch.Tensor) and t.device.type == runtime.device_type and t.device == device,
+              f"{name}: expected a {runtime.device_type.upper()} tensor on {device}, "
+              f"got {getattr(t, 'device', type(t).__name__)}")
 
 
 def check_index(op: str, name: str, t: torch.Tensor) -> torch.Tensor:
@@ -35,8 +71,3 @@ def check_index(op: str, name: str, t: torch.Tensor) -> torch.Tensor:
     check(op, t.dim() == 1 and t.dtype in (torch.int32, torch.int64),
           f"{name}: expected int32/int64 [n], got {t.dtype} {tuple(t.shape)}")
     return t.long()
-
-
-def stream(device: torch.device) -> int:
-    """The current stream of ``device`` as the integer the launchers take."""
-    return torch.cuda.current_stream(device).cuda_stream

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ._launch import DTYPE_CODES, check, check_cuda_tensors, check_index, require_device, stream
+from ._launch import DTYPE_CODES, check, check_cuda_tensors, check_index, device_guard, require_device, stream
 
 _OP = "compress_kv_cuda"
 
@@ -68,7 +68,7 @@ def compress_kv_cuda(
           f"block_slot, t0: expected [1], got {tuple(block_slot.shape)}, {tuple(t0.shape)}")
     nc = (frames // 2) * (height // 4) * (width // 4)
     ws = torch.empty((b, nc, h, d), dtype=torch.float32, device=dev)
-    with torch.cuda.device(dev):
+    with device_guard(dev):
         ext.compress_kv_cuda(
             k.data_ptr(), v.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), mean_key.data_ptr(), ws.data_ptr(),
             block_slot.data_ptr(), t0.data_ptr(), b, frames, height, width, h, d, k_pool.shape[1], row0,

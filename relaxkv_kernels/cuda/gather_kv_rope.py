@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ._launch import DTYPE_CODES, check, check_cuda_tensors, require_device, stream
+from ._launch import DTYPE_CODES, check, check_cuda_tensors, device_guard, require_device, stream
 
 _OP = "gather_kv_rope_cuda"
 
@@ -54,7 +54,7 @@ def gather_kv_rope_cuda(
     check(_OP, isinstance(total, int) and total >= 1, f"total: expected an int >= 1, got {total!r}")
     k = torch.empty((b, total, h, d), dtype=k_pool.dtype, device=dev)
     v = torch.empty((b, total, h, d), dtype=k_pool.dtype, device=dev)
-    with torch.cuda.device(dev):
+    with device_guard(dev):
         ext.gather_kv_rope_cuda(
             k_pool.data_ptr(), v_pool.data_ptr(), seg.data_ptr(), k.data_ptr(), v.data_ptr(), b, n_rows, h, d,
             seg.shape[1], total, *k_pool.stride()[:3], *v_pool.stride()[:3], *seg.stride(),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ._launch import DTYPE_CODES, check, check_cuda_tensors, check_index, require_device, stream
+from ._launch import DTYPE_CODES, check, check_cuda_tensors, check_index, device_guard, require_device, stream
 
 _OP = "mid_select_cuda"
 
@@ -71,7 +71,7 @@ def mid_select_cuda(
     n_split = ext.mid_select_splits(-(-n_q // q_stride))
     ws = torch.empty(b * (h // 2) * (n_split + 1) * d, dtype=torch.float32, device=dev)
     scores = torch.empty(mid_slots.numel(), dtype=torch.float32, device=dev)
-    with torch.cuda.device(dev):
+    with device_guard(dev):
         ext.mid_select_cuda(
             q.data_ptr(), mean_key.data_ptr(), mid_slots.data_ptr(), block_pos.data_ptr(), target_pos.data_ptr(),
             seg.data_ptr(), scores.data_ptr(), ws.data_ptr(), b, n_q, h, d, mean_key.shape[1], mid_slots.numel(),

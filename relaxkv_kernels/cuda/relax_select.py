@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ._launch import check, check_cuda_tensors, check_index, require_device, stream
+from ._launch import check, check_cuda_tensors, check_index, device_guard, require_device, stream
 
 _OP = "relax_select_cuda"
 
@@ -69,7 +69,7 @@ def relax_select_cuda(
           f"seg: expected int32 [{b}, n_seg, 3], got {seg.dtype} {tuple(seg.shape)}")
     n_cand, n_sel = cand_slots.numel(), target_pos.numel()
     scores = torch.empty((b, n_cand), dtype=torch.float32, device=dev)
-    with torch.cuda.device(dev):
+    with device_guard(dev):
         ext.relax_select_cuda(
             proto.data_ptr(), slot_pos.data_ptr(), sink_slots.data_ptr(), tail_slots.data_ptr(),
             cand_slots.data_ptr(), target_pos.data_ptr(), seg.data_ptr(), scores.data_ptr(),

@@ -5,7 +5,7 @@ import functools
 
 import torch
 
-from ._launch import DTYPE_CODES, check, require_device, stream
+from ._launch import DTYPE_CODES, check, check_cuda_tensors, device_guard, require_device, stream
 
 _OP = "rope_append_cuda"
 _check = functools.partial(check, _OP)
@@ -89,14 +89,13 @@ def rope_append_cuda(
     _check(D % 2 == 0 and 2 <= D <= 512, f"head_dim: expected an even number in [2, 512], got {D}")
     tensors = {"q": q, "k": k, "v": v, "k_cache": k_cache, "v_cache": v_cache, "proto": proto,
                "frame_slot": frame_slot, "frame_pos": frame_pos}
-    for name, t in tensors.items():
-        _check(t.device == q.device and t.is_cuda, f"{name}: expected a tensor on {q.device} (CUDA), got {t.device}")
+    check_cuda_tensors(_OP, q.device, **tensors)
     for name in ("q", "k", "v", "k_cache", "v_cache", "proto"):
         _check(tensors[name].stride(-1) == 1,
                f"{name}: expected a contiguous last dim (stride(-1) == 1), got strides {tensors[name].stride()}")
 
     q_rot = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device)
-    with torch.cuda.device(q.device):
+    with device_guard(q.device):
         ext.rope_append_cuda(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), q_rot.data_ptr(), k_cache.data_ptr(),
             v_cache.data_ptr(), proto.data_ptr(), frame_slot.data_ptr(), frame_pos.data_ptr(),

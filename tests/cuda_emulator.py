@@ -1,0 +1,124 @@
+"""Run the csrc/ CUDA launchers and kernels on the CPU: a g++ build against an emulation of the CUDA model.
+
+The same sources that nvcc compiles for the GPU are compiled with g++ against ``tests/cuda_emu/include``
+(threads, blocks, barriers, warp shuffles, dynamic shared memory and the few runtime calls csrc uses;
+see the header for what is checked and what cannot be). Two textual rewrites come first, since g++
+cannot parse them: kernel launches and ``extern __shared__`` declarations.
+
+:func:`emulated_runtime` returns a :class:`relaxkv_kernels.cuda._launch.CudaRuntime` replacement that
+tests install with ``monkeypatch.setattr(_launch, "runtime", ...)``: the Python wrappers then validate,
+compute strides and call the emulated launchers on CPU tensors, exactly as they do on a GPU.
+
+This tests the kernels' logic (indexing, strides, reductions, top-k, rounding, barriers, shuffles). It
+says nothing about speed, coalescing or the GPU memory model: the GPU tests remain the authority.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+EMU_INCLUDE = Path(__file__).resolve().parent / "cuda_emu" / "include"
+BUILD = ROOT / "build" / "cuda_emu"
+FLAGS = ["-std=c++20", "-O2", "-fPIC", "-fvisibility=hidden", "-fno-strict-aliasing", "-pthread",
+         "-Wall", "-Wno-unknown-pragmas", "-Werror=return-type"]
+
+# kernel<T, A>   <<<grid, block[, smem[, stream]]>>>   (args);
+_LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;]*>)?)\s*<<<(.*?)>>>\s*\((.*?)\)\s*;", re.S)
+_SHARED = re.compile(r"extern\s+__shared__\s+(?:alignas\(\d+\)\s+)?([\w:]+)\s+(\w+)\s*\[\s*\]\s*;")
+
+
+def translate(source: str) -> str:
+    """The two rewrites g++ needs; everything else of the CUDA source is compiled as is."""
+    out = _LAUNCH.sub(lambda m: f"::relaxkv_emu::Launch({m[2]}).run({m[1]}, {m[3]});", source)
+    out = _SHARED.sub(lambda m: f"{m[1]}* {m[2]} = ::relaxkv_emu::dynamic_shared<{m[1]}>();", out)
+    for token in ("<<<", "__shared__"):
+        if token in out:
+            raise ValueError(f"cuda_emulator: a {token} that the rewrites do not cover is left")
+    return out
+
+
+def compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def _sources() -> list[Path]:
+    return sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*.cuh")) + [CSRC / "bindings.cpp"]
+
+
+def build() -> Path:
+    """Compile the emulated extension (cached under build/cuda_emu/<hash of sources, header, flags>)."""
+    import pybind11
+
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("cuda_emulator: no C++ compiler (g++, or $CXX)")
+    digest = hashlib.sha256()
+    for path in _sources() + sorted(EMU_INCLUDE.glob("*.h")):
+        digest.update(path.name.encode() + path.read_bytes())
+    digest.update(" ".join([cxx, *FLAGS]).encode())
+    out_dir = BUILD / digest.hexdigest()[:16]
+    lib = out_dir / "_C.so"
+    if lib.exists():
+        return lib
+    src_dir = out_dir / "src"
+    src_dir.mkdir(parents=True, exist_ok=True)
+    for path in _sources():
+        (src_dir / path.name).write_text(translate(path.read_text()))
+    includes = [f"-I{d}" for d in (EMU_INCLUDE, src_dir, pybind11.get_include(), sysconfig.get_paths()["include"])]
+    units = [src_dir / p.name for p in _sources() if p.suffix in (".cu", ".cpp")]
+
+    def compile_one(src: Path) -> str:
+        obj = out_dir / (src.name + ".o")
+        cmd = [cxx, "-x", "c++", "-c", str(src), "-o", str(obj), *FLAGS, *includes]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"cuda_emulator: {' '.join(cmd)}\n{res.stderr}")
+        return str(obj)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        objs = list(pool.map(compile_one, units))
+    tmp = out_dir / f"_C.{os.getpid()}.so"
+    subprocess.run([cxx, "-shared", "-pthread", *objs, "-o", str(tmp)], check=True, capture_output=True)
+    tmp.replace(lib)  # atomic: a concurrent build never sees half a library
+    return lib
+
+
+def load(lib: Path) -> ModuleType:
+    """Import the emulated extension (its init function is PyInit__C, like relaxkv_kernels._C)."""
+    loader = importlib.machinery.ExtensionFileLoader("_C", str(lib))
+    spec = importlib.util.spec_from_file_location("_C", str(lib), loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+class EmulatedRuntime:
+    """Stands in for ``relaxkv_kernels.cuda._launch.runtime``: the emulated extension on CPU tensors."""
+
+    device_type = "cpu"
+
+    def __init__(self, module: ModuleType):
+        self.module = module
+
+    def extension(self, op: str) -> ModuleType:
+        return self.module
+
+    def guard(self, device: torch.device) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def stream(self, device: torch.device) -> int:
+        return 0
