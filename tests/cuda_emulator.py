@@ -35,6 +35,9 @@ EMU_INCLUDE = Path(__file__).resolve().parent / "cuda_emu" / "include"
 BUILD = ROOT / "build" / "cuda_emu"
 FLAGS = ["-std=c++20", "-O2", "-fPIC", "-fvisibility=hidden", "-fno-strict-aliasing", "-pthread",
          "-Wall", "-Wno-unknown-pragmas", "-Werror=return-type"]
+# RELAXKV_EMU_SANITIZE=address: an AddressSanitizer build, the CPU analogue of compute-sanitizer memcheck.
+# Run under it with tests/run_emulated_asan.sh (libasan must be preloaded into python).
+SANITIZE = [f"-fsanitize={s}" for s in os.environ.get("RELAXKV_EMU_SANITIZE", "").split(",") if s]
 
 # kernel<T, A>   <<<grid, block[, smem[, stream]]>>>   (args);
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;]*>)?)\s*<<<(.*?)>>>\s*\((.*?)\)\s*;", re.S)
@@ -69,7 +72,8 @@ def build() -> Path:
     digest = hashlib.sha256()
     for path in _sources() + sorted(EMU_INCLUDE.glob("*.h")):
         digest.update(path.name.encode() + path.read_bytes())
-    digest.update(" ".join([cxx, *FLAGS]).encode())
+    flags = FLAGS + SANITIZE + (["-fno-omit-frame-pointer", "-g"] if SANITIZE else [])
+    digest.update(" ".join([cxx, *flags]).encode())
     out_dir = BUILD / digest.hexdigest()[:16]
     lib = out_dir / "_C.so"
     if lib.exists():
@@ -83,7 +87,7 @@ def build() -> Path:
 
     def compile_one(src: Path) -> str:
         obj = out_dir / (src.name + ".o")
-        cmd = [cxx, "-x", "c++", "-c", str(src), "-o", str(obj), *FLAGS, *includes]
+        cmd = [cxx, "-x", "c++", "-c", str(src), "-o", str(obj), *flags, *includes]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"cuda_emulator: {' '.join(cmd)}\n{res.stderr}")
@@ -92,7 +96,7 @@ def build() -> Path:
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         objs = list(pool.map(compile_one, units))
     tmp = out_dir / f"_C.{os.getpid()}.so"
-    subprocess.run([cxx, "-shared", "-pthread", *objs, "-o", str(tmp)], check=True, capture_output=True)
+    subprocess.run([cxx, "-shared", "-pthread", *SANITIZE, *objs, "-o", str(tmp)], check=True, capture_output=True)
     tmp.replace(lib)  # atomic: a concurrent build never sees half a library
     return lib
 
