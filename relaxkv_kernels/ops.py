@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import reference, tuning
 from .availability import cuda_extension, interpreter_enabled, triton_available
+from .cuda import _launch
 from .validate import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -73,7 +74,7 @@ def resolve_backend(op: str, device: torch.device, backend: str = "auto") -> str
             f"relaxkv.{op}: backend 'triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1 on CPU), "
             f"got device {device}"
         )
-    if backend == "cuda" and (op not in _CUDA_OPS or device.type != "cuda"):
+    if backend == "cuda" and (op not in _CUDA_OPS or device.type != _launch.runtime.device_type):
         raise RuntimeError(f"relaxkv.{op}: backend 'cuda' needs a CUDA kernel for this op and CUDA tensors, got {device}")
     return backend
 

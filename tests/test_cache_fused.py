@@ -1,4 +1,5 @@
-"""The whole chunk step with the fused kernels (Triton; the interpreter on CPU) against the reference backend."""
+"""The whole chunk step with the kernels against the reference backend: the Triton kernels (the interpreter on
+CPU), and the csrc/ CUDA kernels (emulated on CPU, see tests/cuda_emulator.py)."""
 import os
 
 import pytest
@@ -11,9 +12,8 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.mark.parametrize(
+CUDA_OPS = ("rope_append", "relax_select", "mid_select", "compress_kv", "gather_kv_rope")
+POLICIES = pytest.mark.parametrize(
     "policy,chunks",
     [
         (rk.DenseWindow(window=6, sink=3, rerotate=True), 4),
@@ -23,11 +23,27 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     ],
     ids=["sink-rerotate", "relax", "relax-h2-batch0", "pack"],
 )
+
+
+@POLICIES
 def test_fused_chunk_steps_match_reference(policy, chunks):
     """Past warm-up, eviction and (Relax, Pack) device-side selection, fp32, B = 2."""
+    _run_against_reference(policy, chunks, DEVICE, "fused")
+
+
+@POLICIES
+def test_cuda_kernel_chunk_steps_match_reference(policy, chunks, kernel_device, monkeypatch):
+    """Every CUDA kernel in the step (RELAXKV_BACKEND_<OP>=cuda), attention through impl="gather"."""
+    for op in CUDA_OPS:
+        monkeypatch.setenv(f"RELAXKV_BACKEND_{op.upper()}", "cuda")
+    monkeypatch.setattr(rk.tuning, "choose_impl", lambda *args: "gather")
+    _run_against_reference(policy, chunks, kernel_device, "auto")
+
+
+def _run_against_reference(policy, chunks: int, device: str, backend: str):
     layers, batch, heads, d, h, w = 2, 2, 2, 16, 4, 4
-    caches = {be: rk.KVCache(policy, layers, batch, heads, d, h, w, dtype=torch.float32, device=DEVICE, backend=be)
-              for be in ("reference", "fused")}
+    caches = {be: rk.KVCache(policy, layers, batch, heads, d, h, w, dtype=torch.float32, device=device, backend=be)
+              for be in ("reference", backend)}
     gen = torch.Generator().manual_seed(0)
     u = policy.chunk_frames
     for _ in range(chunks):
@@ -35,10 +51,10 @@ def test_fused_chunk_steps_match_reference(policy, chunks):
             cache.begin_chunk()
         for _ in range(2):  # a denoising pass and the refresh pass
             for layer in range(layers):
-                q, k, v = (torch.randn(batch, u * h * w, heads, d, generator=gen).to(DEVICE) for _ in range(3))
-                k = k + torch.randn(batch, 1, 1, d, generator=gen).to(DEVICE)  # frame-level signal for selection
+                q, k, v = (torch.randn(batch, u * h * w, heads, d, generator=gen).to(device) for _ in range(3))
+                k = k + torch.randn(batch, 1, 1, d, generator=gen).to(device)  # frame-level signal for selection
                 out = {be: cache.attend(layer, q, k, v) for be, cache in caches.items()}
-                torch.testing.assert_close(out["fused"], out["reference"], rtol=1e-5, atol=1e-5)
-        assert caches["fused"].selected_frames() == caches["reference"].selected_frames()
+                torch.testing.assert_close(out[backend], out["reference"], rtol=1e-5, atol=1e-5)
+        assert caches[backend].selected_frames() == caches["reference"].selected_frames()
         for cache in caches.values():
             cache.end_chunk()

@@ -5,42 +5,48 @@
 // `::relaxkv_emu::Launch(grid, block, smem, stream).run(kernel, args)` and
 // `extern __shared__ T name[];` becomes `T* name = ::relaxkv_emu::dynamic_shared<T>();`.
 //
-// Every CUDA thread of a launch is an OS thread; blocks run one after the other, so shared memory is
-// one buffer per launch. What is emulated, and checked:
+// Every CUDA thread of a block is a fiber (ucontext) of the calling OS thread; blocks run one after the
+// other. A fiber runs until it reaches a barrier or exits, so the emulation is deterministic. What is
+// emulated, and checked:
 //   - threadIdx / blockIdx / blockDim / gridDim;
 //   - __syncthreads(): a block barrier that exited threads leave; all arrivals of one phase must come
-//     from the same call site (a divergent barrier is an error, not a hang);
+//     from the same call site (a divergent barrier is an error);
 //   - __shfl_{xor,up,down,}_sync with a full mask and width 32: a warp barrier; every lane of a full
-//     warp must take part (a shuffle in a partial warp or after a lane exited is an error);
+//     warp must take part (a shuffle in a partial warp, or with a lane that exited, is an error);
+//   - a hang (threads waiting at a barrier nobody else will reach) is reported at once, with where;
 //   - dynamic shared memory: filled with 0xff (NaN / -1) at every block start, with a guard after the
 //     requested size that must be intact at every block end;
 //   - launch configuration limits (1024 threads, 65535 in grid y/z, 227 KiB of shared memory);
-//   - a barrier nobody completes within 60 s is reported as a hang.
-// A failed launch is reported through cudaGetLastError(), as a real launch failure would be.
+//   - an exception thrown inside a kernel fails the launch.
+// A failed launch is reported through cudaGetLastError(), as a real launch failure would be. Built with
+// -fsanitize=address (tests/run_emulated_asan.sh), every out-of-bounds access is also reported.
 //
-// What it cannot show: timing, memory coalescing, the GPU memory model (this is sequentially
-// consistent under mutexes), alignment faults of vector accesses, races between warps without a
-// barrier. Those need the GPU tests (tests/test_cuda_ops.py on a device).
+// What it cannot show: timing, memory coalescing, the GPU memory model (fibers switch only at barriers,
+// so a race between threads without a barrier between them goes unseen), alignment faults of vector
+// accesses. Those need the GPU tests (tests/test_cuda_ops.py on a device).
 #pragma once
 
+#include <sys/mman.h>
+#include <ucontext.h>
+
 #include <algorithm>
-#include <atomic>
 #include <bit>
-#include <chrono>
 #include <cmath>
-#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <functional>
 #include <memory>
-#include <mutex>
 #include <sstream>
 #include <string>
-#include <thread>
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 #define __global__
 #define __device__
@@ -76,92 +82,42 @@ namespace relaxkv_emu {
 // ------------------------------------------------------------------------------- launch state
 
 inline constexpr unsigned kWarp = 32;
-inline constexpr auto kHang = std::chrono::seconds(60);
 inline constexpr size_t kSmemGuard = 64;
+#if defined(__SANITIZE_ADDRESS__)
+inline constexpr size_t kStack = 1 << 20;  // AddressSanitizer's redzones need the room
+#else
+inline constexpr size_t kStack = 256 << 10;
+#endif
 
-// Thrown in every thread of a launch once it has failed; caught at the thread's top.
+// Thrown inside a CUDA thread once its launch has failed; caught at the thread's top.
 struct Abort {};
 
-struct LaunchState {
-    std::atomic<bool> failed{false};
-    std::mutex m;
-    std::string error;
+struct Fiber;
 
-    void fail(const std::string& what) {
-        std::lock_guard<std::mutex> lk(m);
-        if (!failed.exchange(true)) error = what;
+// A barrier for `expected` threads (a block's __syncthreads, or a warp's shuffles). drop() removes a
+// thread that exited. Every arrival of a phase must come from the same call site.
+struct Barrier {
+    unsigned expected = 0, arrived = 0;
+    const char* file = "";
+    int line = 0;
+    std::vector<Fiber*> waiters;
+
+    void reset(unsigned n) {
+        expected = n;
+        arrived = 0;
+        waiters.clear();
     }
 };
 
-// A barrier for `expected` threads. drop() removes a thread (it exited). Every arrival of a phase
-// must come from the same call site.
-class Barrier {
-  public:
-    void reset(unsigned n) {
-        expected_ = n;
-        arrived_ = 0;
-    }
-    unsigned expected() {
-        std::lock_guard<std::mutex> lk(m_);
-        return expected_;
-    }
-
-    void wait(LaunchState& launch, const char* what, const char* file, int line) {
-        std::unique_lock<std::mutex> lk(m_);
-        if (arrived_ == 0) {
-            file_ = file;
-            line_ = line;
-        } else if (line_ != line || std::strcmp(file_, file) != 0) {
-            std::ostringstream msg;
-            msg << "divergent " << what << ": " << file << ":" << line << " and " << file_ << ":" << line_
-                << " in the same phase";
-            launch.fail(msg.str());
-            cv_.notify_all();
-            throw Abort{};
-        }
-        if (++arrived_ == expected_) {
-            release();
-            return;
-        }
-        const uint64_t phase = phase_;
-        const auto deadline = std::chrono::steady_clock::now() + kHang;
-        while (phase_ == phase) {
-            if (launch.failed) throw Abort{};
-            if (cv_.wait_until(lk, std::min(deadline, std::chrono::steady_clock::now() +
-                                                          std::chrono::milliseconds(20))) ==
-                    std::cv_status::timeout &&
-                std::chrono::steady_clock::now() >= deadline) {
-                std::ostringstream msg;
-                msg << what << " at " << file << ":" << line << " never completed (" << arrived_ << " of "
-                    << expected_ << " threads arrived)";
-                launch.fail(msg.str());
-                throw Abort{};
-            }
-        }
-    }
-
-    // Returns whether other threads were waiting in the barrier when this one left.
-    bool drop() {
-        std::lock_guard<std::mutex> lk(m_);
-        --expected_;
-        const bool waited = arrived_ > 0;
-        if (waited && arrived_ == expected_) release();
-        return waited;
-    }
-
-  private:
-    void release() {
-        arrived_ = 0;
-        ++phase_;
-        cv_.notify_all();
-    }
-
-    std::mutex m_;
-    std::condition_variable cv_;
-    unsigned expected_ = 0, arrived_ = 0;
-    uint64_t phase_ = 0;
-    const char* file_ = "";
-    int line_ = 0;
+struct Fiber {
+    ucontext_t ctx;
+    void* stack = nullptr;
+#if defined(__SANITIZE_ADDRESS__)
+    void* fake = nullptr;
+#endif
+    bool done = false, waiting = false;
+    unsigned linear = 0;
+    dim3 thread;
 };
 
 struct Warp {
@@ -170,39 +126,103 @@ struct Warp {
     alignas(16) unsigned char slot[kWarp][16];
 };
 
+// One launch: its CUDA threads as fibers (ucontext), run by the calling OS thread one block at a time.
+// A fiber runs until it waits at a barrier or exits; a barrier's last arrival makes its waiters
+// runnable again. No fiber runnable and some not done: a hang, reported with where they wait.
 struct Block {
-    LaunchState launch;
-    Barrier sync;                 // __syncthreads
-    Barrier done;                 // end of a block: every thread, never dropped
+    dim3 grid, block_dim, block;
+    unsigned threads = 0;
+    std::vector<Fiber> fibers;
     std::vector<std::unique_ptr<Warp>> warps;
+    Barrier sync;                     // __syncthreads
     std::vector<unsigned char> smem;  // dynamic shared memory + guard
     size_t smem_bytes = 0;
-    unsigned threads = 0;
+    std::function<void()> body;       // the kernel with its arguments
+    ucontext_t scheduler;
+    Fiber* current = nullptr;
+    bool failed = false;
+    std::string error;
+#if defined(__SANITIZE_ADDRESS__)
+    void* main_fake = nullptr;  // AddressSanitizer's bookkeeping of the stack switches
+    const void* main_bottom = nullptr;
+    size_t main_size = 0;
+#endif
 
-    void start_block() {  // by one thread, while no other thread runs
-        sync.reset(threads);
-        for (size_t w = 0; w < warps.size(); ++w) {
-            warps[w]->size = std::min<unsigned>(kWarp, threads - unsigned(w) * kWarp);
-            warps[w]->bar.reset(warps[w]->size);
-        }
-        std::fill(smem.begin(), smem.begin() + smem_bytes, 0xff);
-        std::fill(smem.begin() + smem_bytes, smem.end(), 0xa5);
+    void fail(const std::string& what) {
+        if (!failed) error = what;
+        failed = true;
     }
-    bool guard_intact() const {
-        return std::all_of(smem.begin() + smem_bytes, smem.end(), [](unsigned char c) { return c == 0xa5; });
+
+    // Wait at `bar` (the current fiber); throws Abort when the launch failed meanwhile.
+    void wait(Barrier& bar, const char* what, const char* file, int line) {
+        if (bar.arrived == 0) {
+            bar.file = file;
+            bar.line = line;
+        } else if (bar.line != line || std::strcmp(bar.file, file) != 0) {
+            std::ostringstream msg;
+            msg << "divergent " << what << ": " << file << ":" << line << " and " << bar.file << ":" << bar.line
+                << " in the same phase";
+            fail(msg.str());
+            throw Abort{};
+        }
+        if (++bar.arrived == bar.expected) {
+            release(bar);
+            return;
+        }
+        Fiber* self = current;
+        self->waiting = true;
+        bar.waiters.push_back(self);
+        yield();
+        if (failed) throw Abort{};
+    }
+
+    // Returns whether other threads were waiting in `bar` when this one left it.
+    bool drop(Barrier& bar) {
+        --bar.expected;
+        const bool waited = bar.arrived > 0;
+        if (waited && bar.arrived == bar.expected) release(bar);
+        return waited;
+    }
+
+    void release(Barrier& bar) {
+        for (Fiber* f : bar.waiters) f->waiting = false;
+        bar.waiters.clear();
+        bar.arrived = 0;
+    }
+
+    Warp& warp_of(const Fiber& f) { return *warps[f.linear / kWarp]; }
+
+    // scheduler -> fiber f, until it waits or exits
+    void enter(Fiber& f) {
+#if defined(__SANITIZE_ADDRESS__)
+        __sanitizer_start_switch_fiber(&main_fake, f.stack, kStack);
+#endif
+        swapcontext(&scheduler, &f.ctx);
+#if defined(__SANITIZE_ADDRESS__)
+        __sanitizer_finish_switch_fiber(main_fake, nullptr, nullptr);
+#endif
+    }
+
+    // current fiber -> scheduler; returns when the scheduler enters it again
+    void yield() {
+        Fiber* self = current;
+#if defined(__SANITIZE_ADDRESS__)
+        __sanitizer_start_switch_fiber(&self->fake, main_bottom, main_size);
+#endif
+        swapcontext(&self->ctx, &scheduler);
+#if defined(__SANITIZE_ADDRESS__)
+        __sanitizer_finish_switch_fiber(self->fake, &main_bottom, &main_size);
+#endif
     }
 };
 
-inline thread_local dim3 t_thread, t_block, t_block_dim, t_grid_dim;
-inline thread_local unsigned t_linear = 0;
 inline thread_local Block* t_state = nullptr;
+inline thread_local dim3 t_thread, t_block, t_block_dim, t_grid_dim;
 
 inline cudaError_t g_last_error = cudaSuccess;
 inline std::string g_last_message;
-inline std::mutex g_error_mutex;
 
 inline void set_error(cudaError_t err, const std::string& msg) {
-    std::lock_guard<std::mutex> lk(g_error_mutex);
     g_last_error = err;
     g_last_message = msg;
 }
@@ -210,6 +230,35 @@ inline void set_error(cudaError_t err, const std::string& msg) {
 template <typename T>
 T* dynamic_shared() {
     return reinterpret_cast<T*>(t_state->smem.data());
+}
+
+inline void fiber_main() {
+    Block& st = *t_state;
+    Fiber& self = *st.current;
+#if defined(__SANITIZE_ADDRESS__)
+    __sanitizer_finish_switch_fiber(nullptr, &st.main_bottom, &st.main_size);  // learns the scheduler's stack
+#endif
+    try {
+        try {
+            st.body();
+        } catch (const Abort&) {
+            throw;
+        } catch (const std::exception& e) {
+            st.fail(std::string("exception in a kernel: ") + e.what());
+            throw Abort{};
+        } catch (...) {
+            st.fail("exception in a kernel (not a std::exception)");
+            throw Abort{};
+        }
+        st.drop(st.sync);  // this thread has exited the kernel
+        if (st.drop(st.warp_of(self).bar)) st.fail("a lane exited while the rest of its warp waited in a shuffle");
+    } catch (const Abort&) {
+    }
+    self.done = true;
+#if defined(__SANITIZE_ADDRESS__)
+    __sanitizer_start_switch_fiber(nullptr, st.main_bottom, st.main_size);  // nullptr: this fiber is finished
+#endif
+    setcontext(&st.scheduler);
 }
 
 // ------------------------------------------------------------------------------------ launches
@@ -220,7 +269,7 @@ class Launch {
 
     template <typename... P, typename... A>
     void run(void (*kernel)(P...), A&&... args) {
-        const std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
+        std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
         const uint64_t threads = uint64_t(block_.x) * block_.y * block_.z;
         std::ostringstream bad;
         if (threads == 0 || threads > 1024 || block_.z > 64)
@@ -234,75 +283,99 @@ class Launch {
             return;
         }
 
-        Block state;
-        state.threads = unsigned(threads);
-        for (unsigned w = 0; w * kWarp < state.threads; ++w) state.warps.push_back(std::make_unique<Warp>());
-        state.smem_bytes = smem_;
-        state.smem.resize(smem_ + kSmemGuard);
-        state.done.reset(state.threads);
-        state.start_block();
+        Block st;
+        st.grid = grid_;
+        st.block_dim = block_;
+        st.threads = unsigned(threads);
+        st.smem_bytes = smem_;
+        st.smem.resize(smem_ + kSmemGuard);
+        st.body = [&] { std::apply(kernel, params); };
+        st.fibers.resize(st.threads);
+        for (unsigned w = 0; w * kWarp < st.threads; ++w) st.warps.push_back(std::make_unique<Warp>());
+        for (unsigned t = 0; t < st.threads; ++t) {
+            Fiber& f = st.fibers[t];
+            f.linear = t;
+            f.thread = dim3(t % block_.x, (t / block_.x) % block_.y, t / (block_.x * block_.y));
+            f.stack = mmap(nullptr, kStack, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+            if (f.stack == MAP_FAILED) {
+                f.stack = nullptr;
+                st.fail("cannot map a fiber stack");
+                break;
+            }
+        }
+        Block* outer = t_state;
+        t_state = &st;
+        t_block_dim = block_;
+        t_grid_dim = grid_;
         const uint64_t n_blocks = uint64_t(grid_.x) * grid_.y * grid_.z;
-
-        std::vector<std::thread> pool;
-        pool.reserve(state.threads);
-        for (unsigned t = 0; t < state.threads; ++t)
-            pool.emplace_back([&, t] { thread_main(kernel, params, state, n_blocks, t); });
-        for (auto& th : pool) th.join();
-        if (state.launch.failed) set_error(cudaErrorLaunchFailure, "emulated kernel failed: " + state.launch.error);
+        for (uint64_t blk = 0; blk < n_blocks && !st.failed; ++blk) {
+            st.block = dim3(unsigned(blk % grid_.x), unsigned((blk / grid_.x) % grid_.y),
+                            unsigned(blk / (uint64_t(grid_.x) * grid_.y)));
+            run_block(st);
+        }
+        t_state = outer;
+        for (Fiber& f : st.fibers)
+            if (f.stack) munmap(f.stack, kStack);
+        if (st.failed) set_error(cudaErrorLaunchFailure, "emulated kernel failed: " + st.error);
     }
 
   private:
-    template <typename K, typename Tuple>
-    void thread_main(K kernel, const Tuple& params, Block& state, uint64_t n_blocks, unsigned t) {
-        t_state = &state;
-        t_linear = t;
-        t_block_dim = block_;
-        t_grid_dim = grid_;
-        t_thread = dim3(t % block_.x, (t / block_.x) % block_.y, t / (block_.x * block_.y));
-        Warp& warp = *state.warps[t / kWarp];
-        try {
-            for (uint64_t blk = 0; blk < n_blocks; ++blk) {
-                t_block = dim3(unsigned(blk % grid_.x), unsigned((blk / grid_.x) % grid_.y),
-                               unsigned(blk / (uint64_t(grid_.x) * grid_.y)));
-                try {
-                    std::apply(kernel, params);
-                } catch (const Abort&) {
-                    throw;
-                } catch (const std::exception& e) {
-                    state.launch.fail(e.what());
-                    throw Abort{};
-                }
-                state.sync.drop();  // this thread has exited the kernel
-                if (warp.bar.drop()) {
-                    state.launch.fail("a lane exited while the rest of its warp waited in a shuffle");
-                    throw Abort{};
-                }
-                end_block(state, blk, n_blocks);
-            }
-        } catch (const Abort&) {
+    static void run_block(Block& st) {
+        st.sync.reset(st.threads);
+        for (size_t w = 0; w < st.warps.size(); ++w) {
+            st.warps[w]->size = std::min<unsigned>(kWarp, st.threads - unsigned(w) * kWarp);
+            st.warps[w]->bar.reset(st.warps[w]->size);
         }
-        t_state = nullptr;
+        std::fill(st.smem.begin(), st.smem.begin() + st.smem_bytes, 0xff);
+        std::fill(st.smem.begin() + st.smem_bytes, st.smem.end(), 0xa5);
+        for (Fiber& f : st.fibers) {
+            f.done = f.waiting = false;
+            getcontext(&f.ctx);
+            f.ctx.uc_stack.ss_sp = f.stack;
+            f.ctx.uc_stack.ss_size = kStack;
+            f.ctx.uc_link = nullptr;
+            makecontext(&f.ctx, fiber_main, 0);
+        }
+        t_block = st.block;
+        for (;;) {
+            bool ran = false, all_done = true;
+            for (Fiber& f : st.fibers) {
+                if (f.done) continue;
+                all_done = false;
+                if (f.waiting) continue;
+                ran = true;
+                st.current = &f;
+                t_thread = f.thread;
+                st.enter(f);
+                if (st.failed) return;
+            }
+            if (all_done) break;
+            if (!ran) {
+                st.fail(hang_report(st));
+                return;
+            }
+        }
+        if (!std::all_of(st.smem.begin() + st.smem_bytes, st.smem.end(), [](unsigned char c) { return c == 0xa5; })) {
+            std::ostringstream msg;
+            msg << "block (" << st.block.x << ", " << st.block.y << ", " << st.block.z << ") wrote past its "
+                << st.smem_bytes << " bytes of dynamic shared memory";
+            st.fail(msg.str());
+        }
     }
 
-    // The last thread to finish a block checks the shared-memory guard and sets up the next block.
-    void end_block(Block& state, uint64_t blk, uint64_t n_blocks) {
-        static constexpr char kSite[] = "end of block";
-        if (t_linear == 0) {
-            // thread 0 waits for the others, then resets while they wait on the second phase
-            state.done.wait(state.launch, kSite, kSite, 0);
-            if (!state.guard_intact()) {
-                std::ostringstream msg;
-                msg << "block (" << t_block.x << ", " << t_block.y << ", " << t_block.z
-                    << ") wrote past its " << state.smem_bytes << " bytes of dynamic shared memory";
-                state.launch.fail(msg.str());
-                throw Abort{};
-            }
-            if (blk + 1 < n_blocks) state.start_block();
-            state.done.wait(state.launch, kSite, kSite, 1);
-        } else {
-            state.done.wait(state.launch, kSite, kSite, 0);
-            state.done.wait(state.launch, kSite, kSite, 1);
+    static std::string hang_report(const Block& st) {
+        std::ostringstream msg;
+        msg << "hang in block (" << st.block.x << ", " << st.block.y << ", " << st.block.z << "): ";
+        if (st.sync.arrived)
+            msg << st.sync.arrived << " of " << st.sync.expected << " threads wait at __syncthreads() "
+                << st.sync.file << ":" << st.sync.line << "; ";
+        for (size_t w = 0; w < st.warps.size(); ++w) {
+            const Barrier& b = st.warps[w]->bar;
+            if (b.arrived)
+                msg << "warp " << w << ": " << b.arrived << " of " << b.expected << " lanes wait at " << b.file << ":"
+                    << b.line << "; ";
         }
+        return msg.str();
     }
 
     dim3 grid_, block_;
@@ -314,29 +387,28 @@ class Launch {
 template <typename T, typename Src>
 T exchange(unsigned mask, T v, int width, Src src_of, const char* file, int line) {
     static_assert(sizeof(T) <= 16 && std::is_trivially_copyable_v<T>, "a shuffled value is at most 16 bytes");
-    Block& state = *t_state;
-    Warp& w = *state.warps[t_linear / kWarp];
-    if (mask != 0xffffffffu || width != int(kWarp) || w.size != kWarp || w.bar.expected() != kWarp) {
+    Block& st = *t_state;
+    Fiber& self = *st.current;
+    Warp& w = st.warp_of(self);
+    if (mask != 0xffffffffu || width != int(kWarp) || w.size != kWarp || w.bar.expected != kWarp) {
         std::ostringstream msg;
         msg << "warp shuffle at " << file << ":" << line << " needs a full warp of 32 active lanes, mask 0xffffffff"
-            << " and width 32 (warp of " << w.size << " lanes, " << w.bar.expected() << " active, mask 0x"
+            << " and width 32 (warp of " << w.size << " lanes, " << w.bar.expected << " active, mask 0x"
             << std::hex << mask << std::dec << ", width " << width << ")";
-        state.launch.fail(msg.str());
+        st.fail(msg.str());
         throw Abort{};
     }
-    const int lane = int(t_linear % kWarp);
+    const int lane = int(self.linear % kWarp);
     std::memcpy(w.slot[lane], &v, sizeof(T));
-    w.bar.wait(state.launch, "warp shuffle", file, line);
+    st.wait(w.bar, "warp shuffle", file, line);
     const int src = src_of(lane);
     T out = v;
     if (src >= 0 && src < int(kWarp)) std::memcpy(&out, w.slot[src], sizeof(T));
-    w.bar.wait(state.launch, "warp shuffle", file, line);  // slots free again
+    st.wait(w.bar, "warp shuffle", file, line);  // slots free again
     return out;
 }
 
-inline void syncthreads(const char* file, int line) {
-    t_state->sync.wait(t_state->launch, "__syncthreads()", file, line);
-}
+inline void syncthreads(const char* file, int line) { t_state->wait(t_state->sync, "__syncthreads()", file, line); }
 
 }  // namespace relaxkv_emu
 
@@ -356,9 +428,10 @@ inline void syncthreads(const char* file, int line) {
 #define __shfl_down_sync(mask, v, delta, ...) \
     ::relaxkv_emu::exchange((mask), (v), ::relaxkv_emu::width_of(__VA_ARGS__), \
                             [&](int l) { return l + int(delta); }, __FILE__, __LINE__)
+// a source lane outside [0, 32) wraps modulo 32, as on the GPU
 #define __shfl_sync(mask, v, src_lane, ...) \
     ::relaxkv_emu::exchange((mask), (v), ::relaxkv_emu::width_of(__VA_ARGS__), \
-                            [&](int) { return int(src_lane); }, __FILE__, __LINE__)
+                            [&](int) { return int(src_lane) & int(::relaxkv_emu::kWarp - 1); }, __FILE__, __LINE__)
 
 namespace relaxkv_emu {
 constexpr int width_of(int width = int(kWarp)) { return width; }
@@ -371,8 +444,10 @@ inline T __ldg(const T* ptr) {
     return *ptr;
 }
 
-inline float atomicAdd(float* address, float value) {
-    return std::atomic_ref<float>(*address).fetch_add(value);
+inline float atomicAdd(float* address, float value) {  // fibers switch only at barriers: no other thread runs
+    const float old = *address;
+    *address = old + value;
+    return old;
 }
 
 using std::isnan;
@@ -397,7 +472,6 @@ inline cudaError_t cudaGetDeviceCount(int* count) {
 }
 
 inline cudaError_t cudaGetLastError() {
-    std::lock_guard<std::mutex> lk(relaxkv_emu::g_error_mutex);
     const cudaError_t err = relaxkv_emu::g_last_error;
     relaxkv_emu::g_last_error = cudaSuccess;
     return err;
@@ -414,8 +488,5 @@ inline const char* cudaGetErrorName(cudaError_t err) {
 // The message of the last failed launch (an emulator diagnosis rather than the CUDA wording).
 inline const char* cudaGetErrorString(cudaError_t err) {
     if (err == cudaSuccess) return "no error";
-    thread_local std::string copy;
-    std::lock_guard<std::mutex> lk(relaxkv_emu::g_error_mutex);
-    copy = relaxkv_emu::g_last_message;
-    return copy.c_str();
+    return relaxkv_emu::g_last_message.c_str();
 }
