@@ -12,4 +12,4 @@ fi
 # PyTorch's caching allocator hides out-of-bounds accesses inside its blocks: allocate exactly.
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 exec "$SANITIZER" --tool memcheck --error-exitcode 1 --print-limit 20 \
-    python -m pytest tests/test_cuda_ops.py -m gpu -q -p no:cacheprovider "$@"
+    python -m pytest tests/test_cuda_ops.py tests/test_build.py tests/test_cache_fused.py -m gpu -q -p no:cacheprovider "$@"
