@@ -38,15 +38,21 @@ FLAGS = ["-std=c++20", "-O2", "-fPIC", "-fvisibility=hidden", "-fno-strict-alias
 # RELAXKV_EMU_SANITIZE=address: an AddressSanitizer build, the CPU analogue of compute-sanitizer memcheck.
 # Run under it with tests/run_emulated_asan.sh (libasan must be preloaded into python).
 SANITIZE = [f"-fsanitize={s}" for s in os.environ.get("RELAXKV_EMU_SANITIZE", "").split(",") if s]
+_ALL_FLAGS = FLAGS + SANITIZE + (["-fno-omit-frame-pointer", "-g"] if SANITIZE else [])
 
 # kernel<T, A>   <<<grid, block[, smem[, stream]]>>>   (args);
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;]*>)?)\s*<<<(.*?)>>>\s*\((.*?)\)\s*;", re.S)
 _SHARED = re.compile(r"extern\s+__shared__\s+(?:alignas\(\d+\)\s+)?([\w:]+)\s+(\w+)\s*\[\s*\]\s*;")
 
 
+def _launch(m: re.Match) -> str:
+    args = m[3].strip()
+    return f"::relaxkv_emu::Launch({m[2]}).run({m[1]}{', ' + args if args else ''});"  # no args: run(kernel)
+
+
 def translate(source: str) -> str:
     """The two rewrites g++ needs; everything else of the CUDA source is compiled as is."""
-    out = _LAUNCH.sub(lambda m: f"::relaxkv_emu::Launch({m[2]}).run({m[1]}, {m[3]});", source)
+    out = _LAUNCH.sub(_launch, source)
     out = _SHARED.sub(lambda m: f"{m[1]}* {m[2]} = ::relaxkv_emu::dynamic_shared<{m[1]}>();", out)
     for token in ("<<<", "__shared__"):
         if token in out:
@@ -56,6 +62,18 @@ def translate(source: str) -> str:
 
 def compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def compile_cuda(source: Path, output: Path, *args: str) -> Path:
+    """g++ one translated CUDA source against the emulation headers into ``output`` (an object with ``-c``)."""
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("cuda_emulator: no C++ compiler (g++, or $CXX)")
+    cmd = [cxx, "-x", "c++", str(source), "-o", str(output), *_ALL_FLAGS, f"-I{EMU_INCLUDE}", *args]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"cuda_emulator: {' '.join(cmd)}\n{res.stderr}")
+    return output
 
 
 def _sources() -> list[Path]:
@@ -72,8 +90,7 @@ def build() -> Path:
     digest = hashlib.sha256()
     for path in _sources() + sorted(EMU_INCLUDE.glob("*.h")):
         digest.update(path.name.encode() + path.read_bytes())
-    flags = FLAGS + SANITIZE + (["-fno-omit-frame-pointer", "-g"] if SANITIZE else [])
-    digest.update(" ".join([cxx, *flags]).encode())
+    digest.update(" ".join([cxx, *_ALL_FLAGS]).encode())
     out_dir = BUILD / digest.hexdigest()[:16]
     lib = out_dir / "_C.so"
     if lib.exists():
@@ -82,16 +99,11 @@ def build() -> Path:
     src_dir.mkdir(parents=True, exist_ok=True)
     for path in _sources():
         (src_dir / path.name).write_text(translate(path.read_text()))
-    includes = [f"-I{d}" for d in (EMU_INCLUDE, src_dir, pybind11.get_include(), sysconfig.get_paths()["include"])]
+    includes = [f"-I{d}" for d in (src_dir, pybind11.get_include(), sysconfig.get_paths()["include"])]
     units = [src_dir / p.name for p in _sources() if p.suffix in (".cu", ".cpp")]
 
     def compile_one(src: Path) -> str:
-        obj = out_dir / (src.name + ".o")
-        cmd = [cxx, "-x", "c++", "-c", str(src), "-o", str(obj), *flags, *includes]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"cuda_emulator: {' '.join(cmd)}\n{res.stderr}")
-        return str(obj)
+        return str(compile_cuda(src, out_dir / (src.name + ".o"), "-c", *includes))
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         objs = list(pool.map(compile_one, units))

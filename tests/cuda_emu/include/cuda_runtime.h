@@ -6,8 +6,9 @@
 // `extern __shared__ T name[];` becomes `T* name = ::relaxkv_emu::dynamic_shared<T>();`.
 //
 // Every CUDA thread of a block is a fiber (ucontext) of the calling OS thread; blocks run one after the
-// other. A fiber runs until it reaches a barrier or exits, so the emulation is deterministic. What is
-// emulated, and checked:
+// other. A fiber runs until it reaches a barrier or exits, so the emulation is deterministic; odd blocks
+// run their threads in reverse order, so that a missing barrier shows as a wrong result in one of the
+// two orders. What is emulated, and checked:
 //   - threadIdx / blockIdx / blockDim / gridDim;
 //   - __syncthreads(): a block barrier that exited threads leave; all arrivals of one phase must come
 //     from the same call site (a divergent barrier is an error);
@@ -21,8 +22,8 @@
 // A failed launch is reported through cudaGetLastError(), as a real launch failure would be. Built with
 // -fsanitize=address (tests/run_emulated_asan.sh), every out-of-bounds access is also reported.
 //
-// What it cannot show: timing, memory coalescing, the GPU memory model (fibers switch only at barriers,
-// so a race between threads without a barrier between them goes unseen), alignment faults of vector
+// What it cannot show: timing, memory coalescing, the GPU memory model (fibers switch only at barriers:
+// a race without a barrier shows only if one of the two orders exposes it), alignment faults of vector
 // accesses. Those need the GPU tests (tests/test_cuda_ops.py on a device).
 #pragma once
 
@@ -83,6 +84,7 @@ namespace relaxkv_emu {
 
 inline constexpr unsigned kWarp = 32;
 inline constexpr size_t kSmemGuard = 64;
+inline constexpr size_t kGuardPage = 4096;
 #if defined(__SANITIZE_ADDRESS__)
 inline constexpr size_t kStack = 1 << 20;  // AddressSanitizer's redzones need the room
 #else
@@ -296,12 +298,15 @@ class Launch {
             Fiber& f = st.fibers[t];
             f.linear = t;
             f.thread = dim3(t % block_.x, (t / block_.x) % block_.y, t / (block_.x * block_.y));
-            f.stack = mmap(nullptr, kStack, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-            if (f.stack == MAP_FAILED) {
-                f.stack = nullptr;
+            // the stack grows down onto a PROT_NONE guard page: an overflow faults instead of corrupting
+            void* map = mmap(nullptr, kGuardPage + kStack, PROT_READ | PROT_WRITE,
+                             MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+            if (map == MAP_FAILED || mprotect(map, kGuardPage, PROT_NONE) != 0) {
+                if (map != MAP_FAILED) munmap(map, kGuardPage + kStack);
                 st.fail("cannot map a fiber stack");
                 break;
             }
+            f.stack = static_cast<char*>(map) + kGuardPage;
         }
         Block* outer = t_state;
         t_state = &st;
@@ -311,16 +316,18 @@ class Launch {
         for (uint64_t blk = 0; blk < n_blocks && !st.failed; ++blk) {
             st.block = dim3(unsigned(blk % grid_.x), unsigned((blk / grid_.x) % grid_.y),
                             unsigned(blk / (uint64_t(grid_.x) * grid_.y)));
-            run_block(st);
+            run_block(st, blk % 2 == 1);
         }
         t_state = outer;
         for (Fiber& f : st.fibers)
-            if (f.stack) munmap(f.stack, kStack);
+            if (f.stack) munmap(static_cast<char*>(f.stack) - kGuardPage, kGuardPage + kStack);
         if (st.failed) set_error(cudaErrorLaunchFailure, "emulated kernel failed: " + st.error);
     }
 
   private:
-    static void run_block(Block& st) {
+    // Runs one block. Odd blocks schedule their threads in reverse order: a read of another thread's
+    // shared-memory write with no barrier between them then sees the poison in one of the two orders.
+    static void run_block(Block& st, bool reverse) {
         st.sync.reset(st.threads);
         for (size_t w = 0; w < st.warps.size(); ++w) {
             st.warps[w]->size = std::min<unsigned>(kWarp, st.threads - unsigned(w) * kWarp);
@@ -339,7 +346,8 @@ class Launch {
         t_block = st.block;
         for (;;) {
             bool ran = false, all_done = true;
-            for (Fiber& f : st.fibers) {
+            for (unsigned i = 0; i < st.threads; ++i) {
+                Fiber& f = st.fibers[reverse ? st.threads - 1 - i : i];
                 if (f.done) continue;
                 all_done = false;
                 if (f.waiting) continue;
