@@ -162,3 +162,75 @@ def test_rope_append_cuda_rejects_bad_inputs(kernel_device):
         rope_append_cuda(qt, qt, qt, cache, cache.clone(), proto, slot, pos, 2, 2)
     with pytest.raises(ValueError, match="dtype"):
         rope_append_cuda(q, q, q, cache.half(), cache.half(), proto, slot, pos, 2, 2)
+
+
+def _every_other(x: torch.Tensor) -> torch.Tensor:
+    """x [U] as a stride-2 view over poison: a kernel that ignores the index stride reads -2^30."""
+    return torch.stack([x, torch.full_like(x, -(2**30))], dim=1)[:, 0]
+
+
+def _check_rope_append_views(dev, dtype, layout, U, h, w, H, D, n_slots, frame_slot, frame_pos):
+    """rope_append_cuda with the caches and proto as views of larger buffers (padded heads, every other proto
+    row) and stride-2 frame_slot / frame_pos; frames whose slot is outside [0, n_slots) write q_rot only
+    (the wrapper's contract). Every element of the buffers outside the written rows must be unchanged."""
+    B, F = 2, h * w
+    q, k, v = _make_qkv(layout, B, U * F, H, D, dtype, dev)
+    q0, k0, v0 = q.clone(), k.clone(), v.clone()
+    kc_buf = torch.randn(B, n_slots * F, H + 2, D, dtype=dtype, device=dev)
+    vc_buf = torch.randn_like(kc_buf)
+    p_buf = torch.randn(B, 2 * n_slots, D, device=dev)
+    cache_view = lambda t: t[:, :, 1:H + 1]  # noqa: E731
+    proto_view = lambda t: t[:, 1::2]  # noqa: E731
+    valid = [u for u in range(U) if 0 <= int(frame_slot[u]) < n_slots]
+    slots = frame_slot[valid]
+    rows = (slots[:, None] * F + torch.arange(F, device=dev)).flatten()  # cache rows, chunk order
+    toks = (torch.tensor(valid, device=dev)[:, None] * F + torch.arange(F, device=dev)).flatten()
+    written = [torch.zeros_like(t, dtype=torch.bool) for t in (kc_buf, vc_buf, p_buf)]
+    for t in (kc_buf, vc_buf, written[0], written[1]):  # the rows to be written: NaN, and their mask
+        cache_view(t)[:, rows] = True if t.dtype == torch.bool else float("nan")
+    for t in (p_buf, written[2]):
+        proto_view(t)[:, slots] = True if t.dtype == torch.bool else float("nan")
+    bufs0 = [t.clone() for t in (kc_buf, vc_buf, p_buf)]
+
+    q_rot = rope_append_cuda(q, k, v, cache_view(kc_buf), cache_view(vc_buf), proto_view(p_buf),
+                             _every_other(frame_slot), _every_other(frame_pos), h, w)
+
+    pos = token_positions(frame_pos, h, w)
+    assert q_rot.shape == q.shape and q_rot.dtype == dtype and q_rot.is_contiguous()
+    _assert_rope_close(q_rot, q, pos, "q_rot")
+    _assert_rope_close(cache_view(kc_buf)[:, rows], k[:, toks], pos[toks], "k_cache")
+    assert torch.equal(cache_view(vc_buf)[:, rows], v[:, toks])
+    proto_ref = k.double().unflatten(1, (U, F)).mean(dim=(2, 3))[:, valid]  # [B, U', D]
+    torch.testing.assert_close(proto_view(p_buf)[:, slots].double(), proto_ref, atol=1e-5, rtol=1e-5)
+    for name, t, t0, mask in zip(("k_cache", "v_cache", "proto"), (kc_buf, vc_buf, p_buf), bufs0, written):
+        assert torch.equal(t[~mask], t0[~mask]), f"{name}: memory outside the written rows changed"
+    assert torch.equal(q, q0) and torch.equal(k, k0) and torch.equal(v, v0)
+
+
+@pytest.mark.parametrize("dtype,layout,U,h,w,H,D", [
+    (torch.float32, "strided", 2, 2, 4, 2, 4),  # F = 8: exactly one token tile; D = 4: temporal pairs only
+    (torch.bfloat16, "unaligned", 3, 2, 3, 3, 6),  # F = 6 < one tile; D = 6: one pair per axis
+    (torch.float16, "strided", 2, 4, 4, 2, 20),  # F = 16: two full tiles; D = 20: 4/3/3 pairs, scalar fp16
+    (torch.float32, "unaligned", 2, 3, 3, 1, 512),  # max head_dim: 256 lanes of 2 dims, a single row lane
+    (torch.float16, "unaligned", 3, 1, 5, 2, 2),  # D = 2: the single pair is temporal
+    (torch.bfloat16, "strided", 3, 3, 6, 5, 128),  # F = 18: two tiles and 2 tokens, 5 heads on 16 row lanes
+], ids=["one_tile-d4-fp32", "small_frame-d6-bf16", "two_tiles-d20-fp16", "d512-scalar-fp32", "d2-fp16",
+        "tile_tail-wan_d-bf16"])
+def test_rope_append_cuda_edge_cases(kernel_device, dtype, layout, U, h, w, H, D):
+    """Token tiles (kRopeTileTokens = 8) full, partial and alone; head_dim at the ends of the range and with
+    uneven pair splits; frame slots and positions out of order (descending slots, position 0)."""
+    dev, n_slots = kernel_device, U + 3
+    torch.manual_seed(31)
+    frame_slot = torch.arange(n_slots - 1, n_slots - 1 - 2 * U, -2, device=dev)  # descending, gaps between
+    frame_pos = torch.tensor([9, 0, 4][:U], device=dev)
+    _check_rope_append_views(dev, dtype, layout, U, h, w, H, D, n_slots, frame_slot, frame_pos)
+
+
+@pytest.mark.parametrize("bad_slot", [5, -1], ids=["slot_n_slots", "slot_negative"])
+def test_rope_append_cuda_out_of_range_slot_writes_only_q_rot(kernel_device, bad_slot):
+    """Wrapper contract: a frame whose slot is outside [0, n_slots) gets its q rotated; its K, V and prototype
+    go nowhere (no cache row, no proto row), while the other frames of the chunk are written as usual."""
+    torch.manual_seed(32)
+    frame_slot = torch.tensor([3, bad_slot, 0], device=kernel_device)
+    frame_pos = torch.tensor([6, 7, 8], device=kernel_device)
+    _check_rope_append_views(kernel_device, torch.bfloat16, "strided", 3, 2, 5, 2, 64, 5, frame_slot, frame_pos)

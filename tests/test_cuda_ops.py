@@ -3,10 +3,14 @@
 CPU (every session): the extension exposes the launchers, every launcher and wrapper raises a clear
 RuntimeError without a GPU, dispatch finds ``relaxkv_kernels.cuda.<op>_cuda``, gather_kv_rope's
 reference against a literal slice + cat + delta RoPE, ``sparse_kv_attention(impl="gather")`` against
-``impl="fused"``, the tuning table, bad inputs. GPU (``-m gpu``): each kernel against its reference and
-its Triton twin in fp32 / fp16 / bf16 with ragged tables, strided and unaligned inputs, B > 1, and
-NaN-poisoned outputs (tests/conftest.py), plus a CUDA-graph replay of a Relax chunk step.
-``tests/run_compute_sanitizer.sh`` runs the GPU part under compute-sanitizer memcheck.
+``impl="fused"``, the tuning table, bad inputs.
+
+Kernels (``kernel_device``: ``[gpu]`` on a GPU, ``[emulated]`` through tests/cuda_emulator.py on the CPU):
+each kernel against its reference and its Triton twin in fp32 / fp16 / bf16 with ragged and long
+tables, strided and unaligned inputs, B > 1, ties, NaN scores, out-of-range slots, more work items than
+warps or threads, and NaN-poisoned outputs (tests/conftest.py). GPU only (``-m gpu``): a CUDA-graph replay
+of a Relax chunk step. ``tests/run_compute_sanitizer.sh`` (GPU) and ``tests/run_emulated_asan.sh`` (CPU)
+run the kernel tests under a memory checker.
 """
 import importlib
 import inspect
@@ -20,6 +24,7 @@ import relaxkv_kernels as rk
 from relaxkv_kernels import cuda as rk_cuda
 from relaxkv_kernels import reference, tuning
 from relaxkv_kernels.availability import cuda_extension
+from relaxkv_kernels.cuda import _launch
 from relaxkv_kernels.ops import implementation, resolve_backend
 from relaxkv_kernels.reference.rope import delta_rope_ref
 
@@ -437,6 +442,359 @@ def test_gather_kv_rope_cuda_uncovered_rows_are_nan_not_out_of_bounds(kernel_dev
     _close(k[:, :9], k_ref, torch.bfloat16, "covered k rows")
     assert torch.equal(v[:, :9], v_ref)
     assert k[:, 9:].isnan().all() and v[:, 9:].isnan().all()
+
+
+# ------------------------------------------------------------------------------ kernel edge cases
+# Boundaries of the csrc/ kernels the tests above do not reach: empty score terms, ties and NaN in the
+# top-k, more candidates / mid blocks than warps and threads, several qsum splits, odd H/2, segment
+# tables wider than one warp scan step, head_dim at the ends of the range and with the temporal pairs
+# ending inside a vector, non-contiguous index and table views, and the out-of-range slots the wrappers
+# define. Tiny shapes: every case runs in a fraction of a second under the emulation too.
+
+
+def _spaced(t: torch.Tensor) -> torch.Tensor:
+    """t [n] as a view with stride 2 over poison: a kernel ignoring the index stride reads -2^30."""
+    out = torch.full((t.numel(), 2), -(2**30), dtype=t.dtype, device=t.device)
+    out[:, 0] = t
+    return out[:, 0]
+
+
+def _seg_table(base: torch.Tensor, layout: str) -> torch.Tensor:
+    """The [B, n_seg, 3] table stored in ``base`` ([B, n_seg, 3], or [B, 3, 2 n_seg + 1] for "view":
+    field stride 2 n_seg + 1, row stride 2, one poisoned column between rows)."""
+    return base if layout == "contiguous" else base[:, :, 1::2].transpose(1, 2)
+
+
+def _seg_base(batch: int, n_seg: int, layout: str, gen: torch.Generator, dev) -> torch.Tensor:
+    """Random storage for a ``layout`` table (see :func:`_seg_table`)."""
+    shape = (batch, n_seg, 3) if layout == "contiguous" else (batch, 3, 2 * n_seg + 1)
+    return torch.randint(-50, 50, shape, dtype=torch.int32, device=dev, generator=gen)
+
+
+def _scores_close(got: torch.Tensor, want: torch.Tensor, what: str):
+    """Same NaN entries; the finite ones within 1e-5 of the largest |score| (mid_select's fp32 sums)."""
+    assert torch.equal(got.isnan(), want.isnan()), f"{what}: NaN entries {got} vs {want}"
+    fin = ~want.isnan()
+    scale = want[fin].abs().max().clamp_min(1e-30) if fin.any() else 1.0
+    torch.testing.assert_close(got[fin] / scale, want[fin] / scale, rtol=0, atol=1e-5, msg=what)
+
+
+# relax_select: defaults batch 3, 12 slots (sink 0, 1; tail 11), candidates 3 5 6 8 9, H_sel 2, D 64
+_RELAX_EDGES = {
+    "no_sink": dict(n_sink=0),
+    "no_tail-contiguous_rope": dict(n_tail=0, contiguous=True),
+    "no_sink_no_tail": dict(n_sink=0, n_tail=0, n_sel=3),  # every score 0: the first H_sel candidates
+    "all_picked": dict(n_sel=5),
+    "ties": dict(special="ties"),  # candidates 1, 3, 4 identical and best: H_sel 2 takes 1 and 3
+    "nan_candidate": dict(special="nan_cand"),  # NaN ranks above every number
+    "nan_tail": dict(special="nan_tail"),  # every score NaN: the first H_sel candidates
+    "many_candidates-d200": dict(n_slots=160, n_cand=150, n_sel=70, head_dim=200, batch=2, lam=0.5),
+    "views-batch0_decides": dict(views=True, batch0=True),  # strided proto, index tensors and seg
+}
+
+
+@pytest.mark.parametrize("case", list(_RELAX_EDGES), ids=list(_RELAX_EDGES))
+def test_relax_select_cuda_edge_cases(kernel_device, case):
+    cfg = dict(batch=3, n_slots=12, head_dim=64, n_sink=2, n_tail=1, n_cand=5, n_sel=2, lam=2.0,
+               batch0=False, contiguous=False, views=False, special=None) | _RELAX_EDGES[case]
+    dev, b, n_slots, d = kernel_device, cfg["batch"], cfg["n_slots"], cfg["head_dim"]
+    gen = torch.Generator(device=dev).manual_seed(40)
+    if cfg["views"]:  # a layer of [L, B, S, 2D], every other dim: p_sd = 2, p_ss = 2D
+        proto = torch.randn(2, b, n_slots, 2 * d, device=dev, generator=gen)[1, :, :, 1::2]
+    else:
+        proto = torch.randn(b, n_slots, d, device=dev, generator=gen)
+    sink = torch.arange(cfg["n_sink"], device=dev)
+    tail = torch.arange(n_slots - cfg["n_tail"], n_slots, device=dev)
+    if cfg["n_cand"] == 5:
+        cand = torch.tensor([3, 5, 6, 8, 9], device=dev)
+    else:  # a sorted random subset of the middle slots
+        middle = torch.arange(2, n_slots - 1, device=dev)
+        cand = middle[torch.randperm(middle.numel(), generator=gen, device=dev)[:cfg["n_cand"]]].sort().values
+    if cfg["special"] == "ties":  # the best possible direction p_sink - lam p_tail, three times
+        unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
+        best = unit(proto[:, sink].mean(1)) - cfg["lam"] * unit(proto[:, tail].mean(1))
+        for c in (1, 3, 4):
+            proto[:, cand[c]] = best
+    elif cfg["special"] == "nan_cand":
+        proto[:, cand[2], 5] = float("nan")
+    elif cfg["special"] == "nan_tail":
+        proto[:, tail[0], 0] = float("nan")
+    slot_pos = torch.randperm(n_slots + 30, generator=gen, device=dev)[:n_slots]
+    n_sel = cfg["n_sel"]
+    target = torch.arange(20, 20 + n_sel, device=dev)
+    seg_index = 3
+    n_seg = seg_index + n_sel + (0 if cfg["views"] else 2)  # views: the rows end at the table's end
+    layout = "view" if cfg["views"] else "contiguous"
+    base0 = _seg_base(b, n_seg, layout, gen, dev)
+    _seg_table(base0, layout)[:, seg_index:seg_index + n_sel] = -(2**30)  # the rows the kernel must write
+    if cfg["views"]:
+        slot_pos, sink, tail, cand, target = map(_spaced, (slot_pos, sink, tail, cand, target))
+    base_cuda, base_ref = base0.clone(), base0.clone()
+    proto0 = proto.clone()
+    args = (proto, slot_pos, sink, tail, cand)
+    tail_args = (seg_index, target, 16, cfg["lam"], cfg["batch0"], cfg["contiguous"])
+    scores = rk_cuda.relax_select_cuda(*args, _seg_table(base_cuda, layout), *tail_args)
+    want = reference.relax_select_ref(*args, _seg_table(base_ref, layout), *tail_args)
+    assert scores.shape == (b, cand.numel())
+    torch.testing.assert_close(scores, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert torch.equal(base_cuda, base_ref)  # written rows, untouched rows and the gaps of the view
+    assert torch.equal(proto.nan_to_num(), proto0.nan_to_num())
+    rows = _seg_table(base_cuda, layout)[:, seg_index:seg_index + n_sel]
+    picked = {  # the rule the case is about, spelled out (candidate indices of the H_sel rows)
+        "no_sink_no_tail": [0, 1, 2], "ties": [1, 3], "nan_tail": [0, 1], "all_picked": [0, 1, 2, 3, 4],
+    }.get(case)
+    if picked is not None:
+        assert torch.equal(rows[..., 0], (cand[picked] * 16).int().expand(b, -1))
+    if case == "nan_candidate":
+        assert bool((rows[..., 0] == int(cand[2]) * 16).any(-1).all())
+    if case == "no_sink_no_tail":
+        assert torch.equal(scores, torch.zeros_like(scores))
+
+
+# mid_select: defaults batch 2, H 4, D 64, fp32 contiguous, 12 archive slots, M 7 mid blocks, k 3
+_MID_EDGES = {
+    "many_blocks-odd_half_heads": dict(heads=6, n_blocks=24, n_mid=20, n_sel=5),  # M > 8 warps, H/2 = 3
+    "32_splits-odd_heads-fp16": dict(batch=1, heads=5, head_dim=16, n_q=6145, q_stride=3, dtype=torch.float16),
+    "ties": dict(n_sel=2, special="ties"),  # mid blocks 1, 3, 4 identical and best: k 2 takes 1 and 3
+    "nan_block": dict(special="nan"),
+    "300_blocks-views-bf16": dict(batch=3, heads=2, head_dim=8, n_blocks=310, n_mid=300, n_sel=100, views=True,
+                                  dtype=torch.bfloat16),  # M and B * k > 256 threads
+    "d512-scalar-bf16": dict(heads=2, head_dim=512, n_q=10, q_stride=4, layout="unaligned", dtype=torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("case", list(_MID_EDGES), ids=list(_MID_EDGES))
+def test_mid_select_cuda_edge_cases(kernel_device, case):
+    cfg = dict(batch=2, heads=4, head_dim=64, n_q=50, q_stride=2, n_blocks=12, n_mid=7, n_sel=3, views=False,
+               layout="contiguous", dtype=torch.float32, special=None) | _MID_EDGES[case]
+    dev, b, h, d, n_q, stride = kernel_device, cfg["batch"], cfg["heads"], cfg["head_dim"], cfg["n_q"], cfg["q_stride"]
+    gen = torch.Generator(device=dev).manual_seed(41)
+    q = torch.randn(b, n_q, h, d, device=dev, generator=gen)
+    n_sub = -(-n_q // stride)
+    if case == "32_splits-odd_heads-fp16":
+        ext = _launch.require_device("mid_select_cuda")  # the extension the wrapper calls (real or emulated)
+        assert ext.mid_select_splits(n_sub) == 32 and n_sub % 32  # the cap, a short last split
+    sampled = torch.zeros(n_q, dtype=torch.bool, device=dev)
+    sampled[::stride] = True
+    q[:, ~sampled] = float("nan")  # tokens outside the subsample, and heads >= H/2, are never read
+    q[:, :, h // 2:] = float("nan")
+    q = _strided(q.to(cfg["dtype"]), cfg["layout"])
+    n_blocks, n_mid, n_sel = cfg["n_blocks"], cfg["n_mid"], cfg["n_sel"]
+    if cfg["views"]:  # [B, H, n_blocks, 2D] storage: k_sn = 2D, k_sh = n_blocks * 2D, k_sd = 2
+        mean_key = torch.randn(b, h, n_blocks, 2 * d, device=dev, generator=gen).transpose(1, 2)[..., ::2]
+    else:
+        mean_key = torch.randn(b, n_blocks, h, d, device=dev, generator=gen)
+    mean_key[:, :, h // 2:] = float("nan")
+    mid_slots = torch.randperm(n_blocks, generator=gen, device=dev)[:n_mid]
+    if cfg["special"] == "ties":  # 10 x the subsampled query mean: far above any random block's score
+        qbar = q[:, ::stride, : h // 2].float().mean(1)
+        for m in (1, 3, 4):
+            mean_key[:, mid_slots[m], : h // 2] = 10 * qbar
+    elif cfg["special"] == "nan":
+        mean_key[1, mid_slots[5], 0, 3] = float("nan")
+    block_pos = torch.randperm(4 * n_blocks, generator=gen, device=dev)[:n_blocks]
+    target = torch.arange(n_sel, device=dev) * 4 + 100
+    row0, nc, seg_index = 11, 5, 2
+    n_seg = seg_index + n_sel + (0 if cfg["views"] else 3)
+    layout = "view" if cfg["views"] else "contiguous"
+    base0 = _seg_base(b, n_seg, layout, gen, dev)
+    _seg_table(base0, layout)[:, seg_index:seg_index + n_sel] = -(2**30)
+    if cfg["views"]:
+        mid_slots, block_pos, target = map(_spaced, (mid_slots, block_pos, target))
+    base_cuda, base_ref = base0.clone(), base0.clone()
+    q0, mk0 = q.clone(), mean_key.clone()
+    args = (q, mean_key, mid_slots, block_pos)
+    tail_args = (seg_index, target, row0, nc, stride)
+    scores = rk_cuda.mid_select_cuda(*args, _seg_table(base_cuda, layout), *tail_args)
+    want = reference.mid_select_ref(*args, _seg_table(base_ref, layout), *tail_args)
+    assert scores.shape == (n_mid,)
+    _scores_close(scores, want, case)
+    assert torch.equal(base_cuda, base_ref)
+    assert torch.equal(q.nan_to_num(), q0.nan_to_num()) and torch.equal(mean_key.nan_to_num(), mk0.nan_to_num())
+    rows = _seg_table(base_cuda, layout)[:, seg_index:seg_index + n_sel]
+    if case == "ties":
+        assert torch.equal(rows[..., 0], (row0 + mid_slots[[1, 3]] * nc).int().expand(b, -1))
+    if case == "nan_block":
+        assert bool((rows[..., 0] == row0 + int(mid_slots[5]) * nc).any(-1).all())
+
+
+def test_mid_select_cuda_out_of_range_slot_scores_zero_and_gets_an_empty_segment(kernel_device):
+    """Wrapper contract, which the reference does not cover: a slot outside [0, n_blocks) scores exactly 0 and,
+    when selected, gets the empty segment (row0, 0, 0); the valid blocks score and rank as in the reference."""
+    dev, b, h, d, n_blocks, row0, nc = kernel_device, 2, 4, 32, 6, 3, 7
+    gen = torch.Generator(device=dev).manual_seed(42)
+    q = torch.randn(b, 20, h, d, device=dev, generator=gen)
+    mean_key = torch.randn(b, n_blocks, h, d, device=dev, generator=gen)
+    mid_slots = torch.tensor([4, n_blocks, 0, -1, 2], device=dev)  # two invalid of five, k = 4: one is picked
+    block_pos = torch.arange(n_blocks, device=dev) * 4
+    target = torch.tensor([30, 34, 38, 42], device=dev)
+    seg = torch.full((b, 5, 3), -(2**30), dtype=torch.int32, device=dev)
+    scores = rk_cuda.mid_select_cuda(q, mean_key, mid_slots, block_pos, seg, 1, target, row0, nc, 3)
+    valid = (mid_slots >= 0) & (mid_slots < n_blocks)
+    padded = torch.cat([mean_key, torch.zeros_like(mean_key[:, :1])], 1)  # invalid -> a zero mean key
+    remapped = torch.where(valid, mid_slots, n_blocks)
+    seg_ref = torch.zeros_like(seg)
+    want = reference.mid_select_ref(q, padded, remapped, torch.cat([block_pos, block_pos[:1]]), seg_ref, 1, target,
+                                    row0, nc, 3)
+    assert torch.equal(scores[~valid], torch.zeros(2, device=dev))
+    _scores_close(scores, want, "scores")
+    pick = reference.relax.top_in_order(want[None], 4)[0]
+    assert not bool(valid[pick].all())
+    expect = seg_ref[:, 1:5].clone()
+    expect[:, ~valid[pick]] = torch.tensor([row0, 0, 0], dtype=torch.int32, device=dev)
+    assert torch.equal(seg[:, 1:5], expect)
+    assert bool((seg[:, 0] == -(2**30)).all())
+
+
+def test_mid_select_cuda_rejects_q_stride_beyond_the_queries(kernel_device):
+    dev = kernel_device
+    q, mean_key = torch.randn(1, 5, 2, 8, device=dev), torch.randn(1, 3, 2, 8, device=dev)
+    seg = torch.zeros(1, 2, 3, dtype=torch.int32, device=dev)
+    idx = torch.arange(3, device=dev)
+    with pytest.raises(ValueError, match="q_stride: expected 1 .. 5, got 6"):
+        rk_cuda.mid_select_cuda(q, mean_key, idx, idx, seg, 0, idx[:1], 0, 4, 6)
+
+
+@pytest.mark.parametrize("dtype,layout,batch,frames,height,width,heads,head_dim,slot,t0", [
+    (torch.float32, "contiguous", 3, 3, 7, 5, 2, 128, 0, 0),  # one compressed token (floors 1x1x1), first slot
+    (torch.float16, "unaligned", 2, 2, 4, 9, 5, 128, 3, 41),  # scalar path: 4 head lanes for 5 heads; last slot
+    (torch.float32, "contiguous", 2, 2, 5, 4, 9, 128, 1, 6),  # vector path: 8 head lanes for 9 heads
+    (torch.bfloat16, "strided", 2, 4, 4, 9, 33, 64, 2, 97),  # 32 head lanes for 33 heads; strided mean_key
+], ids=["single_token-fp32", "head_loop-scalar-fp16", "head_loop-vector-fp32", "head_loop-strided_mean_key-bf16"])
+def test_compress_kv_cuda_edge_cases(kernel_device, dtype, layout, batch, frames, height, width, heads, head_dim,
+                                     slot, t0):
+    dev, n_blocks, row0 = kernel_device, 4, 5
+    gen = torch.Generator(device=dev).manual_seed(43)
+    n = frames * height * width
+    k = _strided(torch.randn(batch, n, heads, head_dim, device=dev, generator=gen).to(dtype), layout)
+    v = _strided(torch.randn(batch, n, heads, head_dim, device=dev, generator=gen).to(dtype), layout)
+    nc = (frames // 2) * (height // 4) * (width // 4)
+    n_rows = row0 + n_blocks * nc + 2
+    k_pool = torch.randn(batch, n_rows, heads, head_dim, device=dev, generator=gen).to(dtype)
+    v_pool = torch.randn_like(k_pool)
+    # mean_key lives in a [B, H, n_blocks, 2D] buffer for the strided case: m_sn = 2D, m_sh = n_blocks * 2D, m_sd = 2
+    if layout == "strided":
+        mk_base = torch.randn(batch, heads, n_blocks, 2 * head_dim, device=dev, generator=gen)
+        as_mean_key = lambda t: t.transpose(1, 2)[..., 1::2]  # noqa: E731
+    else:
+        mk_base = torch.randn(batch, n_blocks, heads, head_dim, device=dev, generator=gen)
+        as_mean_key = lambda t: t  # noqa: E731
+    rows = torch.arange(row0 + slot * nc, row0 + (slot + 1) * nc, device=dev)
+    k_pool[:, rows] = float("nan")
+    v_pool[:, rows] = float("nan")
+    as_mean_key(mk_base)[:, slot] = float("nan")
+    k0, v0 = k.clone(), v.clone()
+    index_dtype = torch.int32 if dtype == torch.float16 else torch.int64
+    one = lambda x: torch.tensor([x], device=dev, dtype=index_dtype)  # noqa: E731
+    got = [t.clone() for t in (k_pool, v_pool, mk_base)]
+    rk_cuda.compress_kv_cuda(k, v, got[0], got[1], as_mean_key(got[2]), one(slot), one(t0), row0, frames, height, width)
+    ref = [t.clone() for t in (k_pool, v_pool, mk_base)]
+    reference.compress_kv_into_ref(k, v, ref[0], ref[1], as_mean_key(ref[2]), one(slot), one(t0), row0, frames, height,
+                                   width)
+    _close(got[0][:, rows], ref[0][:, rows], dtype, "k_pool")
+    _close(got[1][:, rows], ref[1][:, rows], dtype, "v_pool")
+    torch.testing.assert_close(as_mean_key(got[2])[:, slot], as_mean_key(ref[2])[:, slot], rtol=1e-5, atol=1e-5)
+    keep = torch.ones(n_rows, dtype=torch.bool, device=dev)
+    keep[rows] = False
+    assert torch.equal(got[0][:, keep], k_pool[:, keep]) and torch.equal(got[1][:, keep], v_pool[:, keep])
+    written = torch.zeros_like(mk_base, dtype=torch.bool)
+    as_mean_key(written)[:, slot] = True
+    assert torch.equal(got[2][~written], mk_base[~written])  # other slots and the gaps of the strided buffer
+    assert torch.equal(k, k0) and torch.equal(v, v0)
+
+
+@pytest.mark.parametrize("slot", [4, -1, 3], ids=["slot_n_blocks", "slot_negative", "slot_past_pool_rows"])
+def test_compress_kv_cuda_out_of_range_slot_writes_nothing(kernel_device, slot):
+    """Wrapper contract: a slot outside [0, n_blocks), or whose Nc rows would not fit in the pool, writes nothing."""
+    dev, b, h, d, n_blocks, row0 = kernel_device, 2, 2, 32, 4, 3
+    gen = torch.Generator(device=dev).manual_seed(44)
+    k = torch.randn(b, 2 * 4 * 8, h, d, device=dev, generator=gen)  # Nc = 2
+    k_pool = torch.randn(b, row0 + 3 * 2 + 1, h, d, device=dev, generator=gen)  # room for slots 0 .. 2 only
+    pools = [k_pool, torch.randn_like(k_pool), torch.randn(b, n_blocks, h, d, device=dev, generator=gen)]
+    got = [t.clone() for t in pools]
+    one = lambda x: torch.tensor([x], device=dev)  # noqa: E731
+    rk_cuda.compress_kv_cuda(k, k, *got, one(slot), one(8), row0, 2, 4, 8)
+    for name, g, p in zip(("k_pool", "v_pool", "mean_key"), got, pools):
+        assert torch.equal(g, p), name
+
+
+def _gather_check(k_pool, v_pool, seg, total, dtype):
+    """gather_kv_rope_cuda against the reference (fp64 K math), inputs unchanged; returns (k, v)."""
+    k_pool0, v_pool0, seg0 = k_pool.clone(), v_pool.clone(), seg.clone()
+    k, v = rk_cuda.gather_kv_rope_cuda(k_pool, v_pool, seg, total)
+    k_ref, v_ref = reference.gather_kv_rope_ref(k_pool.double(), v_pool, seg, total)
+    assert k.shape == v.shape == (k_pool.shape[0], total, *k_pool.shape[2:]) and k.is_contiguous() and v.is_contiguous()
+    _close(k, k_ref, dtype, "k")
+    assert torch.equal(v, v_ref)
+    assert torch.equal(k_pool, k_pool0) and torch.equal(v_pool, v_pool0) and torch.equal(seg, seg0)
+    return k, v
+
+
+def _long_table(batch: int, n_seg: int, n_rows: int, gen: torch.Generator) -> tuple[torch.Tensor, int]:
+    """n_seg (> 32) segments of 0 .. 3 rows, empty around the 32-wide scan steps, the same total for every
+    batch element (permuted lengths), random starts and deltas of both signs."""
+    lens = torch.randint(0, 4, (n_seg,), generator=gen)
+    lens[[s for s in (31, 32, 63, 64) if s < n_seg]] = 0
+    lens[[s for s in (30, 33, 65) if s < n_seg]] = 2
+    table = torch.zeros(batch, n_seg, 3, dtype=torch.int32)
+    for b in range(batch):
+        lb = lens if b == 0 else lens[torch.randperm(n_seg, generator=gen)]
+        table[b, :, 1] = lb.int()
+        table[b, :, 0] = (torch.rand(n_seg, generator=gen) * (n_rows - lb + 1)).int()
+        table[b, :, 2] = torch.randint(-40, 40, (n_seg,), generator=gen).int()
+    return table, int(lens.sum())
+
+
+@pytest.mark.parametrize("dtype,layout,batch,heads,head_dim,n_seg", [
+    (torch.float16, "contiguous", 2, 2, 32, 70),  # 3 scan steps; VEC 8: temporal pairs (6) end inside a vector
+    (torch.float32, "strided", 2, 3, 40, 40),  # 2 scan steps; VEC 4 on a pair-split boundary (8 temporal pairs)
+    (torch.bfloat16, "contiguous", 1, 1, 512, 36),  # max head_dim: 86 temporal pairs end inside vector 21
+    (torch.float32, "unaligned", 3, 2, 10, 34),  # scalar path, 3 temporal pairs
+    (torch.float16, "unaligned", 2, 1, 2, 33),  # D = 2: the single pair is temporal
+], ids=["70seg-fp16-d32", "40seg-strided-fp32-d40", "36seg-bf16-d512", "34seg-scalar-fp32-d10", "33seg-fp16-d2"])
+def test_gather_kv_rope_cuda_long_tables(kernel_device, dtype, layout, batch, heads, head_dim, n_seg):
+    dev, n_rows = kernel_device, 60
+    gen = torch.Generator().manual_seed(45)
+    k_pool = _strided(torch.randn(batch, n_rows, heads, head_dim, generator=gen).to(dev, dtype), layout)
+    v_pool = _strided(torch.randn(batch, n_rows, heads, head_dim, generator=gen).to(dev, dtype), layout)
+    table, total = _long_table(batch, n_seg, n_rows, gen)
+    assert total > 2 * 16  # several blocks of kGatherRows rows
+    seg = _seg_table(_seg_base(batch, n_seg, "view", gen, "cpu").to(dev), "view")  # s_ss = 2, s_sf = 2 n_seg + 1
+    seg.copy_(table)
+    _gather_check(k_pool, v_pool, seg, total, dtype)
+
+
+@pytest.mark.parametrize("total", [16, 32, 5], ids=["one_full_block", "two_full_blocks", "partial_block"])
+def test_gather_kv_rope_cuda_block_boundaries(kernel_device, total):
+    dev = kernel_device
+    gen = torch.Generator().manual_seed(46)
+    k_pool = torch.randn(2, 40, 2, 64, generator=gen).to(dev, torch.bfloat16)
+    v_pool = torch.randn(2, 40, 2, 64, generator=gen).to(dev, torch.bfloat16)
+    a = total // 3
+    seg = torch.tensor([[[30, a, -7], [0, 0, 3], [2, total - a, 0]],
+                        [[39, 1, 25], [5, total - 1, -30], [0, 0, 0]]], dtype=torch.int32, device=dev)
+    _gather_check(k_pool, v_pool, seg, total, torch.bfloat16)
+
+
+def test_gather_kv_rope_cuda_rows_outside_the_pool_are_nan(kernel_device):
+    """Kernel contract (csrc/gather_kv_rope.cuh): a source row outside the pool (negative start, start + length
+    past n_rows) gives a NaN output row and is not read; a negative length counts as 0."""
+    dev, n_rows = kernel_device, 20
+    gen = torch.Generator().manual_seed(47)
+    k_pool = torch.randn(2, n_rows, 2, 16, generator=gen).to(dev)
+    v_pool = torch.randn(2, n_rows, 2, 16, generator=gen).to(dev)
+    seg = torch.tensor([[[-3, 5, 4], [7, -2, 1], [18, 4, -5]],  # rows -3 .. 1, nothing, 18 .. 21
+                        [[4, 3, 0], [16, 6, 2], [0, 0, 0]]], dtype=torch.int32, device=dev)
+    k, v = rk_cuda.gather_kv_rope_cuda(k_pool, v_pool, seg, 9)
+    nan_rows = [[0, 1, 2, 7, 8], [7, 8]]
+    clipped = torch.tensor([[[0, 2, 4], [18, 2, -5]], [[4, 3, 0], [16, 4, 2]]], dtype=torch.int32, device=dev)
+    for b, bad in enumerate(nan_rows):
+        good = [r for r in range(9) if r not in bad]
+        assert k[b, bad].isnan().all() and v[b, bad].isnan().all()
+        kb, vb = reference.gather_kv_rope_ref(k_pool[b:b + 1].double(), v_pool[b:b + 1], clipped[b:b + 1],
+                                              len(good))
+        _close(k[b, good], kb[0], torch.float32, f"k[{b}]")
+        assert torch.equal(v[b, good], vb[0])
 
 
 @pytest.mark.gpu
