@@ -79,18 +79,21 @@ def extensions():
 
 py_packages = find_packages(where="python", include=["relaxkv_gen", "relaxkv_gen.*"])
 
-setup(
-    name="relaxkv-kernels",
-    version="0.1.0",
-    description="Fused Triton/CUDA kernels for KV memory in autoregressive video diffusion",
-    python_requires=">=3.10",
-    packages=find_packages(include=["relaxkv_kernels", "relaxkv_kernels.*"]) + py_packages,
-    package_dir={p: "python/" + p.replace(".", "/") for p in py_packages},
-    package_data={"relaxkv_kernels": ["tuning.json"]},  # impl="auto" table (relaxkv_kernels/tuning.py)
-    install_requires=["torch", "numpy", "tqdm", "matplotlib", "safetensors",
-                      "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
-    entry_points={"console_scripts": ["relaxkv-generate = relaxkv_gen.cli:main"]},
-    ext_modules=extensions(),
-    cmdclass={"build_ext": NvccBuildExt},
-    zip_safe=False,
-)
+# guarded: benchmarks/cuda_resource_report.py imports find_nvcc and NVCC_FLAGS from here
+# (setuptools runs this file as __main__)
+if __name__ == "__main__":
+    setup(
+        name="relaxkv-kernels",
+        version="0.1.0",
+        description="Fused Triton/CUDA kernels for KV memory in autoregressive video diffusion",
+        python_requires=">=3.10",
+        packages=find_packages(include=["relaxkv_kernels", "relaxkv_kernels.*"]) + py_packages,
+        package_dir={p: "python/" + p.replace(".", "/") for p in py_packages},
+        package_data={"relaxkv_kernels": ["tuning.json"]},  # impl="auto" table (relaxkv_kernels/tuning.py)
+        install_requires=["torch", "numpy", "tqdm", "matplotlib", "safetensors",
+                          "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+        entry_points={"console_scripts": ["relaxkv-generate = relaxkv_gen.cli:main"]},
+        ext_modules=extensions(),
+        cmdclass={"build_ext": NvccBuildExt},
+        zip_safe=False,
+    )
