@@ -111,7 +111,8 @@ def _make_qkv(layout, B, N, H, D, dtype, dev):
     ("strided", 3, 5, 7, 3, 128),
     ("unaligned", 3, 5, 7, 3, 128),
     ("strided", 1, 1, 9, 2, 64),  # single frame, one token row, D = 64 (12/10/10 pairs)
-], ids=["strided-wan_d", "unaligned-wan_d", "single_frame-d64"])
+    ("strided", 3, 30, 52, 12, 128),  # a Wan2.1-1.3B chunk: 3 frames of 1560 tokens, 12 heads
+], ids=["strided-wan_d", "unaligned-wan_d", "single_frame-d64", "wan_chunk"])
 def test_rope_append_cuda_matches_reference(kernel_device, dtype, layout, U, h, w, H, D):
     dev, B, F = kernel_device, 2, h * w
     n_slots = U + 2

@@ -858,3 +858,68 @@ def test_cuda_graph_replays_a_relax_chunk_step(monkeypatch):
     assert torch.equal(graphed.seg, eager.seg)  # the selection ran inside the graph
     eager.end_chunk()
     graphed.end_chunk()
+
+
+# ---------------------------------------------------------------------------------------------
+# Wan2.1-1.3B geometry (F = 30 x 52 = 1560 tokens, H = 12, D = 128), bf16: the real grid sizes, tiles that
+# do not divide F, 13 mid_select splits (780 subsampled queries), 2x4x4 pooling with a remainder row.
+
+WAN_F, WAN_H, WAN_D, WAN_HW = 1560, 12, 128, (30, 52)
+
+
+def test_gather_kv_rope_cuda_at_wan_shapes(kernel_device):
+    """Frames of 1560 rows and compressed blocks of 182 (neither a multiple of the 16-row tile), hybrid deltas:
+    2 sink frames, 4 of 12 archived blocks, 3 current frames."""
+    dev, f, nc = kernel_device, WAN_F, 182
+    gen = torch.Generator().manual_seed(50)
+    n_rows = 5 * f + 12 * nc
+    k_pool = torch.randn(1, n_rows, WAN_H, WAN_D, generator=gen).to(dev, torch.bfloat16)
+    v_pool = torch.randn(1, n_rows, WAN_H, WAN_D, generator=gen).to(dev, torch.bfloat16)
+    mids = sorted(torch.randperm(12, generator=gen)[:4].tolist())
+    seg = torch.tensor([[[0, 2 * f, 296]] + [[5 * f + m * nc, nc, 40 - 4 * j] for j, m in enumerate(mids)]
+                        + [[2 * f, 3 * f, 0]]], dtype=torch.int32, device=dev)
+    total = 5 * f + 4 * nc
+    k, v = rk_cuda.gather_kv_rope_cuda(k_pool, v_pool, seg, total)
+    k_ref, v_ref = reference.gather_kv_rope_ref(k_pool.float(), v_pool, seg, total)
+    _close(k, k_ref, torch.bfloat16, "k")
+    assert torch.equal(v, v_ref)
+
+
+def test_compress_kv_cuda_at_wan_shapes(kernel_device):
+    dev, (h, w), frames, n_blocks, row0, slot, t0 = kernel_device, WAN_HW, 4, 6, 3 * WAN_F, 4, 36
+    gen = torch.Generator().manual_seed(51)
+    nc = (frames // 2) * (h // 4) * (w // 4)  # 182
+    k = torch.randn(2, frames * WAN_F, WAN_H, WAN_D, generator=gen).to(dev, torch.bfloat16)
+    v = torch.randn(2, frames * WAN_F, WAN_H, WAN_D, generator=gen).to(dev, torch.bfloat16)
+    pools = [torch.randn(2, row0 + n_blocks * nc, WAN_H, WAN_D, generator=gen).to(dev, torch.bfloat16)
+             for _ in range(2)] + [torch.randn(2, n_blocks, WAN_H, WAN_D, generator=gen).to(dev)]
+    rows = slice(row0 + slot * nc, row0 + (slot + 1) * nc)
+    for t in pools[:2]:
+        t[:, rows] = float("nan")
+    pools[2][:, slot] = float("nan")
+    got, ref = [t.clone() for t in pools], [t.clone() for t in pools]
+    one = lambda x: torch.tensor([x], device=dev)  # noqa: E731
+    rk_cuda.compress_kv_cuda(k, v, *got, one(slot), one(t0), row0, frames, h, w)
+    reference.compress_kv_into_ref(k, v, *ref, one(slot), one(t0), row0, frames, h, w)
+    _close(got[0], ref[0], torch.bfloat16, "k_pool")
+    _close(got[1], ref[1], torch.bfloat16, "v_pool")
+    torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-5)
+
+
+def test_mid_select_cuda_at_wan_shapes(kernel_device):
+    """6240 queries subsampled every 8 (780: 13 splits), 6 half-heads, top 16 of 40 archived blocks."""
+    dev, n_slots, nc = kernel_device, 66, 182
+    gen = torch.Generator().manual_seed(52)
+    q = torch.randn(2, 4 * WAN_F, WAN_H, WAN_D, generator=gen).to(dev, torch.bfloat16)
+    mean_key = torch.randn(2, n_slots, WAN_H, WAN_D, generator=gen).to(dev)
+    mid_slots = torch.randperm(n_slots, generator=gen)[:40].sort().values.to(dev)
+    block_pos = (torch.arange(n_slots) * 4 + 8).to(dev)
+    target = (torch.arange(16) * 4 + 8).to(dev)
+    seg0 = torch.full((2, 20, 3), -(2**30), dtype=torch.int32, device=dev)
+    seg_cuda, seg_ref = seg0.clone(), seg0.clone()
+    args = (q, mean_key, mid_slots, block_pos)
+    scores = rk_cuda.mid_select_cuda(*args, seg_cuda, 2, target, 16 * WAN_F, nc, 8)
+    want = reference.mid_select_ref(*args, seg_ref, 2, target, 16 * WAN_F, nc, 8)
+    scale = want.abs().max().item()
+    torch.testing.assert_close(scores / scale, want / scale, rtol=0, atol=1e-5)
+    assert torch.equal(seg_cuda, seg_ref)
