@@ -96,8 +96,8 @@ struct Abort {};
 
 struct Fiber;
 
-// A barrier for `expected` threads (a block's __syncthreads, or a warp's shuffles). drop() removes a
-// thread that exited. Every arrival of a phase must come from the same call site.
+// A barrier for `expected` threads (a block's __syncthreads, or a warp's shuffles); Block::drop() removes
+// a thread that exited. Every arrival of a phase must come from the same call site (Block::wait).
 struct Barrier {
     unsigned expected = 0, arrived = 0;
     const char* file = "";
@@ -132,7 +132,7 @@ struct Warp {
 // A fiber runs until it waits at a barrier or exits; a barrier's last arrival makes its waiters
 // runnable again. No fiber runnable and some not done: a hang, reported with where they wait.
 struct Block {
-    dim3 grid, block_dim, block;
+    dim3 block;  // blockIdx of the block being run
     unsigned threads = 0;
     std::vector<Fiber> fibers;
     std::vector<std::unique_ptr<Warp>> warps;
@@ -286,8 +286,6 @@ class Launch {
         }
 
         Block st;
-        st.grid = grid_;
-        st.block_dim = block_;
         st.threads = unsigned(threads);
         st.smem_bytes = smem_;
         st.smem.resize(smem_ + kSmemGuard);
