@@ -9,4 +9,4 @@ LIBASAN="$(${CXX:-g++} -print-file-name=libasan.so)"
 export RELAXKV_EMU_SANITIZE=address
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:${ASAN_OPTIONS:-}"
 LD_PRELOAD="$LIBASAN" python -m pytest -q -p no:cacheprovider --capture=sys -k emulated \
-    tests/test_cuda_ops.py tests/test_build.py "$@"
+    tests/test_cuda_ops.py tests/test_build.py tests/test_cache_fused.py "$@"
