@@ -134,14 +134,7 @@ __global__ void __launch_bounds__(kGatherThreads)
         const T* kp = k_pool + row * p.kp_sn + h * p.kp_sh + d0;
         if (d0 < 2 * n_t) {  // vector touches the temporal pairs: rotate those, copy the rest
             load_vec<T, VEC, VECTOR>(kp, x);
-            const float2* c = cs + i * n_t + d0 / 2;
-#pragma unroll
-            for (int q = 0; q < VEC / 2; ++q) {
-                if (d0 / 2 + q >= n_t) break;
-                const float a = x[2 * q], bb = x[2 * q + 1];
-                x[2 * q] = a * c[q].x - bb * c[q].y;
-                x[2 * q + 1] = a * c[q].y + bb * c[q].x;
-            }
+            rotate_pairs<VEC>(x, cs + i * n_t + d0 / 2, n_t - d0 / 2);  // the temporal pairs among them
             store_vec<T, VEC, VECTOR>(ko, x);
         } else {
             copy_vec<T, VEC, VECTOR>(ko, kp);

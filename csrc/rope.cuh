@@ -53,11 +53,12 @@ __device__ __forceinline__ float rope_axis_position(int j, int n_t, int n_h, flo
     return j < n_t ? t : j < n_t + n_h ? y : x;
 }
 
-// (a, b) -> (a cos - b sin, a sin + b cos) for the VEC / 2 pairs of x; cs[p] = (cos, sin).
+// (a, b) -> (a cos - b sin, a sin + b cos) for the first n (default all VEC / 2) pairs of x; cs[p] = (cos, sin).
 template <int VEC>
-__device__ __forceinline__ void rotate_pairs(float (&x)[VEC], const float2* cs) {
+__device__ __forceinline__ void rotate_pairs(float (&x)[VEC], const float2* cs, int n = VEC / 2) {
 #pragma unroll
     for (int p = 0; p < VEC / 2; ++p) {
+        if (p >= n) break;
         const float2 c = cs[p];
         const float a = x[2 * p], b = x[2 * p + 1];
         x[2 * p] = a * c.x - b * c.y;
