@@ -1,7 +1,8 @@
 """The CUDA extension: built when nvcc exists, safe without a GPU, rope_append_cuda vs the reference."""
 import importlib
 import os
-import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,16 +10,11 @@ import torch
 from relaxkv_kernels.cuda import rope_append_cuda
 from relaxkv_kernels.reference.rope import rope_angles, rope_ref, token_positions
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from setup import find_nvcc  # noqa: E402  (the search the build itself uses)
+
 # the module (relaxkv_kernels.backends is also the name of the backends() function the package exports)
 backends = importlib.import_module("relaxkv_kernels.availability")
-
-
-def _nvcc_found() -> bool:
-    """Same search as setup.py: CUDA_HOME/bin, PATH, /usr/local/cuda/bin."""
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    cands = [os.path.join(home, "bin", "nvcc")] if home else []
-    cands += [shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
-    return any(c and os.path.isfile(c) and os.access(c, os.X_OK) for c in cands)
 
 
 def _extension_or_skip():
@@ -28,7 +24,7 @@ def _extension_or_skip():
     return ext
 
 
-@pytest.mark.skipif(not _nvcc_found() or os.environ.get("RELAXKV_SKIP_CUDA_BUILD") == "1",
+@pytest.mark.skipif(find_nvcc() is None or os.environ.get("RELAXKV_SKIP_CUDA_BUILD") == "1",
                     reason="nvcc not found (or RELAXKV_SKIP_CUDA_BUILD=1): pure-Python install")
 def test_extension_built_when_nvcc_present():
     assert backends.cuda_extension() is not None, backends._extension_error
