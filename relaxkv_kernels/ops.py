@@ -203,7 +203,7 @@ def rope_append(
         q, k, v: [B, U * F, H, D] after q/k norm, before RoPE (F = height * width).
         k_cache, v_cache: [B, n_rows, H, D], same dtype as k; frame slot s owns rows s*F .. s*F+F-1.
         proto: float32 [B, n_slots, D], receives each frame's mean pre-RoPE key (not normalised).
-        frame_slot: int64 [U] slot per chunk frame; frame_pos: int64 [U] temporal position per frame.
+        frame_slot: int32/int64 [U] slot per chunk frame; frame_pos: int32/int64 [U] temporal position per frame.
 
     Returns:
         Q rotated at (frame_pos[u], y, x), [B, U * F, H, D]. The caches and proto are written in place.
@@ -351,10 +351,10 @@ def relax_select(
     """Relax Forcing selection: r(h) = <p_h, p_sink> - lam * <p_h, p_tail>, top-H into the segment table.
 
     Args:
-        proto: float32 [B, n_slots, D] per-frame mean pre-RoPE keys. slot_pos: int64 [n_slots] write positions.
-        sink_slots, tail_slots, cand_slots: int64 [S], [T], [C'] slots (memory order).
+        proto: float32 [B, n_slots, D] per-frame mean pre-RoPE keys. slot_pos: int32/int64 [n_slots] write positions.
+        sink_slots, tail_slots, cand_slots: int32/int64 [S], [T], [C'] slots (memory order).
         seg: int32 [B, n_seg, 3]; entries seg_index .. seg_index + H - 1 are written.
-        target_pos: int64 [H] positions given to the selected frames (hybrid RoPE). frame_tokens: F.
+        target_pos: int32/int64 [H] positions given to the selected frames (hybrid RoPE). frame_tokens: F.
 
     Returns:
         scores float32 [B, C'].
@@ -383,9 +383,9 @@ def mid_select(
 
     Args:
         q: [B, Nq, H, D] pre-RoPE queries. mean_key: float32 [B, n_blocks, H, D] mean compressed key per slot.
-        mid_slots: int64 [M] archive slots, oldest first. block_pos: int64 [n_blocks] first-frame position per slot.
+        mid_slots: int32/int64 [M] archive slots, oldest first. block_pos: int32/int64 [n_blocks] first-frame position per slot.
         seg: int32 [B, n_seg, 3]; entries seg_index .. seg_index + k - 1 are written (k = target_pos.numel()).
-        target_pos: int64 [k] re-packed first-frame positions. row0: first compressed pool row.
+        target_pos: int32/int64 [k] re-packed first-frame positions. row0: first compressed pool row.
         block_tokens: Nc. q_stride: query subsample stride.
 
     Returns:
@@ -423,7 +423,7 @@ def compress_kv(
         k, v: [B, frames * F, H, D] pre-RoPE block keys / values.
         k_pool, v_pool: [B, n_rows, H, D]; rows row0 + slot * Nc .. + Nc - 1 are written.
         mean_key: float32 [B, n_blocks, H, D]; entry ``slot`` receives the mean pooled pre-RoPE key.
-        block_slot, t0: int64 [1] archive slot and first-frame position (device tensors: no host sync).
+        block_slot, t0: int32/int64 [1] archive slot and first-frame position (device tensors: no host sync).
     """
     op = "relaxkv.compress_kv"
     _check_qkv_like(op, "k", k)

@@ -109,9 +109,13 @@ def test_gather_has_no_triton_backend():
         resolve_backend("gather_kv_rope", torch.device("cpu"), "triton")
 
 
-def _cpu_args(op, gen):
-    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
-    seg = torch.zeros(2, 6, 3, dtype=torch.int32)
+def _cpu_args(op, gen, dev="cpu"):
+    """Small valid arguments of ``op`` (int64 index tensors) on ``dev``."""
+    r = lambda *s: torch.randn(*s, generator=gen).to(dev)  # noqa: E731
+    seg = torch.zeros(2, 6, 3, dtype=torch.int32, device=dev)
+    if op == "rope_append":  # 2 frames of 4x4 tokens into slots 3 and 1 of 4
+        return r(2, 32, 2, 16), r(2, 32, 2, 16), r(2, 32, 2, 16), r(2, 64, 2, 16), r(2, 64, 2, 16), r(2, 4, 16), \
+            torch.tensor([3, 1]), torch.tensor([7, 8]), 4, 4
     if op == "relax_select":
         return (r(2, 8, 16), torch.arange(8), torch.tensor([0, 1]), torch.tensor([7]), torch.tensor([3, 4, 5]), seg, 2,
                 torch.tensor([20]), 16, 2.0, False, False)
@@ -121,6 +125,39 @@ def _cpu_args(op, gen):
         return (r(2, 64, 2, 16), r(2, 64, 2, 16), r(2, 40, 2, 16), r(2, 40, 2, 16), r(2, 3, 2, 16), torch.tensor([1]),
                 torch.tensor([4]), 8, 2, 4, 8)
     return r(2, 40, 2, 16), r(2, 40, 2, 16), torch.tensor([[[0, 5, 1]], [[3, 5, 0]]], dtype=torch.int32), 5
+
+
+def _int32_indices_match_int64(op: str, backend: str, dev: str):
+    """The public op with every index tensor int32 gives the int64 result (all backends take both)."""
+    args = [a.to(dev) if isinstance(a, torch.Tensor) else a for a in _cpu_args(op, torch.Generator().manual_seed(9))]
+    is_index = [isinstance(a, torch.Tensor) and a.dtype == torch.int64 for a in args]
+    results = []
+    for index_dtype in (torch.int64, torch.int32):
+        call = [a.to(index_dtype) if idx else a.clone() if isinstance(a, torch.Tensor) else a
+                for a, idx in zip(args, is_index)]
+        out = getattr(rk, op)(*call, backend=backend)
+        written = [a for a, idx in zip(call, is_index) if isinstance(a, torch.Tensor) and not idx]  # in place
+        results.append([out, *written] if out is not None else written)
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # proto: fp32 atomics on the GPU
+
+
+INDEX_OPS = ["rope_append", "relax_select", "mid_select", "compress_kv"]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("op", INDEX_OPS)
+def test_int32_indices_match_int64(op, backend):
+    if backend == "triton":
+        _triton_or_skip(op)
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+    _int32_indices_match_int64(op, backend, "cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("op", INDEX_OPS)
+def test_int32_indices_match_int64_cuda(op, kernel_device):
+    _int32_indices_match_int64(op, "cuda", kernel_device)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CUDA-less error path")
@@ -373,46 +410,6 @@ def test_mid_select_cuda_matches_reference(kernel_device, dtype, layout, n_q, q_
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("layout,frames,height,width,heads,head_dim", [
-    ("contiguous", 4, 8, 8, 2, 128),
-    ("strided", 5, 9, 10, 3, 128),  # odd grid: floors 2x2x2
-    ("unaligned", 2, 4, 12, 1, 64),
-], ids=["contiguous-4x8x8", "strided-odd_grid", "unaligned-d64"])
-def test_compress_kv_cuda_matches_reference(kernel_device, dtype, layout, frames, height, width, heads, head_dim):
-    dev, b, n_blocks, row0, slot, t0 = kernel_device, 2, 4, 7, 2, 13
-    gen = torch.Generator(device=dev).manual_seed(22)
-    n = frames * height * width
-    k = _strided(torch.randn(b, n, heads, head_dim, device=dev, generator=gen).to(dtype), layout)
-    v = _strided(torch.randn(b, n, heads, head_dim, device=dev, generator=gen).to(dtype), layout)
-    nc = (frames // 2) * (height // 4) * (width // 4)
-    n_rows = row0 + n_blocks * nc + 3
-    k_pool = torch.randn(b, n_rows, heads, head_dim, device=dev, generator=gen).to(dtype)
-    v_pool = torch.randn_like(k_pool)
-    mean_key = torch.randn(b, n_blocks, heads, head_dim, device=dev, generator=gen)
-    rows = slice(row0 + slot * nc, row0 + (slot + 1) * nc)
-    k_pool[:, rows] = float("nan")
-    v_pool[:, rows] = float("nan")
-    mean_key[:, slot] = float("nan")
-    pools = [t.clone() for t in (k_pool, v_pool, mean_key)]
-    k0, v0 = k.clone(), v.clone()
-    one = lambda x: torch.tensor([x], device=dev)  # noqa: E731
-    rk_cuda.compress_kv_cuda(k, v, k_pool, v_pool, mean_key, one(slot), one(t0), row0, frames, height, width)
-    ref = [t.clone() for t in pools]
-    reference.compress_kv_into_ref(k, v, *ref, one(slot), one(t0), row0, frames, height, width)
-    _close(k_pool, ref[0], dtype, "k_pool")
-    _close(v_pool, ref[1], dtype, "v_pool")
-    torch.testing.assert_close(mean_key, ref[2], rtol=1e-5, atol=1e-5)
-    assert torch.equal(k, k0) and torch.equal(v, v0)
-    twin = _triton_twin("compress_kv", dev, dtype)
-    if twin is not None:
-        tri = [t.clone() for t in pools]
-        twin(k, v, *tri, one(slot), one(t0), row0, frames, height, width)
-        _close(k_pool, tri[0], dtype, "k_pool vs triton")
-        _close(v_pool, tri[1], dtype, "v_pool vs triton")
-        torch.testing.assert_close(mean_key, tri[2], rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("layout,batch,heads,head_dim", [
     ("contiguous", 2, 3, 128), ("strided", 3, 2, 128), ("unaligned", 1, 1, 64),
 ], ids=["contiguous-b2", "strided-b3", "unaligned-d64"])
@@ -655,15 +652,33 @@ def test_mid_select_cuda_rejects_q_stride_beyond_the_queries(kernel_device):
         rk_cuda.mid_select_cuda(q, mean_key, idx, idx, seg, 0, idx[:1], 0, 4, 6)
 
 
-@pytest.mark.parametrize("dtype,layout,batch,frames,height,width,heads,head_dim,slot,t0", [
-    (torch.float32, "contiguous", 3, 3, 7, 5, 2, 128, 0, 0),  # one compressed token (floors 1x1x1), first slot
-    (torch.float16, "unaligned", 2, 2, 4, 9, 5, 128, 3, 41),  # scalar path: 4 head lanes for 5 heads; last slot
-    (torch.float32, "contiguous", 2, 2, 5, 4, 9, 128, 1, 6),  # vector path: 8 head lanes for 9 heads
-    (torch.bfloat16, "strided", 2, 4, 4, 9, 33, 64, 2, 97),  # 32 head lanes for 33 heads; strided mean_key
+_COMPRESS_CASES = [  # layout, batch, frames, height, width, heads, head_dim, slot, t0
+    ("contiguous", 2, 4, 8, 8, 2, 128, 2, 13),
+    ("strided", 2, 5, 9, 10, 3, 128, 2, 13),  # odd grid: floors 2x2x2; strided mean_key
+    ("unaligned", 2, 2, 4, 12, 1, 64, 2, 13),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", _COMPRESS_CASES, ids=["contiguous-4x8x8", "strided-odd_grid", "unaligned-d64"])
+def test_compress_kv_cuda_matches_reference(kernel_device, dtype, case):
+    _check_compress_kv_cuda(kernel_device, dtype, *case, triton_twin=True)
+
+
+@pytest.mark.parametrize("dtype,case", [
+    (torch.float32, ("contiguous", 3, 3, 7, 5, 2, 128, 0, 0)),  # one compressed token (floors 1x1x1), first slot
+    (torch.float16, ("unaligned", 2, 2, 4, 9, 5, 128, 3, 41)),  # scalar path: 4 head lanes for 5 heads; last slot
+    (torch.float32, ("contiguous", 2, 2, 5, 4, 9, 128, 1, 6)),  # vector path: 8 head lanes for 9 heads
+    (torch.bfloat16, ("strided", 2, 4, 4, 9, 33, 64, 2, 97)),  # 32 head lanes for 33 heads; strided mean_key
 ], ids=["single_token-fp32", "head_loop-scalar-fp16", "head_loop-vector-fp32", "head_loop-strided_mean_key-bf16"])
-def test_compress_kv_cuda_edge_cases(kernel_device, dtype, layout, batch, frames, height, width, heads, head_dim,
-                                     slot, t0):
-    dev, n_blocks, row0 = kernel_device, 4, 5
+def test_compress_kv_cuda_edge_cases(kernel_device, dtype, case):
+    _check_compress_kv_cuda(kernel_device, dtype, *case, triton_twin=False)
+
+
+def _check_compress_kv_cuda(dev, dtype, layout, batch, frames, height, width, heads, head_dim, slot, t0,
+                            triton_twin: bool):
+    """The CUDA kernel against the reference (and its Triton twin): written rows, mean key, untouched memory."""
+    n_blocks, row0 = 4, 5
     gen = torch.Generator(device=dev).manual_seed(43)
     n = frames * height * width
     k = _strided(torch.randn(batch, n, heads, head_dim, device=dev, generator=gen).to(dtype), layout)
@@ -701,6 +716,13 @@ def test_compress_kv_cuda_edge_cases(kernel_device, dtype, layout, batch, frames
     as_mean_key(written)[:, slot] = True
     assert torch.equal(got[2][~written], mk_base[~written])  # other slots and the gaps of the strided buffer
     assert torch.equal(k, k0) and torch.equal(v, v0)
+    twin = _triton_twin("compress_kv", dev, dtype) if triton_twin else None
+    if twin is not None:
+        tri = [t.clone() for t in (k_pool, v_pool, mk_base)]
+        twin(k, v, tri[0], tri[1], as_mean_key(tri[2]), one(slot), one(t0), row0, frames, height, width)
+        _close(got[0], tri[0], dtype, "k_pool vs triton")
+        _close(got[1], tri[1], dtype, "v_pool vs triton")
+        torch.testing.assert_close(got[2], tri[2], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("slot", [4, -1, 3], ids=["slot_n_blocks", "slot_negative", "slot_past_pool_rows"])

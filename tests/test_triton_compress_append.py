@@ -136,10 +136,19 @@ def test_rope_append_matches_reference(case):
     torch.testing.assert_close(proto, p_ref, rtol=1e-5, atol=1e-6, equal_nan=False)
 
 
-def test_compress_kv_rejects_host_slot():
+def test_compress_kv_index_dtypes():
+    """int32 slot / t0 (which the public op accepts) give the int64 result; a float slot is refused."""
     k = torch.randn(1, 2 * 4 * 4, 1, 16, device=DEVICE)
-    pool = torch.randn(1, 8, 1, 16, device=DEVICE)
     mean_key = torch.randn(1, 2, 1, 16, device=DEVICE)
-    with pytest.raises(ValueError, match="block_slot: expected int64 \\[1\\]"):
-        compress_kv_triton(k, k, pool, pool, mean_key, torch.tensor([0], dtype=torch.int32, device=DEVICE),
+    outs = []
+    for dtype in (torch.int64, torch.int32):
+        pools = [torch.randn(1, 8, 1, 16, generator=torch.Generator().manual_seed(0)).to(DEVICE) for _ in range(2)]
+        mk = mean_key.clone()
+        compress_kv_triton(k, k, *pools, mk, torch.tensor([1], dtype=dtype, device=DEVICE),
+                           torch.tensor([5], dtype=dtype, device=DEVICE), 0, 2, 4, 4)
+        outs.append((*pools, mk))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="block_slot: expected int32/int64 \\[1\\]"):
+        compress_kv_triton(k, k, *outs[0][:2], mean_key, torch.tensor([0.0], device=DEVICE),
                            torch.tensor([0], device=DEVICE), 0, 2, 4, 4)

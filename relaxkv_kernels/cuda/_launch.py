@@ -12,7 +12,7 @@ from types import ModuleType
 import torch
 
 from relaxkv_kernels.availability import require_cuda_extension
-from relaxkv_kernels.validate import require
+from relaxkv_kernels.validate import index_arg, require
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -66,8 +66,6 @@ def check_cuda_tensors(op: str, device: torch.device, **tensors: torch.Tensor) -
               f"got {getattr(t, 'device', type(t).__name__)}")
 
 
-def check_index(op: str, name: str, t: torch.Tensor) -> torch.Tensor:
-    """An int64 1-D index tensor (int32 is widened on the device: no host sync)."""
-    check(op, t.dim() == 1 and t.dtype in (torch.int32, torch.int64),
-          f"{name}: expected int32/int64 [n], got {t.dtype} {tuple(t.shape)}")
-    return t.long()
+def check_index(op: str, name: str, t: torch.Tensor, length: int | None = None) -> torch.Tensor:
+    """:func:`relaxkv_kernels.validate.index_arg` with the launcher's ``relaxkv <op>`` prefix."""
+    return index_arg(f"relaxkv {op}", name, t, length)

@@ -5,7 +5,7 @@ import functools
 
 import torch
 
-from ._launch import DTYPE_CODES, check, check_cuda_tensors, device_guard, require_device, stream
+from ._launch import DTYPE_CODES, check, check_cuda_tensors, check_index, device_guard, require_device, stream
 
 _OP = "rope_append_cuda"
 _check = functools.partial(check, _OP)
@@ -44,10 +44,10 @@ def rope_append_cuda(
         k_cache, v_cache: [B, n_rows, H, D], dtype of k, stride(-1) == 1; slot s is rows
             s*F .. s*F+F-1, so n_rows >= n_slots * F. Written in place.
         proto: [B, n_slots, D] float32, stride(-1) == 1. Rows frame_slot[u] written in place.
-        frame_slot: int64 [U], cache slot of each chunk frame, distinct, in [0, n_slots). Not checked
+        frame_slot: int32/int64 [U], cache slot of each chunk frame, distinct, in [0, n_slots). Not checked
             on the host (that would synchronise); the kernel skips the cache and proto writes of an
             out-of-range slot rather than write out of bounds.
-        frame_pos: int64 [U], temporal RoPE position of each chunk frame.
+        frame_pos: int32/int64 [U], temporal RoPE position of each chunk frame.
         height, width: token grid of one frame.
 
     Returns:
@@ -70,10 +70,7 @@ def rope_append_cuda(
     _check(k.shape == q.shape and v.shape == q.shape,
            f"k, v: expected the shape of q {tuple(q.shape)}, got {tuple(k.shape)}, {tuple(v.shape)}")
     _check(N == U * F, f"q: expected U * F = {U} * {F} = {U * F} tokens (U = frame_slot.numel()), got {N}")
-    _check(frame_slot.shape == (U,) and frame_pos.shape == (U,),
-           f"frame_slot, frame_pos: expected [U], got {tuple(frame_slot.shape)}, {tuple(frame_pos.shape)}")
-    _check(frame_slot.dtype == torch.int64 and frame_pos.dtype == torch.int64,
-           f"frame_slot, frame_pos: expected int64, got {frame_slot.dtype}, {frame_pos.dtype}")
+    frame_slot, frame_pos = check_index(_OP, "frame_slot", frame_slot, U), check_index(_OP, "frame_pos", frame_pos, U)
     _check(q.dtype in DTYPE_CODES, f"q: expected float16, bfloat16 or float32, got {q.dtype}")
     _check(all(t.dtype == q.dtype for t in (k, v, k_cache, v_cache)),
            f"k, v, k_cache, v_cache: expected dtype {q.dtype}, got "

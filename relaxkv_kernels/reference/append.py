@@ -25,8 +25,8 @@ def rope_append_ref(
         k_cache, v_cache: [B, n_rows, H, D]; frame slot ``s`` owns rows ``s*F .. s*F + F - 1``.
         proto: float32 [B, n_slots, D]; receives each frame's prototype: the mean of its pre-RoPE
             keys over tokens then heads, NOT normalised (set prototypes are means of these).
-        frame_slot: int64 [U] cache slot of each chunk frame.
-        frame_pos: int64 [U] temporal position of each chunk frame.
+        frame_slot: int32/int64 [U] cache slot of each chunk frame.
+        frame_pos: int32/int64 [U] temporal position of each chunk frame.
         height, width: token grid of a frame.
 
     Returns:
@@ -35,6 +35,7 @@ def rope_append_ref(
     """
     f = height * width
     u = frame_slot.numel()
+    frame_slot = frame_slot.long()  # index_copy_ takes int64 only
     pos = token_positions(frame_pos.cpu(), height, width).to(q.device)
     rows = (frame_slot.view(-1, 1) * f + torch.arange(f, device=k.device)).reshape(-1)
     k_cache.index_copy_(1, rows, rope_ref(k, pos).to(k_cache.dtype))

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..validate import require
+from ..validate import index_arg, require
 
 from ..reference.pack import POOL_T, POOL_X, POOL_Y, compressed_grid
 from ._common import _rope_rotate, inv_freq_table, pair_split, row_mean_scatter
@@ -77,7 +77,8 @@ def _compress_kv_kernel(
     tl.store(p_vp, b_pv.to(v_pool.dtype.element_ty), mask=m_cd)
 
 
-_check = functools.partial(require, "compress_kv_triton")
+_OP = "compress_kv_triton"
+_check = functools.partial(require, _OP)
 
 
 def compress_kv_triton(
@@ -105,8 +106,8 @@ def compress_kv_triton(
         k, v: [B, frames * F, H, D] the block's pre-RoPE keys and values (F = height * width; any strides).
         k_pool, v_pool: [B, n_rows, H, D] cache pools, written in place.
         mean_key: float32 [B, n_blocks, H, D], written in place.
-        block_slot: int64 [1] archive slot (on the device, read by the kernel: no host sync; must be in range).
-        t0: int64 [1] temporal position of the block's first frame (on the device).
+        block_slot: int32/int64 [1] archive slot (on the device, read by the kernel: no host sync; must be in
+            range). t0: int32/int64 [1] temporal position of the block's first frame (on the device).
         row0: first pool row of the compressed region. frames, height, width: the block's token grid.
 
     Returns:
@@ -124,8 +125,8 @@ def compress_kv_triton(
         _check(t.device == k.device, f"{name}: expected device {k.device}, got {t.device}")
     _check(mean_key.dtype == torch.float32, f"mean_key: expected float32, got {mean_key.dtype}")
     for name, t in (("block_slot", block_slot), ("t0", t0)):
-        _check(t.shape == (1,) and t.dtype == torch.int64 and t.device == k.device,
-               f"{name}: expected int64 [1] on {k.device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+        _check(isinstance(t, torch.Tensor) and t.device == k.device, f"{name}: expected device {k.device}, got {t.device}")
+    block_slot, t0 = index_arg(_OP, "block_slot", block_slot, 1), index_arg(_OP, "t0", t0, 1)
     nt, ny, nx = compressed_grid(frames, height, width)
     n_c = nt * ny * nx
     if n_c == 0 or b * h == 0:

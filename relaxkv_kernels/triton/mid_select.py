@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..validate import require
+from ..validate import index_arg, require
 
 from ._common import _top_k_mask, interpreting
 
@@ -87,7 +87,8 @@ def _mid_select_kernel(
         tl.store(p_seg + 2 * s_sf, b_delta.to(tl.int32), mask=m_sel)
 
 
-_check = functools.partial(require, "mid_select_triton")
+_OP = "mid_select_triton"
+_check = functools.partial(require, _OP)
 
 
 def mid_select_triton(
@@ -113,7 +114,7 @@ def mid_select_triton(
     Args:
         q: [B, Nq, H, D] pre-RoPE queries of the current block (any float dtype, any strides; H >= 2).
         mean_key: float32 [B, n_blocks, H, D] mean compressed key per archive slot.
-        mid_slots: int64 [M] archive slots of the mid blocks, oldest first.
+        mid_slots: int32/int64 [M] archive slots of the mid blocks, oldest first.
         block_pos: int64 [n_blocks] temporal position of each archived block's first frame.
         seg: int32 [B, n_seg, 3] segment table, rows seg_index .. seg_index + k - 1 written in place.
         seg_index: first segment row of the mid blocks.
@@ -131,8 +132,8 @@ def mid_select_triton(
     _check(mean_key.dim() == 4 and mean_key.dtype == torch.float32 and mean_key.shape[0] == b
            and mean_key.shape[2:] == (h, d),
            f"mean_key: expected float32 [{b}, n_blocks, {h}, {d}], got {mean_key.dtype} {tuple(mean_key.shape)}")
-    for name, t in (("mid_slots", mid_slots), ("block_pos", block_pos), ("target_pos", target_pos)):
-        _check(t.dim() == 1 and t.dtype == torch.int64, f"{name}: expected int64 [n], got {t.dtype} {tuple(t.shape)}")
+    mid_slots, block_pos, target_pos = (index_arg(_OP, name, t) for name, t in (
+        ("mid_slots", mid_slots), ("block_pos", block_pos), ("target_pos", target_pos)))
     n_mid, n_sel = mid_slots.numel(), target_pos.numel()
     _check(n_sel <= n_mid, f"target_pos: expected at most {n_mid} (the mid blocks) entries, got {n_sel}")
     _check(seg.dim() == 3 and seg.shape[0] == b and seg.shape[2] == 3 and seg.dtype == torch.int32,

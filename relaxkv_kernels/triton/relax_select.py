@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..validate import require
+from ..validate import index_arg, require
 
 from ._common import _top_k_mask
 
@@ -93,7 +93,8 @@ def _relax_select_kernel(
     tl.store(p_seg + 2 * s_sf, b_delta.to(tl.int32), mask=m_sel)
 
 
-_check = functools.partial(require, "relax_select_triton")
+_OP = "relax_select_triton"
+_check = functools.partial(require, _OP)
 
 
 def relax_select_triton(
@@ -121,11 +122,11 @@ def relax_select_triton(
 
     Args:
         proto: float32 [B, n_slots, D] per-frame means of pre-RoPE keys (not normalised).
-        slot_pos: int64 [n_slots] write-time frame position of each slot.
-        sink_slots, tail_slots, cand_slots: int64 [S], [T], [C'] (cand_slots in memory order).
+        slot_pos: int32/int64 [n_slots] write-time frame position of each slot.
+        sink_slots, tail_slots, cand_slots: int32/int64 [S], [T], [C'] (cand_slots in memory order).
         seg: int32 [B, n_seg, 3] segment table, rows seg_index .. seg_index + H_sel - 1 written in place.
         seg_index: first segment row of the history frames.
-        target_pos: int64 [H_sel] target temporal position of the j-th selected frame (H_sel <= C').
+        target_pos: int32/int64 [H_sel] target temporal position of the j-th selected frame (H_sel <= C').
         frame_tokens: F. lam: lambda. batch0_decides, contiguous: see above.
 
     Returns:
@@ -137,8 +138,11 @@ def relax_select_triton(
     dev = proto.device
     for name, t in (("slot_pos", slot_pos), ("sink_slots", sink_slots), ("tail_slots", tail_slots),
                     ("cand_slots", cand_slots), ("target_pos", target_pos)):
-        _check(t.dim() == 1 and t.dtype == torch.int64, f"{name}: expected int64 [n], got {t.dtype} {tuple(t.shape)}")
-        _check(t.device == dev, f"{name}: expected device {dev}, got {t.device}")
+        _check(isinstance(t, torch.Tensor) and t.device == dev, f"{name}: expected device {dev}, got {t.device}")
+    slot_pos, sink_slots, tail_slots, cand_slots, target_pos = (
+        index_arg(_OP, name, t) for name, t in (("slot_pos", slot_pos), ("sink_slots", sink_slots),
+                                                ("tail_slots", tail_slots), ("cand_slots", cand_slots),
+                                                ("target_pos", target_pos)))
     n_cand, n_sel = cand_slots.numel(), target_pos.numel()
     _check(n_sel <= n_cand, f"target_pos: expected at most {n_cand} (the candidates) entries, got {n_sel}")
     _check(seg.dim() == 3 and seg.shape[0] == b and seg.shape[2] == 3 and seg.dtype == torch.int32,

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..validate import require
+from ..validate import index_arg, require
 
 from ._common import _rope_rotate, inv_freq_table, pair_split, row_mean_scatter
 
@@ -72,7 +72,8 @@ def _rope_append_kernel(
     tl.store(p_vc, b_v.to(v_cache.dtype.element_ty), mask=m_td)
 
 
-_check = functools.partial(require, "rope_append_triton")
+_OP = "rope_append_triton"
+_check = functools.partial(require, _OP)
 
 
 def rope_append_triton(
@@ -98,8 +99,8 @@ def rope_append_triton(
         q, k, v: [B, U * F, H, D] (F = height * width), after q/k RMSNorm, before RoPE; any strides.
         k_cache, v_cache: [B, n_rows, H, D]; frame slot s owns rows s*F .. s*F + F - 1 (written in place).
         proto: float32 [B, n_slots, D] (written in place).
-        frame_slot: int64 [U] cache slot of each chunk frame (on the device; must be in range).
-        frame_pos: int64 [U] temporal position of each chunk frame (on the device).
+        frame_slot: int32/int64 [U] cache slot of each chunk frame (on the device; must be in range).
+        frame_pos: int32/int64 [U] temporal position of each chunk frame (on the device).
         height, width: token grid of a frame.
 
     Returns:
@@ -114,8 +115,8 @@ def rope_append_triton(
     _check(d % 2 == 0, f"head_dim: expected an even number, got {d}")
     _check(n == u * f, f"q: expected U * F = {u} * {f} = {u * f} tokens, got {n}")
     for name, t in (("frame_slot", frame_slot), ("frame_pos", frame_pos)):
-        _check(t.shape == (u,) and t.dtype == torch.int64 and t.device == dev,
-               f"{name}: expected int64 [{u}] on {dev}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+        _check(isinstance(t, torch.Tensor) and t.device == dev, f"{name}: expected device {dev}, got {t.device}")
+    frame_slot, frame_pos = index_arg(_OP, "frame_slot", frame_slot, u), index_arg(_OP, "frame_pos", frame_pos, u)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         _check(t.dim() == 4 and t.shape[0] == b and t.shape[2:] == (h, d) and t.device == dev,
                f"{name}: expected [{b}, n_rows, {h}, {d}] on {dev}, got {tuple(t.shape)} on {t.device}")
