@@ -154,9 +154,9 @@ def test_rope_append_cuda_rejects_bad_inputs(kernel_device):
     slot, pos = torch.tensor([1], device=dev), torch.tensor([0], device=dev)
     with pytest.raises(ValueError, match="tokens"):
         rope_append_cuda(q, q, q, cache, cache.clone(), proto, slot, pos, 3, 2)
-    with pytest.raises(ValueError, match="stride"):
-        qt = torch.randn(1, 4, 1, 16, device=dev)[..., ::2]  # stride(-1) == 2
-        rope_append_cuda(qt, qt, qt, cache, cache.clone(), proto, slot, pos, 2, 2)
+    with pytest.raises(ValueError, match="k_cache: expected a contiguous last dim"):
+        strided = torch.randn(1, 8, 1, 16, device=dev)[..., ::2]  # stride(-1) == 2: written in place, refused
+        rope_append_cuda(q, q, q, strided, cache.clone(), proto, slot, pos, 2, 2)
     with pytest.raises(ValueError, match="dtype"):
         rope_append_cuda(q, q, q, cache.half(), cache.half(), proto, slot, pos, 2, 2)
 

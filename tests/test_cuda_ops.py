@@ -160,6 +160,31 @@ def test_int32_indices_match_int64_cuda(op, kernel_device):
     _int32_indices_match_int64(op, "cuda", kernel_device)
 
 
+# read-only float inputs of each op (positions in _cpu_args), given to the CUDA wrappers as last-dim strided views
+_READ_ONLY = {"rope_append": (0, 1, 2), "mid_select": (0, 1), "compress_kv": (0, 1), "gather_kv_rope": (0, 1)}
+
+
+@pytest.mark.parametrize("op", list(_READ_ONLY))
+def test_last_dim_strided_inputs_cuda(op, kernel_device):
+    """Inputs that the public ops accept with any strides (the kernels read rows of unit stride: the wrappers copy
+    such inputs) give the reference result; written tensors still need unit rows (test_build, bad inputs)."""
+    args = [a.to(kernel_device) if isinstance(a, torch.Tensor) else a
+            for a in _cpu_args(op, torch.Generator().manual_seed(10))]
+    for i in _READ_ONLY[op]:
+        wide = torch.randn(*args[i].shape[:-1], 2 * args[i].shape[-1], device=kernel_device)
+        wide[..., ::2] = args[i]
+        args[i] = wide[..., ::2]
+        assert args[i].stride(-1) == 2
+    results = []
+    for backend in ("reference", "cuda"):
+        call = [a.clone() if isinstance(a, torch.Tensor) and i not in _READ_ONLY[op] else a for i, a in enumerate(args)]
+        out = getattr(rk, op)(*call, backend=backend)
+        results.append([*(out if isinstance(out, tuple) else [out] if out is not None else []),
+                        *(a for i, a in enumerate(call) if isinstance(a, torch.Tensor) and i not in _READ_ONLY[op])])
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CUDA-less error path")
 @pytest.mark.parametrize("op", CUDA_OPS)
 def test_cuda_wrapper_without_gpu_raises(op):

@@ -66,6 +66,18 @@ def check_cuda_tensors(op: str, device: torch.device, **tensors: torch.Tensor) -
               f"got {getattr(t, 'device', type(t).__name__)}")
 
 
+def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """A read-only input as the kernels load it, rows of unit stride: ``t`` itself, or a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def check_written(op: str, **tensors: torch.Tensor) -> None:
+    """Tensors a kernel writes in place must have a unit last stride (a copy would not be written back)."""
+    for name, t in tensors.items():
+        check(op, t.stride(-1) == 1, f"{name}: expected a contiguous last dim (stride(-1) == 1) for a tensor "
+              f"written in place, got strides {t.stride()}")
+
+
 def check_index(op: str, name: str, t: torch.Tensor, length: int | None = None) -> torch.Tensor:
     """:func:`relaxkv_kernels.validate.index_arg` with the launcher's ``relaxkv <op>`` prefix."""
     return index_arg(f"relaxkv {op}", name, t, length)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ._launch import DTYPE_CODES, check, check_cuda_tensors, check_index, device_guard, require_device, stream
+from ._launch import (DTYPE_CODES, check, check_cuda_tensors, check_index, check_written, device_guard, require_device,
+                      stream, unit_last_stride)
 
 _OP = "compress_kv_cuda"
 
@@ -33,7 +34,7 @@ def compress_kv_cuda(
     Wan RoPE as in rope_append (fp64 inverse-frequency table rounded to fp32, fp32 angles, sincosf).
 
     Args:
-        k, v: [B, frames * height * width, H, D] pre-RoPE block keys / values, stride(-1) == 1.
+        k, v: [B, frames * height * width, H, D] pre-RoPE block keys / values, any strides.
         k_pool, v_pool: [B, n_rows, H, D] (dtype of k), stride(-1) == 1, written in place.
         mean_key: float32 [B, n_blocks, H, D], written in place.
         block_slot, t0: int [1] device tensors: archive slot (in [0, n_blocks); out of range: nothing
@@ -61,8 +62,8 @@ def compress_kv_cuda(
     check(_OP, mean_key.dim() == 4 and mean_key.shape[0] == b and mean_key.shape[2:] == (h, d)
           and mean_key.dtype == torch.float32,
           f"mean_key: expected float32 [{b}, n_blocks, {h}, {d}], got {mean_key.dtype} {tuple(mean_key.shape)}")
-    for name, t in (("k", k), ("v", v), ("k_pool", k_pool), ("v_pool", v_pool)):
-        check(_OP, t.stride(-1) == 1, f"{name}: expected a contiguous last dim (stride(-1) == 1), got strides {t.stride()}")
+    check_written(_OP, k_pool=k_pool, v_pool=v_pool)
+    k, v = unit_last_stride(k), unit_last_stride(v)
     block_slot, t0 = check_index(_OP, "block_slot", block_slot), check_index(_OP, "t0", t0)
     check(_OP, block_slot.numel() == 1 and t0.numel() == 1,
           f"block_slot, t0: expected [1], got {tuple(block_slot.shape)}, {tuple(t0.shape)}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ._launch import DTYPE_CODES, check, check_cuda_tensors, device_guard, require_device, stream
+from ._launch import DTYPE_CODES, check, check_cuda_tensors, device_guard, require_device, stream, unit_last_stride
 
 _OP = "gather_kv_rope_cuda"
 
@@ -27,7 +27,8 @@ def gather_kv_rope_cuda(
     bounds.
 
     Args:
-        k_pool, v_pool: [B, n_rows, H, D] (fp16 / bf16 / fp32, same dtype), stride(-1) == 1.
+        k_pool, v_pool: [B, n_rows, H, D] (fp16 / bf16 / fp32, same dtype), any strides (rows of unit stride
+            are read in place; others are copied first).
         seg: int32 [B, n_seg, 3] segment table (start_row, length, delta).
         total: number of gathered rows per batch element, >= 1.
 
@@ -47,8 +48,7 @@ def gather_kv_rope_cuda(
     check_cuda_tensors(_OP, dev, k_pool=k_pool, v_pool=v_pool, seg=seg)
     check(_OP, v_pool.shape == k_pool.shape and v_pool.dtype == k_pool.dtype,
           f"v_pool: expected {k_pool.dtype} {tuple(k_pool.shape)}, got {v_pool.dtype} {tuple(v_pool.shape)}")
-    for name, t in (("k_pool", k_pool), ("v_pool", v_pool)):
-        check(_OP, t.stride(-1) == 1, f"{name}: expected a contiguous last dim (stride(-1) == 1), got strides {t.stride()}")
+    k_pool, v_pool = unit_last_stride(k_pool), unit_last_stride(v_pool)
     check(_OP, seg.dim() == 3 and seg.shape[0] == b and seg.shape[2] == 3 and seg.dtype == torch.int32,
           f"seg: expected int32 [{b}, n_seg, 3], got {seg.dtype} {tuple(seg.shape)}")
     check(_OP, isinstance(total, int) and total >= 1, f"total: expected an int >= 1, got {total!r}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ._launch import DTYPE_CODES, check, check_cuda_tensors, check_index, device_guard, require_device, stream
+from ._launch import DTYPE_CODES, check, check_cuda_tensors, check_index, device_guard, require_device, stream, unit_last_stride
 
 _OP = "mid_select_cuda"
 
@@ -32,7 +32,7 @@ def mid_select_cuda(
     ``seg[b, seg_index + j] = (row0 + slot * Nc, Nc, target_pos[j] - block_pos[slot])`` for every b.
 
     Args:
-        q: [B, Nq, H, D] pre-RoPE queries (fp16 / bf16 / fp32), any strides with stride(-1) == 1.
+        q: [B, Nq, H, D] pre-RoPE queries (fp16 / bf16 / fp32), any strides.
         mean_key: float32 [B, n_blocks, H, D] mean compressed key per archive slot.
         mid_slots: int [M] archive slots of the mid blocks, oldest first (values in [0, n_blocks);
             an out-of-range slot scores 0 and gets an empty segment).
@@ -60,7 +60,7 @@ def mid_select_cuda(
     check(_OP, mean_key.dim() == 4 and mean_key.shape[0] == b and mean_key.shape[2:] == (h, d)
           and mean_key.dtype == torch.float32,
           f"mean_key: expected float32 [{b}, n_blocks, {h}, {d}], got {mean_key.dtype} {tuple(mean_key.shape)}")
-    check(_OP, q.stride(-1) == 1, f"q: expected a contiguous last dim (stride(-1) == 1), got strides {q.stride()}")
+    q = unit_last_stride(q)
     mid_slots, block_pos, target_pos = (check_index(_OP, n, t) for n, t in (
         ("mid_slots", mid_slots), ("block_pos", block_pos), ("target_pos", target_pos)))
     check(_OP, block_pos.numel() == mean_key.shape[1],

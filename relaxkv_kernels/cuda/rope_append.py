@@ -5,7 +5,8 @@ import functools
 
 import torch
 
-from ._launch import DTYPE_CODES, check, check_cuda_tensors, check_index, device_guard, require_device, stream
+from ._launch import (DTYPE_CODES, check, check_cuda_tensors, check_index, check_written, device_guard, require_device,
+                      stream, unit_last_stride)
 
 _OP = "rope_append_cuda"
 _check = functools.partial(check, _OP)
@@ -40,7 +41,7 @@ def rope_append_cuda(
     order varies: ~1e-7 relative run-to-run noise).
 
     Args:
-        q, k, v: [B, U*F, H, D], float16 / bfloat16 / float32, any strides with stride(-1) == 1.
+        q, k, v: [B, U*F, H, D], float16 / bfloat16 / float32, any strides.
         k_cache, v_cache: [B, n_rows, H, D], dtype of k, stride(-1) == 1; slot s is rows
             s*F .. s*F+F-1, so n_rows >= n_slots * F. Written in place.
         proto: [B, n_slots, D] float32, stride(-1) == 1. Rows frame_slot[u] written in place.
@@ -87,9 +88,8 @@ def rope_append_cuda(
     tensors = {"q": q, "k": k, "v": v, "k_cache": k_cache, "v_cache": v_cache, "proto": proto,
                "frame_slot": frame_slot, "frame_pos": frame_pos}
     check_cuda_tensors(_OP, q.device, **tensors)
-    for name in ("q", "k", "v", "k_cache", "v_cache", "proto"):
-        _check(tensors[name].stride(-1) == 1,
-               f"{name}: expected a contiguous last dim (stride(-1) == 1), got strides {tensors[name].stride()}")
+    check_written(_OP, k_cache=k_cache, v_cache=v_cache, proto=proto)
+    q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
 
     q_rot = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device)
     with device_guard(q.device):
