@@ -20,13 +20,15 @@ def require(op: str, cond: bool, message: str) -> None:
         raise ValueError(f"{op}: {message}")
 
 
-def index_arg(op: str, name: str, t: torch.Tensor, length: int | None = None) -> torch.Tensor:
-    """A 1-D int32/int64 index tensor (of ``length`` entries when given) as int64: int32 is widened on its
-    device, without a host sync. The kernels' launchers take the index dtypes the public ops accept."""
+def index_arg(op: str, name: str, t: torch.Tensor, length: int | None = None,
+              device: torch.device | None = None) -> torch.Tensor:
+    """A 1-D int32/int64 index tensor (of ``length`` entries, on ``device``, when given) as int64: int32 is
+    widened on its device, without a host sync. The kernels' launchers take the index dtypes the public ops accept."""
     require(op, isinstance(t, torch.Tensor) and t.dim() == 1 and t.dtype in INDEX_DTYPES
-            and (length is None or t.numel() == length),
-            f"{name}: expected int32/int64 [{'n' if length is None else length}], got "
-            f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+            and (length is None or t.numel() == length) and (device is None or t.device == device),
+            f"{name}: expected int32/int64 [{'n' if length is None else length}]"
+            f"{'' if device is None else f' on {device}'}, got {getattr(t, 'dtype', type(t).__name__)} "
+            f"{tuple(getattr(t, 'shape', ()))} on {getattr(t, 'device', None)}")
     return t.long()
 
 

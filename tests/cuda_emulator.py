@@ -64,11 +64,16 @@ def compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
-def compile_cuda(source: Path, output: Path, *args: str) -> Path:
-    """g++ one translated CUDA source against the emulation headers into ``output`` (an object with ``-c``)."""
+def _require_compiler() -> str:
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("cuda_emulator: no C++ compiler (g++, or $CXX)")
+    return cxx
+
+
+def compile_cuda(source: Path, output: Path, *args: str) -> Path:
+    """g++ one translated CUDA source against the emulation headers into ``output`` (an object with ``-c``)."""
+    cxx = _require_compiler()
     cmd = [cxx, "-x", "c++", str(source), "-o", str(output), *_ALL_FLAGS, f"-I{EMU_INCLUDE}", *args]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
@@ -84,9 +89,7 @@ def build() -> Path:
     """Compile the emulated extension (cached under build/cuda_emu/<hash of sources, header, flags>)."""
     import pybind11
 
-    cxx = compiler()
-    if cxx is None:
-        raise RuntimeError("cuda_emulator: no C++ compiler (g++, or $CXX)")
+    cxx = _require_compiler()
     digest = hashlib.sha256()
     for path in _sources() + sorted(EMU_INCLUDE.glob("*.h")):
         digest.update(path.name.encode() + path.read_bytes())

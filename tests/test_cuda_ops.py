@@ -127,17 +127,21 @@ def _cpu_args(op, gen, dev="cpu"):
     return r(2, 40, 2, 16), r(2, 40, 2, 16), torch.tensor([[[0, 5, 1]], [[3, 5, 0]]], dtype=torch.int32), 5
 
 
+def _public_op_outputs(op: str, args: list, backend: str, keep: list[int]) -> list[torch.Tensor]:
+    """rk.<op>(*args) with the tensors at positions ``keep`` cloned first (the op may write them): its returned
+    tensors, then those."""
+    call = [a.clone() if i in keep else a for i, a in enumerate(args)]
+    out = getattr(rk, op)(*call, backend=backend)
+    return (list(out) if isinstance(out, tuple) else [] if out is None else [out]) + [call[i] for i in keep]
+
+
 def _int32_indices_match_int64(op: str, backend: str, dev: str):
     """The public op with every index tensor int32 gives the int64 result (all backends take both)."""
     args = [a.to(dev) if isinstance(a, torch.Tensor) else a for a in _cpu_args(op, torch.Generator().manual_seed(9))]
-    is_index = [isinstance(a, torch.Tensor) and a.dtype == torch.int64 for a in args]
-    results = []
-    for index_dtype in (torch.int64, torch.int32):
-        call = [a.to(index_dtype) if idx else a.clone() if isinstance(a, torch.Tensor) else a
-                for a, idx in zip(args, is_index)]
-        out = getattr(rk, op)(*call, backend=backend)
-        written = [a for a, idx in zip(call, is_index) if isinstance(a, torch.Tensor) and not idx]  # in place
-        results.append([out, *written] if out is not None else written)
+    index = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.dtype == torch.int64]
+    keep = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and i not in index]
+    results = [_public_op_outputs(op, [a.to(dtype) if i in index else a for i, a in enumerate(args)], backend, keep)
+               for dtype in (torch.int64, torch.int32)]
     for want, got in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # proto: fp32 atomics on the GPU
 
@@ -175,12 +179,8 @@ def test_last_dim_strided_inputs_cuda(op, kernel_device):
         wide[..., ::2] = args[i]
         args[i] = wide[..., ::2]
         assert args[i].stride(-1) == 2
-    results = []
-    for backend in ("reference", "cuda"):
-        call = [a.clone() if isinstance(a, torch.Tensor) and i not in _READ_ONLY[op] else a for i, a in enumerate(args)]
-        out = getattr(rk, op)(*call, backend=backend)
-        results.append([*(out if isinstance(out, tuple) else [out] if out is not None else []),
-                        *(a for i, a in enumerate(call) if isinstance(a, torch.Tensor) and i not in _READ_ONLY[op])])
+    keep = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and i not in _READ_ONLY[op]]
+    results = [_public_op_outputs(op, args, backend, keep) for backend in ("reference", "cuda")]
     for want, got in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 

@@ -64,9 +64,7 @@ def compress_kv_cuda(
           f"mean_key: expected float32 [{b}, n_blocks, {h}, {d}], got {mean_key.dtype} {tuple(mean_key.shape)}")
     check_written(_OP, k_pool=k_pool, v_pool=v_pool)
     k, v = unit_last_stride(k), unit_last_stride(v)
-    block_slot, t0 = check_index(_OP, "block_slot", block_slot), check_index(_OP, "t0", t0)
-    check(_OP, block_slot.numel() == 1 and t0.numel() == 1,
-          f"block_slot, t0: expected [1], got {tuple(block_slot.shape)}, {tuple(t0.shape)}")
+    block_slot, t0 = check_index(_OP, "block_slot", block_slot, 1), check_index(_OP, "t0", t0, 1)
     nc = (frames // 2) * (height // 4) * (width // 4)
     ws = torch.empty((b, nc, h, d), dtype=torch.float32, device=dev)
     with device_guard(dev):

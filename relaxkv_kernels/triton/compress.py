@@ -124,9 +124,7 @@ def compress_kv_triton(
                f"{name}: expected [{b}, n, {h}, {d}], got {tuple(t.shape)}")
         _check(t.device == k.device, f"{name}: expected device {k.device}, got {t.device}")
     _check(mean_key.dtype == torch.float32, f"mean_key: expected float32, got {mean_key.dtype}")
-    for name, t in (("block_slot", block_slot), ("t0", t0)):
-        _check(isinstance(t, torch.Tensor) and t.device == k.device, f"{name}: expected device {k.device}, got {t.device}")
-    block_slot, t0 = index_arg(_OP, "block_slot", block_slot, 1), index_arg(_OP, "t0", t0, 1)
+    block_slot, t0 = index_arg(_OP, "block_slot", block_slot, 1, k.device), index_arg(_OP, "t0", t0, 1, k.device)
     nt, ny, nx = compressed_grid(frames, height, width)
     n_c = nt * ny * nx
     if n_c == 0 or b * h == 0:

@@ -132,7 +132,7 @@ def mid_select_triton(
     _check(mean_key.dim() == 4 and mean_key.dtype == torch.float32 and mean_key.shape[0] == b
            and mean_key.shape[2:] == (h, d),
            f"mean_key: expected float32 [{b}, n_blocks, {h}, {d}], got {mean_key.dtype} {tuple(mean_key.shape)}")
-    mid_slots, block_pos, target_pos = (index_arg(_OP, name, t) for name, t in (
+    mid_slots, block_pos, target_pos = (index_arg(_OP, name, t, device=dev) for name, t in (
         ("mid_slots", mid_slots), ("block_pos", block_pos), ("target_pos", target_pos)))
     n_mid, n_sel = mid_slots.numel(), target_pos.numel()
     _check(n_sel <= n_mid, f"target_pos: expected at most {n_mid} (the mid blocks) entries, got {n_sel}")
@@ -140,8 +140,7 @@ def mid_select_triton(
            f"seg: expected int32 [{b}, n_seg, 3], got {seg.dtype} {tuple(seg.shape)}")
     _check(0 <= seg_index and seg_index + n_sel <= seg.shape[1],
            f"seg_index: expected 0 <= seg_index <= {seg.shape[1] - n_sel}, got {seg_index}")
-    for name, t in (("mean_key", mean_key), ("mid_slots", mid_slots), ("block_pos", block_pos),
-                    ("target_pos", target_pos), ("seg", seg)):
+    for name, t in (("mean_key", mean_key), ("seg", seg)):
         _check(t.device == dev, f"{name}: expected device {dev}, got {t.device}")
 
     scores = torch.empty((n_mid,), dtype=torch.float32, device=dev)

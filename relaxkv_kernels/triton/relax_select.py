@@ -136,11 +136,8 @@ def relax_select_triton(
            f"proto: expected float32 [B, n_slots, D], got {proto.dtype} {tuple(proto.shape)}")
     b, _, d = proto.shape
     dev = proto.device
-    for name, t in (("slot_pos", slot_pos), ("sink_slots", sink_slots), ("tail_slots", tail_slots),
-                    ("cand_slots", cand_slots), ("target_pos", target_pos)):
-        _check(isinstance(t, torch.Tensor) and t.device == dev, f"{name}: expected device {dev}, got {t.device}")
     slot_pos, sink_slots, tail_slots, cand_slots, target_pos = (
-        index_arg(_OP, name, t) for name, t in (("slot_pos", slot_pos), ("sink_slots", sink_slots),
+        index_arg(_OP, name, t, device=dev) for name, t in (("slot_pos", slot_pos), ("sink_slots", sink_slots),
                                                 ("tail_slots", tail_slots), ("cand_slots", cand_slots),
                                                 ("target_pos", target_pos)))
     n_cand, n_sel = cand_slots.numel(), target_pos.numel()

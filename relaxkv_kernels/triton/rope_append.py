@@ -114,9 +114,8 @@ def rope_append_triton(
     dev = q.device
     _check(d % 2 == 0, f"head_dim: expected an even number, got {d}")
     _check(n == u * f, f"q: expected U * F = {u} * {f} = {u * f} tokens, got {n}")
-    for name, t in (("frame_slot", frame_slot), ("frame_pos", frame_pos)):
-        _check(isinstance(t, torch.Tensor) and t.device == dev, f"{name}: expected device {dev}, got {t.device}")
-    frame_slot, frame_pos = index_arg(_OP, "frame_slot", frame_slot, u), index_arg(_OP, "frame_pos", frame_pos, u)
+    frame_slot, frame_pos = (index_arg(_OP, "frame_slot", frame_slot, u, dev),
+                             index_arg(_OP, "frame_pos", frame_pos, u, dev))
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         _check(t.dim() == 4 and t.shape[0] == b and t.shape[2:] == (h, d) and t.device == dev,
                f"{name}: expected [{b}, n_rows, {h}, {d}] on {dev}, got {tuple(t.shape)} on {t.device}")
