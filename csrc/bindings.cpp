@@ -7,6 +7,8 @@
 #include <cuda_runtime_api.h>
 #include <pybind11/pybind11.h>
 
+#include "launchers.h"
+
 #include <cstdint>
 
 namespace py = pybind11;
@@ -23,53 +25,15 @@ int device_count() {
     return n;
 }
 
-// Launchers (csrc/<op>.cu).
-void rope_append_cuda(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t q_rot, uintptr_t k_cache,
-                      uintptr_t v_cache, uintptr_t proto, uintptr_t frame_slot,
-                      uintptr_t frame_pos, int64_t batch, int64_t frames, int64_t height,
-                      int64_t width, int64_t heads, int64_t head_dim, int64_t cache_rows,
-                      int64_t n_slots, int64_t q_sb, int64_t q_sn, int64_t q_sh, int64_t k_sb,
-                      int64_t k_sn, int64_t k_sh, int64_t v_sb, int64_t v_sn, int64_t v_sh,
-                      int64_t o_sb, int64_t o_sn, int64_t o_sh, int64_t kc_sb, int64_t kc_sn,
-                      int64_t kc_sh, int64_t vc_sb, int64_t vc_sn, int64_t vc_sh, int64_t p_sb,
-                      int64_t p_ss, int64_t slot_stride, int64_t pos_stride, int dtype,
-                      uintptr_t stream);
-void relax_select_cuda(uintptr_t proto, uintptr_t slot_pos, uintptr_t sink_slots, uintptr_t tail_slots,
-                       uintptr_t cand_slots, uintptr_t target_pos, uintptr_t seg, uintptr_t scores,
-                       int64_t batch, int64_t n_slots, int64_t head_dim, int64_t n_sink, int64_t n_tail,
-                       int64_t n_cand, int64_t n_sel, int64_t n_seg, int64_t seg_index,
-                       int64_t frame_tokens, double lam, bool batch0_decides, bool contiguous,
-                       int64_t p_sb, int64_t p_ss, int64_t p_sd, int64_t s_pos, int64_t s_sink,
-                       int64_t s_tail, int64_t s_cand, int64_t s_tgt, int64_t s_sb, int64_t s_ss,
-                       int64_t s_sf, int64_t o_sb, int64_t o_sc, uintptr_t stream);
-int64_t mid_select_splits(int64_t n_sub);
-void mid_select_cuda(uintptr_t q, uintptr_t mean_key, uintptr_t mid_slots, uintptr_t block_pos,
-                     uintptr_t target_pos, uintptr_t seg, uintptr_t scores, uintptr_t ws, int64_t batch,
-                     int64_t n_q, int64_t heads, int64_t head_dim, int64_t n_blocks, int64_t n_mid,
-                     int64_t n_sel, int64_t n_seg, int64_t seg_index, int64_t row0, int64_t block_tokens,
-                     int64_t q_stride, int64_t n_split, int64_t q_sb, int64_t q_sn, int64_t q_sh,
-                     int64_t k_sb, int64_t k_sn, int64_t k_sh, int64_t k_sd, int64_t s_mid, int64_t s_pos,
-                     int64_t s_tgt, int64_t s_sb, int64_t s_ss, int64_t s_sf, int64_t o_s, int dtype,
-                     uintptr_t stream);
-void compress_kv_cuda(uintptr_t k, uintptr_t v, uintptr_t k_pool, uintptr_t v_pool, uintptr_t mean_key,
-                      uintptr_t ws, uintptr_t block_slot, uintptr_t t0, int64_t batch, int64_t frames,
-                      int64_t height, int64_t width, int64_t heads, int64_t head_dim, int64_t n_rows,
-                      int64_t row0, int64_t n_blocks, int64_t k_sb, int64_t k_sn, int64_t k_sh,
-                      int64_t v_sb, int64_t v_sn, int64_t v_sh, int64_t kp_sb, int64_t kp_sn, int64_t kp_sh,
-                      int64_t vp_sb, int64_t vp_sn, int64_t vp_sh, int64_t m_sb, int64_t m_ss, int64_t m_sh,
-                      int64_t m_sd, int dtype, uintptr_t stream);
-void gather_kv_rope_cuda(uintptr_t k_pool, uintptr_t v_pool, uintptr_t seg, uintptr_t k, uintptr_t v,
-                         int64_t batch, int64_t n_rows, int64_t heads, int64_t head_dim, int64_t n_seg,
-                         int64_t total, int64_t kp_sb, int64_t kp_sn, int64_t kp_sh, int64_t vp_sb,
-                         int64_t vp_sn, int64_t vp_sh, int64_t s_sb, int64_t s_ss, int64_t s_sf, int dtype,
-                         uintptr_t stream);
 }  // namespace relaxkv
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "relaxkv CUDA launchers (raw pointers, explicit strides and stream; no torch headers)";
-    m.attr("DTYPE_FLOAT32") = 0;
-    m.attr("DTYPE_FLOAT16") = 1;
-    m.attr("DTYPE_BFLOAT16") = 2;
+    py::dict dtype_codes;  // the launchers' dtype argument: the enum of common.cuh is the one source
+    dtype_codes["float32"] = int(relaxkv::kFloat32);
+    dtype_codes["float16"] = int(relaxkv::kFloat16);
+    dtype_codes["bfloat16"] = int(relaxkv::kBFloat16);
+    m.attr("dtype_codes") = dtype_codes;
 
     m.def("device_count", &relaxkv::device_count,
           "Number of CUDA devices visible to this module's runtime; 0 without a device or driver.");
@@ -134,6 +98,6 @@ PYBIND11_MODULE(_C, m) {
           py::arg("k_pool"), py::arg("v_pool"), py::arg("seg"), py::arg("k"), py::arg("v"), py::arg("batch"),
           py::arg("n_rows"), py::arg("heads"), py::arg("head_dim"), py::arg("n_seg"), py::arg("total"),
           py::arg("kp_sb"), py::arg("kp_sn"), py::arg("kp_sh"), py::arg("vp_sb"), py::arg("vp_sn"),
-          py::arg("vp_sh"), py::arg("s_sb"), py::arg("s_ss"), py::arg("s_sf"), py::arg("dtype"),
+          py::arg("vp_sh"), py::arg("s_sb"), py::arg("s_ss"), py::arg("s_sf"), py::arg("o_sb"), py::arg("dtype"),
           py::arg("stream"), py::call_guard<py::gil_scoped_release>());
 }

@@ -14,10 +14,9 @@
 #include <stdexcept>
 #include <string>
 
-namespace relaxkv {
+#include "launchers.h"
 
-// Element type of a tensor, as passed from Python (relaxkv_kernels/cuda/rope_append.py).
-enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+namespace relaxkv {
 
 // Throws std::runtime_error("relaxkv <op>: <what> failed: <cuda error>") when err != cudaSuccess.
 inline void check_cuda(cudaError_t err, const char* op, const char* what) {
@@ -28,8 +27,6 @@ inline void check_cuda(cudaError_t err, const char* op, const char* what) {
         throw std::runtime_error(msg.str());
     }
 }
-
-#define RELAXKV_CUDA_CHECK(op, expr) ::relaxkv::check_cuda((expr), (op), #expr)
 
 // Raise after a kernel launch if the launch itself failed (bad configuration, no kernel image for
 // this GPU, ...). Asynchronous faults surface at the next synchronising call, as with any CUDA op.
@@ -55,15 +52,6 @@ inline void require_device(const char* op) {
         msg << "relaxkv " << op << ": no CUDA device available (cudaGetDeviceCount: "
             << (err != cudaSuccess ? cudaGetErrorString(err) : "0 devices") << ")";
         throw std::runtime_error(msg.str());
-    }
-}
-
-inline const char* dtype_name(int dtype) {
-    switch (dtype) {
-        case kFloat32: return "float32";
-        case kFloat16: return "float16";
-        case kBFloat16: return "bfloat16";
-        default: return "unknown";
     }
 }
 

@@ -30,8 +30,8 @@ void dispatch(const GatherParams& p, const RopeFreqs& freqs, int64_t batch, size
 void gather_kv_rope_cuda(uintptr_t k_pool, uintptr_t v_pool, uintptr_t seg, uintptr_t k, uintptr_t v,
                          int64_t batch, int64_t n_rows, int64_t heads, int64_t head_dim, int64_t n_seg,
                          int64_t total, int64_t kp_sb, int64_t kp_sn, int64_t kp_sh, int64_t vp_sb,
-                         int64_t vp_sn, int64_t vp_sh, int64_t s_sb, int64_t s_ss, int64_t s_sf, int dtype,
-                         uintptr_t stream) {
+                         int64_t vp_sn, int64_t vp_sh, int64_t s_sb, int64_t s_ss, int64_t s_sf, int64_t o_sb,
+                         int dtype, uintptr_t stream) {
     require_device(kOp);
     RELAXKV_CHECK_ARG(kOp, batch >= 0 && batch <= 65535, "batch: expected 0 .. 65535, got " << batch);
     RELAXKV_CHECK_ARG(kOp, total >= 1 && ceil_div(total, kGatherRows) <= INT32_MAX,
@@ -64,14 +64,15 @@ void gather_kv_rope_cuda(uintptr_t k_pool, uintptr_t v_pool, uintptr_t seg, uint
     p.kp_sb = kp_sb, p.kp_sn = kp_sn, p.kp_sh = kp_sh;
     p.vp_sb = vp_sb, p.vp_sn = vp_sn, p.vp_sh = vp_sh;
     p.s_sb = s_sb, p.s_ss = s_ss, p.s_sf = s_sf;
+    p.o_sb = o_sb;
     const RopeFreqs freqs = wan_inv_freq(p.head_dim);
 
-    // 16-byte accesses when every base pointer and row stride allows them (outputs are contiguous).
+    // 16-byte accesses when every base pointer and stride allows them (output rows are contiguous).
     const int64_t vec = dtype == kFloat32 ? 4 : 8;
     bool vector = head_dim % vec == 0;
     for (const void* ptr : {p.k_pool, p.v_pool, static_cast<const void*>(p.k), static_cast<const void*>(p.v)})
         vector = vector && aligned16(ptr);
-    for (int64_t s : {kp_sb, kp_sn, kp_sh, vp_sb, vp_sn, vp_sh}) vector = vector && s % vec == 0;
+    for (int64_t s : {kp_sb, kp_sn, kp_sh, vp_sb, vp_sn, vp_sh, o_sb}) vector = vector && s % vec == 0;
 
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
     switch (dtype) {

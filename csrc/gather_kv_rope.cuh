@@ -30,7 +30,7 @@ struct GatherParams {
     const void* k_pool;
     const void* v_pool;
     const int32_t* seg;
-    void* k;  // [B, total, H, D] contiguous
+    void* k;  // [B, total, H, D], rows contiguous within a batch element
     void* v;
     // sizes
     int64_t total;
@@ -40,6 +40,7 @@ struct GatherParams {
     int64_t kp_sb, kp_sn, kp_sh;
     int64_t vp_sb, vp_sn, vp_sh;
     int64_t s_sb, s_ss, s_sf;
+    int64_t o_sb;  // batch stride of k and v (a window's memory part is a slice of a larger buffer)
 };
 
 // Dynamic shared memory: end [n_seg] int64, src [kGatherRows] int64, cos/sin [kGatherRows, n_t]
@@ -115,13 +116,13 @@ __global__ void __launch_bounds__(kGatherThreads)
     const int per_row = H * DV;
     const T* k_pool = static_cast<const T*>(p.k_pool) + b * p.kp_sb;
     const T* v_pool = static_cast<const T*>(p.v_pool) + b * p.vp_sb;
-    T* k_out = static_cast<T*>(p.k) + (b * p.total + r0) * per_row * VEC;
-    T* v_out = static_cast<T*>(p.v) + (b * p.total + r0) * per_row * VEC;
+    T* k_out = static_cast<T*>(p.k) + b * p.o_sb + r0 * per_row * VEC;
+    T* v_out = static_cast<T*>(p.v) + b * p.o_sb + r0 * per_row * VEC;
     for (int e = tid; e < kGatherRows * per_row; e += blockDim.x) {
         const int i = e / per_row, rem = e - i * per_row, h = rem / DV, d0 = (rem - h * DV) * VEC;
         const int64_t row = src[i];
         if (row == -2) continue;
-        T* ko = k_out + int64_t(e) * VEC;  // output is contiguous: item e is element e * VEC of the tile
+        T* ko = k_out + int64_t(e) * VEC;  // rows are contiguous: item e is element e * VEC of the tile
         T* vo = v_out + int64_t(e) * VEC;
         float x[VEC];
         if (row < 0) {

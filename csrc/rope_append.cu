@@ -102,8 +102,10 @@ void rope_append_cuda(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t q_rot, ui
         vector = vector && s % vec == 0;
 
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-    rope_append_zero_proto_kernel<<<dim3(unsigned(frames), unsigned(batch)), 128, 0, s>>>(p);
-    RELAXKV_CHECK_LAUNCH(kOp);
+    if (p.proto != nullptr) {
+        rope_append_zero_proto_kernel<<<dim3(unsigned(frames), unsigned(batch)), 128, 0, s>>>(p);
+        RELAXKV_CHECK_LAUNCH(kOp);
+    }
     switch (dtype) {
         case kFloat32: dispatch<float>(p, freqs, batch, frames, vector, s); break;
         case kFloat16: dispatch<__half>(p, freqs, batch, frames, vector, s); break;

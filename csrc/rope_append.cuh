@@ -31,7 +31,7 @@ struct RopeAppendParams {
     void* q_rot;
     void* k_cache;
     void* v_cache;
-    float* proto;
+    float* proto;  // nullptr: no prototypes
     const int64_t* frame_slot;
     const int64_t* frame_pos;
     // sizes
@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(kRopeBlockThreads)
                                      v + b * p.v_sb + n * p.v_sn + h * p.v_sh + d0);
         }
     }
-    if (!slot_ok) return;  // uniform: no thread of this block reaches the barrier below
+    if (!slot_ok || p.proto == nullptr) return;  // uniform: no thread of this block reaches the barrier below
 
     // [R, D] partials -> one [D] sum -> D atomics into proto (fp32 atomics: the summation order
     // varies between runs, ~1e-7 relative noise, no other nondeterminism).

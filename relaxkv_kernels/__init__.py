@@ -2,25 +2,29 @@
 
 Public API:
     ops              rope_append, sparse_kv_attention, relax_select, mid_select, compress_kv,
-                     gather_kv_rope
-                     (also as torch.ops.relaxkv.*)
-    policies         DenseWindow, RelaxMemory, PackMemory
+                     gather_kv_rope, gather_kv_rope_into, dense_attention (also as torch.ops.relaxkv.*)
+    policies         DenseWindow, RelaxMemory, PackMemory (and MemoryPolicy / Planner for your own)
     cache            KVCache (begin_chunk / attend / end_chunk)
     backends()       which backends this machine can run
 """
 from .availability import backends
 from .cache import KVCache
-from .memory import DenseWindow, PackMemory, RelaxMemory
-from .ops import compress_kv, gather_kv_rope, mid_select, relax_select, rope_append, sparse_kv_attention
+from .memory import DenseWindow, MemoryPolicy, PackMemory, Planner, RelaxMemory
+from .ops import (compress_kv, dense_attention, gather_kv_rope, gather_kv_rope_into, mid_select, relax_select,
+                  rope_append, sparse_kv_attention)
 
 __all__ = [
     "DenseWindow",
     "KVCache",
+    "MemoryPolicy",
     "PackMemory",
+    "Planner",
     "RelaxMemory",
     "backends",
     "compress_kv",
+    "dense_attention",
     "gather_kv_rope",
+    "gather_kv_rope_into",
     "mid_select",
     "relax_select",
     "rope_append",

@@ -1,19 +1,22 @@
-"""Which implementation of ``sparse_kv_attention`` to run (``impl="auto"``): a small table the benchmark writes.
+"""Which attention engine runs dense attention on contiguous K/V: a small table the benchmark writes.
 
 ``relaxkv_kernels/tuning.json``::
 
-    {"version": 1,
-     "entries": {"NVIDIA H100 80GB HBM3|d128|q8192|k16384": "gather", ...}}
+    {"version": 2,
+     "entries": {"NVIDIA H100 80GB HBM3|d128|q8192|k16384": "sdpa_cudnn", ...}}
 
 Keys are ``<device name>|d<head_dim>|q<Nq bucket>|k<Nk bucket>``, buckets the next power of two
-(``bucket``); values ``"fused"`` (the segment-table attention op) or ``"gather"`` (``gather_kv_rope`` then
-a dense attention kernel). No entry: ``"fused"``. The lookup uses Python ints and strings only (the
-file is read once per process), so it costs no host-device synchronisation. Resolve it outside
-compiled regions (``KVCache.begin_chunk`` does) and pass ``impl`` explicitly into compiled code.
+(``bucket``); values are engines of ``ops/dense_attention/engines.py``. ``benchmarks/bench_chunk.py
+--write-tuning`` times every engine at the chunk shapes on the device it runs on and records the
+fastest. Without an entry: ``sdpa_cudnn`` on CUDA devices of compute capability 9.0 or newer (H100,
+2026-11-27: cuDNN 506 TFLOP/s against 310 for the flash backend at Wan relax shapes), torch's own SDPA
+dispatch elsewhere. The lookup uses Python ints and strings only (the file is read once per process),
+so it costs no host-device synchronisation; resolve it outside compiled regions (``KVCache.begin_chunk``
+does) and pass the engine into compiled code.
 
-    >>> from relaxkv_kernels.tuning import choose_impl
-    >>> choose_impl("cpu", 128, 4680, 10920)
-    'fused'
+    >>> from relaxkv_kernels.tuning import choose_engine
+    >>> choose_engine("cpu", 128, 4680, 10920)
+    'sdpa'
 """
 from __future__ import annotations
 
@@ -23,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-IMPLS = ("fused", "gather")
-DEFAULT_IMPL = "fused"
+from .ops.dense_attention.engines import ENGINES
+
 TUNING_PATH = Path(__file__).with_name("tuning.json")
-_VERSION = 1
+_VERSION = 2
 
 
 def bucket(n: int) -> int:
@@ -46,8 +49,9 @@ def load_table(path: str | None = None) -> dict[str, str]:
     if not path.is_file():
         return {}
     data = json.loads(path.read_text())
-    entries = data.get("entries", {}) if isinstance(data, dict) else {}
-    return {str(k): v for k, v in entries.items() if v in IMPLS}
+    if not isinstance(data, dict) or data.get("version") != _VERSION:
+        return {}
+    return {str(k): v for k, v in data.get("entries", {}).items() if v in ENGINES}
 
 
 @functools.cache
@@ -59,19 +63,28 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name(dev)
 
 
-def choose_impl(device: str, head_dim: int, n_q: int, n_k: int) -> str:
-    """``"fused"`` or ``"gather"`` for attention of n_q queries over n_k keys on ``device`` (a string)."""
-    return load_table().get(tuning_key(device_name(device), head_dim, n_q, n_k), DEFAULT_IMPL)
+@functools.cache
+def default_engine(device: str) -> str:
+    """The engine without a table entry: cuDNN first on compute capability >= 9.0 (measured), else torch's dispatch."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (9, 0):
+        return "sdpa_cudnn"
+    return "sdpa"
+
+
+def choose_engine(device: str, head_dim: int, n_q: int, n_k: int) -> str:
+    """The attention engine for n_q queries over n_k contiguous keys on ``device`` (a string)."""
+    return load_table().get(tuning_key(device_name(device), head_dim, n_q, n_k)) or default_engine(device)
 
 
 def record(choices: dict[str, str], path: str | Path | None = None) -> Path:
-    """Merge {tuning_key(...): impl} into the table at ``path`` (default ``TUNING_PATH``); for the benchmark."""
-    bad = {k: v for k, v in choices.items() if v not in IMPLS}
+    """Merge {tuning_key(...): engine} into the table at ``path`` (default ``TUNING_PATH``); for the benchmark."""
+    bad = {k: v for k, v in choices.items() if v not in ENGINES}
     if bad:
-        raise ValueError(f"tuning.record: expected values in {IMPLS}, got {bad}")
+        raise ValueError(f"tuning.record: expected engines in {ENGINES}, got {bad}")
     path = Path(path) if path is not None else TUNING_PATH
     data = json.loads(path.read_text()) if path.is_file() else {}
-    entries = dict(data.get("entries", {}))
+    entries = dict(data.get("entries", {})) if data.get("version") == _VERSION else {}
     entries.update(choices)
     path.write_text(json.dumps({"version": _VERSION, "entries": dict(sorted(entries.items()))}, indent=1) + "\n")
     load_table.cache_clear()

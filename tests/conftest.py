@@ -74,9 +74,9 @@ def kernel_device(request, monkeypatch) -> str:
     pytest.importorskip("pybind11")
     if cuda_emulator.compiler() is None:
         pytest.skip("no C++ compiler for the CUDA emulation")
-    from relaxkv_kernels.cuda import _launch
+    from relaxkv_kernels.ops import cuda_common
 
-    monkeypatch.setattr(_launch, "runtime", _emulated_runtime())
+    monkeypatch.setattr(cuda_common, "runtime", _emulated_runtime())
     return "cpu"
 
 

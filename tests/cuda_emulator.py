@@ -82,7 +82,7 @@ def compile_cuda(source: Path, output: Path, *args: str) -> Path:
 
 
 def _sources() -> list[Path]:
-    return sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*.cuh")) + [CSRC / "bindings.cpp"]
+    return sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*.cuh")) + sorted(CSRC.glob("*.h")) + [CSRC / "bindings.cpp"]
 
 
 def build() -> Path:

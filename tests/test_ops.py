@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import relaxkv_kernels as rk
-from relaxkv_kernels.ops import resolve_backend
+
 
 B, H, D, HH, WW = 2, 2, 16, 4, 4  # frame of 16 tokens
 F = HH * WW

@@ -1,0 +1,152 @@
+"""PackForcing memory: full-resolution Sink and Recent, top-k of the 2x4x4-compressed Mid blocks."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..geometry import compressed_grid
+from ..ops.compress_kv.op import compress_kv_op
+from ..ops.mid_select.op import mid_select_op
+from .base import ChunkPlan, MemoryPolicy, Planner, pad
+
+
+@dataclass
+class PackJob:
+    """Inputs of ``mid_select`` and ``compress_kv`` for one chunk."""
+
+    mid_slots: list[int]  # archive slots, oldest first
+    mid_blocks: list[int]  # block indices of mid_slots
+    target_pos: list[int]  # re-packed first-frame position of each selected block
+    seg_index: int
+    block_slot: int | None  # archive slot receiving the current block (None for sink blocks)
+    block_pos: list[int]  # first-frame position per archive slot (-1: empty)
+
+
+@dataclass(frozen=True)
+class PackMemory(MemoryPolicy):
+    """PackForcing memory (README, Design: PackForcing): full-resolution Sink and Recent, compressed top-k Mid blocks.
+
+    Args:
+        block_frames: B_f, the generation chunk and the memory unit (latent frames).
+        sink_frames: N_sink (a multiple of block_frames). recent_frames: N_recent (one block).
+        top_k: N_top mid blocks attended. archive: mid blocks kept compressed (oldest evicted).
+        q_stride: query subsample stride for the affinity.
+    """
+
+    block_frames: int = 4
+    sink_frames: int = 8
+    recent_frames: int = 4
+    top_k: int = 16
+    archive: int = 64
+    q_stride: int = 8
+
+    def __post_init__(self):
+        b = self.block_frames
+        if b < 2 or self.sink_frames % b or self.recent_frames != b or self.top_k < 1 or self.archive < self.top_k:
+            raise ValueError(
+                "PackMemory: expected block_frames >= 2, sink_frames a multiple of it, recent_frames == "
+                f"block_frames, 1 <= top_k <= archive, got {self}"
+            )
+
+    @property
+    def chunk_frames(self) -> int:
+        return self.block_frames
+
+    def planner(self, height: int, width: int) -> "PackPlanner":
+        return PackPlanner(self, height, width)
+
+
+class PackPlanner(Planner):
+    """Sink frames, then a ring of two blocks (recent, current); the compressed archive after all frame slots.
+
+    The current block is compressed into its archive slot at every pass (``append``, its refresh pass
+    writes the final copy); ``select`` picks the mid blocks of each layer at its first pass.
+    """
+
+    selection = "per_layer"  # each layer picks its own mid blocks
+
+    def __init__(self, policy: PackMemory, height: int, width: int):
+        f, b = height * width, policy.block_frames
+        self.grid = (height, width)
+        self.block_tokens = math.prod(compressed_grid(b, height, width))
+        self.sink_blocks = policy.sink_frames // b
+        n_slots = policy.sink_frames + 2 * b  # sink, then a ring of two blocks (recent, current)
+        self.n_blocks = policy.archive + 2  # archive ring: mid blocks, recent, current
+        self.row0 = n_slots * f
+        n_seg = policy.sink_frames + policy.top_k + policy.recent_frames + b
+        max_keys = (policy.sink_frames + policy.recent_frames + b) * f + policy.top_k * self.block_tokens
+        super().__init__(f, n_slots, self.row0 + self.n_blocks * self.block_tokens, n_seg, max_keys)
+        self.policy = policy
+        self.block_pos = [-1] * self.n_blocks
+
+    def plan(self, n: int) -> ChunkPlan:
+        p, f, b = self.policy, self.frame_tokens, self.policy.block_frames
+        c = n * b
+        sink = list(range(min(n, self.sink_blocks)))
+        recent = [n - 1] if n - 1 >= self.sink_blocks else []
+        mid = list(range(max(self.sink_blocks, n - 1 - p.archive), n - 1))
+        k = min(p.top_k, len(mid))
+        keep = [blk * b + i for blk in sink + recent for i in range(b)]
+        evicted = self.slots.keep_only(keep)
+        ring = self.sink_blocks * b + b * (n % 2)
+        current = [self.slots.place(c + i, None if n < self.sink_blocks else ring + i) for i in range(b)]
+        order = sink + [-1] * k + recent  # blocks before the current one, packed to end at c - 1
+        start = {i: c - b * (len(order) - i) for i in range(len(order))}
+        segments, attended = [], []
+        for i, blk in enumerate(order):
+            if blk >= 0:
+                for j in range(b):
+                    fr = blk * b + j
+                    segments.append((self.slots.slot_of[fr] * f, f, start[i] + j - fr))
+                    attended.append(fr)
+        seg_index = len(sink) * b
+        segments[seg_index:seg_index] = [(0, 0, 0)] * k  # written by mid_select
+        attended[seg_index:seg_index] = [-1] * k
+        n_memory = len(segments)
+        segments += [(slot * f, f, 0) for slot in current]
+        attended += list(range(c, c + b))
+        block_slot = None
+        if n >= self.sink_blocks:
+            block_slot = (n - self.sink_blocks) % self.n_blocks
+            self.block_pos[block_slot] = c
+        job = PackJob([(m - self.sink_blocks) % self.n_blocks for m in mid], mid,
+                      [start[len(sink) + j] for j in range(k)], seg_index, block_slot, list(self.block_pos))
+        pad(segments, attended, self.n_seg)
+        plan = ChunkPlan(n, c, current, list(range(c, c + b)), segments, attended, evicted, self.slots.slot_pos(),
+                         n_memory_seg=n_memory, job=job)
+        plan.index = {"block_pos": job.block_pos}
+        if block_slot is not None:
+            plan.index.update(block_slot=[block_slot], block_t0=[c])
+        if k:
+            plan.selects, plan.selected_keys = True, k * self.block_tokens
+            plan.index.update(mid_slots=job.mid_slots, mid_target_pos=job.target_pos)
+        return plan
+
+    def allocate(self, cache) -> dict[str, torch.Tensor]:
+        shape = (cache.num_layers, cache.batch, self.n_blocks, cache.num_heads, cache.head_dim)
+        return {"mean_key": torch.empty(shape, dtype=torch.float32, device=cache.device)}
+
+    def select(self, cache, plan: ChunkPlan, layer: int, q: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+        """mid_select at each layer's first pass: that layer's mid-block rows."""
+        b = cache.buffers
+        return mid_select_op(q, cache.state["mean_key"][layer], b["mid_slots"], b["block_pos"], seg,
+                             plan.job.seg_index, b["mid_target_pos"], self.row0, self.block_tokens,
+                             min(self.policy.q_stride, q.shape[1]), cache.backend)
+
+    def append(self, cache, plan: ChunkPlan, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """compress_kv of the current block into its archive slot (the refresh pass writes the final copy)."""
+        if plan.job.block_slot is None:  # sink blocks are kept at full resolution only
+            return
+        b = cache.buffers
+        compress_kv_op(k, v, cache.k[layer], cache.v[layer], cache.state["mean_key"][layer], b["block_slot"],
+                       b["block_t0"], self.row0, self.policy.block_frames, *self.grid, cache.backend)
+
+    def frame_of_row(self, plan: ChunkPlan, start_row: int) -> int:
+        if start_row < self.row0:
+            return super().frame_of_row(plan, start_row)
+        return plan.job.block_pos[(start_row - self.row0) // self.block_tokens]  # a compressed block: its first frame
+
+    def live_rows(self) -> int:
+        return super().live_rows() + sum(pos >= 0 for pos in self.block_pos) * self.block_tokens

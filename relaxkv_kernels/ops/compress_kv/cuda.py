@@ -1,0 +1,56 @@
+"""compress_kv through the CUDA extension (kernels: csrc/compress_kv.cuh, launcher: csrc/compress_kv.cu)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...geometry import compressed_grid
+from ..cuda_common import Launch, check_written, unit_last_stride
+
+_OP = "compress_kv_cuda"
+
+
+def compress_kv_cuda(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                     mean_key: torch.Tensor, block_slot: torch.Tensor, t0: torch.Tensor, row0: int, frames: int,
+                     height: int, width: int) -> None:
+    r"""PackForcing compression of one block into the compressed pool rows: two launches, no host sync.
+
+    For compressed token c = (tc, yc, xc) of the (frames // 2, height // 4, width // 4) grid, with
+    pk, pv the fp32 means of k, v over its 2x4x4 window and slot = block_slot[0]:
+
+        k_pool[b, row0 + slot * Nc + c] = rope(pk) at (t0 + 2 tc + 0.5, 4 yc + 1.5, 4 xc + 1.5)
+        v_pool[b, row0 + slot * Nc + c] = pv
+        mean_key[b, slot]               = mean_c pk        (fp32, pre-RoPE; deterministic, no atomics)
+
+    Wan RoPE as in rope_append (fp64 inverse-frequency table rounded to fp32, fp32 angles, sincosf).
+
+    Args:
+        k, v: [B, frames * height * width, H, D] pre-RoPE block keys / values, any strides.
+        k_pool, v_pool: [B, n_rows, H, D] (dtype of k), stride(-1) == 1, written in place.
+        mean_key: float32 [B, n_blocks, H, D], written in place.
+        block_slot, t0: int [1] device tensors: archive slot (in [0, n_blocks); out of range: nothing
+            is written) and the block's first-frame position, read by the kernel.
+        row0: first compressed pool row. frames, height, width: the block's token grid (>= 2x4x4).
+
+    Example:
+        >>> k = torch.randn(1, 4 * 1560, 12, 128, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
+        >>> pool = torch.empty(1, 30000, 12, 128, device="cuda", dtype=torch.bfloat16)
+        >>> mk = torch.empty(1, 8, 12, 128, device="cuda")
+        >>> one = lambda x: torch.tensor([x], device="cuda")
+        >>> compress_kv_cuda(k, k, pool, pool.clone(), mk, one(3), one(40), 24960, 4, 30, 52)
+    """
+    b, n, h, d = k.shape
+    check_written(_OP, k_pool=k_pool, v_pool=v_pool)
+    k, v = unit_last_stride(k), unit_last_stride(v)
+    block_slot, t0 = block_slot.long(), t0.long()
+    nc = math.prod(compressed_grid(frames, height, width))
+    ws = torch.empty((b, nc, h, d), dtype=torch.float32, device=k.device)
+    launch = Launch(_OP, k.device)
+    with launch as (ext, stream):
+        ext.compress_kv_cuda(
+            k.data_ptr(), v.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), mean_key.data_ptr(), ws.data_ptr(),
+            block_slot.data_ptr(), t0.data_ptr(), b, frames, height, width, h, d, k_pool.shape[1], row0,
+            mean_key.shape[1], *k.stride()[:3], *v.stride()[:3], *k_pool.stride()[:3], *v_pool.stride()[:3],
+            *mean_key.stride(), launch.code(k.dtype), stream,
+        )

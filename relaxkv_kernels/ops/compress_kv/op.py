@@ -1,0 +1,69 @@
+"""``relaxkv::compress_kv``: registration, fake, backend table and the public function with its checks."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ...geometry import POOL_T, POOL_X, POOL_Y, compressed_grid
+from ..checks import check_devices, check_index, check_int, check_pool, check_qkv, check_tensor
+from ..dispatch import OpBackends
+from .cuda import compress_kv_cuda
+from .reference import compress_kv_into_ref
+
+
+def _triton():
+    from .triton import compress_kv_triton
+
+    return compress_kv_triton
+
+
+BACKENDS = OpBackends("compress_kv", reference=compress_kv_into_ref, triton=_triton, cuda=compress_kv_cuda)
+
+
+@torch.library.custom_op("relaxkv::compress_kv", mutates_args=("k_pool", "v_pool", "mean_key"))
+def compress_kv_op(k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, mean_key: Tensor, block_slot: Tensor,
+                   t0: Tensor, row0: int, frames: int, height: int, width: int, backend: str) -> None:
+    fn = BACKENDS.implementation(k.device, backend)
+    fn(k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames, height, width)
+
+
+@compress_kv_op.register_fake
+def compress_kv_fake(k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames, height, width, backend):
+    return None
+
+
+def compress_kv(k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, mean_key: Tensor, block_slot: Tensor,
+                t0: Tensor, row0: int, frames: int, height: int, width: int, backend: str = "auto") -> None:
+    """PackForcing compression: 2x4x4 average pooling of a block's K and V into compressed pool rows.
+
+    Pooled keys are rotated at their window centres (t0 + 2 tc + 0.5, 4 yc + 1.5, 4 xc + 1.5).
+
+    Args:
+        k, v: [B, frames * F, H, D] pre-RoPE block keys / values.
+        k_pool, v_pool: [B, n_rows, H, D]; rows row0 + slot * Nc .. + Nc - 1 are written.
+        mean_key: float32 [B, n_blocks, H, D]; entry ``slot`` receives the mean pooled pre-RoPE key.
+        block_slot, t0: int32/int64 [1] archive slot and first-frame position (device tensors: no host sync).
+    """
+    op = "relaxkv.compress_kv"
+    check_devices(op, k=k, v=v, k_pool=k_pool, v_pool=v_pool, mean_key=mean_key, block_slot=block_slot, t0=t0)
+    check_qkv(op, "k", k)
+    for name, value in (("frames", frames), ("height", height), ("width", width)):
+        check_int(op, name, value, low=1)
+    if frames < POOL_T or height < POOL_Y or width < POOL_X:
+        raise ValueError(f"{op}: block: expected at least {POOL_T}x{POOL_Y}x{POOL_X} (t, y, x) to pool, got "
+                         f"{frames}x{height}x{width}")
+    if k.shape[1] != frames * height * width:
+        raise ValueError(f"{op}: k: expected {frames}*{height}*{width} = {frames * height * width} tokens, got {k.shape[1]}")
+    check_tensor(op, "v", v, shape=tuple(k.shape), dtypes=(k.dtype,))
+    check_pool(op, "k_pool", k_pool, k)
+    check_tensor(op, "v_pool", v_pool, shape=tuple(k_pool.shape), dtypes=(k.dtype,))
+    b, _, h, d = k.shape
+    check_tensor(op, "mean_key", mean_key, shape=(b, None, h, d), dtypes=(torch.float32,))
+    nc = math.prod(compressed_grid(frames, height, width))
+    check_int(op, "row0", row0, low=0, high=k_pool.shape[1] - nc)
+    n_blocks = min(mean_key.shape[1], (k_pool.shape[1] - row0) // nc)
+    check_index(op, "block_slot", block_slot, 1, 0, n_blocks - 1)
+    check_index(op, "t0", t0, 1)
+    torch.ops.relaxkv.compress_kv(k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames, height, width, backend)

@@ -1,0 +1,3 @@
+from .op import dense_attention
+
+__all__ = ["dense_attention"]

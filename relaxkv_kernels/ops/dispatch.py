@@ -1,0 +1,93 @@
+"""Which implementation of an op runs: one explicit backend table per op, one resolution rule.
+
+Each op folder declares its table in ``op.py``, e.g. ::
+
+    def _triton():  # imported on first use: only the Triton backends import triton
+        from .triton import relax_select_triton
+        return relax_select_triton
+
+    BACKENDS = OpBackends("relax_select", reference=relax_select_ref, triton=_triton, cuda=relax_select_cuda)
+
+The backend comes from the call's ``backend`` argument, else ``RELAXKV_BACKEND_<OP>`` (e.g.
+``RELAXKV_BACKEND_SPARSE_KV_ATTENTION=triton``), else ``RELAXKV_BACKEND``, else ``auto``:
+
+    reference  pure PyTorch, CPU and CUDA
+    triton     CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``
+    cuda       the compiled extension ``relaxkv_kernels._C`` (tensors of ``cuda_common.runtime``'s device type)
+    auto       on CUDA the op's ``auto`` preference among the kernels it has, else the reference
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+from ..availability import cuda_extension, interpreter_enabled, triton_available
+from . import cuda_common
+
+BACKENDS = ("auto", "reference", "triton", "cuda")
+
+
+class OpBackends:
+    """The implementations of one op by backend.
+
+    Args:
+        op: the op name (``relaxkv::<op>``).
+        reference: the pure-PyTorch implementation.
+        triton: a loader returning the Triton launcher (imports triton), or None.
+        cuda: the wrapper of the ``_C`` launcher, or None.
+        auto: the kernels ``auto`` tries on CUDA, in order.
+    """
+
+    def __init__(self, op: str, *, reference: Callable, triton: Callable[[], Callable] | None = None,
+                 cuda: Callable | None = None, auto: tuple[str, ...] = ("triton", "cuda")):
+        self.op, self.reference, self.triton, self.cuda, self.auto = op, reference, triton, cuda, auto
+
+    def resolve(self, device: torch.device, backend: str = "auto") -> str:
+        """The backend that runs the op for tensors on ``device``."""
+        op = f"relaxkv.{self.op}"
+        if backend == "auto":
+            backend = os.environ.get(f"RELAXKV_BACKEND_{self.op.upper()}") or os.environ.get("RELAXKV_BACKEND", "auto")
+        if backend not in BACKENDS:
+            raise ValueError(f"{op}: backend: expected one of {BACKENDS}, got {backend!r}")
+        if backend == "auto":
+            if device.type == "cuda":
+                for name in self.auto:
+                    if name == "triton" and self.triton is not None and triton_available():
+                        return "triton"
+                    if name == "cuda" and self.cuda is not None and cuda_extension() is not None:
+                        return "cuda"
+            return "reference"
+        if backend == "triton":
+            if self.triton is None:
+                raise RuntimeError(f"{op}: backend 'triton': no Triton kernel for this op (use 'cuda' or 'reference')")
+            if not (triton_available() and (device.type == "cuda" or interpreter_enabled())):
+                raise RuntimeError(f"{op}: backend 'triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1 "
+                                   f"on CPU), got device {device}")
+        if backend == "cuda" and (self.cuda is None or device.type != cuda_common.runtime.device_type):
+            raise RuntimeError(f"{op}: backend 'cuda' needs a CUDA kernel for this op and CUDA tensors, got {device}")
+        return backend
+
+    def implementation(self, device: torch.device, backend: str = "auto") -> Callable:
+        """The function that computes the op on ``device`` with ``backend``."""
+        name = self.resolve(device, backend)
+        if name == "reference":
+            return self.reference
+        if name == "triton":
+            return self.triton()
+        return self.cuda
+
+
+def inference_only(name: str) -> None:
+    """Make a backward through the functional custom op ``name`` (``relaxkv::<op>``) fail with a clear message.
+
+    (Ops that mutate their arguments cannot carry an autograd formula; torch already refuses to
+    differentiate through them, naming the op.)
+    """
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{name} is inference-only: the relaxkv ops have no backward (run them under "
+                           "torch.no_grad() / torch.inference_mode())")
+
+    torch.library.register_autograd(name, backward)

@@ -1,0 +1,3 @@
+from .op import gather_kv_rope, gather_kv_rope_into
+
+__all__ = ["gather_kv_rope", "gather_kv_rope_into"]

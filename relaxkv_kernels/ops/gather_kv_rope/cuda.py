@@ -1,0 +1,55 @@
+"""gather_kv_rope through the CUDA extension (kernel: csrc/gather_kv_rope.cuh, launcher: csrc/gather_kv_rope.cu)."""
+from __future__ import annotations
+
+import torch
+
+from ..checks import require
+from ..cuda_common import Launch, unit_last_stride
+
+_OP = "gather_kv_rope_cuda"
+
+
+def gather_kv_rope_cuda(k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch.Tensor, k_out: torch.Tensor,
+                        v_out: torch.Tensor) -> None:
+    r"""K (temporal delta-rotated) and V of every segment, concatenated into ``k_out`` / ``v_out``: one launch.
+
+    For batch element b, segments s = (start, length, delta) of ``seg[b]`` in table order
+    (length 0 skipped):
+
+        k[b] = cat_s R_t(delta_s) k_pool[b, start_s : start_s + length_s]
+        v[b] = cat_s v_pool[b, start_s : start_s + length_s]
+
+    R_t rotates the temporal RoPE pairs only (fp32 angle delta * inv_freq, sincosf once per output
+    row, reused by every head). 16-byte loads and stores when the pools allow them. The table stays
+    on the device: each block scans its lengths in shared memory (no host sync). ``total`` must equal
+    sum(length) of every batch element (host-known from the plan; checked for CPU tables by the
+    public op): rows the table does not cover come out as NaN, and nothing is read or written out of
+    bounds.
+
+    Args:
+        k_pool, v_pool: [B, n_rows, H, D] (fp16 / bf16 / fp32, same dtype), any strides (rows of unit stride
+            are read in place; others are copied first).
+        seg: int32 [B, n_seg, 3] segment table (start_row, length, delta).
+        k_out, v_out: [B, total, H, D] of the pools' dtype, written in place: rows contiguous within a
+            batch element (a slice of a longer buffer along dim 1 is fine), the same strides for both.
+
+    Example:
+        >>> kp = torch.randn(1, 8 * 1560, 12, 128, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
+        >>> seg = torch.tensor([[[0, 1560, 4], [3120, 3120, 0]]], dtype=torch.int32, device="cuda")
+        >>> k, v = torch.empty(1, 4680, 12, 128, device="cuda", dtype=torch.bfloat16), torch.empty_like(k)
+        >>> gather_kv_rope_cuda(kp, kp, seg, k, v)
+    """
+    b, n_rows, h, d = k_pool.shape
+    total = k_out.shape[1]
+    for name, t in (("k_out", k_out), ("v_out", v_out)):
+        require(f"relaxkv {_OP}", t.stride()[1:] == (h * d, d, 1) and t.stride(0) == k_out.stride(0),
+                f"{name}: expected rows contiguous within a batch element, strides (*, {h * d}, {d}, 1) equal for "
+                f"k_out and v_out, got {t.stride()}")
+    k_pool, v_pool = unit_last_stride(k_pool), unit_last_stride(v_pool)
+    launch = Launch(_OP, k_pool.device)
+    with launch as (ext, stream):
+        ext.gather_kv_rope_cuda(
+            k_pool.data_ptr(), v_pool.data_ptr(), seg.data_ptr(), k_out.data_ptr(), v_out.data_ptr(), b, n_rows, h, d,
+            seg.shape[1], total, *k_pool.stride()[:3], *v_pool.stride()[:3], *seg.stride(), k_out.stride(0),
+            launch.code(k_pool.dtype), stream,
+        )

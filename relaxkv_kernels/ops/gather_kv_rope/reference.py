@@ -1,0 +1,64 @@
+"""gather_kv_rope reference: K/V rows listed by a segment table, keys delta-rotated (float64 RoPE math).
+
+Segment table ``seg``: int32 [B, n_seg, 3], one row per segment ``(start_row, length, delta)``.
+Segment ``s`` of batch element ``b`` covers pool rows ``start .. start + length - 1``; its keys were
+stored rotated at their write-time positions and are rotated again by the temporal shift ``delta``
+(frames) on load. ``length == 0`` marks an unused segment (fixed table shapes for CUDA graphs).
+"""
+from __future__ import annotations
+
+import torch
+
+from ...geometry import apply_delta_rope
+
+
+def gather_segments_ref(k_pool: torch.Tensor, v_pool: torch.Tensor,
+                        seg_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K (delta-rotated) and V of one batch element's segments, in table order.
+
+    Args:
+        k_pool, v_pool: [n_rows, H, D] of one batch element.
+        seg_b: int [n_seg, 3] (start_row, length, delta).
+
+    Returns:
+        (k, v): [sum(length), H, D] each, dtype of the pool.
+    """
+    rows, deltas = [], []
+    for start, length, delta in seg_b.tolist():
+        rows.append(torch.arange(start, start + length, device=k_pool.device))
+        deltas.append(torch.full((length,), delta, dtype=torch.float64, device=k_pool.device))
+    rows = torch.cat(rows)
+    return apply_delta_rope(k_pool.index_select(0, rows), torch.cat(deltas)), v_pool.index_select(0, rows)
+
+
+def gather_kv_rope_ref(k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch.Tensor,
+                       total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K (temporal delta-rotated, float64 math) and V of every batch element's segments, concatenated.
+
+    k[b] = cat_s R_t(delta_s) k_pool[b, start_s : start_s + len_s], v[b] likewise without rotation,
+    segments in table order, zero-length ones skipped (:func:`gather_segments_ref` per batch element).
+
+    Args:
+        k_pool, v_pool: [B, n_rows, H, D] cache pools (keys rotated at write time).
+        seg: int32 [B, n_seg, 3] segment table (start_row, length, delta).
+        total: rows per batch element; must equal sum(length) of every batch element.
+
+    Returns:
+        (k, v): [B, total, H, D] each, contiguous, dtype of the pools.
+    """
+    ks, vs = [], []
+    for b in range(k_pool.shape[0]):
+        k, v = gather_segments_ref(k_pool[b], v_pool[b], seg[b].cpu())
+        if k.shape[0] != total:
+            raise ValueError(f"gather_kv_rope_ref: seg: expected {total} rows (total) for batch element {b}, got {k.shape[0]}")
+        ks.append(k)
+        vs.append(v)
+    return torch.stack(ks).contiguous(), torch.stack(vs).contiguous()
+
+
+def gather_kv_rope_into_ref(k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch.Tensor, k_out: torch.Tensor,
+                            v_out: torch.Tensor) -> None:
+    """:func:`gather_kv_rope_ref` written into ``k_out`` / ``v_out`` [B, total, H, D] in place."""
+    k, v = gather_kv_rope_ref(k_pool, v_pool, seg, k_out.shape[1])
+    k_out.copy_(k)
+    v_out.copy_(v)

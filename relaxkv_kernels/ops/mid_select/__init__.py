@@ -1,0 +1,3 @@
+from .op import mid_select
+
+__all__ = ["mid_select"]

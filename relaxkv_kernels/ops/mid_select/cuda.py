@@ -1,0 +1,60 @@
+"""mid_select through the CUDA extension (kernels: csrc/mid_select.cuh, launcher: csrc/mid_select.cu)."""
+from __future__ import annotations
+
+import torch
+
+from ..cuda_common import Launch, unit_last_stride
+
+_OP = "mid_select_cuda"
+
+
+def mid_select_cuda(q: torch.Tensor, mean_key: torch.Tensor, mid_slots: torch.Tensor, block_pos: torch.Tensor,
+                    seg: torch.Tensor, seg_index: int, target_pos: torch.Tensor, row0: int, block_tokens: int,
+                    q_stride: int) -> torch.Tensor:
+    r"""PackForcing mid-block affinities and top-k into the segment table: two launches, no host sync.
+
+    Through the bilinear identity (DESIGN.md 4.3), with Sq = every ``q_stride``-th query token:
+
+        s_m = |Sq| * Nc * mean_{b, h < H/2} qbar[b, h] . mean_key[b, mid_slots[m], h] / sqrt(D)
+
+    qbar is summed in fp32 by a split reduction (grid (splits, H/2, B), 16-byte loads, deterministic
+    order), then one block takes the dot products (a warp per block), the top k = target_pos.numel()
+    (ties to the lower index), re-sorted in time (mid_slots) order, and writes
+    ``seg[b, seg_index + j] = (row0 + slot * Nc, Nc, target_pos[j] - block_pos[slot])`` for every b.
+
+    Args:
+        q: [B, Nq, H, D] pre-RoPE queries (fp16 / bf16 / fp32), any strides.
+        mean_key: float32 [B, n_blocks, H, D] mean compressed key per archive slot.
+        mid_slots: int [M] archive slots of the mid blocks, oldest first (values in [0, n_blocks);
+            an out-of-range slot scores 0 and gets an empty segment).
+        block_pos: int [n_blocks] first-frame position per archive slot.
+        seg: int32 [B, n_seg, 3], rows seg_index .. seg_index + k - 1 written in place.
+        target_pos: int [k] re-packed first-frame positions, 1 <= k <= M.
+        row0: first compressed pool row. block_tokens: Nc. q_stride: query subsample stride.
+
+    Returns:
+        float32 [M] affinities.
+
+    Example:
+        >>> q = torch.randn(1, 6240, 12, 128, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
+        >>> mk = torch.randn(1, 66, 12, 128, device="cuda")
+        >>> seg = torch.zeros(1, 32, 3, dtype=torch.int32, device="cuda")
+        >>> mids = torch.arange(20, device="cuda"); pos = torch.arange(66, device="cuda") * 4
+        >>> s = mid_select_cuda(q, mk, mids, pos, seg, 8, torch.arange(16, device="cuda") * 4 + 32, 24960, 182, 8)
+    """
+    b, n_q, h, d = q.shape
+    q = unit_last_stride(q)
+    mid_slots, block_pos, target_pos = mid_slots.long(), block_pos.long(), target_pos.long()
+    launch = Launch(_OP, q.device)
+    n_split = launch.ext.mid_select_splits(-(-n_q // q_stride))
+    ws = torch.empty(b * (h // 2) * (n_split + 1) * d, dtype=torch.float32, device=q.device)
+    scores = torch.empty(mid_slots.numel(), dtype=torch.float32, device=q.device)
+    with launch as (ext, stream):
+        ext.mid_select_cuda(
+            q.data_ptr(), mean_key.data_ptr(), mid_slots.data_ptr(), block_pos.data_ptr(), target_pos.data_ptr(),
+            seg.data_ptr(), scores.data_ptr(), ws.data_ptr(), b, n_q, h, d, mean_key.shape[1], mid_slots.numel(),
+            target_pos.numel(), seg.shape[1], seg_index, row0, block_tokens, q_stride, n_split,
+            *q.stride()[:3], *mean_key.stride(), mid_slots.stride(0), block_pos.stride(0), target_pos.stride(0),
+            *seg.stride(), scores.stride(0), launch.code(q.dtype), stream,
+        )
+    return scores

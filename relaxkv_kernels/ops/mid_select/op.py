@@ -1,0 +1,71 @@
+"""``relaxkv::mid_select``: registration, fake, backend table and the public function with its checks."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..checks import check_devices, check_index, check_int, check_qkv, check_seg_slice, check_tensor
+from ..dispatch import OpBackends
+from .cuda import mid_select_cuda
+from .reference import mid_select_ref
+
+
+def _triton():
+    from .triton import mid_select_triton
+
+    return mid_select_triton
+
+
+BACKENDS = OpBackends("mid_select", reference=mid_select_ref, triton=_triton, cuda=mid_select_cuda)
+
+
+@torch.library.custom_op("relaxkv::mid_select", mutates_args=("seg",))
+def mid_select_op(q: Tensor, mean_key: Tensor, mid_slots: Tensor, block_pos: Tensor, seg: Tensor, seg_index: int,
+                  target_pos: Tensor, row0: int, block_tokens: int, q_stride: int, backend: str) -> Tensor:
+    fn = BACKENDS.implementation(q.device, backend)
+    return fn(q, mean_key, mid_slots, block_pos, seg, seg_index, target_pos, row0, block_tokens, q_stride)
+
+
+@mid_select_op.register_fake
+def mid_select_fake(q, mean_key, mid_slots, block_pos, seg, seg_index, target_pos, row0, block_tokens, q_stride,
+                    backend):
+    return mean_key.new_empty((mid_slots.shape[0],))
+
+
+def mid_select(q: Tensor, mean_key: Tensor, mid_slots: Tensor, block_pos: Tensor, seg: Tensor, seg_index: int,
+               target_pos: Tensor, row0: int, block_tokens: int, q_stride: int = 1, backend: str = "auto") -> Tensor:
+    """PackForcing Mid-block top-k by query-key affinity, written into the segment table in time order.
+
+    Args:
+        q: [B, Nq, H, D] pre-RoPE queries. mean_key: float32 [B, n_blocks, H, D] mean compressed key per slot.
+        mid_slots: int32/int64 [M] archive slots, oldest first. block_pos: int32/int64 [n_blocks] first-frame position per slot.
+        seg: int32 [B, n_seg, 3]; entries seg_index .. seg_index + k - 1 are written (k = target_pos.numel()).
+        target_pos: int32/int64 [k] re-packed first-frame positions. row0: first compressed pool row.
+        block_tokens: Nc. q_stride: query subsample stride.
+
+    Returns:
+        affinities float32 [M].
+    """
+    op = "relaxkv.mid_select"
+    check_devices(op, q=q, mean_key=mean_key, mid_slots=mid_slots, block_pos=block_pos, seg=seg, target_pos=target_pos)
+    check_qkv(op, "q", q)
+    b, n_q, h, d = q.shape
+    if n_q == 0:
+        raise ValueError(f"{op}: q: expected at least one query token, got shape {tuple(q.shape)}")
+    if h < 2:
+        raise ValueError(f"{op}: q: expected at least 2 heads (the affinity uses the first H/2), got {h}")
+    check_tensor(op, "mean_key", mean_key, shape=(b, None, h, d), dtypes=(torch.float32,))
+    n_blocks = mean_key.shape[1]
+    check_index(op, "mid_slots", mid_slots, None, 0, n_blocks - 1)
+    if mid_slots.numel() == 0:
+        raise ValueError(f"{op}: mid_slots: expected at least one mid block, got none")
+    check_index(op, "block_pos", block_pos, n_blocks)
+    check_index(op, "target_pos", target_pos)
+    if not 1 <= target_pos.numel() <= mid_slots.numel():
+        raise ValueError(f"{op}: target_pos: expected 1 .. {mid_slots.numel()} (mid blocks) entries, got {target_pos.numel()}")
+    check_seg_slice(op, seg, b, seg_index, target_pos.numel())
+    check_int(op, "row0", row0, low=0)
+    check_int(op, "block_tokens", block_tokens, low=1)
+    check_int(op, "q_stride", q_stride, low=1, high=n_q)
+    return torch.ops.relaxkv.mid_select(q, mean_key, mid_slots, block_pos, seg, seg_index, target_pos, row0,
+                                        block_tokens, q_stride, backend)

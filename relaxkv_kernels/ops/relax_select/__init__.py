@@ -1,0 +1,3 @@
+from .op import relax_select
+
+__all__ = ["relax_select"]

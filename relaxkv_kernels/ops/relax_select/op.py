@@ -1,0 +1,68 @@
+"""``relaxkv::relax_select``: registration, fake, backend table and the public function with its checks."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..checks import check_devices, check_finite, check_index, check_int, check_seg_slice, check_tensor
+from ..dispatch import OpBackends
+from .cuda import relax_select_cuda
+from .reference import relax_select_ref
+
+
+def _triton():
+    from .triton import relax_select_triton
+
+    return relax_select_triton
+
+
+BACKENDS = OpBackends("relax_select", reference=relax_select_ref, triton=_triton, cuda=relax_select_cuda)
+
+
+@torch.library.custom_op("relaxkv::relax_select", mutates_args=("seg",))
+def relax_select_op(proto: Tensor, slot_pos: Tensor, sink_slots: Tensor, tail_slots: Tensor, cand_slots: Tensor,
+                    seg: Tensor, seg_index: int, target_pos: Tensor, frame_tokens: int, lam: float,
+                    batch0_decides: bool, contiguous: bool, backend: str) -> Tensor:
+    fn = BACKENDS.implementation(proto.device, backend)
+    return fn(proto, slot_pos, sink_slots, tail_slots, cand_slots, seg, seg_index, target_pos, frame_tokens, lam,
+              batch0_decides, contiguous)
+
+
+@relax_select_op.register_fake
+def relax_select_fake(proto, slot_pos, sink_slots, tail_slots, cand_slots, seg, seg_index, target_pos, frame_tokens,
+                      lam, batch0_decides, contiguous, backend):
+    return proto.new_empty((proto.shape[0], cand_slots.shape[0]))
+
+
+def relax_select(proto: Tensor, slot_pos: Tensor, sink_slots: Tensor, tail_slots: Tensor, cand_slots: Tensor,
+                 seg: Tensor, seg_index: int, target_pos: Tensor, frame_tokens: int, lam: float = 2.0,
+                 batch0_decides: bool = False, contiguous: bool = False, backend: str = "auto") -> Tensor:
+    """Relax Forcing selection: r(h) = <p_h, p_sink> - lam * <p_h, p_tail>, top-H into the segment table.
+
+    Args:
+        proto: float32 [B, n_slots, D] per-frame means of pre-RoPE keys. slot_pos: int32/int64 [n_slots] write positions.
+        sink_slots, tail_slots, cand_slots: int32/int64 [S], [T], [C'] slots (memory order).
+        seg: int32 [B, n_seg, 3]; entries seg_index .. seg_index + H - 1 are written.
+        target_pos: int32/int64 [H] positions given to the selected frames (hybrid RoPE). frame_tokens: F.
+
+    Returns:
+        scores float32 [B, C'].
+    """
+    op = "relaxkv.relax_select"
+    check_devices(op, proto=proto, slot_pos=slot_pos, sink_slots=sink_slots, tail_slots=tail_slots,
+                  cand_slots=cand_slots, seg=seg, target_pos=target_pos)
+    check_tensor(op, "proto", proto, shape=(None, None, None), dtypes=(torch.float32,))
+    n_slots = proto.shape[1]
+    check_index(op, "slot_pos", slot_pos, n_slots)
+    for name, t in (("sink_slots", sink_slots), ("tail_slots", tail_slots), ("cand_slots", cand_slots)):
+        check_index(op, name, t, None, 0, n_slots - 1)
+    if cand_slots.numel() == 0:
+        raise ValueError(f"{op}: cand_slots: expected at least one candidate, got none")
+    check_index(op, "target_pos", target_pos)
+    if not 1 <= target_pos.numel() <= cand_slots.numel():
+        raise ValueError(f"{op}: target_pos: expected 1 .. {cand_slots.numel()} (candidates) entries, got {target_pos.numel()}")
+    check_seg_slice(op, seg, proto.shape[0], seg_index, target_pos.numel())
+    check_int(op, "frame_tokens", frame_tokens, low=1)
+    lam = check_finite(op, "lam", lam)
+    return torch.ops.relaxkv.relax_select(proto, slot_pos, sink_slots, tail_slots, cand_slots, seg, seg_index,
+                                          target_pos, frame_tokens, lam, batch0_decides, contiguous, backend)

@@ -1,0 +1,80 @@
+"""relax_select reference: prototypes, r(h) = S(h) - lambda * R(h), top-H, segment rows (official semantics).
+
+Frames are addressed by their cache slot. The planning rules (candidates, roles, hybrid-RoPE target
+positions) live with the policy, in ``relaxkv_kernels/memory/relax.py``.
+"""
+from __future__ import annotations
+
+import torch
+
+from ...geometry import PROTO_EPS
+
+
+def set_prototype(frame_means: torch.Tensor) -> torch.Tensor:
+    """L2-normalised prototype of a set of frames from their per-frame means [..., n, D] -> [..., D]."""
+    return torch.nn.functional.normalize(frame_means.float().mean(-2), dim=-1, eps=PROTO_EPS)
+
+
+def frame_means_literal(keys: torch.Tensor) -> torch.Tensor:
+    """Per-frame prototype input from raw layer-0 pre-RoPE keys [B, n_frames, F, H, D] -> [B, n_frames, D]."""
+    return keys.float().mean(dim=2).mean(dim=2)
+
+
+def relax_scores_ref(
+    proto: torch.Tensor, sink_slots: torch.Tensor, tail_slots: torch.Tensor, cand_slots: torch.Tensor, lam: float
+) -> torch.Tensor:
+    """r(h) = <p_h, p_sink> - lambda * <p_h, p_tail> for every candidate.
+
+    Args:
+        proto: float32 [B, n_slots, D] per-frame means of pre-RoPE keys (not normalised).
+        sink_slots, tail_slots: int64 [S], [T] (empty: the term is dropped).
+        cand_slots: int64 [C'] in memory order.
+        lam: lambda.
+
+    Returns:
+        float32 [B, C'].
+    """
+    p_h = torch.nn.functional.normalize(proto[:, cand_slots].double(), dim=-1, eps=PROTO_EPS)
+    score = torch.zeros(p_h.shape[:2], dtype=torch.float64, device=proto.device)
+    if sink_slots.numel():
+        score += (p_h * set_prototype(proto[:, sink_slots]).double()[:, None]).sum(-1)
+    if tail_slots.numel():
+        score -= lam * (p_h * set_prototype(proto[:, tail_slots]).double()[:, None]).sum(-1)
+    return score.float()
+
+
+def top_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores per row [B, n] -> [B, k], ties to the lower index, sorted ascending."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    return order[:, :k].sort(dim=-1).values
+
+
+def relax_select_ref(proto: torch.Tensor, slot_pos: torch.Tensor, sink_slots: torch.Tensor, tail_slots: torch.Tensor,
+                     cand_slots: torch.Tensor, seg: torch.Tensor, seg_index: int, target_pos: torch.Tensor,
+                     frame_tokens: int, lam: float, batch0_decides: bool, contiguous: bool) -> torch.Tensor:
+    """Score the candidates and write the selected history frames into the segment table.
+
+    The H_sel = target_pos.numel() best candidates (per batch element, or batch element 0's choice for
+    all when ``batch0_decides``), in memory order, go to ``seg[:, seg_index + j]`` as
+    ``(slot * F, F, delta)`` with delta = target_pos[j] - slot_pos[slot] (hybrid RoPE) or 0 when
+    ``contiguous`` (keys keep their true position).
+
+    Args:
+        proto: float32 [B, n_slots, D]; slot_pos: int64 [n_slots] write-time frame position per slot.
+        sink_slots, tail_slots, cand_slots: int64 [S], [T], [C'].
+        seg: int32 [B, n_seg, 3], written in place.
+        target_pos: int64 [H_sel]. frame_tokens: F.
+
+    Returns:
+        scores float32 [B, C'].
+    """
+    scores = relax_scores_ref(proto, sink_slots, tail_slots, cand_slots, lam)
+    pick = top_in_order(scores[:1] if batch0_decides else scores, target_pos.numel())
+    pick = pick.expand(scores.shape[0], -1)
+    slots = cand_slots[pick]  # [B, H_sel]
+    delta = torch.zeros_like(slots) if contiguous else target_pos[None] - slot_pos[slots]
+    n = target_pos.numel()
+    seg[:, seg_index : seg_index + n, 0] = (slots * frame_tokens).to(seg.dtype)
+    seg[:, seg_index : seg_index + n, 1] = frame_tokens
+    seg[:, seg_index : seg_index + n, 2] = delta.to(seg.dtype)
+    return scores

@@ -1,0 +1,3 @@
+from .op import rope_append
+
+__all__ = ["rope_append"]

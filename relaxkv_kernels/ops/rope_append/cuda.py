@@ -1,0 +1,70 @@
+"""rope_append through the CUDA extension (kernel: csrc/rope_append.cuh, launcher: csrc/rope_append.cu)."""
+from __future__ import annotations
+
+import torch
+
+from ..cuda_common import Launch, check_written, unit_last_stride
+
+_OP = "rope_append_cuda"
+
+
+def rope_append_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, proto: torch.Tensor | None, frame_slot: torch.Tensor, frame_pos: torch.Tensor,
+                     height: int, width: int) -> torch.Tensor:
+    r"""Rotate a chunk's queries, and write its keys, values and frame prototypes into the cache.
+
+    One launch (plus a tiny kernel zeroing the written proto rows) on the current stream. With
+    F = height * width tokens per frame, token n = u * F + y * width + x of chunk frame u:
+
+        q_rot[b, n]                    = rope(q[b, n])  at (frame_pos[u], y, x)
+        k_cache[b, frame_slot[u]*F + i] = rope(k[b, u*F + i]) at the same positions
+        v_cache[b, frame_slot[u]*F + i] = v[b, u*F + i]
+        proto[b, frame_slot[u]]         = mean_{i < F, h < H} k[b, u*F + i, h]   (pre-RoPE, fp32,
+                                                                              not normalised)
+
+    rope is Wan's 3D RoPE (relaxkv_kernels/geometry.py): inverse frequencies built in float64
+    on the host and rounded to float32, angle = position * inv_freq in float32, sincosf, rotation in
+    float32, one rounding to the storage dtype. proto is accumulated with fp32 atomics (summation
+    order varies: ~1e-7 relative run-to-run noise).
+
+    Args:
+        q, k, v: [B, U*F, H, D], float16 / bfloat16 / float32, any strides.
+        k_cache, v_cache: [B, n_rows, H, D], dtype of k, stride(-1) == 1; slot s is rows
+            s*F .. s*F+F-1, so n_rows >= n_slots * F. Written in place.
+        proto: [B, n_slots, D] float32, stride(-1) == 1. Rows frame_slot[u] written in place. None: no
+            prototypes (the kernel skips the sums).
+        frame_slot: int32/int64 [U], cache slot of each chunk frame, distinct, in [0, n_slots). Not checked
+            on the host (that would synchronise); the kernel skips the cache and proto writes of an
+            out-of-range slot rather than write out of bounds.
+        frame_pos: int32/int64 [U], temporal RoPE position of each chunk frame.
+        height, width: token grid of one frame.
+
+    Returns:
+        q_rot: [B, U*F, H, D] contiguous, dtype of q.
+
+    Example:
+        >>> B, U, h, w, H, D = 1, 3, 30, 52, 12, 128  # doctest: +SKIP
+        >>> q, k, v = (torch.randn(B, U * h * w, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        >>> k_cache = torch.empty(B, 8 * h * w, H, D, device="cuda", dtype=torch.bfloat16)
+        >>> v_cache, proto = torch.empty_like(k_cache), torch.empty(B, 8, D, device="cuda")
+        >>> slot = torch.tensor([5, 6, 7], device="cuda"); pos = torch.tensor([5, 6, 7], device="cuda")
+        >>> q_rot = rope_append_cuda(q, k, v, k_cache, v_cache, proto, slot, pos, h, w)
+    """
+    b, n, h, d = q.shape
+    f = height * width
+    check_written(_OP, k_cache=k_cache, v_cache=v_cache, **({} if proto is None else {"proto": proto}))
+    q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
+    frame_slot, frame_pos = frame_slot.long(), frame_pos.long()
+    n_slots = k_cache.shape[1] // f if proto is None else min(proto.shape[1], k_cache.shape[1] // f)  # written slots
+    q_rot = torch.empty((b, n, h, d), dtype=q.dtype, device=q.device)
+    launch = Launch(_OP, q.device)
+    with launch as (ext, stream):
+        ext.rope_append_cuda(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), q_rot.data_ptr(), k_cache.data_ptr(),
+            v_cache.data_ptr(), 0 if proto is None else proto.data_ptr(), frame_slot.data_ptr(), frame_pos.data_ptr(),
+            b, frame_slot.numel(), height, width, h, d, k_cache.shape[1], n_slots,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *q_rot.stride()[:3],
+            *k_cache.stride()[:3], *v_cache.stride()[:3], *((0, 0) if proto is None else proto.stride()[:2]),
+            frame_slot.stride(0), frame_pos.stride(0), launch.code(q.dtype), stream,
+        )
+    return q_rot

@@ -1,0 +1,81 @@
+"""``relaxkv::sparse_kv_attention``: registration, fake, backend table and the public function with its checks."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..checks import check_devices, check_finite, check_pool, check_qkv, check_seg, check_tensor, check_total
+from ..dense_attention.op import dense_attention_op, resolve_engine
+from ..dispatch import OpBackends, inference_only
+from ..gather_kv_rope.op import gather_kv_rope_op
+from .reference import sparse_kv_attention_ref
+
+IMPLS = ("auto", "fused", "gather")
+
+
+def _triton():
+    from .triton import sparse_kv_attention_triton
+
+    return sparse_kv_attention_triton
+
+
+BACKENDS = OpBackends("sparse_kv_attention", reference=sparse_kv_attention_ref, triton=_triton)
+
+
+@torch.library.custom_op("relaxkv::sparse_kv_attention", mutates_args=())
+def sparse_kv_attention_op(q: Tensor, k_pool: Tensor, v_pool: Tensor, seg: Tensor, scale: float,
+                           backend: str) -> Tensor:
+    return BACKENDS.implementation(q.device, backend)(q, k_pool, v_pool, seg, scale)
+
+
+@sparse_kv_attention_op.register_fake
+def sparse_kv_attention_fake(q, k_pool, v_pool, seg, scale, backend):
+    return q.new_empty(q.shape)
+
+
+inference_only("relaxkv::sparse_kv_attention")
+
+
+def sparse_kv_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, seg: Tensor, scale: float | None = None,
+                        backend: str = "auto", impl: str = "auto", total: int | None = None,
+                        engine: str = "auto") -> Tensor:
+    """Attention of q over the K/V rows listed by a device-side segment table, RoPE re-indexed on load.
+
+    out = softmax(q K^T * scale) V, K = concat over segments s of R_t(delta_s) k_pool[start_s : start_s + len_s]
+    (R_t: temporal-only RoPE rotation), fp32 accumulation.
+
+    Args:
+        q: [B, Nq, H, D] rotated queries. k_pool, v_pool: [B, n_rows, H, D], same dtype as q.
+        seg: int32 [B, n_seg, 3] rows (start_row, length, delta); length 0 = unused entry.
+        scale: softmax scale, default D ** -0.5.
+        backend: backend of the relaxkv ops that run (reference / triton / cuda / auto).
+        impl: "fused" (one segment-table kernel, no copy), "gather" (:func:`gather_kv_rope` into
+            contiguous K/V, then :func:`dense_attention` with ``engine``), or "auto": "gather" on CUDA
+            when ``total`` is given outside torch.compile (H100, 2026-11-27: gather + cuDNN 103 ms against
+            145 ms fused per relax chunk), else "fused".
+        total: keys per batch element, sum of the table's lengths (host-known from the plan);
+            required by "gather".
+        engine: attention engine of "gather" (see :func:`dense_attention`).
+
+    Returns:
+        [B, Nq, H, D] in q.dtype.
+    """
+    op = "relaxkv.sparse_kv_attention"
+    check_devices(op, q=q, k_pool=k_pool, v_pool=v_pool, seg=seg)
+    check_qkv(op, "q", q)
+    check_pool(op, "k_pool", k_pool, q)
+    check_tensor(op, "v_pool", v_pool, shape=tuple(k_pool.shape), dtypes=(q.dtype,))
+    check_seg(op, seg, q.shape[0], k_pool.shape[1])
+    scale = q.shape[-1] ** -0.5 if scale is None else check_finite(op, "scale", scale)
+    if impl not in IMPLS:
+        raise ValueError(f"{op}: impl: expected one of {IMPLS}, got {impl!r}")
+    if total is not None:
+        check_total(op, seg, total)
+    elif impl == "gather":
+        raise ValueError(f"{op}: total: required for impl='gather' (keys per batch element, sum of segment lengths)")
+    if impl == "auto":
+        impl = "gather" if q.is_cuda and total is not None and not torch.compiler.is_compiling() else "fused"
+    if impl == "fused":
+        return sparse_kv_attention_op(q, k_pool, v_pool, seg, scale, backend)
+    k, v = gather_kv_rope_op(k_pool, v_pool, seg, total, backend)
+    return dense_attention_op(q, k, v, scale, resolve_engine(engine, q.device, q.dtype, q.shape[-1], q.shape[1], total))

@@ -1,0 +1,175 @@
+"""Segment-table flash attention: K/V read in place from the cache pools, temporal delta RoPE folded into Q.
+
+Keys of segment s were stored rotated at their write-time positions and must be rotated again by the
+segment's temporal shift ``delta`` (DESIGN.md 5). Rotations are orthogonal, so
+``q . R(delta) k == R(-delta) q . k``: the kernel rotates its Q tile once per segment (BM x D work)
+instead of every K tile (length x D work), and never copies or re-rotates the cache.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...availability import interpreter_enabled
+from ..checks import require
+from ..triton_common import _cos_sin, inv_freq_table, pair_split
+
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) == exp2(x * LOG2E); exp2 is the native instruction
+
+
+def _configs() -> list[triton.Config]:
+    if interpreter_enabled():  # multi-config autotune needs a GPU driver; small tiles keep CPU tests fast
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=1, num_stages=1)]
+    # D = 128 fp16/bf16 on H100: 128 x 64 tiles, 8 warps, 3 stages is the usual sweet spot (FA2 tutorial);
+    # the smaller ones serve D = 64 and short query counts. 128 x 64 at 4 warps is left out: ptxas (sm_90a,
+    # Triton 3.9, benchmarks/ptxas_report.py) gives it 592 B of stack at D = 128, against 32 B at 8 warps.
+    return [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    ]
+
+
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "N_Q"])
+@triton.jit
+def _sparse_kv_attention_kernel(
+    # pointers
+    q, k_pool, v_pool, seg, inv_freq, out,
+    # sizes and scalars
+    sm_scale, N_Q, N_SEG, N_HEADS, HEAD_DIM,
+    # strides
+    s_qb, s_qn, s_qh, s_qd,
+    s_kb, s_kn, s_kh, s_kd,
+    s_vb, s_vn, s_vh, s_vd,
+    s_sb, s_ss, s_sf,
+    s_ob, s_on, s_oh, s_od,
+    # meta-parameters
+    N_T: tl.constexpr,  # temporal pairs (the only ones a delta turns)
+    BLOCK_D: tl.constexpr,
+    HALF_D: tl.constexpr,  # BLOCK_D // 2, >= 2 * N_T
+    UPCAST: tl.constexpr,  # do the dots in fp32 (bf16 under the interpreter, where bf16 math is broken)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // N_HEADS).to(tl.int64)
+    i_h = (i_bh % N_HEADS).to(tl.int64)
+    qk_scale = tl.cast(sm_scale, tl.float32) * LOG2E  # host floats may arrive as fp64 (Inductor): keep fp32
+
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    o_n = tl.arange(0, BLOCK_N)  # [BN]
+    # head dims in two halves: every temporal pair (the only ones a delta turns: 44 of 128 dims) lies in
+    # the first, so only that half of the Q tile is re-rotated per segment; the second stays as loaded.
+    # ptxas, sm_90a, bf16 D = 128, 128x64 tiles, 8 warps, 3 stages (benchmarks/ptxas_report.py):
+    # 246 registers and 32 B of stack, against 255 and 312 B of spills with one full-width rotated tile
+    o_a = tl.arange(0, HALF_D)  # [BH] dims 0 .. BD/2-1
+    o_b = HALF_D + tl.arange(0, HALF_D)  # [BH] dims BD/2 .. BD-1
+    m_m = o_m < N_Q
+    m_a = o_a < HEAD_DIM
+    m_b = o_b < HEAD_DIM
+    o_v = tl.arange(0, BLOCK_D)  # [BD]
+    m_v = o_v < HEAD_DIM
+
+    p_q = q + i_b * s_qb + i_h * s_qh + o_m.to(tl.int64)[:, None] * s_qn
+    # q_perp[2i] = -q[2i+1], q_perp[2i+1] = q[2i]: the same tile read through swapped columns, sign applied later
+    b_qa = tl.load(p_q + o_a[None, :] * s_qd, mask=m_m[:, None] & m_a[None, :], other=0.0)  # [BM, BH]
+    b_qp = tl.load(p_q + (o_a ^ 1)[None, :] * s_qd, mask=m_m[:, None] & m_a[None, :], other=0.0)  # [BM, BH]
+    b_qb = tl.load(p_q + o_b[None, :] * s_qd, mask=m_m[:, None] & m_b[None, :], other=0.0)  # [BM, BH]
+    if UPCAST:
+        b_qb = b_qb.to(tl.float32)
+    b_sign = tl.where(o_a % 2 == 0, -1.0, 1.0)  # [BH]
+    # inverse frequency of the temporal pair of each lane; 0 elsewhere, so cos = 1, sin = 0 exactly there
+    b_inv = tl.load(inv_freq + o_a // 2, mask=(o_a // 2) < N_T, other=0.0)  # [BH]
+
+    p_k = k_pool + i_b * s_kb + i_h * s_kh
+    p_ka = p_k + o_a[:, None] * s_kd  # [BH, 1]
+    p_kb = p_k + o_b[:, None] * s_kd  # [BH, 1]
+    p_v = v_pool + i_b * s_vb + i_h * s_vh + o_v[None, :] * s_vd  # [1, BD]
+    p_seg = seg + i_b * s_sb
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for i_s in range(N_SEG):
+        start = tl.load(p_seg + i_s * s_ss).to(tl.int64)
+        length = tl.load(p_seg + i_s * s_ss + s_sf)
+        delta = tl.load(p_seg + i_s * s_ss + 2 * s_sf).to(tl.float32)
+        # R(-delta) q = q cos - q_perp sin on the temporal pairs (fp32); delta = 0 leaves q bit-exact
+        b_cos, b_sin = _cos_sin(delta * b_inv)  # [BH]
+        b_qr = b_qa.to(tl.float32) * b_cos[None, :] - b_qp.to(tl.float32) * b_sign[None, :] * b_sin[None, :]
+        if not UPCAST:
+            b_qr = b_qr.to(k_pool.dtype.element_ty)
+        for i_n in range(0, length, BLOCK_N):  # length 0: no iteration
+            o_r = i_n + o_n  # [BN] row inside the segment
+            m_n = o_r < length
+            rows = start + o_r.to(tl.int64)
+            b_ka = tl.load(p_ka + rows[None, :] * s_kn, mask=m_a[:, None] & m_n[None, :], other=0.0)  # [BH, BN]
+            b_kb = tl.load(p_kb + rows[None, :] * s_kn, mask=m_b[:, None] & m_n[None, :], other=0.0)  # [BH, BN]
+            b_v = tl.load(p_v + rows[:, None] * s_vn, mask=m_n[:, None] & m_v[None, :], other=0.0)  # [BN, BD]
+            if UPCAST:
+                b_ka = b_ka.to(tl.float32)
+                b_kb = b_kb.to(tl.float32)
+                b_v = b_v.to(tl.float32)
+            b_s = tl.dot(b_qr, b_ka, input_precision="ieee")  # [BM, BN] fp32
+            b_s = tl.dot(b_qb, b_kb, b_s, input_precision="ieee")
+            b_s = tl.where(m_n[None, :], b_s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(b_s, 1))  # [BM]
+            # each tile has >= 1 valid column, so m_new is finite; the guard keeps -inf - -inf out regardless
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_safe)  # [BM]
+            b_p = tl.math.exp2(b_s - m_safe[:, None])  # [BM, BN]
+            l_i = l_i * alpha + tl.sum(b_p, 1)
+            acc = tl.dot(b_p.to(b_v.dtype), b_v, acc * alpha[:, None], input_precision="ieee")  # [BM, BD]
+            m_i = m_new
+
+    acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # no key at all (every length 0): zeros, like the reference
+    p_o = out + i_b * s_ob + i_h * s_oh + o_m.to(tl.int64)[:, None] * s_on + o_v[None, :] * s_od
+    tl.store(p_o, acc.to(out.dtype.element_ty), mask=m_m[:, None] & m_v[None, :])
+
+
+def sparse_kv_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch.Tensor,
+                               scale: float) -> torch.Tensor:
+    """softmax(q K^T * scale) V over the segments of ``seg``, keys delta-rotated on the fly (fp32 accumulation).
+
+    For batch element b, the keys are the pool rows of every segment (start_row, length, delta) of
+    ``seg[b]`` in table order, segment s's keys rotated by ``delta`` on their temporal pairs:
+    ``out[b, i, h] = sum_j softmax_j(q[b, i, h] . R(delta_j) k[b, j, h] * scale) v[b, j, h]``.
+    Implemented as ``R(-delta_s) q . k``: Q is re-rotated once per segment, K/V are read in place.
+    Segments of length 0 are skipped; a batch element with no key at all gets zeros.
+
+    Args:
+        q: [B, Nq, H, D] queries, already rotated (fp16, bf16 or fp32; any strides).
+        k_pool, v_pool: [B, n_rows, H, D] cache pools of q's dtype, keys rotated at write time.
+        seg: int32 [B, n_seg, 3] segment table (start_row, length, delta) on q's device; read in the kernel
+            (no host synchronisation). Rows must lie inside the pools (not checked: that would need a sync).
+        scale: softmax scale (usually D ** -0.5).
+
+    Returns:
+        out: [B, Nq, H, D], dtype of q.
+
+    Example:
+        >>> q = torch.randn(1, 16, 2, 32); kp = torch.randn(1, 40, 2, 32); vp = torch.randn(1, 40, 2, 32)
+        >>> seg = torch.tensor([[[0, 16, -3], [20, 20, 0]]], dtype=torch.int32)
+        >>> out = sparse_kv_attention_triton(q, kp, vp, seg, 32 ** -0.5)  # [1, 16, 2, 32]
+    """
+    b, n_q, h, d = q.shape
+    require("sparse_kv_attention_triton", d >= 16, f"q: expected head_dim >= 16 (tl.dot tiles), got {d}")
+    out = torch.empty((b, n_q, h, d), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    n_t, _ = pair_split(d)
+    block_d = max(32, triton.next_power_of_2(d))
+    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)  # noqa: E731
+    _sparse_kv_attention_kernel[grid](
+        q, k_pool, v_pool, seg, inv_freq_table(d, q.device), out,
+        float(scale), n_q, seg.shape[1], h, d,
+        *q.stride(), *k_pool.stride(), *v_pool.stride(), *seg.stride(), *out.stride(),
+        N_T=n_t,
+        BLOCK_D=block_d,
+        HALF_D=block_d // 2,
+        UPCAST=interpreter_enabled() and q.dtype == torch.bfloat16,
+    )
+    return out

@@ -1,0 +1,129 @@
+"""Shared pieces of the Triton kernels: the RoPE inverse-frequency table, angle reduction, pair rotation, top-k.
+
+One copy, used by the attention (temporal delta on Q), compression (window-centre positions) and
+append (token positions) kernels. Angles are computed in fp32 as ``position * inv_freq`` with the
+table rounded once from float64 (``rope_inv_freq``), then reduced to [-pi, pi] before cos/sin, so
+GPU ``cos``/``sin`` never see a large argument (``width`` pair 0 reaches ~52 rad, temporal pairs
+several hundred).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..geometry import rope_inv_freq, rope_pair_split
+
+TWO_PI_INV = tl.constexpr(0.15915494309189535)  # 1 / (2 pi)
+TWO_PI_HI = tl.constexpr(6.28125)  # 2 pi split in two fp32 parts (Cody-Waite): HI has 8 significant bits, so k * HI is exact
+TWO_PI_LO = tl.constexpr(0.0019353071795864769)  # 2 pi - TWO_PI_HI
+
+_INV_FREQ_CACHE: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def inv_freq_table(head_dim: int, device: torch.device) -> torch.Tensor:
+    """fp32 [D/2] inverse frequency of every pair (axes t, h, w), rounded once from float64, cached per device.
+
+    Built with device-side torch ops only (no host-to-device copy), so a first call inside CUDA-graph
+    capture is safe.
+    """
+    key = (head_dim, str(device))
+    table = _INV_FREQ_CACHE.get(key)
+    if table is None:
+        table = rope_inv_freq(head_dim, device=device).to(torch.float32)
+        _INV_FREQ_CACHE[key] = table
+    return table
+
+
+def pair_split(head_dim: int) -> tuple[int, int]:
+    """(temporal, height) pair counts for ``head_dim``; width takes the rest."""
+    n_t, n_h, _ = rope_pair_split(head_dim)
+    return n_t, n_h
+
+
+@triton.jit
+def _cos_sin(angle):
+    """cos and sin of fp32 angles of any size: reduce to [-pi, pi] first (two-part 2 pi), then evaluate."""
+    k = tl.floor(angle * TWO_PI_INV + 0.5)
+    r = angle - k * TWO_PI_HI
+    r = r - k * TWO_PI_LO
+    return tl.cos(r), tl.sin(r)
+
+
+@triton.jit
+def _rope_rotate(x, pos_t, pos_y, pos_x, p_inv, N_T: tl.constexpr, N_H: tl.constexpr, HALF_D,
+                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rotate the interleaved pairs of fp32 ``x`` [BT, BD] at positions (t, y, x), each fp32 [BT].
+
+    Pair p < N_T turns by pos_t * inv[p], N_T <= p < N_T + N_H by pos_y * inv[p], the rest by pos_x * inv[p].
+    Padding pairs (p >= HALF_D) get angle 0 (their lanes are masked by the caller anyway).
+    """
+    BLOCK_P: tl.constexpr = BLOCK_D // 2
+    o_p = tl.arange(0, BLOCK_P)
+    b_inv = tl.load(p_inv + o_p, mask=o_p < HALF_D, other=0.0)  # [BP]
+    pos = tl.where((o_p < N_T)[None, :], pos_t[:, None],
+                   tl.where((o_p < N_T + N_H)[None, :], pos_y[:, None], pos_x[:, None]))  # [BT, BP]
+    b_cos, b_sin = _cos_sin(pos * b_inv[None, :])  # [BT, BP]
+    x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_T, BLOCK_P, 2)))  # [BT, BP] each
+    rot = tl.join(x_even * b_cos - x_odd * b_sin, x_even * b_sin + x_odd * b_cos)  # [BT, BP, 2]
+    return tl.reshape(rot, (BLOCK_T, BLOCK_D))
+
+
+@triton.jit
+def _top_k_mask(b_x, m_valid, K, BLOCK: tl.constexpr):
+    """Mask of the K largest valid entries of ``b_x`` [BLOCK], ties to the lower index (a stable descending sort).
+
+    K rounds of (max over the lanes still available, then its lowest lane): O(K * BLOCK), and exact
+    even for -inf entries (no sentinel value is ever compared against a real score).
+    """
+    o = tl.arange(0, BLOCK)
+    m_sel = o < 0  # [BLOCK] all False
+    for _ in range(K):
+        m_avail = m_valid & (~m_sel)
+        b_best = tl.max(tl.where(m_avail, b_x, float("-inf")), 0)
+        i_best = tl.min(tl.where(m_avail & (b_x == b_best), o, BLOCK), 0)
+        m_sel = m_sel | (o == i_best)
+    return m_sel
+
+
+@triton.jit
+def _row_mean_scatter_kernel(
+    # pointers
+    ws, out, idx,
+    # sizes
+    N_ROWS, COUNT, INNER, HEAD_DIM,
+    # strides
+    s_idx, s_o0, s_o1, s_oi, s_od,
+    # meta-parameters
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[g // INNER, g % INNER, idx[g % INNER]] = sum of the N_ROWS partial rows of group g / COUNT.
+
+    Second, deterministic half of a mean over many programs: each program of the first kernel wrote
+    one partial sum row into ``ws`` [G, N_ROWS, D] (fp32); the destination slot is read from the device.
+    """
+    i_g = tl.program_id(0).to(tl.int64)
+    o_r = tl.arange(0, BLOCK_R)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < HEAD_DIM
+    p_ws = ws + i_g * N_ROWS * HEAD_DIM + o_d[None, :]  # [1, BD]
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for i_0 in range(0, N_ROWS, BLOCK_R):
+        o_row = i_0 + o_r  # [BR]
+        acc += tl.load(p_ws + o_row.to(tl.int64)[:, None] * HEAD_DIM, mask=(o_row < N_ROWS)[:, None] & m_d[None, :],
+                       other=0.0)
+    b_mean = tl.sum(acc, 0) / COUNT  # [BD]
+    i_o = i_g // INNER
+    i_i = i_g % INNER
+    i_slot = tl.load(idx + i_i * s_idx).to(tl.int64)
+    tl.store(out + i_o * s_o0 + i_i * s_o1 + i_slot * s_oi + o_d * s_od, b_mean, mask=m_d)
+
+
+def row_mean_scatter(ws: torch.Tensor, out: torch.Tensor, idx: torch.Tensor, count: int, inner: int,
+                     s_o0: int, s_o1: int, s_idx: int, s_oi: int, s_od: int) -> None:
+    """Launch ``_row_mean_scatter_kernel`` over the G = ws.shape[0] groups of partial sums ws [G, R, D]."""
+    g, n_rows, d = ws.shape
+    _row_mean_scatter_kernel[(g,)](
+        ws, out, idx, n_rows, count, inner, d, s_idx, s_o0, s_o1, s_oi, s_od,
+        BLOCK_R=min(16, triton.next_power_of_2(n_rows)), BLOCK_D=triton.next_power_of_2(d),
+    )
