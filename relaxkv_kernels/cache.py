@@ -111,11 +111,11 @@ class KVCache:
         seg_tables = num_layers if pl.selection == "per_layer" else 1
         self.seg = torch.zeros(seg_tables, batch, pl.n_seg, 3, dtype=torch.int32, device=dev)
         # attention windows: per layer (window), one shared (per_call), none (segments)
-        windows = {"window": num_layers, "per_call": 1}.get(attention, 0)
+        windows = {"window": num_layers, "per_call": 1}.get(attention, 0) if pl.gathers else 0
         self.win_k = torch.empty(windows, batch, pl.max_keys, num_heads, head_dim, dtype=dtype, device=dev)
         self.win_v = torch.empty_like(self.win_k)
         self._proto_chunk = None  # window mode: the chunk's prototypes, committed by end_chunk
-        if attention == "window" and self.proto is not None:
+        if windows and attention == "window" and self.proto is not None:
             self._proto_chunk = torch.empty(batch, policy.chunk_frames, head_dim, dtype=torch.float32, device=dev)
         self.buffers: dict[str, torch.Tensor] = {}
         self.chunk = 0
@@ -156,6 +156,9 @@ class KVCache:
         self._pending_stage = set(layers)
         self.last_scores = {}
         self._prefix = plan.pool_prefix()
+        if self._prefix is None and not self.planner.gathers:
+            raise RuntimeError(f"KVCache.begin_chunk: {type(self.planner).__name__}.gathers is False but the plan of "
+                               f"chunk {self.chunk} is not a pool prefix at delta 0")
         self._total = plan.total_keys()
         self._memory = plan.memory_keys()
         self._engine = self.engine

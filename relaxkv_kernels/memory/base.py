@@ -118,11 +118,14 @@ class Planner:
         selection: None, "layer0" (one device choice at layer 0's first pass, one segment table for every
             layer) or "per_layer" (each layer chooses at its first pass, one segment table per layer).
         needs_prototypes: layer 0's cache write records per-frame prototypes (``cache.proto``).
+        gathers: a chunk's keys may differ from a pool prefix at delta 0 (``ChunkPlan.pool_prefix``), so
+            the cache's window modes need windows; False: attention reads the pool, no window is allocated.
         slots: the :class:`SlotMap` of frames held.
     """
 
     selection: str | None = None
     needs_prototypes = False
+    gathers = True
 
     def __init__(self, frame_tokens: int, n_slots: int, n_rows: int, n_seg: int, max_keys: int):
         self.frame_tokens, self.n_slots, self.n_rows, self.n_seg, self.max_keys = (

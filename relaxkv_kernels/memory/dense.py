@@ -42,6 +42,7 @@ class DensePlanner(Planner):
         w = policy.window
         super().__init__(frame_tokens, n_slots=w, n_rows=w * frame_tokens, n_seg=w, max_keys=w * frame_tokens)
         self.policy = policy
+        self.gathers = policy.rerotate  # without re-rotation every chunk is a pool prefix
 
     def plan(self, n: int) -> ChunkPlan:
         p, f = self.policy, self.frame_tokens

