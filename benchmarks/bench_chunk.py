@@ -1,29 +1,32 @@
-"""Per-chunk attention benchmark: one chunk of an AR video rollout (layers x passes attention calls).
+"""Per-chunk benchmark: one steady-state chunk of an AR video rollout (layers x passes attention calls).
 
-    python benchmarks/bench_chunk.py --shapes wan --configs dense,relax,pack      # on a GPU
-    python benchmarks/bench_chunk.py --shapes tiny                                # CPU smoke (CPU time only)
+    python benchmarks/bench_chunk.py --shapes wan --configs dense,relax,pack --write-tuning   # on a GPU
+    python benchmarks/bench_chunk.py --shapes tiny                                          # CPU smoke (CPU time)
 
-Configs (DESIGN.md 6), in steady state: dense 21 frames (4680 q x 32760 k), relax 7 frames
-(4680 x 10920), pack (6240 x 27872 = 8 sink frames + 16 x 182 mid tokens + 4 recent + 4 current).
-Pools and segment tables come from the package's planners and KVCache; pools are filled with random
-data once, and only the per-chunk work is timed. Rows (all per chunk, same run, same device):
+Configs (README, Design): dense 21 frames (4680 q x 32760 k), relax 7 frames (4680 x 10920), pack
+(6240 x 27872 = 8 sink frames + 16 x 182 mid tokens + 4 recent + 4 current), each at a steady-state
+chunk (planner fast-forwarded, pools random). Rows, all per chunk, same run, same device:
 
-    official     official-style unfused path: slice + cat of cached pre-RoPE frames, float64 complex
-                 RoPE on Q and the gathered keys (Wan's causal_rope_apply), cast back, SDPA
-    gather[b]    gather_kv_rope + SDPA[b]: K delta-rotated and V gathered through the device segment table
-                 (the CUDA kernel where built, else the reference), then SDPA with backend b
-                 (flash / cuDNN / efficient)
-    fused[be]    the fused op: rope_append (+ compress_kv for pack) and sparse_kv_attention, backend be
-    bound[b]     attention-only bound: SDPA[b] on pre-gathered, pre-rotated contiguous K/V
-    select[be]   relax_select (relax, once per chunk) or mid_select (pack, once per layer per chunk)
+    bound[b]             attention-only bound: SDPA backend b (cudnn, flash; strict, no fallback) on
+                         pre-gathered, pre-rotated contiguous K/V, one tensor per layer
+    official             official-style unfused path: write the chunk's pre-RoPE K/V, slice + cat of the attended
+                         frames, float64 complex RoPE of Q and every gathered key (Wan's causal_rope_apply),
+                         SDPA with torch's default dispatch; its selection with the host sync the official code has
+    step[mode:engine]    the complete chunk step through ``KVCache`` (begin_chunk, every pass of every layer:
+                         rope_append + selection + staging + attention, end_chunk), eager, for
+                         mode = window (per-chunk window, each engine), per_call (one shared window, re-gathered
+                         every call), segments (the fused segment-table Triton kernel)
+    step[...]+graph      the same with the passes replayed from one CUDA graph (captured once in steady state)
+    append / stage / select   rope_append (every call), the window staging (gather_kv_rope_into, once per
+                         layer) and the selection, each timed alone
 
-Breakdown columns: selection, gather/rope (everything before attention, incl. the cache append),
-attention; each is timed on its own, and the total is timed end to end.
+FLOP per chunk = 4 * Nq * Nk * H * D * layers * passes; TFLOP/s and the fraction of the bf16 matmul peak
+measured in the same run. ``--write-tuning`` records the fastest window engine per config in
+relaxkv_kernels/tuning.json (read by engine="auto"). The last table printed is the targets of issue 11.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import sys
 from pathlib import Path
@@ -36,110 +39,67 @@ common.configure_triton()
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from relaxkv_kernels import DenseWindow, KVCache, PackMemory, RelaxMemory, backends, ops, tuning  # noqa: E402
-from relaxkv_kernels.reference import gather_segments_ref, mid_affinity_literal, token_positions  # noqa: E402
-from relaxkv_kernels.reference.pack import compressed_positions, subsample_queries  # noqa: E402
-from relaxkv_kernels.reference.relax import frame_means_literal, set_prototype  # noqa: E402
-from relaxkv_kernels.reference.rope import ROPE_THETA, rope_angles, rope_pair_split  # noqa: E402
+import relaxkv_kernels as rk  # noqa: E402
+from relaxkv_kernels import tuning  # noqa: E402
+from relaxkv_kernels.geometry import ROPE_THETA, compressed_positions, rope_angles, rope_pair_split, token_positions  # noqa: E402
+from relaxkv_kernels.ops.dense_attention.engines import ENGINES, available  # noqa: E402
+from relaxkv_kernels.ops.gather_kv_rope.op import gather_kv_rope_into_op  # noqa: E402
+from relaxkv_kernels.ops.mid_select.reference import mid_affinity_literal, subsample_queries  # noqa: E402
+from relaxkv_kernels.ops.relax_select.reference import frame_means_literal, set_prototype  # noqa: E402
+from relaxkv_kernels.ops.rope_append.op import rope_append_op  # noqa: E402
 
 CONFIGS = {
     # policy, steady-state chunk index (dense: window full; relax: 120-frame reservoir full; pack: 64-block archive full)
-    "dense": (DenseWindow, 8),
-    "relax": (RelaxMemory, 45),
-    "pack": (PackMemory, 70),
+    "dense": (rk.DenseWindow, 8),
+    "relax": (rk.RelaxMemory, 45),
+    "pack": (rk.PackMemory, 70),
 }
-EXPECTED_WAN = {"dense": (4680, 32760), "relax": (4680, 10920), "pack": (6240, 27872)}  # DESIGN.md 6
-OP_BACKENDS = ("reference", "triton", "auto")
-
-
-# ----------------------------------------------------------------------------------------------------
-# setup: pools, plan and segment tables of one steady-state chunk
+EXPECTED_WAN = {"dense": (4680, 32760), "relax": (4680, 10920), "pack": (6240, 27872)}  # README, Design
+TARGETS = {"dense": 1.06, "relax": 1.12, "pack": 1.08}  # complete step / cuDNN bound (issue 11)
+BOUNDS = ("cudnn", "flash")
+WINDOW_ENGINES = ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "triton", "flash_attn", "flash_attn_cute")
 
 
 @dataclasses.dataclass
 class ChunkSetup:
+    """One config at one shape: the policy, its steady-state chunk, token counts, random q/k/v of a chunk."""
+
     config: str
     shape: common.Shape
     device: torch.device
-    cache: KVCache
-    plan: object
-    q: torch.Tensor  # [B, Nq, H, D] pre-RoPE chunk queries (keys and values: k, v)
-    k: torch.Tensor
-    v: torch.Tensor
-    idx: dict  # device index tensors of the plan (frame_slot, frame_pos, ...)
-    nq: int = 0
-    nk: int = 0
+    policy: object
+    steady: int
+    nq: int
+    nk: int
+    qkv: tuple
 
-    @property
-    def pack(self) -> bool:
-        return isinstance(self.cache.policy, PackMemory)
-
-    def seg_of(self, layer: int) -> torch.Tensor:
-        return self.cache.seg[layer if self.cache.seg.shape[0] > 1 else 0]
+    def cache(self, **kw) -> rk.KVCache:
+        """A KVCache fast-forwarded (planner only) to the steady-state chunk, pools and policy state random."""
+        s = self.shape
+        cache = rk.KVCache(self.policy, s.layers, s.batch, s.heads, s.head_dim, s.height, s.width, s.torch_dtype,
+                           self.device, **kw)
+        for n in range(self.steady):
+            cache.planner.plan(n)
+        cache.chunk = self.steady
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        tensors = [cache.k, cache.v] + [t for t in (cache.proto,) if t is not None] + list(cache.state.values())
+        for t in tensors:
+            for part in (t if t.dim() == 5 else t[None]):  # per layer: no full-size fp32 temporary at Wan shapes
+                part.copy_(torch.randn(part.shape, generator=gen, device=self.device))
+        return cache
 
 
 def build_setup(config: str, shape: common.Shape, device: torch.device, seed: int = 0) -> ChunkSetup:
-    """KVCache of ``config`` fast-forwarded (planner only) to a steady-state chunk, pools random, selection done."""
     policy_cls, steady = CONFIGS[config]
     policy = policy_cls()
-    s = shape
-    cache = KVCache(policy, s.layers, s.batch, s.heads, s.head_dim, s.height, s.width, s.torch_dtype, device,
-                    backend="reference")
-    for n in range(steady):  # host-side planning of the earlier chunks (eviction, slots); no attention
-        cache.planner.plan(n)
-    cache.chunk = steady
-    plan = cache.begin_chunk()
+    plan = policy.planner(shape.height, shape.width)
+    for n in range(steady + 1):
+        last = plan.plan(n)
     gen = torch.Generator(device=device).manual_seed(seed)
-    for t in (cache.k, cache.v, cache.proto) + ((cache.mean_key,) if cache.mean_key is not None else ()):
-        for layer in range(s.layers):  # per layer: no full-size fp32 temporary at Wan shapes
-            t[layer].copy_(torch.randn(t[layer].shape, generator=gen, device=device, dtype=torch.float32))
-    nq = len(plan.frame_slot) * s.frame_tokens
-    q, k, v = (torch.randn(s.batch, nq, s.heads, s.head_dim, generator=gen, device=device).to(s.torch_dtype)
-               for _ in range(3))
-    lists = {"frame_slot": plan.frame_slot, "frame_pos": plan.frame_pos, "slot_pos": plan.slot_pos}
-    if plan.relax is not None:
-        lists.update({n: getattr(plan.relax, n) for n in ("sink_slots", "tail_slots", "cand_slots", "target_pos")})
-    if plan.pack is not None:
-        lists.update(block_pos=plan.block_pos, mid_slots=plan.pack.mid_slots, mid_target_pos=plan.pack.target_pos)
-        if plan.pack.block_slot is not None:
-            lists.update(block_slot=[plan.pack.block_slot], block_t0=[plan.start_frame])
-    idx = {n: torch.tensor(v_, dtype=torch.int64, device=device) for n, v_ in lists.items()}
-    setup = ChunkSetup(config, s, device, cache, plan, q, k, v, idx)
-    run_selection(setup, "reference", cache.seg)
-    setup.nq = nq
-    setup.nk = int(cache.seg[0, 0, :, 1].sum())
-    return setup
-
-
-def run_selection(su: ChunkSetup, backend: str, seg: torch.Tensor) -> None:
-    """The chunk's data-dependent selection into ``seg``: relax_select once, or mid_select for every layer."""
-    plan, i, c = su.plan, su.idx, su.cache
-    if plan.relax is not None:
-        p = c.policy
-        ops.relax_select(c.proto[0], i["slot_pos"], i["sink_slots"], i["tail_slots"], i["cand_slots"], seg[0],
-                         plan.relax.seg_index, i["target_pos"], su.shape.frame_tokens, p.lam, p.batch0_decides,
-                         p.contiguous_rope, backend=backend)
-    elif plan.pack is not None and plan.pack.target_pos:
-        pl = c.planner
-        for layer in range(su.shape.layers):
-            ops.mid_select(su.q, c.mean_key[layer], i["mid_slots"], i["block_pos"], seg[layer], plan.pack.seg_index,
-                           i["mid_target_pos"], pl.row0, pl.block_tokens, min(c.policy.q_stride, su.q.shape[1]),
-                           backend=backend)
-
-
-def has_selection(su: ChunkSetup) -> bool:
-    return su.plan.relax is not None or (su.plan.pack is not None and bool(su.plan.pack.target_pos))
-
-
-def append(su: ChunkSetup, layer: int, backend: str) -> torch.Tensor:
-    """Per-call cache write of the fused path: rope_append (+ compress_kv of the current Pack block); returns Q rotated."""
-    c, i, s = su.cache, su.idx, su.shape
-    q_rot = ops.rope_append(su.q, su.k, su.v, c.k[layer], c.v[layer], c.proto[layer], i["frame_slot"], i["frame_pos"],
-                            s.height, s.width, backend=backend)
-    if "block_slot" in i:
-        ops.compress_kv(su.k, su.v, c.k[layer], c.v[layer], c.mean_key[layer], i["block_slot"], i["block_t0"],
-                        c.planner.row0, c.policy.block_frames, s.height, s.width, backend=backend)
-    return q_rot
+    nq = policy.chunk_frames * shape.frame_tokens
+    qkv = tuple(torch.randn(shape.batch, nq, shape.heads, shape.head_dim, generator=gen, device=device)
+                .to(shape.torch_dtype) for _ in range(3))
+    return ChunkSetup(config, shape, device, policy, steady, nq, last.total_keys(), qkv)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -184,293 +144,322 @@ class OfficialRope:
         return torch.view_as_real(xc * freqs[:, None]).flatten(3).to(x.dtype)
 
 
-def key_positions(su: ChunkSetup, seg_b: list) -> tuple[list[tuple[int, int]], torch.Tensor]:
-    """Pool row ranges and target (t, y, x) positions of every key of one segment table row list."""
-    c, s = su.cache, su.shape
-    rows, pos = [], []
-    for start, length, delta in seg_b:
-        if length == 0:
-            continue
-        rows.append((start, length))
-        if su.pack and start >= c.planner.row0:  # a compressed Pack block
-            slot = (start - c.planner.row0) // c.planner.block_tokens
-            pos.append(compressed_positions(su.plan.block_pos[slot] + delta, c.policy.block_frames, s.height, s.width))
-        else:
-            frame = su.plan.slot_pos[start // s.frame_tokens] + delta
-            pos.append(token_positions(torch.tensor([frame]), s.height, s.width))
-    return rows, torch.cat(pos)
-
-
 class OfficialPath:
-    """Slice + cat of cached pre-RoPE frames, float64 RoPE of Q and the keys, cast back, SDPA (per call)."""
+    """Slice + cat of cached pre-RoPE frames, float64 RoPE of Q and the keys, cast back, SDPA (per call).
+
+    Its tables come from a reference-backend cache at the same steady-state chunk whose selection has run,
+    so it attends to exactly the frames the fused paths attend to.
+    """
 
     def __init__(self, su: ChunkSetup):
         self.su = su
-        s = su.shape
-        seg_cpu = su.cache.seg[:, 0].cpu().tolist()  # batch element 0's table (B = 1 in every shape)
+        s, f = su.shape, su.shape.frame_tokens
+        self.cache = cache = su.cache(backend="reference", attention="segments")
+        plan = cache.begin_chunk()
+        if plan.selects:  # the device choice of this chunk (every layer's for Pack) into the segment tables
+            for layer in range(s.layers if cache.planner.selection == "per_layer" else 1):
+                cache.planner.select(cache, plan, layer, su.qkv[0], cache.seg[layer])
+        self.plan = plan
         self.rows, self.k_rope = [], []
-        for table in seg_cpu:
-            rows, pos = key_positions(su, table)
+        for table in cache.seg[:, 0].cpu().tolist():  # batch element 0's tables (B = 1 in every shape)
+            rows, pos = [], []
+            for start, length, delta in table:
+                if length == 0:
+                    continue
+                rows.append((start, length))
+                pl = cache.planner
+                if start >= pl.n_slots * f:  # a compressed Pack block
+                    t0 = plan.job.block_pos[(start - pl.row0) // pl.block_tokens] + delta
+                    pos.append(compressed_positions(t0, su.policy.block_frames, s.height, s.width))
+                else:
+                    pos.append(token_positions(torch.tensor([plan.slot_pos[start // f] + delta]), s.height, s.width))
             self.rows.append(rows)
-            self.k_rope.append(OfficialRope(pos, s.head_dim, su.device))
-        self.q_rope = OfficialRope(token_positions(torch.tensor(su.plan.frame_pos), s.height, s.width), s.head_dim,
+            self.k_rope.append(OfficialRope(torch.cat(pos), s.head_dim, su.device))
+        self.q_rope = OfficialRope(token_positions(torch.tensor(plan.frame_pos), s.height, s.width), s.head_dim,
                                    su.device)
-        f = s.frame_tokens
-        self.current = [(slot * f, u * f) for u, slot in enumerate(su.plan.frame_slot)]
+        self.current = [(slot * f, u * f) for u, slot in enumerate(plan.frame_slot)]
 
     def gather(self, layer: int):
-        su, c = self.su, self.su.cache
+        su, cache, f = self.su, self.cache, self.su.shape.frame_tokens
+        q, k, v = su.qkv
         t = layer if len(self.rows) > 1 else 0
-        f = su.shape.frame_tokens
-        k_pool, v_pool = c.k[layer], c.v[layer]
+        k_pool, v_pool = cache.k[layer], cache.v[layer]
         for row, src in self.current:  # kv_cache[:, s:e] = k, as the official code writes the chunk
-            k_pool[:, row:row + f] = su.k[:, src:src + f]
-            v_pool[:, row:row + f] = su.v[:, src:src + f]
-        if "block_slot" in su.idx:  # Pack: pool the current block (PyTorch pooling, no kernel)
-            i = su.idx
-            ops.compress_kv(su.k, su.v, k_pool, v_pool, c.mean_key[layer], i["block_slot"], i["block_t0"],
-                            c.planner.row0, c.policy.block_frames, su.shape.height, su.shape.width,
-                            backend="reference")
-        k = torch.cat([k_pool[:, a:a + n] for a, n in self.rows[t]], dim=1)
-        v = torch.cat([v_pool[:, a:a + n] for a, n in self.rows[t]], dim=1)
-        return self.q_rope(su.q), self.k_rope[t](k), v
+            k_pool[:, row:row + f] = k[:, src:src + f]
+            v_pool[:, row:row + f] = v[:, src:src + f]
+        keys = torch.cat([k_pool[:, a:a + n] for a, n in self.rows[t]], dim=1)
+        values = torch.cat([v_pool[:, a:a + n] for a, n in self.rows[t]], dim=1)
+        return self.q_rope(q), self.k_rope[t](keys), values
+
+    def attend(self, layer: int):
+        q, k, v = self.gather(layer)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
 
     def selection(self) -> None:
         """Official-style scoring from raw keys, with the host sync the official code has (.item() / .tolist())."""
-        su, c, plan = self.su, self.su.cache, self.su.plan
-        f = su.shape.frame_tokens
-        if plan.relax is not None:
-            k0 = c.k[0]
+        su, cache, plan, f = self.su, self.cache, self.plan, self.su.shape.frame_tokens
+        if isinstance(su.policy, rk.RelaxMemory):
+            k0 = cache.k[0]
 
             def frames(slots):  # [B, n, F, H, D]
                 return torch.stack([k0[:, sl * f:(sl + 1) * f] for sl in slots], dim=1)
 
-            p_sink = set_prototype(frame_means_literal(frames(plan.relax.sink_slots)))
-            p_tail = set_prototype(frame_means_literal(frames(plan.relax.tail_slots)))
-            p_cand = F.normalize(frame_means_literal(frames(plan.relax.cand_slots)), dim=-1, eps=1e-12)
-            r = (p_cand * p_sink[:, None]).sum(-1) - c.policy.lam * (p_cand * p_tail[:, None]).sum(-1)
+            job = plan.job
+            p_sink = set_prototype(frame_means_literal(frames(job.sink_slots)))
+            p_tail = set_prototype(frame_means_literal(frames(job.tail_slots)))
+            p_cand = F.normalize(frame_means_literal(frames(job.cand_slots)), dim=-1, eps=1e-12)
+            r = (p_cand * p_sink[:, None]).sum(-1) - su.policy.lam * (p_cand * p_tail[:, None]).sum(-1)
             r[0].argmax().item()
-        elif plan.pack is not None and plan.pack.target_pos:
-            pl, k_top = c.planner, len(plan.pack.target_pos)
-            q_sub = subsample_queries(su.q, c.policy.q_stride)
+        elif isinstance(su.policy, rk.PackMemory):
+            pl, job = cache.planner, plan.job
+            q_sub = subsample_queries(su.qkv[0], su.policy.q_stride)
             for layer in range(su.shape.layers):
-                blocks = [c.k[layer][:, pl.row0 + sl * pl.block_tokens: pl.row0 + (sl + 1) * pl.block_tokens]
-                          for sl in plan.pack.mid_slots]
-                mid_affinity_literal(q_sub, blocks).topk(k_top).indices.tolist()
-
-
-# ----------------------------------------------------------------------------------------------------
-# attention backends
-
-
-def sdpa_backends(device: torch.device) -> dict:
-    """SDPA variants to compare: the default dispatch, and on CUDA each named backend."""
-    out = {"default": None}
-    if device.type == "cuda":
-        from torch.nn.attention import SDPBackend  # noqa: PLC0415
-
-        out.update(flash=SDPBackend.FLASH_ATTENTION, cudnn=SDPBackend.CUDNN_ATTENTION,
-                   efficient=SDPBackend.EFFICIENT_ATTENTION)
-    return out
-
-
-def flash_attn_func():
-    """``flash_attn.flash_attn_func`` when the package is installed, else None."""
-    try:
-        from flash_attn import flash_attn_func as fn  # noqa: PLC0415
-    except ImportError:
-        return None
-    return fn
-
-
-def attention_fn(name: str, backend, device: torch.device):
-    """(q, k, v in [B, N, H, D]) -> out, for SDPA[name] or flash_attn."""
-    if name == "flash_attn":
-        fa = flash_attn_func()
-        return lambda q, k, v: fa(q, k, v)
-
-    def run(q, k, v):
-        ctx = contextlib.nullcontext()
-        if backend is not None:
-            from torch.nn.attention import sdpa_kernel  # noqa: PLC0415
-
-            ctx = sdpa_kernel(backend)
-        with ctx:
-            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-
-    return run
+                blocks = [cache.k[layer][:, pl.row0 + sl * pl.block_tokens: pl.row0 + (sl + 1) * pl.block_tokens]
+                          for sl in job.mid_slots]
+                mid_affinity_literal(q_sub, blocks).topk(len(job.target_pos)).indices.tolist()
 
 
 # ----------------------------------------------------------------------------------------------------
 # rows
 
 
-def chunk_loop(su: ChunkSetup, per_call, selection=None):
-    """One chunk: the selection (if any), then ``per_call(layer)`` for every pass and layer."""
-    def run():
-        if selection is not None:
-            selection()
-        for _ in range(su.shape.passes):
-            for layer in range(su.shape.layers):
-                per_call(layer)
+def sdpa_strict(name: str):
+    """(q, k, v) [B, N, H, D] -> SDPA with only backend ``name`` (raises when it cannot take the inputs)."""
+    backend = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}[name]
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: PLC0415
+
+    def run(q, k, v):
+        with sdpa_kernel(getattr(SDPBackend, backend)):
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+
     return run
+
+
+class GraphedChunk:
+    """A KVCache chunk step whose passes replay from one CUDA graph captured in steady state.
+
+    ``__call__`` runs one chunk: begin_chunk (host plan, index buffers refreshed in place), replay,
+    end_chunk (the window's chunk rows committed to the pool).
+    """
+
+    def __init__(self, cache: rk.KVCache, passes):
+        self.cache, self.passes = cache, passes
+        cache.begin_chunk()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture: autotuning, cuDNN plans
+            passes()
+        torch.cuda.current_stream().wait_stream(side)
+        cache.begin_chunk()  # the same chunk planned again: pending selection and staging restored
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            passes()
+        cache.end_chunk()
+
+    def __call__(self) -> None:
+        self.cache.begin_chunk()
+        self.graph.replay()
+        self.cache.end_chunk()
 
 
 class RowRunner:
     def __init__(self, su: ChunkSetup, args, peak: dict):
         self.su, self.args, self.peak = su, args, peak
-        self.cache_ms: dict[str, float] = {}  # shared component timings (bound attention, selection)
-        self.flop = common.attention_flop(su.nq, su.nk, su.shape.heads, su.shape.head_dim, su.shape.layers,
-                                          su.shape.passes)
-        self._pregathered = None
-        self._official = None
+        s = su.shape
+        self.calls = s.layers * s.passes
+        self.flop = common.attention_flop(su.nq, su.nk, s.heads, s.head_dim, s.layers, s.passes)
+        self.window_ms: dict[str, float] = {}
 
     def time(self, fn) -> common.Timing:
         a = self.args
         return common.measure(fn, self.su.device, warmup=a.warmup, reps=a.reps, budget_s=a.budget_s)
 
-    def row(self, kind: str, name: str, label: str, backend: str, **kw) -> dict:
+    def row(self, kind: str, name: str, label: str, **kw) -> dict:
         su = self.su
-        out = {"config": su.config, "row": name, "kind": kind, "label": label, "backend": backend,
-               "nq": su.nq, "nk": su.nk, "layers": su.shape.layers, "passes": su.shape.passes,
-               "calls_per_chunk": su.shape.layers * su.shape.passes, "flop": self.flop if kind != "select" else None,
-               "cpu_timing": su.device.type != "cuda", "status": "ok", "ms_per_chunk": None,
-               "selection_ms": None, "gather_rope_ms": None, "attention_ms": None, "tflops": None,
+        out = {"config": su.config, "row": name, "kind": kind, "label": label, "nq": su.nq, "nk": su.nk,
+               "layers": su.shape.layers, "passes": su.shape.passes, "calls_per_chunk": self.calls,
+               "flop": self.flop if kind in ("bound", "official", "step") else None,
+               "cpu_timing": su.device.type != "cuda", "status": "ok", "ms_per_chunk": None, "tflops": None,
                "frac_peak": None}
         out.update(kw)
         return out
 
-    def finish(self, row: dict, total: common.Timing) -> dict:
-        row.update(ms_per_chunk=total.ms, reps=total.reps, method=total.method)
+    def finish(self, row: dict, t: common.Timing) -> dict:
+        row.update(ms_per_chunk=t.ms, reps=t.reps, method=t.method)
         if row["flop"]:
-            row["tflops"], row["frac_peak"] = common.throughput(row["flop"], total.ms, self.peak["tflops"])
+            row["tflops"], row["frac_peak"] = common.throughput(row["flop"], t.ms, self.peak["tflops"])
         return row
 
-    # -- pieces
+    def passes(self, cache: rk.KVCache):
+        s, qkv = self.su.shape, self.su.qkv
 
-    def pregathered(self):
-        """Per layer: Q rotated, K delta-rotated and V gathered, contiguous [B, N, H, D] (built once)."""
-        if self._pregathered is None:
-            su = self.su
-            q_rot = append(su, 0, "reference")
-            data = []
-            for layer in range(su.shape.layers):
-                seg = su.seg_of(layer).cpu()
-                kv = [gather_segments_ref(su.cache.k[layer][b], su.cache.v[layer][b], seg[b])
-                      for b in range(su.shape.batch)]
-                data.append((torch.stack([x[0] for x in kv]).contiguous(), torch.stack([x[1] for x in kv]).contiguous()))
-            self._pregathered = (q_rot.contiguous(), data)
-        return self._pregathered
-
-    def official(self) -> OfficialPath:
-        if self._official is None:
-            self._official = OfficialPath(self.su)
-        return self._official
+        def run():
+            for _ in range(s.passes):
+                for layer in range(s.layers):
+                    cache.attend(layer, *qkv)
+        return run
 
     # -- rows
 
-    def bound(self, name: str, backend) -> dict:
+    def bound(self, name: str) -> dict:
+        su, s = self.su, self.su.shape
+        fn = sdpa_strict(name)
+        gen = torch.Generator(device=su.device).manual_seed(1)
+        q = torch.randn(s.batch, su.nq, s.heads, s.head_dim, generator=gen, device=su.device, dtype=s.torch_dtype)
+        kv = [[torch.randn(s.batch, su.nk, s.heads, s.head_dim, generator=gen, device=su.device, dtype=s.torch_dtype)
+               for _ in range(2)] for _ in range(s.layers)]
+        fn(q, *kv[0])  # raises when this backend cannot take the inputs
+
+        def chunk():
+            for _ in range(s.passes):
+                for layer in range(s.layers):
+                    fn(q, *kv[layer])
+
+        row = self.row("bound", f"bound[{name}]", f"attention-only bound: SDPA[{name}] on pre-gathered K/V",
+                       backend=name)
+        return self.finish(row, self.time(chunk))
+
+    def official(self) -> dict:
         su = self.su
-        fn = attention_fn(name, backend, su.device)
-        q_rot, data = self.pregathered()
-        row = self.row("bound", f"bound[{name}]", f"attention-only bound: {self._attn_label(name)} on pre-gathered K/V",
-                       name)
-        fn(q_rot, *data[0])  # raises when this backend does not support the inputs
-        t = self.time(chunk_loop(su, lambda layer: fn(q_rot, *data[layer])))
-        self.cache_ms[f"attn:{name}"] = t.ms
-        return self.finish(dict(row, attention_ms=t.ms), t)
+        off = OfficialPath(su)
+        row = self.row("official", "official", "official-style unfused: slice+cat, fp64 RoPE, SDPA[default]",
+                       kv_bytes=off.cache.memory_bytes())
 
-    def official_row(self) -> dict:
-        su, off = self.su, self.official()
-        attn = attention_fn("default", None, su.device)
-        sel = off.selection if has_selection(su) else None
-        row = self.row("official", "official", "official-style unfused: slice+cat, fp64 RoPE, SDPA[default]", "default")
-        t_rope = self.time(chunk_loop(su, off.gather))
-        t_sel = self.time(sel) if sel is not None else None
-        total = self.time(chunk_loop(su, lambda layer: attn(*off.gather(layer)), sel))
-        row.update(gather_rope_ms=t_rope.ms, selection_ms=t_sel.ms if t_sel else None,
-                   attention_ms=self.cache_ms.get("attn:default"), attention_source="bound[default]")
-        return self.finish(row, total)
+        def chunk():
+            off.selection()
+            for _ in range(su.shape.passes):
+                for layer in range(su.shape.layers):
+                    off.attend(layer)
 
-    def gather_row(self, name: str, backend) -> dict:
+        return self.finish(row, self.time(chunk))
+
+    def step(self, attention: str, engine: str, graph: bool) -> dict:
         su = self.su
-        attn = attention_fn(name, backend, su.device)
-        row = self.row("gather", f"gather[{name}]", f"gather_kv_rope[auto] + {self._attn_label(name)}", name,
-                       resolved=ops.resolve_backend("gather_kv_rope", su.device))
-        q_rot = append(su, 0, "auto")
+        name = (f"step[{attention}:{engine}]" if attention != "segments" else "step[segments]") + ("+graph" if graph else "")
+        label = {"window": "per-chunk window", "per_call": "per-call window",
+                 "segments": "segment-table kernel"}[attention] + (f", {engine}" if attention != "segments" else "")
+        cache = su.cache(backend="auto", attention=attention, engine=engine if attention != "segments" else "auto")
+        passes = self.passes(cache)
 
-        def gather(layer):  # device-side table, no host copy: the host only knows the key count
-            return ops.gather_kv_rope(su.cache.k[layer], su.cache.v[layer], su.seg_of(layer), su.nk)
+        def eager():
+            cache.begin_chunk()
+            passes()
+            cache.end_chunk()
 
-        def call(layer):
-            q = append(su, layer, "auto")
-            attn(q, *gather(layer))
+        eager()  # compiles / autotunes every kernel; raises when the engine cannot run
+        fn = GraphedChunk(cache, passes) if graph else eager
+        row = self.row("step", name, label + (" (CUDA graph)" if graph else " (eager)"), attention=attention,
+                       engine=engine, graph=graph, kv_bytes=cache.memory_bytes(),
+                       window_bytes=(cache.win_k.numel() + cache.win_v.numel()) * cache.win_k.element_size())
+        t = self.time(fn)
+        if attention == "window" and not graph:
+            self.window_ms[engine] = t.ms
+        return self.finish(row, t)
 
-        attn(q_rot, *gather(0))  # raises when this backend does not support the inputs
-        t_rope = self.time(chunk_loop(su, lambda layer: (append(su, layer, "auto"), gather(layer))))
-        sel = (lambda: run_selection(su, "auto", su.cache.seg)) if has_selection(su) else None
-        total = self.time(chunk_loop(su, call, sel))
-        row.update(gather_rope_ms=t_rope.ms, selection_ms=self.cache_ms.get("select:auto"),
-                   attention_ms=self.cache_ms.get(f"attn:{name}"), attention_source=f"bound[{name}]")
-        return self.finish(row, total)
+    def parts(self) -> list[dict]:
+        """rope_append, staging and selection alone (the components of a window step)."""
+        su, s = self.su, self.su.shape
+        cache = su.cache(backend="auto", attention="window")
+        plan = cache.begin_chunk()
+        for layer in range(s.layers):  # the first pass: every layer's selection and staging
+            cache.attend(layer, *su.qkv)
+        q, k, v = su.qkv
+        b = cache.buffers
+        rows = []
 
-    def select_row(self, backend: str) -> dict:
-        su = self.su
-        op = "relax_select" if su.plan.relax is not None else "mid_select"
-        per = "once per chunk" if op == "relax_select" else f"{su.shape.layers} layers, once per chunk"
-        row = self.row("select", f"select[{backend}]", f"{op}[{backend}] ({per})", backend, op=op,
-                       resolved=ops.resolve_backend(op, su.device, backend))
-        scratch = su.cache.seg.clone()
-        t = self.time(lambda: run_selection(su, backend, scratch))
-        self.cache_ms[f"select:{backend}"] = t.ms
-        return self.finish(dict(row, selection_ms=t.ms), t)
+        windowed = cache.win_k.shape[0] > 0
+        dst_k, dst_v, slots = (cache.win_k, cache.win_v, b["window_slot"]) if windowed else (cache.k, cache.v,
+                                                                                           b["frame_slot"])
 
-    def fused_row(self, backend: str) -> dict:
-        su = self.su
-        resolved = {op: ops.resolve_backend(op, su.device, backend)
-                    for op in ("rope_append", "sparse_kv_attention", "compress_kv")}
-        row = self.row("fused", f"fused[{backend}]", f"sparse_kv_attention[{backend}] (+ rope_append)", backend,
-                       resolved=resolved)
-        q_rot = append(su, 0, backend)
+        def append():
+            for _ in range(s.passes):
+                for layer in range(s.layers):
+                    rope_append_op(q, k, v, dst_k[layer], dst_v[layer], None, slots, b["frame_pos"], s.height,
+                                   s.width, cache.backend)
 
-        def attend(layer):
-            ops.sparse_kv_attention(q_rot, su.cache.k[layer], su.cache.v[layer], su.seg_of(layer), backend=backend)
+        nbytes = 6 * q.numel() * q.element_size()  # read q, k, v; write q_rot, rotated k, v
+        t = self.time(append)
+        rows.append(self.finish(self.row("part", "append", "rope_append, every call (no prototypes)",
+                                         gbps=nbytes * self.calls / (t.ms * 1e-3) / 1e9), t))
+        if windowed:
+            n_mem, u_rows = plan.n_memory_seg, su.nq
 
-        def call(layer):
-            q = append(su, layer, backend)
-            ops.sparse_kv_attention(q, su.cache.k[layer], su.cache.v[layer], su.seg_of(layer), backend=backend)
+            def stage():
+                for layer in range(s.layers):
+                    seg = cache.seg[layer if cache.seg.shape[0] > 1 else 0]
+                    kw = cache.win_k[layer][:, u_rows:su.nk]
+                    gather_kv_rope_into_op(cache.k[layer], cache.v[layer], seg[:, :n_mem], kw,
+                                           cache.win_v[layer][:, u_rows:su.nk], cache.backend)
 
-        t_attn = self.time(chunk_loop(su, attend))
-        t_rope = self.time(chunk_loop(su, lambda layer: append(su, layer, backend)))
-        sel = (lambda: run_selection(su, backend, su.cache.seg)) if has_selection(su) else None
-        total = self.time(chunk_loop(su, call, sel))
-        row.update(attention_ms=t_attn.ms, gather_rope_ms=t_rope.ms, selection_ms=self.cache_ms.get(f"select:{backend}"))
-        return self.finish(row, total)
+            t = self.time(stage)
+            moved = 4 * (su.nk - u_rows) * s.batch * s.heads * s.head_dim * q.element_size() * s.layers
+            rows.append(self.finish(self.row("part", "stage", "window staging: gather_kv_rope_into, once per layer",
+                                             gbps=moved / (t.ms * 1e-3) / 1e9), t))
+        if plan.selects:
+            pl = cache.planner
+            layers = [0] if pl.selection == "layer0" else range(s.layers)
+            scratch = cache.seg.clone()
 
-    @staticmethod
-    def _attn_label(name: str) -> str:
-        return "flash_attn_func" if name == "flash_attn" else f"SDPA[{name}]"
+            def select():
+                for layer in layers:
+                    pl.select(cache, plan, layer, q, scratch[layer if scratch.shape[0] > 1 else 0])
+
+            t = self.time(select)
+            rows.append(self.finish(self.row("part", "select", f"selection ({len(layers)} layer(s), once per chunk)"), t))
+        return rows
 
 
 def row_specs(su: ChunkSetup, args) -> list[tuple[str, str, tuple]]:
-    """(method name, row id, args) in run order: shared pieces (bounds, selections) before the paths using them."""
-    avail = backends()
-    sdpa = sdpa_backends(su.device)
-    attn = [(n, b) for n, b in sdpa.items() if args.sdpa == "all" or n in args.sdpa.split(",")]
-    if su.device.type == "cuda" and flash_attn_func() is not None:
-        attn.append(("flash_attn", None))
-    ob = [b for b in args.backends.split(",") if b]
-    specs = [("bound", f"bound[{n}]", (n, b)) for n, b in attn]
-    if has_selection(su):
-        specs += [("select_row", f"select[{b}]", (b,)) for b in ob]
-    specs.append(("official_row", "official", ()))
-    specs += [("gather_row", f"gather[{n}]", (n, b)) for n, b in attn]
-    for b in ob:
-        if b == "triton" and not avail["triton"]:
-            specs.append(("skip", f"fused[{b}]", ("triton unavailable on this machine",)))
-        else:
-            specs.append(("fused_row", f"fused[{b}]", (b,)))
+    """(method, row id, args) in run order; the graph rows use the fastest eager window engine (resolved later)."""
+    cuda = su.device.type == "cuda"
+    dtype = su.shape.torch_dtype
+    engines = [e for e in args.engines.split(",") if e] if args.engines else (
+        [e for e in WINDOW_ENGINES if available(e, su.device, dtype)] if cuda else ["sdpa"])
+    specs = [("bound", f"bound[{b}]", (b,)) for b in (BOUNDS if cuda else ())]
+    if not args.skip_official:
+        specs.append(("official", "official", ()))
+    specs += [("step", f"step[window:{e}]", ("window", e, False)) for e in engines]
+    if cuda:
+        specs += [("step", "step[window:best]+graph", ("window", None, True))]
+    for mode in ("per_call", "segments"):
+        name = "step[segments]" if mode == "segments" else f"step[{mode}:best]"
+        specs.append(("step", name, (mode, None, False)))
+        if cuda:
+            specs.append(("step", f"{name}+graph", (mode, None, True)))
+    specs.append(("parts", "parts", ()))
     return specs
+
+
+def record_tuning(runner: RowRunner) -> None:
+    """The fastest window engine of this config on this device into relaxkv_kernels/tuning.json (engine="auto")."""
+    su = runner.su
+    if not runner.window_ms:
+        return
+    best = min(runner.window_ms, key=runner.window_ms.get)
+    key = tuning.tuning_key(tuning.device_name(str(su.device)), su.shape.head_dim, su.nq, su.nk)
+    path = tuning.record({key: best})
+    print(f"tuning: {key} -> {best} ({', '.join(f'{e} {ms:.4g} ms' for e, ms in runner.window_ms.items())}) in {path}")
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """Issue 11's targets from the rows of one run: best complete step vs the cuDNN bound and the official path."""
+    def ms(config, pred):
+        times = [r["ms_per_chunk"] for r in rows if r["config"] == config and r["status"] == "ok" and pred(r)]
+        return min(times, default=None)
+
+    out = []
+    best = {}
+    for config in dict.fromkeys(r["config"] for r in rows):
+        step = ms(config, lambda r: r["kind"] == "step")
+        bound = ms(config, lambda r: r["row"] == "bound[cudnn]")
+        official = ms(config, lambda r: r["kind"] == "official")
+        best[config] = step
+        out.append({"config": config, "best_step_ms": step, "cudnn_bound_ms": bound, "official_ms": official,
+                    "step_over_bound": step / bound if step and bound else None, "target_over_bound": TARGETS[config],
+                    "speedup_vs_official": official / step if step and official else None})
+    if best.get("dense") and best.get("relax"):
+        out.append({"config": "dense/relax", "ratio": best["dense"] / best["relax"], "target": 2.8})
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -481,51 +470,41 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", choices=sorted(common.SHAPES), default="tiny")
     p.add_argument("--configs", default="dense,relax,pack")
-    p.add_argument("--backends", default=",".join(OP_BACKENDS), help="op backends of the fused and select rows")
-    p.add_argument("--sdpa", default="all", help="SDPA variants: all, or a list of default,flash,cudnn,efficient")
+    p.add_argument("--engines", help=f"window engines to time (default: every available one of {WINDOW_ENGINES})")
+    p.add_argument("--skip-official", action="store_true", help="leave out the official-style row (slow)")
     p.add_argument("--layers", type=int, help="override the shape's layer count")
     p.add_argument("--passes", type=int, help="override the shape's passes per chunk")
     p.add_argument("--dtype", help="override the shape's dtype (bfloat16, float16, float32)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--budget-s", type=float, default=60.0, help="time cap per measurement")
+    p.add_argument("--budget-s", type=float, default=20.0, help="time cap per measurement")
     p.add_argument("--peak-n", type=int, help="bf16 matmul size for the peak (default 8192 on CUDA, 512 on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="JSON path (CSV written beside it); default benchmarks/results/chunk_<shapes>_<device>.json")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--write-tuning", action="store_true",
-                   help="record the faster of fused[auto] and the best gather row per config in relaxkv_kernels/tuning.json (CUDA only)")
+                   help="record the fastest window engine per config in relaxkv_kernels/tuning.json (CUDA only)")
     return p.parse_args(argv)
 
 
-def record_tuning(rows: list[dict], config: str, su: ChunkSetup) -> None:
-    """impl="auto" table entry for this device and shape: the faster of the fused op and gather + attention."""
-    def best(kind):
-        times = [r["ms_per_chunk"] for r in rows if r["config"] == config and r["kind"] == kind
-                 and r["status"] == "ok" and (kind != "fused" or r["row"] == "fused[auto]")]
-        return min(times, default=None)
-
-    fused, gather = best("fused"), best("gather")
-    if fused is None or gather is None:
-        return
-    key = tuning.tuning_key(tuning.device_name(str(su.device)), su.shape.head_dim, su.nq, su.nk)
-    path = tuning.record({key: "gather" if gather < fused else "fused"})
-    print(f"tuning: {key} -> {'gather' if gather < fused else 'fused'} ({gather:.3g} vs {fused:.3g} ms) in {path}")
-
-
-def print_table(rows: list[dict], env: dict, peak: dict) -> None:
+def print_tables(rows: list[dict], goals: list[dict], env: dict, peak: dict) -> None:
     note = f" -- {common.CPU_LABEL}" if env["cpu_timing"] else ""
     print(f"\nper chunk on {env['device']} (commit {env['commit'][:12]}, {env['date']}){note}")
     print(f"bf16 matmul peak measured: {peak['tflops']:.3g} TFLOP/s (n={peak['n']})")
-    head = f"{'config':6} {'row':18} {'ms/chunk':>10} {'TFLOP/s':>8} {'%peak':>6} {'select':>8} {'rope/gather':>11} {'attn':>9}  status"
-    print(head)
+    print(f"{'config':6} {'row':32} {'ms/chunk':>10} {'TFLOP/s':>8} {'%peak':>6} {'GiB':>6}  status")
     for r in rows:
         frac = None if r.get("frac_peak") is None else 100 * r["frac_peak"]
-        print(f"{r['config']:6} {r['row']:18} {common.fmt(r.get('ms_per_chunk')):>10} {common.fmt(r.get('tflops')):>8} "
-              f"{common.fmt(frac, 2):>6} {common.fmt(r.get('selection_ms')):>8} {common.fmt(r.get('gather_rope_ms')):>11} "
-              f"{common.fmt(r.get('attention_ms')):>9}  {r['status']}")
-    if env["cpu_timing"]:
-        print(f"({common.CPU_LABEL}: no GPU figure in this table)")
+        gib = None if r.get("kv_bytes") is None else r["kv_bytes"] / 2**30
+        print(f"{r['config']:6} {r['row']:32} {common.fmt(r.get('ms_per_chunk')):>10} {common.fmt(r.get('tflops')):>8} "
+              f"{common.fmt(frac, 2):>6} {common.fmt(gib):>6}  {r['status']}")
+    print(f"\ntargets (issue 11){note}")
+    for g in goals:
+        if "ratio" in g:
+            print(f"  dense/relax whole-chunk ratio {common.fmt(g['ratio'])} (target >= {g['target']})")
+        else:
+            print(f"  {g['config']:6} best step {common.fmt(g['best_step_ms'])} ms = {common.fmt(g['step_over_bound'])}x "
+                  f"the cuDNN bound (target <= {g['target_over_bound']}), {common.fmt(g['speedup_vs_official'])}x "
+                  f"faster than official-style")
 
 
 def main(argv=None) -> dict:
@@ -536,38 +515,34 @@ def main(argv=None) -> dict:
     shape = common.shape_from_args(args.shapes, args.layers, args.passes, args.dtype)
     env = common.env_info(device)
     peak = common.bf16_matmul_peak(device, args.peak_n)
-    torch.manual_seed(args.seed)
     rows, setups = [], []
-    configs = [c for c in args.configs.split(",") if c]
-    for config in configs:
+    for config in [c for c in args.configs.split(",") if c]:
         su = build_setup(config, shape, device, args.seed)
         if shape.name == "wan" and (su.nq, su.nk) != EXPECTED_WAN[config]:
-            print(f"warning: {config}: {su.nq} x {su.nk} tokens, DESIGN.md 6 says {EXPECTED_WAN[config]}")
+            print(f"warning: {config}: {su.nq} x {su.nk} tokens, the design says {EXPECTED_WAN[config]}")
         runner = RowRunner(su, args, peak)
-        specs = row_specs(su, args)
-        for method, name, margs in tqdm(specs, desc=config, disable=args.no_progress, leave=False):
-            if method == "skip":
-                rows.append(runner.row("fused", name, name, name[6:-1], status=f"skipped: {margs[0]}"))
-                continue
+        for method, name, margs in tqdm(row_specs(su, args), desc=config, disable=args.no_progress, leave=False):
+            if method == "step" and margs[1] is None:  # the fastest eager window engine so far
+                margs = (margs[0], min(runner.window_ms, key=runner.window_ms.get, default="sdpa"), margs[2])
             try:
-                rows.append(getattr(runner, method)(*margs))
-            except (RuntimeError, NotImplementedError, ValueError) as exc:  # backend unsupported here
+                out = getattr(runner, method)(*margs)
+                rows.extend(out if isinstance(out, list) else [out])
+            except (RuntimeError, NotImplementedError, ValueError) as exc:  # a backend or engine that cannot run here
                 msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-                rows.append(runner.row(name.split("[")[0], name, name, name, status=f"unavailable: {msg}"))
+                rows.append(runner.row(method, name, name, status=f"unavailable: {msg}"))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         if args.write_tuning and device.type == "cuda":
-            record_tuning(rows, config, su)
-        setups.append({"config": config, "chunk": su.plan.chunk, "nq": su.nq, "nk": su.nk,
-                       "segments": [list(x) for x in su.cache.seg[0, 0].tolist() if x[1] > 0],
-                       "flop": runner.flop, "kv_bytes": su.cache.memory_bytes()})
+            record_tuning(runner)
+        setups.append({"config": config, "chunk": su.steady, "nq": su.nq, "nk": su.nk, "flop": runner.flop})
         del runner, su
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    goals = targets(rows)
     payload = {"kind": "chunk", "env": env, "shape": dataclasses.asdict(shape), "peak_bf16": peak,
-               "flop_formula": "4 * Nq * Nk * H * D * layers * passes", "setups": setups,
-               "args": vars(args)}
+               "flop_formula": "4 * Nq * Nk * H * D * layers * passes", "setups": setups, "targets": goals,
+               "engines": list(ENGINES), "args": vars(args)}
     out = Path(args.out) if args.out else common.default_out("chunk", shape.name, device)
     json_path, csv_path = common.write_results(out, payload, rows)
-    print_table(rows, env, peak)
+    print_tables(rows, goals, env, peak)
     print(f"wrote {json_path} and {csv_path}")
     return dict(payload, rows=rows, json=str(json_path), csv=str(csv_path))
 

@@ -34,18 +34,26 @@ def _title(data: dict, what: str) -> str:
 
 
 def plot_chunk(data: dict, png: str | Path) -> Path:
-    """Horizontal bars of ms per chunk for every measured row, one panel per config."""
+    """Horizontal bars of ms per chunk for every measured row, one panel per config, the cuDNN bound as a line."""
     plt = _pyplot()
     configs = list(dict.fromkeys(r["config"] for r in data["rows"]))
-    fig, axes = plt.subplots(len(configs), 1, figsize=(8, 1.2 + 0.35 * len(data["rows"])), squeeze=False)
+    timed = [r for r in data["rows"] if r.get("ms_per_chunk") is not None]
+    fig, axes = plt.subplots(len(configs), 1, figsize=(8, 1.2 + 0.3 * len(timed)), squeeze=False)
+    colors = {"bound": "tab:gray", "official": "tab:red", "step": "tab:blue", "part": "tab:green"}
     for ax, config in zip(axes[:, 0], configs):
-        rows = [r for r in data["rows"] if r["config"] == config and r.get("ms_per_chunk") is not None]
-        ax.barh([r["row"] for r in rows], [r["ms_per_chunk"] for r in rows], color="tab:blue")
+        rows = [r for r in timed if r["config"] == config]
+        ax.barh([r["row"] for r in rows], [r["ms_per_chunk"] for r in rows],
+                color=[colors.get(r["kind"], "tab:blue") for r in rows])
+        bound = [r["ms_per_chunk"] for r in rows if r["row"] == "bound[cudnn]"]
+        if bound:
+            ax.axvline(bound[0], color="k", ls="--", lw=0.8, label="cuDNN attention-only bound")
+            ax.legend(fontsize=7, loc="lower right")
         ax.invert_yaxis()
         ax.set_xscale("log")
         ax.set_title(config, fontsize=9, loc="left")
         ax.tick_params(labelsize=8)
-    axes[-1, 0].set_xlabel("ms per chunk (log)")
+    axes[-1, 0].set_xlabel("ms per chunk (log); gray: bounds, red: official-style, blue: complete KVCache steps, "
+                           "green: parts", fontsize=8)
     fig.suptitle(_title(data, f"per-chunk attention, {data['shape']['name']} shapes"), fontsize=9)
     fig.tight_layout()
     png = Path(png)
@@ -97,17 +105,25 @@ def chunk_table(data: dict) -> str:
     lines = _heading(data, f"Per-chunk attention ({s['name']} shapes, {s['layers']} layers x {s['passes']} passes, {s['dtype']})")
     peak_note = f" ({peak['label']})" if peak.get("label") else ""
     lines += [f"bf16 matmul peak measured in the same run: {common.fmt(peak['tflops'])} TFLOP/s{peak_note}.", "",
-              "| config | row | Nq x Nk | ms / chunk | TFLOP/s | % of peak | selection ms | gather/rope ms | attention ms |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| config | row | Nq x Nk | ms / chunk | TFLOP/s | % of peak | GiB (cache) |",
+              "|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         if r.get("status") != "ok":
-            lines.append(f"| {r['config']} | {r['row']} | | {r['status']} | | | | | |")
+            lines.append(f"| {r['config']} | {r['row']} | | {r['status']} | | | |")
             continue
         frac = None if r.get("frac_peak") is None else 100 * r["frac_peak"]
-        lines.append(
-            f"| {r['config']} | {r['label']} | {r['nq']} x {r['nk']} | {common.fmt(r['ms_per_chunk'])} | "
-            f"{common.fmt(r.get('tflops'))} | {common.fmt(frac, 2)} | {common.fmt(r.get('selection_ms'))} | "
-            f"{common.fmt(r.get('gather_rope_ms'))} | {common.fmt(r.get('attention_ms'))} |")
+        gib = None if r.get("kv_bytes") is None else r["kv_bytes"] / 2**30
+        lines.append(f"| {r['config']} | {r['label']} | {r['nq']} x {r['nk']} | {common.fmt(r['ms_per_chunk'])} | "
+                     f"{common.fmt(r.get('tflops'))} | {common.fmt(frac, 2)} | {common.fmt(gib)} |")
+    lines += ["", "| config | best complete step (ms) | cuDNN bound (ms) | step / bound (target) | vs official-style |",
+              "|---|---|---|---|---|"]
+    for g in data.get("targets", []):
+        if "ratio" in g:
+            lines.append(f"| dense / relax | whole-chunk ratio {common.fmt(g['ratio'])} (target >= {g['target']}) | | | |")
+        else:
+            lines.append(f"| {g['config']} | {common.fmt(g['best_step_ms'])} | {common.fmt(g['cudnn_bound_ms'])} | "
+                         f"{common.fmt(g['step_over_bound'])} (<= {g['target_over_bound']}) | "
+                         f"{common.fmt(g['speedup_vs_official'])}x faster |")
     return "\n".join(lines) + "\n"
 
 
@@ -125,27 +141,48 @@ def scaling_table(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render(paths: list[str | Path], table: str | Path, plot: bool = True) -> tuple[Path, list[Path]]:
-    """Plot every results JSON in ``paths`` and write their tables to ``table``; returns (table, PNGs)."""
+README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def update_readme(readme: str | Path, sections: list[str]) -> Path:
+    """Replace the README's results section (between README_BEGIN and README_END) with ``sections``."""
+    readme = Path(readme)
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"plot_results: {readme}: no {README_BEGIN} ... {README_END} section to fill")
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    body = "\n".join(sections).replace("### ", "#### ")  # under the README's own heading
+    readme.write_text(f"{head}{README_BEGIN}\n{body}\n{README_END}{tail}")
+    return readme
+
+
+def render(paths: list[str | Path], table: str | Path, plot: bool = True,
+           readme: str | Path | None = None) -> tuple[Path, list[Path]]:
+    """Plot every results JSON in ``paths`` and write their tables to ``table`` (and the README's results
+    section, GPU results only); returns (table, PNGs)."""
     sections = ["# Benchmark results", "",
                 "Generated by `benchmarks/plot_results.py` from the JSON files beside this table.", ""]
+    gpu_sections = []
     pngs = []
     for path in paths:
         path = Path(path)
         data = json.loads(path.read_text())
-        if data.get("kind") == "chunk":
-            sections.append(chunk_table(data))
-            if plot:
-                pngs.append(plot_chunk(data, path.with_suffix(".png")))
-        elif data.get("kind") == "scaling":
-            sections.append(scaling_table(data))
-            if plot:
-                pngs.append(plot_scaling(data, path.with_suffix(".png")))
-        else:
-            raise ValueError(f"plot_results: {path}: expected a chunk or scaling results JSON, got kind {data.get('kind')!r}")
+        kinds = {"chunk": (chunk_table, plot_chunk), "scaling": (scaling_table, plot_scaling)}
+        if data.get("kind") not in kinds:
+            raise ValueError(f"plot_results: {path}: expected a {' or '.join(kinds)} results JSON, got kind "
+                             f"{data.get('kind')!r}")
+        make_table, make_plot = kinds[data["kind"]]
+        sections.append(make_table(data))
+        if not data["env"].get("cpu_timing"):
+            gpu_sections.append(sections[-1])
+        if plot:
+            pngs.append(make_plot(data, path.with_suffix(".png")))
     table = Path(table)
     table.parent.mkdir(parents=True, exist_ok=True)
     table.write_text("\n".join(sections))
+    if readme is not None and gpu_sections:
+        update_readme(readme, gpu_sections)
     return table, pngs
 
 
@@ -154,12 +191,13 @@ def main(argv=None) -> tuple[Path, list[Path]]:
     p.add_argument("results", nargs="*", help="results JSON files (default: chunk_*.json, scaling_*.json in benchmarks/results)")
     p.add_argument("--table", default=str(common.RESULTS_DIR / "TABLE.md"))
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--readme", help="also fill this README's results section (GPU results only)")
     args = p.parse_args(argv)
     paths = args.results or sorted(str(x) for pattern in ("chunk_*.json", "scaling_*.json")
                                    for x in common.RESULTS_DIR.glob(pattern))
     if not paths:
         p.error(f"no results JSON given and none in {common.RESULTS_DIR}")
-    table, pngs = render(paths, args.table, plot=not args.no_plot)
+    table, pngs = render(paths, args.table, plot=not args.no_plot, readme=args.readme)
     print(table.read_text())
     print(f"wrote {table}" + "".join(f", {x}" for x in pngs))
     return table, pngs

@@ -71,11 +71,13 @@ def _rope_rotate(x, pos_t, pos_y, pos_x, p_inv, N_T: tl.constexpr, N_H: tl.const
 
 @triton.jit
 def _top_k_mask(b_x, m_valid, K, BLOCK: tl.constexpr):
-    """Mask of the K largest valid entries of ``b_x`` [BLOCK], ties to the lower index (a stable descending sort).
+    """Mask of the K best valid entries of ``b_x`` [BLOCK]: finite ones highest first, ties to the lower index,
+    then the non-finite ones (NaN, +-inf) by index: a non-finite score is never chosen over a finite one.
 
-    K rounds of (max over the lanes still available, then its lowest lane): O(K * BLOCK), and exact
-    even for -inf entries (no sentinel value is ever compared against a real score).
+    K rounds of (max over the lanes still available, then its lowest lane): O(K * BLOCK), exact with the
+    non-finite entries mapped to -inf (no sentinel value is ever compared against a real score).
     """
+    b_x = tl.where((b_x == b_x) & (tl.abs(b_x) < float("inf")), b_x, float("-inf"))
     o = tl.arange(0, BLOCK)
     m_sel = o < 0  # [BLOCK] all False
     for _ in range(K):

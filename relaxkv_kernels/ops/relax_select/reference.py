@@ -10,9 +10,14 @@ import torch
 from ...geometry import PROTO_EPS
 
 
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """x / max(||x||, eps) along the last dim, in float64: exact for any finite fp32 magnitude (1e20 included)."""
+    return torch.nn.functional.normalize(x.double(), dim=-1, eps=PROTO_EPS)
+
+
 def set_prototype(frame_means: torch.Tensor) -> torch.Tensor:
-    """L2-normalised prototype of a set of frames from their per-frame means [..., n, D] -> [..., D]."""
-    return torch.nn.functional.normalize(frame_means.float().mean(-2), dim=-1, eps=PROTO_EPS)
+    """L2-normalised prototype (float64) of a set of frames from their per-frame means [..., n, D] -> [..., D]."""
+    return normalize(frame_means.double().mean(-2))
 
 
 def frame_means_literal(keys: torch.Tensor) -> torch.Tensor:
@@ -32,20 +37,25 @@ def relax_scores_ref(
         lam: lambda.
 
     Returns:
-        float32 [B, C'].
+        float32 [B, C']; NaN for a candidate whose prototype is not finite (or with a non-finite sink / tail).
     """
-    p_h = torch.nn.functional.normalize(proto[:, cand_slots].double(), dim=-1, eps=PROTO_EPS)
+    p_h = normalize(proto[:, cand_slots])
     score = torch.zeros(p_h.shape[:2], dtype=torch.float64, device=proto.device)
     if sink_slots.numel():
-        score += (p_h * set_prototype(proto[:, sink_slots]).double()[:, None]).sum(-1)
+        score += (p_h * set_prototype(proto[:, sink_slots])[:, None]).sum(-1)
     if tail_slots.numel():
-        score -= lam * (p_h * set_prototype(proto[:, tail_slots]).double()[:, None]).sum(-1)
+        score -= lam * (p_h * set_prototype(proto[:, tail_slots])[:, None]).sum(-1)
     return score.float()
 
 
 def top_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest scores per row [B, n] -> [B, k], ties to the lower index, sorted ascending."""
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    """Indices of the k best scores per row [B, n] -> [B, k], sorted ascending (memory / time order).
+
+    Order: finite scores, highest first, ties to the lower index; then the non-finite ones (NaN, +-inf),
+    lowest index first: a non-finite score is never chosen over a finite one.
+    """
+    key = scores.masked_fill(~scores.isfinite(), float("-inf"))
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
     return order[:, :k].sort(dim=-1).values
 
 

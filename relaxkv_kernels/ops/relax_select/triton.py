@@ -12,14 +12,25 @@ EPS = tl.constexpr(PROTO_EPS)  # F.normalize eps of the prototypes
 
 
 @triton.jit
+def _normalize(x, AXIS: tl.constexpr):
+    """x / max(||x||, EPS) along ``AXIS`` in fp32 without overflow: x is scaled by its largest |entry| first
+    (x / max(||x||, eps) == y / max(||y||, eps / s) with y = x / s), so prototypes of any finite magnitude
+    normalise exactly; a non-finite entry makes the whole row NaN."""
+    s = tl.max(tl.abs(x), AXIS)
+    safe = tl.where(s > 0, s, 1.0)
+    y = x / tl.expand_dims(safe, AXIS)
+    eps = tl.where(s > 0, EPS / safe, 1.0)
+    return y / tl.expand_dims(tl.maximum(tl.sqrt(tl.sum(y * y, AXIS)), eps), AXIS)
+
+
+@triton.jit
 def _set_prototype(p_row, slots, s_slot, N, s_ps, m_d, BLOCK_S: tl.constexpr):
     """L2-normalised mean of the rows ``p_row + slots[i] * s_ps`` (i < N): [BD] fp32."""
     o_s = tl.arange(0, BLOCK_S)
     m_s = o_s < N
     i_slot = tl.load(slots + o_s * s_slot, mask=m_s, other=0)  # [BS] int64
     b_x = tl.load(p_row[None, :] + i_slot[:, None] * s_ps, mask=m_s[:, None] & m_d[None, :], other=0.0)  # [BS, BD]
-    b_p = tl.sum(b_x, 0) / N  # [BD]
-    return b_p / tl.maximum(tl.sqrt(tl.sum(b_p * b_p, 0)), EPS)
+    return _normalize(tl.sum(b_x / N, 0), 0)  # [BD]; mean of scaled rows: no overflow near the fp32 maximum
 
 
 @triton.jit
@@ -36,7 +47,7 @@ def _relax_scores(proto, i_b, sink_slots, tail_slots, cand_slots, lam,
     p_row = proto + i_b.to(tl.int64) * s_pb + o_d * s_pd  # [BD]
     i_cand = tl.load(cand_slots + o_c * s_cand, mask=m_c, other=0)  # [BC] int64
     b_h = tl.load(p_row[None, :] + i_cand[:, None] * s_ps, mask=m_c[:, None] & m_d[None, :], other=0.0)  # [BC, BD]
-    b_h = b_h / tl.maximum(tl.sqrt(tl.sum(b_h * b_h, 1)), EPS)[:, None]
+    b_h = _normalize(b_h, 1)
     b_r = tl.zeros([BLOCK_C], tl.float32)
     if HAS_SINK:  # S = 0 drops the term
         b_sink = _set_prototype(p_row, sink_slots, s_sink, N_SINK, s_ps, m_d, BLOCK_S)
