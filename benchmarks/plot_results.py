@@ -33,6 +33,16 @@ def _title(data: dict, what: str) -> str:
     return f"{what} -- {env['device']}, {env['date'][:10]}, commit {env['commit'][:10]}{note}"
 
 
+def _save(fig, title: str, png: str | Path) -> Path:
+    """Title, layout, write ``png`` (120 dpi), close."""
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    png = Path(png)
+    fig.savefig(png, dpi=120)
+    _pyplot().close(fig)
+    return png
+
+
 def plot_chunk(data: dict, png: str | Path) -> Path:
     """Horizontal bars of ms per chunk for every measured row, one panel per config, the cuDNN bound as a line."""
     plt = _pyplot()
@@ -54,12 +64,7 @@ def plot_chunk(data: dict, png: str | Path) -> Path:
         ax.tick_params(labelsize=8)
     axes[-1, 0].set_xlabel("ms per chunk (log); gray: bounds, red: official-style, blue: complete KVCache steps, "
                            "green: parts", fontsize=8)
-    fig.suptitle(_title(data, f"per-chunk attention, {data['shape']['name']} shapes"), fontsize=9)
-    fig.tight_layout()
-    png = Path(png)
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return png
+    return _save(fig, _title(data, f"per-chunk attention, {data['shape']['name']} shapes"), png)
 
 
 def plot_scaling(data: dict, png: str | Path) -> Path:
@@ -83,12 +88,7 @@ def plot_scaling(data: dict, png: str | Path) -> Path:
     ax_m.set_yscale("log")
     ax_t.legend(fontsize=8)
     ax_m.legend(fontsize=7)
-    fig.suptitle(_title(data, f"scaling, {shape['name']} shapes"), fontsize=9)
-    fig.tight_layout()
-    png = Path(png)
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return png
+    return _save(fig, _title(data, f"scaling, {shape['name']} shapes"), png)
 
 
 def _heading(data: dict, what: str) -> list[str]:
