@@ -2,8 +2,8 @@
 
 Per kernel instantiation: registers, stack frame, spill stores/loads, barriers (``ptxas -v``), and for the
 16-byte (``VECTOR = true``) instantiations how many 128-bit global loads and stores the PTX holds
-(``ld.global.nc.v4`` from ``__ldg`` of a uint4, ``ld.global.v4``, ``st.global.v4``): the accesses
-gather_kv_rope needs to reach its copy-bandwidth target.
+(``ld.global.nc.v4`` from ``__ldg`` of a uint4, ``ld.global.v4``, ``st.global[.wb].v4`` from common.cuh's
+``__stwb``): the accesses rope_append and gather_kv_rope need to reach their copy-bandwidth targets.
 
     python benchmarks/cuda_resource_report.py [--arch sm_90a] [--json out.json]
 """
@@ -26,7 +26,7 @@ _ENTRY = re.compile(r"Compiling entry function '(\w+)'")
 _PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _USED = re.compile(r"Used (\d+) registers(?:, used (\d+) barriers)?")
 _VECTOR = re.compile(r"Lb1E")  # mangled `true` template argument: the 16-byte instantiation
-ACCESSES = {"ld_v4": re.compile(r"\bld\.global(?:\.nc)?\.v4\."), "st_v4": re.compile(r"\bst\.global\.v4\.")}
+ACCESSES = {"ld_v4": re.compile(r"\bld\.global(?:\.nc)?\.v4\."), "st_v4": re.compile(r"\bst\.global(?:\.wb)?\.v4\.")}
 
 
 def demangle(names: list[str]) -> list[str]:
@@ -67,7 +67,7 @@ def report(arch: str = "sm_90a") -> list[dict]:
                 row.update({k: len(p.findall(bodies[name])) for k, p in ACCESSES.items()})
                 rows.append(row)
     for row, pretty in zip(rows, demangle([r["kernel"] for r in rows])):
-        row["kernel"] = pretty.removeprefix("void ").removeprefix("relaxkv::").split("(")[0]
+        row["kernel"] = pretty.removeprefix("void ").split("(")[0].replace("relaxkv::", "")
     return rows
 
 
@@ -77,9 +77,9 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write the rows here too")
     args = ap.parse_args()
     rows = report(args.arch)
-    print(f"{'kernel':58} {'regs':>4} {'stack':>5} {'spill':>5} {'ld.v4':>5} {'st.v4':>5}   ({args.arch})")
+    print(f"{'kernel':50} {'regs':>4} {'stack':>5} {'spill':>5} {'ld.v4':>5} {'st.v4':>5}   ({args.arch})")
     for r in rows:
-        print(f"{r['kernel']:58} {r['registers']:4d} {r['stack']:5d} {r['spill_stores'] + r['spill_loads']:5d} "
+        print(f"{r['kernel']:50} {r['registers']:4d} {r['stack']:5d} {r['spill_stores'] + r['spill_loads']:5d} "
               f"{r['ld_v4']:5d} {r['st_v4']:5d}")
     if args.json:
         args.json.write_text(json.dumps({"arch": args.arch, "kernels": rows}, indent=1) + "\n")

@@ -1,8 +1,10 @@
-// Shared helpers of the relaxkv CUDA launchers: error checks that become Python exceptions,
-// dtype codes, element conversions. No torch headers (see DESIGN.md section 2).
+// Shared helpers of the relaxkv CUDA launchers and kernels: errors that become Python exceptions, the one
+// dtype / access-width dispatch, 16-byte vector accesses, strided row views. No torch headers (DESIGN.md 2).
 //
-// pybind11 translates std::runtime_error into RuntimeError and std::invalid_argument into
-// ValueError, so a launcher only has to throw.
+// pybind11 translates std::runtime_error into RuntimeError and std::invalid_argument into ValueError, so a
+// launcher only has to throw. Launchers check what keeps the launch valid and memory-safe (grid and block
+// limits, shared memory, rows that would be written out of bounds); everything else is validated once, in
+// the public Python ops.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -10,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -17,6 +20,11 @@
 #include "launchers.h"
 
 namespace relaxkv {
+
+constexpr int64_t kMaxGridX = INT32_MAX;    // gridDim.x limit
+constexpr int64_t kMaxGridYZ = 65535;       // gridDim.y / gridDim.z limit
+constexpr size_t kMaxSmem = 48 * 1024;      // dynamic shared memory without the opt-in attribute
+constexpr int kMaxHeadDim = 512;            // every kernel's per-head arrays are sized for this
 
 // Throws std::runtime_error("relaxkv <op>: <what> failed: <cuda error>") when err != cudaSuccess.
 inline void check_cuda(cudaError_t err, const char* op, const char* what) {
@@ -42,6 +50,17 @@ inline void check_cuda(cudaError_t err, const char* op, const char* what) {
         }                                                                       \
     } while (0)
 
+// lo <= value <= hi, else ValueError "<name>: expected lo .. hi, got value" (launch limits, row ranges).
+inline void check_range(const char* op, const char* name, int64_t value, int64_t lo, int64_t hi) {
+    RELAXKV_CHECK_ARG(op, value >= lo && value <= hi, name << ": expected " << lo << " .. " << hi << ", got " << value);
+}
+
+// An even head_dim in [2, kMaxHeadDim]: the pair loops and the fixed-size per-pair tables rely on it.
+inline void check_head_dim(const char* op, int64_t head_dim) {
+    RELAXKV_CHECK_ARG(op, head_dim >= 2 && head_dim % 2 == 0 && head_dim <= kMaxHeadDim,
+                      "head_dim: expected an even number in [2, " << kMaxHeadDim << "], got " << head_dim);
+}
+
 // Every launcher calls this first: a clear error instead of a launch failure on CPU-only hosts.
 inline void require_device(const char* op) {
     int n = 0;
@@ -54,6 +73,8 @@ inline void require_device(const char* op) {
         throw std::runtime_error(msg.str());
     }
 }
+
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // fp32 <-> storage type; math is always fp32, stores round to nearest even.
 __device__ __forceinline__ float to_float(float x) { return x; }
@@ -71,50 +92,112 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
     return __float2bfloat16_rn(x);
 }
 
-__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
 // Quiet NaN: what a kernel writes into an output row it has no valid source for.
 __device__ __forceinline__ float nan_f32() { return __int_as_float(0x7fc00000); }
 
-// VEC elements at ptr -> fp32. VECTOR: one 16-byte load (host checked the alignment).
-template <typename T, int VEC, bool VECTOR>
-__device__ __forceinline__ void load_vec(const T* __restrict__ ptr, float (&x)[VEC]) {
-    if constexpr (VECTOR) {
-        static_assert(sizeof(T) * VEC == 16, "a vector access is 16 bytes");
-        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(ptr));
-        const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) x[i] = to_float(e[i]);
-    } else {
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) x[i] = to_float(ptr[i]);
+// A [B, N, H, D] tensor as the kernels see it: base address and the element strides of B, N and H; D is
+// contiguous (the Python wrappers copy read-only inputs whose last stride is not 1).
+struct Rows {
+    uintptr_t ptr;
+    int64_t sb, sn, sh;
+
+    Rows() = default;
+    Rows(uintptr_t p, const Strides3& s) : ptr(p), sb(s[0]), sn(s[1]), sh(s[2]) {}
+
+    template <typename T>
+    __device__ __forceinline__ T* at(int64_t b, int64_t n, int64_t h = 0) const {
+        return reinterpret_cast<T*>(ptr) + b * sb + n * sn + h * sh;
     }
+};
+
+#ifndef __CUDACC__
+// The CPU emulation of tests/cuda_emu (g++) has no store intrinsics: a plain 16-byte store there.
+inline void __stwb(uint4* p, uint4 v) { *p = v; }
+#endif
+
+// How a kernel moves N adjacent elements of T: one 16-byte access (WIDE, N = 16 / sizeof(T); the launcher
+// checked with wide_ok that every base address and stride allows it) or N = 2 element accesses (any
+// alignment). Raw is the N elements as stored: loading several Raw before converting any keeps more
+// loads in flight in fewer registers. Stores go through __stwb (st.global.wb = a plain store): with a
+// uint4 assignment nvcc split the merged stores of gather_kv_rope's branches into 4- and 2-byte pieces.
+template <typename T_, bool WIDE>
+struct Vec {
+    using T = T_;
+    static constexpr int N = WIDE ? int(16 / sizeof(T)) : 2;
+    struct alignas(WIDE ? 16 : alignof(T)) Raw {
+        T e[N];
+    };
+
+    __device__ static __forceinline__ Raw load(const T* __restrict__ p) {
+        Raw r;
+        if constexpr (WIDE) {
+            *reinterpret_cast<uint4*>(&r) = __ldg(reinterpret_cast<const uint4*>(p));
+        } else {
+#pragma unroll
+            for (int i = 0; i < N; ++i) r.e[i] = p[i];
+        }
+        return r;
+    }
+    __device__ static __forceinline__ void store(T* __restrict__ p, const Raw& r) {
+        if constexpr (WIDE) {
+            __stwb(reinterpret_cast<uint4*>(p), *reinterpret_cast<const uint4*>(&r));
+        } else {
+#pragma unroll
+            for (int i = 0; i < N; ++i) p[i] = r.e[i];
+        }
+    }
+    __device__ static __forceinline__ void unpack(const Raw& r, float (&x)[N]) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) x[i] = to_float(r.e[i]);
+    }
+    __device__ static __forceinline__ Raw pack(const float (&x)[N]) {
+        Raw r;
+#pragma unroll
+        for (int i = 0; i < N; ++i) r.e[i] = from_float<T>(x[i]);
+        return r;
+    }
+    __device__ static __forceinline__ void load(const T* __restrict__ p, float (&x)[N]) { unpack(load(p), x); }
+    __device__ static __forceinline__ void store(T* __restrict__ p, const float (&x)[N]) { store(p, pack(x)); }
+    __device__ static __forceinline__ void copy(T* __restrict__ dst, const T* __restrict__ src) {
+        store(dst, load(src));
+    }
+};
+
+inline int64_t dtype_bytes(int dtype) { return dtype == kFloat32 ? 4 : 2; }
+
+// Whether 16-byte accesses fit every row of `rows`: head_dim, each base address and each stride (also
+// `strides`) a multiple of 16 bytes.
+inline bool wide_ok(int dtype, int64_t head_dim, std::initializer_list<Rows> rows,
+                    std::initializer_list<int64_t> strides = {}) {
+    const int64_t per16 = 16 / dtype_bytes(dtype);
+    bool ok = head_dim % per16 == 0;
+    for (const Rows& r : rows) ok = ok && r.ptr % 16 == 0 && r.sb % per16 == 0 && r.sn % per16 == 0 && r.sh % per16 == 0;
+    for (int64_t s : strides) ok = ok && s % per16 == 0;
+    return ok;
 }
 
-template <typename T, int VEC, bool VECTOR>
-__device__ __forceinline__ void store_vec(T* __restrict__ ptr, const float (&x)[VEC]) {
-    if constexpr (VECTOR) {
-        uint4 raw;
-        T* e = reinterpret_cast<T*>(&raw);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) e[i] = from_float<T>(x[i]);
-        *reinterpret_cast<uint4*>(ptr) = raw;
-    } else {
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) ptr[i] = from_float<T>(x[i]);
-    }
-}
+template <typename T>
+struct TypeTag {
+    using type = T;
+};
 
-template <typename T, int VEC, bool VECTOR>
-__device__ __forceinline__ void copy_vec(T* __restrict__ dst, const T* __restrict__ src) {
-    if constexpr (VECTOR) {
-        *reinterpret_cast<uint4*>(dst) = __ldg(reinterpret_cast<const uint4*>(src));
-    } else {
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) dst[i] = src[i];
+// The one dtype switch of the launchers: launch(Vec<T, wide>{}) with T the element type of `dtype`
+// (launchers.h DType); ValueError for an unknown code.
+template <typename F>
+void dispatch_vec(const char* op, int dtype, bool wide, F&& launch) {
+    const auto with = [&](auto tag) {
+        using T = typename decltype(tag)::type;
+        if (wide)
+            launch(Vec<T, true>{});
+        else
+            launch(Vec<T, false>{});
+    };
+    switch (dtype) {
+        case kFloat32: return with(TypeTag<float>{});
+        case kFloat16: return with(TypeTag<__half>{});
+        case kBFloat16: return with(TypeTag<__nv_bfloat16>{});
     }
+    RELAXKV_CHECK_ARG(op, false, "dtype code: expected 0 (float32), 1 (float16) or 2 (bfloat16), got " << dtype);
 }
 
 // Sum over the 32 lanes of a warp (every lane gets the result).

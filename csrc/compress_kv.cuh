@@ -25,32 +25,25 @@ constexpr int kCompressThreads = 256;
 constexpr int kMeanKeyThreads = 256;
 
 struct CompressParams {
-    // pointers
-    const void* k;
-    const void* v;
-    void* k_pool;
-    void* v_pool;
-    float* mean_key;
-    float* ws;  // [B, Nc, H, D] pooled pre-RoPE keys
-    const int64_t* block_slot;
-    const int64_t* t0;
-    // sizes
+    Rows k, v;                // [B, frames * F, H, D]
+    Rows k_pool, v_pool;      // [B, n_rows, H, D]
+    float* mean_key;          // [B, n_blocks, H, D], strides m_s
+    float* ws;                // [B, Nc, H, D] pooled pre-RoPE keys
+    const int64_t* block_slot;  // [1]
+    const int64_t* t0;          // [1]
     int64_t frame_tokens, width;
     int64_t n_y, n_x, n_c;  // compressed grid: rows, columns, tokens (n_t * n_y * n_x)
     int64_t row0;
     int64_t n_slots;         // valid slots: min(mean_key blocks, (n_rows - row0) / Nc)
-    int heads, head_dim, n_t_pairs, n_h_pairs;
-    // strides, in elements
-    int64_t k_sb, k_sn, k_sh;
-    int64_t v_sb, v_sn, v_sh;
-    int64_t kp_sb, kp_sn, kp_sh;
-    int64_t vp_sb, vp_sn, vp_sh;
-    int64_t m_sb, m_ss, m_sh, m_sd;
+    int heads, head_dim;
+    Strides4 m_s;
 };
 
-template <typename T, int VEC, bool VECTOR>
+template <typename V>
 __global__ void __launch_bounds__(kCompressThreads)
     compress_kv_kernel(const CompressParams p, const RopeFreqs freqs) {
+    using T = typename V::T;
+    constexpr int VEC = V::N;
     const int64_t slot = *p.block_slot;
     if (slot < 0 || slot >= p.n_slots) return;
     const int64_t c = blockIdx.x, b = blockIdx.y;
@@ -65,12 +58,10 @@ __global__ void __launch_bounds__(kCompressThreads)
     for (int i = 0; i < VEC / 2; ++i) {
         const int j = d0 / 2 + i;
         float s, co;
-        sincosf(rope_axis_position(j, p.n_t_pairs, p.n_h_pairs, t, y, x) * freqs.inv_freq[j], &s, &co);
+        sincosf(rope_angle(freqs, j, t, y, x), &s, &co);
         cs[i] = make_float2(co, s);
     }
 
-    const T* k = static_cast<const T*>(p.k) + b * p.k_sb + d0;
-    const T* v = static_cast<const T*>(p.v) + b * p.v_sb + d0;
     const int64_t n00 = kPoolT * tc * p.frame_tokens + kPoolY * yc * p.width + kPoolX * xc;  // window corner
     const int64_t row = p.row0 + slot * p.n_c + c;
     constexpr float kInvWindow = 1.f / (kPoolT * kPoolY * kPoolX);
@@ -86,8 +77,8 @@ __global__ void __launch_bounds__(kCompressThreads)
                 for (int dx = 0; dx < kPoolX; ++dx) {
                     const int64_t n = n00 + dt * p.frame_tokens + dy * p.width + dx;
                     float xk[VEC], xv[VEC];
-                    load_vec<T, VEC, VECTOR>(k + n * p.k_sn + h * p.k_sh, xk);
-                    load_vec<T, VEC, VECTOR>(v + n * p.v_sn + h * p.v_sh, xv);
+                    V::load(p.k.at<const T>(b, n, h) + d0, xk);
+                    V::load(p.v.at<const T>(b, n, h) + d0, xv);
 #pragma unroll
                     for (int e = 0; e < VEC; ++e) sk[e] += xk[e], sv[e] += xv[e];
                 }
@@ -101,8 +92,8 @@ __global__ void __launch_bounds__(kCompressThreads)
             w[e] = sk[e];  // pre-RoPE, for mean_key
         }
         rotate_pairs<VEC>(sk, cs);
-        store_vec<T, VEC, VECTOR>(static_cast<T*>(p.k_pool) + b * p.kp_sb + row * p.kp_sn + h * p.kp_sh + d0, sk);
-        store_vec<T, VEC, VECTOR>(static_cast<T*>(p.v_pool) + b * p.vp_sb + row * p.vp_sn + h * p.vp_sh + d0, sv);
+        V::store(p.k_pool.at<T>(b, row, h) + d0, sk);
+        V::store(p.v_pool.at<T>(b, row, h) + d0, sv);
     }
 }
 
@@ -117,7 +108,7 @@ __global__ void __launch_bounds__(kMeanKeyThreads) compress_mean_key_kernel(cons
     float s = 0.f;
     for (int64_t c = 0; c < p.n_c; ++c) s += w[c * hd];
     const int64_t h = e / p.head_dim, d = e - h * p.head_dim;
-    p.mean_key[b * p.m_sb + slot * p.m_ss + h * p.m_sh + d * p.m_sd] = s / float(p.n_c);
+    p.mean_key[b * p.m_s[0] + slot * p.m_s[1] + h * p.m_s[2] + d * p.m_s[3]] = s / float(p.n_c);
 }
 
 }  // namespace relaxkv

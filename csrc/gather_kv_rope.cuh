@@ -26,30 +26,26 @@ constexpr int kGatherRows = 16;
 constexpr int kGatherThreads = 256;
 
 struct GatherParams {
-    // pointers
-    const void* k_pool;
-    const void* v_pool;
-    const int32_t* seg;
-    void* k;  // [B, total, H, D], rows contiguous within a batch element
+    Rows k_pool, v_pool;  // [B, n_rows, H, D]
+    const int32_t* seg;   // [B, n_seg, 3], strides seg_s
+    void* k;              // [B, total, H, D], rows contiguous within a batch element, batch stride o_sb
     void* v;
-    // sizes
     int64_t total;
     int64_t n_rows;
-    int n_seg, heads, head_dim, n_t_pairs;
-    // strides, in elements
-    int64_t kp_sb, kp_sn, kp_sh;
-    int64_t vp_sb, vp_sn, vp_sh;
-    int64_t s_sb, s_ss, s_sf;
+    int n_seg, heads, head_dim;
+    Strides3 seg_s;
     int64_t o_sb;  // batch stride of k and v (a window's memory part is a slice of a larger buffer)
 };
 
 // Dynamic shared memory: end [n_seg] int64, src [kGatherRows] int64, cos/sin [kGatherRows, n_t]
 // float2, start [n_seg], delta [n_seg], row_delta [kGatherRows] int32.
-template <typename T, int VEC, bool VECTOR>
+template <typename V>
 __global__ void __launch_bounds__(kGatherThreads)
     gather_kv_rope_kernel(const GatherParams p, const RopeFreqs freqs) {
+    using T = typename V::T;
+    constexpr int VEC = V::N;
     extern __shared__ int64_t smem_i64[];
-    const int S = p.n_seg, n_t = p.n_t_pairs;
+    const int S = p.n_seg, n_t = freqs.n_t;
     int64_t* end = smem_i64;
     int64_t* src = end + S;
     float2* cs = reinterpret_cast<float2*>(src + kGatherRows);
@@ -59,11 +55,11 @@ __global__ void __launch_bounds__(kGatherThreads)
     const int64_t b = blockIdx.y, r0 = int64_t(blockIdx.x) * kGatherRows;
     const int tid = threadIdx.x;
 
-    const int32_t* seg = p.seg + b * p.s_sb;
+    const int32_t* seg = p.seg + b * p.seg_s[0];
     for (int s = tid; s < S; s += blockDim.x) {
-        start[s] = seg[s * p.s_ss];
-        end[s] = max(seg[s * p.s_ss + p.s_sf], 0);
-        delta[s] = seg[s * p.s_ss + 2 * p.s_sf];
+        start[s] = seg[s * p.seg_s[1]];
+        end[s] = max(seg[s * p.seg_s[1] + p.seg_s[2]], 0);
+        delta[s] = seg[s * p.seg_s[1] + 2 * p.seg_s[2]];
     }
     __syncthreads();
     if (tid < 32) {  // inclusive scan of the lengths, 32 at a time, carry across steps
@@ -114,8 +110,6 @@ __global__ void __launch_bounds__(kGatherThreads)
 
     const int DV = p.head_dim / VEC, H = p.heads;
     const int per_row = H * DV;
-    const T* k_pool = static_cast<const T*>(p.k_pool) + b * p.kp_sb;
-    const T* v_pool = static_cast<const T*>(p.v_pool) + b * p.vp_sb;
     T* k_out = static_cast<T*>(p.k) + b * p.o_sb + r0 * per_row * VEC;
     T* v_out = static_cast<T*>(p.v) + b * p.o_sb + r0 * per_row * VEC;
     for (int e = tid; e < kGatherRows * per_row; e += blockDim.x) {
@@ -128,19 +122,19 @@ __global__ void __launch_bounds__(kGatherThreads)
         if (row < 0) {
 #pragma unroll
             for (int j = 0; j < VEC; ++j) x[j] = nan_f32();
-            store_vec<T, VEC, VECTOR>(ko, x);
-            store_vec<T, VEC, VECTOR>(vo, x);
+            V::store(ko, x);
+            V::store(vo, x);
             continue;
         }
-        const T* kp = k_pool + row * p.kp_sn + h * p.kp_sh + d0;
+        const T* kp = p.k_pool.at<const T>(b, row, h) + d0;
         if (d0 < 2 * n_t) {  // vector touches the temporal pairs: rotate those, copy the rest
-            load_vec<T, VEC, VECTOR>(kp, x);
+            V::load(kp, x);
             rotate_pairs<VEC>(x, cs + i * n_t + d0 / 2, n_t - d0 / 2);  // the temporal pairs among them
-            store_vec<T, VEC, VECTOR>(ko, x);
+            V::store(ko, x);
         } else {
-            copy_vec<T, VEC, VECTOR>(ko, kp);
+            V::copy(ko, kp);
         }
-        copy_vec<T, VEC, VECTOR>(vo, v_pool + row * p.vp_sn + h * p.vp_sh + d0);
+        V::copy(vo, p.v_pool.at<const T>(b, row, h) + d0);
     }
 }
 

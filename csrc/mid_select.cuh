@@ -20,34 +20,30 @@ constexpr int kMidQsumThreads = 256;
 constexpr int kMidSelectThreads = 256;
 
 struct MidSelectParams {
-    // pointers
-    const void* q;
-    const float* mean_key;
-    const int64_t* mid_slots;
-    const int64_t* block_pos;
-    const int64_t* target_pos;
-    int32_t* seg;
-    float* scores;
-    float* ws;  // [B, H/2, n_split, D] partial sums, then [B, H/2, D] qsum
-    // sizes and scalars
-    int64_t n_sub;      // |Sq| = ceil(Nq / q_stride)
+    Rows q;                     // [B, Nq, H, D]
+    const float* mean_key;      // [B, n_blocks, H, D], strides k_s
+    const int64_t* mid_slots;   // [M]
+    const int64_t* block_pos;   // [n_blocks]
+    const int64_t* target_pos;  // [k]
+    int32_t* seg;               // [B, n_seg, 3], strides seg_s
+    float* scores;              // [M]
+    float* ws;                  // [B, H/2, n_split, D] partial sums, then [B, H/2, D] qsum
+    int64_t n_sub;              // |Sq| = ceil(Nq / q_stride)
     int64_t q_stride;
-    int64_t n_blocks;   // mean_key rows (archive slots)
+    int64_t n_blocks;           // mean_key rows (archive slots)
     int64_t row0;
     int64_t block_tokens;
     int batch, half_heads, head_dim, n_split, n_mid, n_sel, seg_index;
-    float factor;       // Nc / (sqrt(D) * B * H/2)
-    // strides, in elements
-    int64_t q_sb, q_sn, q_sh;
-    int64_t k_sb, k_sn, k_sh, k_sd;
-    int64_t s_mid, s_pos, s_tgt;
-    int64_t s_sb, s_ss, s_sf;
-    int64_t o_s;
+    float factor;               // Nc / (sqrt(D) * B * H/2)
+    Strides4 k_s;
+    Strides3 seg_s;
 };
 
 // Dynamic shared memory: [R, D] fp32 partials.
-template <typename T, int VEC, bool VECTOR>
+template <typename V>
 __global__ void __launch_bounds__(kMidQsumThreads) mid_select_qsum_kernel(const MidSelectParams p) {
+    using T = typename V::T;
+    constexpr int VEC = V::N;
     extern __shared__ float part[];
     const int tx = threadIdx.x, ty = threadIdx.y, n_lanes = blockDim.y;
     const int D = p.head_dim, d0 = tx * VEC;
@@ -55,14 +51,14 @@ __global__ void __launch_bounds__(kMidQsumThreads) mid_select_qsum_kernel(const 
     const int64_t h = blockIdx.y, b = blockIdx.z;
     const int64_t per_split = ceil_div(p.n_sub, p.n_split);
     const int64_t i0 = split * per_split, i1 = min(p.n_sub, i0 + per_split);
-    const T* q = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + d0;
+    const T* q = p.q.at<const T>(b, 0, h) + d0;
 
     float acc[VEC];
 #pragma unroll
     for (int e = 0; e < VEC; ++e) acc[e] = 0.f;
     for (int64_t i = i0 + ty; i < i1; i += n_lanes) {
         float x[VEC];
-        load_vec<T, VEC, VECTOR>(q + i * p.q_stride * p.q_sn, x);
+        V::load(q + i * p.q_stride * p.q.sn, x);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) acc[e] += x[e];
     }
@@ -97,18 +93,18 @@ __global__ void __launch_bounds__(kMidSelectThreads) mid_select_kernel(const Mid
 
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
     for (int m = warp; m < p.n_mid; m += n_warps) {
-        const int64_t slot = p.mid_slots[m * p.s_mid];
+        const int64_t slot = p.mid_slots[m];
         float acc = 0.f;
         if (slot >= 0 && slot < p.n_blocks) {  // uniform over the warp
             for (int64_t e = lane; e < n_q; e += 32) {
                 const int64_t bh = e / D, d = e - bh * D, b = bh / HH, h = bh - b * HH;
-                acc += qsum[e] * p.mean_key[b * p.k_sb + slot * p.k_sn + h * p.k_sh + d * p.k_sd];
+                acc += qsum[e] * p.mean_key[b * p.k_s[0] + slot * p.k_s[1] + h * p.k_s[2] + d * p.k_s[3]];
             }
         }
         acc = warp_sum(acc);
         if (lane == 0) {
             score[m] = acc * p.factor;
-            p.scores[m * p.o_s] = acc * p.factor;
+            p.scores[m] = acc * p.factor;
         }
     }
     __syncthreads();
@@ -116,12 +112,11 @@ __global__ void __launch_bounds__(kMidSelectThreads) mid_select_kernel(const Mid
 
     for (int e = threadIdx.x; e < p.batch * p.n_sel; e += blockDim.x) {
         const int b = e / p.n_sel, j = e - b * p.n_sel;
-        const int64_t slot = p.mid_slots[picked[j] * p.s_mid];
+        const int64_t slot = p.mid_slots[picked[j]];
         const bool ok = slot >= 0 && slot < p.n_blocks;
-        int32_t* row = p.seg + b * p.s_sb + int64_t(p.seg_index + j) * p.s_ss;
-        row[0] = int32_t(p.row0 + (ok ? slot : 0) * p.block_tokens);
-        row[p.s_sf] = int32_t(ok ? p.block_tokens : 0);  // an invalid slot attends to nothing
-        row[2 * p.s_sf] = int32_t(ok ? p.target_pos[j * p.s_tgt] - p.block_pos[slot * p.s_pos] : 0);
+        write_seg_row(p.seg, p.seg_s, b, p.seg_index + j, p.row0 + (ok ? slot : 0) * p.block_tokens,
+                      ok ? p.block_tokens : 0,  // an invalid slot attends to nothing
+                      ok ? p.target_pos[j] - p.block_pos[slot] : 0);
     }
 }
 

@@ -16,35 +16,29 @@
 namespace relaxkv {
 
 constexpr int kRelaxThreads = 128;
-constexpr double kProtoEps = 1e-12;  // relaxkv_kernels/reference/relax.py PROTO_EPS
+constexpr double kProtoEps = 1e-12;  // relaxkv_kernels/geometry.py PROTO_EPS
 
 struct RelaxSelectParams {
-    // pointers
-    const float* proto;
-    const int64_t* slot_pos;
-    const int64_t* sink_slots;
-    const int64_t* tail_slots;
-    const int64_t* cand_slots;
-    const int64_t* target_pos;
-    int32_t* seg;
-    float* scores;
-    // sizes and scalars
+    const float* proto;         // [B, n_slots, D], strides p_s
+    const int64_t* slot_pos;    // [n_slots]
+    const int64_t* sink_slots;  // [S]
+    const int64_t* tail_slots;  // [T]
+    const int64_t* cand_slots;  // [C']
+    const int64_t* target_pos;  // [H_sel]
+    int32_t* seg;               // [B, n_seg, 3], strides seg_s
+    float* scores;              // [B, C']
     int64_t n_slots;
     int64_t frame_tokens;
     int n_sink, n_tail, n_cand, n_sel, head_dim, seg_index;
     double lam;
     bool batch0;
     bool contiguous;
-    // strides, in elements
-    int64_t p_sb, p_ss, p_sd;
-    int64_t s_pos, s_sink, s_tail, s_cand, s_tgt;
-    int64_t s_sb, s_ss, s_sf;
-    int64_t o_sb, o_sc;
+    Strides3 p_s, seg_s;
 };
 
 __device__ __forceinline__ float proto_at(const RelaxSelectParams& p, int64_t b, int64_t slot, int d) {
     if (slot < 0 || slot >= p.n_slots) return 0.f;
-    return p.proto[b * p.p_sb + slot * p.p_ss + d * p.p_sd];
+    return p.proto[b * p.p_s[0] + slot * p.p_s[1] + d * p.p_s[2]];
 }
 
 // out[c] = r[b, c] for every candidate; mean_s / mean_t: shared [D] scratch.
@@ -53,8 +47,8 @@ __device__ inline void relax_scores(const RelaxSelectParams& p, int64_t b, float
     const int D = p.head_dim;
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
         float s = 0.f, t = 0.f;
-        for (int i = 0; i < p.n_sink; ++i) s += proto_at(p, b, p.sink_slots[i * p.s_sink], d);
-        for (int i = 0; i < p.n_tail; ++i) t += proto_at(p, b, p.tail_slots[i * p.s_tail], d);
+        for (int i = 0; i < p.n_sink; ++i) s += proto_at(p, b, p.sink_slots[i], d);
+        for (int i = 0; i < p.n_tail; ++i) t += proto_at(p, b, p.tail_slots[i], d);
         mean_s[d] = p.n_sink ? s / float(p.n_sink) : 0.f;
         mean_t[d] = p.n_tail ? t / float(p.n_tail) : 0.f;
     }
@@ -68,7 +62,7 @@ __device__ inline void relax_scores(const RelaxSelectParams& p, int64_t b, float
     }
     const double ns = fmax(sqrt(warp_sum(ss)), kProtoEps), nt = fmax(sqrt(warp_sum(tt)), kProtoEps);
     for (int c = warp; c < p.n_cand; c += n_warps) {
-        const int64_t slot = p.cand_slots[c * p.s_cand];
+        const int64_t slot = p.cand_slots[c];
         double xx = 0.0, xs = 0.0, xt = 0.0;
         for (int d = lane; d < D; d += 32) {
             const double x = proto_at(p, b, slot, d);
@@ -99,7 +93,7 @@ __global__ void __launch_bounds__(kRelaxThreads) relax_select_kernel(const Relax
     int* picked = flag + C;
 
     relax_scores(p, b, mean_s, mean_t, own);
-    for (int c = threadIdx.x; c < C; c += blockDim.x) p.scores[b * p.o_sb + c * p.o_sc] = own[c];
+    for (int c = threadIdx.x; c < C; c += blockDim.x) p.scores[b * C + c] = own[c];
     const float* decide = own;
     if (p.batch0 && b != 0) {  // uniform over the block
         relax_scores(p, 0, mean_s, mean_t, pick);
@@ -108,13 +102,9 @@ __global__ void __launch_bounds__(kRelaxThreads) relax_select_kernel(const Relax
     block_top_k_in_order(decide, C, p.n_sel, flag, picked);
 
     for (int j = threadIdx.x; j < p.n_sel; j += blockDim.x) {
-        const int64_t slot = p.cand_slots[picked[j] * p.s_cand];
-        const int64_t delta =
-            p.contiguous || slot < 0 || slot >= p.n_slots ? 0 : p.target_pos[j * p.s_tgt] - p.slot_pos[slot * p.s_pos];
-        int32_t* row = p.seg + b * p.s_sb + int64_t(p.seg_index + j) * p.s_ss;
-        row[0] = int32_t(slot * p.frame_tokens);
-        row[p.s_sf] = int32_t(p.frame_tokens);
-        row[2 * p.s_sf] = int32_t(delta);
+        const int64_t slot = p.cand_slots[picked[j]];
+        const int64_t delta = p.contiguous || slot < 0 || slot >= p.n_slots ? 0 : p.target_pos[j] - p.slot_pos[slot];
+        write_seg_row(p.seg, p.seg_s, b, p.seg_index + j, slot * p.frame_tokens, p.frame_tokens, delta);
     }
 }
 

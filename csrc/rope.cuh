@@ -4,7 +4,7 @@
 // Pairs are adjacent elements (x[2j], x[2j+1]); with c = D / 2 pairs, the first c - 2 (c / 3) turn by
 // the temporal position, the next c / 3 by the row y, the last c / 3 by the column x. For an axis of
 // d real dims, pair i of the axis has inverse frequency theta^(-2i/d), theta = 10000, built in fp64
-// on the host (as relaxkv_kernels/reference/rope.py does) and rounded once to fp32; angles are
+// on the host (as relaxkv_kernels/geometry.py does) and rounded once to fp32; angles are
 // position * inv_freq in fp32 and go through sincosf (full range reduction, no fast-math), so
 // fractional positions (compressed tokens) and deltas of any sign are exact to fp32 rounding.
 #pragma once
@@ -15,42 +15,33 @@
 
 namespace relaxkv {
 
-constexpr int kRopeMaxPairs = 256;  // head_dim <= 512
+constexpr int kRopeMaxPairs = kMaxHeadDim / 2;
 constexpr double kRopeTheta = 10000.0;
 
-// Inverse frequency of every pair, fp32. Passed by value (1 KiB of kernel parameters).
+// The pair split and the fp32 inverse frequency of every pair. Passed by value (1 KiB of kernel parameters).
 struct RopeFreqs {
+    int n_t, n_h;  // temporal and height pairs; width takes the rest
     float inv_freq[kRopeMaxPairs];
 };
 
-// (temporal, height) pair counts of a head_dim; width takes the rest.
-struct RopeSplit {
-    int n_t;
-    int n_h;
-};
-
-inline RopeSplit wan_pair_split(int head_dim) {
-    const int c = head_dim / 2;
-    return {c - 2 * (c / 3), c / 3};
-}
-
 // Wan inverse frequencies of the D / 2 pairs, axes (t, h, w) concatenated, fp64 -> fp32 once.
-inline RopeFreqs wan_inv_freq(int head_dim) {
-    const RopeSplit s = wan_pair_split(head_dim);
+inline RopeFreqs wan_rope(int64_t head_dim) {
+    const int c = int(head_dim / 2);
     RopeFreqs f{};
-    const int counts[3] = {s.n_t, s.n_h, head_dim / 2 - s.n_t - s.n_h};
+    f.n_t = c - 2 * (c / 3);
+    f.n_h = c / 3;
+    const int counts[3] = {f.n_t, f.n_h, c - f.n_t - f.n_h};
     int j = 0;
     for (int axis = 0; axis < 3; ++axis) {
         const double d = 2.0 * counts[axis];
-        for (int i = 0; i < counts[axis]; ++i, ++j)
-            f.inv_freq[j] = float(1.0 / std::pow(kRopeTheta, 2.0 * i / d));
+        for (int i = 0; i < counts[axis]; ++i, ++j) f.inv_freq[j] = float(1.0 / std::pow(kRopeTheta, 2.0 * i / d));
     }
     return f;
 }
 
-// Position that pair j turns by: t for the temporal pairs, y for the height pairs, x for the rest.
-__device__ __forceinline__ float rope_axis_position(int j, int n_t, int n_h, float t, float y, float x) {
-    return j < n_t ? t : j < n_t + n_h ? y : x;
+// Rotation angle of pair j of a token at (t, y, x): t for the temporal pairs, y for the height pairs, x for the rest.
+__device__ __forceinline__ float rope_angle(const RopeFreqs& f, int j, float t, float y, float x) {
+    return (j < f.n_t ? t : j < f.n_t + f.n_h ? y : x) * f.inv_freq[j];
 }
 
 // (a, b) -> (a cos - b sin, a sin + b cos) for the first n (default all VEC / 2) pairs of x; cs[p] = (cos, sin).

@@ -1,144 +1,144 @@
-// rope_append: the fused cache write path (DESIGN.md section 5), one launch per call.
+// rope_append: the fused cache write path (DESIGN.md section 5): one launch, two with prototypes.
 //
 //   q_rot[b, n]              = rope(q[b, n])       at (frame_pos[u], y, x), n = u * F + y * W + x
 //   k_cache[b, slot_u*F + i] = rope(k[b, u*F + i]) at the same positions, slot_u = frame_slot[u]
 //   v_cache[b, slot_u*F + i] = v[b, u*F + i]
 //   proto[b, slot_u]         = mean over the F tokens and H heads of the pre-RoPE k of frame u (fp32)
 //
-// Wan 3D RoPE: adjacent pairs (x[2j], x[2j+1]); the first n_t pairs rotate by the temporal position,
-// the next n_h by y, the rest by x; angle = position * inv_freq[j] in fp32 (inv_freq rounded to fp32
-// from the host's fp64 table), sincosf, rotation in fp32, one rounding on store.
+// Wan 3D RoPE (rope.cuh): angle = position * inv_freq[j] in fp32 (inv_freq rounded to fp32 from the host's
+// fp64 table), sincosf, rotation in fp32, one rounding on store.
 //
-// Grid (tiles of TILE tokens, U frames, B): a tile never crosses a frame, so each block adds one
-// [D] partial sum into one proto row. Block (D / VEC, R): threadIdx.x owns VEC adjacent dims of a
-// (token, head) row, threadIdx.y walks the rows; a warp reads 2 rows = 512 contiguous bytes for
-// bf16 D = 128. The cos/sin of the tile's tokens are computed once into shared memory and reused
-// by all H heads of q and k (12x fewer sincosf at Wan shapes).
+// Work split: grid (ceil(F / R), U, B), block (D / N, R) = 128 threads. A block owns R tokens of one frame
+// (a tile never crosses a frame); thread (x, y) owns dims x*N .. x*N+N-1 of token y of the tile, in every
+// head. It computes the cos/sin of its N/2 pairs once and applies them to all H heads of q and of k: one
+// sincosf per (token, pair), in registers (no shared memory, no barrier). A warp reads
+// 32 * 16 B = 512 contiguous bytes per load (bf16, D = 128: two tokens' 256-byte head rows). Heads go
+// kHeadsInFlight at a time: the thread issues the 16-byte loads of q, k and v of those heads before it
+// converts or stores anything, so 3 * kHeadsInFlight * 16 = 96 bytes per thread are in flight.
+//
+// Predicted at Wan shapes (B = 1, U = 3, F = 1560, H = 12, D = 128, bf16), not measured: 3 reads and 3
+// writes of 4680 x 12 x 128 x 2 B = 6 x 14.4 MB = 86 MB per call; floor 29 us at 3 TB/s, 4.3 ms per chunk
+// of 150 calls. Grid 195 x 3 = 585 blocks (R = 8): all resident at once on 132 SMs, since
+// __launch_bounds__(128, 5) keeps 5 blocks per SM (<= 96 registers; ptxas: 96 for bf16), so there is no
+// second, latency-bound partial wave; ~570 threads per SM x 96 B = ~55 KB of loads in flight per SM
+// against the ~23 KB Little's law asks for 3 TB/s at ~1 us of loaded DRAM latency (3e12 B/s x 1e-6 s /
+// 132 SMs). Compute: 4 sincosf per thread (300k per call), 6 FLOP per rotated pair.
+//
+// Prototypes (optional): each thread sums its pre-RoPE k over its heads, the block adds its R tokens in
+// shared memory in a fixed order into one [D] row ws[b, u, tile], and rope_append_proto_kernel sums the
+// tiles in order: deterministic, no atomics. Without proto: no sums, no shared memory, no second launch.
 #pragma once
 
 #include "rope.cuh"
 
 namespace relaxkv {
 
-constexpr int kRopeTileTokens = 8;  // tokens per block: 585 blocks per Wan chunk (U = 3, F = 1560)
-constexpr int kRopeBlockThreads = 256;
+constexpr int kRopeThreads = 128;
+constexpr int kHeadsInFlight = 2;  // heads whose q, k, v loads a thread issues before its first store
 
 struct RopeAppendParams {
-    // pointers
-    const void* q;
-    const void* k;
-    const void* v;
-    void* q_rot;
-    void* k_cache;
-    void* v_cache;
-    float* proto;  // nullptr: no prototypes
-    const int64_t* frame_slot;
-    const int64_t* frame_pos;
+    // tensors
+    Rows q, k, v, q_rot;           // [B, U*F, H, D]
+    Rows k_cache, v_cache;         // [B, n_rows, H, D]
+    float* proto;                  // [B, n_slots, D] (strides p_sb, p_ss, 1); nullptr: no prototypes
+    float* ws;                     // [B, U, tiles, D] per-tile partial sums of the pre-RoPE keys
+    const int64_t* frame_slot;     // [U]
+    const int64_t* frame_pos;      // [U]
     // sizes
-    int64_t frame_tokens;  // F = height * width
+    int64_t frame_tokens;          // F = height * width
     int64_t width;
     int64_t n_slots;
-    int heads;
-    int head_dim;
-    int n_t_pairs;  // temporal pairs
-    int n_h_pairs;  // height pairs
-    float inv_count;  // 1 / (F * H)
-    // strides, in elements ([B, N, H] of q/k/v/q_rot/caches, [B, slot] of proto)
-    int64_t q_sb, q_sn, q_sh;
-    int64_t k_sb, k_sn, k_sh;
-    int64_t v_sb, v_sn, v_sh;
-    int64_t o_sb, o_sn, o_sh;
-    int64_t kc_sb, kc_sn, kc_sh;
-    int64_t vc_sb, vc_sn, vc_sh;
     int64_t p_sb, p_ss;
-    int64_t slot_stride, pos_stride;
+    int heads, head_dim;
+    float inv_count;               // 1 / (F * H)
 };
 
-// proto[b, frame_slot[u], :] = 0 for every (u, b); runs on the launcher's stream just before
-// rope_append_kernel, which then adds fp32 partial means with atomicAdd.
-__global__ void rope_append_zero_proto_kernel(const RopeAppendParams p) {
-    const int64_t u = blockIdx.x, b = blockIdx.y;
-    const int64_t slot = p.frame_slot[u * p.slot_stride];
-    if (slot < 0 || slot >= p.n_slots) return;  // validated in Python; never write out of bounds
-    float* row = p.proto + b * p.p_sb + slot * p.p_ss;
-    for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x) row[d] = 0.f;
-}
-
-// Dynamic shared memory: cos/sin [TILE, D/2] float2, then per-row-lane partial sums [R, D] fp32.
-template <typename T, int VEC, bool VECTOR>
-__global__ void __launch_bounds__(kRopeBlockThreads)
+template <typename V>
+__global__ void __launch_bounds__(kRopeThreads, 5)
     rope_append_kernel(const RopeAppendParams p, const RopeFreqs freqs) {
-    extern __shared__ float2 smem[];
-    const int tx = threadIdx.x, ty = threadIdx.y;
-    const int n_lanes = blockDim.y;                                   // R
-    const int tid = ty * blockDim.x + tx, n_threads = blockDim.x * blockDim.y;
-    const int D = p.head_dim, half = D / 2, H = p.heads;
+    using T = typename V::T;
+    constexpr int N = V::N;
     const int64_t u = blockIdx.y, b = blockIdx.z;
-    const int64_t F = p.frame_tokens;
-    const int64_t tok0 = int64_t(blockIdx.x) * kRopeTileTokens;        // first token of the tile in its frame
-    const int n_tok = int(min(int64_t(kRopeTileTokens), F - tok0));
-    const int64_t slot = p.frame_slot[u * p.slot_stride];
-    const bool slot_ok = slot >= 0 && slot < p.n_slots;                // uniform over the block
-    const float t = float(p.frame_pos[u * p.pos_stride]);
+    const int64_t tok = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;  // token of frame u
+    const int d0 = threadIdx.x * N, H = p.heads;
+    const int64_t slot = p.frame_slot[u];
+    const bool slot_ok = slot >= 0 && slot < p.n_slots;  // validated in Python; never write out of bounds
+    float acc[N] = {};                                    // pre-RoPE key summed over heads (proto)
 
-    float2* cs = smem;                                                  // [TILE, D/2]
-    float* part = reinterpret_cast<float*>(smem + kRopeTileTokens * half);  // [R, D]
-
-    for (int e = tid; e < n_tok * half; e += n_threads) {
-        const int i = e / half, j = e - i * half;
-        const int64_t tok = tok0 + i;
-        const float pos =
-            rope_axis_position(j, p.n_t_pairs, p.n_h_pairs, t, float(tok / p.width), float(tok % p.width));
-        float s, c;
-        sincosf(pos * freqs.inv_freq[j], &s, &c);
-        cs[e] = make_float2(c, s);
-    }
-    __syncthreads();
-
-    const T* q = static_cast<const T*>(p.q);
-    const T* k = static_cast<const T*>(p.k);
-    const T* v = static_cast<const T*>(p.v);
-    T* q_rot = static_cast<T*>(p.q_rot);
-    T* k_cache = static_cast<T*>(p.k_cache);
-    T* v_cache = static_cast<T*>(p.v_cache);
-    const int d0 = tx * VEC;
-    float acc[VEC];
+    if (tok < p.frame_tokens) {
+        const int64_t y = tok / p.width;
+        const float t = float(p.frame_pos[u]);
+        float2 cs[N / 2];  // (cos, sin) of this thread's pairs: one sincosf each for all heads of q and k
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) acc[e] = 0.f;
-
-    for (int r = ty; r < n_tok * H; r += n_lanes) {
-        const int i = r / H, h = r - i * H;
-        const int64_t n = u * F + tok0 + i;      // token row of q/k/v
-        const int64_t row = slot * F + tok0 + i;  // cache row
-        const float2* csr = cs + i * half + d0 / 2;
-        float x[VEC];
-
-        load_vec<T, VEC, VECTOR>(q + b * p.q_sb + n * p.q_sn + h * p.q_sh + d0, x);
-        rotate_pairs<VEC>(x, csr);
-        store_vec<T, VEC, VECTOR>(q_rot + b * p.o_sb + n * p.o_sn + h * p.o_sh + d0, x);
-
-        load_vec<T, VEC, VECTOR>(k + b * p.k_sb + n * p.k_sn + h * p.k_sh + d0, x);
+        for (int i = 0; i < N / 2; ++i) {
+            const int j = d0 / 2 + i;
+            float s, c;
+            sincosf(rope_angle(freqs, j, t, float(y), float(tok - y * p.width)), &s, &c);
+            cs[i] = make_float2(c, s);
+        }
+        const int64_t n = u * p.frame_tokens + tok, row = slot * p.frame_tokens + tok;
+        const T* q = p.q.at<const T>(b, n) + d0;
+        const T* k = p.k.at<const T>(b, n) + d0;
+        const T* v = p.v.at<const T>(b, n) + d0;
+        T* q_rot = p.q_rot.at<T>(b, n) + d0;
+        T* k_cache = p.k_cache.at<T>(b, row) + d0;
+        T* v_cache = p.v_cache.at<T>(b, row) + d0;
+        for (int h0 = 0; h0 < H; h0 += kHeadsInFlight) {
+            typename V::Raw rq[kHeadsInFlight], rk[kHeadsInFlight], rv[kHeadsInFlight];
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) acc[e] += x[e];  // pre-RoPE key
-        if (slot_ok) {
-            rotate_pairs<VEC>(x, csr);
-            store_vec<T, VEC, VECTOR>(k_cache + b * p.kc_sb + row * p.kc_sn + h * p.kc_sh + d0, x);
-            copy_vec<T, VEC, VECTOR>(v_cache + b * p.vc_sb + row * p.vc_sn + h * p.vc_sh + d0,
-                                     v + b * p.v_sb + n * p.v_sn + h * p.v_sh + d0);
+            for (int i = 0; i < kHeadsInFlight; ++i) {  // every load first: 3 * kHeadsInFlight in flight
+                const int64_t h = h0 + i;
+                if (h < H) {
+                    rq[i] = V::load(q + h * p.q.sh);
+                    rk[i] = V::load(k + h * p.k.sh);
+                    rv[i] = V::load(v + h * p.v.sh);
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < kHeadsInFlight; ++i) {
+                const int64_t h = h0 + i;
+                if (h >= H) break;
+                float x[N];
+                V::unpack(rq[i], x);
+                rotate_pairs<N>(x, cs);
+                V::store(q_rot + h * p.q_rot.sh, x);
+                V::unpack(rk[i], x);
+#pragma unroll
+                for (int e = 0; e < N; ++e) acc[e] += x[e];
+                if (slot_ok) {
+                    rotate_pairs<N>(x, cs);
+                    V::store(k_cache + h * p.k_cache.sh, x);
+                    V::store(v_cache + h * p.v_cache.sh, rv[i]);
+                }
+            }
         }
     }
-    if (!slot_ok || p.proto == nullptr) return;  // uniform: no thread of this block reaches the barrier below
+    if (p.proto == nullptr) return;  // uniform over the grid: no thread reaches the barrier below
 
-    // [R, D] partials -> one [D] sum -> D atomics into proto (fp32 atomics: the summation order
-    // varies between runs, ~1e-7 relative noise, no other nondeterminism).
+    // [R, D] per-token sums -> one [D] row per tile, tokens in order. Dynamic shared memory: [R, D] fp32.
+    extern __shared__ float part[];
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) part[ty * D + d0 + e] = acc[e];
+    for (int e = 0; e < N; ++e) part[threadIdx.y * p.head_dim + d0 + e] = acc[e];
     __syncthreads();
-    float* proto_row = p.proto + b * p.p_sb + slot * p.p_ss;
-    for (int d = tid; d < D; d += n_threads) {
+    float* ws = p.ws + ((b * gridDim.y + u) * gridDim.x + blockIdx.x) * p.head_dim;
+    for (int d = threadIdx.y * blockDim.x + threadIdx.x; d < p.head_dim; d += blockDim.x * blockDim.y) {
         float s = 0.f;
-        for (int l = 0; l < n_lanes; ++l) s += part[l * D + d];
-        atomicAdd(proto_row + d, s * p.inv_count);
+        for (int r = 0; r < int(blockDim.y); ++r) s += part[r * p.head_dim + d];
+        ws[d] = s;
+    }
+}
+
+// proto[b, frame_slot[u]] = (sum of the n_tiles rows ws[b, u, :], in order) / (F * H). Grid (U, B).
+__global__ void rope_append_proto_kernel(const RopeAppendParams p, int64_t n_tiles) {
+    const int64_t u = blockIdx.x, b = blockIdx.y;
+    const int64_t slot = p.frame_slot[u];
+    if (slot < 0 || slot >= p.n_slots) return;
+    const float* ws = p.ws + (b * gridDim.x + u) * n_tiles * p.head_dim;
+    float* row = p.proto + b * p.p_sb + slot * p.p_ss;
+    for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x) {
+        float s = 0.f;
+        for (int64_t t = 0; t < n_tiles; ++t) s += ws[t * p.head_dim + d];
+        row[d] = s * p.inv_count;
     }
 }
 

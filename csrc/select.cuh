@@ -36,4 +36,13 @@ __device__ inline void block_top_k_in_order(const float* score, int n, int k, in
     __syncthreads();
 }
 
+// Row i of batch element b of a segment table seg [B, n_seg, 3] (element strides s) = (start, length, delta).
+__device__ inline void write_seg_row(int32_t* seg, const Strides3& s, int64_t b, int64_t i, int64_t start,
+                                     int64_t length, int64_t delta) {
+    int32_t* row = seg + b * s[0] + i * s[1];
+    row[0] = int32_t(start);
+    row[s[2]] = int32_t(length);
+    row[2 * s[2]] = int32_t(delta);
+}
+
 }  // namespace relaxkv

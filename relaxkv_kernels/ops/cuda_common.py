@@ -65,6 +65,16 @@ class Launch:
         self._guard.__exit__(*exc)
 
 
+def rows(t: torch.Tensor) -> tuple[int, tuple[int, ...]]:
+    """A [B, N, H, D] tensor (unit last stride) as the launchers take it: its address and its B, N, H strides."""
+    return t.data_ptr(), t.stride()[:3]
+
+
+def index(t: torch.Tensor) -> torch.Tensor:
+    """An index tensor as the launchers read it, through a bare pointer: contiguous int64 (a no-op when it is)."""
+    return t.to(torch.int64).contiguous()
+
+
 def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     """A read-only input as the kernels load it, rows of unit stride: ``t`` itself, or a contiguous copy."""
     return t if t.stride(-1) == 1 else t.contiguous()

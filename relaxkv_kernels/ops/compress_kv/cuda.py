@@ -6,7 +6,7 @@ import math
 import torch
 
 from ...geometry import compressed_grid
-from ..cuda_common import Launch, check_written, unit_last_stride
+from ..cuda_common import Launch, check_written, index, rows, unit_last_stride
 
 _OP = "compress_kv_cuda"
 
@@ -43,14 +43,13 @@ def compress_kv_cuda(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_p
     b, n, h, d = k.shape
     check_written(_OP, k_pool=k_pool, v_pool=v_pool)
     k, v = unit_last_stride(k), unit_last_stride(v)
-    block_slot, t0 = block_slot.long(), t0.long()
+    block_slot, t0 = index(block_slot), index(t0)
     nc = math.prod(compressed_grid(frames, height, width))
     ws = torch.empty((b, nc, h, d), dtype=torch.float32, device=k.device)
     launch = Launch(_OP, k.device)
     with launch as (ext, stream):
         ext.compress_kv_cuda(
-            k.data_ptr(), v.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), mean_key.data_ptr(), ws.data_ptr(),
+            *rows(k), *rows(v), *rows(k_pool), *rows(v_pool), mean_key.data_ptr(), mean_key.stride(), ws.data_ptr(),
             block_slot.data_ptr(), t0.data_ptr(), b, frames, height, width, h, d, k_pool.shape[1], row0,
-            mean_key.shape[1], *k.stride()[:3], *v.stride()[:3], *k_pool.stride()[:3], *v_pool.stride()[:3],
-            *mean_key.stride(), launch.code(k.dtype), stream,
+            mean_key.shape[1], launch.code(k.dtype), stream,
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..checks import require
-from ..cuda_common import Launch, unit_last_stride
+from ..cuda_common import Launch, rows, unit_last_stride
 
 _OP = "gather_kv_rope_cuda"
 
@@ -49,7 +49,6 @@ def gather_kv_rope_cuda(k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch.T
     launch = Launch(_OP, k_pool.device)
     with launch as (ext, stream):
         ext.gather_kv_rope_cuda(
-            k_pool.data_ptr(), v_pool.data_ptr(), seg.data_ptr(), k_out.data_ptr(), v_out.data_ptr(), b, n_rows, h, d,
-            seg.shape[1], total, *k_pool.stride()[:3], *v_pool.stride()[:3], *seg.stride(), k_out.stride(0),
-            launch.code(k_pool.dtype), stream,
+            *rows(k_pool), *rows(v_pool), seg.data_ptr(), seg.stride(), k_out.data_ptr(), v_out.data_ptr(),
+            k_out.stride(0), b, n_rows, h, d, seg.shape[1], total, launch.code(k_pool.dtype), stream,
         )

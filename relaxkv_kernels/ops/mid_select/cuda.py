@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..cuda_common import Launch, unit_last_stride
+from ..cuda_common import Launch, index, rows, unit_last_stride
 
 _OP = "mid_select_cuda"
 
@@ -44,17 +44,16 @@ def mid_select_cuda(q: torch.Tensor, mean_key: torch.Tensor, mid_slots: torch.Te
     """
     b, n_q, h, d = q.shape
     q = unit_last_stride(q)
-    mid_slots, block_pos, target_pos = mid_slots.long(), block_pos.long(), target_pos.long()
+    mid_slots, block_pos, target_pos = index(mid_slots), index(block_pos), index(target_pos)
     launch = Launch(_OP, q.device)
     n_split = launch.ext.mid_select_splits(-(-n_q // q_stride))
     ws = torch.empty(b * (h // 2) * (n_split + 1) * d, dtype=torch.float32, device=q.device)
     scores = torch.empty(mid_slots.numel(), dtype=torch.float32, device=q.device)
     with launch as (ext, stream):
         ext.mid_select_cuda(
-            q.data_ptr(), mean_key.data_ptr(), mid_slots.data_ptr(), block_pos.data_ptr(), target_pos.data_ptr(),
-            seg.data_ptr(), scores.data_ptr(), ws.data_ptr(), b, n_q, h, d, mean_key.shape[1], mid_slots.numel(),
-            target_pos.numel(), seg.shape[1], seg_index, row0, block_tokens, q_stride, n_split,
-            *q.stride()[:3], *mean_key.stride(), mid_slots.stride(0), block_pos.stride(0), target_pos.stride(0),
-            *seg.stride(), scores.stride(0), launch.code(q.dtype), stream,
+            *rows(q), mean_key.data_ptr(), mean_key.stride(), mid_slots.data_ptr(), block_pos.data_ptr(),
+            target_pos.data_ptr(), seg.data_ptr(), seg.stride(), scores.data_ptr(), ws.data_ptr(), b, n_q, h, d,
+            mean_key.shape[1], mid_slots.numel(), target_pos.numel(), seg.shape[1], seg_index, row0, block_tokens,
+            q_stride, n_split, launch.code(q.dtype), stream,
         )
     return scores

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..cuda_common import Launch
+from ..cuda_common import Launch, index
 
 _OP = "relax_select_cuda"
 
@@ -43,17 +43,15 @@ def relax_select_cuda(proto: torch.Tensor, slot_pos: torch.Tensor, sink_slots: t
         ...                            idx(20), 1560, 2.0, False, False)
     """
     b, n_slots, d = proto.shape
-    slot_pos, sink_slots, tail_slots, cand_slots, target_pos = (
-        t.long() for t in (slot_pos, sink_slots, tail_slots, cand_slots, target_pos))
+    slot_pos, sink_slots, tail_slots, cand_slots, target_pos = map(
+        index, (slot_pos, sink_slots, tail_slots, cand_slots, target_pos))
     n_cand, n_sel = cand_slots.numel(), target_pos.numel()
     scores = torch.empty((b, n_cand), dtype=torch.float32, device=proto.device)
     with Launch(_OP, proto.device) as (ext, stream):
         ext.relax_select_cuda(
-            proto.data_ptr(), slot_pos.data_ptr(), sink_slots.data_ptr(), tail_slots.data_ptr(),
-            cand_slots.data_ptr(), target_pos.data_ptr(), seg.data_ptr(), scores.data_ptr(),
+            proto.data_ptr(), proto.stride(), slot_pos.data_ptr(), sink_slots.data_ptr(), tail_slots.data_ptr(),
+            cand_slots.data_ptr(), target_pos.data_ptr(), seg.data_ptr(), seg.stride(), scores.data_ptr(),
             b, n_slots, d, sink_slots.numel(), tail_slots.numel(), n_cand, n_sel, seg.shape[1], seg_index,
-            frame_tokens, float(lam), bool(batch0_decides), bool(contiguous),
-            *proto.stride(), slot_pos.stride(0), sink_slots.stride(0), tail_slots.stride(0),
-            cand_slots.stride(0), target_pos.stride(0), *seg.stride(), *scores.stride(), stream,
+            frame_tokens, float(lam), bool(batch0_decides), bool(contiguous), stream,
         )
     return scores

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..cuda_common import Launch, check_written, unit_last_stride
+from ..cuda_common import Launch, check_written, index, rows, unit_last_stride
 
 _OP = "rope_append_cuda"
 
@@ -13,7 +13,7 @@ def rope_append_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
                      height: int, width: int) -> torch.Tensor:
     r"""Rotate a chunk's queries, and write its keys, values and frame prototypes into the cache.
 
-    One launch (plus a tiny kernel zeroing the written proto rows) on the current stream. With
+    One launch on the current stream (plus a tiny one summing the prototypes when ``proto`` is given). With
     F = height * width tokens per frame, token n = u * F + y * width + x of chunk frame u:
 
         q_rot[b, n]                    = rope(q[b, n])  at (frame_pos[u], y, x)
@@ -24,8 +24,8 @@ def rope_append_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
 
     rope is Wan's 3D RoPE (relaxkv_kernels/geometry.py): inverse frequencies built in float64
     on the host and rounded to float32, angle = position * inv_freq in float32, sincosf, rotation in
-    float32, one rounding to the storage dtype. proto is accumulated with fp32 atomics (summation
-    order varies: ~1e-7 relative run-to-run noise).
+    float32, one rounding to the storage dtype. proto is summed in fp32 in a fixed order (per thread over
+    heads, per block over its tokens, then over the blocks of the frame): deterministic, no atomics.
 
     Args:
         q, k, v: [B, U*F, H, D], float16 / bfloat16 / float32, any strides.
@@ -51,20 +51,20 @@ def rope_append_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         >>> q_rot = rope_append_cuda(q, k, v, k_cache, v_cache, proto, slot, pos, h, w)
     """
     b, n, h, d = q.shape
-    f = height * width
+    f, u = height * width, frame_slot.numel()
     check_written(_OP, k_cache=k_cache, v_cache=v_cache, **({} if proto is None else {"proto": proto}))
     q, k, v = unit_last_stride(q), unit_last_stride(k), unit_last_stride(v)
-    frame_slot, frame_pos = frame_slot.long(), frame_pos.long()
+    frame_slot, frame_pos = index(frame_slot), index(frame_pos)
     n_slots = k_cache.shape[1] // f if proto is None else min(proto.shape[1], k_cache.shape[1] // f)  # written slots
     q_rot = torch.empty((b, n, h, d), dtype=q.dtype, device=q.device)
     launch = Launch(_OP, q.device)
+    ws = None if proto is None else torch.empty(b * u * launch.ext.rope_append_tiles(f, d) * d, dtype=torch.float32,
+                                                device=q.device)  # per-tile partial sums of the keys
     with launch as (ext, stream):
         ext.rope_append_cuda(
-            q.data_ptr(), k.data_ptr(), v.data_ptr(), q_rot.data_ptr(), k_cache.data_ptr(),
-            v_cache.data_ptr(), 0 if proto is None else proto.data_ptr(), frame_slot.data_ptr(), frame_pos.data_ptr(),
-            b, frame_slot.numel(), height, width, h, d, k_cache.shape[1], n_slots,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *q_rot.stride()[:3],
-            *k_cache.stride()[:3], *v_cache.stride()[:3], *((0, 0) if proto is None else proto.stride()[:2]),
-            frame_slot.stride(0), frame_pos.stride(0), launch.code(q.dtype), stream,
+            *rows(q), *rows(k), *rows(v), *rows(q_rot), *rows(k_cache), *rows(v_cache),
+            0 if proto is None else proto.data_ptr(), *((0, 0) if proto is None else proto.stride()[:2]),
+            0 if ws is None else ws.data_ptr(), frame_slot.data_ptr(), frame_pos.data_ptr(),
+            b, u, height, width, h, d, k_cache.shape[1], n_slots, launch.code(q.dtype), stream,
         )
     return q_rot
