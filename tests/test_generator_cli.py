@@ -82,11 +82,12 @@ def test_tiny_run_all_policies_writes_report(tmp_path, capsys):
     assert main(["--preset", "tiny", "--policy", "all", "--seconds", "3", "--seed", "5", "--no-progress",
                  "--out", str(out)]) == 0
     stdout = capsys.readouterr().out
-    assert "CPU time" in stdout and "self-attn" in stdout
+    assert "CPU time" in stdout and "self-attn" in stdout and "cross-attn" in stdout
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["report.json", "report.png", *(f"latents_{p}.pt" for p in ("dense", "sink", "relax", "pack"))])
+        ["report.json", "report.png", "report_memory_map.png", *(f"latents_{p}.pt" for p in ("dense", "sink", "relax", "pack"))])
     assert not [p for p in tmp_path.iterdir() if p.name != "run"]  # temp folder removed
-    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for png in ("report.png", "report_memory_map.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((out / "report.json").read_text())
     assert report["meta"]["preset"] == "tiny" and report["meta"]["backend"] == "reference"
     expected = {"dense": (3, 4), "sink": (3, 4), "relax": (3, 4), "pack": (4, 3)}
@@ -97,8 +98,10 @@ def test_tiny_run_all_policies_writes_report(tmp_path, capsys):
         for i, c in enumerate(pol["chunks"]):
             assert c["chunk"] == i and c["start_frame"] == i * u and c["frames"] == u
             assert c["time_ms"] > 0 and c["kv_bytes"] >= c["kv_live_bytes"] > 0
-            sections = {"qkv", "rope_append", "select", "compress", "attention", "o_proj", "self_attn"}
+            sections = {"qkv", "rope_append", "select", "compress", "attention", "o_proj", "cross_attn", "ffn",
+                        "stage", "self_attn"}
             assert set(c["timing_ms"]) == sections
+            assert c["timing_ms"]["cross_attn"] > 0 and c["timing_ms"]["ffn"] > 0
             assert (c["timing_ms"]["select"] > 0) == (name in ("relax", "pack") and c["plan"]["frames_attended"].count(-1) > 0)
             assert c["plan"]["start_frame"] == i * u
         lat = torch.load(out / f"latents_{name}.pt", weights_only=True)

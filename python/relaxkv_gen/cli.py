@@ -20,7 +20,7 @@ from . import __version__
 from .checkpoint import load_checkpoint
 from .config import PRESETS, get_preset, latent_frames_for_seconds
 from .model import build_model
-from .report import build_report, format_timing_table, plot_report, write_json
+from .report import build_report, format_timing_table, plot_memory_map, plot_report, write_json
 from .rollout import POLICY_NAMES, default_backend, load_kernels, make_policy, random_text, rollout
 
 PROG = "relaxkv-generate"
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("out/generate"), help="output folder (default: out/generate)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    p.add_argument("--no-timing", action="store_true", help="skip the self-attention timing breakdown")
+    p.add_argument("--no-timing", action="store_true", help="skip the per-section timing breakdown")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -166,6 +166,7 @@ def run(args) -> int:
     files = {f"latents_{r.policy}.pt": (lambda p, t=r.latents: torch.save(t, p)) for r in results}
     files["report.json"] = lambda p: write_json(report, p)
     files["report.png"] = lambda p: plot_report(report, p)
+    files["report_memory_map.png"] = lambda p: plot_memory_map(report, p)
     write_outputs(args.out, files)
     print(f"wrote {', '.join(files)} to {args.out}")
     return 0

@@ -28,6 +28,17 @@ class AttendFn(Protocol):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
 
 
+class Timer(Protocol):
+    """Times named sections of a forward pass (e.g. ``relaxkv_gen.rollout.SectionTimer``)."""
+
+    def section(self, name: str) -> contextlib.AbstractContextManager: ...
+
+
+def _timed(timer: Timer | None, name: str) -> contextlib.AbstractContextManager:
+    """``timer.section(name)``, or a shared no-op context when there is no timer (no allocation, no event)."""
+    return _NO_TIMER if timer is None else timer.section(name)
+
+
 def sinusoidal_embedding_1d(dim: int, position: torch.Tensor) -> torch.Tensor:
     """Wan's timestep embedding: float64 [N, dim], cosines first then sines.
 
@@ -82,16 +93,17 @@ class _Projections(nn.Module):
 
 
 class SelfAttention(_Projections):
-    def forward(self, x: torch.Tensor, cache: AttendFn, layer: int, timer=None) -> torch.Tensor:
-        """x [B, U*F, dim] -> [B, U*F, dim]; RoPE, caching and attention happen in ``cache.attend``."""
+    def forward(self, x: torch.Tensor, cache: AttendFn, layer: int, timer: Timer | None = None) -> torch.Tensor:
+        """x [B, U*F, dim] (exactly the chunk's tokens) -> [B, U*F, dim]; RoPE, caching and attention happen in
+        ``cache.attend``. Timed sections: "qkv" (projections + q/k norms), "o_proj"."""
         b, s = x.shape[:2]
         shape = (b, s, self.num_heads, self.head_dim)
-        with timer.section("qkv") if timer else _NO_TIMER:
+        with _timed(timer, "qkv"):
             q = self.norm_q(self.q(x)).view(shape)  # [B, L, H, D], pre-RoPE
             k = self.norm_k(self.k(x)).view(shape)
             v = self.v(x).view(shape)
         out = cache.attend(layer, q, k, v)  # [B, L, H, D]; the cache times its own sections
-        with timer.section("o_proj") if timer else _NO_TIMER:
+        with _timed(timer, "o_proj"):
             return self.o(out.flatten(2))
 
 
@@ -99,6 +111,7 @@ class CrossAttention(_Projections):
     """Wan t2v cross-attention: RMSNorm on q and k, no RoPE, no mask (padded text rows are attended)."""
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """x [B, L, dim], context [B, text_len, dim] -> [B, L, dim]."""
         b, n, d = x.shape[0], self.num_heads, self.head_dim
         q = self.norm_q(self.q(x)).view(b, -1, n, d).transpose(1, 2)  # [B, H, L, D]
         k = self.norm_k(self.k(context)).view(b, -1, n, d).transpose(1, 2)  # [B, H, Lt, D]
@@ -120,8 +133,12 @@ class AttentionBlock(nn.Module):
                                  nn.Linear(cfg.ffn_dim, dim, device=dev))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim, device=dev) / dim**0.5)
 
-    def forward(self, x, e0, context, cache: AttendFn, layer: int, timer=None):
-        """x [B, U*F, dim]; e0 [B, U, 6, dim]; context [B, text_len, dim]."""
+    def forward(self, x, e0, context, cache: AttendFn, layer: int, timer: Timer | None = None):
+        """x [B, U*F, dim]; e0 [B, U, 6, dim]; context [B, text_len, dim] -> [B, U*F, dim].
+
+        Timed sections: those of the self-attention, "cross_attn" and "ffn" (the modules alone; norms,
+        modulation and residual adds are not in any section).
+        """
         frames = e0.shape[1]
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)  # [B, U, 1, dim]
 
@@ -131,8 +148,13 @@ class AttentionBlock(nn.Module):
         h = (per_frame(self.norm1(x)) * (1 + scale1) + shift1).flatten(1, 2)
         y = self.self_attn(h, cache, layer, timer)
         x = x + (per_frame(y) * gate1).flatten(1, 2)
-        x = x + self.cross_attn(self.norm3(x), context)
-        y = self.ffn((per_frame(self.norm2(x)) * (1 + scale2) + shift2).flatten(1, 2))
+        h = self.norm3(x)
+        with _timed(timer, "cross_attn"):
+            y = self.cross_attn(h, context)
+        x = x + y
+        h = (per_frame(self.norm2(x)) * (1 + scale2) + shift2).flatten(1, 2)
+        with _timed(timer, "ffn"):
+            y = self.ffn(h)
         return x + (per_frame(y) * gate2).flatten(1, 2)
 
 
@@ -225,7 +247,8 @@ class CausalWanModel(nn.Module):
         e0 = self.time_projection(e).unflatten(1, (6, self.cfg.dim)).unflatten(0, t.shape)
         return e.unflatten(0, t.shape).unsqueeze(2), e0
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cache: AttendFn, timer=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cache: AttendFn,
+                timer: Timer | None = None) -> torch.Tensor:
         """Flow prediction for one chunk.
 
         Args:
@@ -233,8 +256,8 @@ class CausalWanModel(nn.Module):
             t: per-frame timesteps [B, U] (float32; 0..1000).
             context: ``embed_text`` output [B, text_len, dim].
             cache: KV memory; ``cache.attend(layer, q, k, v)`` with q/k/v [B, U*F, heads, head_dim].
-            timer: optional object with ``section(name)`` context managers ("qkv", "o_proj"; the KV
-                memory's own sections are timed by the cache).
+            timer: optional :class:`Timer` for the sections "qkv", "o_proj", "cross_attn" and "ffn" of every
+                block (the KV memory's own sections are timed by the cache's ``profiler``).
 
         Returns:
             flow [B, out_dim, U, H, W] in the model's dtype.

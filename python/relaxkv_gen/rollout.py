@@ -1,6 +1,6 @@
 """Chunked autoregressive rollout on top of the ``relaxkv_kernels`` KV memory (public API only).
 
-Per chunk of ``policy.chunk_frames`` latent frames::
+Per chunk of ``policy.chunk_frames`` latent frames (:func:`denoise_chunk` between the cache calls)::
 
     cache.begin_chunk()                       # eviction + plan for the new frames
     x = noise
@@ -19,6 +19,7 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -30,7 +31,10 @@ DENSE_WINDOW = 21  # frames, including the current chunk (Self-Forcing)
 SINK_FRAMES = 3  # attention-sink baseline
 # the Relax Forcing profiler's rows: qkv, rope + cache write, candidate scoring, compression (Pack),
 # attention, output projection; all but qkv and o_proj are timed inside KVCache.attend
-SECTIONS = ("qkv", "rope_append", "select", "compress", "attention", "o_proj")
+SELF_ATTN_SECTIONS = ("qkv", "rope_append", "select", "compress", "attention", "o_proj")
+BLOCK_SECTIONS = ("cross_attn", "ffn")  # the rest of a block's heavy work, timed by the model
+SECTIONS = SELF_ATTN_SECTIONS + BLOCK_SECTIONS  # disjoint: their sum is at most a pass's time
+NESTED_SECTIONS = ("stage",)  # KVCache's window staging, inside "attention"
 MAX_PLAN_ELEMENTS = 256  # bigger tensors in a plan are summarised by shape in the report
 
 
@@ -60,18 +64,22 @@ def make_policy(name: str, rk=None):
 
 
 def default_backend() -> str:
+    """The generator's KV memory backend here: "fused" (kernels) with CUDA, "reference" otherwise."""
     return "fused" if torch.cuda.is_available() else "reference"
 
 
 class SectionTimer:
-    """Accumulates self-attention section times over a chunk.
+    """Accumulates the time of named sections (model sections and ``KVCache.profiler`` sections).
 
     CPU: ``time.perf_counter`` around each section (host wall-clock, labelled "CPU time").
-    CUDA: a pair of CUDA events per section, read once at the end of the chunk (no sync inside).
+    CUDA: a pair of CUDA events per section, read by :meth:`collect` (one sync, none inside the sections).
+    With ``external=True`` the events are CUDA "external" events, which keep their timestamps when they
+    are recorded inside a CUDA graph capture: every replay re-records them (read them after each replay).
     """
 
-    def __init__(self, device):
+    def __init__(self, device, external: bool = False):
         self.cuda = torch.device(device).type == "cuda"
+        self.external = external
         self.label = "CUDA events (ms)" if self.cuda else "CPU time (ms, perf_counter)"
         self.reset()
 
@@ -82,7 +90,7 @@ class SectionTimer:
     @contextlib.contextmanager
     def section(self, name: str):
         if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start, end = (torch.cuda.Event(enable_timing=True, external=self.external) for _ in range(2))
             start.record()
             yield
             end.record()
@@ -94,15 +102,21 @@ class SectionTimer:
             finally:
                 self._cpu[name] += time.perf_counter() - t0
 
-    def collect(self) -> dict[str, float]:
-        """Milliseconds per section plus ``self_attn`` (their sum); resets the accumulators."""
+    def collect(self, reset: bool = True) -> dict[str, float]:
+        """Milliseconds per section (every name in :data:`SECTIONS` and :data:`NESTED_SECTIONS`, 0 when not
+        run, plus any other name timed) and ``self_attn`` (the sum of :data:`SELF_ATTN_SECTIONS`).
+
+        ``reset=False`` keeps the recorded events (a captured graph's events, read after every replay).
+        """
         if self.cuda:
             torch.cuda.synchronize()
-            ms = {n: sum(s.elapsed_time(e) for s, e in self._events.get(n, ())) for n in SECTIONS}
+            ms = {n: sum(s.elapsed_time(e) for s, e in ev) for n, ev in self._events.items()}
         else:
-            ms = {n: 1e3 * self._cpu.get(n, 0.0) for n in SECTIONS}
-        ms["self_attn"] = sum(ms[n] for n in SECTIONS)
-        self.reset()
+            ms = {n: 1e3 * sec for n, sec in self._cpu.items()}
+        ms = {**dict.fromkeys(SECTIONS + NESTED_SECTIONS, 0.0), **ms}
+        ms["self_attn"] = sum(ms[n] for n in SELF_ATTN_SECTIONS)
+        if reset:
+            self.reset()
         return ms
 
 
@@ -148,6 +162,43 @@ def random_text(cfg, batch: int, seed: int) -> torch.Tensor:
     return torch.randn(batch, cfg.text_len, cfg.text_dim, generator=g)
 
 
+def make_cache(model: CausalWanModel, policy, batch: int, backend: str = "reference", rk=None):
+    """A ``relaxkv_kernels.KVCache`` for ``policy`` with the model's geometry, dtype and device."""
+    rk = rk or load_kernels()
+    cfg = model.cfg
+    param = next(model.parameters())
+    return rk.KVCache(
+        policy, num_layers=cfg.num_layers, batch=batch, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
+        height=cfg.grid_height, width=cfg.grid_width, dtype=param.dtype, device=param.device, backend=backend,
+    )
+
+
+def denoise_chunk(forward: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor], sampler: FlowMatchSampler,
+                  noise: Callable[[], torch.Tensor], batch: int, frames: int, device) -> torch.Tensor:
+    """The denoising passes and the clean refresh pass of one chunk (between ``begin_chunk`` and ``end_chunk``).
+
+    Args:
+        forward: ``forward(x, t, i)`` -> flow [B, 16, U, H, W] for latents x [B, 16, U, H, W] at per-frame
+            timesteps t [B, U] (float32); ``i`` is the pass index, 0 for the chunk's first pass (the one
+            that runs the memory's selection) up to ``sampler.num_steps`` for the refresh pass.
+        sampler: the step schedule. noise: returns fresh noise [B, 16, U, H, W] (called ``num_steps`` times:
+            the initial latents, then one draw per re-noising).
+        batch, frames: B and U. device: where the timesteps go.
+
+    Returns:
+        x0 [B, 16, U, H, W]: the last denoising step's prediction, the refresh pass's input.
+    """
+    timesteps, sigmas = sampler.timesteps.to(device), sampler.sigmas.to(device)
+    x = noise()
+    for step in range(sampler.num_steps):
+        flow = forward(x, timesteps[step].expand(batch, frames), step)
+        x0 = sampler.to_x0(x, flow, sigmas[step])
+        if step + 1 < sampler.num_steps:
+            x = sampler.renoise(x0, noise(), sigmas[step + 1])
+    forward(x0, torch.zeros(batch, frames, device=device), sampler.num_steps)  # refresh pass at t = 0
+    return x0
+
+
 @torch.no_grad()
 def rollout(
     model: CausalWanModel,
@@ -171,10 +222,12 @@ def rollout(
         num_chunks: chunks of ``policy.chunk_frames`` latent frames each.
         seed: seeds the initial and re-noising noise (drawn on the CPU: identical on every device).
         backend: ``"reference"`` or ``"fused"``, passed to ``relaxkv_kernels.KVCache``.
+        timing: time the sections of every pass (:class:`SectionTimer`). progress: a tqdm bar.
 
     Returns:
         :class:`RolloutResult` with latents [B, 16, num_chunks * chunk_frames, H, W] and one record per
-        chunk: time, KV bytes, the cache's ``last_plan`` and the self-attention timing breakdown.
+        chunk: time, KV bytes (allocated and in use), the cache's ``last_plan``, the frames each memory
+        segment showed and the section timing breakdown.
     """
     if num_chunks < 1:
         raise ValueError(f"num_chunks: expected >= 1, got {num_chunks}")
@@ -187,10 +240,7 @@ def rollout(
     u = int(policy.chunk_frames)
     context = model.embed_text(text)
     batch = context.shape[0]
-    cache = rk.KVCache(
-        policy, num_layers=cfg.num_layers, batch=batch, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
-        height=cfg.grid_height, width=cfg.grid_width, dtype=dtype, device=device, backend=backend,
-    )
+    cache = make_cache(model, policy, batch, backend, rk)
     gen = torch.Generator().manual_seed(seed)
     shape = (batch, cfg.in_dim, u, cfg.latent_height, cfg.latent_width)
 
@@ -200,22 +250,19 @@ def rollout(
     timer = SectionTimer(device) if timing else None
     if timer is not None:
         cache.profiler = timer.section
+
+    def forward(x, t, _pass):
+        return model(x, t, context, cache, timer)
+
     result = RolloutResult(policy=policy_name, latents=None, chunk_frames=u)
     outputs = []
-    bar = _progress(range(num_chunks), policy_name, progress)
+    bar = progress_bar(range(num_chunks), policy_name, progress)
     for i in bar:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         cache.begin_chunk()
-        x = noise()
-        for step in range(sampler.num_steps):
-            t = sampler.timesteps[step].expand(batch, u).to(device)
-            flow = model(x, t, context, cache, timer)
-            x0 = sampler.to_x0(x, flow, sampler.sigmas[step].to(device))
-            if step + 1 < sampler.num_steps:
-                x = sampler.renoise(x0, noise(), sampler.sigmas[step + 1])
-        model(x0, torch.zeros(batch, u, device=device), context, cache, timer)  # refresh pass at t = 0
+        x0 = denoise_chunk(forward, sampler, noise, batch, u, device)
         cache.end_chunk()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -241,9 +288,10 @@ def rollout(
     return result
 
 
-def _progress(it, desc: str, enabled: bool):
+def progress_bar(it, desc: str, enabled: bool, unit: str = "chunk"):
+    """``it`` wrapped in a tqdm bar when ``enabled``."""
     if not enabled:
         return it
     from tqdm.auto import tqdm
 
-    return tqdm(it, desc=desc, unit="chunk", dynamic_ncols=True)
+    return tqdm(it, desc=desc, unit=unit, dynamic_ncols=True)
