@@ -1,4 +1,5 @@
-"""relaxkv-generate CLI: bad inputs fail cleanly and write nothing; a tiny run writes its report."""
+"""relaxkv-generate CLI: every bad input is one error line and exit status 2 before any work, nothing written;
+a tiny run writes its report."""
 import json
 import os
 import subprocess
@@ -8,11 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+import relaxkv_gen.cli as cli
 from relaxkv_gen import build_model
 from relaxkv_gen.cli import main
 from relaxkv_gen.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), str(ROOT)]))
 
 
 def _inputs(tmp_path):
@@ -23,61 +26,111 @@ def _inputs(tmp_path):
                tmp_path / "other_arch.pt")
     torch.save(torch.randn(5, 512), tmp_path / "text_512.pt")
     torch.save(torch.randn(9, 4096), tmp_path / "text_too_long.pt")
+    torch.save({"blocks": torch.nn.Linear(2, 2)}, tmp_path / "module.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    good = tmp_path / "text_ok.pt"
+    torch.save(torch.randn(5, 4096), good)
+    (tmp_path / "truncated.pt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    good.unlink()
+    (tmp_path / "garbage.safetensors").write_bytes(b"garbage")
+    (tmp_path / "a_dir").mkdir()
     (tmp_path / "a_file").write_text("keep me")
 
 
-BAD_INPUTS = [
+BAD_INPUTS = [  # (id, arguments, part of the message)
     ("checkpoint-other-arch", ["--checkpoint", "{d}/other_arch.pt"], "mis-shaped"),
     ("checkpoint-missing", ["--checkpoint", "{d}/nope.pt"], "no such file"),
+    ("checkpoint-corrupt", ["--checkpoint", "{d}/garbage.pt"], "garbage.pt': not a readable PyTorch/safetensors file"),
+    ("checkpoint-truncated", ["--checkpoint", "{d}/truncated.pt"], "not a readable PyTorch/safetensors file"),
+    ("checkpoint-corrupt-safetensors", ["--checkpoint", "{d}/garbage.safetensors"], "not a readable PyTorch/safetensors"),
+    ("checkpoint-pickled-module", ["--checkpoint", "{d}/module.pt"], "holds pickled torch.nn.modules.linear.Linear"),
+    ("checkpoint-directory", ["--checkpoint", "{d}/a_dir"], "a_dir': not a file"),
     ("text-wrong-width", ["--text-embeds", "{d}/text_512.pt"], "expected [L, 4096]"),
     ("text-too-long", ["--text-embeds", "{d}/text_too_long.pt"], "expected 1..8 rows"),
-    ("chunks-zero", ["--chunks", "0"], "--chunks: expected >= 1"),
-    ("seconds-negative", ["--seconds", "-1"], "seconds: expected a positive number"),
-    ("batch-zero", ["--batch", "0"], "--batch: expected >= 1"),
+    ("text-corrupt", ["--text-embeds", "{d}/truncated.pt"], "text embeddings '{d}/truncated.pt': not a readable"),
+    ("text-directory", ["--text-embeds", "{d}/a_dir"], "not a file"),
+    ("chunks-zero", ["--chunks", "0"], "argument --chunks: expected >= 1, got 0"),
+    ("chunks-not-integer", ["--chunks", "2.5"], "argument --chunks: expected an integer, got '2.5'"),
+    ("chunks-past-longest-video", ["--chunks", "100000000"], "exceed the longest video, 16777216 latent frames"),
+    ("seconds-inf", ["--seconds", "inf"], "argument --seconds: seconds: expected a number in (0, 4194304]"),
+    ("seconds-nan", ["--seconds", "nan"], "got nan"),
+    ("seconds-negative", ["--seconds", "-1"], "got -1.0"),
+    ("seconds-zero", ["--seconds", "0"], "got 0.0"),
+    ("seconds-overflow", ["--seconds", "1e400"], "got inf"),
+    ("seconds-too-long", ["--seconds", "1e300"], "got 1e+300"),
+    ("seconds-not-a-number", ["--seconds", "ten"], "expected a number of seconds, got 'ten'"),
+    ("batch-zero", ["--batch", "0"], "argument --batch: expected >= 1"),
+    ("batch-out-of-memory", ["--batch", "1000000000"], "out of memory"),
+    ("seed-overflow", ["--seed", "99999999999999999999999"], "argument --seed: expected an integer in"),
+    ("device-meta", ["--device", "meta"], "argument --device: expected cpu, cuda or cuda:N, got 'meta'"),
+    ("device-unknown", ["--device", "tpu9"], "expected cpu, cuda or cuda:N"),
+    ("out-under-a-file", ["--out", "{d}/a_file/sub"], "a_file' is a file, not a folder"),
+    ("out-deep-under-a-file", ["--out", "{d}/a_file/sub/deeper"], "a_file' is a file, not a folder"),
+    ("out-is-a-file", ["--out", "{d}/a_file"], "exists and is not a folder"),
+    ("unknown-preset", ["--preset", "wan-14b"], "argument --preset: invalid choice: 'wan-14b'"),
+    ("unknown-policy", ["--policy", "lru"], "invalid choice: 'lru'"),
+    ("unknown-backend", ["--backend", "cuda-graphs"], "invalid choice: 'cuda-graphs'"),
 ]
 
 
+@pytest.fixture
+def no_work(monkeypatch):
+    """Generation raises if it starts: errors must come first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("generation started before the inputs were checked")
+
+    monkeypatch.setattr(cli, "rollout", refuse)
+
+
 @pytest.mark.parametrize("args, message", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
-def test_bad_input_exits_nonzero_and_writes_nothing(tmp_path, capsys, args, message):
+def test_bad_input_is_one_error_line_before_any_work(tmp_path, capsys, no_work, args, message):
     _inputs(tmp_path)
-    before = sorted(p.name for p in tmp_path.iterdir())
-    out = tmp_path / "out"
-    code = main(["--preset", "tiny", "--policy", "relax", "--no-progress", "--out", str(out),
-                 *[a.format(d=tmp_path) for a in args]])
-    err = capsys.readouterr().err
-    assert code != 0
-    assert message in err, err
-    assert not out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temp folder left behind either
-
-
-def test_out_that_is_a_file_is_rejected(tmp_path, capsys):
-    _inputs(tmp_path)
-    assert main(["--preset", "tiny", "--chunks", "1", "--no-progress", "--out", str(tmp_path / "a_file")]) != 0
-    assert "is not a folder" in capsys.readouterr().err
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    argv = [a.format(d=tmp_path) for a in args]
+    out = [] if "--out" in argv else ["--out", str(tmp_path / "out")]
+    code = main(["--preset", "tiny", "--policy", "relax", "--no-progress", *out, *argv])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.startswith("relaxkv-generate: error: ") and captured.err.count("\n") == 1, captured.err
+    assert message.format(d=tmp_path) in captured.err, captured.err
+    assert "weights_only" not in captured.err and "Traceback" not in captured.err
+    assert captured.out == ""
+    assert not (tmp_path / "out").exists()
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before  # nothing written, no temp folder
     assert (tmp_path / "a_file").read_text() == "keep me"
 
 
-@pytest.mark.parametrize("args", [["--preset", "wan-14b"], ["--policy", "lru"], ["--backend", "cuda-graphs"]],
-                         ids=["preset", "policy", "backend"])
-def test_unknown_choice_exits_2(tmp_path, capsys, args):
-    with pytest.raises(SystemExit) as exc:
-        main([*args, "--out", str(tmp_path / "out")])
-    assert exc.value.code == 2
-    assert "invalid choice" in capsys.readouterr().err
+def test_fused_backend_on_cpu_without_triton_fails_first(tmp_path, capsys, no_work, monkeypatch):
+    import relaxkv_kernels
+
+    monkeypatch.setattr(relaxkv_kernels, "backends", lambda: {"reference": True, "triton": False})
+    assert main(["--backend", "fused", "--device", "cpu", "--out", str(tmp_path / "out")]) == 2
+    assert "--backend fused on the CPU needs triton" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
-def test_module_entry_point_bad_policy(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), str(ROOT)]))
-    proc = subprocess.run([sys.executable, "-m", "relaxkv_gen", "--policy", "nope", "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
-    assert proc.returncode == 2 and "invalid choice: 'nope'" in proc.stderr
-    assert not (tmp_path / "o").exists()
+def test_module_entry_point_errors(tmp_path):
+    """``python -m relaxkv_gen``: one line, status 2, for a usage error and for a late-found one (--out)."""
+    (tmp_path / "a_file").write_text("x")
+    for args, message in ((["--policy", "nope"], "invalid choice: 'nope'"),
+                          (["--seconds", "inf"], "expected a number in (0, 4194304]"),
+                          (["--out", str(tmp_path / "a_file" / "sub")], "is a file, not a folder")):
+        proc = subprocess.run([sys.executable, "-m", "relaxkv_gen", *args], capture_output=True, text=True, env=ENV,
+                              cwd=tmp_path, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("relaxkv-generate: error: ") and proc.stderr.count("\n") == 1, proc.stderr
+        assert message in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_help_and_version_exit_0(capsys):
+    assert main(["--version"]) == 0
+    assert "relaxkv-generate" in capsys.readouterr().out
+    assert main(["--help"]) == 0
 
 
 def test_tiny_run_all_policies_writes_report(tmp_path, capsys):
-    out = tmp_path / "run"
+    out = tmp_path / "run" / "nested"  # missing parents are made
     # 3 s at 16 fps = 12 latent frames: 4 chunks of 3 frames, 3 chunks of 4 frames (pack)
     assert main(["--preset", "tiny", "--policy", "all", "--seconds", "3", "--seed", "5", "--no-progress",
                  "--out", str(out)]) == 0
@@ -85,7 +138,7 @@ def test_tiny_run_all_policies_writes_report(tmp_path, capsys):
     assert "CPU time" in stdout and "self-attn" in stdout and "cross-attn" in stdout
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["report.json", "report.png", "report_memory_map.png", *(f"latents_{p}.pt" for p in ("dense", "sink", "relax", "pack"))])
-    assert not [p for p in tmp_path.iterdir() if p.name != "run"]  # temp folder removed
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["nested"]  # temp folder removed
     for png in ("report.png", "report_memory_map.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((out / "report.json").read_text())
@@ -100,9 +153,11 @@ def test_tiny_run_all_policies_writes_report(tmp_path, capsys):
             assert c["time_ms"] > 0 and c["kv_bytes"] >= c["kv_live_bytes"] > 0
             sections = {"qkv", "rope_append", "select", "compress", "attention", "o_proj", "cross_attn", "ffn",
                         "stage", "self_attn"}
-            assert set(c["timing_ms"]) == sections
-            assert c["timing_ms"]["cross_attn"] > 0 and c["timing_ms"]["ffn"] > 0
-            assert (c["timing_ms"]["select"] > 0) == (name in ("relax", "pack") and c["plan"]["frames_attended"].count(-1) > 0)
+            t = c["timing_ms"]
+            assert set(t) == sections
+            assert t["cross_attn"] > 0 and t["ffn"] > 0
+            assert (t["select"] > 0) == (name in ("relax", "pack") and c["plan"]["frames_attended"].count(-1) > 0)
+            assert sum(t[s] for s in sections - {"stage", "self_attn"}) <= c["time_ms"]
             assert c["plan"]["start_frame"] == i * u
         lat = torch.load(out / f"latents_{name}.pt", weights_only=True)
         assert lat.shape == (1, 16, u * n, 8, 8) and torch.isfinite(lat).all()

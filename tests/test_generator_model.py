@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from relaxkv_gen import FlowMatchSampler, build_model, get_preset, sinusoidal_embedding_1d, unpatchify
-from relaxkv_gen.config import ModelConfig, latent_frames_for_seconds
+from relaxkv_gen.config import MAX_LATENT_FRAMES, MAX_SECONDS, ModelConfig, latent_frames_for_seconds
 
 BLOCK_KEYS = {  # Self-Forcing CausalWanAttentionBlock (Wan2.1 WanAttentionBlock naming), shape by (dim, ffn)
     "modulation": lambda d, f: (1, 6, d),
@@ -107,6 +107,14 @@ def test_sampler_schedule():
     x_t, flow = torch.randn(4, 5), torch.randn(4, 5)
     torch.testing.assert_close(s.to_x0(x_t, flow, s.sigmas[1]), x_t - 0.9375 * flow)
     assert latent_frames_for_seconds(5) == 20 and latent_frames_for_seconds(5.1) == 21
+
+
+@pytest.mark.parametrize("seconds", [0.0, -1.0, math.inf, -math.inf, math.nan, MAX_SECONDS * 1.001],
+                         ids=["zero", "negative", "inf", "-inf", "nan", "past-the-longest-video"])
+def test_video_length_out_of_range_is_a_value_error(seconds):
+    with pytest.raises(ValueError, match=r"seconds: expected a number in \(0, 4194304\]"):
+        latent_frames_for_seconds(seconds)
+    assert latent_frames_for_seconds(MAX_SECONDS) == MAX_LATENT_FRAMES
 
 
 class PlainAttend:

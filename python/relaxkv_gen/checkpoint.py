@@ -10,10 +10,13 @@ Accepted layouts (``.pt`` / ``.pth`` via ``torch.load(weights_only=True)``, or `
   ``_orig_mod``, ``module``).
 
 Anything that does not match the model exactly (missing, unexpected or mis-shaped keys) raises a
-ValueError that lists the offenders, before a single parameter is modified.
+one-line ValueError that lists the offenders, before a single parameter is modified.
 """
 from __future__ import annotations
 
+import os
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -25,28 +28,50 @@ STRIP_PREFIXES = ("model.",)
 MAX_LISTED = 10
 
 
-def read_state_dict(path) -> dict[str, torch.Tensor]:
-    """Raw tensors of a checkpoint file (CPU), before any key normalisation."""
+def read_tensor_file(path, what: str):
+    """What a tensor file holds: ``.safetensors`` -> dict of tensors; anything else -> ``torch.load(weights_only=True)``.
+
+    Every failure is a one-line FileNotFoundError / ValueError that starts with ``what`` and the path; an
+    unreadable file says so without torch's advice to retry with ``weights_only=False`` (never done here).
+    """
     path = Path(path)
+    name = f"{what} {str(path)!r}"
+    if not path.exists():
+        raise FileNotFoundError(f"{name}: no such file")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r}: no such file")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
+        raise ValueError(f"{name}: not a file")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"{name}: not readable (permission denied)")
+    unreadable = f"{name}: not a readable PyTorch/safetensors file (corrupt, truncated, or another format)"
+    if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path), device="cpu")
-        except Exception as exc:  # safetensors raises its own error types
-            raise ValueError(f"checkpoint {str(path)!r}: not a readable safetensors file ({exc})") from exc
-    if suffix in (".pt", ".pth"):
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"checkpoint {str(path)!r}: torch.load(weights_only=True) failed ({exc})") from exc
-        if not isinstance(obj, dict):
-            raise ValueError(f"checkpoint {str(path)!r}: expected a dict of tensors, got {type(obj).__name__}")
-        return obj
-    raise ValueError(f"checkpoint {str(path)!r}: unsupported extension {suffix!r} (expected .pt, .pth or .safetensors)")
+        except Exception:  # safetensors raises its own error types
+            raise ValueError(unreadable) from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if found:
+            raise ValueError(f"{name}: holds pickled {found.group(1)} objects; only tensors, containers and numbers "
+                             "are loaded (no code in a checkpoint is run)") from None
+        raise ValueError(unreadable) from None
+    except Exception:  # zip / EOF / OS errors of a damaged file
+        raise ValueError(unreadable) from None
+
+
+def read_state_dict(path) -> dict[str, torch.Tensor]:
+    """Raw tensors of a checkpoint file (CPU), before any key normalisation."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if path.is_file() and suffix not in (".pt", ".pth", ".safetensors"):
+        raise ValueError(f"checkpoint {str(path)!r}: unsupported extension {suffix!r} (expected .pt, .pth or .safetensors)")
+    obj = read_tensor_file(path, "checkpoint")
+    if not isinstance(obj, dict):
+        raise ValueError(f"checkpoint {str(path)!r}: expected a dict of tensors, got {type(obj).__name__}")
+    return obj
 
 
 def _select_generator(sd: dict) -> tuple[dict, str]:
@@ -115,7 +140,7 @@ def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
         cfg = getattr(model, "cfg", None)
         arch = f" preset {cfg.name!r}" if cfg is not None else ""
         raise ValueError(
-            f"checkpoint does not match the model{arch} (another architecture or preset?):\n  " + "\n  ".join(problems)
+            f"checkpoint does not match the model{arch} (another architecture or preset?): " + "; ".join(problems)
         )
 
 

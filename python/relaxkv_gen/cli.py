@@ -17,8 +17,8 @@ from typing import Callable
 import torch
 
 from . import __version__
-from .checkpoint import load_checkpoint
-from .config import PRESETS, get_preset, latent_frames_for_seconds
+from .checkpoint import load_checkpoint, read_tensor_file
+from .config import MAX_LATENT_FRAMES, PRESETS, get_preset, latent_frames_for_seconds
 from .model import build_model
 from .report import build_report, format_timing_table, plot_memory_map, plot_report, write_json
 from .rollout import POLICY_NAMES, default_backend, load_kernels, make_policy, random_text, rollout
@@ -26,22 +26,80 @@ from .rollout import POLICY_NAMES, default_backend, load_kernels, make_policy, r
 PROG = "relaxkv-generate"
 DEFAULT_CHUNKS = 7
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``relaxkv-generate: error: ...``, exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _integer(text: str, low: int, high: int | None = None) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if n < low or (high is not None and n > high):
+        raise argparse.ArgumentTypeError(f"expected an integer in [{low}, {high}], got {n}" if high is not None
+                                         else f"expected >= {low}, got {n}")
+    return n
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _integer(text, 1)
+
+
+def seed_int(text: str) -> int:
+    """argparse type: an integer torch.manual_seed accepts."""
+    return _integer(text, *SEED_RANGE)
+
+
+def seconds_float(text: str) -> float:
+    """argparse type: a finite video length in (0, MAX_SECONDS] (NaN, infinities and overflows refused)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    try:
+        latent_frames_for_seconds(seconds)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return seconds
+
+
+def device_arg(text: str) -> torch.device:
+    """argparse type: ``cpu``, ``cuda`` or ``cuda:N`` for a GPU that exists here."""
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    p = Parser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model size (default: tiny)")
     p.add_argument("--policy", choices=[*POLICY_NAMES, "all"], default="relax", help="KV memory policy (default: relax)")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--chunks", type=int, help=f"chunks to generate per policy (default: {DEFAULT_CHUNKS})")
-    length.add_argument("--seconds", type=float, help="video length at 16 fps, 4 video frames per latent frame")
+    length.add_argument("--chunks", type=positive_int, help=f"chunks to generate per policy (default: {DEFAULT_CHUNKS})")
+    length.add_argument("--seconds", type=seconds_float, help="video length at 16 fps, 4 video frames per latent frame")
     p.add_argument("--backend", choices=["reference", "fused"], help="KV memory backend (default: fused on CUDA, else reference)")
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", type=device_arg, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--batch", type=int, default=1, help="samples per rollout (default: 1)")
+    p.add_argument("--batch", type=positive_int, default=1, help="samples per rollout (default: 1)")
     p.add_argument("--checkpoint", type=Path, help="Self-Forcing generator checkpoint (.pt/.pth/.safetensors)")
     p.add_argument("--text-embeds", type=Path, help="text encoder states [L, text_dim] (or [B, L, text_dim]), .pt or .safetensors")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", type=Path, default=Path("out/generate"), help="output folder (default: out/generate)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--no-timing", action="store_true", help="skip the per-section timing breakdown")
@@ -50,66 +108,57 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_text_embeds(path: Path, cfg, batch: int) -> torch.Tensor:
-    """[batch, L, text_dim] float32 from a saved tensor; ValueError on anything else."""
-    if not path.is_file():
-        raise FileNotFoundError(f"text embeddings {str(path)!r}: no such file")
-    if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            tensors = load_file(str(path))
-        except Exception as exc:
-            raise ValueError(f"text embeddings {str(path)!r}: unreadable safetensors file ({exc})") from exc
-        if len(tensors) != 1:
-            raise ValueError(f"text embeddings {str(path)!r}: expected exactly one tensor, got {sorted(tensors)}")
-        obj = next(iter(tensors.values()))
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"text embeddings {str(path)!r}: torch.load(weights_only=True) failed ({exc})") from exc
+    """[batch, L, text_dim] float32 from a saved tensor; FileNotFoundError / ValueError on anything else."""
+    what = f"text embeddings {str(path)!r}"
+    obj = read_tensor_file(path, "text embeddings")
+    if isinstance(obj, dict):  # a safetensors file, or a saved dict
+        if len(obj) != 1:
+            raise ValueError(f"{what}: expected exactly one tensor, got {sorted(map(str, obj))}")
+        obj = next(iter(obj.values()))
     if not isinstance(obj, torch.Tensor) or not obj.is_floating_point():
-        raise ValueError(f"text embeddings {str(path)!r}: expected a floating-point tensor, got {type(obj).__name__}"
+        raise ValueError(f"{what}: expected a floating-point tensor, got {type(obj).__name__}"
                          + (f" of {obj.dtype}" if isinstance(obj, torch.Tensor) else ""))
     if obj.dim() == 2:
         obj = obj.unsqueeze(0)
     if obj.dim() != 3 or obj.shape[-1] != cfg.text_dim:
-        raise ValueError(f"text embeddings {str(path)!r}: expected [L, {cfg.text_dim}] (width = text_dim of preset "
+        raise ValueError(f"{what}: expected [L, {cfg.text_dim}] (width = text_dim of preset "
                          f"{cfg.name!r}), got {list(obj.shape) if obj.dim() != 3 else list(obj.shape[1:])}")
     if not 0 < obj.shape[1] <= cfg.text_len:
-        raise ValueError(f"text embeddings {str(path)!r}: expected 1..{cfg.text_len} rows, got {obj.shape[1]}")
+        raise ValueError(f"{what}: expected 1..{cfg.text_len} rows, got {obj.shape[1]}")
     if obj.shape[0] not in (1, batch):
-        raise ValueError(f"text embeddings {str(path)!r}: batch {obj.shape[0]} does not match --batch {batch}")
+        raise ValueError(f"{what}: batch {obj.shape[0]} does not match --batch {batch}")
     if not torch.isfinite(obj).all():
-        raise ValueError(f"text embeddings {str(path)!r}: contains NaN or Inf")
+        raise ValueError(f"{what}: contains NaN or Inf")
     return obj.float().expand(batch, -1, -1).contiguous()
 
 
-def resolve_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as exc:
-        raise ValueError(f"--device {name!r}: {exc}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name!r}: CUDA is not available")
-    return dev
+def check_out_dir(out: Path) -> None:
+    """ValueError unless ``out`` is a folder, or can be made one (every existing parent a writable folder)."""
+    label = f"--out {str(out)!r}"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{label} exists and is not a folder")
+    existing = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{label}: {str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{label}: {str(existing)!r} is not writable")
 
 
 def plan_chunks(args, chunk_frames: int) -> int:
+    """Chunks of ``chunk_frames`` latent frames for ``--chunks`` / ``--seconds``; ValueError past MAX_LATENT_FRAMES."""
     if args.seconds is not None:
-        return math.ceil(latent_frames_for_seconds(args.seconds) / chunk_frames)
-    n = DEFAULT_CHUNKS if args.chunks is None else args.chunks
-    if n < 1:
-        raise ValueError(f"--chunks: expected >= 1, got {n}")
+        n = math.ceil(latent_frames_for_seconds(args.seconds) / chunk_frames)
+    else:
+        n = DEFAULT_CHUNKS if args.chunks is None else args.chunks
+    if n * chunk_frames > MAX_LATENT_FRAMES:
+        raise ValueError(f"{n} chunks of {chunk_frames} latent frames exceed the longest video, {MAX_LATENT_FRAMES} "
+                         "latent frames (frame positions must stay exact in float32)")
     return n
 
 
 def write_outputs(out: Path, files: dict[str, Callable[[Path], None]]) -> None:
     """Write every file into a temp folder beside ``out``, then move them in (all or nothing)."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} exists and is not a folder")
+    check_out_dir(out)  # again: the run may have taken hours
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -123,21 +172,21 @@ def write_outputs(out: Path, files: dict[str, Callable[[Path], None]]) -> None:
 
 
 def run(args) -> int:
+    """Validate every input (cheapest first), generate with each policy, then write all outputs at once."""
     cfg = get_preset(args.preset)
-    if args.batch < 1:
-        raise ValueError(f"--batch: expected >= 1, got {args.batch}")
-    if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out {str(args.out)!r} exists and is not a folder")
-    device = resolve_device(args.device)
+    check_out_dir(args.out)
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     backend = args.backend or default_backend()
     if backend == "fused" and device.type != "cuda" and "triton" not in sys.modules:
         # relaxkv_kernels runs its Triton kernels on CPU only under the interpreter (slow; for checking)
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    rk = load_kernels()
+    if backend == "fused" and device.type != "cuda" and not rk.backends()["triton"]:
+        raise ValueError("--backend fused on the CPU needs triton, run under TRITON_INTERPRET=1 (set before triton "
+                         "is imported); use --backend reference")
     policies = list(POLICY_NAMES) if args.policy == "all" else [args.policy]
-    plan_chunks(args, 1)  # --chunks / --seconds range check, before any heavy work
-
-    # Validate all inputs before any compute or write.
+    chunks = {name: plan_chunks(args, int(make_policy(name, rk).chunk_frames)) for name in policies}
     text = load_text_embeds(args.text_embeds, cfg, args.batch) if args.text_embeds else random_text(cfg, args.batch, args.seed)
     if args.checkpoint is not None:
         model = build_model(cfg, dtype=dtype, init=False)
@@ -146,8 +195,6 @@ def run(args) -> int:
     else:
         model = build_model(cfg, seed=args.seed, device=device, dtype=dtype)
         weights = f"random init (seed {args.seed})"
-    rk = load_kernels()
-    chunks = {name: plan_chunks(args, int(make_policy(name, rk).chunk_frames)) for name in policies}
 
     results = []
     for name in policies:
@@ -172,10 +219,26 @@ def run(args) -> int:
     return 0
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure (CUDA, Python, or the CPU allocator's RuntimeError)."""
+    return isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    """Entry point: 0 on success; 2 with one line ``relaxkv-generate: error: ...`` on stderr, nothing written."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help / --version (0), or a usage error (2, its line already printed)
+        return exc.code
     try:
         return run(args)
     except (ValueError, FileNotFoundError, ImportError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+        message = str(exc)
+    except (RuntimeError, MemoryError) as exc:
+        if not out_of_memory(exc):
+            raise
+        message = (f"out of memory ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                   "try a smaller --batch or preset")
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2

@@ -11,6 +11,9 @@ from dataclasses import asdict, dataclass
 
 VIDEO_FPS = 16
 VIDEO_FRAMES_PER_LATENT = 4  # Wan VAE: 4x temporal compression (the first frame's 1-frame special case is ignored)
+# Longest video: frame positions stay exact in float32 (the kernels compute RoPE angles in float32), 2**24
+# latent frames = 4,194,304 s (about 48 days) of 16 fps video
+MAX_LATENT_FRAMES = 2**24
 
 
 @dataclass(frozen=True)
@@ -94,8 +97,15 @@ def get_preset(name: str) -> ModelConfig:
         raise ValueError(f"unknown preset {name!r}: expected one of {sorted(PRESETS)}") from None
 
 
+MAX_SECONDS = MAX_LATENT_FRAMES * VIDEO_FRAMES_PER_LATENT / VIDEO_FPS
+
+
 def latent_frames_for_seconds(seconds: float) -> int:
-    """Latent frames covering ``seconds`` of 16 fps video at 4 video frames per latent frame."""
-    if not seconds > 0:
-        raise ValueError(f"seconds: expected a positive number, got {seconds}")
+    """Latent frames covering ``seconds`` of 16 fps video at 4 video frames per latent frame.
+
+    ValueError unless ``0 < seconds <= MAX_SECONDS`` (NaN and infinities included).
+    """
+    if not 0 < seconds <= MAX_SECONDS:
+        raise ValueError(f"seconds: expected a number in (0, {MAX_SECONDS:.0f}] ({MAX_LATENT_FRAMES} latent frames "
+                         f"at most), got {seconds}")
     return math.ceil(seconds * VIDEO_FPS / VIDEO_FRAMES_PER_LATENT - 1e-9)
