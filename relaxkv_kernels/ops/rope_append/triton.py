@@ -1,9 +1,20 @@
 """Fused write path: rotate the chunk's Q and K with Wan 3D RoPE, append K/V to the cache, frame prototypes.
 
-One program per (token tile of a frame, frame u, b * H + h) reads q, k, v once, writes q_rot, the
-rotated key and the value into the cache rows of frame slot ``frame_slot[u]``, and the partial sum
-of its pre-RoPE keys into a workspace; a second tiny launch reduces the partial sums over tiles and
-heads into ``proto[b, frame_slot[u]]`` (deterministic, no atomics).
+One program per (tile of BLOCK_T tokens of a frame, frame u, b) covers every head: it computes the
+cos/sin of its tokens' pairs once ([BT, D/2], fp32) and reuses them for all H heads of q and of k, then
+walks the heads BLOCK_H at a time, loading the [BT, BH, D] tiles of q, k and v together (one contiguous
+BH * D run per token) before it rotates and stores them. With ``proto`` it also leaves the partial sum
+of its pre-RoPE keys in a workspace, and a second tiny launch reduces those over the frame's tiles into
+``proto[b, frame_slot[u]]`` (deterministic, no atomics); without ``proto`` there are no sums and no
+second launch.
+
+Predicted at Wan shapes (B = 1, U = 3, F = 1560, H = 12, D = 128, bf16), not measured: 86 MB per call
+(q, k, v read, q_rot, rotated k, v written: 6 x 14.4 MB), floor 29 us at 3 TB/s. A [BLOCK_T, BLOCK_H, D]
+tile is 4 KB per tensor (BLOCK_T = 8, BLOCK_H = 2), so each of the 128 threads of a program issues 6
+16-byte loads per iteration (96 B in flight), 6 iterations for H = 12. 195 x 3 = 585 programs; compiled
+here for sm_90a (triton 3.9): 80 registers (96 with proto), so 5-6 programs fit an SM and all 585 are
+resident at once on 132 SMs (no latency-bound partial second wave); ~570 threads per SM x 96 B = ~55 KB
+in flight per SM, about twice what 3 TB/s at ~1 us of loaded DRAM latency needs (3e12 B/s x 1e-6 s / 132).
 """
 from __future__ import annotations
 
@@ -11,7 +22,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import _rope_rotate, inv_freq_table, pair_split, row_mean_scatter
+from ..triton_common import _cos_sin, inv_freq_table, pair_split, row_mean_scatter
+
+TILE_BYTES = 4096  # one [BLOCK_T, BLOCK_H, BLOCK_D] tile of one tensor: 2 x 16 B per thread of 4 warps
+
+
+@triton.jit
+def _rotate(x, b_cos, b_sin, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rotate the interleaved pairs of fp32 ``x`` [BT, BH, BD] by (cos, sin) [BT, 1, BD/2]."""
+    x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_T, BLOCK_H, BLOCK_D // 2, 2)))  # [BT, BH, BP] each
+    rot = tl.join(x_even * b_cos - x_odd * b_sin, x_even * b_sin + x_odd * b_cos)  # [BT, BH, BP, 2]
+    return tl.reshape(rot, (BLOCK_T, BLOCK_H, BLOCK_D))
 
 
 @triton.jit
@@ -19,7 +40,7 @@ def _rope_append_kernel(
     # pointers
     q, k, v, q_rot, k_cache, v_cache, frame_slot, frame_pos, inv_freq, partial,
     # sizes
-    FRAME_TOKENS, WIDTH, N_HEADS, HEAD_DIM,
+    FRAME_TOKENS, WIDTH, N_HEADS, HEAD_DIM, N_SLOTS,
     # strides
     s_qb, s_qn, s_qh, s_qd,
     s_kb, s_kn, s_kh, s_kd,
@@ -29,90 +50,120 @@ def _rope_append_kernel(
     s_vcb, s_vcn, s_vch, s_vcd,
     s_fs, s_fp,
     # meta-parameters
-    N_T: tl.constexpr, N_H: tl.constexpr, HAS_PROTO: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    N_T: tl.constexpr, N_H: tl.constexpr, HAS_PROTO: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i_t = tl.program_id(0)
     i_u = tl.program_id(1)
-    i_bh = tl.program_id(2)
-    i_b = (i_bh // N_HEADS).to(tl.int64)
-    i_h = (i_bh % N_HEADS).to(tl.int64)
+    i_b = tl.program_id(2).to(tl.int64)
     o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT] token inside the frame, row-major (y, x)
+    o_h = tl.arange(0, BLOCK_H)
     o_d = tl.arange(0, BLOCK_D)
-    m_d = o_d < HEAD_DIM
-    m_td = (o_t < FRAME_TOKENS)[:, None] & m_d[None, :]
+    o_p = tl.arange(0, BLOCK_D // 2)
+    m_t = o_t < FRAME_TOKENS
+    m_d = (o_d < HEAD_DIM)[None, None, :]
     tok = i_u.to(tl.int64) * FRAME_TOKENS + o_t.to(tl.int64)  # [BT] row in q / k / v
-    i_slot = tl.load(frame_slot + i_u * s_fs)  # int64
+    i_slot = tl.load(frame_slot + i_u * s_fs).to(tl.int64)
     rows = i_slot * FRAME_TOKENS + o_t.to(tl.int64)  # [BT] cache rows of the frame's slot
+    m_td = m_t[:, None, None] & m_d  # [BT, 1, BD]
+    m_rows = m_t & (rows >= 0) & (rows < N_SLOTS * FRAME_TOKENS)  # slot in range: validated in Python, but a
+    m_tdc = m_rows[:, None, None] & m_d  # device table is not, and nothing is written outside the cache
 
-    b_q = tl.load(q + i_b * s_qb + i_h * s_qh + tok[:, None] * s_qn + o_d[None, :] * s_qd, mask=m_td, other=0.0)
-    b_k = tl.load(k + i_b * s_kb + i_h * s_kh + tok[:, None] * s_kn + o_d[None, :] * s_kd, mask=m_td, other=0.0)
-    b_v = tl.load(v + i_b * s_vb + i_h * s_vh + tok[:, None] * s_vn + o_d[None, :] * s_vd, mask=m_td, other=0.0)
-    b_q = b_q.to(tl.float32)  # [BT, BD]
-    b_k = b_k.to(tl.float32)
-    if HAS_PROTO:  # prototype partial sum (pre-RoPE keys, masked lanes 0): workspace [B, U, H, n_tiles, D]
-        i_ws = ((i_b * tl.num_programs(1) + i_u) * N_HEADS + i_h) * tl.num_programs(0) + i_t
-        tl.store(partial + i_ws * HEAD_DIM + o_d, tl.sum(b_k, 0), mask=m_d)
-
-    # token (t, y, x) = (frame_pos[u], o_t // W, o_t % W); angles in fp32
-    pos_t = tl.zeros([BLOCK_T], tl.float32) + tl.load(frame_pos + i_u * s_fp).to(tl.float32)
+    # cos/sin of every (token, pair), once for all heads of q and k: token (t, y, x) = (frame_pos[u], o_t // W, o_t % W)
+    pos_t = tl.load(frame_pos + i_u * s_fp).to(tl.float32)
     pos_y = (o_t // WIDTH).to(tl.float32)
     pos_x = (o_t % WIDTH).to(tl.float32)
-    b_qr = _rope_rotate(b_q, pos_t, pos_y, pos_x, inv_freq, N_T, N_H, HEAD_DIM // 2, BLOCK_T, BLOCK_D)
-    b_kr = _rope_rotate(b_k, pos_t, pos_y, pos_x, inv_freq, N_T, N_H, HEAD_DIM // 2, BLOCK_T, BLOCK_D)
+    b_inv = tl.load(inv_freq + o_p, mask=o_p < HEAD_DIM // 2, other=0.0)  # [BP]
+    pos = tl.where((o_p < N_T)[None, :], pos_t, tl.where((o_p < N_T + N_H)[None, :], pos_y[:, None], pos_x[:, None]))
+    b_cos, b_sin = _cos_sin(pos * b_inv[None, :])  # [BT, BP]
+    b_cos = tl.expand_dims(b_cos, 1)  # [BT, 1, BP]
+    b_sin = tl.expand_dims(b_sin, 1)
 
-    p_o = q_rot + i_b * s_ob + i_h * s_oh + tok[:, None] * s_on + o_d[None, :] * s_od
-    p_kc = k_cache + i_b * s_kcb + i_h * s_kch + rows[:, None] * s_kcn + o_d[None, :] * s_kcd
-    p_vc = v_cache + i_b * s_vcb + i_h * s_vch + rows[:, None] * s_vcn + o_d[None, :] * s_vcd
-    tl.store(p_o, b_qr.to(q_rot.dtype.element_ty), mask=m_td)
-    tl.store(p_kc, b_kr.to(k_cache.dtype.element_ty), mask=m_td)
-    tl.store(p_vc, b_v.to(v_cache.dtype.element_ty), mask=m_td)
+    p_q = q + i_b * s_qb + tok[:, None, None] * s_qn + o_d[None, None, :] * s_qd  # [BT, 1, BD] at head 0
+    p_k = k + i_b * s_kb + tok[:, None, None] * s_kn + o_d[None, None, :] * s_kd
+    p_v = v + i_b * s_vb + tok[:, None, None] * s_vn + o_d[None, None, :] * s_vd
+    p_o = q_rot + i_b * s_ob + tok[:, None, None] * s_on + o_d[None, None, :] * s_od
+    p_kc = k_cache + i_b * s_kcb + rows[:, None, None] * s_kcn + o_d[None, None, :] * s_kcd
+    p_vc = v_cache + i_b * s_vcb + rows[:, None, None] * s_vcn + o_d[None, None, :] * s_vcd
+    acc = tl.zeros([BLOCK_T, BLOCK_H, BLOCK_D], tl.float32)  # pre-RoPE keys summed over head groups (proto)
+    for h0 in range(0, N_HEADS, BLOCK_H):
+        i_h = (h0 + o_h).to(tl.int64)[None, :, None]  # [1, BH, 1]
+        m_h = i_h < N_HEADS
+        m = m_td & m_h  # [BT, BH, BD]
+        # the three loads first: 3 x BT x BH x BD elements in flight
+        b_q = tl.load(p_q + i_h * s_qh, mask=m, other=0.0)
+        b_k = tl.load(p_k + i_h * s_kh, mask=m, other=0.0)
+        b_v = tl.load(p_v + i_h * s_vh, mask=m, other=0.0)
+        b_k = b_k.to(tl.float32)
+        if HAS_PROTO:  # masked lanes are 0; reduced over tokens and heads once, after the loop
+            acc += b_k
+        b_qr = _rotate(b_q.to(tl.float32), b_cos, b_sin, BLOCK_T, BLOCK_H, BLOCK_D)
+        b_kr = _rotate(b_k, b_cos, b_sin, BLOCK_T, BLOCK_H, BLOCK_D)
+        tl.store(p_o + i_h * s_oh, b_qr.to(q_rot.dtype.element_ty), mask=m)
+        tl.store(p_kc + i_h * s_kch, b_kr.to(k_cache.dtype.element_ty), mask=m_tdc & m_h)
+        tl.store(p_vc + i_h * s_vch, b_v.to(v_cache.dtype.element_ty), mask=m_tdc & m_h)
+    if HAS_PROTO:  # workspace [B, U, n_tiles, D]
+        i_ws = (i_b * tl.num_programs(1) + i_u) * tl.num_programs(0) + i_t
+        tl.store(partial + i_ws * HEAD_DIM + o_d, tl.sum(tl.sum(acc, 0), 0), mask=o_d < HEAD_DIM)
 
 
 def rope_append_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, proto: torch.Tensor | None, frame_slot: torch.Tensor, frame_pos: torch.Tensor,
                        height: int, width: int) -> torch.Tensor:
-    """Rotate and append one chunk of U frames (the op form of ``rope_append_ref``), in two launches, no sync.
+    """Rotate and append one chunk of U frames (the op form of ``rope_append_ref``): one launch, two with proto.
 
     Token i of frame u (y = i // width, x = i % width) is rotated at (frame_pos[u], y, x) with Wan 3D
-    RoPE, angles ``position * inv_freq`` in fp32. ``k_cache[:, frame_slot[u] * F + i]`` gets the rotated
-    key, ``v_cache`` the value, ``proto[:, frame_slot[u]]`` the mean of the frame's pre-RoPE keys over
-    tokens then heads (float32, not normalised). Arguments as validated by ``relaxkv_kernels.rope_append``
-    (any strides; slots in range).
+    RoPE, angles ``position * inv_freq`` in fp32 (inverse frequencies rounded once from float64), reduced
+    to [-pi, pi] before cos/sin. ``k_cache[:, frame_slot[u] * F + i]`` gets the rotated key, ``v_cache``
+    the value, ``proto[:, frame_slot[u]]`` the mean of the frame's pre-RoPE keys over tokens then heads
+    (float32, not normalised, summed in a fixed order). Arguments as validated by
+    ``relaxkv_kernels.rope_append`` (any strides; slots in range).
 
     Args:
         q, k, v: [B, U * F, H, D] (F = height * width), after q/k RMSNorm, before RoPE.
         k_cache, v_cache: [B, n_rows, H, D]; frame slot s owns rows s*F .. s*F + F - 1 (written in place).
-        proto: float32 [B, n_slots, D] (written in place), or None: no prototypes (one launch).
+        proto: float32 [B, n_slots, D] (written in place), or None: no prototypes (no sums, one launch).
         frame_slot, frame_pos: int32/int64 [U] cache slot and temporal position of each chunk frame (on the device).
         height, width: token grid of a frame.
 
     Returns:
         q_rot: [B, U * F, H, D], dtype of q.
+
+    Example:
+        >>> B, U, h, w, H, D = 1, 3, 30, 52, 12, 128  # doctest: +SKIP
+        >>> q, k, v = (torch.randn(B, U * h * w, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        >>> k_cache = torch.empty(B, 8 * h * w, H, D, device="cuda", dtype=torch.bfloat16)
+        >>> v_cache, proto = torch.empty_like(k_cache), torch.empty(B, 8, D, device="cuda")
+        >>> slot = torch.tensor([5, 6, 7], device="cuda")
+        >>> q_rot = rope_append_triton(q, k, v, k_cache, v_cache, proto, slot, slot, h, w)
     """
     b, n, h, d = q.shape
     f = height * width
     u = frame_slot.numel()
     dev = q.device
-    frame_slot, frame_pos = frame_slot.long(), frame_pos.long()
     q_rot = torch.empty((b, n, h, d), dtype=q.dtype, device=dev)
     if q_rot.numel() == 0:
         return q_rot
-    block_t = 16  # 16 x 128 tiles: 187 registers, no spills on sm_90 (64 x 128 at 4 warps spilled 2.7 KB)
+    block_d = triton.next_power_of_2(d)
+    tile = TILE_BYTES // q.element_size()  # elements of one tensor per iteration
+    block_h = min(triton.next_power_of_2(h), max(1, tile // (8 * block_d)))  # Wan (bf16, D = 128): 2 heads
+    block_t = min(triton.next_power_of_2(f), max(1, tile // (block_h * block_d)))  # Wan: 8 tokens
     n_tiles = triton.cdiv(f, block_t)
     n_t, n_h = pair_split(d)
-    partial = q_rot if proto is None else torch.empty((b, u, h, n_tiles, d), dtype=torch.float32, device=dev)
-    _rope_append_kernel[(n_tiles, u, b * h)](
+    n_slots = k_cache.shape[1] // f
+    partial = q_rot if proto is None else torch.empty((b, u, n_tiles, d), dtype=torch.float32, device=dev)
+    _rope_append_kernel[(n_tiles, u, b)](
         q, k, v, q_rot, k_cache, v_cache, frame_slot, frame_pos, inv_freq_table(d, dev), partial,
-        f, width, h, d,
+        f, width, h, d, n_slots,
         *q.stride(), *k.stride(), *v.stride(), *q_rot.stride(), *k_cache.stride(), *v_cache.stride(),
         frame_slot.stride(0), frame_pos.stride(0),
-        N_T=n_t, N_H=n_h, HAS_PROTO=proto is not None, BLOCK_T=block_t, BLOCK_D=triton.next_power_of_2(d),
+        N_T=n_t, N_H=n_h, HAS_PROTO=proto is not None, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
         num_warps=4,
     )
     if proto is None:
         return q_rot
-    # proto[b, frame_slot[u]] = sum over (head, tile) partial rows / (F * H): group g = b * U + u
-    row_mean_scatter(partial.view(b * u, h * n_tiles, d), proto, frame_slot, f * h, u,
+    # proto[b, frame_slot[u]] = sum over the frame's tile rows / (F * H): group g = b * U + u
+    row_mean_scatter(partial.view(b * u, n_tiles, d), proto, frame_slot, f * h, u,
                      s_o0=proto.stride(0), s_o1=0, s_idx=frame_slot.stride(0), s_oi=proto.stride(1),
                      s_od=proto.stride(2))
     return q_rot
