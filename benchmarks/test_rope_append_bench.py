@@ -32,3 +32,6 @@ def test_bench_rope_append_tiny_writes_labelled_rows(tmp_path, capsys):
         assert abs(r["fraction_of_copy"] - r["gbps"] / rows["copy"]["gbps"]) < 1e-9
         assert r["max_diff"] < 1e-4, r  # fp32: every backend writes what the reference writes
     assert "skipped" not in rows["triton"] and "skipped" not in rows["triton +proto"]
+    assert [t["row"] for t in data["targets"]] == [n for n in ("cuda", "auto") if "skipped" not in rows[n]]
+    for goal in data["targets"]:
+        assert goal["met"] == (rows[goal["row"]]["fraction_of_copy"] >= 0.6)
