@@ -51,16 +51,16 @@ def poison_empty(monkeypatch):
 
 @functools.cache
 def _emulated_runtime():
-    import cuda_emulator  # tests/cuda_emulator.py
+    from cuda_emu import emulator
 
-    return cuda_emulator.EmulatedRuntime(cuda_emulator.load(cuda_emulator.build()))
+    return emulator.EmulatedRuntime(emulator.load(emulator.build()))
 
 
 @pytest.fixture(params=[pytest.param("gpu", marks=pytest.mark.gpu), "emulated"])
 def kernel_device(request, monkeypatch) -> str:
     """Where a test of the csrc/ kernels runs: ``"cuda"`` (relaxkv_kernels._C on the GPU) or ``"cpu"``.
 
-    ``"cpu"`` runs the same launchers and kernels compiled for the CPU emulation of tests/cuda_emulator.py
+    ``"cpu"`` runs the same launchers and kernels compiled for the CPU emulation of tests/cuda_emu/
     (built once per session; skipped without g++ or pybind11, failing if the build fails).
     """
     if request.param == "gpu":
@@ -69,10 +69,10 @@ def kernel_device(request, monkeypatch) -> str:
         if cuda_extension() is None:
             pytest.skip("relaxkv_kernels._C not built (no nvcc at install time)")
         return "cuda"
-    import cuda_emulator
+    from cuda_emu import emulator
 
     pytest.importorskip("pybind11")
-    if cuda_emulator.compiler() is None:
+    if emulator.compiler() is None:
         pytest.skip("no C++ compiler for the CUDA emulation")
     from relaxkv_kernels.ops import cuda_common
 

@@ -1,13 +1,14 @@
 """Run the csrc/ CUDA launchers and kernels on the CPU: a g++ build against an emulation of the CUDA model.
 
-The same sources that nvcc compiles for the GPU are compiled with g++ against ``tests/cuda_emu/include``
-(threads, blocks, barriers, warp shuffles, dynamic shared memory and the few runtime calls csrc uses;
-see the header for what is checked and what cannot be). Two textual rewrites come first, since g++
-cannot parse them: kernel launches and ``extern __shared__`` declarations.
+The same sources that nvcc compiles for the GPU are compiled with g++ against ``include/`` next to this
+file (threads, blocks, barriers, warp shuffles, dynamic shared memory and the few runtime calls csrc
+uses; see README.md and the header for what is checked and what cannot be). Two textual rewrites come
+first, since g++ cannot parse them: kernel launches and ``extern __shared__`` declarations.
 
-:func:`emulated_runtime` returns a :class:`relaxkv_kernels.cuda._launch.CudaRuntime` replacement that
-tests install with ``monkeypatch.setattr(_launch, "runtime", ...)``: the Python wrappers then validate,
-compute strides and call the emulated launchers on CPU tensors, exactly as they do on a GPU.
+:class:`EmulatedRuntime` replaces :class:`relaxkv_kernels.ops.cuda_common.CudaRuntime`; tests install it
+with ``monkeypatch.setattr(cuda_common, "runtime", ...)`` (the ``kernel_device`` fixture of
+tests/conftest.py): the Python wrappers then compute strides and call the emulated launchers on CPU
+tensors, exactly as they do on a GPU.
 
 This tests the kernels' logic (indexing, strides, reductions, top-k, rounding, barriers, shuffles). It
 says nothing about speed, coalescing or the GPU memory model: the GPU tests remain the authority.
@@ -29,9 +30,9 @@ from types import ModuleType
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
-EMU_INCLUDE = Path(__file__).resolve().parent / "cuda_emu" / "include"
+EMU_INCLUDE = Path(__file__).resolve().parent / "include"
 BUILD = ROOT / "build" / "cuda_emu"
 FLAGS = ["-std=c++20", "-O2", "-fPIC", "-fvisibility=hidden", "-fno-strict-aliasing", "-pthread",
          "-Wall", "-Wno-unknown-pragmas", "-Werror=return-type"]
@@ -56,7 +57,7 @@ def translate(source: str) -> str:
     out = _SHARED.sub(lambda m: f"{m[1]}* {m[2]} = ::relaxkv_emu::dynamic_shared<{m[1]}>();", out)
     for token in ("<<<", "__shared__"):
         if token in out:
-            raise ValueError(f"cuda_emulator: a {token} that the rewrites do not cover is left")
+            raise ValueError(f"cuda_emu: a {token} that the rewrites do not cover is left")
     return out
 
 
@@ -64,10 +65,20 @@ def compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
+def missing_tools() -> list[str]:
+    """What the emulated build needs and this machine lacks (empty: g++ and pybind11 are here)."""
+    missing = []
+    if compiler() is None:
+        missing.append(f"a C++20 compiler ({os.environ.get('CXX', 'g++')} not on PATH; set $CXX)")
+    if importlib.util.find_spec("pybind11") is None:
+        missing.append("pybind11 (pip install pybind11)")
+    return missing
+
+
 def _require_compiler() -> str:
     cxx = compiler()
     if cxx is None:
-        raise RuntimeError("cuda_emulator: no C++ compiler (g++, or $CXX)")
+        raise RuntimeError("cuda_emu: no C++ compiler (g++, or $CXX)")
     return cxx
 
 
@@ -77,7 +88,7 @@ def compile_cuda(source: Path, output: Path, *args: str) -> Path:
     cmd = [cxx, "-x", "c++", str(source), "-o", str(output), *_ALL_FLAGS, f"-I{EMU_INCLUDE}", *args]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
-        raise RuntimeError(f"cuda_emulator: {' '.join(cmd)}\n{res.stderr}")
+        raise RuntimeError(f"cuda_emu: {' '.join(cmd)}\n{res.stderr}")
     return output
 
 
@@ -126,7 +137,7 @@ def load(lib: Path) -> ModuleType:
 
 
 class EmulatedRuntime:
-    """Stands in for ``relaxkv_kernels.cuda._launch.runtime``: the emulated extension on CPU tensors."""
+    """Stands in for ``relaxkv_kernels.ops.cuda_common.runtime``: the emulated extension on CPU tensors."""
 
     device_type = "cpu"
 

@@ -1,4 +1,4 @@
-// Self-test of the CUDA emulation (tests/test_cuda_emulator.py): `selftest CASE` runs one case's launches,
+// Self-test of the CUDA emulation (tests/cuda_emu/test_emulator.py): `selftest CASE` runs one case's launches,
 // then prints cudaGetLastError() (name and message), cudaGetLastError() once more, and the case's result.
 // Host vectors stand in for device memory: the emulated kernels run in this process.
 #include <cuda_runtime.h>

@@ -1,6 +1,6 @@
-"""Self-test of the CUDA emulation (tests/cuda_emulator.py): its semantics are CUDA's and its checks fire.
+"""Self-test of the CUDA emulation (emulator.py): its semantics are CUDA's and its checks fire.
 
-tests/cuda_emu/selftest.cu holds small kernels and one launch (or a few) per case. It is translated and
+selftest.cu (next to this file) holds small kernels and one launch (or a few) per case. It is translated and
 compiled into an executable once per module, then run once per case: ``selftest CASE`` prints the
 launch's cudaGetLastError() (name and message), cudaGetLastError() again (it must be reset by the first
 read) and the case's result.
@@ -13,20 +13,20 @@ from pathlib import Path
 
 import pytest
 
-import cuda_emulator
+from cuda_emu import emulator
 
-SELFTEST = Path(__file__).resolve().parent / "cuda_emu" / "selftest.cu"
+SELFTEST = Path(__file__).resolve().parent / "selftest.cu"
 
 
 @pytest.fixture(scope="module")
 def selftest(tmp_path_factory) -> Path:
-    """selftest.cu, translated and compiled with the flags of the emulated extension."""
-    if cuda_emulator.compiler() is None:
-        pytest.skip("no C++ compiler for the CUDA emulation")
+    """selftest.cu, translated and compiled with the flags of the emulated extension (no compiler: an error)."""
+    if emulator.compiler() is None:
+        pytest.fail("CUDA emulation self-test: no C++ compiler (g++ not on PATH; set $CXX)", pytrace=False)
     out = tmp_path_factory.mktemp("cuda_emu")
     src = out / "selftest.cu"
-    src.write_text(cuda_emulator.translate(SELFTEST.read_text()))
-    return cuda_emulator.compile_cuda(src, out / "selftest")
+    src.write_text(emulator.translate(SELFTEST.read_text()))
+    return emulator.compile_cuda(src, out / "selftest")
 
 
 def run_case(exe: Path, case: str) -> tuple[str, str, str]:
@@ -178,7 +178,7 @@ def test_invalid_configuration(selftest, case):
     ],
 )
 def test_translate(source, expected):
-    assert cuda_emulator.translate(source) == expected
+    assert emulator.translate(source) == expected
 
 
 @pytest.mark.parametrize(
@@ -186,4 +186,4 @@ def test_translate(source, expected):
 )
 def test_translate_rejects_what_it_cannot_rewrite(source):
     with pytest.raises(ValueError, match="that the rewrites do not cover is left"):
-        cuda_emulator.translate(source)
+        emulator.translate(source)

@@ -1,6 +1,6 @@
 // CPU emulation of the CUDA execution model, for running csrc/ kernels on a machine without a GPU.
 //
-// tests/cuda_emulator.py compiles the csrc/ sources with g++ against this directory instead of the CUDA
+// tests/cuda_emu/emulator.py compiles the csrc/ sources with g++ against this directory instead of the CUDA
 // toolkit headers, after two textual rewrites: `kernel<<<grid, block, smem, stream>>>(args)` becomes
 // `::relaxkv_emu::Launch(grid, block, smem, stream).run(kernel, args)` and
 // `extern __shared__ T name[];` becomes `T* name = ::relaxkv_emu::dynamic_shared<T>();`.
@@ -24,7 +24,7 @@
 //
 // What it cannot show: timing, memory coalescing, the GPU memory model (fibers switch only at barriers:
 // a race without a barrier shows only if one of the two orders exposes it), alignment faults of vector
-// accesses. Those need the GPU tests (tests/test_cuda_ops.py on a device).
+// accesses. Those need the GPU tests (tests/ops/test_<op>.py on a device, tests/run_compute_sanitizer.sh).
 #pragma once
 
 #include <sys/mman.h>

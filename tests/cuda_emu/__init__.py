@@ -1,0 +1,1 @@
+"""The CUDA emulation: csrc/ kernels compiled with g++ and run on the CPU (see README.md)."""
