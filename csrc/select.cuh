@@ -1,19 +1,22 @@
 // Top-k of a small score vector inside one thread block, shared by relax_select and mid_select.
 //
-// Order: a stable descending sort (torch.sort(descending=True, stable=True), as the references use):
-// higher score first, NaN above every number, ties to the lower index. The k winners are then
-// listed by index (memory / time order), which is the order their segment rows are written in.
+// Order (the references' top_in_order): finite scores first, higher first, ties to the lower index; then
+// the non-finite ones (NaN, +-inf) by index, so a non-finite score is never chosen over a finite one. The
+// k winners are then listed by index (memory / time order), which is the order their segment rows are
+// written in.
 #pragma once
+
+#include <cfloat>
 
 #include "common.cuh"
 
 namespace relaxkv {
 
-// Whether entry (a, ia) comes before entry (b, ib) in the stable descending order.
+// Whether entry (a, ia) comes before entry (b, ib) in that order.
 __device__ __forceinline__ bool ranks_before(float a, int ia, float b, int ib) {
-    const bool na = isnan(a), nb = isnan(b);
-    if (na != nb) return na;
-    if (!na && a != b) return a > b;
+    const bool fa = fabsf(a) <= FLT_MAX, fb = fabsf(b) <= FLT_MAX;  // finite: false for NaN and +-inf
+    if (fa != fb) return fa;
+    if (fa && a != b) return a > b;
     return ia < ib;
 }
 
