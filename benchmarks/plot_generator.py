@@ -1,9 +1,12 @@
-"""Plot of the generator benchmark (JSON written by bench_generator.py): stacked time breakdown per policy, eager
-vs captured, in ms per video frame (chunks are 3 latent frames for dense / sink / relax and 4 for pack).
+"""Plot and Markdown table of the generator benchmark (JSON written by bench_generator.py): stacked time
+breakdown per policy, eager vs captured, in ms per video frame (chunks are 3 latent frames for dense / sink /
+relax and 4 for pack).
 
-    python benchmarks/plot_generator.py benchmarks/results/generator_wan-1.3b_nvidia_h100_80gb_hbm3.json
+    python benchmarks/plot_generator.py benchmarks/results/generator_wan-1.3b_nvidia_h100_80gb_hbm3.json \
+        --table benchmarks/results/GENERATOR.md
 
-Writes the PNG beside the JSON (same stem). CPU results are labelled "CPU time, not a GPU measurement".
+Writes the PNG beside each JSON (same stem) and, with ``--table``, the README's generator results section.
+CPU results are labelled "CPU time, not a GPU measurement" in both.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CPU_LABEL  # noqa: E402
 from plot_results import _pyplot, _save, _title  # noqa: E402
 
 VIDEO_FRAMES_PER_LATENT = 4
@@ -81,11 +85,55 @@ def plot(data: dict, png: str | Path) -> Path:
     return _save(fig, _title(data, what), png)
 
 
+def _cell(x, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}g}" if abs(x) < 10**digits else f"{x:.0f}"
+
+
+def markdown(data: dict) -> str:
+    """The README's generator results section for one run (device, date and commit in the heading)."""
+    env, pols = data["env"], data["policies"]
+    capture = sorted({p["modes"]["graph"]["kind"] for p in pols.values() if "graph" in p["modes"]})
+    lines = [f"### Generator end to end: {data['preset']} DiT per chunk ({env['device']}, {env['date'][:10]}, "
+             f"commit {env['commit'][:10]})", ""]
+    if env.get("cpu_timing"):
+        lines += [f"**{CPU_LABEL}.**", ""]
+    lines += [f"`python benchmarks/bench_generator.py{' --quick' if data.get('quick') else ''}`: random weights, "
+              f"batch {data['batch']}, {data['dtype']}, backend {data['backend']}, steady state, whole chunks of "
+              f"{data['passes_per_chunk']} forward passes (4 denoising + refresh), DiT only (no VAE, no text encoder); "
+              f"one latent frame = 4 video frames. Captured mode: {', '.join(capture) or 'none'}.", "",
+              "| policy | latent frames / chunk | eager ms / chunk | captured ms / chunk | ms / video frame | "
+              "video FPS | speed vs dense | replay == eager |", "|---|---|---|---|---|---|---|---|"]
+    best = {n: p["modes"].get("graph") or p["modes"]["eager"] for n, p in pols.items()}
+    for name, pol in pols.items():
+        eager, graph, b = pol["modes"]["eager"], pol["modes"].get("graph"), best[name]
+        dense = best.get("dense")
+        ratio = dense["ms_per_video_frame"] / b["ms_per_video_frame"] if dense else None
+        same = {True: "yes", False: "**no**", None: "-"}[graph.get("replay_equals_eager") if graph else None]
+        lines.append(f"| {name} | {pol['chunk_frames']} | {_cell(eager['ms_per_chunk'])} | "
+                     f"{_cell(graph['ms_per_chunk']) if graph else '-'} | {_cell(b['ms_per_video_frame'])} | "
+                     f"{_cell(b['video_fps'])} | {_cell(ratio)}x | {same} |")
+    lines += ["", "Breakdown of the captured mode (eager where none), ms per chunk summed over layers x passes:", "",
+              "| policy | " + " | ".join(BREAKDOWN_TITLES[p] for p in BREAKDOWN) + " |",
+              "|---|" + "---|" * len(BREAKDOWN)]
+    for name, b in best.items():
+        parts = b.get("breakdown_ms") or {}
+        lines.append(f"| {name} | " + " | ".join(_cell(parts.get(p)) for p in BREAKDOWN) + " |")
+    lines.append("")
+    for g in data.get("targets", []):
+        met = {True: "met", False: "**not met**", None: "not judged (CPU)"}[g["met"]]
+        lines.append(f"- {g['target']}, {g['mode']} ({g['kind']}): {_cell(g['value'])}, {met}")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> list[Path]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", type=Path, help="generator_*.json files")
+    p.add_argument("--table", type=Path, help="write the Markdown results section(s) here")
     args = p.parse_args(argv)
-    return [plot(json.loads(path.read_text()), path.with_suffix(".png")) for path in args.results]
+    runs = [(path, json.loads(path.read_text())) for path in args.results]
+    if args.table:
+        args.table.write_text("\n".join(markdown(data) for _, data in runs))
+    return [plot(data, path.with_suffix(".png")) for path, data in runs]
 
 
 if __name__ == "__main__":

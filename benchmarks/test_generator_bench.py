@@ -43,7 +43,13 @@ def test_json_csv_png_and_flags(run, capsys):
     assert len(csv) == 1 + 2 * len(WARMUP) and "cpu_timing" in csv[0] and "attention_ms" in csv[0]
     png = out.with_suffix(".png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
-    assert [p.name for p in plot_generator.main([str(out)])] == [out.with_suffix(".png").name]
+    table = out.with_name("GENERATOR.md")
+    assert [p.name for p in plot_generator.main([str(out), "--table", str(table)])] == [out.with_suffix(".png").name]
+    md = table.read_text()
+    assert md.startswith(f"### Generator end to end: tiny DiT per chunk ({env['device']}")
+    assert (common.CPU_LABEL in md) is cpu
+    assert [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| ") and " | 3 | " in line] == [
+        "| dense", "| sink", "| relax"]
 
 
 def test_policies_modes_and_breakdown_sums(run):
