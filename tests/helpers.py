@@ -1,0 +1,200 @@
+"""Helpers shared by the test files: inputs and layouts, tolerances, segment tables, literal RoPE, running a
+public op. Imported as ``helpers`` (tests/conftest.py puts tests/ on sys.path)."""
+from __future__ import annotations
+
+import torch
+
+import relaxkv_kernels as rk
+from relaxkv_kernels.availability import interpreter_enabled, triton_available
+
+INT_POISON = -(2**30)  # integer sentinel: an index a kernel forgot to write, or a stride it ignored
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton tests run (interpreter on CPU)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+# outputs of O(1) against an fp64 reference: fp32 a few ulps; fp16 (eps 9.8e-4) and bf16 (eps 7.8e-3) about 2 ulps
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def gen(seed: int) -> torch.Generator:
+    """A CPU generator (CUDA generators cannot drive torch.randperm): draw on the CPU, then move."""
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(g: torch.Generator, *shape: int, dtype: torch.dtype = torch.float32, device="cpu") -> torch.Tensor:
+    return torch.randn(*shape, generator=g).to(device, dtype)
+
+
+def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str = "") -> None:
+    """``got`` within :data:`TOL` of ``dtype`` of ``want`` (both compared in float64)."""
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol, msg=what or None)
+
+
+def assert_2x_rule(got: torch.Tensor, truth: torch.Tensor, same_dtype: torch.Tensor, slack: float, what: str = ""):
+    """flash-attention's rule: the kernel's max error against the float64 ``truth`` is at most twice that of the
+    same computation done by torch in the kernel's dtype (``same_dtype``), plus ``slack``."""
+    err = (got.double() - truth.double()).abs().max().item()
+    base = (same_dtype.double() - truth.double()).abs().max().item()
+    assert err <= 2 * base + slack, f"{what}: kernel error {err:.3e} vs torch {same_dtype.dtype} error {base:.3e}"
+
+
+def strided(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """x [B, N, H, D] as a contiguous tensor, a 16-byte aligned strided view ("strided": heads padded), or an
+    unaligned view ("unaligned": odd element offset, the kernels' scalar path)."""
+    if layout == "contiguous":
+        return x.contiguous()
+    b, n, h, d = x.shape
+    if layout == "strided":
+        out = torch.empty(b, n, h + 2, d, dtype=x.dtype, device=x.device)[:, :, 1:h + 1]
+    else:
+        out = torch.empty(b, n, h, d + 1, dtype=x.dtype, device=x.device)[..., 1:]
+    out.copy_(x)
+    assert not out.is_contiguous()
+    return out
+
+
+def last_dim_strided(x: torch.Tensor) -> torch.Tensor:
+    """x as a view with stride(-1) == 2 over poison (NaN for floats, INT_POISON for integers)."""
+    fill = float("nan") if x.is_floating_point() else INT_POISON
+    wide = torch.full((*x.shape[:-1], 2 * x.shape[-1]), fill, dtype=x.dtype, device=x.device)
+    wide[..., ::2] = x
+    return wide[..., ::2]
+
+
+def spaced(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D index tensor as a stride-2 view over INT_POISON: a kernel ignoring the index stride reads -2^30."""
+    return last_dim_strided(t[:, None])[:, 0]
+
+
+def seg_view(base: torch.Tensor, layout: str) -> torch.Tensor:
+    """The [B, n_seg, 3] table stored in ``base``: ``base`` itself ("contiguous"), or for "view" a
+    [B, 3, 2 n_seg + 1] storage read with field stride 2 n_seg + 1 and row stride 2 (a gap between rows)."""
+    return base if layout == "contiguous" else base[:, :, 1::2].transpose(1, 2)
+
+
+def seg_storage(batch: int, n_seg: int, layout: str, g: torch.Generator, device) -> torch.Tensor:
+    """Random storage for a ``layout`` table (see :func:`seg_view`): rows a kernel must not touch are checked too."""
+    shape = (batch, n_seg, 3) if layout == "contiguous" else (batch, 3, 2 * n_seg + 1)
+    return torch.randint(-50, 50, shape, dtype=torch.int32, generator=g).to(device)
+
+
+def ragged_table(batch: int, n_rows: int, g: torch.Generator) -> tuple[torch.Tensor, int]:
+    """Per-batch tables with zero-length, single-row and odd segments, random starts and deltas of both signs,
+    the same total for every batch element: (int32 [B, 6, 3] table, total)."""
+    lengths = [[17, 0, 1, 9, 0, 30], [5, 21, 0, 0, 30, 1]][:batch]
+    while len(lengths) < batch:
+        lengths.append(list(reversed(lengths[-1])))
+    rows = []
+    for lens in lengths:
+        row = []
+        for n in lens:
+            start = int(torch.randint(0, n_rows - n + 1, (1,), generator=g))
+            row.append([start, n, int(torch.randint(-40, 40, (1,), generator=g))])
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.int32), sum(lengths[0])
+
+
+def literal_rope(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Wan 3D RoPE restated as a complex float64 multiply at real positions: x [..., N, H, D], pos [N, 3]."""
+    d = x.shape[-1]
+    dims = [d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)]  # Wan's rope_params widths per axis
+    ang = torch.cat([pos[:, a:a + 1].double() / 10000.0 ** (torch.arange(0, n, 2, dtype=torch.float64) / n)
+                     for a, n in enumerate(dims)], dim=1)[:, None, :]  # [N, 1, D/2]
+    xc = torch.view_as_complex(x.double().reshape(*x.shape[:-1], -1, 2).contiguous())
+    return torch.view_as_real(xc * torch.polar(torch.ones_like(ang), ang)).flatten(-2)
+
+
+def replace(args, i: int, value) -> list:
+    """``args`` with entry ``i`` replaced (a bad input for one argument)."""
+    args = list(args)
+    args[i] = value
+    return args
+
+
+def on(device, args) -> list:
+    """``args`` with every tensor moved to ``device``."""
+    return [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def run_public(op: str, args, backend: str, keep) -> list[torch.Tensor]:
+    """``rk.<op>(*args, backend=backend)`` with the tensors at positions ``keep`` cloned first (the op may write
+    them): its returned tensors, then those."""
+    call = [a.clone() if i in keep else a for i, a in enumerate(args)]
+    out = getattr(rk, op)(*call, backend=backend)
+    return (list(out) if isinstance(out, tuple) else [] if out is None else [out]) + [call[i] for i in keep]
+
+
+def assert_int32_indices_match_int64(op: str, args, backend: str) -> None:
+    """The public op with every int64 index tensor of ``args`` given as int32 gives the int64 result."""
+    index = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.dtype == torch.int64]
+    keep = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and i not in index]
+    assert index, "no int64 index tensor among the arguments"
+    results = [run_public(op, [a.to(dtype) if i in index else a for i, a in enumerate(args)], backend, keep)
+               for dtype in (torch.int64, torch.int32)]
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # proto: fp32 atomics on the GPU
+
+
+def assert_strided_inputs_match_reference(op: str, args, read_only, backend: str) -> None:
+    """The float inputs at ``read_only`` as last-dim strided views (which the public ops accept; the CUDA
+    wrappers copy them to unit rows) give the reference backend's result."""
+    args = list(args)
+    for i in read_only:
+        args[i] = last_dim_strided(args[i])
+    keep = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and i not in read_only]
+    results = [run_public(op, args, be, keep) for be in ("reference", backend)]
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def backend_device(backend: str, cuda_device: str | None = None) -> str:
+    """Where ``backend`` runs in these tests: Triton on :data:`DEVICE` (skipped where it cannot run), the CUDA
+    kernels on ``cuda_device`` (the ``kernel_device`` fixture), the reference on the CPU."""
+    if backend == "triton":
+        need_triton()
+        return DEVICE
+    return cuda_device or "cpu"
+
+
+def assert_public_op_matches_registered(op: str, args, *extra) -> None:
+    """``rk.<op>(*args)`` checks and forwards to ``torch.ops.relaxkv.<op>(*args, *extra, "reference")``: the same
+    outputs, and the same writes into the tensors it mutates (``extra``: what the public op fills in)."""
+    clone = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    out = getattr(rk, op)(*args)
+    want = getattr(torch.ops.relaxkv, op)(*clone, *extra, "reference")
+    outs = lambda x: list(x) if isinstance(x, tuple) else [] if x is None else [x]  # noqa: E731
+    assert len(outs(out)) == len(outs(want))
+    for got, ref in zip(outs(out), outs(want)):
+        assert torch.equal(got, ref)
+    for a, c in zip(args, clone):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, c)
+
+
+def run_on_fakes(op: str, args, *extra):
+    """``torch.ops.relaxkv.<op>(*args, *extra, "reference")`` on fake tensors (the registered fake kernel):
+    (its output, the fake arguments)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        return getattr(torch.ops.relaxkv, op)(*fake, *extra, "reference"), fake
+
+
+def need_triton(device=DEVICE) -> None:
+    """Skip unless Triton kernels can run on ``device`` (triton installed; a GPU, or the interpreter on CPU)."""
+    import pytest
+
+    if not triton_available():
+        pytest.skip("triton is not installed")
+    if torch.device(device).type != "cuda" and not interpreter_enabled():
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+
+
+def compare_with_triton(device, dtype: torch.dtype) -> bool:
+    """Whether a CUDA kernel test also compares with the op's Triton kernel: on the GPU always; on the CPU
+    (the emulation) under the Triton interpreter, except bf16, which the interpreter computes wrongly
+    (../shared/GPU.md)."""
+    if torch.device(device).type == "cuda":
+        return triton_available()
+    return triton_available() and interpreter_enabled() and dtype != torch.bfloat16

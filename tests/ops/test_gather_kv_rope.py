@@ -1,0 +1,352 @@
+"""relaxkv::gather_kv_rope and relaxkv::gather_kv_rope_into: the K (delta-rotated) and V rows of a segment table,
+gathered into contiguous tensors (new ones, or given buffers such as a slice of an attention window).
+
+The reference against a literal slice + cat + delta RoPE; the CUDA kernel (``kernel_device``) against the
+reference with NaN-poisoned outputs, ragged and long tables, block boundaries, rows outside the pool, a
+slice of a larger buffer; the Triton kernel where the op has one; registration of both ops and the public
+ops' bad inputs.
+"""
+import pytest
+import torch
+
+import relaxkv_kernels as rk
+from helpers import (DEVICE, DTYPE_IDS, DTYPES, assert_public_op_matches_registered,
+                     assert_strided_inputs_match_reference, close, gen, need_triton, on, ragged_table, randn, replace,
+                     run_on_fakes, seg_storage, seg_view, strided)
+from relaxkv_kernels.geometry import apply_delta_rope
+from relaxkv_kernels.ops.gather_kv_rope.cuda import gather_kv_rope_cuda
+from relaxkv_kernels.ops.gather_kv_rope.op import BACKENDS
+from relaxkv_kernels.ops.gather_kv_rope.reference import gather_kv_rope_ref, gather_segments_ref
+
+B, H, D = 2, 2, 16
+WAN_F, WAN_H, WAN_D = 1560, 12, 128
+
+
+def _args(g: torch.Generator) -> list:
+    """Small valid arguments: pools of 80 rows, ragged tables of 23 rows per batch element (an unused entry)."""
+    seg = torch.tensor([[[0, 16, 3], [40, 7, -2], [0, 0, 0]], [[16, 1, 0], [60, 20, 5], [33, 2, 1]]], dtype=torch.int32)
+    return [randn(g, B, 80, H, D), randn(g, B, 80, H, D), seg, 23]
+
+
+def _into_args(g: torch.Generator) -> list:
+    """``_args`` for gather_kv_rope_into: the outputs as [B, 23, H, D] buffers of NaN instead of ``total``."""
+    k_pool, v_pool, seg, total = _args(g)
+    out = torch.full((B, total, H, D), float("nan"))
+    return [k_pool, v_pool, seg, out, out.clone()]
+
+
+def _gather_cuda(k_pool, v_pool, seg, total, fill=float("nan")):
+    """gather_kv_rope_cuda into new [B, total, H, D] outputs filled with ``fill``: (k, v)."""
+    shape = (k_pool.shape[0], total, *k_pool.shape[2:])
+    k = torch.full(shape, fill, dtype=k_pool.dtype, device=k_pool.device)
+    v = torch.full(shape, fill, dtype=k_pool.dtype, device=k_pool.device)
+    gather_kv_rope_cuda(k_pool, v_pool, seg, k, v)
+    return k, v
+
+
+def _check_cuda(k_pool, v_pool, seg, total, dtype):
+    """gather_kv_rope_cuda against the reference (fp64 K math), inputs unchanged; returns (k, v)."""
+    k_pool0, v_pool0, seg0 = k_pool.clone(), v_pool.clone(), seg.clone()
+    k, v = _gather_cuda(k_pool, v_pool, seg, total)
+    k_ref, v_ref = gather_kv_rope_ref(k_pool.double(), v_pool, seg, total)
+    close(k, k_ref, dtype, "k")
+    assert torch.equal(v, v_ref)
+    assert torch.equal(k_pool, k_pool0) and torch.equal(v_pool, v_pool0) and torch.equal(seg, seg0)
+    return k, v
+
+
+# ---------------------------------------------------------------------------------- reference vs literal
+
+
+def _gather_literal(k_pool, v_pool, seg):
+    """Slice + cat + apply_delta_rope, one batch element at a time: what the Relax code does on every call."""
+    ks, vs = [], []
+    for b in range(k_pool.shape[0]):
+        kb, vb = [], []
+        for start, length, delta in seg[b].tolist():
+            if length == 0:
+                continue
+            kb.append(apply_delta_rope(k_pool[b, start:start + length], torch.full((length,), float(delta))))
+            vb.append(v_pool[b, start:start + length])
+        ks.append(torch.cat(kb))
+        vs.append(torch.cat(vb))
+    return torch.stack(ks), torch.stack(vs)
+
+
+@pytest.mark.parametrize("batch, heads, head_dim", [(1, 1, 8), (2, 3, 128), (3, 2, 64)],
+                         ids=["single_head-d8", "b2-wan_d", "b3-d64"])
+def test_gather_kv_rope_ref_matches_literal(batch, heads, head_dim):
+    g = gen(10)
+    k_pool = randn(g, batch, 90, heads, head_dim, dtype=torch.float64)
+    v_pool = randn(g, batch, 90, heads, head_dim, dtype=torch.float64)
+    seg, total = ragged_table(batch, 90, g)
+    k, v = gather_kv_rope_ref(k_pool, v_pool, seg, total)
+    k_lit, v_lit = _gather_literal(k_pool, v_pool, seg)
+    assert k.shape == (batch, total, heads, head_dim) and k.is_contiguous() and v.is_contiguous()
+    torch.testing.assert_close(k, k_lit, rtol=1e-12, atol=1e-12)
+    assert torch.equal(v, v_lit)
+
+
+def test_gather_segments_ref_order():
+    g = gen(320)
+    k_pool, v_pool = randn(g, 40, 2, 32), randn(g, 40, 2, 32)
+    seg = torch.tensor([[30, 3, -4], [2, 1, 0], [10, 0, 5], [5, 7, 11]], dtype=torch.int32)
+    k, v = gather_segments_ref(k_pool, v_pool, seg)
+    rows = list(range(30, 33)) + [2] + list(range(5, 12))
+    deltas = [-4.0] * 3 + [0.0] + [11.0] * 7
+    assert k.shape == v.shape == (11, 2, 32)
+    assert torch.equal(v, v_pool[rows])
+    for i, (r, dl) in enumerate(zip(rows, deltas)):
+        torch.testing.assert_close(k[i], apply_delta_rope(k_pool[r:r + 1], torch.tensor([dl]))[0], rtol=0, atol=0)
+    assert torch.equal(k[3], k_pool[2])  # delta 0: unchanged
+    assert torch.equal(k[..., 12:], k_pool[rows][..., 12:])  # D = 32: only the 12 temporal dims move
+
+
+def test_gather_kv_rope_public_op_matches_reference():
+    g = gen(11)
+    k_pool, v_pool = randn(g, 2, 90, 2, 32), randn(g, 2, 90, 2, 32)
+    seg, total = ragged_table(2, 90, g)
+    k0, v0, s0 = k_pool.clone(), v_pool.clone(), seg.clone()
+    k, v = rk.gather_kv_rope(k_pool, v_pool, seg, total)
+    k_ref, v_ref = gather_kv_rope_ref(k_pool, v_pool, seg, total)
+    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)
+    assert torch.equal(k_pool, k0) and torch.equal(v_pool, v0) and torch.equal(seg, s0)
+
+
+# ------------------------------------------------------------------------------- Triton vs reference
+
+
+@pytest.mark.skipif(BACKENDS.triton is None, reason="gather_kv_rope has no Triton kernel")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_gather_kv_rope_triton_matches_reference(dtype):
+    """The Triton backend through the public op (fp32 / fp16: the interpreter computes bf16 wrongly)."""
+    need_triton()
+    g = gen(15)
+    k_pool, v_pool = (strided(randn(g, 2, 90, 3, 32, dtype=dtype, device=DEVICE), "strided") for _ in range(2))
+    seg, total = ragged_table(2, 90, g)
+    seg = seg.to(DEVICE)
+    k, v = rk.gather_kv_rope(k_pool, v_pool, seg, total, backend="triton")
+    k_ref, v_ref = gather_kv_rope_ref(k_pool.double(), v_pool, seg, total)
+    close(k, k_ref, dtype, "k")
+    assert torch.equal(v, v_ref)
+
+
+# --------------------------------------------------------------------------------- CUDA vs reference
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("layout, batch, heads, head_dim", [
+    ("contiguous", 2, 3, 128), ("strided", 3, 2, 128), ("unaligned", 1, 1, 64),
+], ids=["contiguous-b2", "strided-b3", "unaligned-d64"])
+def test_gather_kv_rope_cuda_matches_reference(kernel_device, dtype, layout, batch, heads, head_dim):
+    g = gen(23)
+    k_pool = strided(randn(g, batch, 150, heads, head_dim, dtype=dtype, device=kernel_device), layout)
+    v_pool = strided(randn(g, batch, 150, heads, head_dim, dtype=dtype, device=kernel_device), layout)
+    seg, total = ragged_table(batch, 150, g)
+    _check_cuda(k_pool, v_pool, seg.to(kernel_device), total, dtype)
+
+
+def test_gather_kv_rope_cuda_uncovered_rows_are_nan_not_out_of_bounds(kernel_device):
+    """total > the table's rows: an error the host cannot see; the kernel writes NaN there, nothing else."""
+    dev = kernel_device
+    k_pool = randn(gen(24), 2, 40, 2, 64, dtype=torch.bfloat16, device=dev)
+    seg = torch.tensor([[[0, 5, 2], [10, 4, 0]], [[3, 9, -1], [0, 0, 0]]], dtype=torch.int32, device=dev)
+    k, v = _gather_cuda(k_pool, k_pool, seg, 20, fill=0.0)  # zeros: the NaN rows are the kernel's writes
+    k_ref, v_ref = gather_kv_rope_ref(k_pool, k_pool, seg, 9)
+    close(k[:, :9], k_ref, torch.bfloat16, "covered k rows")
+    assert torch.equal(v[:, :9], v_ref)
+    assert k[:, 9:].isnan().all() and v[:, 9:].isnan().all()
+
+
+def _long_table(batch: int, n_seg: int, n_rows: int, g: torch.Generator) -> tuple[torch.Tensor, int]:
+    """n_seg (> 32) segments of 0 .. 3 rows, empty around the 32-wide scan steps, the same total for every
+    batch element (permuted lengths), random starts and deltas of both signs."""
+    lens = torch.randint(0, 4, (n_seg,), generator=g)
+    lens[[s for s in (31, 32, 63, 64) if s < n_seg]] = 0
+    lens[[s for s in (30, 33, 65) if s < n_seg]] = 2
+    table = torch.zeros(batch, n_seg, 3, dtype=torch.int32)
+    for b in range(batch):
+        lb = lens if b == 0 else lens[torch.randperm(n_seg, generator=g)]
+        table[b, :, 1] = lb.int()
+        table[b, :, 0] = (torch.rand(n_seg, generator=g) * (n_rows - lb + 1)).int()
+        table[b, :, 2] = torch.randint(-40, 40, (n_seg,), generator=g).int()
+    return table, int(lens.sum())
+
+
+@pytest.mark.parametrize("dtype, layout, batch, heads, head_dim, n_seg", [
+    (torch.float16, "contiguous", 2, 2, 32, 70),  # 3 scan steps; VEC 8: temporal pairs (6) end inside a vector
+    (torch.float32, "strided", 2, 3, 40, 40),  # 2 scan steps; VEC 4 on a pair-split boundary (8 temporal pairs)
+    (torch.bfloat16, "contiguous", 1, 1, 512, 36),  # max head_dim: 86 temporal pairs end inside vector 21
+    (torch.float32, "unaligned", 3, 2, 10, 34),  # scalar path, 3 temporal pairs
+    (torch.float16, "unaligned", 2, 1, 2, 33),  # D = 2: the single pair is temporal
+], ids=["70seg-fp16-d32", "40seg-strided-fp32-d40", "36seg-bf16-d512", "34seg-scalar-fp32-d10", "33seg-fp16-d2"])
+def test_gather_kv_rope_cuda_long_tables(kernel_device, dtype, layout, batch, heads, head_dim, n_seg):
+    dev, n_rows = kernel_device, 60
+    g = gen(45)
+    k_pool = strided(randn(g, batch, n_rows, heads, head_dim, dtype=dtype, device=dev), layout)
+    v_pool = strided(randn(g, batch, n_rows, heads, head_dim, dtype=dtype, device=dev), layout)
+    table, total = _long_table(batch, n_seg, n_rows, g)
+    assert total > 2 * 16  # several blocks of kGatherRows rows
+    seg = seg_view(seg_storage(batch, n_seg, "view", g, dev), "view")  # s_ss = 2, s_sf = 2 n_seg + 1
+    seg.copy_(table)
+    _check_cuda(k_pool, v_pool, seg, total, dtype)
+
+
+@pytest.mark.parametrize("total", [16, 32, 5], ids=["one_full_block", "two_full_blocks", "partial_block"])
+def test_gather_kv_rope_cuda_block_boundaries(kernel_device, total):
+    dev = kernel_device
+    g = gen(46)
+    k_pool, v_pool = (randn(g, 2, 40, 2, 64, dtype=torch.bfloat16, device=dev) for _ in range(2))
+    a = total // 3
+    seg = torch.tensor([[[30, a, -7], [0, 0, 3], [2, total - a, 0]],
+                        [[39, 1, 25], [5, total - 1, -30], [0, 0, 0]]], dtype=torch.int32, device=dev)
+    _check_cuda(k_pool, v_pool, seg, total, torch.bfloat16)
+
+
+def test_gather_kv_rope_cuda_rows_outside_the_pool_are_nan(kernel_device):
+    """Kernel contract (csrc/gather_kv_rope.cuh): a source row outside the pool (negative start, start + length
+    past n_rows) gives a NaN output row and is not read; a negative length counts as 0."""
+    dev, n_rows = kernel_device, 20
+    g = gen(47)
+    k_pool, v_pool = randn(g, 2, n_rows, 2, 16, device=dev), randn(g, 2, n_rows, 2, 16, device=dev)
+    seg = torch.tensor([[[-3, 5, 4], [7, -2, 1], [18, 4, -5]],  # rows -3 .. 1, nothing, 18 .. 21
+                        [[4, 3, 0], [16, 6, 2], [0, 0, 0]]], dtype=torch.int32, device=dev)
+    k, v = _gather_cuda(k_pool, v_pool, seg, 9, fill=0.0)
+    clipped = torch.tensor([[[0, 2, 4], [18, 2, -5]], [[4, 3, 0], [16, 4, 2]]], dtype=torch.int32, device=dev)
+    for b, bad in enumerate([[0, 1, 2, 7, 8], [7, 8]]):
+        good = [r for r in range(9) if r not in bad]
+        assert k[b, bad].isnan().all() and v[b, bad].isnan().all()
+        kb, vb = gather_kv_rope_ref(k_pool[b:b + 1].double(), v_pool[b:b + 1], clipped[b:b + 1], len(good))
+        close(k[b, good], kb[0], torch.float32, f"k[{b}]")
+        assert torch.equal(v[b, good], vb[0])
+
+
+def test_gather_kv_rope_cuda_at_wan_shapes(kernel_device):
+    """Frames of 1560 rows and compressed blocks of 182 (neither a multiple of the 16-row tile), hybrid deltas:
+    2 sink frames, 4 of 12 archived blocks, 3 current frames."""
+    dev, f, nc = kernel_device, WAN_F, 182
+    g = gen(50)
+    n_rows = 5 * f + 12 * nc
+    k_pool, v_pool = (randn(g, 1, n_rows, WAN_H, WAN_D, dtype=torch.bfloat16, device=dev) for _ in range(2))
+    mids = sorted(torch.randperm(12, generator=g)[:4].tolist())
+    seg = torch.tensor([[[0, 2 * f, 296]] + [[5 * f + m * nc, nc, 40 - 4 * j] for j, m in enumerate(mids)]
+                        + [[2 * f, 3 * f, 0]]], dtype=torch.int32, device=dev)
+    total = 5 * f + 4 * nc
+    k, v = _gather_cuda(k_pool, v_pool, seg, total)
+    k_ref, v_ref = gather_kv_rope_ref(k_pool.float(), v_pool, seg, total)
+    close(k, k_ref, torch.bfloat16, "k")
+    assert torch.equal(v, v_ref)
+
+
+def test_gather_kv_rope_cuda_rejects_outputs_with_gaps(kernel_device):
+    """Backend-specific: k_out / v_out rows must be contiguous within a batch element (o_sb is the one free
+    stride); a view with padded heads is refused with a clear error."""
+    k_pool, v_pool, seg, total = on(kernel_device, _args(gen(25)))
+    padded = torch.full((B, total, H + 1, D), float("nan"), device=kernel_device)[:, :, :H]
+    with pytest.raises(ValueError, match="k_out: expected rows contiguous within a batch element"):
+        gather_kv_rope_cuda(k_pool, v_pool, seg, padded, torch.empty_like(padded))
+
+
+# ------------------------------------------------------------------------------- into a slice of a buffer
+
+
+def _check_into_slice(backend: str, device: str):
+    """gather_kv_rope_into writes a slice [:, 5:5 + total] of a longer [B, 40, H, D] window (batch stride
+    40 * H * D, not total * H * D) exactly as gather_kv_rope returns it; the rest of the window is untouched."""
+    k_pool, v_pool, seg, total = on(device, _args(gen(26)))
+    win_k, win_v = (randn(gen(27 + i), B, 40, H, D, device=device) for i in range(2))
+    win_k[:, 5:5 + total] = win_v[:, 5:5 + total] = float("nan")
+    k0, v0 = win_k.clone(), win_v.clone()
+    rk.gather_kv_rope_into(k_pool, v_pool, seg, win_k[:, 5:5 + total], win_v[:, 5:5 + total], backend=backend)
+    k_ref, v_ref = gather_kv_rope_ref(k_pool.double(), v_pool, seg, total)
+    close(win_k[:, 5:5 + total], k_ref, torch.float32, "k slice")
+    assert torch.equal(win_v[:, 5:5 + total], v_ref)
+    rest = torch.ones(40, dtype=torch.bool)
+    rest[5:5 + total] = False
+    assert torch.equal(win_k[:, rest], k0[:, rest]) and torch.equal(win_v[:, rest], v0[:, rest])
+
+
+def test_into_a_slice_of_a_larger_buffer_reference():
+    _check_into_slice("reference", "cpu")
+
+
+def test_into_a_slice_of_a_larger_buffer_cuda(kernel_device):
+    _check_into_slice("cuda", kernel_device)
+
+
+def test_last_dim_strided_inputs_cuda(kernel_device):
+    """k_pool and v_pool with stride(-1) == 2 (accepted by the public op; the wrapper copies them to unit rows)."""
+    assert_strided_inputs_match_reference("gather_kv_rope", on(kernel_device, _args(gen(10))), (0, 1), "cuda")
+
+
+# ------------------------------------------------------------------------------------------ registration
+
+
+def test_opcheck():
+    torch.library.opcheck(torch.ops.relaxkv.gather_kv_rope.default, (*_args(gen(0)), "reference"))
+
+
+def test_opcheck_into():
+    torch.library.opcheck(torch.ops.relaxkv.gather_kv_rope_into.default, (*_into_args(gen(0)), "reference"))
+
+
+def test_public_ops_match_registered_ops():
+    assert_public_op_matches_registered("gather_kv_rope", _args(gen(1)))
+    assert_public_op_matches_registered("gather_kv_rope_into", _into_args(gen(1)))
+
+
+def test_into_writes_what_gather_returns():
+    into = _into_args(gen(2))
+    rk.gather_kv_rope_into(*into)
+    k, v = rk.gather_kv_rope(*_args(gen(2)))
+    assert torch.equal(into[3], k) and torch.equal(into[4], v)
+
+
+def test_fake_shapes():
+    (k, v), _ = run_on_fakes("gather_kv_rope", _args(gen(3)))
+    assert k.shape == v.shape == (B, 23, H, D) and k.dtype == torch.float32
+    out, _ = run_on_fakes("gather_kv_rope_into", _into_args(gen(3)))
+    assert out is None
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+_SEG = torch.tensor([[[0, 16, 3], [40, 7, -2]], [[16, 1, 0], [60, 20, 5]]], dtype=torch.int32)  # 23 and 21 rows
+BAD = [  # (argument index, replacement, error type, message fragment)
+    pytest.param(3, 24, ValueError, "total: expected sum\\(length\\).*\\[23, 23\\], got 24", id="total_mismatch"),
+    pytest.param(3, 0, ValueError, "total: expected an int in \\[1", id="total_zero"),
+    pytest.param(3, 23.0, TypeError, "total: expected an int", id="total_float"),
+    pytest.param(2, _SEG, ValueError, "\\[23, 21\\], got 23", id="ragged_totals"),
+    pytest.param(2, _SEG.long(), TypeError, "seg: expected dtype", id="seg_int64"),
+    pytest.param(2, torch.tensor([[[76, 7, 0]], [[3, 7, 0]]], dtype=torch.int32), ValueError, "rows inside the pool",
+                 id="seg_outside_pool"),
+    pytest.param(1, torch.randn(B, 80, H, D).half(), TypeError, "v_pool: expected dtype", id="v_pool_dtype"),
+    pytest.param(1, torch.randn(B, 70, H, D), ValueError, "v_pool: expected shape", id="v_pool_shape"),
+    pytest.param(0, torch.randn(B, 80, H, D - 1), ValueError, "head_dim must be a positive even", id="odd_head_dim"),
+    pytest.param(2, _SEG.to("meta"), ValueError, "seg: expected tensors on cpu", id="seg_device"),
+]
+
+
+@pytest.mark.parametrize("index, value, exc, match", BAD)
+def test_bad_input_raises_before_any_kernel(index, value, exc, match):
+    args = replace(_args(gen(4)), index, value)
+    with pytest.raises(exc, match=match):
+        rk.gather_kv_rope(*args)
+
+
+BAD_INTO = [  # (argument index, replacement, error type, message fragment)
+    pytest.param(2, torch.tensor([[[0, 17, 3], [40, 7, -2]], [[16, 2, 0], [60, 20, 5]]], dtype=torch.int32), ValueError,
+                 "total: expected sum\\(length\\).*\\[24, 22\\], got 23", id="table_rows_not_out_rows"),
+    pytest.param(3, torch.randn(B, 23, H + 1, D), ValueError, "k_out: expected shape", id="k_out_heads"),
+    pytest.param(4, torch.randn(B, 23, H, D).half(), TypeError, "v_out: expected dtype", id="v_out_dtype"),
+    pytest.param(4, torch.randn(B, 22, H, D), ValueError, "v_out: expected shape", id="v_out_shape"),
+    pytest.param(4, torch.randn(B, 23, H, D, device="meta"), ValueError, "v_out: expected tensors on cpu",
+                 id="v_out_device"),
+]
+
+
+@pytest.mark.parametrize("index, value, exc, match", BAD_INTO)
+def test_into_bad_input_raises_before_any_kernel(index, value, exc, match):
+    args = replace(_into_args(gen(5)), index, value)
+    with pytest.raises(exc, match=match):
+        rk.gather_kv_rope_into(*args)

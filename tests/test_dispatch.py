@@ -1,0 +1,236 @@
+"""Which implementation runs: backend tables and their resolution (argument, RELAXKV_BACKEND_<OP>,
+RELAXKV_BACKEND), the tuning table of attention engines, the registered ops as a whole (fake kernels,
+inference-only backward), and a whole chunk step under torch.compile(fullgraph=True)."""
+import importlib
+import inspect
+import json
+
+import pytest
+import torch
+
+import relaxkv_kernels as rk
+from helpers import gen, need_triton, randn
+from relaxkv_kernels import tuning
+from relaxkv_kernels.availability import cuda_extension, triton_available
+from relaxkv_kernels.ops.dense_attention.op import resolve_engine
+from relaxkv_kernels.ops.dispatch import OpBackends
+
+TABLE_OPS = ["rope_append", "sparse_kv_attention", "relax_select", "mid_select", "compress_kv", "gather_kv_rope"]
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def _table(op: str) -> OpBackends:
+    return importlib.import_module(f"relaxkv_kernels.ops.{op}.op").BACKENDS
+
+
+def _ref(*args):
+    return "reference"
+
+
+@pytest.fixture
+def no_backend_env(monkeypatch):
+    """No RELAXKV_BACKEND* variable from the environment the tests run in."""
+    for op in TABLE_OPS:
+        monkeypatch.delenv(f"RELAXKV_BACKEND_{op.upper()}", raising=False)
+    monkeypatch.delenv("RELAXKV_BACKEND", raising=False)
+    return monkeypatch
+
+
+# ----------------------------------------------------------------------------------------- resolution
+
+
+@pytest.mark.parametrize("op", TABLE_OPS)
+def test_every_backend_has_the_reference_signature(op):
+    """The table's implementations are interchangeable: same parameters, in the same order."""
+    table = _table(op)
+    want = list(inspect.signature(table.reference).parameters)
+    impls = [table.cuda] + ([table.triton()] if table.triton is not None and triton_available() else [])
+    for fn in filter(None, impls):
+        assert list(inspect.signature(fn).parameters) == want, fn.__qualname__
+
+
+@pytest.mark.parametrize("op", TABLE_OPS)
+def test_auto_on_cpu_is_the_reference(op, no_backend_env):
+    assert _table(op).resolve(CPU) == "reference"
+    assert _table(op).implementation(CPU) is _table(op).reference
+
+
+@pytest.mark.parametrize("op", [op for op in TABLE_OPS if _table(op).cuda is not None])
+def test_cuda_backend_finds_the_cuda_kernel(op, no_backend_env):
+    if cuda_extension() is None:
+        pytest.skip("relaxkv_kernels._C not built (no nvcc at install time)")
+    table = _table(op)
+    assert table.resolve(CUDA, "cuda") == "cuda"
+    assert table.implementation(CUDA, "cuda") is table.cuda
+    with pytest.raises(RuntimeError, match="backend 'cuda' needs a CUDA kernel for this op and CUDA tensors"):
+        table.resolve(CPU, "cuda")  # the real runtime takes CUDA tensors only (the emulated one CPU tensors)
+
+
+def test_resolution_rules(no_backend_env):
+    """auto on CUDA: the first kernel of the table's ``auto`` order that is available here; explicit names
+    that cannot run raise, naming the op."""
+    both = OpBackends("toy", reference=_ref, triton=lambda: _ref, cuda=_ref, auto=("cuda", "triton"))
+    only_ref = OpBackends("toy", reference=_ref)
+    first = "cuda" if cuda_extension() is not None else "triton" if triton_available() else "reference"
+    assert both.resolve(CUDA) == first
+    assert only_ref.resolve(CUDA) == "reference"
+    with pytest.raises(ValueError, match="relaxkv.toy: backend: expected one of"):
+        both.resolve(CPU, "fastest")
+    with pytest.raises(RuntimeError, match="relaxkv.toy: backend 'triton': no Triton kernel"):
+        only_ref.resolve(CUDA, "triton")
+    with pytest.raises(RuntimeError, match="relaxkv.toy: backend 'cuda' needs a CUDA kernel"):
+        only_ref.resolve(CUDA, "cuda")
+
+
+def test_triton_on_cpu_needs_the_interpreter(no_backend_env):
+    need_triton()
+    table = _table("relax_select")
+    assert table.resolve(CPU, "triton") == "triton"
+    no_backend_env.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="backend 'triton' needs triton and a CUDA tensor"):
+        table.resolve(CPU, "triton")
+
+
+def test_environment_chooses_the_backend_of_auto(no_backend_env):
+    """RELAXKV_BACKEND_<OP> beats RELAXKV_BACKEND, which beats auto; an explicit argument beats both."""
+    need_triton()
+    env = no_backend_env
+    env.setenv("RELAXKV_BACKEND", "triton")
+    assert _table("mid_select").resolve(CPU) == "triton"
+    env.setenv("RELAXKV_BACKEND_MID_SELECT", "reference")
+    assert _table("mid_select").resolve(CPU) == "reference"
+    assert _table("relax_select").resolve(CPU) == "triton"
+    assert _table("relax_select").resolve(CPU, "reference") == "reference"
+    env.setenv("RELAXKV_BACKEND_RELAX_SELECT", "fastest")
+    with pytest.raises(ValueError, match="relaxkv.relax_select: backend: expected one of .* got 'fastest'"):
+        _table("relax_select").resolve(CPU)
+
+
+def test_public_op_follows_the_environment(no_backend_env):
+    """The variable reaches the implementation a public op runs (a spy in the Triton slot of the table)."""
+    table, calls = _table("mid_select"), []
+
+    def spy(*args):
+        calls.append(len(args))
+        return table.reference(*args)
+
+    no_backend_env.setattr(table, "triton", lambda: spy)
+    no_backend_env.setattr("relaxkv_kernels.ops.dispatch.triton_available", lambda: True)
+    no_backend_env.setenv("TRITON_INTERPRET", "1")
+    g = gen(1)
+    args = [randn(g, 1, 8, 2, 16), randn(g, 1, 3, 2, 16), torch.tensor([0, 1, 2]), torch.arange(3),
+            torch.zeros(1, 2, 3, dtype=torch.int32), 0, torch.tensor([5]), 0, 4, 1]
+    rk.mid_select(*args)
+    assert calls == []
+    no_backend_env.setenv("RELAXKV_BACKEND_MID_SELECT", "triton")
+    rk.mid_select(*args)
+    assert calls == [10]
+
+
+# ------------------------------------------------------------------------------------------- tuning
+
+
+@pytest.fixture
+def tuning_table(tmp_path, monkeypatch):
+    """A private tuning.json (the package's own is left alone)."""
+    path = tmp_path / "tuning.json"
+    monkeypatch.setattr(tuning, "TUNING_PATH", path)
+    tuning.load_table.cache_clear()
+    yield path
+    tuning.load_table.cache_clear()
+
+
+def test_tuning_keys_and_record(tuning_table):
+    assert [tuning.bucket(n) for n in (1, 2, 3, 4680, 8192, 10920)] == [1, 2, 4, 8192, 8192, 16384]
+    key = tuning.tuning_key("cpu", 64, 33, 57)
+    assert key == "cpu|d64|q64|k64"
+    assert tuning.choose_engine("cpu", 64, 33, 57) == "sdpa"  # no table: torch's SDPA dispatch off CUDA
+    tuning.record({key: "reference"})
+    assert json.loads(tuning_table.read_text()) == {"version": 2, "entries": {key: "reference"}}
+    assert tuning.choose_engine("cpu", 64, 40, 60) == "reference"  # same buckets
+    assert tuning.choose_engine("cpu", 64, 65, 60) == "sdpa"
+    with pytest.raises(ValueError, match="expected engines in"):
+        tuning.record({key: "fastest"})
+
+
+def test_tuning_table_of_another_version_is_ignored(tuning_table):
+    key = tuning.tuning_key("cpu", 64, 33, 57)
+    tuning_table.write_text(json.dumps({"version": 1, "entries": {key: "gather"}}))
+    assert tuning.load_table() == {}
+    tuning.record({key: "triton"})  # replaces the old entries, does not merge them
+    assert json.loads(tuning_table.read_text())["entries"] == {key: "triton"}
+
+
+def test_auto_engine_follows_the_tuning_table(tuning_table):
+    """dense_attention(engine="auto") runs the table's engine for the shape, else the device default; an entry
+    naming an engine that cannot run here (sdpa_cudnn on CPU) falls back to the default."""
+    g = gen(13)
+    q, k = randn(g, 1, 33, 2, 64), randn(g, 1, 57, 2, 64)
+    assert resolve_engine("auto", CPU, torch.float32, 64, 33, 57) == "sdpa"
+    tuning.record({tuning.tuning_key("cpu", 64, 33, 57): "reference"})
+    assert resolve_engine("auto", CPU, torch.float32, 64, 33, 57) == "reference"
+    assert torch.equal(rk.dense_attention(q, k, k), rk.dense_attention(q, k, k, engine="reference"))
+    tuning.record({tuning.tuning_key("cpu", 64, 33, 57): "sdpa_cudnn"})
+    assert resolve_engine("auto", CPU, torch.float32, 64, 33, 57) == "sdpa"
+
+
+# ------------------------------------------------------------------------------------ registered ops
+
+
+def test_registered_ops():
+    names = {n for n in torch._C._dispatch_get_all_op_names() if n.startswith("relaxkv::")}
+    assert names == {f"relaxkv::{op}" for op in TABLE_OPS + ["gather_kv_rope_into", "dense_attention"]}
+
+
+@pytest.mark.parametrize("op", ["sparse_kv_attention", "gather_kv_rope", "dense_attention"])
+def test_functional_ops_are_inference_only(op):
+    """A backward through a functional op fails naming it (the ops that mutate cannot be differentiated
+    anyway: torch refuses them itself)."""
+    g = gen(2)
+    pool = randn(g, 1, 8, 1, 16).requires_grad_()
+    seg = torch.tensor([[[0, 8, 1]]], dtype=torch.int32)
+    if op == "sparse_kv_attention":
+        out = rk.sparse_kv_attention(randn(g, 1, 4, 1, 16), pool, pool, seg)
+    elif op == "gather_kv_rope":
+        out = rk.gather_kv_rope(pool, pool, seg, 8)[0]
+    else:
+        out = rk.dense_attention(randn(g, 1, 4, 1, 16), pool, pool, engine="reference")
+    with pytest.raises(RuntimeError, match=f"relaxkv::{op} is inference-only"):
+        out.sum().backward()
+
+
+def test_gather_attention_on_meta_tensors():
+    """impl="gather" composes two registered ops (gather_kv_rope, dense_attention): shapes flow through their
+    fake kernels on the meta device (nothing reads a table there: the checks that would are skipped)."""
+    q, pool = torch.empty(2, 5, 2, 16, device="meta"), torch.empty(2, 30, 2, 16, device="meta")
+    seg = torch.empty(2, 2, 3, dtype=torch.int32, device="meta")
+    out = rk.sparse_kv_attention(q, pool, pool, seg, impl="gather", total=10, engine="sdpa")
+    assert out.shape == (2, 5, 2, 16) and out.dtype == torch.float32 and out.device.type == "meta"
+
+
+# ----------------------------------------------------------------------------- torch.compile chunk step
+
+
+@pytest.mark.parametrize("policy", [rk.RelaxMemory(), rk.PackMemory(top_k=2, archive=3, q_stride=4)],
+                         ids=["relax", "pack"])
+def test_compiled_chunk_step_matches_eager(policy):
+    """torch.compile(fullgraph=True) of a whole chunk step (all layers, selection included), segments mode."""
+    layers, b, h, d, hh, ww = 2, 2, 2, 16, 4, 4
+    u = policy.chunk_frames
+    g = gen(2)
+    eager, compiled = (rk.KVCache(policy, layers, b, h, d, hh, ww, dtype=torch.float32, backend="reference")
+                       for _ in range(2))
+
+    def step(cache, qkv):
+        return [cache.attend(layer, *qkv[layer]) for layer in range(layers)]
+
+    torch._dynamo.reset()  # warm-up chunks change table shapes (one compile each); count from zero per case
+    step_c = torch.compile(step, fullgraph=True, backend="eager")
+    for _ in range(7):
+        qkv = [tuple(randn(g, b, u * hh * ww, h, d) for _ in range(3)) for _ in range(layers)]
+        eager.begin_chunk()
+        compiled.begin_chunk()
+        for got, want in zip(step_c(compiled, qkv), step(eager, qkv)):
+            torch.testing.assert_close(got, want)
+        eager.end_chunk()
+        compiled.end_chunk()
