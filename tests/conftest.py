@@ -1,8 +1,13 @@
-"""Test setup: Triton interpreter on CPU-only machines, NaN-poisoned allocations inside the package.
+"""Test setup: Triton interpreter on CPU-only machines, NaN-poisoned allocations inside the package, the
+tiers of the csrc/ kernel tests.
 
 Every ``torch.empty*`` called from package code (``relaxkv_kernels``) returns memory filled with NaN
 (floating dtypes) or with an out-of-range sentinel (integer dtypes), so a kernel that forgets to write
 part of its output fails its comparison instead of passing on leftover zeros.
+
+Tiers: reference and Triton (interpreter) tests run everywhere; ``kernel_device`` runs a csrc kernel test
+on the GPU (marker ``gpu``, skipped without one) and emulated on the CPU (tests/cuda_emu/). Markers:
+``gpu``, ``csrc`` (runs csrc kernels), ``cuda_graph`` (captures a graph). Shared helpers: tests/helpers.py.
 """
 import functools
 import os
@@ -50,6 +55,11 @@ def poison_empty(monkeypatch):
     yield
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "csrc: runs the csrc/ CUDA kernels (on the GPU, or emulated on the CPU)")
+    config.addinivalue_line("markers", "cuda_graph: captures a CUDA graph (needs PyTorch's caching allocator)")
+
+
 @functools.cache
 def _emulated_runtime():
     from cuda_emu import emulator
@@ -57,24 +67,32 @@ def _emulated_runtime():
     return emulator.EmulatedRuntime(emulator.load(emulator.build()))
 
 
-@pytest.fixture(params=[pytest.param("gpu", marks=pytest.mark.gpu), "emulated"])
+@pytest.fixture(params=[pytest.param("gpu", marks=[pytest.mark.gpu, pytest.mark.csrc]),
+                        pytest.param("emulated", marks=pytest.mark.csrc)])
 def kernel_device(request, monkeypatch) -> str:
     """Where a test of the csrc/ kernels runs: ``"cuda"`` (relaxkv_kernels._C on the GPU) or ``"cpu"``.
 
     ``"cpu"`` runs the same launchers and kernels compiled for the CPU emulation of tests/cuda_emu/
-    (built once per session; skipped without g++ or pybind11, failing if the build fails).
+    (built once per session). Both tiers are advertised, so a missing tool fails the test with what to
+    install: no g++ or pybind11 (emulated), no built extension on a GPU machine (unless the install
+    skipped it on purpose, RELAXKV_SKIP_CUDA_BUILD=1). Without a GPU the gpu tier is skipped (see
+    pytest_collection_modifyitems).
     """
     if request.param == "gpu":
         from relaxkv_kernels.availability import cuda_extension
 
         if cuda_extension() is None:
-            pytest.skip("relaxkv_kernels._C not built (no nvcc at install time)")
+            if os.environ.get("RELAXKV_SKIP_CUDA_BUILD") == "1":
+                pytest.skip("relaxkv_kernels._C not built (RELAXKV_SKIP_CUDA_BUILD=1)")
+            pytest.fail("relaxkv_kernels._C is not built: install with nvcc on PATH (pip install "
+                        "--no-build-isolation -e .), or set RELAXKV_SKIP_CUDA_BUILD=1 to skip the GPU kernel tier",
+                        pytrace=False)
         return "cuda"
     from cuda_emu import emulator
 
-    pytest.importorskip("pybind11")
-    if emulator.compiler() is None:
-        pytest.skip("no C++ compiler for the CUDA emulation")
+    missing = emulator.missing_tools()
+    if missing:
+        pytest.fail(f"emulated CUDA kernel tests need {' and '.join(missing)}", pytrace=False)
     from relaxkv_kernels.ops import cuda_common
 
     monkeypatch.setattr(cuda_common, "runtime", _emulated_runtime())

@@ -1,15 +1,40 @@
 #!/usr/bin/env bash
-# GPU session: run the CUDA-kernel tests under compute-sanitizer memcheck (out-of-bounds and misaligned
-# accesses, leaks of device allocations are reported; any error fails the run).
-# Usage: tests/run_compute_sanitizer.sh [extra pytest args]
-set -euo pipefail
+# GPU session: every csrc/ kernel test (marker csrc: the [gpu] cases of the kernel_device fixture and the
+# GPU chunk steps that run the csrc kernels) under compute-sanitizer, three runs, each failing on any error:
+#   memcheck   out-of-bounds and misaligned accesses, leaks of device allocations; with
+#              PYTORCH_NO_CUDA_MEMORY_CACHING=1 (the caching allocator hides overruns inside its blocks),
+#              which makes CUDA-graph capture impossible (cudaMalloc while capturing): the tests marked
+#              cuda_graph are deselected from this run only
+#   racecheck  shared-memory data races (caching allocator on, graph tests included)
+#   synccheck  invalid barrier / warp-synchronous usage (caching allocator on, graph tests included)
+# Usage: tests/run_compute_sanitizer.sh [extra pytest args]. Exit status: 0 when all three runs are clean.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 SANITIZER="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
 if [ ! -x "$SANITIZER" ]; then
     echo "compute-sanitizer not found (PATH, \$CUDA_HOME/bin, /usr/local/cuda/bin)" >&2
     exit 2
 fi
-# PyTorch's caching allocator hides out-of-bounds accesses inside its blocks: allocate exactly.
-export PYTORCH_NO_CUDA_MEMORY_CACHING=1
-exec "$SANITIZER" --tool memcheck --error-exitcode 1 --print-limit 20 \
-    python -m pytest tests/test_cuda_ops.py tests/test_build.py tests/test_cache_fused.py -m gpu -q -p no:cacheprovider "$@"
+PYTEST=(python -m pytest tests -q -p no:cacheprovider)
+failed=()
+
+run() {  # run <tool> <marker expression> [env assignments...]
+    local tool=$1 markers=$2
+    shift 2
+    echo "=== compute-sanitizer --tool $tool: -m '$markers'"
+    if ! env "$@" "$SANITIZER" --tool "$tool" --error-exitcode 1 --print-limit 20 \
+            "${PYTEST[@]}" -m "$markers" ${EXTRA[@]+"${EXTRA[@]}"}; then
+        failed+=("$tool")
+    fi
+}
+
+EXTRA=("$@")
+run memcheck "gpu and csrc and not cuda_graph" PYTORCH_NO_CUDA_MEMORY_CACHING=1
+run racecheck "gpu and csrc"
+run synccheck "gpu and csrc"
+
+if [ ${#failed[@]} -ne 0 ]; then
+    echo "compute-sanitizer: errors (or failing tests) under: ${failed[*]}" >&2
+    exit 1
+fi
+echo "compute-sanitizer: memcheck, racecheck and synccheck clean"
