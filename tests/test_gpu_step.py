@@ -1,10 +1,10 @@
-"""GPU tier: bf16 Triton attention at Wan2.1 shapes, and a 30-layer Relax chunk step under CUDA graphs and
-torch.compile. Skipped without a CUDA device (see conftest)."""
+"""GPU tier: bf16 Triton attention at Wan2.1 shapes, and Relax chunk steps (30 layers, and one with the csrc/
+kernels) under CUDA graphs and torch.compile. Skipped without a CUDA device (see conftest)."""
 import pytest
 import torch
 
 import relaxkv_kernels as rk
-from relaxkv_kernels.reference import gather_segments_ref
+from relaxkv_kernels.ops.gather_kv_rope.reference import gather_segments_ref
 
 pytestmark = pytest.mark.gpu
 WAN = dict(num_heads=12, head_dim=128, height=30, width=52)  # F = 1560 tokens per latent frame
@@ -12,13 +12,16 @@ F = 1560
 
 
 def _wan_attention_case(gen, kind):
-    """Rotated bf16 queries of one chunk and a pool; tables of the relax (7 frames) or pack-like layout."""
+    """Rotated bf16 queries of one chunk and a pool; tables of the relax (7 frames) or pack-like layout.
+
+    ``gen`` is a CUDA generator (the tensors); the segment order comes from a CPU one (torch.randperm refuses
+    a CUDA generator)."""
     dev, h, d = "cuda", WAN["num_heads"], WAN["head_dim"]
     if kind == "relax":  # sink 2, history 1, tail 1, current 3 frames; hybrid deltas
         lengths, deltas, n_q = [F] * 7, [296, 296, 240, 0, 0, 0, 0], 3 * F
     else:  # pack: 8 sink frames, 16 compressed blocks of 182 tokens, 4 recent + 4 current frames
         lengths, deltas, n_q = [F] * 8 + [182] * 16 + [F] * 8, [40] * 8 + list(range(-30, 34, 4)) + [0] * 8, 4 * F
-    starts = torch.randperm(len(lengths), generator=gen).tolist()  # segments scattered over the pool
+    starts = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(gen.initial_seed())).tolist()
     seg = []
     for i, (length, delta) in enumerate(zip(lengths, deltas)):
         seg.append([starts[i] * F, length, delta])
@@ -50,6 +53,8 @@ def _relax_inputs(layers, batch, u, gen):
             for _ in range(layers)]
 
 
+@pytest.mark.csrc  # window attention: gather_kv_rope's CUDA kernel stages the memory
+@pytest.mark.cuda_graph
 def test_cuda_graph_of_a_30_layer_relax_chunk_step_replays_identically():
     """select + attention for 30 layers captured once, replayed over later chunks: equal to eager."""
     pytest.importorskip("triton")
@@ -97,6 +102,7 @@ def test_cuda_graph_of_a_30_layer_relax_chunk_step_replays_identically():
         graphed.end_chunk()
 
 
+@pytest.mark.csrc
 def test_compiled_30_layer_relax_chunk_step_matches_eager():
     pytest.importorskip("triton")
     layers, batch, policy = 30, 1, rk.RelaxMemory(reservoir=30)
@@ -117,3 +123,54 @@ def test_compiled_30_layer_relax_chunk_step_matches_eager():
             assert torch.equal(got, want)
         eager.end_chunk()
         compiled.end_chunk()
+
+
+@pytest.mark.csrc
+@pytest.mark.cuda_graph
+def test_cuda_graph_replays_a_relax_chunk_step_with_the_cuda_kernels(monkeypatch):
+    """A whole first pass of a Relax chunk (rope_append, relax_select at layer 0, staging, attention) with the
+    csrc/ kernels in one graph: replays identical, equal to eager within bf16 rounding."""
+    pytest.importorskip("triton")
+    dev, layers, b, h, d, hh, ww = torch.device("cuda"), 2, 2, 2, 64, 4, 4
+    policy = rk.RelaxMemory()
+    u, f = policy.chunk_frames, hh * ww
+    gen = torch.Generator(device=dev).manual_seed(25)
+    caches = [rk.KVCache(policy, layers, b, h, d, hh, ww, dtype=torch.bfloat16, device=dev, backend="auto")
+              for _ in range(2)]
+    for op in ("RELAX_SELECT", "ROPE_APPEND"):  # the CUDA kernels (auto would pick Triton)
+        monkeypatch.setenv(f"RELAXKV_BACKEND_{op}", "cuda")
+    eager, graphed = caches
+
+    def inputs():
+        return [tuple(torch.randn(b, u * f, h, d, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(3))
+                for _ in range(layers)]
+
+    for _ in range(4):  # past the warm-up (selection from chunk 2 on); compiles every Triton kernel
+        qkv = inputs()
+        for cache in caches:
+            cache.begin_chunk()
+            for layer in range(layers):
+                cache.attend(layer, *qkv[layer])
+            cache.end_chunk()
+
+    qkv = inputs()
+    eager.begin_chunk()
+    assert eager.last_plan.job is not None
+    want = [eager.attend(layer, *qkv[layer]) for layer in range(layers)]
+    static = [tuple(t.clone() for t in x) for x in qkv]
+    graphed.begin_chunk()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [graphed.attend(layer, *static[layer]) for layer in range(layers)]
+    graph.replay()
+    torch.cuda.synchronize()
+    first = [o.clone() for o in outs]
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, again, ref in zip(first, outs, want):
+        assert torch.equal(got, again)  # replays are identical
+        torch.testing.assert_close(got, ref, rtol=1.6e-2, atol=1.6e-2)  # bf16: ~2 ulps
+    assert torch.equal(graphed.seg, eager.seg)  # the selection ran inside the graph
+    eager.end_chunk()
+    graphed.end_chunk()
