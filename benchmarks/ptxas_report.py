@@ -21,7 +21,8 @@ from pathlib import Path
 import triton
 from triton.backends.compiler import GPUTarget
 
-from relaxkv_kernels.triton import attention
+from relaxkv_kernels.availability import interpreter_enabled
+from relaxkv_kernels.ops.sparse_kv_attention import triton as attention
 
 STRIDES = ["s_qb", "s_qn", "s_qh", "s_qd", "s_kb", "s_kn", "s_kh", "s_kd", "s_vb", "s_vn", "s_vh", "s_vd",
            "s_sb", "s_ss", "s_sf", "s_ob", "s_on", "s_oh", "s_od"]
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-stack", type=int, help="exit 1 if the first (main) config uses more stack (bytes)")
     args = parser.parse_args(argv)
-    if attention.interpreting():
+    if interpreter_enabled():
         raise SystemExit("ptxas_report: unset TRITON_INTERPRET (it replaces the jitted kernels)")
     print("Triton", triton.__version__, "| sparse_kv_attention, bf16, D = 128, target sm_90a (compiled here, not run)")
     stacks = []

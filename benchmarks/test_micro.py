@@ -11,6 +11,7 @@ temporary directory and check what they write.
 """
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -36,8 +37,9 @@ def setup_for(config: str, size: str) -> bench_chunk.ChunkSetup:
 
 
 def need_backend(op: str, device: torch.device, backend: str) -> None:
+    """Skip unless ``backend`` can run ``op`` on ``device`` (the op's backend table decides)."""
     try:
-        ops.resolve_backend(op, device, backend)
+        importlib.import_module(f"relaxkv_kernels.ops.{op}.op").BACKENDS.resolve(device, backend)
     except RuntimeError as exc:
         pytest.skip(str(exc))
 
@@ -57,7 +59,7 @@ def timed(su: bench_chunk.ChunkSetup, fn):
 
 def op_rope_append(su, backend):
     c, i, s = su.cache, su.idx, su.shape
-    return lambda: ops.rope_append(su.q, su.k, su.v, c.k[0], c.v[0], c.proto[0], i["frame_slot"], i["frame_pos"],
+    return lambda: ops.rope_append(su.q, su.k, su.v, c.k[0], c.v[0], c.proto, i["frame_slot"], i["frame_pos"],
                                    s.height, s.width, backend=backend)
 
 
@@ -78,7 +80,7 @@ def op_mid_select(su, backend):
 
 def op_compress_kv(su, backend):
     c, i, s = su.cache, su.idx, su.shape
-    return lambda: ops.compress_kv(su.k, su.v, c.k[0], c.v[0], c.mean_key[0], i["block_slot"], i["block_t0"],
+    return lambda: ops.compress_kv(su.k, su.v, c.k[0], c.v[0], c.state["mean_key"][0], i["block_slot"], i["block_t0"],
                                    c.planner.row0, c.policy.block_frames, s.height, s.width, backend=backend)
 
 
