@@ -9,8 +9,11 @@ namespace {
 
 constexpr const char* kOp = "rope_append_cuda";
 
-// Tokens per block with n-element accesses: blockDim = (D / n, this), kRopeThreads threads.
-int64_t tile_tokens(int64_t head_dim, int n) { return std::max<int64_t>(1, kRopeThreads / (head_dim / n)); }
+// Threads along D with n-element accesses (each loops over D when D / n is larger).
+int64_t lanes(int64_t head_dim, int n) { return std::min<int64_t>(head_dim / n, kRopeThreads); }
+
+// Tokens per block: blockDim = (lanes, this), at most kRopeThreads threads.
+int64_t tile_tokens(int64_t head_dim, int n) { return kRopeThreads / lanes(head_dim, n); }
 
 }  // namespace
 
@@ -51,7 +54,7 @@ void rope_append_cuda(uintptr_t q, Strides3 q_s, uintptr_t k, Strides3 k_s, uint
     int64_t tiles = 0;
     dispatch_vec(kOp, dtype, wide, [&](auto vec) {
         using V = decltype(vec);
-        const dim3 block(unsigned(head_dim / V::N), unsigned(tile_tokens(head_dim, V::N)));
+        const dim3 block(unsigned(lanes(head_dim, V::N)), unsigned(tile_tokens(head_dim, V::N)));
         tiles = ceil_div(p.frame_tokens, block.y);
         check_range(kOp, "token tiles per frame", tiles, 1, kMaxGridX);
         const size_t smem = proto ? sizeof(float) * block.y * head_dim : 0;  // [R, D] partial sums
