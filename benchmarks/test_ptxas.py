@@ -36,3 +36,6 @@ def test_cuda_kernels_do_not_spill_and_vector_paths_are_16_byte():
             assert r["ld_v4"] >= 1, r
     gathers = [r for r in rows if r["kernel"].startswith("gather_kv_rope_kernel") and r["vector"]]
     assert len(gathers) == 3 and all(r["st_v4"] >= 2 for r in gathers), gathers  # K and V rows stored 16 B wide
+    appends = [r for r in rows if r["kernel"].startswith("rope_append_kernel") and r["vector"]]
+    # q, k, v read and q_rot, k_cache, v_cache written 16 B wide
+    assert len(appends) == 3 and all(r["ld_v4"] >= 3 and r["st_v4"] >= 3 for r in appends), appends

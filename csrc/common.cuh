@@ -118,8 +118,9 @@ inline void __stwb(uint4* p, uint4 v) { *p = v; }
 // How a kernel moves N adjacent elements of T: one 16-byte access (WIDE, N = 16 / sizeof(T); the launcher
 // checked with wide_ok that every base address and stride allows it) or N = 2 element accesses (any
 // alignment). Raw is the N elements as stored: loading several Raw before converting any keeps more
-// loads in flight in fewer registers. Stores go through __stwb (st.global.wb = a plain store): with a
-// uint4 assignment nvcc split the merged stores of gather_kv_rope's branches into 4- and 2-byte pieces.
+// loads in flight in fewer registers. 16-byte stores go through __stwb: st.global.wb, PTX's default store
+// cache operation, which ptxas 13 encodes as STG.E.128.STRONG.SM (a plain uint4 assignment gives the weak
+// STG.E.128, but in gather_kv_rope nvcc split it into 4- and 2-byte stores).
 template <typename T_, bool WIDE>
 struct Vec {
     using T = T_;
@@ -165,14 +166,12 @@ struct Vec {
 
 inline int64_t dtype_bytes(int dtype) { return dtype == kFloat32 ? 4 : 2; }
 
-// Whether 16-byte accesses fit every row of `rows`: head_dim, each base address and each stride (also
-// `strides`) a multiple of 16 bytes.
-inline bool wide_ok(int dtype, int64_t head_dim, std::initializer_list<Rows> rows,
-                    std::initializer_list<int64_t> strides = {}) {
+// Whether 16-byte accesses fit every tensor of `rows`: head_dim, each base address and each stride a
+// multiple of 16 bytes.
+inline bool wide_ok(int dtype, int64_t head_dim, std::initializer_list<Rows> rows) {
     const int64_t per16 = 16 / dtype_bytes(dtype);
     bool ok = head_dim % per16 == 0;
     for (const Rows& r : rows) ok = ok && r.ptr % 16 == 0 && r.sb % per16 == 0 && r.sn % per16 == 0 && r.sh % per16 == 0;
-    for (int64_t s : strides) ok = ok && s % per16 == 0;
     return ok;
 }
 
