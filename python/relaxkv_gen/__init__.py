@@ -14,13 +14,13 @@ Example::
 from .checkpoint import load_checkpoint
 from .config import PRESETS, ModelConfig, get_preset
 from .model import CausalWanModel, build_model, sinusoidal_embedding_1d, unpatchify
-from .rollout import POLICY_NAMES, RolloutResult, make_policy, random_text, rollout
+from .rollout import POLICY_NAMES, RolloutResult, denoise_chunk, make_cache, make_policy, random_text, rollout
 from .sampler import FlowMatchSampler
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS", "ModelConfig", "get_preset", "CausalWanModel", "build_model", "sinusoidal_embedding_1d",
-    "unpatchify", "load_checkpoint", "FlowMatchSampler", "POLICY_NAMES", "RolloutResult", "make_policy",
-    "random_text", "rollout", "__version__",
+    "unpatchify", "load_checkpoint", "FlowMatchSampler", "POLICY_NAMES", "RolloutResult", "denoise_chunk",
+    "make_cache", "make_policy", "random_text", "rollout", "__version__",
 ]

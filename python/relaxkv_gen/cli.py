@@ -1,7 +1,9 @@
 """``relaxkv-generate`` / ``python -m relaxkv_gen``: AR rollout with one or all memory policies.
 
-Everything is validated and generated before anything is written: files go to a temporary folder
-next to ``--out`` and are moved in at the end, so a failed run leaves ``--out`` untouched.
+Every input is checked before any work, and a bad one is reported as one line
+``relaxkv-generate: error: ...`` with exit status 2. Everything is generated before anything is written:
+files go to a temporary folder next to ``--out`` and are moved in at the end, so a failed run leaves
+``--out`` untouched.
 """
 from __future__ import annotations
 

@@ -41,6 +41,7 @@ MAP_CATEGORIES = (
     ("current chunk", "#222222"),
 )
 NOT_HELD, HELD, HELD_COMPRESSED, ATTENDED, CHOSEN, CHOSEN_COMPRESSED, CURRENT = range(len(MAP_CATEGORIES))
+MAP_MAX_CHUNKS = 48  # rows per policy in the memory map: past the warm-ups, Pack choosing 16 of 40+ blocks; legible
 
 
 def build_report(results: list[RolloutResult], meta: dict) -> dict:
@@ -114,7 +115,7 @@ def plot_report(report: dict, path) -> None:
     caps = {n: list(zip(xs[n], [c["kv_bytes"] for c in p["chunks"]])) for n, p in pols.items()}
     live_twin, cap_twin = _same_as(live), _same_as(caps)
     for i, (name, pol) in enumerate(pols.items()):
-        style = _style(name, i)
+        style = dict(_style(name, i), markevery=max(1, len(pol["chunks"]) // 40))  # ~40 markers a line
         ms = [c["time_ms"] / (c["frames"] * VIDEO_FRAMES_PER_LATENT) for c in pol["chunks"]]
         ax_t.plot(xs[name], ms, label=f"{name} ({pol['chunk_frames']} latent frames / chunk)", **style)
         same = f" (same as {live_twin[name]})" if name in live_twin else ""
@@ -146,16 +147,17 @@ def frame_tokens(report: dict) -> int:
     return (m["latent_height"] // m["patch_size"][1]) * (m["latent_width"] // m["patch_size"][2])
 
 
-def memory_map(report: dict, name: str) -> tuple[np.ndarray, list[tuple[int, int]]]:
+def memory_map(report: dict, name: str, max_chunks: int = MAP_MAX_CHUNKS) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Category (``MAP_CATEGORIES`` index) of every (chunk, latent frame) of policy ``name``, batch element 0,
-    and the (chunk, frame) cells of the candidates a chunk scored (Relax).
+    for its first ``max_chunks`` chunks: int8 [chunks, frames], and the (chunk, frame) cells of the candidates
+    a chunk scored (Relax).
 
     Attended frames come from the device segment table (``selected_frames``); device-chosen segments
     shorter than a frame (``plan.selected_keys`` spread over them) are compressed blocks covering a chunk's
     frames. Held frames are the plan's ``slot_pos``, held compressed blocks Pack's ``job.block_pos``.
     """
     pol = report["policies"][name]
-    chunks, f_tokens, u = pol["chunks"], frame_tokens(report), pol["chunk_frames"]
+    chunks, f_tokens, u = pol["chunks"][:max_chunks], frame_tokens(report), pol["chunk_frames"]
     n_frames = max(c["start_frame"] + c["frames"] for c in chunks)
     grid = np.full((len(chunks), n_frames), NOT_HELD, dtype=np.int8)
     candidates = []
@@ -197,10 +199,10 @@ def plot_memory_map(report: dict, path) -> None:
 
     plt = _pyplot()
     pols = report["policies"]
-    rows = [len(p["chunks"]) for p in pols.values()]
-    fig, axes = plt.subplots(len(pols), 1, figsize=(13, 1.6 + 0.13 * sum(rows) + 0.5 * len(pols)), sharex=True,
-                             squeeze=False, gridspec_kw={"height_ratios": [max(r, 4) for r in rows]},
-                             constrained_layout=True)
+    rows = [min(len(p["chunks"]), MAP_MAX_CHUNKS) for p in pols.values()]
+    heights = [min(0.5 + 0.13 * r, 5.0) for r in rows]  # inches per panel
+    fig, axes = plt.subplots(len(pols), 1, figsize=(13, 1.6 + sum(heights)), sharex=True, squeeze=False,
+                             gridspec_kw={"height_ratios": heights}, constrained_layout=True)
     cmap = ListedColormap([colour for _, colour in MAP_CATEGORIES])
     v = VIDEO_FRAMES_PER_LATENT
     for ax, (name, pol) in zip(axes[:, 0], pols.items()):
@@ -211,10 +213,12 @@ def plot_memory_map(report: dict, path) -> None:
         if candidates:
             cy, cx = zip(*candidates)
             ax.plot([(x + 0.5) * v for x in cx], cy, linestyle="none", marker="x", color="black", markersize=4)
-        ax.set_ylabel(f"{name}\nchunk ({pol['chunk_frames']} fr.)")
+        shown = "" if n_chunks == len(pol["chunks"]) else f", first {n_chunks} of {len(pol['chunks'])}"
+        ax.set_ylabel(f"{name}\nchunk ({pol['chunk_frames']} fr.{shown})")
         ax.set_yticks(range(0, n_chunks, max(1, n_chunks // 5)))
-        ax.set_xticks(np.arange(0, n_frames * v + 1, v), minor=True)
-        ax.grid(which="minor", axis="x", color="white", linewidth=0.3)
+        if n_frames <= 100:  # a thin line between latent frames while cells are wide enough to see it
+            ax.set_xticks(np.arange(0, n_frames * v + 1, v), minor=True)
+            ax.grid(which="minor", axis="x", color="white", linewidth=0.3)
     axes[-1, 0].set_xlabel("video frame (each cell is one latent frame = 4 video frames)")
     handles = [Patch(facecolor=colour, edgecolor="#888888", label=label) for label, colour in MAP_CATEGORIES]
     handles.append(Line2D([], [], linestyle="none", marker="x", color="black", label="candidate scored (Relax)"))
