@@ -280,15 +280,20 @@ class CausalWanModel(nn.Module):
         return unpatchify(out, frames, cfg.grid_height, cfg.grid_width, cfg.patch_size, cfg.out_dim)
 
 
-def build_model(cfg: ModelConfig, *, seed: int = 0, device="cpu", dtype=torch.float32, init: bool = True) -> CausalWanModel:
-    """Random-init model under ``seed`` (initialised on the CPU, so identical on every device).
+def build_model(cfg: ModelConfig, *, seed: int = 0, device="cpu", dtype=torch.float32, init: bool = True,
+                init_on_device: bool = False) -> CausalWanModel:
+    """Random-init model under ``seed``, on ``device`` in ``dtype``.
 
+    The random init runs on the CPU, so the weights are identical on every device; ``init_on_device=True``
+    runs it on ``device`` instead (seeded, but the weights then depend on the device's RNG): for benchmarks,
+    where Wan2.1-1.3B's CPU init (single-threaded RNG, about 20 s) would cost more than the measurement.
     With ``init=False`` the parameters are left on the meta device, to be filled by
     :func:`relaxkv_gen.checkpoint.load_checkpoint` without paying for a random init.
     """
     if not init:  # explicit device= everywhere: a torch.device("meta") context is not honoured by every caller
         return CausalWanModel(cfg, device="meta").to(dtype).eval().requires_grad_(False)
-    with torch.random.fork_rng(devices=[]):
+    where = torch.device(device if init_on_device else "cpu")
+    with torch.random.fork_rng(devices=[where] if where.type == "cuda" else []):
         torch.manual_seed(seed)
-        model = CausalWanModel(cfg)
+        model = CausalWanModel(cfg, device=where)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
