@@ -101,6 +101,10 @@ def _assert_rope_close(out: torch.Tensor, x: torch.Tensor, pos: torch.Tensor, wh
     pytest.param(torch.float16, 1, 32, 4, 5, [2], [0], "contiguous", id="fp16-one-frame"),
     pytest.param(torch.float16, 2, 32, 5, 6, [0, 5, 3], [17, 18, 19], "fused_qkv", id="fp16-noncontig-qkv"),
     pytest.param(torch.float32, 2, 32, 4, 4, [3, 4], [300, 301], "contiguous", id="fp32-far-frames"),
+    # heads in groups of BLOCK_H = 2 with a masked last group, D = 40 padded to 64, F = 35: 4 tiles of 8 + 3
+    pytest.param(torch.float32, 5, 40, 5, 7, [3, 0], [6, 7], "contiguous", id="fp32-5heads-d40-tile_tail"),
+    # one group of BLOCK_H = 4 for 3 heads, D = 48, F = 33 tokens in 5 tiles, fused qkv views
+    pytest.param(torch.float16, 3, 48, 3, 11, [5, 2, 0], [1, 2, 3], "fused_qkv", id="fp16-3heads-d48-fused"),
 ])
 def test_rope_append_triton_matches_reference(dtype, heads, head_dim, height, width, slots, positions, layout):
     need_triton()
@@ -302,6 +306,31 @@ def test_without_proto_writes_the_same_rows(backend):
 
 def test_without_proto_writes_the_same_rows_cuda(kernel_device):
     _check_without_proto("cuda", kernel_device)
+
+
+def _check_proto_deterministic(backend: str, device: str):
+    """Prototypes are summed in a fixed order (per thread / program over heads, per tile over tokens, then
+    over tiles; no atomics): two calls write bitwise-equal rows. F = 65 tokens span several tiles."""
+    g, h, w, u = gen(35), 5, 13, 2
+    q, k, v = (randn(g, 1, u * h * w, 3, 32, device=device) for _ in range(3))
+    caches = [randn(g, 1, 3 * h * w, 3, 32, device=device) for _ in range(2)]
+    slots, pos = torch.tensor([2, 0], device=device), torch.tensor([4, 5], device=device)
+    protos = []
+    for _ in range(2):
+        proto = torch.full((1, 3, 32), float("nan"), device=device)
+        rk.rope_append(q, k, v, *caches, proto, slots, pos, h, w, backend=backend)
+        protos.append(proto)
+    written = protos[0][:, [0, 2]]
+    assert not written.isnan().any() and protos[0][:, 1].isnan().all() and protos[1][:, 1].isnan().all()
+    assert torch.equal(written, protos[1][:, [0, 2]]), "prototypes differ between two identical calls"
+
+
+def test_proto_is_deterministic_triton():
+    _check_proto_deterministic("triton", backend_device("triton"))
+
+
+def test_proto_is_deterministic_cuda(kernel_device):
+    _check_proto_deterministic("cuda", kernel_device)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
