@@ -26,6 +26,7 @@ def dense_attention_fake(q, k, v, scale, engine):
 inference_only("relaxkv::dense_attention")
 
 
+@torch.compiler.assume_constant_result  # host-side table lookup: a constant of the compiled graph
 def resolve_engine(engine: str, device: torch.device, dtype: torch.dtype, head_dim: int, n_q: int, n_k: int) -> str:
     """``engine``, or for ``"auto"`` the tuning table's choice for this device and shape (an available one)."""
     if engine not in ("auto", *engines.ENGINES):
