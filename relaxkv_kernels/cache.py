@@ -122,9 +122,12 @@ class KVCache:
         self.last_plan: ChunkPlan | None = None
         self.last_scores: dict[int, torch.Tensor] = {}
         self._in_chunk = False
+        self._captured = None  # the shapes of the chunk a CUDA graph captured (replays need the same)
         self._pending_select: set[int] = set()
         self._pending_stage: set[int] = set()
-        self.profiler = None  # optional name -> context manager, timing the sections of attend (eager only)
+        # optional name -> context manager timing the sections of attend: rope_append, select, compress,
+        # attention (with stage, the window staging, inside it); CUDA events work in eager runs and captures
+        self.profiler = None
 
     # ------------------------------------------------------------------ host side, between chunks
 
@@ -161,6 +164,13 @@ class KVCache:
                                f"chunk {self.chunk} is not a pool prefix at delta 0")
         self._total = plan.total_keys()
         self._memory = plan.memory_keys()
+        shapes = (tuple((n, tuple(t.shape)) for n, t in sorted(self.buffers.items())), plan.n_memory_seg, self._total,
+                  self._prefix)
+        if self._captured is not None and shapes != self._captured:
+            raise RuntimeError(f"KVCache.begin_chunk: chunk {self.chunk} changes the plan's shapes since a CUDA graph "
+                               "captured a chunk step of this cache, so a replay would read stale buffers; capture once "
+                               "the plans are steady (past the policy's warm-up), or make a new cache")
+        self._shapes = shapes
         self._engine = self.engine
         if self.attention != "segments":
             self._engine = resolve_engine(self.engine, self.device, self.dtype, self.head_dim, u * self.frame_tokens,
@@ -216,6 +226,8 @@ class KVCache:
         if not self._in_chunk:
             raise RuntimeError(f"{op}: call begin_chunk() before the first pass of a chunk")
         check_int(op, "layer", layer, low=0, high=self.num_layers - 1)
+        if self.device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing():
+            self._captured = self._shapes
         plan, pl, b, be = self.last_plan, self.planner, self.buffers, self.backend
         u_rows = len(plan.frame_slot) * self.frame_tokens
         shape = (self.batch, u_rows, self.num_heads, self.head_dim)
