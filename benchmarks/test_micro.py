@@ -11,6 +11,7 @@ temporary directory and check what they write.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 
@@ -21,18 +22,36 @@ import bench_chunk
 import bench_scaling
 import common
 import plot_results
-from relaxkv_kernels import ops
+import relaxkv_kernels as rk
 
 _SETUPS: dict = {}
 
 
-def setup_for(config: str, size: str) -> bench_chunk.ChunkSetup:
-    """One steady-state chunk of ``config`` (one layer, one pass), built once per session."""
+@dataclasses.dataclass
+class OpSetup:
+    """One steady-state chunk of a config (one layer, one pass): the chunk's q/k/v, a cache with its plan
+    uploaded and the selections of the chunk written into its segment tables (reference ops)."""
+
+    su: bench_chunk.ChunkSetup
+    cache: object
+    plan: object
+
+    @property
+    def device(self):
+        return self.su.device
+
+
+def setup_for(config: str, size: str) -> OpSetup:
+    """Built once per session and size."""
     key = (config, size)
     if key not in _SETUPS:
         device = torch.device("cuda") if size == "wan" else torch.device("cpu")
-        shape = common.shape_from_args(size, layers=1, passes=1)
-        _SETUPS[key] = bench_chunk.build_setup(config, shape, device)
+        su = bench_chunk.build_setup(config, common.shape_from_args(size, layers=1, passes=1), device)
+        cache = su.cache(backend="reference", attention="segments")
+        plan = cache.begin_chunk()
+        if plan.selects:
+            cache.planner.select(cache, plan, 0, su.qkv[0], cache.seg[0])
+        _SETUPS[key] = OpSetup(su, cache, plan)
     return _SETUPS[key]
 
 
@@ -44,11 +63,11 @@ def need_backend(op: str, device: torch.device, backend: str) -> None:
         pytest.skip(str(exc))
 
 
-def timed(su: bench_chunk.ChunkSetup, fn):
+def timed(device: torch.device, fn):
     """fn followed by a device sync, so pytest-benchmark's host timer sees the whole kernel."""
     def run():
         out = fn()
-        common.synchronize(su.device)
+        common.synchronize(device)
         return out
     return run
 
@@ -57,35 +76,48 @@ def timed(su: bench_chunk.ChunkSetup, fn):
 # one function per op; the benchmark tests below call them at tiny (CPU) and Wan (GPU) shapes
 
 
-def op_rope_append(su, backend):
-    c, i, s = su.cache, su.idx, su.shape
-    return lambda: ops.rope_append(su.q, su.k, su.v, c.k[0], c.v[0], c.proto, i["frame_slot"], i["frame_pos"],
-                                   s.height, s.width, backend=backend)
+def op_rope_append(o: OpSetup, backend):
+    (q, k, v), c, b, s = o.su.qkv, o.cache, o.cache.buffers, o.su.shape
+    return lambda: rk.rope_append(q, k, v, c.k[0], c.v[0], c.proto, b["frame_slot"], b["frame_pos"], s.height, s.width,
+                                  backend=backend)
 
 
-def op_sparse_kv_attention(su, backend):
-    q_rot = bench_chunk.append(su, 0, "reference")
-    return lambda: ops.sparse_kv_attention(q_rot, su.cache.k[0], su.cache.v[0], su.seg_of(0), backend=backend)
+def op_sparse_kv_attention(o: OpSetup, backend):
+    q, c = o.su.qkv[0], o.cache
+    return lambda: rk.sparse_kv_attention(q, c.k[0], c.v[0], c.seg[0], backend=backend, impl="fused")
 
 
-def op_relax_select(su, backend):
-    seg = su.cache.seg.clone()
-    return lambda: bench_chunk.run_selection(su, backend, seg)
+def op_gather_kv_rope(o: OpSetup, backend):
+    c = o.cache
+    return lambda: rk.gather_kv_rope(c.k[0], c.v[0], c.seg[0], o.su.nk, backend=backend)
 
 
-def op_mid_select(su, backend):
-    seg = su.cache.seg.clone()
-    return lambda: bench_chunk.run_selection(su, backend, seg)
+def op_relax_select(o: OpSetup, backend):
+    c, b, p, job = o.cache, o.cache.buffers, o.su.policy, o.plan.job
+    seg = c.seg[0].clone()
+    return lambda: rk.relax_select(c.proto, b["slot_pos"], b["sink_slots"], b["tail_slots"], b["cand_slots"], seg,
+                                   job.seg_index, b["target_pos"], o.su.shape.frame_tokens, p.lam, p.batch0_decides,
+                                   p.contiguous_rope, backend=backend)
 
 
-def op_compress_kv(su, backend):
-    c, i, s = su.cache, su.idx, su.shape
-    return lambda: ops.compress_kv(su.k, su.v, c.k[0], c.v[0], c.state["mean_key"][0], i["block_slot"], i["block_t0"],
-                                   c.planner.row0, c.policy.block_frames, s.height, s.width, backend=backend)
+def op_mid_select(o: OpSetup, backend):
+    c, b, pl, job = o.cache, o.cache.buffers, o.cache.planner, o.plan.job
+    q, seg = o.su.qkv[0], c.seg[0].clone()
+    return lambda: rk.mid_select(q, c.state["mean_key"][0], b["mid_slots"], b["block_pos"], seg, job.seg_index,
+                                 b["mid_target_pos"], pl.row0, pl.block_tokens, min(o.su.policy.q_stride, q.shape[1]),
+                                 backend=backend)
+
+
+def op_compress_kv(o: OpSetup, backend):
+    (_, k, v), c, b, s = o.su.qkv, o.cache, o.cache.buffers, o.su.shape
+    return lambda: rk.compress_kv(k, v, c.k[0], c.v[0], c.state["mean_key"][0], b["block_slot"], b["block_t0"],
+                                  c.planner.row0, o.su.policy.block_frames, s.height, s.width, backend=backend)
 
 
 CASES = [  # (op, config whose steady-state chunk feeds it)
     ("rope_append", "dense"),
+    ("gather_kv_rope", "relax"),
+    ("gather_kv_rope", "pack"),
     ("sparse_kv_attention", "dense"),
     ("sparse_kv_attention", "relax"),
     ("sparse_kv_attention", "pack"),
@@ -97,11 +129,11 @@ CASE_IDS = [f"{op}-{config}" for op, config in CASES]
 
 
 def run_case(benchmark, op: str, config: str, size: str, backend: str):
-    su = setup_for(config, size)
-    need_backend(op, su.device, backend)
-    fn = timed(su, globals()[f"op_{op}"](su, backend))
-    benchmark.extra_info.update(op=op, config=config, shape=size, backend=backend, device=str(su.device),
-                                nq=su.nq, nk=su.nk, cpu_timing=su.device.type != "cuda")
+    o = setup_for(config, size)
+    need_backend(op, o.device, backend)
+    fn = timed(o.device, globals()[f"op_{op}"](o, backend))
+    benchmark.extra_info.update(op=op, config=config, shape=size, backend=backend, device=str(o.device),
+                                nq=o.su.nq, nk=o.su.nk, cpu_timing=o.device.type != "cuda")
     benchmark(fn)
 
 
@@ -134,13 +166,13 @@ TINY = ["--shapes", "tiny", "--reps", "1", "--warmup", "0", "--peak-n", "128", "
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory):
-    """bench_chunk (all configs; Triton on relax only: the interpreter is slow) and bench_scaling into a tmp dir."""
+    """bench_chunk (all configs; the Triton engine on relax only: the interpreter is slow) and bench_scaling."""
     if torch.cuda.is_available():
         pytest.skip("the tiny end-to-end run is the CPU check; on a GPU run the scripts at Wan shapes")
     tmp = tmp_path_factory.mktemp("bench")
-    chunk = bench_chunk.main(TINY + ["--backends", "reference,auto", "--out", str(tmp / "chunk.json")])
-    triton_rows = bench_chunk.main(TINY + ["--configs", "relax", "--backends", "triton", "--layers", "1",
-                                           "--passes", "1", "--out", str(tmp / "chunk_triton.json")])
+    chunk = bench_chunk.main(TINY + ["--out", str(tmp / "chunk.json")])
+    triton_rows = bench_chunk.main(TINY + ["--configs", "relax", "--engines", "triton", "--layers", "1", "--passes", "1",
+                                           "--skip-official", "--out", str(tmp / "chunk_triton.json")])
     scaling = bench_scaling.main(["--shapes", "tiny", "--seconds", "1,2", "--layers", "1", "--passes", "1",
                                   "--no-progress", "--out", str(tmp / "scaling.json")])
     return tmp, chunk, triton_rows, scaling
@@ -154,24 +186,28 @@ def test_bench_chunk_rows(outputs):
     for key in ("device", "torch", "triton", "commit", "date"):
         assert data["env"][key], key
     rows = {(r["config"], r["row"]): r for r in data["rows"]}
-    common_rows = ["bound[default]", "official", "gather[default]", "fused[reference]", "fused[auto]"]
-    expected = {c: common_rows + (["select[reference]", "select[auto]"] if c != "dense" else [])
-                for c in ("dense", "relax", "pack")}
+    common_rows = ["official", "step[window:sdpa]", "step[per_call:sdpa]", "step[segments]", "append"]
+    expected = {c: common_rows + (["stage", "select"] if c != "dense" else []) for c in ("dense", "relax", "pack")}
     assert set(rows) == {(c, r) for c, names in expected.items() for r in names}
     for r in data["rows"]:
         assert r["status"] == "ok", r
         assert r["cpu_timing"] is True
         assert r["ms_per_chunk"] > 0
-        if r["kind"] != "select":
+        if r["kind"] in ("official", "step"):
             assert r["flop"] == 4 * r["nq"] * r["nk"] * 2 * 32 * 2 * 2 and r["tflops"] > 0
     setups = {s["config"]: s for s in data["setups"]}  # tiny steady state: 4x4 grid, Nc = 2 tokens per mid block
     assert (setups["dense"]["nq"], setups["dense"]["nk"]) == (48, 21 * 16)
     assert (setups["relax"]["nq"], setups["relax"]["nk"]) == (48, 7 * 16)
     assert (setups["pack"]["nq"], setups["pack"]["nk"]) == (64, 16 * 16 + 16 * 2)
+    # the window costs memory only where keys are gathered (relax, pack), the per-call window less
+    by = {(r["config"], r["row"]): r.get("kv_bytes") for r in data["rows"]}
+    assert by[("dense", "step[window:sdpa]")] == by[("dense", "step[segments]")]
+    for c in ("relax", "pack"):
+        assert by[(c, "step[window:sdpa]")] > by[(c, "step[per_call:sdpa]")] > by[(c, "step[segments]")]
+    assert {g["config"] for g in data["targets"]} == {"dense", "relax", "pack", "dense/relax"}
     assert (tmp / "chunk.csv").read_text().count("\n") == len(data["rows"]) + 1
     trows = {r["row"]: r for r in json.loads((tmp / "chunk_triton.json").read_text())["rows"]}
-    assert trows["fused[triton]"]["status"] == "ok" and trows["fused[triton]"]["resolved"]["sparse_kv_attention"] == "triton"
-    assert trows["select[triton]"]["status"] == "ok"
+    assert trows["step[window:triton]"]["status"] == "ok" and trows["step[window:triton]"]["engine"] == "triton"
 
 
 def test_bench_scaling_rows(outputs):

@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -111,8 +112,9 @@ def check_pool(op: str, name: str, pool, like: torch.Tensor) -> torch.Tensor:
 
 
 def can_inspect(t: torch.Tensor) -> bool:
-    """True where reading index values costs no device synchronisation (CPU tensor, eager mode)."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+    """True where reading index values costs no device synchronisation and is possible: a real CPU tensor in
+    eager mode (not under torch.compile, not a fake tensor of a tracing or shape-propagation pass)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and not isinstance(t, FakeTensor)
 
 
 def check_index(op: str, name: str, t, length: int | None = None, low: int | None = None,
