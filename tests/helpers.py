@@ -198,3 +198,44 @@ def compare_with_triton(device, dtype: torch.dtype) -> bool:
     if torch.device(device).type == "cuda":
         return triton_available()
     return triton_available() and interpreter_enabled() and dtype != torch.bfloat16
+
+
+def capture_chunk_step(cache, step, static):
+    """A CUDA graph of ``step(cache, static)`` for the chunk begun on ``cache``; returns (graph, its outputs).
+
+    A warm-up run on a side stream first (autotuning, compilation and cuDNN plans happen outside the capture),
+    then the same chunk planned again (pending selection and staging restored), then the capture.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(cache, static)
+    torch.cuda.current_stream().wait_stream(side)
+    cache.begin_chunk()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step(cache, static)
+    return graph, outs
+
+
+def assert_replays_equal_eager(eager, graphed, captured, static, step, inputs, chunks: int) -> None:
+    """Replay ``captured`` = (graph, outputs) of ``graphed``'s chunk step, fed through the ``static`` inputs,
+    over ``chunks`` chunks (the first one begun already) against ``step`` run eagerly on ``eager`` with the same
+    fresh ``inputs()``: bitwise equal outputs and segment tables (same kernels, same inputs)."""
+    graph, outs = captured
+    for chunk in range(chunks):
+        qkv = inputs()
+        if chunk:
+            graphed.begin_chunk()
+        for dst, src in zip(static, qkv):
+            for a, b in zip(dst, src):
+                a.copy_(b)
+        eager.begin_chunk()
+        want = step(eager, qkv)
+        graph.replay()
+        torch.cuda.synchronize()
+        for got, ref in zip(outs, want):
+            assert torch.equal(got, ref)
+        assert torch.equal(graphed.seg, eager.seg)
+        eager.end_chunk()
+        graphed.end_chunk()

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import relaxkv_kernels as rk
+from helpers import assert_replays_equal_eager, capture_chunk_step
 from relaxkv_kernels.ops.gather_kv_rope.reference import gather_segments_ref
 
 pytestmark = pytest.mark.gpu
@@ -75,31 +76,9 @@ def test_cuda_graph_of_a_30_layer_relax_chunk_step_replays_identically():
             cache.end_chunk()
     static = _relax_inputs(layers, batch, u, gen)
     graphed.begin_chunk()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up run: autotuning and compilation happen outside the capture
-        step(graphed, static)
-    torch.cuda.current_stream().wait_stream(side)
-    graphed.begin_chunk()  # same chunk planned again: pending selection restored for the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step(graphed, static)
-    for chunk in range(4):
-        qkv = _relax_inputs(layers, batch, u, gen)
-        if chunk:
-            graphed.begin_chunk()
-        for dst, src in zip(static, qkv):
-            for a, b in zip(dst, src):
-                a.copy_(b)
-        eager.begin_chunk()
-        want = step(eager, qkv)
-        graph.replay()
-        torch.cuda.synchronize()
-        for got, ref in zip(outs, want):
-            assert torch.equal(got, ref)  # same kernels, same inputs: bitwise identical
-        assert torch.equal(graphed.seg, eager.seg)
-        eager.end_chunk()
-        graphed.end_chunk()
+    captured = capture_chunk_step(graphed, step, static)
+    assert_replays_equal_eager(eager, graphed, captured, static, step, lambda: _relax_inputs(layers, batch, u, gen),
+                               chunks=4)
 
 
 @pytest.mark.csrc

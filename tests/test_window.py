@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import relaxkv_kernels as rk
+from helpers import assert_replays_equal_eager, capture_chunk_step
 
 L, B, H, D, HH, WW = 2, 2, 2, 16, 4, 4  # frames of 16 tokens: the smallest grid Pack can pool (2x4x4)
 POLICIES = {
@@ -206,31 +207,8 @@ def test_cuda_graph_replays_a_window_chunk_step(name, attention):
             cache.end_chunk()
     static = inputs()
     graphed.begin_chunk()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up run outside the capture (autotuning, cuDNN plans)
-        step(graphed, static)
-    torch.cuda.current_stream().wait_stream(side)
-    graphed.begin_chunk()  # same chunk planned again: pending selection and staging restored for the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step(graphed, static)
-    for chunk in range(3):
-        qkv = inputs()
-        if chunk:
-            graphed.begin_chunk()
-        for dst, src in zip(static, qkv):
-            for a, b in zip(dst, src):
-                a.copy_(b)
-        eager.begin_chunk()
-        want = step(eager, qkv)
-        graph.replay()
-        torch.cuda.synchronize()
-        for got, ref in zip(outs, want):
-            assert torch.equal(got, ref)
-        assert torch.equal(graphed.seg, eager.seg)
-        eager.end_chunk()
-        graphed.end_chunk()
+    captured = capture_chunk_step(graphed, step, static)
+    assert_replays_equal_eager(eager, graphed, captured, static, step, inputs, chunks=3)
 
 
 @pytest.mark.gpu
