@@ -89,9 +89,11 @@ if __name__ == "__main__":
         python_requires=">=3.10",
         packages=find_packages(include=["relaxkv_kernels", "relaxkv_kernels.*"]) + py_packages,
         package_dir={p: "python/" + p.replace(".", "/") for p in py_packages},
-        package_data={"relaxkv_kernels": ["tuning.json"]},  # impl="auto" table (relaxkv_kernels/tuning.py)
+        package_data={"relaxkv_kernels": ["tuning.json"]},  # engine="auto" table (relaxkv_kernels/tuning.py)
         install_requires=["torch", "numpy", "tqdm", "matplotlib", "safetensors",
                           "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+        # the test tiers: pytest-benchmark (benchmarks/), pybind11 + ninja (the emulated CUDA kernels, tests/cuda_emu/)
+        extras_require={"test": ["pytest", "pytest-benchmark", "pybind11", "ninja"]},
         entry_points={"console_scripts": ["relaxkv-generate = relaxkv_gen.cli:main"]},
         ext_modules=extensions(),
         cmdclass={"build_ext": NvccBuildExt},

@@ -41,7 +41,7 @@ def configure_triton() -> None:
 
 @dataclass(frozen=True)
 class Shape:
-    """Model geometry of a benchmark run (DESIGN.md 3)."""
+    """Model geometry of a benchmark run (Wan2.1-1.3B: README, Design; relaxkv_kernels/geometry.py)."""
 
     name: str
     layers: int

@@ -1,5 +1,5 @@
 // Shared helpers of the relaxkv CUDA launchers and kernels: errors that become Python exceptions, the one
-// dtype / access-width dispatch, 16-byte vector accesses, strided row views. No torch headers (DESIGN.md 2).
+// dtype / access-width dispatch, 16-byte vector accesses, strided row views. No torch headers (README, Building).
 //
 // pybind11 translates std::runtime_error into RuntimeError and std::invalid_argument into ValueError, so a
 // launcher only has to throw. Launchers check what keeps the launch valid and memory-safe (grid and block

@@ -1,4 +1,4 @@
-// mid_select: PackForcing mid-block top-k (DESIGN.md 4.3), two launches.
+// mid_select: PackForcing mid-block top-k (relaxkv_kernels/memory/pack.py), two launches.
 //
 //   qsum[b, h]  = sum_{i < Nsq} q[b, i * q_stride, h]              (h < H/2, fp32)
 //   s_m         = Nc / (sqrt(D) * B * H/2) * sum_{b, h < H/2} qsum[b, h] . mean_key[b, mid_slots[m], h]

@@ -1,4 +1,4 @@
-// relax_select: Relax Forcing history selection (DESIGN.md 4.2), one launch of B tiny blocks.
+// relax_select: Relax Forcing history selection (relaxkv_kernels/memory/relax.py), one launch of B tiny blocks.
 //
 //   p_x     = x / max(||x||, 1e-12)             (sink / tail: x = mean of their frames' proto rows)
 //   r[b, c] = <p_{cand c}, p_sink> - lam * <p_{cand c}, p_tail>     (a term dropped when S or T = 0)

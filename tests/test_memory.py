@@ -1,6 +1,6 @@
 """Memory policies' planners and planning rules, host side only (no tensors): slots, eviction, segment tables.
 
-Relax Forcing's rules (candidates, roles, hybrid-RoPE target positions; DESIGN.md 4.2) against the design's
+Relax Forcing's rules (candidates, roles, hybrid-RoPE target positions; memory/relax.py) against the design's
 examples and a literal restatement; every planner's tables stay within its allocation and keep their
 shape in steady state; Relax, Pack and the dense window at known chunks. The KV cache that runs the plans
 is tested in test_cache.py.

@@ -1,6 +1,6 @@
 """relaxkv::relax_select: Relax Forcing scores r(h) = <p_h, p_sink> - lambda <p_h, p_tail>, top-H into the table.
 
-The reference against literal scores from raw keys (DESIGN.md 4.2) and its selection rules (per sample or
+The reference against literal scores from raw keys (relaxkv_kernels/memory/relax.py) and its selection rules (per sample or
 batch 0, memory order, ties, deltas); the Triton kernel (interpreter on CPU) and the CUDA kernel
 (``kernel_device``) against the reference, with the table rows they must write poisoned; registration and
 the public op's bad inputs. The planning rules (candidates, roles, target positions) are in test_memory.py.

@@ -138,8 +138,8 @@ def test_rope_append_triton_matches_reference(dtype, heads, head_dim, height, wi
     assert torch.equal(k_cache[:, keep], k_ref[:, keep])
     assert torch.equal(v_cache, v_ref), "values are copied as they are"
     pos = token_positions(frame_pos.cpu(), height, width).to(DEVICE)
-    # far frames: an fp32 angle of ~300 rad is rounded to half an ulp (1.5e-5 rad) by design (DESIGN.md 3:
-    # fp32 or better); times |x| <= ~4 that is up to ~6e-5 on the output (measured: 1e-5)
+    # far frames: an fp32 angle of ~300 rad is rounded to half an ulp (1.5e-5 rad) by design (geometry.py:
+    # angles in fp32 or better); times |x| <= ~4 that is up to ~6e-5 on the output (measured: 1e-5)
     atol32 = 6e-5 if max(positions) > 100 else 1e-5
     _assert_rope_close(q_rot, q, pos, "q_rot", atol32)
     _assert_rope_close(k_cache[:, rows], k, pos, "k_cache", atol32)
@@ -255,7 +255,7 @@ def _check_cuda_views(dev, dtype, layout, U, h, w, H_, D_, n_slots, frame_slot, 
 ], ids=["one_tile-d4-fp32", "small_frame-d6-bf16", "two_tiles-d20-fp16", "d512-scalar-fp32", "d2-fp16",
         "tile_tail-wan_d-bf16"])
 def test_rope_append_cuda_edge_cases(kernel_device, dtype, layout, U, h, w, H_, D_):
-    """Token tiles (kRopeTileTokens = 8) full, partial and alone; head_dim at the ends of the range and with
+    """Token tiles (tiles of csrc/rope_append.cuh and ops/rope_append/triton.py) full, partial and alone; head_dim at the ends of the range and with
     uneven pair splits; frame slots and positions out of order (descending slots, position 0)."""
     n_slots = U + 3
     frame_slot = torch.arange(n_slots - 1, n_slots - 1 - 2 * U, -2, device=kernel_device)  # descending, gaps

@@ -13,7 +13,7 @@ def mid_select_cuda(q: torch.Tensor, mean_key: torch.Tensor, mid_slots: torch.Te
                     q_stride: int) -> torch.Tensor:
     r"""PackForcing mid-block affinities and top-k into the segment table: two launches, no host sync.
 
-    Through the bilinear identity (DESIGN.md 4.3), with Sq = every ``q_stride``-th query token:
+    Through the bilinear identity (``mid_select_ref``), with Sq = every ``q_stride``-th query token:
 
         s_m = |Sq| * Nc * mean_{b, h < H/2} qbar[b, h] . mean_key[b, mid_slots[m], h] / sqrt(D)
 

@@ -1,7 +1,7 @@
 """PackForcing mid-block selection: mean subsampled query, bilinear affinity, top-k, segment rows.
 
 The affinity ``s_m = sum_j sum_{i in Sq} mean_{b, h<H/2} q_i . k_{m,j} / sqrt(D)`` is bilinear, so it
-equals ``|Sq| * Nc * mean_{b, h<H/2} qbar . kbar_m / sqrt(D)`` (DESIGN.md 4.3): one pass over the
+equals ``|Sq| * Nc * mean_{b, h<H/2} qbar . kbar_m / sqrt(D)`` (``mid_select_ref``): one pass over the
 subsampled queries (kernel 1, one program per (b, h)), then a few dot products per block and the
 top-k in a single program (kernel 2).
 """
