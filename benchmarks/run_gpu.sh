@@ -43,7 +43,8 @@ step generator 150 python benchmarks/bench_generator.py --preset wan-1.3b $quick
 step readme 60 python -m relaxkv_gen --preset tiny --policy all --chunks 20 --out "$OUT/readme_main" --no-progress
 step sanitizer 120 bash tests/run_compute_sanitizer.sh
 shopt -s nullglob
-step plot 30 python benchmarks/plot_results.py "$OUT"/chunk_*.json --table "$OUT/TABLE.md"
+step plot 30 bash -c "python benchmarks/plot_results.py $OUT/chunk_*.json --table $OUT/TABLE.md && \
+    python benchmarks/plot_generator.py $OUT/generator_*.json --table $OUT/GENERATOR.md"
 cp relaxkv_kernels/tuning.json "$OUT/tuning.json"
 
 echo
