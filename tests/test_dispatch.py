@@ -234,3 +234,56 @@ def test_compiled_chunk_step_matches_eager(policy):
             torch.testing.assert_close(got, want)
         eager.end_chunk()
         compiled.end_chunk()
+
+
+def test_cuda_without_an_index_is_the_current_device(monkeypatch):
+    """Tensors report cuda:<index>; a device given as "cuda" is compared as the current CUDA device (checked here
+    without a GPU: a fake tensor on cuda:0 and a patched current device)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from relaxkv_kernels.ops.checks import canonical_device, check_tensor
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert canonical_device("cuda") == torch.device("cuda:0")
+    assert canonical_device("cuda:1") == torch.device("cuda:1") and canonical_device("cpu") == torch.device("cpu")
+    with FakeTensorMode():
+        q = torch.empty(1, 4, 2, 16, device="cuda:0")
+    check_tensor("op", "q", q, device="cuda")  # "cuda" matches cuda:0
+    with pytest.raises(ValueError, match="expected a tensor on cuda:1"):
+        check_tensor("op", "q", q, device="cuda:1")
+
+
+@pytest.mark.parametrize("engine,module", [("flash_attn", "flash_attn"), ("flash_attn_cute", "flash_attn.cute")])
+def test_flash_attn_engines_call_flash_attn_func(engine, module, monkeypatch):
+    """The flash-attn engines through a stand-in package (flash-attn needs a GPU): [B, N, H, D] in and out,
+    softmax_scale passed, flash-attn 4's (out, lse) tuple unpacked; not available off CUDA even when installed."""
+    import sys
+    import types
+
+    from relaxkv_kernels.ops.dense_attention import engines
+    from relaxkv_kernels.ops.dense_attention.reference import dense_attention_ref
+
+    calls = []
+
+    def flash_attn_func(q, k, v, softmax_scale):
+        calls.append(softmax_scale)
+        out = dense_attention_ref(q, k, v, softmax_scale)
+        return (out, None) if engine == "flash_attn_cute" else out
+
+    parts = module.split(".")
+    for i in range(len(parts)):
+        fake = types.ModuleType(".".join(parts[: i + 1]))
+        fake.__path__ = []
+        monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    sys.modules[module].flash_attn_func = flash_attn_func
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    engines.flash_attn_func.cache_clear()
+    try:
+        g = gen(5)
+        q, k, v = randn(g, 2, 8, 2, 16), randn(g, 2, 12, 2, 16), randn(g, 2, 12, 2, 16)
+        out = engines.run(engine, q, k, v, 0.3)
+        assert calls == [0.3] and out.is_contiguous()
+        torch.testing.assert_close(out, dense_attention_ref(q, k, v, 0.3))
+        assert not engines.available(engine, torch.device("cpu"), torch.bfloat16)
+    finally:
+        engines.flash_attn_func.cache_clear()
