@@ -515,34 +515,43 @@ def main(argv=None) -> dict:
     shape = common.shape_from_args(args.shapes, args.layers, args.passes, args.dtype)
     env = common.env_info(device)
     peak = common.bf16_matmul_peak(device, args.peak_n)
-    rows, setups = [], []
-    for config in [c for c in args.configs.split(",") if c]:
-        su = build_setup(config, shape, device, args.seed)
-        if shape.name == "wan" and (su.nq, su.nk) != EXPECTED_WAN[config]:
-            print(f"warning: {config}: {su.nq} x {su.nk} tokens, the design says {EXPECTED_WAN[config]}")
-        runner = RowRunner(su, args, peak)
-        for method, name, margs in tqdm(row_specs(su, args), desc=config, disable=args.no_progress, leave=False):
-            if method == "step" and margs[1] is None:  # the fastest eager window engine so far
-                margs = (margs[0], min(runner.window_ms, key=runner.window_ms.get, default="sdpa"), margs[2])
-            try:
-                out = getattr(runner, method)(*margs)
-                rows.extend(out if isinstance(out, list) else [out])
-            except (RuntimeError, NotImplementedError, ValueError) as exc:  # a backend or engine that cannot run here
-                msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-                rows.append(runner.row(method, name, name, status=f"unavailable: {msg}"))
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        if args.write_tuning and device.type == "cuda":
-            record_tuning(runner)
-        setups.append({"config": config, "chunk": su.steady, "nq": su.nq, "nk": su.nk, "flop": runner.flop})
-        del runner, su
-    goals = targets(rows)
-    payload = {"kind": "chunk", "env": env, "shape": dataclasses.asdict(shape), "peak_bf16": peak,
-               "flop_formula": "4 * Nq * Nk * H * D * layers * passes", "setups": setups, "targets": goals,
-               "engines": list(ENGINES), "args": vars(args)}
     out = Path(args.out) if args.out else common.default_out("chunk", shape.name, device)
-    json_path, csv_path = common.write_results(out, payload, rows)
-    print_tables(rows, goals, env, peak)
+    rows, setups = [], []
+    payload = {"kind": "chunk", "env": env, "shape": dataclasses.asdict(shape), "peak_bf16": peak,
+               "flop_formula": "4 * Nq * Nk * H * D * layers * passes", "setups": setups, "targets": [],
+               "engines": list(ENGINES), "args": vars(args), "complete": False}
+
+    def save():  # after every config, and on an interrupt (a time limit): what ran is kept
+        payload["targets"] = targets(rows)
+        return common.write_results(out, payload, rows)
+
+    try:
+        for config in [c for c in args.configs.split(",") if c]:
+            su = build_setup(config, shape, device, args.seed)
+            if shape.name == "wan" and (su.nq, su.nk) != EXPECTED_WAN[config]:
+                print(f"warning: {config}: {su.nq} x {su.nk} tokens, the design says {EXPECTED_WAN[config]}")
+            runner = RowRunner(su, args, peak)
+            setups.append({"config": config, "chunk": su.steady, "nq": su.nq, "nk": su.nk, "flop": runner.flop})
+            for method, name, margs in tqdm(row_specs(su, args), desc=config, disable=args.no_progress, leave=False):
+                if method == "step" and margs[1] is None:  # the fastest eager window engine so far
+                    margs = (margs[0], min(runner.window_ms, key=runner.window_ms.get, default="sdpa"), margs[2])
+                try:
+                    out_rows = getattr(runner, method)(*margs)
+                    rows.extend(out_rows if isinstance(out_rows, list) else [out_rows])
+                except (RuntimeError, NotImplementedError, ValueError) as exc:  # a backend or engine that cannot run
+                    msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                    rows.append(runner.row(method, name, name, status=f"unavailable: {msg}"))
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            if args.write_tuning and device.type == "cuda":
+                record_tuning(runner)
+            del runner, su
+            save()
+        payload["complete"] = True
+    except KeyboardInterrupt:
+        print("interrupted: writing the rows measured so far")
+    json_path, csv_path = save()
+    print_tables(rows, payload["targets"], env, peak)
     print(f"wrote {json_path} and {csv_path}")
     return dict(payload, rows=rows, json=str(json_path), csv=str(csv_path))
 

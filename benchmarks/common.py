@@ -27,6 +27,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 CPU_LABEL = "CPU time, not a GPU measurement"
+EVENTS_MS = 20.0  # calls longer than this are timed with CUDA events (see measure)
 
 
 def configure_triton() -> None:
@@ -93,7 +94,10 @@ def default_device() -> torch.device:
 
 
 def git_commit() -> str:
-    """``git rev-parse HEAD`` of the repository (with ``+dirty`` when the tree has changes), or 'unknown'."""
+    """``git rev-parse HEAD`` of the repository (with ``+dirty`` when the tree has changes); ``$RELAXKV_COMMIT``
+    where the tree is a copy without git (a lent GPU machine: run_gpu.sh passes it); else 'unknown'."""
+    if os.environ.get("RELAXKV_COMMIT"):
+        return os.environ["RELAXKV_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True,
                               check=True, timeout=10).stdout.strip()
@@ -127,6 +131,7 @@ def env_info(device: torch.device) -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
         "python": platform.python_version(),
         "commit": git_commit(),
@@ -161,9 +166,10 @@ def measure(fn, device: torch.device, warmup: int = 1, reps: int = 5, budget_s: 
     """Median wall time of ``fn()`` in milliseconds.
 
     CUDA: one untimed call (compilation, autotuning), then ``triton.testing.do_bench`` (median, L2
-    flushed between reps) when one call takes under a second; longer calls (whole chunks through the
-    reference backend) are timed with CUDA events, ``reps`` times after ``warmup`` calls, so a
-    multi-second row does not cost do_bench's dozens of calls. ``budget_s`` caps the reps either way.
+    flushed between reps) when one call takes under ``EVENTS_MS``; longer calls (whole chunks: 100 ms and
+    more) are timed with CUDA events, ``reps`` times after ``warmup`` calls, so a chunk row costs
+    1 + warmup + reps calls instead of do_bench's ~11 (an L2 flush is noise against a chunk's
+    gigabytes). ``budget_s`` caps the reps either way.
     CPU: ``warmup`` untimed calls, then the median of ``reps`` ``perf_counter`` intervals (flagged
     ``cpu_timing``).
     """
@@ -174,7 +180,7 @@ def measure(fn, device: torch.device, warmup: int = 1, reps: int = 5, budget_s: 
         synchronize(device)
         first_ms = (time.perf_counter() - t0) * 1e3
         reps = max(1, min(reps, int(budget_s * 1e3 / max(first_ms, 1e-3))))
-        if first_ms < 1000.0:
+        if first_ms < EVENTS_MS:
             from triton.testing import do_bench  # noqa: PLC0415
 
             rep_ms = min(max(100.0, reps * first_ms), budget_s * 1e3)

@@ -1,65 +1,82 @@
 #!/usr/bin/env bash
-# The whole GPU tier in one call, sized for <= 8 minutes on an H100: build the extension, the GPU tests,
-# the README main job, the chunk / rope_append / generator benchmarks at Wan2.1-1.3B shapes, compute-sanitizer,
-# tables and plots. Logs, JSON, CSV and PNG go to $OUT (default benchmarks/results/gpu-run); a short summary
-# is printed last. Each step has a time limit (seconds) so one slow step cannot eat the others' time.
+# The GPU tier in one call, sized for one device command (limits add up to 460 s; expected ~5-6 min on an
+# H100): build the extension, the chunk and generator benchmarks at Wan2.1-1.3B shapes, the GPU tests,
+# rope_append against the copy bandwidth, the README main job, tables and plots. Everything goes to $WORK
+# (default benchmarks/results/gpu-run); where $OUT is set (the lent machine returns at most 8 files from it),
+# $OUT gets after every step the archive of $WORK plus the 6 files that matter, so a run cut short keeps what
+# finished. The summary, printed last, lists each step's exit status and time, then every JSON's targets.
 #
-#   bash benchmarks/run_gpu.sh                  # every step
-#   STEPS="build chunk" bash benchmarks/run_gpu.sh   # some steps (names below)
-#   CONFIGS=relax QUICK=1 bash benchmarks/run_gpu.sh
+#   bash benchmarks/run_gpu.sh                        # the default steps, most valuable first
+#   STEPS="build chunk" bash benchmarks/run_gpu.sh    # some steps; "sanitizer" is opt-in (minutes under the tools)
+#   CONFIGS=relax FULL=1 bash benchmarks/run_gpu.sh   # one chunk config; the full generator benchmark
 #
-# After the run: copy the JSON/CSV/PNG that matter into benchmarks/results/, and relaxkv_kernels/tuning.json
-# (bench_chunk --write-tuning records the fastest attention engine per shape on this device).
+# After the run: copy the JSON/CSV/PNG that matter into benchmarks/results/, commit relaxkv_kernels/tuning.json
+# (bench_chunk --write-tuning records the fastest attention engine per shape on this device), and fill the
+# README's results section (plot_results.py --readme README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-benchmarks/results/gpu-run}
-STEPS=${STEPS:-build tests chunk rope generator readme sanitizer plot}
+PY=${PYTHON:-python3}
+WORK=${WORK:-benchmarks/results/gpu-run}
+STEPS=${STEPS:-build chunk generator tests rope readme plot}
 CONFIGS=${CONFIGS:-relax,dense,pack}
-mkdir -p "$OUT"
+KEEP=(summary.txt chunk_wan.json generator_wan.json rope_append_wan.json tuning.json TABLE.md)
+mkdir -p "$WORK"
 export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'run_gpu.sh: no CUDA device')" || exit 2
-quick=${QUICK:+--quick}
+export RELAXKV_COMMIT=${RELAXKV_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'run_gpu.sh: no CUDA device')" || exit 2
+quick=$([ -n "${FULL:-}" ] || echo --quick)  # FULL=1: every rep of the generator benchmark
+xdist=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 3")
 
-summary=()
-step() {  # step NAME LIMIT_S COMMAND...: run if selected, log to $OUT/NAME.log, record rc and seconds
+summary() {  # the steps so far and every JSON's targets, into $WORK/summary.txt
+    {
+        echo "== $("$PY" -c 'import torch; print(torch.cuda.get_device_name())'), commit $RELAXKV_COMMIT"
+        printf '%s\n' "${steps[@]}"
+        "$PY" - "$WORK" <<'EOF'
+import json, sys
+from pathlib import Path
+for path in sorted(Path(sys.argv[1]).glob("*.json")):
+    data = json.loads(path.read_text())
+    for goal in data.get("targets", []) if isinstance(data, dict) else []:
+        print(path.name, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in goal.items()})
+EOF
+    } > "$WORK/summary.txt" 2>&1
+}
+
+keep() {  # what comes back from a lent machine: the archive of $WORK and the files that matter
+    [ -n "${OUT:-}" ] || return 0
+    cp relaxkv_kernels/tuning.json "$WORK/tuning.json"
+    summary
+    tar czf "$OUT/gpu-run.tgz" -C "$WORK" . 2>/dev/null
+    for f in "${KEEP[@]}"; do [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/"; done
+}
+
+steps=()
+step() {  # step NAME LIMIT_S COMMAND...: run if selected, log to $WORK/NAME.log, record rc and seconds
     local name=$1 limit=$2
     shift 2
     [[ " $STEPS " == *" $name "* ]] || return 0
     local t0=$SECONDS
     echo "== $name (limit ${limit}s): $*"
-    timeout --signal=INT --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    timeout --signal=INT --kill-after=5 "$limit" "$@" > "$WORK/$name.log" 2>&1
     local rc=$?
-    summary+=("$(printf '%-10s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - t0))" "$OUT/$name.log")")
-    tail -n 3 "$OUT/$name.log"
+    steps+=("$(printf '%-10s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - t0))" "$WORK/$name.log")")
+    tail -n 3 "$WORK/$name.log"
+    keep
 }
 
-step build 90 python setup.py build_ext --inplace
-step tests 120 python -m pytest -q -m gpu -p no:cacheprovider tests --junitxml "$OUT/tests.xml"
-step chunk 200 python benchmarks/bench_chunk.py --shapes wan --configs "$CONFIGS" --write-tuning --no-progress \
-    --reps 3 --budget-s 10 --out "$OUT/chunk_wan.json"
-step rope 40 python benchmarks/bench_rope_append.py --shapes wan --out "$OUT/rope_append_wan.json"
-step generator 150 python benchmarks/bench_generator.py --preset wan-1.3b $quick --no-progress \
-    --out "$OUT/generator_wan.json"
-step readme 60 python -m relaxkv_gen --preset tiny --policy all --chunks 20 --out "$OUT/readme_main" --no-progress
-step sanitizer 120 bash tests/run_compute_sanitizer.sh
-shopt -s nullglob
-step plot 30 bash -c "python benchmarks/plot_results.py $OUT/chunk_*.json --table $OUT/TABLE.md && \
-    python benchmarks/plot_generator.py $OUT/generator_*.json --table $OUT/GENERATOR.md"
-cp relaxkv_kernels/tuning.json "$OUT/tuning.json"
-
+step build 45 "$PY" setup.py build_ext --inplace
+step chunk 150 "$PY" benchmarks/bench_chunk.py --shapes wan --configs "$CONFIGS" --write-tuning --no-progress \
+    --reps 3 --budget-s 10 --out "$WORK/chunk_wan.json"
+step generator 100 "$PY" benchmarks/bench_generator.py --preset wan-1.3b $quick --no-progress \
+    --out "$WORK/generator_wan.json"
+step tests 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider $xdist tests --junitxml "$WORK/tests.xml"
+step rope 25 "$PY" benchmarks/bench_rope_append.py --shapes wan --out "$WORK/rope_append_wan.json"
+step readme 25 "$PY" -m relaxkv_gen --preset tiny --policy all --chunks 20 --out "$WORK/readme_main" --no-progress
+step sanitizer 300 env PYTHON="$PY" bash tests/run_compute_sanitizer.sh
+step plot 10 bash -c "shopt -s nullglob; $PY benchmarks/plot_results.py $WORK/chunk_*.json --table $WORK/TABLE.md; \
+    $PY benchmarks/plot_generator.py $WORK/generator_*.json --table $WORK/GENERATOR.md"
+cp relaxkv_kernels/tuning.json "$WORK/tuning.json"
+summary
+keep
 echo
-echo "== summary ($(python -c 'import torch; print(torch.cuda.get_device_name())'), $(git rev-parse --short HEAD))"
-printf '%s\n' "${summary[@]}"
-python - "$OUT" <<'EOF'
-import json, sys
-from pathlib import Path
-out = Path(sys.argv[1])
-for name in ("chunk_wan.json", "rope_append_wan.json", "generator_wan.json"):
-    path = out / name
-    if not path.is_file():
-        print(f"{name}: missing")
-        continue
-    data = json.loads(path.read_text())
-    for goal in data.get("targets", []):
-        print(name, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in goal.items()})
-EOF
+cat "$WORK/summary.txt"

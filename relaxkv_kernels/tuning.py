@@ -5,12 +5,12 @@
     {"version": 2,
      "entries": {"NVIDIA H100 80GB HBM3|d128|q8192|k16384": "sdpa_cudnn", ...}}
 
-Keys are ``<device name>|d<head_dim>|q<Nq bucket>|k<Nk bucket>``, buckets the next power of two
+Keys are ``<device name>|d<head_dim>|q<Nq bucket>|k<Nk bucket>``, buckets a quarter octave wide
 (``bucket``); values are engines of ``ops/dense_attention/engines.py``. ``benchmarks/bench_chunk.py
 --write-tuning`` times every engine at the chunk shapes on the device it runs on and records the
-fastest. Without an entry: ``sdpa_cudnn`` on CUDA devices of compute capability 9.0 or newer (H100,
-2026-11-27: cuDNN 506 TFLOP/s against 310 for the flash backend at Wan relax shapes), torch's own SDPA
-dispatch elsewhere. The lookup uses Python ints and strings only (the file is read once per process),
+fastest. Without an entry: ``sdpa_cudnn`` on CUDA devices of compute capability 9.0 or newer with a cuDNN
+newer than 9.15.0 (H100, 2026-11-27: cuDNN 506 TFLOP/s against 310 for the flash backend at Wan relax
+shapes), torch's own SDPA dispatch elsewhere. The lookup uses Python ints and strings only (the file is read once per process),
 so it costs no host-device synchronisation; resolve it outside compiled regions (``KVCache.begin_chunk``
 does) and pass the engine into compiled code.
 
@@ -29,12 +29,14 @@ import torch
 from .ops.dense_attention.engines import ENGINES
 
 TUNING_PATH = Path(__file__).with_name("tuning.json")
-_VERSION = 2
+_VERSION = 3
 
 
 def bucket(n: int) -> int:
-    """The next power of two >= n (n >= 1): 4680 -> 8192, 10920 -> 16384."""
-    return 1 << max(0, int(n) - 1).bit_length()
+    """n rounded up to a quarter octave (4, 5, 6 or 7 times a power of two; n itself below 8), so the Wan chunks
+    keep apart: 4680 -> 5120, 6240 -> 7168, 10920 -> 12288, 27872 -> 28672, 32760 -> 32768."""
+    step = 1 << max(0, int(n).bit_length() - 3)
+    return -(-int(n) // step) * step
 
 
 def tuning_key(device_name: str, head_dim: int, n_q: int, n_k: int) -> str:
@@ -63,11 +65,17 @@ def device_name(device: str) -> str:
     return torch.cuda.get_device_name(dev)
 
 
+CUDNN_MIN = 91501  # torch itself avoids cuDNN attention up to 9.15.0 (out-of-bounds reads and CUDA-graph
+# failures when the query length is not a multiple of 128, as 4680 is: pytorch #169849, #167101)
+
+
 @functools.cache
 def default_engine(device: str) -> str:
-    """The engine without a table entry: cuDNN first on compute capability >= 9.0 (measured), else torch's dispatch."""
+    """The engine without a table entry: cuDNN first on compute capability >= 9.0 with a cuDNN newer than 9.15.0
+    (measured on an H100), else torch's own dispatch."""
     dev = torch.device(device)
-    if dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (9, 0):
+    if (dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (9, 0)
+            and (torch.backends.cudnn.version() or 0) >= CUDNN_MIN):
         return "sdpa_cudnn"
     return "sdpa"
 

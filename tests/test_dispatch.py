@@ -141,12 +141,13 @@ def tuning_table(tmp_path, monkeypatch):
 
 
 def test_tuning_keys_and_record(tuning_table):
-    assert [tuning.bucket(n) for n in (1, 2, 3, 4680, 8192, 10920)] == [1, 2, 4, 8192, 8192, 16384]
+    assert [tuning.bucket(n) for n in (1, 3, 9, 4680, 6240, 8192, 10920, 27872, 32760)] == [
+        1, 3, 10, 5120, 7168, 8192, 12288, 28672, 32768]  # the Wan chunk shapes keep apart (dense, pack)
     key = tuning.tuning_key("cpu", 64, 33, 57)
-    assert key == "cpu|d64|q64|k64"
+    assert key == "cpu|d64|q40|k64"
     assert tuning.choose_engine("cpu", 64, 33, 57) == "sdpa"  # no table: torch's SDPA dispatch off CUDA
     tuning.record({key: "reference"})
-    assert json.loads(tuning_table.read_text()) == {"version": 2, "entries": {key: "reference"}}
+    assert json.loads(tuning_table.read_text()) == {"version": 3, "entries": {key: "reference"}}
     assert tuning.choose_engine("cpu", 64, 40, 60) == "reference"  # same buckets
     assert tuning.choose_engine("cpu", 64, 65, 60) == "sdpa"
     with pytest.raises(ValueError, match="expected engines in"):
@@ -155,7 +156,7 @@ def test_tuning_keys_and_record(tuning_table):
 
 def test_tuning_table_of_another_version_is_ignored(tuning_table):
     key = tuning.tuning_key("cpu", 64, 33, 57)
-    tuning_table.write_text(json.dumps({"version": 1, "entries": {key: "gather"}}))
+    tuning_table.write_text(json.dumps({"version": 2, "entries": {key: "sdpa"}}))  # other buckets
     assert tuning.load_table() == {}
     tuning.record({key: "triton"})  # replaces the old entries, does not merge them
     assert json.loads(tuning_table.read_text())["entries"] == {key: "triton"}

@@ -82,9 +82,11 @@ def test_cuda_graph_of_a_30_layer_relax_chunk_step_replays_identically():
 
 
 @pytest.mark.csrc
-def test_compiled_30_layer_relax_chunk_step_matches_eager():
+def test_compiled_relax_chunk_step_matches_eager():
+    """torch.compile(fullgraph=True) of every layer's attend at Wan shapes (4 layers: each warm-up chunk with new
+    plan shapes recompiles), bitwise equal to eager."""
     pytest.importorskip("triton")
-    layers, batch, policy = 30, 1, rk.RelaxMemory(reservoir=30)
+    layers, batch, policy = 4, 1, rk.RelaxMemory(reservoir=30)
     make = lambda: rk.KVCache(policy, layers, batch, dtype=torch.bfloat16, device="cuda", backend="fused", **WAN)  # noqa: E731
     eager, compiled = make(), make()
     gen = torch.Generator(device="cuda").manual_seed(2)

@@ -36,9 +36,28 @@ ENGINES = ("reference", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "f
 _FLASH_ATTN = {"flash_attn": "flash_attn", "flash_attn_cute": "flash_attn.cute"}  # engine -> module with flash_attn_func
 
 
+_SETTLED: set[str] = set()  # device types whose SDPA backend order torch has settled in this process
+
+
+def _settle_torch_priority(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, scale: float) -> None:
+    """Let torch settle its own SDPA backend order on this device type before a priority context first saves it.
+
+    torch reorders its CUDA backends (cuDNN first on recent GPUs) lazily, inside the first SDPA dispatch of the
+    process; ``sdpa_kernel(..., set_priority=True)`` saves and restores the order without that step, so a
+    priority context entered first would restore the unsettled order for every later default-dispatch SDPA
+    of the process (the model's cross-attention, the user's code). One dispatch decision on these inputs
+    settles it: host work only, no kernel (safe inside a CUDA-graph capture).
+    """
+    if qt.device.type not in _SETTLED:
+        torch._fused_sdp_choice(qt, kt, vt, scale=scale)
+        _SETTLED.add(qt.device.type)
+
+
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, order=None) -> torch.Tensor:
     """SDPA on [B, N, H, D] views (transposed, no copy); ``order``: backend priority, None = torch's dispatch."""
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if order is not None:
+        _settle_torch_priority(qt, kt, vt, scale)
     with sdpa_kernel(order, set_priority=True) if order is not None else contextlib.nullcontext():
         out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, scale=scale)
     return out.transpose(1, 2).contiguous()
