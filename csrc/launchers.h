@@ -33,7 +33,7 @@ int64_t rope_append_tiles(int64_t frame_tokens, int64_t head_dim);
 void relax_select_cuda(uintptr_t proto, Strides3 p_s, uintptr_t slot_pos, uintptr_t sink_slots, uintptr_t tail_slots,
                        uintptr_t cand_slots, uintptr_t target_pos, uintptr_t seg, Strides3 s_s, uintptr_t scores,
                        int64_t batch, int64_t n_slots, int64_t head_dim, int64_t n_sink, int64_t n_tail, int64_t n_cand,
-                       int64_t n_sel, int64_t n_seg, int64_t seg_index, int64_t frame_tokens, double lam,
+                       int64_t n_sel, int64_t n_seg, int64_t seg_index, int64_t frame_tokens, double lam, double eps,
                        bool batch0_decides, bool contiguous, uintptr_t stream);
 
 int64_t mid_select_splits(int64_t n_sub);

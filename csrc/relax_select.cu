@@ -10,7 +10,7 @@ constexpr const char* kOp = "relax_select_cuda";
 void relax_select_cuda(uintptr_t proto, Strides3 p_s, uintptr_t slot_pos, uintptr_t sink_slots, uintptr_t tail_slots,
                        uintptr_t cand_slots, uintptr_t target_pos, uintptr_t seg, Strides3 s_s, uintptr_t scores,
                        int64_t batch, int64_t n_slots, int64_t head_dim, int64_t n_sink, int64_t n_tail, int64_t n_cand,
-                       int64_t n_sel, int64_t n_seg, int64_t seg_index, int64_t frame_tokens, double lam,
+                       int64_t n_sel, int64_t n_seg, int64_t seg_index, int64_t frame_tokens, double lam, double eps,
                        bool batch0_decides, bool contiguous, uintptr_t stream) {
     require_device(kOp);
     check_range(kOp, "batch", batch, 0, kMaxGridYZ);
@@ -32,7 +32,7 @@ void relax_select_cuda(uintptr_t proto, Strides3 p_s, uintptr_t slot_pos, uintpt
     p.target_pos = reinterpret_cast<const int64_t*>(target_pos);
     p.seg = reinterpret_cast<int32_t*>(seg), p.seg_s = s_s;
     p.scores = reinterpret_cast<float*>(scores);
-    p.n_slots = n_slots, p.frame_tokens = frame_tokens, p.lam = lam, p.batch0 = batch0_decides;
+    p.n_slots = n_slots, p.frame_tokens = frame_tokens, p.lam = lam, p.eps = eps, p.batch0 = batch0_decides;
     p.contiguous = contiguous;
     p.n_sink = int(n_sink), p.n_tail = int(n_tail), p.n_cand = int(n_cand), p.n_sel = int(n_sel);
     p.head_dim = int(head_dim), p.seg_index = int(seg_index);

@@ -1,6 +1,6 @@
 // relax_select: Relax Forcing history selection (relaxkv_kernels/memory/relax.py), one launch of B tiny blocks.
 //
-//   p_x     = x / max(||x||, 1e-12)             (sink / tail: x = mean of their frames' proto rows)
+//   p_x     = x / max(||x||, eps)               (sink / tail: x = mean of their frames' proto rows)
 //   r[b, c] = <p_{cand c}, p_sink> - lam * <p_{cand c}, p_tail>     (a term dropped when S or T = 0)
 //   the H_sel best candidates of r[b] (or of r[0] when batch0), in memory order, ->
 //   seg[b, seg_index + j] = (slot * F, F, target_pos[j] - slot_pos[slot])   (delta 0: contiguous)
@@ -16,7 +16,6 @@
 namespace relaxkv {
 
 constexpr int kRelaxThreads = 128;
-constexpr double kProtoEps = 1e-12;  // relaxkv_kernels/geometry.py PROTO_EPS
 
 struct RelaxSelectParams {
     const float* proto;         // [B, n_slots, D], strides p_s
@@ -31,6 +30,7 @@ struct RelaxSelectParams {
     int64_t frame_tokens;
     int n_sink, n_tail, n_cand, n_sel, head_dim, seg_index;
     double lam;
+    double eps;  // prototype normalisation: x / max(||x||, eps) (relaxkv_kernels/geometry.py PROTO_EPS)
     bool batch0;
     bool contiguous;
     Strides3 p_s, seg_s;
@@ -60,7 +60,7 @@ __device__ inline void relax_scores(const RelaxSelectParams& p, int64_t b, float
         ss += double(mean_s[d]) * mean_s[d];
         tt += double(mean_t[d]) * mean_t[d];
     }
-    const double ns = fmax(sqrt(warp_sum(ss)), kProtoEps), nt = fmax(sqrt(warp_sum(tt)), kProtoEps);
+    const double ns = fmax(sqrt(warp_sum(ss)), p.eps), nt = fmax(sqrt(warp_sum(tt)), p.eps);
     for (int c = warp; c < p.n_cand; c += n_warps) {
         const int64_t slot = p.cand_slots[c];
         double xx = 0.0, xs = 0.0, xt = 0.0;
@@ -71,7 +71,7 @@ __device__ inline void relax_scores(const RelaxSelectParams& p, int64_t b, float
             xt += x * mean_t[d];
         }
         xx = warp_sum(xx), xs = warp_sum(xs), xt = warp_sum(xt);
-        const double nx = fmax(sqrt(xx), kProtoEps);
+        const double nx = fmax(sqrt(xx), p.eps);
         double r = 0.0;
         if (p.n_sink) r += xs / (nx * ns);
         if (p.n_tail) r -= p.lam * (xt / (nx * nt));

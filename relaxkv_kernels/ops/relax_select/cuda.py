@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ...geometry import PROTO_EPS
 from ..cuda_common import Launch, index
 
 _OP = "relax_select_cuda"
@@ -52,6 +53,6 @@ def relax_select_cuda(proto: torch.Tensor, slot_pos: torch.Tensor, sink_slots: t
             proto.data_ptr(), proto.stride(), slot_pos.data_ptr(), sink_slots.data_ptr(), tail_slots.data_ptr(),
             cand_slots.data_ptr(), target_pos.data_ptr(), seg.data_ptr(), seg.stride(), scores.data_ptr(),
             b, n_slots, d, sink_slots.numel(), tail_slots.numel(), n_cand, n_sel, seg.shape[1], seg_index,
-            frame_tokens, float(lam), bool(batch0_decides), bool(contiguous), stream,
+            frame_tokens, float(lam), PROTO_EPS, bool(batch0_decides), bool(contiguous), stream,
         )
     return scores
