@@ -117,7 +117,8 @@ class KVCache:
         self._proto_chunk = None  # window mode: the chunk's prototypes, committed by end_chunk
         if windows and attention == "window" and self.proto is not None:
             self._proto_chunk = torch.empty(batch, policy.chunk_frames, head_dim, dtype=torch.float32, device=dev)
-        self.buffers: dict[str, torch.Tensor] = {}
+        # device index tensors of the plans; the window's chunk slots 0 .. U-1 are the same for every chunk
+        self.buffers: dict[str, torch.Tensor] = {"window_slot": torch.arange(policy.chunk_frames, device=dev)}
         self.chunk = 0
         self.last_plan: ChunkPlan | None = None
         self.last_scores: dict[int, torch.Tensor] = {}
@@ -146,7 +147,6 @@ class KVCache:
                                f"{plan.n_memory_seg} memory segments")
         self.last_plan = plan
         self._upload("frame_slot", plan.frame_slot)
-        self._upload("window_slot", list(range(u)))
         self._upload("frame_pos", plan.frame_pos)
         for name, values in plan.index.items():
             self._upload(name, values)
