@@ -20,7 +20,7 @@ void mid_select_cuda(uintptr_t q, Strides3 q_s, uintptr_t mean_key, Strides4 k_s
                      uintptr_t block_pos, uintptr_t target_pos, uintptr_t seg, Strides3 s_s, uintptr_t scores,
                      uintptr_t ws, int64_t batch, int64_t n_q, int64_t heads, int64_t head_dim, int64_t n_blocks,
                      int64_t n_mid, int64_t n_sel, int64_t n_seg, int64_t seg_index, int64_t row0, int64_t block_tokens,
-                     int64_t q_stride, int64_t n_split, int dtype, uintptr_t stream) {
+                     int64_t q_stride, int64_t n_split, bool batch_mean, int dtype, uintptr_t stream) {
     require_device(kOp);
     check_range(kOp, "batch", batch, 1, kMaxGridYZ);
     check_range(kOp, "heads", heads, 2, 2 * kMaxGridYZ + 1);
@@ -46,7 +46,9 @@ void mid_select_cuda(uintptr_t q, Strides3 q_s, uintptr_t mean_key, Strides4 k_s
     p.n_sub = n_sub, p.q_stride = q_stride, p.n_blocks = n_blocks, p.row0 = row0, p.block_tokens = block_tokens;
     p.batch = int(batch), p.half_heads = int(heads / 2), p.head_dim = int(head_dim);
     p.n_split = int(n_split), p.n_mid = int(n_mid), p.n_sel = int(n_sel), p.seg_index = int(seg_index);
-    p.factor = float(double(block_tokens) / (std::sqrt(double(head_dim)) * double(batch) * double(heads / 2)));
+    p.batch_mean = batch_mean;
+    const double n_avg = batch_mean ? double(batch) : 1.0;  // samples each score averages over
+    p.factor = float(double(block_tokens) / (std::sqrt(double(head_dim)) * n_avg * double(heads / 2)));
     const auto s = reinterpret_cast<cudaStream_t>(stream);
     dispatch_vec(kOp, dtype, wide_ok(dtype, head_dim, {p.q}), [&](auto vec) {  // 16-byte query loads
         const int lanes_x = int(head_dim / decltype(vec)::N), lanes_y = std::max(1, kMidQsumThreads / lanes_x);
@@ -55,7 +57,7 @@ void mid_select_cuda(uintptr_t q, Strides3 q_s, uintptr_t mean_key, Strides4 k_s
         mid_select_qsum_kernel<decltype(vec)><<<grid, dim3(lanes_x, lanes_y), qsum_smem, s>>>(p);
         RELAXKV_CHECK_LAUNCH(kOp);
     });
-    mid_select_kernel<<<1, kMidSelectThreads, smem, s>>>(p);
+    mid_select_kernel<<<batch_mean ? 1 : unsigned(batch), kMidSelectThreads, smem, s>>>(p);  // a block per sample
     RELAXKV_CHECK_LAUNCH(kOp);
 }
 

@@ -1,15 +1,18 @@
 // mid_select: PackForcing mid-block top-k (relaxkv_kernels/memory/pack.py), two launches.
 //
 //   qsum[b, h]  = sum_{i < Nsq} q[b, i * q_stride, h]              (h < H/2, fp32)
-//   s_m         = Nc / (sqrt(D) * B * H/2) * sum_{b, h < H/2} qsum[b, h] . mean_key[b, mid_slots[m], h]
-//               = |Sq| * Nc * mean_{b, h<H/2} qbar . kbar_m / sqrt(D)   (bilinear identity)
-//   the k = target_pos.numel() best blocks, in time (mid_slots) order ->
-//   seg[b, seg_index + j] = (row0 + slot * Nc, Nc, target_pos[j] - block_pos[slot]) for every b
+//   s_{b,m}     = Nc / (sqrt(D) * H/2) * sum_{h < H/2} qsum[b, h] . mean_key[b, mid_slots[m], h]
+//               = |Sq| * Nc * mean_{h<H/2} qbar_b . kbar_{b,m} / sqrt(D)   (bilinear identity)
+//   batch_mean: the mean over (b, h < H/2) instead (factor Nc / (sqrt(D) * B * H/2)), the same for every b
+//   sample b's k = target_pos.numel() best blocks, in time (mid_slots) order ->
+//   seg[b, seg_index + j] = (row0 + slot * Nc, Nc, target_pos[j] - block_pos[slot])
 //
 // Kernel 1, grid (n_split, H/2, B), block (D / VEC, R): a split of the subsampled tokens of one
 // (b, h), 16-byte loads, fp32 partial sums reduced over the R row lanes in shared memory, written
-// to ws[b, h, split, :]. Kernel 2, one block: partials -> qsum (fixed order: deterministic), one
-// warp per mid block for the dot products, the top-k in shared memory, the segment rows.
+// to ws[b, h, split, :]. Kernel 2, one block per sample (one block for all with batch_mean): its
+// samples' partials -> qsum (fixed order: deterministic, and a sample's score does not depend on the
+// batch it runs in), one warp per mid block for the dot products, the top-k in shared memory, the
+// segment rows of its samples.
 #pragma once
 
 #include "select.cuh"
@@ -26,7 +29,7 @@ struct MidSelectParams {
     const int64_t* block_pos;   // [n_blocks]
     const int64_t* target_pos;  // [k]
     int32_t* seg;               // [B, n_seg, 3], strides seg_s
-    float* scores;              // [M]
+    float* scores;              // [B, M]
     float* ws;                  // [B, H/2, n_split, D] partial sums, then [B, H/2, D] qsum
     int64_t n_sub;              // |Sq| = ceil(Nq / q_stride)
     int64_t q_stride;
@@ -34,7 +37,8 @@ struct MidSelectParams {
     int64_t row0;
     int64_t block_tokens;
     int batch, half_heads, head_dim, n_split, n_mid, n_sel, seg_index;
-    float factor;               // Nc / (sqrt(D) * B * H/2)
+    bool batch_mean;            // one block scores the mean over the batch and writes every sample's rows
+    float factor;               // Nc / (sqrt(D) * H/2), batch_mean: Nc / (sqrt(D) * B * H/2)
     Strides4 k_s;
     Strides3 seg_s;
 };
@@ -73,17 +77,19 @@ __global__ void __launch_bounds__(kMidQsumThreads) mid_select_qsum_kernel(const 
     }
 }
 
-// Dynamic shared memory: scores [M] fp32, flag [M], picked [M] int.
+// Grid (B) (batch_mean: 1). Dynamic shared memory: scores [M] fp32, flag [M], picked [M] int.
 __global__ void __launch_bounds__(kMidSelectThreads) mid_select_kernel(const MidSelectParams p) {
     extern __shared__ float score[];
     int* flag = reinterpret_cast<int*>(score + p.n_mid);
     int* picked = flag + p.n_mid;
     const int D = p.head_dim, HH = p.half_heads;
-    const int64_t n_q = int64_t(p.batch) * HH * D;
-    float* qsum = p.ws + n_q * p.n_split;  // written and read by this block only: plain (coherent) loads
+    const int b0 = p.batch_mean ? 0 : int(blockIdx.x), n_b = p.batch_mean ? p.batch : 1;  // this block's samples
+    const int64_t e0 = int64_t(b0) * HH * D, n_e = int64_t(n_b) * HH * D;  // their (b, h, d) entries
+    // qsum [B, H/2, D] after the partials; each block writes and reads only its samples' entries (plain loads)
+    float* qsum = p.ws + int64_t(p.batch) * HH * D * p.n_split + e0;
 
-    for (int64_t e = threadIdx.x; e < n_q; e += blockDim.x) {
-        const int64_t bh = e / D, d = e - bh * D;
+    for (int64_t e = threadIdx.x; e < n_e; e += blockDim.x) {
+        const int64_t bh = (e0 + e) / D, d = (e0 + e) - bh * D;
         const float* part = p.ws + bh * p.n_split * D + d;
         float s = 0.f;
         for (int i = 0; i < p.n_split; ++i) s += part[i * D];
@@ -96,22 +102,22 @@ __global__ void __launch_bounds__(kMidSelectThreads) mid_select_kernel(const Mid
         const int64_t slot = p.mid_slots[m];
         float acc = 0.f;
         if (slot >= 0 && slot < p.n_blocks) {  // uniform over the warp
-            for (int64_t e = lane; e < n_q; e += 32) {
-                const int64_t bh = e / D, d = e - bh * D, b = bh / HH, h = bh - b * HH;
+            for (int64_t e = lane; e < n_e; e += 32) {
+                const int64_t bh = (e0 + e) / D, d = (e0 + e) - bh * D, b = bh / HH, h = bh - b * HH;
                 acc += qsum[e] * p.mean_key[b * p.k_s[0] + slot * p.k_s[1] + h * p.k_s[2] + d * p.k_s[3]];
             }
         }
         acc = warp_sum(acc);
         if (lane == 0) {
             score[m] = acc * p.factor;
-            p.scores[m] = acc * p.factor;
+            for (int b = b0; b < b0 + n_b; ++b) p.scores[int64_t(b) * p.n_mid + m] = acc * p.factor;
         }
     }
     __syncthreads();
     block_top_k_in_order(score, p.n_mid, p.n_sel, flag, picked);
 
-    for (int e = threadIdx.x; e < p.batch * p.n_sel; e += blockDim.x) {
-        const int b = e / p.n_sel, j = e - b * p.n_sel;
+    for (int e = threadIdx.x; e < n_b * p.n_sel; e += blockDim.x) {
+        const int b = b0 + e / p.n_sel, j = e % p.n_sel;
         const int64_t slot = p.mid_slots[picked[j]];
         const bool ok = slot >= 0 && slot < p.n_blocks;
         write_seg_row(p.seg, p.seg_s, b, p.seg_index + j, p.row0 + (ok ? slot : 0) * p.block_tokens,

@@ -156,14 +156,14 @@ def test_policy_state_layout(policy):
     cache = rk.KVCache(policy, layers, batch, heads, d, 4, 4, dtype=torch.float32)
     pl = cache.planner
     if isinstance(policy, rk.RelaxMemory):
-        assert cache.proto.shape == (batch, pl.n_slots, d) and cache.proto.dtype == torch.float32
+        assert cache.storage.proto.shape == (batch, pl.n_slots, d) and cache.storage.proto.dtype == torch.float32
     else:
-        assert cache.proto is None
+        assert cache.storage.proto is None
     if isinstance(policy, rk.PackMemory):
-        assert cache.state["mean_key"].shape == (layers, batch, pl.n_blocks, heads, d)
+        assert cache.storage.state["mean_key"].shape == (layers, batch, pl.n_blocks, heads, d)
     else:
-        assert cache.state == {}
-    assert cache.seg.shape == (layers if pl.selection == "per_layer" else 1, batch, pl.n_seg, 3)
+        assert cache.storage.state == {}
+    assert cache.device_plan.seg.shape == (layers if pl.selection == "per_layer" else 1, batch, pl.n_seg, 3)
 
 
 def test_only_layer_0_writes_prototypes():
@@ -176,8 +176,8 @@ def test_only_layer_0_writes_prototypes():
             q, k, v = (torch.randn(2, 3 * 16, 2, 16, generator=g) for _ in range(3))
             cache.attend(layer, q, k, v)
             if layer == 0:
-                after_layer0 = cache.proto.clone()
-        torch.testing.assert_close(cache.proto, after_layer0, rtol=0, atol=0, equal_nan=True)  # empty slots: NaN
+                after_layer0 = cache.storage.proto.clone()
+        torch.testing.assert_close(cache.storage.proto, after_layer0, rtol=0, atol=0, equal_nan=True)  # empty slots: NaN
         cache.end_chunk()
 
 

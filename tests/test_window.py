@@ -50,9 +50,9 @@ def _held_rows(cache) -> torch.Tensor:
 def _assert_same_rollout(got, want, tol):
     (out, cache), (ref, ref_cache) = got, want
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
-    assert torch.equal(cache.seg, ref_cache.seg)  # same selections
-    rows = _held_rows(ref_cache).to(ref_cache.k.device)
-    for a, b in ((cache.k, ref_cache.k), (cache.v, ref_cache.v)):  # end_chunk committed the chunk rows
+    assert torch.equal(cache.device_plan.seg, ref_cache.device_plan.seg)  # same selections
+    rows = _held_rows(ref_cache).to(ref_cache.storage.k.device)
+    for a, b in ((cache.storage.k, ref_cache.storage.k), (cache.storage.v, ref_cache.storage.v)):  # end_chunk committed the chunk rows
         torch.testing.assert_close(a[:, :, rows].float(), b[:, :, rows].float(), rtol=tol, atol=tol)
 
 
@@ -74,7 +74,7 @@ def test_window_with_triton_kernels_matches_the_reference(name):
     policy = POLICIES[name]
     want = _rollout(policy, chunks=6, passes=1, backend="reference", attention="segments")
     got = _rollout(policy, chunks=6, passes=1, backend="fused", attention="window")
-    assert got[1].engine == "auto" and got[1]._engine == "sdpa"
+    assert got[1].engine == "auto" and got[1].chunk_engine == "sdpa"
     _assert_same_rollout(got, want, 1e-5)
 
 
@@ -161,6 +161,11 @@ def test_cache_mode_arguments_and_chunk_order_are_checked():
     with pytest.raises(RuntimeError, match="end_chunk"):
         cache.end_chunk()
     cache.begin_chunk()
+    with pytest.raises(RuntimeError, match="no layer attended"):
+        cache.end_chunk()
+    q = torch.randn(B, cache.policy.chunk_frames * HH * WW, H, D)
+    for layer in range(L):
+        cache.attend(layer, q, q, q)
     cache.end_chunk()
     with pytest.raises(RuntimeError, match="no chunk in progress"):
         cache.end_chunk()
@@ -246,13 +251,13 @@ def test_bf16_window_at_wan_shapes_meets_the_2x_rule(name):
             outs[mode] = cache.attend(0, q, k, v)
             cache.end_chunk()
     ref_cache = caches["segments"]
-    q_rot = rk.rope_append(q, k, v, ref_cache.k[0].clone(), ref_cache.v[0].clone(), None,
-                           ref_cache.buffers["frame_slot"], ref_cache.buffers["frame_pos"], 30, 52, backend="reference")
-    seg = ref_cache.seg[0]
+    q_rot = rk.rope_append(q, k, v, ref_cache.storage.k[0].clone(), ref_cache.storage.v[0].clone(), None,
+                           ref_cache.device_plan.frame_slot, ref_cache.device_plan.frame_pos, 30, 52, backend="reference")
+    seg = ref_cache.device_plan.seg[0]
     total = ref_cache.last_plan.total_keys()
-    want = rk.sparse_kv_attention(q_rot.float(), ref_cache.k[0].float(), ref_cache.v[0].float(), seg,
+    want = rk.sparse_kv_attention(q_rot.float(), ref_cache.storage.k[0].float(), ref_cache.storage.v[0].float(), seg,
                                   backend="reference", impl="fused")
-    kg, vg = rk.gather_kv_rope(ref_cache.k[0], ref_cache.v[0], seg, total, backend="reference")
+    kg, vg = rk.gather_kv_rope(ref_cache.storage.k[0], ref_cache.storage.v[0], seg, total, backend="reference")
     same_dtype = rk.dense_attention(q_rot, kg, vg, engine="sdpa").float()
     err = (outs["window"].float() - want).abs().max().item()
     base = (same_dtype - want).abs().max().item()

@@ -4,10 +4,16 @@ A policy (``MemoryPolicy``) makes a :class:`Planner` per cache. The planner deci
 from the chunk index alone (it never reads device memory), the cache slot of each new frame, what is
 evicted and the segment table: one ``(start_row, length, delta)`` row per attended run of pool rows,
 in the order memory, then the chunk's own frames, then padding. Entries whose content depends on the
-data (Relax's history frame, Pack's mid blocks) are left for the planner's device step
-(:meth:`Planner.select`): a selection kernel run at the first pass of layer 0 (``selection = "layer0"``,
-one choice for every layer) or of each layer (``"per_layer"``) of the chunks whose plan ``selects``;
-:meth:`Planner.append` runs after every cache write (Pack compresses the current block there). ``KVCache`` runs these steps for any policy: a new policy is a new file.
+data (Relax's history frame, Pack's mid blocks) are left for the planner's device steps, which see a
+typed :class:`DeviceStep` (the plan, its index tensors on the device, the table they write, the layer's
+pools and policy state), never the cache:
+
+- :meth:`Planner.select_chunk` (``selection = "chunk"``): once per chunk, at ``begin_chunk``, from what
+  the cache already holds (Relax scores stored prototypes); one table for every layer, so the order in
+  which layers are called does not matter;
+- :meth:`Planner.select_layer` (``selection = "per_layer"``): at each layer's first pass of the chunk,
+  from that layer's queries (Pack's affinity); one table per layer;
+- :meth:`Planner.append`: after every cache write of a layer (Pack compresses the current block there).
 
 Frame slot ``s`` owns pool rows ``s * F .. s * F + F - 1``; a planner may put other rows after the
 frame slots (Pack's compressed blocks). In steady state every table a planner produces keeps its
@@ -15,9 +21,31 @@ shape from chunk to chunk, so a chunk step can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+import math
+from dataclasses import dataclass
 
 import torch
+
+from ..ops.checks import check_int
+
+
+@dataclass(frozen=True)
+class CacheGeometry:
+    """What a planner knows of the cache it serves: model geometry, storage dtype and device."""
+
+    num_layers: int
+    batch: int
+    num_heads: int
+    head_dim: int
+    height: int
+    width: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def frame_tokens(self) -> int:
+        return self.height * self.width
 
 
 @dataclass
@@ -28,6 +56,9 @@ class ChunkPlan:
     are the memory (entries of length 0 reserved for the device step are filled on the device),
     the next ``len(frame_slot)`` are the chunk's frames at delta 0, the rest is padding (0, 0, 0).
     ``frames_attended`` lists the frame index of each segment (-1: chosen on the device, -2: unused).
+    ``index`` is a dataclass of ``list[int]`` fields (``RelaxIndex``, ``PackIndex``, your own): the index
+    tensors of the device steps; the cache uploads it as the same dataclass of int64 device tensors
+    (``DeviceStep.index``), refreshed in place while the shapes hold.
     """
 
     chunk: int
@@ -39,10 +70,10 @@ class ChunkPlan:
     evicted: list[int]
     slot_pos: list[int]  # true frame position stored in each slot (-1: empty)
     n_memory_seg: int
-    job: object | None = None  # the policy's inputs of its device steps (RelaxJob, PackJob, ...)
-    selects: bool = False  # this chunk runs Planner.select (see Planner.selection)
+    job: object | None = None  # the policy's host-side inputs of its device steps (RelaxJob, PackJob, ...)
+    selects: bool = False  # this chunk runs the planner's selection (see Planner.selection)
     selected_keys: int = 0  # keys per batch element the device step adds to the static segments
-    index: dict[str, list[int]] = field(default_factory=dict)  # device index tensors of the steps
+    index: object | None = None  # dataclass of list[int] fields, uploaded for the device steps
 
     def memory_keys(self) -> int:
         """Keys per batch element before the chunk's own frames (static memory + selections)."""
@@ -66,6 +97,33 @@ class ChunkPlan:
                 return None
             end += length
         return end
+
+
+@dataclass(frozen=True)
+class DeviceStep:
+    """What a planner's device step sees: the chunk's plan, its index tensors, the table it writes, the storage.
+
+    Attributes:
+        plan: the chunk's host plan. index: ``plan.index`` as int64 device tensors (same dataclass).
+        seg: int32 [B, n_seg, 3], the segment table of this step (the one table of every layer for
+            ``selection = "chunk"``, the layer's own for ``"per_layer"``).
+        layer: the layer (None at the chunk step).
+        k_pool, v_pool: the layer's pools [B, n_rows, H, D] (None at the chunk step).
+        state: the policy state of :meth:`Planner.allocate`, the layer's slice of each tensor (whole
+            tensors at the chunk step).
+        proto: float32 [B, n_slots, D] per-frame prototypes (layer 0's pre-RoPE keys), or None.
+        backend: the ops' backend.
+    """
+
+    plan: ChunkPlan
+    index: object | None
+    seg: torch.Tensor
+    layer: int | None
+    k_pool: torch.Tensor | None
+    v_pool: torch.Tensor | None
+    state: dict[str, torch.Tensor]
+    proto: torch.Tensor | None
+    backend: str
 
 
 class SlotMap:
@@ -110,14 +168,15 @@ class Planner:
     """Host side of a memory policy for one cache, and the policy's device steps.
 
     Subclasses set the sizes in ``__init__`` and implement :meth:`plan`; policies with a data-dependent
-    choice set ``selection`` and implement :meth:`select`.
+    choice set ``selection`` and implement :meth:`select_chunk` or :meth:`select_layer`.
 
     Attributes:
         frame_tokens: F. n_slots: frame slots. n_rows: pool rows (>= n_slots * F). n_seg: segment-table rows.
         max_keys: the most keys any chunk attends to (sizes the attention windows).
-        selection: None, "layer0" (one device choice at layer 0's first pass, one segment table for every
-            layer) or "per_layer" (each layer chooses at its first pass, one segment table per layer).
-        needs_prototypes: layer 0's cache write records per-frame prototypes (``cache.proto``).
+        selection: None, "chunk" (:meth:`select_chunk` once per chunk at ``begin_chunk``, one segment table
+            for every layer) or "per_layer" (:meth:`select_layer` at each layer's first pass, one segment
+            table per layer).
+        needs_prototypes: layer 0's cache write records per-frame prototypes (``DeviceStep.proto``).
         gathers: a chunk's keys may differ from a pool prefix at delta 0 (``ChunkPlan.pool_prefix``), so
             the cache's window modes need windows; False: attention reads the pool, no window is allocated.
         slots: the :class:`SlotMap` of frames held.
@@ -136,19 +195,24 @@ class Planner:
         """The plan of chunk ``n`` (host only)."""
         raise NotImplementedError
 
-    def allocate(self, cache) -> dict[str, torch.Tensor]:
-        """Extra device state of the policy, all layers (e.g. Pack's mean keys); in ``cache.state``."""
+    def allocate(self, geometry: CacheGeometry) -> dict[str, torch.Tensor]:
+        """Extra device state of the policy, every tensor ``[num_layers, ...]`` (e.g. Pack's mean keys)."""
         return {}
 
-    def select(self, cache, plan: ChunkPlan, layer: int, q: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-        """Device step at the first pass of ``layer`` (see ``selection``): fill the reserved rows of ``seg``.
+    def select_chunk(self, step: DeviceStep) -> None:
+        """``selection = "chunk"``: fill the reserved rows of ``step.seg`` from stored data, at ``begin_chunk``."""
+        raise NotImplementedError(f"{type(self).__name__}: selection is 'chunk' but select_chunk() is not implemented")
 
-        ``q``: the pre-RoPE queries [B, U*F, H, D]. Returns the scores (kept in ``cache.last_scores``).
+    def select_layer(self, step: DeviceStep, q: torch.Tensor) -> None:
+        """``selection = "per_layer"``: fill the reserved rows of the layer's ``step.seg`` at its first pass.
+
+        ``q``: the layer's pre-RoPE queries [B, U*F, H, D].
         """
-        raise NotImplementedError(f"{type(self).__name__}: plan.selects is set but select() is not implemented")
+        raise NotImplementedError(f"{type(self).__name__}: selection is 'per_layer' but select_layer() is not "
+                                  "implemented")
 
-    def append(self, cache, plan: ChunkPlan, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Device step after every cache write of ``layer`` (k, v: the pre-RoPE keys and values of the chunk)."""
+    def append(self, step: DeviceStep, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Device step after every cache write of ``step.layer`` (k, v: the chunk's pre-RoPE keys and values)."""
 
     def frame_of_row(self, plan: ChunkPlan, start_row: int) -> int:
         """The frame a selected segment starting at ``start_row`` shows (for inspection)."""
@@ -159,11 +223,45 @@ class Planner:
         return len(self.slots.slot_of) * self.frame_tokens
 
 
+_FIELD_TYPES = {"int": int, "float": float, "bool": bool}
+
+
 class MemoryPolicy:
     """A memory policy: a small frozen config (``chunk_frames`` latent frames per chunk) that makes a
-    :class:`Planner` per cache for frames of ``height`` x ``width`` tokens."""
+    :class:`Planner` per cache for frames of ``height`` x ``width`` tokens.
+
+    A dataclass policy gets its ``int``, ``float`` and ``bool`` fields type-checked at construction
+    (``check_fields``, called by ``__post_init__``); ranges are each policy's own.
+    """
 
     chunk_frames: int
+
+    def __post_init__(self):
+        self.check_fields()
+
+    def check_fields(self) -> None:
+        """TypeError naming the field whose value is not of its declared type (int, float or bool)."""
+        name = type(self).__name__
+        for f in dataclasses.fields(self) if dataclasses.is_dataclass(self) else ():
+            want = _FIELD_TYPES.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
+            value = getattr(self, f.name)
+            if want is bool:
+                ok = isinstance(value, bool)
+            elif want is int:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif want is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if ok and not math.isfinite(value):
+                    raise ValueError(f"{name}: {f.name}: expected a finite number, got {value}")
+            else:
+                continue
+            if not ok:
+                kind = "a number" if want is float else f"{'a' if want is bool else 'an'} {want.__name__}"
+                raise TypeError(f"{name}: {f.name}: expected {kind}, got {value!r} ({type(value).__name__})")
+
+    def check_range(self, field: str, low: int | None = None, high: int | None = None) -> None:
+        """ValueError naming ``field`` when its int value is outside [low, high]."""
+        check_int(type(self).__name__, field, getattr(self, field), low=low, high=high)
 
     def planner(self, height: int, width: int) -> Planner:
         raise NotImplementedError

@@ -20,11 +20,10 @@ class DenseWindow(MemoryPolicy):
     rerotate: bool = False
 
     def __post_init__(self):
-        if self.chunk_frames < 1 or self.sink < 0 or self.window < self.chunk_frames + self.sink:
-            raise ValueError(
-                f"DenseWindow: expected window >= chunk_frames + sink >= 1, got window={self.window}, "
-                f"sink={self.sink}, chunk_frames={self.chunk_frames}"
-            )
+        super().__post_init__()
+        self.check_range("chunk_frames", low=1)
+        self.check_range("sink", low=0)
+        self.check_range("window", low=self.chunk_frames + self.sink)
 
     def planner(self, height: int, width: int) -> "DensePlanner":
         return DensePlanner(self, height * width)

@@ -6,15 +6,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..geometry import compressed_grid
+from ..geometry import POOL_T, POOL_X, POOL_Y, compressed_grid
 from ..ops.compress_kv.op import compress_kv_op
 from ..ops.mid_select.op import mid_select_op
-from .base import ChunkPlan, MemoryPolicy, Planner, pad
+from .base import CacheGeometry, ChunkPlan, DeviceStep, MemoryPolicy, Planner, pad
 
 
 @dataclass
 class PackJob:
-    """Inputs of ``mid_select`` and ``compress_kv`` for one chunk."""
+    """Host-side inputs of ``mid_select`` and ``compress_kv`` for one chunk."""
 
     mid_slots: list[int]  # archive slots, oldest first
     mid_blocks: list[int]  # block indices of mid_slots
@@ -22,6 +22,17 @@ class PackJob:
     seg_index: int
     block_slot: int | None  # archive slot receiving the current block (None for sink blocks)
     block_pos: list[int]  # first-frame position per archive slot (-1: empty)
+
+
+@dataclass
+class PackIndex:
+    """Index tensors of ``mid_select`` and ``compress_kv``, uploaded by the cache every chunk (empty: step not run)."""
+
+    block_pos: list[int]
+    block_slot: list[int]  # [1], or [] for a sink block (kept at full resolution only)
+    block_t0: list[int]
+    mid_slots: list[int]  # [] when no mid block exists yet
+    mid_target_pos: list[int]
 
 
 @dataclass(frozen=True)
@@ -33,6 +44,8 @@ class PackMemory(MemoryPolicy):
         sink_frames: N_sink (a multiple of block_frames). recent_frames: N_recent (one block).
         top_k: N_top mid blocks attended. archive: mid blocks kept compressed (oldest evicted).
         q_stride: query subsample stride for the affinity.
+        batch_mean: the paper's rule (the affinity averaged over the batch, one choice for every sample)
+            instead of a choice per sample.
     """
 
     block_frames: int = 4
@@ -41,14 +54,19 @@ class PackMemory(MemoryPolicy):
     top_k: int = 16
     archive: int = 64
     q_stride: int = 8
+    batch_mean: bool = False
 
     def __post_init__(self):
-        b = self.block_frames
-        if b < 2 or self.sink_frames % b or self.recent_frames != b or self.top_k < 1 or self.archive < self.top_k:
-            raise ValueError(
-                "PackMemory: expected block_frames >= 2, sink_frames a multiple of it, recent_frames == "
-                f"block_frames, 1 <= top_k <= archive, got {self}"
-            )
+        super().__post_init__()
+        self.check_range("block_frames", low=POOL_T)
+        self.check_range("sink_frames", low=0)
+        if self.sink_frames % self.block_frames:
+            raise ValueError(f"PackMemory: sink_frames: expected a multiple of block_frames = {self.block_frames}, "
+                             f"got {self.sink_frames}")
+        self.check_range("recent_frames", low=self.block_frames, high=self.block_frames)
+        self.check_range("top_k", low=1)
+        self.check_range("archive", low=self.top_k)
+        self.check_range("q_stride", low=1)
 
     @property
     def chunk_frames(self) -> int:
@@ -62,7 +80,7 @@ class PackPlanner(Planner):
     """Sink frames, then a ring of two blocks (recent, current); the compressed archive after all frame slots.
 
     The current block is compressed into its archive slot at every pass (``append``, its refresh pass
-    writes the final copy); ``select`` picks the mid blocks of each layer at its first pass.
+    writes the final copy); ``select_layer`` picks the mid blocks of each layer at its first pass.
     """
 
     selection = "per_layer"  # each layer picks its own mid blocks
@@ -71,6 +89,10 @@ class PackPlanner(Planner):
         f, b = height * width, policy.block_frames
         self.grid = (height, width)
         self.block_tokens = math.prod(compressed_grid(b, height, width))
+        if not self.block_tokens:
+            raise ValueError(f"PackMemory: a {height}x{width} token grid is smaller than the {POOL_Y}x{POOL_X} pooling "
+                             "window of the compressed mid blocks: they would hold no token (expected height >= "
+                             f"{POOL_Y} and width >= {POOL_X})")
         self.sink_blocks = policy.sink_frames // b
         n_slots = policy.sink_frames + 2 * b  # sink, then a ring of two blocks (recent, current)
         self.n_blocks = policy.archive + 2  # archive ring: mid blocks, recent, current
@@ -116,32 +138,32 @@ class PackPlanner(Planner):
         pad(segments, attended, self.n_seg)
         plan = ChunkPlan(n, c, current, list(range(c, c + b)), segments, attended, evicted, self.slots.slot_pos(),
                          n_memory_seg=n_memory, job=job)
-        plan.index = {"block_pos": job.block_pos}
-        if block_slot is not None:
-            plan.index.update(block_slot=[block_slot], block_t0=[c])
+        has_block = block_slot is not None
+        plan.index = PackIndex(job.block_pos, [block_slot] if has_block else [], [c] if has_block else [],
+                               job.mid_slots if k else [], job.target_pos)
         if k:
             plan.selects, plan.selected_keys = True, k * self.block_tokens
-            plan.index.update(mid_slots=job.mid_slots, mid_target_pos=job.target_pos)
         return plan
 
-    def allocate(self, cache) -> dict[str, torch.Tensor]:
-        shape = (cache.num_layers, cache.batch, self.n_blocks, cache.num_heads, cache.head_dim)
-        return {"mean_key": torch.empty(shape, dtype=torch.float32, device=cache.device)}
+    def allocate(self, geometry: CacheGeometry) -> dict[str, torch.Tensor]:
+        g = geometry
+        shape = (g.num_layers, g.batch, self.n_blocks, g.num_heads, g.head_dim)
+        return {"mean_key": torch.empty(shape, dtype=torch.float32, device=g.device)}
 
-    def select(self, cache, plan: ChunkPlan, layer: int, q: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-        """mid_select at each layer's first pass: that layer's mid-block rows."""
-        b = cache.buffers
-        return mid_select_op(q, cache.state["mean_key"][layer], b["mid_slots"], b["block_pos"], seg,
-                             plan.job.seg_index, b["mid_target_pos"], self.row0, self.block_tokens,
-                             min(self.policy.q_stride, q.shape[1]), cache.backend)
+    def select_layer(self, step: DeviceStep, q: torch.Tensor) -> None:
+        """mid_select at each layer's first pass: that layer's mid-block rows, per sample (or batch-averaged)."""
+        i = step.index
+        mid_select_op(q, step.state["mean_key"], i.mid_slots, i.block_pos, step.seg, step.plan.job.seg_index,
+                      i.mid_target_pos, self.row0, self.block_tokens, min(self.policy.q_stride, q.shape[1]),
+                      self.policy.batch_mean, step.backend, checked=True)
 
-    def append(self, cache, plan: ChunkPlan, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def append(self, step: DeviceStep, k: torch.Tensor, v: torch.Tensor) -> None:
         """compress_kv of the current block into its archive slot (the refresh pass writes the final copy)."""
-        if plan.job.block_slot is None:  # sink blocks are kept at full resolution only
+        if step.plan.job.block_slot is None:  # sink blocks are kept at full resolution only
             return
-        b = cache.buffers
-        compress_kv_op(k, v, cache.k[layer], cache.v[layer], cache.state["mean_key"][layer], b["block_slot"],
-                       b["block_t0"], self.row0, self.policy.block_frames, *self.grid, cache.backend)
+        i = step.index
+        compress_kv_op(k, v, step.k_pool, step.v_pool, step.state["mean_key"], i.block_slot, i.block_t0, self.row0,
+                       self.policy.block_frames, *self.grid, step.backend, checked=True)
 
     def frame_of_row(self, plan: ChunkPlan, start_row: int) -> int:
         if start_row < self.row0:

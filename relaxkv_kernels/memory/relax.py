@@ -5,14 +5,13 @@ their index in memory order (oldest first) in the planning rules, and by their c
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
 from ..ops.relax_select.op import relax_select_op
-from .base import ChunkPlan, MemoryPolicy, Planner, pad
+from .base import ChunkPlan, DeviceStep, MemoryPolicy, Planner, pad
 
 
 def relax_candidates(num_middle: int, num_candidates: int) -> list[int] | None:
@@ -76,6 +75,17 @@ def relax_target_positions(chunk_start: int, sink: int, tail: int, history: int,
 
 
 @dataclass
+class RelaxIndex:
+    """Index tensors of ``relax_select`` (slots in memory order), uploaded by the cache every chunk that selects."""
+
+    slot_pos: list[int]
+    sink_slots: list[int]
+    tail_slots: list[int]
+    cand_slots: list[int]
+    target_pos: list[int]
+
+
+@dataclass
 class RelaxJob:
     """Inputs of ``relax_select`` for one chunk (slots, in memory order)."""
 
@@ -112,12 +122,10 @@ class RelaxMemory(MemoryPolicy):
     trim: bool = True
 
     def __post_init__(self):
-        if min(self.sink, self.tail) < 0 or self.history < 1 or self.candidates < 1 or self.chunk_frames < 1:
-            raise ValueError(f"RelaxMemory: expected sink, tail >= 0 and history, candidates, chunk_frames >= 1, got {self}")
-        if self.reservoir < self.sink + self.tail + 2 + self.chunk_frames:
-            raise ValueError(f"RelaxMemory: reservoir: expected >= sink + tail + 2 + chunk_frames, got {self.reservoir}")
-        if not math.isfinite(self.lam):
-            raise ValueError(f"RelaxMemory: lam: expected a finite number, got {self.lam}")
+        super().__post_init__()
+        for name, low in (("sink", 0), ("tail", 0), ("history", 1), ("candidates", 1), ("chunk_frames", 1)):
+            self.check_range(name, low=low)
+        self.check_range("reservoir", low=self.sink + self.tail + 2 + self.chunk_frames)
 
     def planner(self, height: int, width: int) -> "RelaxPlanner":
         return RelaxPlanner(self, height * width)
@@ -152,9 +160,9 @@ class RelaxMemory(MemoryPolicy):
 
 
 class RelaxPlanner(Planner):
-    """Slots for the frames that can still be read; the history rows are chosen by ``relax_select`` at layer 0."""
+    """Slots for the frames that can still be read; the history rows are chosen by ``relax_select`` once per chunk."""
 
-    selection = "layer0"
+    selection = "chunk"  # the prototypes it scores are stored before the chunk: no layer is waited for
     needs_prototypes = True
 
     def __init__(self, policy: RelaxMemory, frame_tokens: int):
@@ -198,16 +206,15 @@ class RelaxPlanner(Planner):
                          n_memory_seg=n_memory, job=job)
         if job is not None:
             plan.selects, plan.selected_keys = True, len(job.target_pos) * f
-            plan.index = {"slot_pos": plan.slot_pos, "sink_slots": job.sink_slots, "tail_slots": job.tail_slots,
-                          "cand_slots": job.cand_slots, "target_pos": job.target_pos}
+            plan.index = RelaxIndex(plan.slot_pos, job.sink_slots, job.tail_slots, job.cand_slots, job.target_pos)
         return plan
 
-    def select(self, cache, plan: ChunkPlan, layer: int, q: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-        """relax_select at layer 0's first pass: the history rows of the table shared by every layer."""
-        p, b = self.policy, cache.buffers
-        return relax_select_op(
-            cache.proto, b["slot_pos"], b["sink_slots"], b["tail_slots"], b["cand_slots"], seg, plan.job.seg_index,
-            b["target_pos"], self.frame_tokens, p.lam, p.batch0_decides, p.contiguous_rope, cache.backend)
+    def select_chunk(self, step: DeviceStep) -> None:
+        """relax_select once per chunk, from the stored prototypes: the history rows of the table every layer reads."""
+        p, i = self.policy, step.index
+        relax_select_op(step.proto, i.slot_pos, i.sink_slots, i.tail_slots, i.cand_slots, step.seg,
+                        step.plan.job.seg_index, i.target_pos, self.frame_tokens, p.lam, p.batch0_decides,
+                        p.contiguous_rope, step.backend, checked=True)
 
 
 @lru_cache(maxsize=None)

@@ -1,16 +1,18 @@
 """relaxkv::mid_select: PackForcing query-key affinity of the mid blocks, top-k written into the segment table.
 
-The reference's bilinear affinity against the literal double sum and its selection (time order, ties to the
-older block); the Triton kernel (interpreter on CPU) and the CUDA kernel (``kernel_device``) against the
-reference, with poisoned table rows and never-read queries / heads set to NaN; registration and the public
-op's bad inputs.
+The reference's bilinear affinity against the literal double sum and its selection (per sample, time order,
+ties to the older block; the batch-averaged rule with ``batch_mean``); a sample selects in a batch what it
+selects alone, on every backend; the Triton kernel (interpreter on CPU) and the CUDA kernel
+(``kernel_device``) against the reference, with poisoned table rows and never-read queries / heads set to
+NaN; registration (``checked``, defaults) and the bad inputs of the public and the registered op.
 """
 import pytest
 import torch
 
 import relaxkv_kernels as rk
-from helpers import (DEVICE, DTYPE_IDS, DTYPES, INT_POISON, assert_int32_indices_match_int64,
-                     assert_public_op_matches_registered, assert_strided_inputs_match_reference, backend_device,
+from helpers import (DEVICE, DTYPE_IDS, DTYPES, INT_POISON, assert_checked_matches_default,
+                     assert_int32_indices_match_int64, assert_public_op_matches_registered,
+                     assert_raw_op_raises_like_public, assert_strided_inputs_match_reference, backend_device,
                      compare_with_triton, gen, need_triton, on, randn, replace, run_on_fakes, seg_storage, seg_view,
                      spaced, strided)
 from relaxkv_kernels.ops import cuda_common
@@ -55,7 +57,7 @@ def test_mid_affinity_ref_equals_literal(b, h, d, nsq, nc, m):
     blocks = _blocks(g, b, m, nc, h, d)
     mean_key = torch.stack([blk.mean(dim=1) for blk in blocks], dim=1)  # [B, M, H, D]
     got = mid_affinity_ref(q, mean_key, nc)
-    assert got.dtype == torch.float32 and got.shape == (m,)
+    assert got.dtype == torch.float32 and got.shape == (b, m)
     # float64 math rounded once to fp32 against a float64 double sum: fp32 rounding of values of ~1-100
     torch.testing.assert_close(got.double(), mid_affinity_literal(q, blocks), rtol=1e-5, atol=1e-5)
 
@@ -100,12 +102,13 @@ def test_mid_select_ref(b, k, seg_index, q_stride):
 
     scores = mid_select_ref(q, mean_key, mid_slots, block_pos, seg, seg_index, target_pos, row0, nc, q_stride)
 
-    expected = mid_affinity_literal(q[:, ::q_stride], [keys[int(s)] for s in mid_slots])
+    expected = mid_affinity_literal(q[:, ::q_stride], [keys[int(s)] for s in mid_slots])  # [B, M]
+    assert scores.shape == (b, len(mid_slots))
     torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=1e-5)
-    ranked = sorted(range(len(mid_slots)), key=lambda i: -float(expected[i]))
-    if k < len(mid_slots):
-        assert expected[ranked[k - 1]] - expected[ranked[k]] > 1e-3  # no near-tie at the cut
-    for bb in range(b):
+    for bb in range(b):  # each sample on its own scores
+        ranked = sorted(range(len(mid_slots)), key=lambda i: -float(expected[bb, i]))
+        if k < len(mid_slots):
+            assert expected[bb, ranked[k - 1]] - expected[bb, ranked[k]] > 1e-3  # no near-tie at the cut
         for j, i in enumerate(sorted(ranked[:k])):  # time order = order in mid_slots
             slot = int(mid_slots[i])
             assert seg[bb, seg_index + j].tolist() == [row0 + slot * nc, nc, int(target_pos[j] - block_pos[slot])]
@@ -125,20 +128,132 @@ def test_mid_select_ref_ties_go_to_the_older_block():
     mid_slots = torch.tensor([2, 1, 0, 3])  # slot 2 is older than slot 1
     seg = torch.zeros(1, 1, 3, dtype=torch.int32) + 7
     scores = mid_select_ref(q, mean_key, mid_slots, torch.tensor([8, 12, 4, 16]), seg, 0, torch.tensor([20]), 0, nc, 1)
-    assert scores[0] == scores[1]
+    assert scores[0, 0] == scores[0, 1]
     assert seg[0, 0].tolist() == [2 * nc, nc, 20 - 4]
+
+
+# ------------------------------------------------------------------------- per sample, and the batch mean
+
+# Sample b's affinity of mid block m is ~ W[b, m] (times |Sq| * Nc / sqrt(D)): top 2 per sample are blocks
+# {0, 1}, {4, 5}, {1, 4}; the batch mean (column means 3.67 4.33 1.67 2.67 4.67 4.0) picks {1, 4}.
+_W = torch.tensor([[6.0, 5, 1, 2, 3, 4], [1, 2, 3, 4, 6, 5], [4, 6, 1, 2, 5, 3]])
+_PICKS = [[0, 1], [4, 5], [1, 4]]
+_MEAN_PICK = [1, 4]
+_STRIDE, _ROW0, _NC = 3, 50, 7
+
+
+def _diverging(g: torch.Generator, dtype=torch.float32, device="cpu", poison: bool = True) -> list:
+    """Arguments of mid_select (B = 3, 40 queries, H = 4, D = 32, 8 archive slots, 6 mid blocks, k = 2) whose
+    samples choose different blocks: mean_key[b, slot_m, h] = W[b, m] qbar_{b,h} / |qbar_{b,h}|^2 + noise, with
+    qbar the sample's own subsampled query mean. ``poison``: what the op must never read (tokens outside the
+    subsample, heads >= H/2, slots outside mid_slots) is NaN."""
+    b, n_q, h, d, hh = 3, 40, 4, 32, 2
+    q = (randn(g, b, n_q, h, d) + 0.3).to(dtype).float()
+    qbar = q[:, ::_STRIDE, :hh].double().mean(1)  # [B, H/2, D]
+    mid_slots = torch.tensor([5, 0, 3, 1, 6, 2])
+    mean_key = 0.02 * randn(g, b, 8, h, d)
+    for m, slot in enumerate(mid_slots.tolist()):
+        mean_key[:, slot, :hh] += (_W[:, m, None, None] * qbar / qbar.square().sum(-1, keepdim=True)).float()
+    if poison:
+        sampled = torch.zeros(n_q, dtype=torch.bool)
+        sampled[::_STRIDE] = True
+        q[:, ~sampled] = float("nan")
+        q[:, :, hh:] = float("nan")
+        mean_key[:, :, hh:] = float("nan")
+        mean_key[:, [4, 7]] = float("nan")  # archive slots that are not mid blocks
+    block_pos = torch.arange(8) * 4 + 8
+    seg = torch.full((b, 6, 3), INT_POISON, dtype=torch.int32)
+    args = [q.to(dtype), mean_key, mid_slots, block_pos, seg, 1, torch.tensor([60, 64]), _ROW0, _NC, _STRIDE]
+    return on(device, args)
+
+
+def _rows(picks, mid_slots: torch.Tensor, block_pos: torch.Tensor) -> list:
+    """The segment rows (start, length, delta) of the blocks ``picks`` (indices into mid_slots, time order)."""
+    slots = [int(mid_slots[i]) for i in picks]
+    return [[_ROW0 + sl * _NC, _NC, t - int(block_pos[sl])] for sl, t in zip(slots, (60, 64))]
+
+
+def _check_backend(backend: str, device, dtype, batch_mean: bool) -> None:
+    """``backend`` on the diverging inputs: the reference's scores and rows; per sample, each sample's own
+    choice (the samples differ) and exactly what it selects alone; with the batch mean, one choice for all."""
+    args = _diverging(gen(800), dtype, device)
+    mid_slots, block_pos, seg = args[2:5]
+    seg_ref = seg.clone()
+    scores = rk.mid_select(*args, batch_mean=batch_mean, backend=backend)
+    want = mid_select_ref(*replace(args, 4, seg_ref), batch_mean)
+    assert scores.shape == (3, 6)
+    _scores_close(scores, want, f"{backend} scores")
+    assert torch.equal(seg, seg_ref), f"{backend} segment table differs:\n{seg}\nvs\n{seg_ref}"
+    assert bool((seg[:, [0, 3, 4, 5]] == INT_POISON).all()), "rows outside seg_index .. seg_index + k written"
+    rows = seg[:, 1:3].tolist()
+    if batch_mean:
+        assert rows == [_rows(_MEAN_PICK, mid_slots, block_pos)] * 3
+        assert all(torch.equal(scores[0], scores[i]) for i in (1, 2))
+        return
+    assert rows == [_rows(p, mid_slots, block_pos) for p in _PICKS]  # three different choices
+    for bb in range(3):  # a sample alone selects exactly what it selects in the batch
+        alone = [a[bb:bb + 1] if i in (0, 1, 4) else a for i, a in enumerate(args)]
+        alone[4] = torch.full_like(alone[4], INT_POISON)
+        s1 = rk.mid_select(*alone, backend=backend)
+        assert torch.equal(alone[4][0], seg[bb]), f"{backend}: sample {bb} alone selects differently"
+        torch.testing.assert_close(s1[0], scores[bb], rtol=1e-6, atol=1e-6 * scores[bb].abs().max().item())
+
+
+@pytest.mark.parametrize("batch_mean", [False, True], ids=["per_sample", "batch_mean"])
+@pytest.mark.parametrize("backend, dtype", [
+    pytest.param("reference", torch.float32, id="reference"),
+    pytest.param("triton", torch.float32, id="triton-fp32"),
+    pytest.param("triton", torch.float16, id="triton-fp16"),
+])
+def test_per_sample_selection(backend, dtype, batch_mean):
+    _check_backend(backend, backend_device(backend), dtype, batch_mean)
+
+
+@pytest.mark.parametrize("batch_mean", [False, True], ids=["per_sample", "batch_mean"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_per_sample_selection_cuda(kernel_device, dtype, batch_mean):
+    _check_backend("cuda", kernel_device, dtype, batch_mean)
+
+
+def test_batch_mean_is_the_batch_averaged_rule():
+    """batch_mean=True: s_m = sum_j sum_{i in Sq} mean_{b, h<H/2} q_{b,h,i} . k_{m,b,h,j} / sqrt(D) (the paper's
+    rule, stated here in float64 on the compressed keys themselves), one top-k written for every sample."""
+    g = gen(820)
+    args = _diverging(g, poison=False)
+    q, mean_key, mid_slots, block_pos = args[:4]
+    b, _, h, d = q.shape
+    noise = randn(g, b, 8, _NC, h, d)
+    keys = mean_key[:, :, None] + noise - noise.mean(2, keepdim=True)  # [B, slot, Nc, H, D]: blocks of these means
+    args[1] = keys.mean(2)
+    qs = q[:, ::_STRIDE, : h // 2].double()
+    expected = torch.stack([
+        torch.einsum("bihd,bjhd->ijbh", qs, keys[:, slot, :, : h // 2].double()).mean(dim=(2, 3)).sum() / d**0.5
+        for slot in mid_slots.tolist()
+    ])  # [M]
+    pick = sorted(expected.argsort(descending=True)[:2].tolist())
+    assert pick == _MEAN_PICK
+
+    seg_mean = args[4].clone()
+    scores = rk.mid_select(*replace(args, 4, seg_mean), batch_mean=True)
+    for bb in range(b):
+        torch.testing.assert_close(scores[bb].double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+        assert seg_mean[bb, 1:3].tolist() == _rows(pick, mid_slots, block_pos)
+    seg_own = args[4].clone()
+    rk.mid_select(*replace(args, 4, seg_own))  # per sample (the default) differs for samples 0 and 1
+    assert seg_own[:, 1:3].tolist() == [_rows(p, mid_slots, block_pos) for p in _PICKS]
 
 
 # ------------------------------------------------------------------------------- Triton vs reference
 
 
+@pytest.mark.parametrize("batch_mean", [False, True], ids=["per_sample", "batch_mean"])
 @pytest.mark.parametrize("dtype, n_q, heads, q_stride, mid, target, layout, tie", [
     pytest.param(torch.float32, 37, 2, 4, [7, 2, 5, 9, 0, 3], [20, 24, 28], "contiguous", False, id="fp32-stride4"),
     pytest.param(torch.float16, 45, 4, 3, [1, 4, 6, 8, 9], [30, 34], "fused_qkv", False, id="fp16-noncontig-q"),
     pytest.param(torch.float32, 16, 2, 1, [3, 0, 8], [10, 14, 18], "contiguous", False, id="fp32-select-all"),
     pytest.param(torch.float16, 20, 2, 5, [2, 3, 5, 6, 7, 9, 1], [40], "contiguous", True, id="fp16-tie"),
 ])
-def test_mid_select_triton_matches_reference(dtype, n_q, heads, q_stride, mid, target, layout, tie):
+def test_mid_select_triton_matches_reference(dtype, n_q, heads, q_stride, mid, target, layout, tie, batch_mean):
     need_triton()
     from relaxkv_kernels.ops.mid_select.triton import mid_select_triton
 
@@ -160,8 +275,8 @@ def test_mid_select_triton_matches_reference(dtype, n_q, heads, q_stride, mid, t
     inputs = (q, mean_key, mid_slots, block_pos, target_pos)
     before = [t.clone() for t in inputs]
 
-    scores = mid_select_triton(q, mean_key, mid_slots, block_pos, seg, 3, target_pos, 100, 6, q_stride)
-    expected = mid_select_ref(q, mean_key, mid_slots, block_pos, seg_ref, 3, target_pos, 100, 6, q_stride)
+    scores = mid_select_triton(q, mean_key, mid_slots, block_pos, seg, 3, target_pos, 100, 6, q_stride, batch_mean)
+    expected = mid_select_ref(q, mean_key, mid_slots, block_pos, seg_ref, 3, target_pos, 100, 6, q_stride, batch_mean)
 
     for t, t0 in zip(inputs, before):
         assert torch.equal(t, t0), "inputs changed"
@@ -170,17 +285,18 @@ def test_mid_select_triton_matches_reference(dtype, n_q, heads, q_stride, mid, t
     torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
     assert torch.equal(seg, seg_ref), f"segment table differs:\n{seg}\nvs\n{seg_ref}"
     if tie:
-        assert scores[1] == scores[4] and seg[0, 3, 0] == 100 + mid[1] * 6
+        assert torch.equal(scores[:, 1], scores[:, 4]) and bool((seg[:, 3, 0] == 100 + mid[1] * 6).all())
 
 
 # --------------------------------------------------------------------------------- CUDA vs reference
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("layout, n_q, q_stride", [
-    ("contiguous", 200, 3), ("strided", 97, 1), ("unaligned", 130, 130),
-], ids=["contiguous-stride3", "strided-odd_nq", "unaligned-one_query"])
-def test_mid_select_cuda_matches_reference(kernel_device, dtype, layout, n_q, q_stride):
+@pytest.mark.parametrize("layout, n_q, q_stride, batch_mean", [
+    ("contiguous", 200, 3, False), ("strided", 97, 1, False), ("unaligned", 130, 130, False),
+    ("contiguous", 200, 3, True),
+], ids=["contiguous-stride3", "strided-odd_nq", "unaligned-one_query", "batch_mean"])
+def test_mid_select_cuda_matches_reference(kernel_device, dtype, layout, n_q, q_stride, batch_mean):
     dev, b, h, d, n_blocks = kernel_device, 2, 4, 128, 9
     g = gen(21)
     q = strided(randn(g, b, n_q, h, d, dtype=dtype, device=dev), layout)
@@ -191,7 +307,7 @@ def test_mid_select_cuda_matches_reference(kernel_device, dtype, layout, n_q, q_
     seg0 = torch.full((b, 10, 3), INT_POISON, dtype=torch.int32, device=dev)
     seg_cuda, seg_ref = seg0.clone(), seg0.clone()
     q0 = q.clone()
-    args, tail_args = (q, mean_key, mid_slots, block_pos), (5, target, 1000, 12, q_stride)
+    args, tail_args = (q, mean_key, mid_slots, block_pos), (5, target, 1000, 12, q_stride, batch_mean)
     scores = mid_select_cuda(*args, seg_cuda, *tail_args)
     want = mid_select_ref(*args, seg_ref, *tail_args)
     _scores_close(scores, want, "scores")
@@ -260,15 +376,15 @@ def test_mid_select_cuda_edge_cases(kernel_device, case):
     args, tail_args = (q, mean_key, mid_slots, block_pos), (seg_index, target, row0, nc, stride)
     scores = mid_select_cuda(*args, seg_view(base_cuda, layout), *tail_args)
     want = mid_select_ref(*args, seg_view(base_ref, layout), *tail_args)
-    assert scores.shape == (n_mid,)
+    assert scores.shape == (b, n_mid)
     _scores_close(scores, want, case)
     assert torch.equal(base_cuda, base_ref)
     assert torch.equal(q.nan_to_num(), q0.nan_to_num()) and torch.equal(mean_key.nan_to_num(), mk0.nan_to_num())
     rows = seg_view(base_cuda, layout)[:, seg_index:seg_index + n_sel]
     if case == "ties":
         assert torch.equal(rows[..., 0], (row0 + mid_slots[[1, 3]] * nc).int().expand(b, -1))
-    if case == "nan_block":
-        assert not bool((rows[..., 0] == row0 + int(mid_slots[5]) * nc).any())
+    if case == "nan_block":  # sample 1's score of block 5 is NaN
+        assert not bool((rows[1, :, 0] == row0 + int(mid_slots[5]) * nc).any())
 
 
 def test_mid_select_cuda_out_of_range_slot_scores_zero_and_gets_an_empty_segment(kernel_device):
@@ -287,12 +403,13 @@ def test_mid_select_cuda_out_of_range_slot_scores_zero_and_gets_an_empty_segment
     remapped = torch.where(valid, mid_slots, n_blocks)
     seg_ref = torch.zeros_like(seg)
     want = mid_select_ref(q, padded, remapped, torch.cat([block_pos, block_pos[:1]]), seg_ref, 1, target, row0, nc, 3)
-    assert torch.equal(scores[~valid], torch.zeros(2, device=dev))
+    assert torch.equal(scores[:, ~valid], torch.zeros(b, 2, device=dev))
     _scores_close(scores, want, "scores")
-    pick = top_in_order(want[None], 4)[0]
+    pick = top_in_order(want, 4)  # [B, 4]
     assert not bool(valid[pick].all())
     expect = seg_ref[:, 1:5].clone()
-    expect[:, ~valid[pick]] = torch.tensor([row0, 0, 0], dtype=torch.int32, device=dev)
+    for bb in range(b):
+        expect[bb, ~valid[pick[bb]]] = torch.tensor([row0, 0, 0], dtype=torch.int32, device=dev)
     assert torch.equal(seg[:, 1:5], expect)
     assert bool((seg[:, 0] == INT_POISON).all())
 
@@ -335,17 +452,30 @@ def test_last_dim_strided_inputs_cuda(kernel_device):
 # ------------------------------------------------------------------------------------------ registration
 
 
-def test_opcheck():
-    torch.library.opcheck(torch.ops.relaxkv.mid_select.default, (*_args(gen(0)), "reference"))
+@pytest.mark.parametrize("extra", [(False, "reference"), (True, "reference"), (False, "reference", True)],
+                         ids=["per_sample", "batch_mean", "checked"])
+def test_opcheck(extra):
+    torch.library.opcheck(torch.ops.relaxkv.mid_select.default, (*_args(gen(0)), *extra))
+
+
+def test_raw_op_spells_out_the_public_defaults_and_checked_defaults_to_false():
+    args = torch.ops.relaxkv.mid_select.default._schema.arguments
+    assert [a.name for a in args[-3:]] == ["batch_mean", "backend", "checked"]
+    assert args[-1].default_value is False and not args[-2].has_default_value() and not args[-3].has_default_value()
+
+
+@pytest.mark.parametrize("batch_mean", [False, True], ids=["per_sample", "batch_mean"])
+def test_checked_true_matches_default(batch_mean):
+    assert_checked_matches_default("mid_select", [*_args(gen(2)), batch_mean, "reference"])
 
 
 def test_public_op_matches_registered_op():
-    assert_public_op_matches_registered("mid_select", _args(gen(1)))
+    assert_public_op_matches_registered("mid_select", _args(gen(1)), False)
 
 
 def test_fake_shape():
-    out, _ = run_on_fakes("mid_select", _args(gen(3)))
-    assert out.shape == (5,) and out.dtype == torch.float32
+    out, _ = run_on_fakes("mid_select", _args(gen(3)), False)
+    assert out.shape == (B, 5) and out.dtype == torch.float32
 
 
 # ------------------------------------------------------------------------------------------- bad input
@@ -364,11 +494,12 @@ BAD = [  # (argument index, replacement, error type, message fragment)
     pytest.param(8, 0, ValueError, "block_tokens", id="block_tokens_zero"),
     pytest.param(9, 0, ValueError, "q_stride", id="q_stride_zero"),
     pytest.param(9, 65, ValueError, "q_stride: expected an int in \\[1, 64\\], got 65", id="q_stride_past_queries"),
+    pytest.param(3, torch.arange(6, device="meta"), ValueError, "block_pos: expected tensors on cpu", id="block_pos_meta"),
+    pytest.param(11, "fastest", ValueError, "backend: expected one of", id="backend_name"),
 ]
 
 
 @pytest.mark.parametrize("index, value, exc, match", BAD)
 def test_bad_input_raises_before_any_kernel(index, value, exc, match):
-    args = replace(_args(gen(4)), index, value)
-    with pytest.raises(exc, match=match):
-        rk.mid_select(*args)
+    """The public function and the raw op (torch.ops.relaxkv.mid_select) raise the same error."""
+    assert_raw_op_raises_like_public("mid_select", replace([*_args(gen(4)), False, "auto"], index, value), exc, match)

@@ -10,17 +10,19 @@ _OP = "mid_select_cuda"
 
 def mid_select_cuda(q: torch.Tensor, mean_key: torch.Tensor, mid_slots: torch.Tensor, block_pos: torch.Tensor,
                     seg: torch.Tensor, seg_index: int, target_pos: torch.Tensor, row0: int, block_tokens: int,
-                    q_stride: int) -> torch.Tensor:
+                    q_stride: int, batch_mean: bool = False) -> torch.Tensor:
     r"""PackForcing mid-block affinities and top-k into the segment table: two launches, no host sync.
 
     Through the bilinear identity (``mid_select_ref``), with Sq = every ``q_stride``-th query token:
 
-        s_m = |Sq| * Nc * mean_{b, h < H/2} qbar[b, h] . mean_key[b, mid_slots[m], h] / sqrt(D)
+        s_{b,m} = |Sq| * Nc * mean_{h < H/2} qbar[b, h] . mean_key[b, mid_slots[m], h] / sqrt(D)
 
-    qbar is summed in fp32 by a split reduction (grid (splits, H/2, B), 16-byte loads, deterministic
-    order), then one block takes the dot products (a warp per block), the top k = target_pos.numel()
+    (``batch_mean``: the mean over (b, h < H/2), the same for every b). qbar is summed in fp32 by a split
+    reduction (grid (splits, H/2, B), 16-byte loads, deterministic order), then one block per sample (one
+    for all with ``batch_mean``) takes the dot products (a warp per block), the top k = target_pos.numel()
     (ties to the lower index), re-sorted in time (mid_slots) order, and writes
-    ``seg[b, seg_index + j] = (row0 + slot * Nc, Nc, target_pos[j] - block_pos[slot])`` for every b.
+    ``seg[b, seg_index + j] = (row0 + slot * Nc, Nc, target_pos[j] - block_pos[slot])``. The contract is on
+    ``relaxkv_kernels.mid_select``.
 
     Args:
         q: [B, Nq, H, D] pre-RoPE queries (fp16 / bf16 / fp32), any strides.
@@ -31,9 +33,10 @@ def mid_select_cuda(q: torch.Tensor, mean_key: torch.Tensor, mid_slots: torch.Te
         seg: int32 [B, n_seg, 3], rows seg_index .. seg_index + k - 1 written in place.
         target_pos: int [k] re-packed first-frame positions, 1 <= k <= M.
         row0: first compressed pool row. block_tokens: Nc. q_stride: query subsample stride.
+        batch_mean: the paper's batch-averaged affinity.
 
     Returns:
-        float32 [M] affinities.
+        float32 [B, M] affinities.
 
     Example:
         >>> q = torch.randn(1, 6240, 12, 128, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
@@ -48,12 +51,12 @@ def mid_select_cuda(q: torch.Tensor, mean_key: torch.Tensor, mid_slots: torch.Te
     launch = Launch(_OP, q.device)
     n_split = launch.ext.mid_select_splits(-(-n_q // q_stride))
     ws = torch.empty(b * (h // 2) * (n_split + 1) * d, dtype=torch.float32, device=q.device)
-    scores = torch.empty(mid_slots.numel(), dtype=torch.float32, device=q.device)
+    scores = torch.empty((b, mid_slots.numel()), dtype=torch.float32, device=q.device)
     with launch as (ext, stream):
         ext.mid_select_cuda(
             *rows(q), mean_key.data_ptr(), mean_key.stride(), mid_slots.data_ptr(), block_pos.data_ptr(),
             target_pos.data_ptr(), seg.data_ptr(), seg.stride(), scores.data_ptr(), ws.data_ptr(), b, n_q, h, d,
             mean_key.shape[1], mid_slots.numel(), target_pos.numel(), seg.shape[1], seg_index, row0, block_tokens,
-            q_stride, n_split, launch.code(q.dtype), stream,
+            q_stride, n_split, bool(batch_mean), launch.code(q.dtype), stream,
         )
     return scores

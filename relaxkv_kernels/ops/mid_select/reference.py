@@ -11,49 +11,60 @@ def subsample_queries(q: torch.Tensor, stride: int) -> torch.Tensor:
     return q[:, ::stride]
 
 
-def mid_affinity_literal(q_sub: torch.Tensor, blocks: list[torch.Tensor]) -> torch.Tensor:
-    """s_m = sum_j sum_i mean_{b, h < H/2} q_{b,h,i} . k_{m,b,h,j} / sqrt(D), as a literal double sum.
+def mid_affinity_literal(q_sub: torch.Tensor, blocks: list[torch.Tensor], batch_mean: bool = False) -> torch.Tensor:
+    """s_{b,m} = sum_j sum_i mean_{h < H/2} q_{b,h,i} . k_{m,b,h,j} / sqrt(D), as a literal double sum.
+
+    Each sample is scored on its own queries and keys; ``batch_mean``: the paper's rule, the mean over
+    (b, h < H/2) instead, the same value in every row.
 
     Args:
         q_sub: [B, Nsq, H, D] subsampled pre-RoPE queries.
         blocks: M tensors [B, Nc, H, D] of compressed pre-RoPE keys.
+        batch_mean: average over the batch too.
 
     Returns:
-        float64 [M].
+        float64 [B, M].
     """
     hh = q_sub.shape[2] // 2
     d = q_sub.shape[-1]
     qd = q_sub[:, :, :hh].double()
     out = []
     for k in blocks:
-        dots = torch.einsum("bihd,bjhd->ijbh", qd, k[:, :, :hh].double())  # [Nsq, Nc, B, hh]
-        out.append(dots.mean(dim=(2, 3)).sum() / d**0.5)
-    return torch.stack(out)
+        dots = torch.einsum("bihd,bjhd->bijh", qd, k[:, :, :hh].double())  # [B, Nsq, Nc, hh]
+        s = dots.mean(dim=3).sum(dim=(1, 2)) / d**0.5  # [B]
+        out.append(s.mean().expand_as(s) if batch_mean else s)
+    return torch.stack(out, dim=1)
 
 
-def mid_affinity_ref(q_sub: torch.Tensor, mean_key: torch.Tensor, block_tokens: int) -> torch.Tensor:
-    """The same affinity through the bilinear identity: |Sq| * Nc * mean_{b,h<H/2} (mean q) . (mean k_m) / sqrt(D).
+def mid_affinity_ref(q_sub: torch.Tensor, mean_key: torch.Tensor, block_tokens: int,
+                     batch_mean: bool = False) -> torch.Tensor:
+    """The same affinity through the bilinear identity: |Sq| * Nc * mean_{h<H/2} (mean q_b) . (mean k_{b,m}) / sqrt(D).
 
     Args:
         q_sub: [B, Nsq, H, D]; mean_key: float32 [B, M, H, D]; block_tokens: Nc.
+        batch_mean: the mean over (b, h < H/2) instead, the same value in every row.
 
     Returns:
-        float32 [M].
+        float32 [B, M].
     """
     hh = q_sub.shape[2] // 2
     d = q_sub.shape[-1]
     qbar = q_sub[:, :, :hh].double().mean(dim=1)  # [B, hh, D]
     dots = (qbar[:, None] * mean_key[:, :, :hh].double()).sum(-1)  # [B, M, hh]
-    return (dots.mean(dim=(0, 2)) * q_sub.shape[1] * block_tokens / d**0.5).float()
+    if batch_mean:
+        s = (dots.mean(dim=(0, 2)) * q_sub.shape[1] * block_tokens / d**0.5).float()  # [M]
+        return s.expand(q_sub.shape[0], -1).clone()
+    return (dots.mean(dim=2) * q_sub.shape[1] * block_tokens / d**0.5).float()
 
 
 def mid_select_ref(q: torch.Tensor, mean_key: torch.Tensor, mid_slots: torch.Tensor, block_pos: torch.Tensor,
                    seg: torch.Tensor, seg_index: int, target_pos: torch.Tensor, row0: int, block_tokens: int,
-                   q_stride: int) -> torch.Tensor:
-    """Score the mid blocks and write the top-k, in time order, into the segment table.
+                   q_stride: int, batch_mean: bool = False) -> torch.Tensor:
+    """Score the mid blocks per sample and write each sample's top-k, in time order, into its segment rows.
 
     k = target_pos.numel() blocks are selected among the M archived blocks ``mid_slots`` (time
-    order). Selected block j (in time order) goes to ``seg[:, seg_index + j]`` as
+    order), for each batch element b on its own scores (``batch_mean``: on the batch-averaged scores, one
+    choice for every b). Selected block j of b (in time order) goes to ``seg[b, seg_index + j]`` as
     ``(row0 + slot * Nc, Nc, target_pos[j] - block_pos[slot])``: re-packed right before Recent.
 
     Args:
@@ -61,16 +72,17 @@ def mid_select_ref(q: torch.Tensor, mean_key: torch.Tensor, mid_slots: torch.Ten
         mean_key: float32 [B, n_blocks, H, D] mean compressed key per archive slot.
         mid_slots: int64 [M] archive slots of the mid blocks, oldest first.
         block_pos: int64 [n_blocks] temporal position of each archived block's first frame.
-        seg: int32 [B, n_seg, 3], written in place (same rows for every batch element).
+        seg: int32 [B, n_seg, 3], written in place.
         target_pos: int64 [k] new first-frame position of the j-th selected block.
         row0: first pool row of the compressed region; block_tokens: Nc; q_stride: query subsample.
+        batch_mean: the paper's batch-averaged affinity.
 
     Returns:
-        float32 [M] affinities.
+        float32 [B, M] affinities (``batch_mean``: the same row for every b).
     """
-    scores = mid_affinity_ref(subsample_queries(q, q_stride), mean_key[:, mid_slots], block_tokens)
-    pick = top_in_order(scores[None], target_pos.numel())[0]
-    slots = mid_slots[pick]
+    scores = mid_affinity_ref(subsample_queries(q, q_stride), mean_key[:, mid_slots], block_tokens, batch_mean)
+    pick = top_in_order(scores, target_pos.numel())  # [B, k]
+    slots = mid_slots[pick]  # [B, k]
     n = target_pos.numel()
     seg[:, seg_index : seg_index + n, 0] = (row0 + slots * block_tokens).to(seg.dtype)
     seg[:, seg_index : seg_index + n, 1] = block_tokens

@@ -1,9 +1,9 @@
 """PackForcing mid-block selection: mean subsampled query, bilinear affinity, top-k, segment rows.
 
-The affinity ``s_m = sum_j sum_{i in Sq} mean_{b, h<H/2} q_i . k_{m,j} / sqrt(D)`` is bilinear, so it
-equals ``|Sq| * Nc * mean_{b, h<H/2} qbar . kbar_m / sqrt(D)`` (``mid_select_ref``): one pass over the
-subsampled queries (kernel 1, one program per (b, h)), then a few dot products per block and the
-top-k in a single program (kernel 2).
+The affinity of sample b, ``s_{b,m} = sum_j sum_{i in Sq} mean_{h<H/2} q_{b,i} . k_{b,m,j} / sqrt(D)``, is
+bilinear, so it equals ``|Sq| * Nc * mean_{h<H/2} qbar_b . kbar_{b,m} / sqrt(D)`` (``mid_select_ref``): one
+pass over the subsampled queries (kernel 1, one program per (b, h)), then a few dot products per block
+and the top-k (kernel 2, one program per sample; one program for all with the batch mean).
 """
 from __future__ import annotations
 
@@ -51,10 +51,16 @@ def _mid_select_kernel(
     # sizes and scalars
     factor, row0, seg_index, block_tokens, BATCH, HALF_H, N_MID, N_SEL, HEAD_DIM,
     # strides
-    s_kb, s_kn, s_kh, s_kd, s_mid, s_pos, s_tgt, s_sb, s_ss, s_sf, s_o,
+    s_kb, s_kn, s_kh, s_kd, s_mid, s_pos, s_tgt, s_sb, s_ss, s_sf, s_ob, s_om,
     # meta-parameters
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BATCH_MEAN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    if BATCH_MEAN:  # one program: the mean over (b, h), one choice written for every sample
+        i_b0 = 0
+        n_b = BATCH
+    else:  # program b: sample b on its own queries and keys
+        i_b0 = tl.program_id(0)
+        n_b = 1
     o_m = tl.arange(0, BLOCK_M)
     o_d = tl.arange(0, BLOCK_D)
     m_m = o_m < N_MID
@@ -62,23 +68,23 @@ def _mid_select_kernel(
     i_slot = tl.load(mid_slots + o_m * s_mid, mask=m_m, other=0)  # [BM] int64
     p_k = mean_key + i_slot[:, None] * s_kn + o_d[None, :] * s_kd  # [BM, BD]
     acc = tl.zeros([BLOCK_M], tl.float32)
-    for i_bh in range(BATCH * HALF_H):
+    for i_bh in range(i_b0 * HALF_H, (i_b0 + n_b) * HALF_H):
         i_b = tl.cast(i_bh // HALF_H, tl.int64)
         i_h = tl.cast(i_bh % HALF_H, tl.int64)
         b_q = tl.load(qbar + tl.cast(i_bh, tl.int64) * HEAD_DIM + o_d, mask=m_d, other=0.0)  # [BD]
         b_k = tl.load(p_k + i_b * s_kb + i_h * s_kh, mask=m_m[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
         acc += tl.sum(b_k * b_q[None, :], 1)
-    # factor = |Sq| * Nc / (sqrt(D) * B * H/2): the mean over (b, h) and the bilinear scale in one multiply
+    # factor = |Sq| * Nc / (sqrt(D) * n_b * H/2): the mean over (b, h) and the bilinear scale in one multiply
     b_s = acc * tl.cast(factor, tl.float32)  # [BM]
-    tl.store(scores + o_m * s_o, b_s, mask=m_m)
 
     m_sel = _top_k_mask(b_s, m_m, N_SEL, BLOCK_M)  # [BM]
     i_rank = tl.cumsum(m_sel.to(tl.int32), 0) - 1  # time order = mid_slots order
     b_tgt = tl.load(target_pos + i_rank * s_tgt, mask=m_sel, other=0)
     b_delta = b_tgt - tl.load(block_pos + i_slot * s_pos, mask=m_sel, other=0)  # [BM] int64
     b_start = row0 + i_slot * block_tokens
-    for i_b in range(BATCH):  # the same rows for every batch element
-        p_seg = seg + i_b * s_sb + (seg_index + i_rank).to(tl.int64) * s_ss  # [BM]
+    for i_b in range(i_b0, i_b0 + n_b):  # this program's samples: one, or every one with the batch mean
+        tl.store(scores + tl.cast(i_b, tl.int64) * s_ob + o_m * s_om, b_s, mask=m_m)
+        p_seg = seg + tl.cast(i_b, tl.int64) * s_sb + (seg_index + i_rank).to(tl.int64) * s_ss  # [BM]
         tl.store(p_seg, b_start.to(tl.int32), mask=m_sel)
         tl.store(p_seg + s_sf, tl.zeros([BLOCK_M], tl.int32) + block_tokens, mask=m_sel)
         tl.store(p_seg + 2 * s_sf, b_delta.to(tl.int32), mask=m_sel)
@@ -86,14 +92,15 @@ def _mid_select_kernel(
 
 def mid_select_triton(q: torch.Tensor, mean_key: torch.Tensor, mid_slots: torch.Tensor, block_pos: torch.Tensor,
                       seg: torch.Tensor, seg_index: int, target_pos: torch.Tensor, row0: int, block_tokens: int,
-                      q_stride: int) -> torch.Tensor:
-    """Score the mid blocks and write the top-k, in time order, into ``seg`` (two small launches, no sync).
+                      q_stride: int, batch_mean: bool = False) -> torch.Tensor:
+    """Score the mid blocks and write each sample's top-k, in time order, into ``seg`` (two small launches, no sync).
 
-    ``s_m = |Sq| * Nc * mean_{b, h<H/2} qbar_{b,h} . kbar_{b,m,h} / sqrt(D)`` with qbar the mean of the
-    subsampled queries (every ``q_stride``-th token from the first), kbar_m = ``mean_key[:, mid_slots[m]]``.
-    The k = target_pos.numel() best blocks (ties to the lower index), re-sorted in mid_slots (time)
-    order, go to ``seg[:, seg_index + j]`` as ``(row0 + slot * Nc, Nc, target_pos[j] - block_pos[slot])``
-    for every batch element. Same semantics as ``mid_select_ref``.
+    ``s_{b,m} = |Sq| * Nc * mean_{h<H/2} qbar_{b,h} . kbar_{b,m,h} / sqrt(D)`` with qbar the mean of the
+    subsampled queries (every ``q_stride``-th token from the first), kbar_{b,m} = ``mean_key[b, mid_slots[m]]``;
+    ``batch_mean``: the mean over (b, h < H/2), one choice for every sample. Sample b's k = target_pos.numel()
+    best blocks (ties to the lower index), re-sorted in mid_slots (time) order, go to ``seg[b, seg_index + j]``
+    as ``(row0 + slot * Nc, Nc, target_pos[j] - block_pos[slot])``. Same semantics as ``mid_select_ref``;
+    the contract is on ``relaxkv_kernels.mid_select``.
 
     Args:
         q: [B, Nq, H, D] pre-RoPE queries of the current block (any float dtype, any strides; H >= 2).
@@ -104,15 +111,16 @@ def mid_select_triton(q: torch.Tensor, mean_key: torch.Tensor, mid_slots: torch.
         seg_index: first segment row of the mid blocks.
         target_pos: int64 [k] new first-frame position of the j-th selected block (k <= M).
         row0: first pool row of the compressed region. block_tokens: Nc. q_stride: query subsample step.
+        batch_mean: the paper's batch-averaged affinity.
 
     Returns:
-        scores: float32 [M] affinities.
+        scores: float32 [B, M] affinities (``batch_mean``: the same row for every sample).
     """
     b, n_q, h, d = q.shape
     dev = q.device
     mid_slots, block_pos, target_pos = mid_slots.long(), block_pos.long(), target_pos.long()
     n_mid, n_sel = mid_slots.numel(), target_pos.numel()
-    scores = torch.empty((n_mid,), dtype=torch.float32, device=dev)
+    scores = torch.empty((b, n_mid), dtype=torch.float32, device=dev)
     if n_mid == 0:
         return scores
     half_h = h // 2
@@ -123,11 +131,13 @@ def mid_select_triton(q: torch.Tensor, mean_key: torch.Tensor, mid_slots: torch.
         q, qbar, n_sub, q_stride, half_h, d, *q.stride(),
         BLOCK_T=16 if interpreter_enabled() else 64, BLOCK_D=block_d,
     )
-    _mid_select_kernel[(1,)](
+    n_avg = b if batch_mean else 1  # samples each program averages over
+    _mid_select_kernel[(1 if batch_mean else b,)](
         qbar, mean_key, mid_slots, block_pos, target_pos, seg, scores,
-        n_sub * block_tokens / (math.sqrt(d) * b * half_h), row0, seg_index, block_tokens, b, half_h, n_mid, n_sel, d,
+        n_sub * block_tokens / (math.sqrt(d) * n_avg * half_h), row0, seg_index, block_tokens, b, half_h, n_mid,
+        n_sel, d,
         mean_key.stride(0), mean_key.stride(1), mean_key.stride(2), mean_key.stride(3),
-        mid_slots.stride(0), block_pos.stride(0), target_pos.stride(0), *seg.stride(), scores.stride(0),
-        BLOCK_M=triton.next_power_of_2(n_mid), BLOCK_D=block_d,
+        mid_slots.stride(0), block_pos.stride(0), target_pos.stride(0), *seg.stride(), *scores.stride(),
+        BATCH_MEAN=bool(batch_mean), BLOCK_M=triton.next_power_of_2(n_mid), BLOCK_D=block_d,
     )
     return scores

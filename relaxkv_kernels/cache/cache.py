@@ -1,0 +1,273 @@
+"""``KVCache``: the coordinator of a model's KV memory. It joins three parts with typed seams:
+
+- storage (:class:`~.storage.KVStorage`): pools, prototypes, policy state, bytes;
+- the plan on the device (:class:`~.device_plan.DevicePlan`): the index tensors of the chunk's plan,
+  uploaded by the host at ``begin_chunk`` and reused in place while their shapes hold;
+- the attention mode (:mod:`.modes`): windows, where ``rope_append`` writes, staging, the commit at
+  ``end_chunk``.
+
+The policy's planner plans every chunk on the host and runs its device steps on a typed
+:class:`~relaxkv_kernels.memory.DeviceStep`; it never sees the cache. Usage inside an attention
+module (q, k, v after q/k RMSNorm, before RoPE)::
+
+    cache = KVCache(RelaxMemory(), num_layers=30, batch=1, num_heads=12, head_dim=128,
+                    height=30, width=52, dtype=torch.bfloat16, device="cuda")
+    for chunk in range(n_chunks):
+        cache.begin_chunk()                       # host plan, uploaded; chunk-level selection on the device
+        for pass_ in range(5):                    # 4 denoising passes + the clean refresh pass
+            for layer in range(30):               # in any order within a pass
+                out = cache.attend(layer, q, k, v)  # [B, U*F, H, D]
+        cache.end_chunk()                         # checks every layer ran every pass; commits the chunk
+
+Within a chunk nothing reads device memory on the host: selections are written into the device
+segment table by kernels, so the passes of a chunk (everything between ``begin_chunk`` and
+``end_chunk``) can be captured in a CUDA graph once shapes are in steady state, as FlashInfer splits
+``plan`` (host) from ``run`` (capturable). A replay of such a graph stands for the passes: an
+``end_chunk`` that follows no eager ``attend`` call of a cache whose chunk step was captured counts the
+captured passes.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..memory import CacheGeometry, ChunkPlan, DeviceStep, MemoryPolicy, Planner
+from ..ops.checks import FLOAT_DTYPES, canonical_device, check_head_dim, check_int, check_tensor
+from ..ops.dense_attention.engines import ENGINES
+from ..ops.rope_append.op import rope_append_op
+from .device_plan import DevicePlan
+from .modes import MODES, make_mode
+from .storage import KVStorage, nbytes
+
+CACHE_BACKENDS = ("reference", "fused", "auto", "triton")
+ATTENTION_MODES = ("auto", *MODES)
+SELECTIONS = (None, "chunk", "per_layer")
+
+
+class KVCache:
+    """KV storage, per-chunk plans and attention for one memory policy, for all layers of a model.
+
+    Args:
+        policy: a memory policy (DenseWindow, RelaxMemory, PackMemory, or your own ``MemoryPolicy``).
+        num_layers, batch, num_heads, head_dim: model geometry (head_dim even).
+        height, width: token grid of a latent frame (F = height * width tokens).
+        dtype: storage dtype of K and V (bf16 / fp16 / fp32). device: where everything lives.
+        backend: "reference" (pure PyTorch), "fused" (kernels: CUDA/Triton on a GPU, the Triton
+            interpreter on CPU), or an op backend name ("auto", "triton"); single ops can be sent to the
+            CUDA extension with ``RELAXKV_BACKEND_<OP>=cuda``.
+        attention: "window", "per_call", "segments" or "auto" (window on CUDA, segments elsewhere); see
+            ``relaxkv_kernels.cache.modes``.
+        engine: attention engine of the window / per_call modes ("auto": the tuning table's choice per
+            chunk shape; "reference" with the reference backend), see ``relaxkv_kernels.dense_attention``.
+            The segments mode has no engine: any other value than "auto" raises there.
+
+    Attributes:
+        storage: the :class:`KVStorage` (``storage.k``, ``storage.v``: [L, B, n_rows, H, D]).
+        device_plan: the :class:`DevicePlan` of the current chunk (``device_plan.seg``: the segment tables).
+        mode: the attention mode built from ``attention``. planner: the policy's planner.
+        chunk: index of the next chunk to end. last_plan: the plan of the current (or last) chunk.
+        profiler: optional ``name -> context manager`` timing the sections of ``attend``: rope_append,
+            select, compress, attention (with stage, the window staging, inside it).
+    """
+
+    def __init__(self, policy: MemoryPolicy, num_layers: int, batch: int, num_heads: int, head_dim: int, height: int,
+                 width: int, dtype: torch.dtype = torch.bfloat16, device="cpu", backend: str = "auto",
+                 attention: str = "auto", engine: str = "auto"):
+        op = "KVCache"
+        if not isinstance(policy, MemoryPolicy):
+            raise TypeError(f"{op}: policy: expected a MemoryPolicy (DenseWindow, RelaxMemory, PackMemory, ...), "
+                            f"got {type(policy).__name__}")
+        for name, value in (("num_layers", num_layers), ("batch", batch), ("num_heads", num_heads),
+                            ("height", height), ("width", width)):
+            check_int(op, name, value, low=1)
+        check_head_dim(op, "head_dim", head_dim)
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: dtype: expected one of {FLOAT_DTYPES}, got {dtype}")
+        if backend not in CACHE_BACKENDS:
+            raise ValueError(f"{op}: backend: expected one of {CACHE_BACKENDS}, got {backend!r}")
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"{op}: attention: expected one of {ATTENTION_MODES}, got {attention!r}")
+        if engine not in ("auto", *ENGINES):
+            raise ValueError(f"{op}: engine: expected one of {('auto', *ENGINES)}, got {engine!r}")
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"{op}: device: expected a torch device, got {device!r} ({e})") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"{op}: device: {str(device)!r} asked for, but torch sees no CUDA device here "
+                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None})")
+        self.device = canonical_device(device)
+        if backend == "fused":
+            backend = "auto" if self.device.type == "cuda" else "triton"
+        if attention == "auto":
+            attention = "window" if self.device.type == "cuda" else "segments"
+        if attention == "segments" and engine != "auto":
+            raise ValueError(f"{op}: engine: the segments attention mode runs the segment-table kernel and has no "
+                             f"engine, got engine={engine!r} (use attention='window' or 'per_call')")
+        if engine == "auto" and backend == "reference":
+            engine = "reference"
+        self.backend, self.attention, self.engine = backend, attention, engine
+        self.policy, self.num_layers = policy, num_layers
+        self.batch, self.num_heads, self.head_dim = batch, num_heads, head_dim
+        self.height, self.width, self.frame_tokens = height, width, height * width
+        self.dtype = dtype
+        self.geometry = CacheGeometry(num_layers, batch, num_heads, head_dim, height, width, dtype, self.device)
+        self.planner = pl = policy.planner(height, width)  # raises when the policy's geometry does not fit the grid
+        if pl.selection not in SELECTIONS:
+            raise ValueError(f"{op}: {type(pl).__name__}.selection: expected one of {SELECTIONS}, got {pl.selection!r}")
+        self.storage = KVStorage(self.geometry, pl)
+        n_tables = num_layers if pl.selection == "per_layer" else 1
+        self.device_plan = DevicePlan.allocate(n_tables, batch, pl.n_seg, policy.chunk_frames, self.device)
+        self._seg = [self.device_plan.seg[i if n_tables > 1 else 0] for i in range(num_layers)]  # views per layer
+        self._layer_state = [self.storage.layer_state(i) for i in range(num_layers)]
+        self.mode = make_mode(attention, self.geometry, self.storage, self.device_plan, pl, backend, engine,
+                              self._section)
+        self._chunk_mode = self.mode
+        self._appends = type(pl).append is not Planner.append  # the planner has a step after every cache write
+        self.chunk = 0
+        self.last_plan: ChunkPlan | None = None
+        self._in_chunk = False
+        self._calls = [0] * num_layers  # attend calls per layer in the current chunk
+        self._captured = None  # the shapes of the chunk a CUDA graph captured (replays need the same)
+        self._shapes = None
+        self._pending_select: set[int] = set()
+        self.profiler = None
+
+    # ------------------------------------------------------------------ host side, between chunks
+
+    def begin_chunk(self) -> ChunkPlan:
+        """Plan the next chunk (eviction, slots, static segments), upload it and run the chunk-level selection.
+
+        Calling it again before ``end_chunk`` plans the same chunk again (same slots) and restores its
+        pending device steps, e.g. to capture the chunk step in a CUDA graph after a warm-up run.
+        """
+        plan = self.planner.plan(self.chunk)
+        u = len(plan.frame_slot)
+        if u != self.policy.chunk_frames or plan.segments[plan.n_memory_seg: plan.n_memory_seg + u] != [
+                (s * self.frame_tokens, self.frame_tokens, 0) for s in plan.frame_slot]:
+            raise RuntimeError(f"KVCache.begin_chunk: {type(self.planner).__name__}.plan({self.chunk}): expected the "
+                               f"{self.policy.chunk_frames} chunk frames at delta 0 right after the "
+                               f"{plan.n_memory_seg} memory segments")
+        mode = self.mode.for_chunk(plan)
+        shapes = (self.device_plan.upload(plan), plan.n_memory_seg, plan.total_keys(), mode.name)
+        if self._captured is not None and shapes != self._captured:
+            raise RuntimeError(f"KVCache.begin_chunk: chunk {self.chunk} changes the plan's shapes since a CUDA graph "
+                               "captured a chunk step of this cache, so a replay would read stale buffers; capture once "
+                               "the plans are steady (past the policy's warm-up), or make a new cache")
+        self.last_plan, self._shapes, self._chunk_mode = plan, shapes, mode
+        mode.begin(plan)
+        self._pending_select = set()
+        if plan.selects and self.planner.selection == "chunk":
+            with self._section("select"):
+                self.planner.select_chunk(self._step(plan, None))
+        elif plan.selects and self.planner.selection == "per_layer":
+            self._pending_select = set(range(self.num_layers))
+        self._calls = [0] * self.num_layers
+        self._in_chunk = True
+        return plan
+
+    def end_chunk(self) -> None:
+        """Finish the chunk (its refresh pass has written the final K/V): check every layer ran every pass, commit.
+
+        Raises RuntimeError, naming the layers, when some layer ran fewer passes than the others (its
+        rows would hold stale or uninitialised K/V for every later chunk). A chunk step captured in a
+        CUDA graph (after ``begin_chunk``, which resets the pending steps so the capture includes them)
+        is replayed between ``begin_chunk`` and ``end_chunk`` of later chunks; an ``end_chunk`` with no
+        eager ``attend`` call since ``begin_chunk`` counts as such a replay.
+        """
+        if not self._in_chunk:
+            raise RuntimeError(f"KVCache.end_chunk: no chunk in progress (call begin_chunk() before the passes of "
+                               f"chunk {self.chunk}, end_chunk() once after its refresh pass)")
+        calls = self._calls
+        most = max(calls)
+        if most == 0 and self._captured is None:
+            raise RuntimeError(f"KVCache.end_chunk: no layer attended in chunk {self.chunk}: run every layer's passes "
+                               "(cache.attend) between begin_chunk() and end_chunk()")
+        behind = [layer for layer, n in enumerate(calls) if n < most]
+        if behind:
+            raise RuntimeError(f"KVCache.end_chunk: layers {behind} attended {sorted({calls[i] for i in behind})} "
+                               f"times in chunk {self.chunk}, the others {most}: every layer must run every pass "
+                               "(the refresh pass writes the K/V later chunks read)")
+        self._chunk_mode.commit(self.last_plan)
+        self._in_chunk = False
+        self.chunk += 1
+
+    def _step(self, plan: ChunkPlan, layer: int | None) -> DeviceStep:
+        """The planner's view of a device step: at the chunk (``layer`` None) or at one layer."""
+        s = self.storage
+        if layer is None:
+            return DeviceStep(plan, self.device_plan.index, self._seg[0], None, None, None, s.state, s.proto,
+                              self.backend)
+        return DeviceStep(plan, self.device_plan.index, self._seg[layer], layer, s.k[layer], s.v[layer],
+                          self._layer_state[layer], s.proto, self.backend)
+
+    # ------------------------------------------------------------------ device side, inside a chunk
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Rotate and cache this pass's K/V, run the policy's device steps, and attend over the planned memory.
+
+        Args:
+            layer: layer index. q, k, v: [B, U * F, H, D] after q/k norm, before RoPE, in the cache dtype,
+                on the cache's device.
+
+        Returns:
+            [B, U * F, H, D] attention output.
+        """
+        op = "KVCache.attend"
+        if not self._in_chunk:
+            raise RuntimeError(f"{op}: call begin_chunk() before the first pass of a chunk")
+        check_int(op, "layer", layer, low=0, high=self.num_layers - 1)
+        if self.device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing():
+            self._captured = self._shapes
+        plan, mode = self.last_plan, self._chunk_mode
+        shape = (self.batch, len(plan.frame_slot) * self.frame_tokens, self.num_heads, self.head_dim)
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            check_tensor(op, name, t, shape=shape, dtypes=(self.dtype,), device=self.device)
+        self._calls[layer] += 1
+        with self._section("rope_append"):
+            dst_k, dst_v, slots, proto = mode.target(layer)
+            q_rot = rope_append_op(q, k, v, dst_k, dst_v, proto if layer == 0 else None, slots,
+                                   self.device_plan.frame_pos, self.height, self.width, self.backend, checked=True)
+        if layer in self._pending_select:
+            with self._section("select"):
+                self.planner.select_layer(self._step(plan, layer), q)
+            self._pending_select.discard(layer)
+        if self._appends:
+            with self._section("compress"):
+                self.planner.append(self._step(plan, layer), k, v)
+        with self._section("attention"):
+            return mode.attend(layer, q_rot, self._seg[layer])
+
+    @property
+    def chunk_engine(self) -> str | None:
+        """The attention engine of the current chunk's calls (the tuning table's choice for "auto"); None in
+        the segments mode."""
+        return getattr(self._chunk_mode, "chunk_engine", None)
+
+    def _section(self, name: str):
+        return contextlib.nullcontext() if self.profiler is None else self.profiler(name)
+
+    # ------------------------------------------------------------------ inspection (syncs: not on the hot path)
+
+    def selected_frames(self) -> list[list[int]]:
+        """Frame index attended by every segment of layer 0, per batch element (reads the device table)."""
+        plan = self.last_plan
+        out = []
+        for row in self._seg[0].cpu().tolist():
+            frames = []
+            for (start, _, _), planned in zip(row, plan.frames_attended):
+                frames.append(planned if planned != -1 else self.planner.frame_of_row(plan, start))
+            out.append(frames)
+        return out
+
+    def live_bytes(self) -> int:
+        """Bytes of K/V rows holding frames or compressed blocks the memory can still read (all layers)."""
+        return self.planner.live_rows() * self.storage.row_bytes()
+
+    def memory_bytes(self) -> int:
+        """Bytes of device storage allocated by the cache: pools, prototypes, policy state, tables and windows.
+
+        Fixed at construction: pools are sized for the steady state (see :meth:`live_bytes` for use).
+        """
+        return self.storage.nbytes() + nbytes(self.device_plan.seg) + self.mode.nbytes()

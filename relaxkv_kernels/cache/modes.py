@@ -1,0 +1,193 @@
+"""How the calls of a chunk attend: one small strategy object per attention mode.
+
+A mode owns its windows, decides where ``rope_append`` writes a pass's K/V, stages the memory, runs the
+attention and commits the chunk's rows at ``end_chunk``. ``KVCache`` builds one with :func:`make_mode`
+and asks it per chunk (:meth:`AttentionMode.for_chunk`) which mode serves that chunk.
+
+    segments   ``sparse_kv_attention`` over the segment table, no copy (the Triton kernel; the reference
+               everywhere else); the default off CUDA.
+    window     the default on CUDA. Within a chunk only the chunk's own K/V change between passes: at the
+               first pass of a layer the memory rows (gathered, delta-rotated) are staged once into a
+               per-layer window ``[B, max_keys, H, D]`` laid out [chunk frames | memory], every pass writes
+               the chunk's rotated K/V into its first rows, and each call is one dense attention over the
+               window on the fastest engine (``ops/dense_attention/tuning.json``). ``end_chunk`` copies the
+               chunk's final K/V into the pool. Costs one extra context per layer.
+    per_call   one window shared by all layers, re-gathered at every call (memory-tight: one context).
+    pool prefix  a chunk whose keys are the pool's first rows at their true positions (``ChunkPlan.pool_prefix``:
+               a dense window without re-rotation, or any chunk of that shape) attends to the pool directly;
+               window and per_call hand such chunks to it, and a planner that never gathers gets only it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..memory import CacheGeometry, ChunkPlan, Planner
+from ..ops.dense_attention.op import dense_attention_op, resolve_engine
+from ..ops.gather_kv_rope.op import gather_kv_rope_into_op
+from ..ops.sparse_kv_attention.op import sparse_kv_attention_op
+from .device_plan import DevicePlan
+from .storage import KVStorage, nbytes
+
+MODES = ("window", "per_call", "segments")
+
+
+class AttentionMode:
+    """One attention mode of a cache (see the module docstring); the base class is the segment-table mode."""
+
+    name = "segments"
+
+    def __init__(self, geometry: CacheGeometry, storage: KVStorage, dplan: DevicePlan, backend: str, engine: str,
+                 section: Callable[[str], object]):
+        self.g, self.storage, self.dplan = geometry, storage, dplan
+        self.backend, self.engine, self.section = backend, engine, section
+        self.scale = geometry.head_dim ** -0.5
+
+    def for_chunk(self, plan: ChunkPlan) -> AttentionMode:
+        """The mode that serves ``plan`` (this one, or the pool-prefix mode for chunks shaped as a pool prefix)."""
+        return self
+
+    def begin(self, plan: ChunkPlan) -> None:
+        """Per-chunk set-up on the host (keys per call, engine, pending staging)."""
+
+    def target(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Where ``rope_append`` writes the layer's K/V: (k rows, v rows, frame slots, prototypes or None)."""
+        s, d = self.storage, self.dplan
+        return s.k[layer], s.v[layer], d.frame_slot, s.proto
+
+    def attend(self, layer: int, q_rot: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+        s = self.storage
+        return sparse_kv_attention_op(q_rot, s.k[layer], s.v[layer], seg, self.scale, self.backend, checked=True)
+
+    def commit(self, plan: ChunkPlan) -> None:
+        """At ``end_chunk``: move what the chunk wrote outside the pool into it."""
+
+    def nbytes(self) -> int:
+        """Bytes of the mode's own buffers (windows)."""
+        return 0
+
+
+class DenseMode(AttentionMode):
+    """A mode whose calls run ``dense_attention`` on contiguous keys with an engine resolved per chunk shape."""
+
+    def begin(self, plan: ChunkPlan) -> None:
+        self.total = plan.total_keys()
+        self.u_rows = len(plan.frame_slot) * self.g.frame_tokens
+        self.chunk_engine = resolve_engine(self.engine, self.g.device, self.g.dtype, self.g.head_dim, self.u_rows,
+                                           self.total)
+
+    def dense(self, q_rot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return dense_attention_op(q_rot, k, v, self.scale, self.chunk_engine, checked=True)
+
+
+class PoolPrefixMode(DenseMode):
+    """The chunk's keys are the pool rows ``[0, total)`` at delta 0: attention reads the pool, nothing is copied."""
+
+    name = "pool_prefix"
+
+    def for_chunk(self, plan: ChunkPlan) -> AttentionMode:
+        if plan.pool_prefix() is None:
+            raise RuntimeError(f"KVCache.begin_chunk: the planner never gathers (Planner.gathers is False) but the plan "
+                               f"of chunk {plan.chunk} is not a pool prefix at delta 0")
+        return self
+
+    def attend(self, layer: int, q_rot: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+        s, n = self.storage, self.total
+        return self.dense(q_rot, s.k[layer][:, :n], s.v[layer][:, :n])
+
+
+class GatherMode(DenseMode):
+    """A mode that gathers memory into windows of its own; chunks shaped as a pool prefix go to ``prefix``."""
+
+    def __init__(self, geometry: CacheGeometry, storage: KVStorage, dplan: DevicePlan, backend: str, engine: str,
+                 section: Callable[[str], object], planner: Planner, prefix: PoolPrefixMode, n_windows: int):
+        super().__init__(geometry, storage, dplan, backend, engine, section)
+        g = geometry
+        self.prefix = prefix
+        self.win_k = torch.empty(n_windows, g.batch, planner.max_keys, g.num_heads, g.head_dim, dtype=g.dtype,
+                                 device=g.device)
+        self.win_v = torch.empty_like(self.win_k)
+
+    def for_chunk(self, plan: ChunkPlan) -> AttentionMode:
+        return self if plan.pool_prefix() is None else self.prefix
+
+    def nbytes(self) -> int:
+        return nbytes(self.win_k, self.win_v)
+
+
+class WindowMode(GatherMode):
+    """Per-layer windows [chunk rows | memory rows]: the memory staged once per chunk, the chunk rows every pass."""
+
+    name = "window"
+
+    def __init__(self, geometry: CacheGeometry, storage: KVStorage, dplan: DevicePlan, backend: str, engine: str,
+                 section: Callable[[str], object], planner: Planner, prefix: PoolPrefixMode):
+        super().__init__(geometry, storage, dplan, backend, engine, section, planner, prefix, geometry.num_layers)
+        g = geometry
+        self.proto_chunk = None  # the chunk's prototypes, committed by end_chunk
+        if storage.proto is not None:
+            self.proto_chunk = torch.empty(g.batch, len(dplan.window_slot), g.head_dim, dtype=torch.float32,
+                                           device=g.device)
+        self.pending: set[int] = set()
+
+    def begin(self, plan: ChunkPlan) -> None:
+        super().begin(plan)
+        self.memory, self.n_memory_seg = plan.memory_keys(), plan.n_memory_seg
+        self.pending = set(range(self.g.num_layers))
+
+    def target(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return self.win_k[layer], self.win_v[layer], self.dplan.window_slot, self.proto_chunk
+
+    def attend(self, layer: int, q_rot: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+        u, end = self.u_rows, self.u_rows + self.memory
+        kw, vw = self.win_k[layer][:, :end], self.win_v[layer][:, :end]
+        if layer in self.pending:  # the memory rows: once per chunk and layer
+            with self.section("stage"):
+                gather_kv_rope_into_op(self.storage.k[layer], self.storage.v[layer], seg[:, : self.n_memory_seg],
+                                       kw[:, u:], vw[:, u:], self.backend, checked=True)
+            self.pending.discard(layer)
+        return self.dense(q_rot, kw, vw)
+
+    def commit(self, plan: ChunkPlan) -> None:
+        f, s = self.g.frame_tokens, self.storage
+        for u, slot in enumerate(plan.frame_slot):  # every layer at once: one copy per frame
+            s.k[:, :, slot * f:(slot + 1) * f].copy_(self.win_k[:, :, u * f:(u + 1) * f])
+            s.v[:, :, slot * f:(slot + 1) * f].copy_(self.win_v[:, :, u * f:(u + 1) * f])
+            if self.proto_chunk is not None:
+                s.proto[:, slot].copy_(self.proto_chunk[:, u])
+
+    def nbytes(self) -> int:
+        return super().nbytes() + nbytes(self.proto_chunk)
+
+
+class PerCallMode(GatherMode):
+    """One window shared by every layer, re-gathered (every segment, the chunk's own rows too) at every call."""
+
+    name = "per_call"
+
+    def __init__(self, geometry: CacheGeometry, storage: KVStorage, dplan: DevicePlan, backend: str, engine: str,
+                 section: Callable[[str], object], planner: Planner, prefix: PoolPrefixMode):
+        super().__init__(geometry, storage, dplan, backend, engine, section, planner, prefix, 1)
+
+    def attend(self, layer: int, q_rot: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+        s, n = self.storage, self.total
+        kw, vw = self.win_k[0][:, :n], self.win_v[0][:, :n]
+        gather_kv_rope_into_op(s.k[layer], s.v[layer], seg, kw, vw, self.backend, checked=True)
+        return self.dense(q_rot, kw, vw)
+
+
+def make_mode(attention: str, geometry: CacheGeometry, storage: KVStorage, dplan: DevicePlan, planner: Planner,
+              backend: str, engine: str, section: Callable[[str], object]) -> AttentionMode:
+    """The strategy of ``attention`` (one of ``MODES``): the one place a mode name becomes behaviour.
+
+    window and per_call over a planner that never gathers (``Planner.gathers`` False) attend to the pool
+    prefix of every chunk and allocate no window.
+    """
+    args = (geometry, storage, dplan, backend, engine, section)
+    if attention == "segments":
+        return AttentionMode(*args)
+    prefix = PoolPrefixMode(*args)
+    if not planner.gathers:
+        return prefix
+    return {"window": WindowMode, "per_call": PerCallMode}[attention](*args, planner, prefix)
