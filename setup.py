@@ -89,7 +89,7 @@ if __name__ == "__main__":
         python_requires=">=3.10",
         packages=find_packages(include=["relaxkv_kernels", "relaxkv_kernels.*"]) + py_packages,
         package_dir={p: "python/" + p.replace(".", "/") for p in py_packages},
-        package_data={"relaxkv_kernels": ["tuning.json"]},  # engine="auto" table (relaxkv_kernels/tuning.py)
+        package_data={"relaxkv_kernels": ["ops/dense_attention/tuning.json"]},  # engine="auto" table (ops/dense_attention/tuning.py)
         install_requires=["torch", "numpy", "tqdm", "matplotlib", "safetensors",
                           "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         # the test tiers: pytest-benchmark (benchmarks/), pybind11 + ninja (the emulated CUDA kernels, tests/cuda_emu/)

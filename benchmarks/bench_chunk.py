@@ -22,7 +22,7 @@ chunk (planner fast-forwarded, pools random). Rows, all per chunk, same run, sam
 
 FLOP per chunk = 4 * Nq * Nk * H * D * layers * passes; TFLOP/s and the fraction of the bf16 matmul peak
 measured in the same run. ``--write-tuning`` records the fastest window engine per config in
-relaxkv_kernels/tuning.json (read by engine="auto"). The last table printed is the targets of issue 11.
+relaxkv_kernels/ops/dense_attention/tuning.json (read by engine="auto"). The last table printed is the targets of issue 11.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import relaxkv_kernels as rk  # noqa: E402
-from relaxkv_kernels import tuning  # noqa: E402
+from relaxkv_kernels.ops.dense_attention import tuning  # noqa: E402
 from relaxkv_kernels.geometry import ROPE_THETA, compressed_positions, rope_angles, rope_pair_split, token_positions  # noqa: E402
 from relaxkv_kernels.ops.dense_attention.engines import ENGINES, available  # noqa: E402
 from relaxkv_kernels.ops.gather_kv_rope.op import gather_kv_rope_into_op  # noqa: E402
@@ -82,7 +82,8 @@ class ChunkSetup:
             cache.planner.plan(n)
         cache.chunk = self.steady
         gen = torch.Generator(device=self.device).manual_seed(0)
-        tensors = [cache.k, cache.v] + [t for t in (cache.proto,) if t is not None] + list(cache.state.values())
+        st = cache.storage
+        tensors = [st.k, st.v] + [t for t in (st.proto,) if t is not None] + list(st.state.values())
         for t in tensors:
             for part in (t if t.dim() == 5 else t[None]):  # per layer: no full-size fp32 temporary at Wan shapes
                 part.copy_(torch.randn(part.shape, generator=gen, device=self.device))
@@ -155,13 +156,13 @@ class OfficialPath:
         self.su = su
         s, f = su.shape, su.shape.frame_tokens
         self.cache = cache = su.cache(backend="reference", attention="segments")
-        plan = cache.begin_chunk()
-        if plan.selects:  # the device choice of this chunk (every layer's for Pack) into the segment tables
-            for layer in range(s.layers if cache.planner.selection == "per_layer" else 1):
-                cache.planner.select(cache, plan, layer, su.qkv[0], cache.seg[layer])
+        plan = cache.begin_chunk()  # runs a chunk-level selection (Relax)
+        if plan.selects and cache.planner.selection == "per_layer":  # every layer's choice (Pack) into its table
+            for layer in range(s.layers):
+                cache.planner.select_layer(cache.step(layer), su.qkv[0])
         self.plan = plan
         self.rows, self.k_rope = [], []
-        for table in cache.seg[:, 0].cpu().tolist():  # batch element 0's tables (B = 1 in every shape)
+        for table in cache.device_plan.seg[:, 0].cpu().tolist():  # batch element 0's tables (B = 1 in every shape)
             rows, pos = [], []
             for start, length, delta in table:
                 if length == 0:
@@ -183,7 +184,7 @@ class OfficialPath:
         su, cache, f = self.su, self.cache, self.su.shape.frame_tokens
         q, k, v = su.qkv
         t = layer if len(self.rows) > 1 else 0
-        k_pool, v_pool = cache.k[layer], cache.v[layer]
+        k_pool, v_pool = cache.storage.k[layer], cache.storage.v[layer]
         for row, src in self.current:  # kv_cache[:, s:e] = k, as the official code writes the chunk
             k_pool[:, row:row + f] = k[:, src:src + f]
             v_pool[:, row:row + f] = v[:, src:src + f]
@@ -199,7 +200,7 @@ class OfficialPath:
         """Official-style scoring from raw keys, with the host sync the official code has (.item() / .tolist())."""
         su, cache, plan, f = self.su, self.cache, self.plan, self.su.shape.frame_tokens
         if isinstance(su.policy, rk.RelaxMemory):
-            k0 = cache.k[0]
+            k0 = cache.storage.k[0]
 
             def frames(slots):  # [B, n, F, H, D]
                 return torch.stack([k0[:, sl * f:(sl + 1) * f] for sl in slots], dim=1)
@@ -214,9 +215,9 @@ class OfficialPath:
             pl, job = cache.planner, plan.job
             q_sub = subsample_queries(su.qkv[0], su.policy.q_stride)
             for layer in range(su.shape.layers):
-                blocks = [cache.k[layer][:, pl.row0 + sl * pl.block_tokens: pl.row0 + (sl + 1) * pl.block_tokens]
+                blocks = [cache.storage.k[layer][:, pl.row0 + sl * pl.block_tokens: pl.row0 + (sl + 1) * pl.block_tokens]
                           for sl in job.mid_slots]
-                mid_affinity_literal(q_sub, blocks).topk(len(job.target_pos)).indices.tolist()
+                mid_affinity_literal(q_sub, blocks, su.policy.batch_mean).topk(len(job.target_pos)).indices.tolist()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -350,7 +351,7 @@ class RowRunner:
         fn = GraphedChunk(cache, passes) if graph else eager
         row = self.row("step", name, label + (" (CUDA graph)" if graph else " (eager)"), attention=attention,
                        engine=engine, graph=graph, kv_bytes=cache.memory_bytes(),
-                       window_bytes=(cache.win_k.numel() + cache.win_v.numel()) * cache.win_k.element_size())
+                       window_bytes=cache.mode.nbytes())
         t = self.time(fn)
         if attention == "window" and not graph:
             self.window_ms[engine] = t.ms
@@ -364,32 +365,28 @@ class RowRunner:
         for layer in range(s.layers):  # the first pass: every layer's selection and staging
             cache.attend(layer, *su.qkv)
         q, k, v = su.qkv
-        b = cache.buffers
+        mode, dplan, st = cache.chunk_mode, cache.device_plan, cache.storage
         rows = []
-
-        windowed = cache.win_k.shape[0] > 0
-        dst_k, dst_v, slots = (cache.win_k, cache.win_v, b["window_slot"]) if windowed else (cache.k, cache.v,
-                                                                                           b["frame_slot"])
+        targets = [mode.target(layer)[:3] for layer in range(s.layers)]  # (k rows, v rows, slots): window or pool
 
         def append():
             for _ in range(s.passes):
-                for layer in range(s.layers):
-                    rope_append_op(q, k, v, dst_k[layer], dst_v[layer], None, slots, b["frame_pos"], s.height,
-                                   s.width, cache.backend)
+                for layer, (dst_k, dst_v, slots) in enumerate(targets):
+                    rope_append_op(q, k, v, dst_k, dst_v, None, slots, dplan.frame_pos, s.height, s.width,
+                                   cache.backend, checked=True)
 
         nbytes = 6 * q.numel() * q.element_size()  # read q, k, v; write q_rot, rotated k, v
         t = self.time(append)
         rows.append(self.finish(self.row("part", "append", "rope_append, every call (no prototypes)",
                                          gbps=nbytes * self.calls / (t.ms * 1e-3) / 1e9), t))
-        if windowed:
+        if mode.name == "window":
             n_mem, u_rows = plan.n_memory_seg, su.nq
 
             def stage():
                 for layer in range(s.layers):
-                    seg = cache.seg[layer if cache.seg.shape[0] > 1 else 0]
-                    kw = cache.win_k[layer][:, u_rows:su.nk]
-                    gather_kv_rope_into_op(cache.k[layer], cache.v[layer], seg[:, :n_mem], kw,
-                                           cache.win_v[layer][:, u_rows:su.nk], cache.backend)
+                    seg = cache.step(layer).seg
+                    gather_kv_rope_into_op(st.k[layer], st.v[layer], seg[:, :n_mem], mode.win_k[layer][:, u_rows:su.nk],
+                                           mode.win_v[layer][:, u_rows:su.nk], cache.backend, checked=True)
 
             t = self.time(stage)
             moved = 4 * (su.nk - u_rows) * s.batch * s.heads * s.head_dim * q.element_size() * s.layers
@@ -397,12 +394,17 @@ class RowRunner:
                                              gbps=moved / (t.ms * 1e-3) / 1e9), t))
         if plan.selects:
             pl = cache.planner
-            layers = [0] if pl.selection == "layer0" else range(s.layers)
-            scratch = cache.seg.clone()
+            per_layer = pl.selection == "per_layer"
+            layers = range(s.layers) if per_layer else [None]
+            scratch = dplan.seg.clone()  # the selections write here, not into the cache's tables
+            steps = [dataclasses.replace(cache.step(layer), seg=scratch[layer or 0]) for layer in layers]
 
             def select():
-                for layer in layers:
-                    pl.select(cache, plan, layer, q, scratch[layer if scratch.shape[0] > 1 else 0])
+                for step in steps:
+                    if per_layer:
+                        pl.select_layer(step, q)
+                    else:
+                        pl.select_chunk(step)
 
             t = self.time(select)
             rows.append(self.finish(self.row("part", "select", f"selection ({len(layers)} layer(s), once per chunk)"), t))
@@ -431,7 +433,7 @@ def row_specs(su: ChunkSetup, args) -> list[tuple[str, str, tuple]]:
 
 
 def record_tuning(runner: RowRunner) -> None:
-    """The fastest window engine of this config on this device into relaxkv_kernels/tuning.json (engine="auto")."""
+    """The fastest window engine of this config on this device into relaxkv_kernels/ops/dense_attention/tuning.json (engine="auto")."""
     su = runner.su
     if not runner.window_ms:
         return
@@ -483,7 +485,7 @@ def parse_args(argv=None):
     p.add_argument("--out", help="JSON path (CSV written beside it); default benchmarks/results/chunk_<shapes>_<device>.json")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--write-tuning", action="store_true",
-                   help="record the fastest window engine per config in relaxkv_kernels/tuning.json (CUDA only)")
+                   help="record the fastest window engine per config in relaxkv_kernels/ops/dense_attention/tuning.json (CUDA only)")
     return p.parse_args(argv)
 
 

@@ -10,7 +10,7 @@
 #   STEPS="build chunk" bash benchmarks/run_gpu.sh    # some steps; "sanitizer" is opt-in (minutes under the tools)
 #   CONFIGS=relax FULL=1 bash benchmarks/run_gpu.sh   # one chunk config; the full generator benchmark
 #
-# After the run: copy the JSON/CSV/PNG that matter into benchmarks/results/, commit relaxkv_kernels/tuning.json
+# After the run: copy the JSON/CSV/PNG that matter into benchmarks/results/, commit relaxkv_kernels/ops/dense_attention/tuning.json
 # (bench_chunk --write-tuning records the fastest attention engine per shape on this device), and fill the
 # README's results section (plot_results.py --readme README.md).
 set -uo pipefail
@@ -44,7 +44,7 @@ EOF
 
 keep() {  # what comes back from a lent machine: the archive of $WORK and the files that matter
     [ -n "${OUT:-}" ] || return 0
-    cp relaxkv_kernels/tuning.json "$WORK/tuning.json"
+    cp relaxkv_kernels/ops/dense_attention/tuning.json "$WORK/tuning.json"
     summary
     tar czf "$OUT/gpu-run.tgz" -C "$WORK" . 2>/dev/null
     for f in "${KEEP[@]}"; do [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/"; done
@@ -75,7 +75,7 @@ step readme 25 "$PY" -m relaxkv_gen --preset tiny --policy all --chunks 20 --out
 step sanitizer 300 env PYTHON="$PY" bash tests/run_compute_sanitizer.sh
 step plot 10 bash -c "shopt -s nullglob; $PY benchmarks/plot_results.py $WORK/chunk_*.json --table $WORK/TABLE.md; \
     $PY benchmarks/plot_generator.py $WORK/generator_*.json --table $WORK/GENERATOR.md"
-cp relaxkv_kernels/tuning.json "$WORK/tuning.json"
+cp relaxkv_kernels/ops/dense_attention/tuning.json "$WORK/tuning.json"
 summary
 keep
 echo

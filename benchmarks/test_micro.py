@@ -48,9 +48,9 @@ def setup_for(config: str, size: str) -> OpSetup:
         device = torch.device("cuda") if size == "wan" else torch.device("cpu")
         su = bench_chunk.build_setup(config, common.shape_from_args(size, layers=1, passes=1), device)
         cache = su.cache(backend="reference", attention="segments")
-        plan = cache.begin_chunk()
-        if plan.selects:
-            cache.planner.select(cache, plan, 0, su.qkv[0], cache.seg[0])
+        plan = cache.begin_chunk()  # runs a chunk-level selection (Relax)
+        if plan.selects and cache.planner.selection == "per_layer":
+            cache.planner.select_layer(cache.step(0), su.qkv[0])
         _SETUPS[key] = OpSetup(su, cache, plan)
     return _SETUPS[key]
 
@@ -77,41 +77,42 @@ def timed(device: torch.device, fn):
 
 
 def op_rope_append(o: OpSetup, backend):
-    (q, k, v), c, b, s = o.su.qkv, o.cache, o.cache.buffers, o.su.shape
-    return lambda: rk.rope_append(q, k, v, c.k[0], c.v[0], c.proto, b["frame_slot"], b["frame_pos"], s.height, s.width,
+    (q, k, v), st, d, s = o.su.qkv, o.cache.storage, o.cache.device_plan, o.su.shape
+    return lambda: rk.rope_append(q, k, v, st.k[0], st.v[0], st.proto, d.frame_slot, d.frame_pos, s.height, s.width,
                                   backend=backend)
 
 
 def op_sparse_kv_attention(o: OpSetup, backend):
-    q, c = o.su.qkv[0], o.cache
-    return lambda: rk.sparse_kv_attention(q, c.k[0], c.v[0], c.seg[0], backend=backend, impl="fused")
+    q, st, seg = o.su.qkv[0], o.cache.storage, o.cache.step(0).seg
+    return lambda: rk.sparse_kv_attention(q, st.k[0], st.v[0], seg, backend=backend, impl="fused")
 
 
 def op_gather_kv_rope(o: OpSetup, backend):
-    c = o.cache
-    return lambda: rk.gather_kv_rope(c.k[0], c.v[0], c.seg[0], o.su.nk, backend=backend)
+    st, seg = o.cache.storage, o.cache.step(0).seg
+    return lambda: rk.gather_kv_rope(st.k[0], st.v[0], seg, o.su.nk, backend=backend)
 
 
 def op_relax_select(o: OpSetup, backend):
-    c, b, p, job = o.cache, o.cache.buffers, o.su.policy, o.plan.job
-    seg = c.seg[0].clone()
-    return lambda: rk.relax_select(c.proto, b["slot_pos"], b["sink_slots"], b["tail_slots"], b["cand_slots"], seg,
-                                   job.seg_index, b["target_pos"], o.su.shape.frame_tokens, p.lam, p.batch0_decides,
+    step, p, job = o.cache.step(None), o.su.policy, o.plan.job
+    i, seg = step.index, step.seg.clone()
+    return lambda: rk.relax_select(step.proto, i.slot_pos, i.sink_slots, i.tail_slots, i.cand_slots, seg,
+                                   job.seg_index, i.target_pos, o.su.shape.frame_tokens, p.lam, p.batch0_decides,
                                    p.contiguous_rope, backend=backend)
 
 
 def op_mid_select(o: OpSetup, backend):
-    c, b, pl, job = o.cache, o.cache.buffers, o.cache.planner, o.plan.job
-    q, seg = o.su.qkv[0], c.seg[0].clone()
-    return lambda: rk.mid_select(q, c.state["mean_key"][0], b["mid_slots"], b["block_pos"], seg, job.seg_index,
-                                 b["mid_target_pos"], pl.row0, pl.block_tokens, min(o.su.policy.q_stride, q.shape[1]),
-                                 backend=backend)
+    step, pl, job = o.cache.step(0), o.cache.planner, o.plan.job
+    i, q, seg = step.index, o.su.qkv[0], step.seg.clone()
+    return lambda: rk.mid_select(q, step.state["mean_key"], i.mid_slots, i.block_pos, seg, job.seg_index,
+                                 i.mid_target_pos, pl.row0, pl.block_tokens, min(o.su.policy.q_stride, q.shape[1]),
+                                 o.su.policy.batch_mean, backend=backend)
 
 
 def op_compress_kv(o: OpSetup, backend):
-    (_, k, v), c, b, s = o.su.qkv, o.cache, o.cache.buffers, o.su.shape
-    return lambda: rk.compress_kv(k, v, c.k[0], c.v[0], c.state["mean_key"][0], b["block_slot"], b["block_t0"],
-                                  c.planner.row0, o.su.policy.block_frames, s.height, s.width, backend=backend)
+    (_, k, v), step, s = o.su.qkv, o.cache.step(0), o.su.shape
+    return lambda: rk.compress_kv(k, v, step.k_pool, step.v_pool, step.state["mean_key"], step.index.block_slot,
+                                  step.index.block_t0, o.cache.planner.row0, o.su.policy.block_frames, s.height,
+                                  s.width, backend=backend)
 
 
 CASES = [  # (op, config whose steady-state chunk feeds it)

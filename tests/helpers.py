@@ -156,19 +156,48 @@ def backend_device(backend: str, cuda_device: str | None = None) -> str:
     return cuda_device or "cpu"
 
 
+def _outputs(out) -> list[torch.Tensor]:
+    """An op's return value as a list of tensors (a tuple, one tensor, or None)."""
+    return list(out) if isinstance(out, tuple) else [] if out is None else [out]
+
+
 def assert_public_op_matches_registered(op: str, args, *extra) -> None:
     """``rk.<op>(*args)`` checks and forwards to ``torch.ops.relaxkv.<op>(*args, *extra, "reference")``: the same
     outputs, and the same writes into the tensors it mutates (``extra``: what the public op fills in)."""
     clone = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
-    out = getattr(rk, op)(*args)
-    want = getattr(torch.ops.relaxkv, op)(*clone, *extra, "reference")
-    outs = lambda x: list(x) if isinstance(x, tuple) else [] if x is None else [x]  # noqa: E731
-    assert len(outs(out)) == len(outs(want))
-    for got, ref in zip(outs(out), outs(want)):
+    out = _outputs(getattr(rk, op)(*args))
+    want = _outputs(getattr(torch.ops.relaxkv, op)(*clone, *extra, "reference"))
+    assert len(out) == len(want)
+    for got, ref in zip(out, want):
         assert torch.equal(got, ref)
     for a, c in zip(args, clone):
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, c)
+
+
+def assert_raw_op_raises_like_public(op: str, args, exc: type[Exception], match: str) -> None:
+    """``rk.<op>(*args)`` and the raw ``torch.ops.relaxkv.<op>(*args)`` (``args``: every argument of the raw op but
+    ``checked``, the public defaults spelled out) raise the same ``exc`` with the same message, matching ``match``."""
+    import pytest
+
+    messages = []
+    for fn in (getattr(rk, op), getattr(torch.ops.relaxkv, op)):
+        with pytest.raises(exc, match=match) as info:
+            fn(*args)
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+
+
+def assert_checked_matches_default(op: str, args) -> None:
+    """``torch.ops.relaxkv.<op>(*args, checked=True)`` (no checks) gives the outputs and writes of the default
+    ``checked=False`` on valid ``args`` (every argument of the raw op but ``checked``)."""
+    results = []
+    for checked in (False, True):
+        call = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        out = _outputs(getattr(torch.ops.relaxkv, op)(*call, checked=checked))
+        results.append(out + [a for a in call if isinstance(a, torch.Tensor)])
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)
 
 
 def run_on_fakes(op: str, args, *extra):

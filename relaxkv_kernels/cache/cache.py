@@ -65,7 +65,8 @@ class KVCache:
     Attributes:
         storage: the :class:`KVStorage` (``storage.k``, ``storage.v``: [L, B, n_rows, H, D]).
         device_plan: the :class:`DevicePlan` of the current chunk (``device_plan.seg``: the segment tables).
-        mode: the attention mode built from ``attention``. planner: the policy's planner.
+        mode: the attention mode built from ``attention``; chunk_mode: the one serving the current chunk (``mode``,
+            or its pool-prefix mode for a chunk whose keys are a pool prefix). planner: the policy's planner.
         chunk: index of the next chunk to end. last_plan: the plan of the current (or last) chunk.
         profiler: optional ``name -> context manager`` timing the sections of ``attend``: rope_append,
             select, compress, attention (with stage, the window staging, inside it).
@@ -123,7 +124,7 @@ class KVCache:
         self._layer_state = [self.storage.layer_state(i) for i in range(num_layers)]
         self.mode = make_mode(attention, self.geometry, self.storage, self.device_plan, pl, backend, engine,
                               self._section)
-        self._chunk_mode = self.mode
+        self.chunk_mode = self.mode
         self._appends = type(pl).append is not Planner.append  # the planner has a step after every cache write
         self.chunk = 0
         self.last_plan: ChunkPlan | None = None
@@ -155,12 +156,12 @@ class KVCache:
             raise RuntimeError(f"KVCache.begin_chunk: chunk {self.chunk} changes the plan's shapes since a CUDA graph "
                                "captured a chunk step of this cache, so a replay would read stale buffers; capture once "
                                "the plans are steady (past the policy's warm-up), or make a new cache")
-        self.last_plan, self._shapes, self._chunk_mode = plan, shapes, mode
+        self.last_plan, self._shapes, self.chunk_mode = plan, shapes, mode
         mode.begin(plan)
         self._pending_select = set()
         if plan.selects and self.planner.selection == "chunk":
             with self._section("select"):
-                self.planner.select_chunk(self._step(plan, None))
+                self.planner.select_chunk(self.step(None))
         elif plan.selects and self.planner.selection == "per_layer":
             self._pending_select = set(range(self.num_layers))
         self._calls = [0] * self.num_layers
@@ -189,13 +190,16 @@ class KVCache:
             raise RuntimeError(f"KVCache.end_chunk: layers {behind} attended {sorted({calls[i] for i in behind})} "
                                f"times in chunk {self.chunk}, the others {most}: every layer must run every pass "
                                "(the refresh pass writes the K/V later chunks read)")
-        self._chunk_mode.commit(self.last_plan)
+        self.chunk_mode.commit(self.last_plan)
         self._in_chunk = False
         self.chunk += 1
 
-    def _step(self, plan: ChunkPlan, layer: int | None) -> DeviceStep:
-        """The planner's view of a device step: at the chunk (``layer`` None) or at one layer."""
-        s = self.storage
+    def step(self, layer: int | None) -> DeviceStep:
+        """The planner's view of a device step of the current chunk: at the chunk (``layer`` None) or at one layer.
+
+        The cache hands it to the planner's steps; benchmarks and tests use it to run a step alone.
+        """
+        plan, s = self.last_plan, self.storage
         if layer is None:
             return DeviceStep(plan, self.device_plan.index, self._seg[0], None, None, None, s.state, s.proto,
                               self.backend)
@@ -220,7 +224,7 @@ class KVCache:
         check_int(op, "layer", layer, low=0, high=self.num_layers - 1)
         if self.device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing():
             self._captured = self._shapes
-        plan, mode = self.last_plan, self._chunk_mode
+        plan, mode = self.last_plan, self.chunk_mode
         shape = (self.batch, len(plan.frame_slot) * self.frame_tokens, self.num_heads, self.head_dim)
         for name, t in (("q", q), ("k", k), ("v", v)):
             check_tensor(op, name, t, shape=shape, dtypes=(self.dtype,), device=self.device)
@@ -231,11 +235,11 @@ class KVCache:
                                    self.device_plan.frame_pos, self.height, self.width, self.backend, checked=True)
         if layer in self._pending_select:
             with self._section("select"):
-                self.planner.select_layer(self._step(plan, layer), q)
+                self.planner.select_layer(self.step(layer), q)
             self._pending_select.discard(layer)
         if self._appends:
             with self._section("compress"):
-                self.planner.append(self._step(plan, layer), k, v)
+                self.planner.append(self.step(layer), k, v)
         with self._section("attention"):
             return mode.attend(layer, q_rot, self._seg[layer])
 
@@ -243,7 +247,7 @@ class KVCache:
     def chunk_engine(self) -> str | None:
         """The attention engine of the current chunk's calls (the tuning table's choice for "auto"); None in
         the segments mode."""
-        return getattr(self._chunk_mode, "chunk_engine", None)
+        return getattr(self.chunk_mode, "chunk_engine", None)
 
     def _section(self, name: str):
         return contextlib.nullcontext() if self.profiler is None else self.profiler(name)

@@ -1,10 +1,16 @@
-"""Argument checks of the public ops, run once at the public boundary (the op wrappers, ``KVCache``).
+"""Argument checks of the ops, run once per call before any kernel runs.
+
+Each ``ops/<op>/op.py`` gathers its op's checks in one private ``_check``. The public function runs it
+and calls the registered op with ``checked=True``; a direct ``torch.ops.relaxkv.<op>(...)`` call (default
+``checked=False``) runs it in the op body, so both raise the same errors. ``checked=True`` (callers that
+have checked already, e.g. the cache, once where the arguments enter) costs the op one bool test. Torch
+runs an op's registered fake, not its body, for meta tensors: there the fake checks (:func:`checks_in_fake`).
 
 Every check raises ``ValueError`` (``TypeError`` for a wrong type) naming the op, the argument, what
-was expected and what was given, before any kernel runs. Index *values* are checked where that costs
-no device synchronisation (CPU tensors, outside torch.compile); device tables come from the host-side
-planner, which checks them before uploading. Backend wrappers check only what is specific to them
-(strides, alignment, size limits), with :func:`require`.
+was expected and what was given. Index *values* are checked where that costs no device synchronisation
+(CPU tensors, outside torch.compile; skipped for CUDA and meta tensors); device tables come from the
+host-side planner, which checks them before uploading. Backend wrappers check only what is specific to
+them (strides, alignment, size limits), with :func:`require`.
 """
 from __future__ import annotations
 
@@ -109,6 +115,13 @@ def check_pool(op: str, name: str, pool, like: torch.Tensor) -> torch.Tensor:
     """A cache pool [B, n_rows, H, D] matching ``like`` [B, *, H, D] in batch, heads, head_dim and dtype."""
     b, _, h, d = like.shape
     return check_tensor(op, name, pool, shape=(b, None, h, d), dtypes=(like.dtype,))
+
+
+def checks_in_fake(checked: bool, t: torch.Tensor) -> bool:
+    """Whether an op's registered fake runs the op's checks: ``checked`` is False and ``t`` (a tensor argument)
+    is real, i.e. torch ran the fake for a call with meta tensors instead of the op body. While tracing (fake
+    tensors: torch.compile, opcheck) the fake does not check: the op body checks when the graph runs."""
+    return not checked and not isinstance(t, FakeTensor)
 
 
 def can_inspect(t: torch.Tensor) -> bool:

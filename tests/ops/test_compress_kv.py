@@ -3,16 +3,16 @@
 The reference against literal pooling loops and a literal RoPE at the window centres; the Triton kernel
 (interpreter on CPU) and the CUDA kernel (``kernel_device``) against the reference, with every row and
 mean key they must write set to NaN and every other element checked unchanged; registration and the
-public op's bad inputs. (The compressed grid and its positions are in test_geometry.py.)
+bad inputs (public function and raw op alike). (The compressed grid and its positions are in test_geometry.py.)
 """
 import pytest
 import torch
 
 import relaxkv_kernels as rk
-from helpers import (DEVICE, DTYPE_IDS, DTYPES, assert_2x_rule, assert_int32_indices_match_int64,
-                     assert_public_op_matches_registered, assert_strided_inputs_match_reference, backend_device,
-                     close, compare_with_triton, gen, literal_rope, need_triton, on, randn, replace, run_on_fakes,
-                     strided)
+from helpers import (DEVICE, DTYPE_IDS, DTYPES, assert_2x_rule, assert_checked_matches_default,
+                     assert_int32_indices_match_int64, assert_public_op_matches_registered,
+                     assert_raw_op_raises_like_public, assert_strided_inputs_match_reference, backend_device, close,
+                     compare_with_triton, gen, literal_rope, need_triton, on, randn, replace, run_on_fakes, strided)
 from relaxkv_kernels.geometry import compressed_grid, compressed_positions
 from relaxkv_kernels.ops.compress_kv.cuda import compress_kv_cuda
 from relaxkv_kernels.ops.compress_kv.reference import compress_kv_into_ref, compress_kv_ref
@@ -311,20 +311,38 @@ def test_fake_returns_none():
 
 BAD = [  # (argument index, replacement, error type, message fragment)
     pytest.param(5, torch.tensor([4]), ValueError, "block_slot: expected values in \\[0, 3\\]", id="slot_range"),
+    pytest.param(5, torch.tensor([-1]), ValueError, "block_slot: expected values in \\[0, 3\\]", id="slot_negative"),
     pytest.param(5, torch.tensor([0.0]), TypeError, "block_slot: expected dtype", id="slot_float"),
     pytest.param(6, torch.tensor([12, 13]), ValueError, "t0: expected shape \\[1\\]", id="t0_length"),
     pytest.param(0, torch.randn(B, 4 * 64 - 1, H, D), ValueError, "k: expected 4\\*8\\*8", id="k_tokens"),
+    pytest.param(0, torch.randn(B, 4 * 64, H, D - 1), ValueError, "k: head_dim must be a positive even",
+                 id="k_odd_head_dim"),
     pytest.param(1, torch.randn(B, 4 * 64, H, D).half(), TypeError, "v: expected dtype", id="v_dtype"),
     pytest.param(2, torch.randn(B, 200, H, 2 * D), ValueError, "k_pool: expected shape", id="k_pool_head_dim"),
     pytest.param(4, torch.randn(B, 4, H, D).half(), TypeError, "mean_key: expected dtype", id="mean_key_fp16"),
+    pytest.param(4, torch.randn(B, 4, H + 1, D), ValueError, "mean_key: expected shape", id="mean_key_heads"),
     pytest.param(8, 1, ValueError, "at least 2x4x4", id="one_frame"),
     pytest.param(7, 195, ValueError, "row0", id="row0_past_pool"),
-    pytest.param(10, 8.0, TypeError, "width: expected an int", id="width_float"),
+    pytest.param(4, torch.randn(B, 4, H, D, device="meta"), ValueError, "mean_key: expected tensors on cpu",
+                 id="mean_key_device"),
+    pytest.param(11, "fused", ValueError, "backend: expected one of", id="backend_name"),
 ]
 
 
 @pytest.mark.parametrize("index, value, exc, match", BAD)
 def test_bad_input_raises_before_any_kernel(index, value, exc, match):
-    args = replace(_args(gen(4)), index, value)
-    with pytest.raises(exc, match=match):
+    """The public function and the raw op (torch.ops.relaxkv.compress_kv) raise the same error."""
+    assert_raw_op_raises_like_public("compress_kv", replace([*_args(gen(4)), "auto"], index, value), exc, match)
+
+
+def test_bad_scalar_type():
+    """A float for an int: the public function names it; the raw op's schema refuses it first (torch's error)."""
+    args = replace([*_args(gen(5)), "auto"], 10, 8.0)
+    with pytest.raises(TypeError, match="width: expected an int"):
         rk.compress_kv(*args)
+    with pytest.raises(RuntimeError, match="argument 'width'"):
+        torch.ops.relaxkv.compress_kv(*args)
+
+
+def test_checked_true_matches_default():
+    assert_checked_matches_default("compress_kv", [*_args(gen(6)), "reference"])

@@ -2,14 +2,15 @@
 
 Every engine that runs on this machine (CPU: reference, SDPA, and the Triton kernel under the interpreter;
 on a GPU also the SDPA backends and flash-attn where installed) against a float64 literal in fp32 and
-fp16, with a custom scale and non-contiguous K/V; registration (opcheck per engine, fake) and the public
-op's bad inputs. The tuning table's engine choice is in test_dispatch.py.
+fp16, with a custom scale and non-contiguous K/V; registration (opcheck per engine, fake, the raw op's "auto") and
+bad inputs (public function and raw op alike). The tuning table's engine choice is in test_dispatch.py.
 """
 import pytest
 import torch
 
 import relaxkv_kernels as rk
-from helpers import DEVICE, assert_2x_rule, gen, randn, replace, run_on_fakes
+from helpers import (DEVICE, assert_2x_rule, assert_checked_matches_default, assert_raw_op_raises_like_public, gen,
+                     randn, replace, run_on_fakes)
 from relaxkv_kernels.ops.dense_attention import engines
 
 B, NQ, NK, H, D = 2, 13, 37, 3, 32  # D >= 16: the Triton engine's tl.dot tiles
@@ -70,13 +71,14 @@ def test_engine_with_non_contiguous_kv(engine):
 
 
 def test_triton_engine_refuses_head_dim_below_16():
-    """Backend-specific: the Triton kernel's tl.dot tiles need head_dim >= 16 (the public op takes any even D)."""
+    """Backend-specific: the Triton kernel's tl.dot tiles need head_dim >= 16 (the op takes any even D); the public
+    function and the raw op name the op, the argument and the constraint."""
     if "triton" not in ENGINES:
         pytest.skip("the Triton engine cannot run here")
     g = gen(4)
     q, k = randn(g, 1, 4, 1, 8, device=DEVICE), randn(g, 1, 6, 1, 8, device=DEVICE)
-    with pytest.raises(ValueError, match="head_dim >= 16"):
-        rk.dense_attention(q, k, k, engine="triton")
+    assert_raw_op_raises_like_public("dense_attention", [q, k, k, 8**-0.5, "triton"], ValueError,
+                                     "relaxkv.dense_attention: q: expected head_dim >= 16 for the Triton kernel")
     torch.testing.assert_close(rk.dense_attention(q, k, k, engine="reference"), _literal(q, k, k, 8**-0.5).float())
 
 
@@ -99,39 +101,51 @@ def test_fake_shape():
     assert out.shape == (B, NQ, H, D) and out.dtype == torch.float32
 
 
+def test_raw_op_resolves_auto():
+    """engine "auto" is resolved inside the op, eagerly and under torch.compile(fullgraph=True): the raw op runs
+    the public function's choice."""
+    q, k, v = (t.cpu() for t in _args(gen(11)))
+    want = rk.dense_attention(q, k, v)
+
+    def raw(q, k, v):
+        return torch.ops.relaxkv.dense_attention(q, k, v, D**-0.5, "auto")
+
+    assert torch.equal(raw(q, k, v), want)
+    assert torch.equal(torch.compile(raw, fullgraph=True, backend="eager")(q, k, v), want)
+
+
+def test_checked_true_matches_default():
+    assert_checked_matches_default("dense_attention", [*(t.cpu() for t in _args(gen(12))), 0.3, "reference"])
+
+
 # ------------------------------------------------------------------------------------------- bad input
 
 BAD = [  # (argument index, replacement, error type, message fragment)
     pytest.param(0, torch.randn(B, NQ, H), ValueError, "q: expected rank 4", id="q_rank"),
     pytest.param(0, torch.randn(B, NQ, H, D).double(), TypeError, "q: expected dtype", id="q_float64"),
+    pytest.param(0, torch.randn(B, NQ, H, 7), ValueError, "q: head_dim must be a positive even", id="q_odd_head_dim"),
     pytest.param(1, torch.randn(B, NK, H + 1, D), ValueError, "k: expected shape", id="k_heads"),
     pytest.param(1, torch.randn(B + 1, NK, H, D), ValueError, "k: expected shape", id="k_batch"),
+    pytest.param(1, torch.randn(B, NK, H, D // 2), ValueError, "k: expected shape", id="k_head_dim"),
     pytest.param(2, torch.randn(B, NK, H, D).half(), TypeError, "v: expected dtype", id="v_dtype"),
     pytest.param(2, torch.randn(B, NK - 1, H, D), ValueError, "v: expected shape", id="v_rows"),
     pytest.param(2, torch.randn(B, NK, H, D, device="meta"), ValueError, "v: expected tensors on", id="v_device"),
+    pytest.param(3, float("inf"), ValueError, "scale: expected a finite number", id="scale_inf"),
+    pytest.param(4, "x", ValueError,
+                 "relaxkv.dense_attention: engine: expected one of \\('auto', 'reference', .*\\), got 'x'",
+                 id="unknown_engine"),
+    pytest.param(4, "sdpa_cudnn", RuntimeError, "engine 'sdpa_cudnn' cannot run here", id="cuda_engine_on_cpu"),
 ]
 
 
 @pytest.mark.parametrize("index, value, exc, match", BAD)
 def test_bad_input_raises_before_any_kernel(index, value, exc, match):
-    args = replace([t.cpu() for t in _args(gen(8))], index, value)
-    with pytest.raises(exc, match=match):
-        rk.dense_attention(*args)
+    """The public function and the raw op (torch.ops.relaxkv.dense_attention) raise the same error."""
+    args = replace([*(t.cpu() for t in _args(gen(8))), D**-0.5, "auto"], index, value)
+    assert_raw_op_raises_like_public("dense_attention", args, exc, match)
 
 
 def test_no_keys():
     q = randn(gen(10), B, NQ, H, D)
-    with pytest.raises(ValueError, match="k: expected at least one key row"):
-        rk.dense_attention(q, q[:, :0], q[:, :0])
-
-
-@pytest.mark.parametrize("kwargs, exc, match", [
-    pytest.param(dict(scale=float("inf")), ValueError, "scale: expected a finite number", id="scale_inf"),
-    pytest.param(dict(engine="fastest"), ValueError, "engine: expected one of", id="unknown_engine"),
-    pytest.param(dict(engine="sdpa_cudnn"), RuntimeError, "engine 'sdpa_cudnn' cannot run here",
-                 id="cuda_engine_on_cpu"),
-])
-def test_bad_scale_and_engine(kwargs, exc, match):
-    q, k, v = (t.cpu() for t in _args(gen(9)))
-    with pytest.raises(exc, match=match):
-        rk.dense_attention(q, k, v, **kwargs)
+    assert_raw_op_raises_like_public("dense_attention", [q, q[:, :0], q[:, :0], D**-0.5, "auto"], ValueError,
+                                     "k: expected at least one key row")

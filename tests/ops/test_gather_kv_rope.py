@@ -3,16 +3,16 @@ gathered into contiguous tensors (new ones, or given buffers such as a slice of 
 
 The reference against a literal slice + cat + delta RoPE; the CUDA kernel (``kernel_device``) against the
 reference with NaN-poisoned outputs, ragged and long tables, block boundaries, rows outside the pool, a
-slice of a larger buffer; the Triton kernel where the op has one; registration of both ops and the public
-ops' bad inputs.
+slice of a larger buffer; the Triton kernel where the op has one; registration of both ops and bad inputs
+(public functions and raw ops alike).
 """
 import pytest
 import torch
 
 import relaxkv_kernels as rk
-from helpers import (DEVICE, DTYPE_IDS, DTYPES, assert_public_op_matches_registered,
-                     assert_strided_inputs_match_reference, close, gen, need_triton, on, ragged_table, randn, replace,
-                     run_on_fakes, seg_storage, seg_view, strided)
+from helpers import (DEVICE, DTYPE_IDS, DTYPES, assert_checked_matches_default, assert_public_op_matches_registered,
+                     assert_raw_op_raises_like_public, assert_strided_inputs_match_reference, close, gen, need_triton,
+                     on, ragged_table, randn, replace, run_on_fakes, seg_storage, seg_view, strided)
 from relaxkv_kernels.geometry import apply_delta_rope
 from relaxkv_kernels.ops.gather_kv_rope.cuda import gather_kv_rope_cuda
 from relaxkv_kernels.ops.gather_kv_rope.op import BACKENDS
@@ -315,38 +315,56 @@ _SEG = torch.tensor([[[0, 16, 3], [40, 7, -2]], [[16, 1, 0], [60, 20, 5]]], dtyp
 BAD = [  # (argument index, replacement, error type, message fragment)
     pytest.param(3, 24, ValueError, "total: expected sum\\(length\\).*\\[23, 23\\], got 24", id="total_mismatch"),
     pytest.param(3, 0, ValueError, "total: expected an int in \\[1", id="total_zero"),
-    pytest.param(3, 23.0, TypeError, "total: expected an int", id="total_float"),
     pytest.param(2, _SEG, ValueError, "\\[23, 21\\], got 23", id="ragged_totals"),
     pytest.param(2, _SEG.long(), TypeError, "seg: expected dtype", id="seg_int64"),
     pytest.param(2, torch.tensor([[[76, 7, 0]], [[3, 7, 0]]], dtype=torch.int32), ValueError, "rows inside the pool",
                  id="seg_outside_pool"),
+    pytest.param(2, torch.tensor([[[4, 0, 1], [9, 0, 2]]] * B, dtype=torch.int32), ValueError,
+                 "at least one key row per batch element, got an empty table", id="seg_all_empty"),
     pytest.param(1, torch.randn(B, 80, H, D).half(), TypeError, "v_pool: expected dtype", id="v_pool_dtype"),
     pytest.param(1, torch.randn(B, 70, H, D), ValueError, "v_pool: expected shape", id="v_pool_shape"),
     pytest.param(0, torch.randn(B, 80, H, D - 1), ValueError, "head_dim must be a positive even", id="odd_head_dim"),
     pytest.param(2, _SEG.to("meta"), ValueError, "seg: expected tensors on cpu", id="seg_device"),
+    pytest.param(4, "fused", ValueError, "backend: expected one of", id="backend_name"),
 ]
 
 
 @pytest.mark.parametrize("index, value, exc, match", BAD)
 def test_bad_input_raises_before_any_kernel(index, value, exc, match):
-    args = replace(_args(gen(4)), index, value)
-    with pytest.raises(exc, match=match):
+    """The public function and the raw op (torch.ops.relaxkv.gather_kv_rope) raise the same error."""
+    assert_raw_op_raises_like_public("gather_kv_rope", replace([*_args(gen(4)), "auto"], index, value), exc, match)
+
+
+def test_bad_total_type():
+    """A float total: the public function names it; the raw op's schema refuses it first (torch's error)."""
+    args = replace([*_args(gen(5)), "auto"], 3, 23.0)
+    with pytest.raises(TypeError, match="total: expected an int"):
         rk.gather_kv_rope(*args)
+    with pytest.raises(RuntimeError, match="argument 'total'"):
+        torch.ops.relaxkv.gather_kv_rope(*args)
 
 
 BAD_INTO = [  # (argument index, replacement, error type, message fragment)
     pytest.param(2, torch.tensor([[[0, 17, 3], [40, 7, -2]], [[16, 2, 0], [60, 20, 5]]], dtype=torch.int32), ValueError,
                  "total: expected sum\\(length\\).*\\[24, 22\\], got 23", id="table_rows_not_out_rows"),
+    pytest.param(2, torch.tensor([[[0, 23, 0]], [[70, 23, 0]]], dtype=torch.int32), ValueError, "rows inside the pool",
+                 id="seg_outside_pool"),
     pytest.param(3, torch.randn(B, 23, H + 1, D), ValueError, "k_out: expected shape", id="k_out_heads"),
     pytest.param(4, torch.randn(B, 23, H, D).half(), TypeError, "v_out: expected dtype", id="v_out_dtype"),
     pytest.param(4, torch.randn(B, 22, H, D), ValueError, "v_out: expected shape", id="v_out_shape"),
     pytest.param(4, torch.randn(B, 23, H, D, device="meta"), ValueError, "v_out: expected tensors on cpu",
                  id="v_out_device"),
+    pytest.param(5, "fused", ValueError, "backend: expected one of", id="backend_name"),
 ]
 
 
 @pytest.mark.parametrize("index, value, exc, match", BAD_INTO)
 def test_into_bad_input_raises_before_any_kernel(index, value, exc, match):
-    args = replace(_into_args(gen(5)), index, value)
-    with pytest.raises(exc, match=match):
-        rk.gather_kv_rope_into(*args)
+    """The public function and the raw op (torch.ops.relaxkv.gather_kv_rope_into) raise the same error."""
+    args = replace([*_into_args(gen(5)), "auto"], index, value)
+    assert_raw_op_raises_like_public("gather_kv_rope_into", args, exc, match)
+
+
+def test_checked_true_matches_default():
+    assert_checked_matches_default("gather_kv_rope", [*_args(gen(6)), "reference"])
+    assert_checked_matches_default("gather_kv_rope_into", [*_into_args(gen(6)), "reference"])

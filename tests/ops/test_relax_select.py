@@ -3,15 +3,16 @@
 The reference against literal scores from raw keys (relaxkv_kernels/memory/relax.py) and its selection rules (per sample or
 batch 0, memory order, ties, deltas); the Triton kernel (interpreter on CPU) and the CUDA kernel
 (``kernel_device``) against the reference, with the table rows they must write poisoned; registration and
-the public op's bad inputs. The planning rules (candidates, roles, target positions) are in test_memory.py.
+bad inputs (public function and raw op alike). The planning rules (candidates, roles, target positions) are
+in test_memory.py.
 """
 import pytest
 import torch
 
-import relaxkv_kernels as rk
-from helpers import (DEVICE, INT_POISON, assert_int32_indices_match_int64, assert_public_op_matches_registered,
-                     backend_device, compare_with_triton, gen, need_triton, on, randn, replace, run_on_fakes,
-                     seg_storage, seg_view, spaced)
+from helpers import (DEVICE, INT_POISON, assert_checked_matches_default, assert_int32_indices_match_int64,
+                     assert_public_op_matches_registered, assert_raw_op_raises_like_public, backend_device,
+                     compare_with_triton, gen, need_triton, on, randn, replace, run_on_fakes, seg_storage, seg_view,
+                     spaced)
 from relaxkv_kernels.memory import relax_roles
 from relaxkv_kernels.ops.relax_select.cuda import relax_select_cuda
 from relaxkv_kernels.ops.relax_select.reference import frame_means_literal, relax_scores_ref, relax_select_ref
@@ -377,22 +378,31 @@ def test_fake_shape():
 
 BAD = [  # (argument index, replacement, error type, message fragment)
     pytest.param(0, randn(gen(4), B, 8, D).double(), TypeError, "proto: expected dtype", id="proto_float64"),
+    pytest.param(0, randn(gen(4), B, 8), ValueError, "proto: expected rank 3", id="proto_rank"),
     pytest.param(1, torch.arange(7), ValueError, "slot_pos: expected shape \\[8\\]", id="slot_pos_length"),
     pytest.param(2, torch.tensor([0, 8]), ValueError, "sink_slots: expected values in \\[0, 7\\]", id="sink_range"),
     pytest.param(4, torch.tensor([3, 9]), ValueError, "cand_slots: expected values in \\[0, 7\\]", id="cand_range"),
+    pytest.param(4, torch.tensor([-2, 4]), ValueError, "cand_slots: expected values in \\[0, 7\\]", id="cand_negative"),
+    pytest.param(4, torch.tensor([3.0, 4.0]), TypeError, "cand_slots: expected dtype", id="cand_float"),
     pytest.param(4, torch.tensor([], dtype=torch.int64), ValueError, "cand_slots: expected at least one", id="no_cand"),
-    pytest.param(5, torch.zeros(B, 7, 3, dtype=torch.int64), TypeError, "seg: expected dtype", id="seg_int64"),
+    pytest.param(5, torch.ones(B, 7, 3, dtype=torch.int64), TypeError, "seg: expected dtype", id="seg_int64"),
+    pytest.param(5, torch.ones(B, 0, 3, dtype=torch.int32), ValueError, "seg: expected at least one segment row",
+                 id="seg_no_rows"),
     pytest.param(6, 7, ValueError, "seg_index: expected an int in \\[0, 6\\]", id="seg_index_past_table"),
     pytest.param(7, torch.tensor([1, 2, 3, 4, 5]), ValueError, "target_pos: expected 1 .. 4", id="too_many_targets"),
     pytest.param(8, 0, ValueError, "frame_tokens", id="frame_tokens_zero"),
     pytest.param(9, float("inf"), ValueError, "lam: expected a finite number", id="lam_inf"),
     pytest.param(3, torch.tensor([7], device="meta"), ValueError, "tail_slots: expected tensors on cpu",
                  id="tail_device"),
+    pytest.param(12, "fused", ValueError, "backend: expected one of", id="backend_name"),
 ]
 
 
 @pytest.mark.parametrize("index, value, exc, match", BAD)
 def test_bad_input_raises_before_any_kernel(index, value, exc, match):
-    args = replace(_args(gen(4)), index, value)
-    with pytest.raises(exc, match=match):
-        rk.relax_select(*args)
+    """The public function and the raw op (torch.ops.relaxkv.relax_select) raise the same error."""
+    assert_raw_op_raises_like_public("relax_select", replace([*_args(gen(4)), "auto"], index, value), exc, match)
+
+
+def test_checked_true_matches_default():
+    assert_checked_matches_default("relax_select", [*_args(gen(6)), "reference"])

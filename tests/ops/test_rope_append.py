@@ -2,13 +2,14 @@
 
 The reference against a literal restatement; the Triton kernel (interpreter on CPU) and the CUDA kernel
 (``kernel_device``: GPU, or emulated on the CPU) against the reference, with NaN in every row and slot
-they must write; registration (opcheck, fake) and the public op's bad inputs.
+they must write; registration (opcheck, fake) and bad inputs (public function and raw op alike).
 """
 import pytest
 import torch
 
 import relaxkv_kernels as rk
-from helpers import (DEVICE, assert_2x_rule, assert_int32_indices_match_int64, assert_public_op_matches_registered,
+from helpers import (DEVICE, assert_2x_rule, assert_checked_matches_default, assert_int32_indices_match_int64,
+                     assert_public_op_matches_registered, assert_raw_op_raises_like_public,
                      assert_strided_inputs_match_reference, backend_device, gen, need_triton, on, randn, replace,
                      run_on_fakes, spaced)
 from relaxkv_kernels.geometry import apply_rope, rope_angles, token_positions
@@ -378,22 +379,36 @@ BAD = [  # (argument index, replacement, error type, message fragment)
                  id="partial_frame"),
     pytest.param(2, torch.randn(B, 2 * F, H + 1, D), ValueError, "v: expected shape", id="v_shape"),
     pytest.param(3, torch.randn(B, 5 * F, H, D).half(), TypeError, "k_cache: expected dtype", id="k_cache_dtype"),
+    pytest.param(3, torch.randn(B, 5 * F, H, 2 * D), ValueError, "k_cache: expected shape", id="k_cache_head_dim"),
     pytest.param(4, torch.randn(B, 4 * F, H, D), ValueError, "v_cache: expected shape", id="v_cache_shape"),
     pytest.param(5, torch.randn(B, 0, D), ValueError, "k_cache, proto: expected room for at least one frame slot",
                  id="no_proto_slot"),
     pytest.param(5, torch.randn(B, 5, D).double(), TypeError, "proto: expected dtype", id="proto_dtype"),
     pytest.param(6, torch.tensor([3, 5]), ValueError, "frame_slot: expected values in \\[0, 4\\]", id="slot_range"),
+    pytest.param(6, torch.tensor([-1, 1]), ValueError, "frame_slot: expected values in \\[0, 4\\]", id="slot_negative"),
     pytest.param(6, torch.tensor([3.0, 1.0]), TypeError, "frame_slot: expected dtype", id="slot_float"),
     pytest.param(7, torch.tensor([7, 8, 9]), ValueError, "frame_pos: expected shape", id="pos_length"),
     pytest.param(7, torch.tensor([7, 8], device="meta"), ValueError, "frame_pos: expected tensors on cpu",
                  id="pos_device"),
     pytest.param(8, 0, ValueError, "height: expected an int in \\[1", id="height_zero"),
-    pytest.param(9, 4.0, TypeError, "width: expected an int", id="width_float"),
+    pytest.param(10, "fused", ValueError, "backend: expected one of", id="backend_name"),
 ]
 
 
 @pytest.mark.parametrize("index, value, exc, match", BAD)
 def test_bad_input_raises_before_any_kernel(index, value, exc, match):
-    args = replace(_args(gen(4)), index, value)
-    with pytest.raises(exc, match=match):
+    """The public function and the raw op (torch.ops.relaxkv.rope_append) raise the same error."""
+    assert_raw_op_raises_like_public("rope_append", replace([*_args(gen(4)), "auto"], index, value), exc, match)
+
+
+def test_bad_scalar_type():
+    """A float for an int: the public function names it; the raw op's schema refuses it first (torch's error)."""
+    args = replace([*_args(gen(5)), "auto"], 9, 4.0)
+    with pytest.raises(TypeError, match="width: expected an int"):
         rk.rope_append(*args)
+    with pytest.raises(RuntimeError, match="argument 'width'"):
+        torch.ops.relaxkv.rope_append(*args)
+
+
+def test_checked_true_matches_default():
+    assert_checked_matches_default("rope_append", [*_args(gen(6)), "reference"])

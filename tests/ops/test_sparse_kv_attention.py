@@ -4,15 +4,17 @@ The reference against the literal (official-style) path: pools of PRE-RoPE keys,
 cat of the segments' rows, keys rotated at their FINAL positions (write position + delta), SDPA in
 float64; the op instead reads pools of keys rotated at their write positions. The Triton kernel
 (interpreter on CPU) against the reference; ``impl="gather"`` (gather_kv_rope + dense_attention) against
-``impl="fused"``; registration and the public op's bad inputs. (No CUDA kernel: csrc has none for it.)
+``impl="fused"``; registration and bad inputs (public function and raw op alike). (No CUDA kernel: csrc has
+none for it.)
 """
 import pytest
 import torch
 import torch.nn.functional as F
 
 import relaxkv_kernels as rk
-from helpers import (DEVICE, assert_2x_rule, assert_public_op_matches_registered, close, gen, need_triton, ragged_table,
-                     randn, replace, run_on_fakes)
+from helpers import (DEVICE, assert_2x_rule, assert_checked_matches_default, assert_public_op_matches_registered,
+                     assert_raw_op_raises_like_public, close, gen, need_triton, ragged_table, randn, replace,
+                     run_on_fakes)
 from relaxkv_kernels.geometry import apply_rope, token_positions
 from relaxkv_kernels.ops.gather_kv_rope.reference import gather_segments_ref
 from relaxkv_kernels.ops.sparse_kv_attention.reference import sparse_kv_attention_ref
@@ -183,15 +185,14 @@ def test_sparse_kv_attention_triton_matches_reference(dtype, heads, head_dim, n_
 
 
 def test_sparse_kv_attention_triton_refuses_head_dim_below_16():
-    """Backend-specific: tl.dot tiles need head_dim >= 16 (the public op accepts any even head_dim)."""
+    """Backend-specific: tl.dot tiles need head_dim >= 16 (the reference takes any even head_dim); the public
+    function and the raw op name the op, the argument and the constraint."""
     need_triton()
-    from relaxkv_kernels.ops.sparse_kv_attention.triton import sparse_kv_attention_triton
-
     g = gen(12)
     q, pool = randn(g, 1, 4, 1, 8, device=DEVICE), randn(g, 1, 8, 1, 8, device=DEVICE)
     seg = torch.tensor([[[0, 8, 0]]], dtype=torch.int32, device=DEVICE)
-    with pytest.raises(ValueError, match="head_dim >= 16"):
-        sparse_kv_attention_triton(q, pool, pool, seg, 0.25)
+    assert_raw_op_raises_like_public("sparse_kv_attention", [q, pool, pool, seg, 0.25, "triton"], ValueError,
+                                     "relaxkv.sparse_kv_attention: q: expected head_dim >= 16 for the Triton kernel")
 
 
 # -------------------------------------------------------------------------------- impl="gather" vs fused
@@ -279,26 +280,37 @@ BAD = [  # (argument index, replacement, error type, message fragment)
                  id="seg_negative_length"),
     pytest.param(3, torch.tensor([[[0, 0, 0]], [[0, 2, 0]]], dtype=torch.int32), ValueError, "empty table",
                  id="seg_batch_without_keys"),
+    pytest.param(3, torch.tensor([[[5, 0, 1], [9, 0, 2]]] * B, dtype=torch.int32), ValueError,
+                 "at least one key row per batch element, got an empty table", id="seg_all_empty"),
     pytest.param(3, torch.zeros(B, 0, 3, dtype=torch.int32), ValueError, "at least one segment row", id="seg_no_rows"),
-    pytest.param(3, torch.zeros(B, 2, 3, dtype=torch.int64), TypeError, "seg: expected dtype", id="seg_int64"),
-    pytest.param(3, torch.zeros(B, 2, 2, dtype=torch.int32), ValueError, "seg: expected shape", id="seg_shape"),
+    pytest.param(3, torch.ones(B, 2, 3, dtype=torch.int64), TypeError, "seg: expected dtype", id="seg_int64"),
+    pytest.param(3, torch.ones(B, 2, 2, dtype=torch.int32), ValueError, "seg: expected shape", id="seg_shape"),
     pytest.param(1, torch.randn(B, 80, H + 1, D), ValueError, "k_pool: expected shape", id="k_pool_heads"),
     pytest.param(1, torch.randn(B, 80, H, 8), ValueError, "k_pool: expected shape", id="k_pool_head_dim"),
+    pytest.param(0, torch.randn(B, 24, H, 7), ValueError, "q: head_dim must be a positive even", id="q_odd_head_dim"),
     pytest.param(2, torch.randn(B, 80, H, D).half(), TypeError, "v_pool: expected dtype", id="v_pool_dtype"),
     pytest.param(0, torch.randn(B, 24, H, D).double(), TypeError, "q: expected dtype", id="q_float64"),
-    pytest.param(3, torch.zeros(B, 2, 3, dtype=torch.int32, device="meta"), ValueError,
+    pytest.param(3, torch.ones(B, 2, 3, dtype=torch.int32, device="meta"), ValueError,
                  "seg: expected tensors on cpu like q, k_pool, v_pool, got seg on meta", id="seg_device"),
+    pytest.param(4, float("nan"), ValueError, "scale: expected a finite number", id="scale_nan"),
+    pytest.param(5, "fused", ValueError, "backend: expected one of", id="backend_name"),
 ]
 
 
 @pytest.mark.parametrize("index, value, exc, match", BAD)
 def test_bad_input_raises_before_any_kernel(index, value, exc, match):
-    args = replace(_args(gen(4)), index, value)
-    with pytest.raises(exc, match=match):
-        rk.sparse_kv_attention(*args)
+    """The public function and the raw op (torch.ops.relaxkv.sparse_kv_attention) raise the same error."""
+    args = replace([*_args(gen(4)), D**-0.5, "auto"], index, value)
+    assert_raw_op_raises_like_public("sparse_kv_attention", args, exc, match)
 
 
-@pytest.mark.parametrize("scale, exc", [(float("nan"), ValueError), ("0.1", TypeError)], ids=["nan", "string"])
-def test_bad_scale(scale, exc):
-    with pytest.raises(exc, match="scale"):
-        rk.sparse_kv_attention(*_args(gen(5)), scale)
+def test_bad_scale_type():
+    """A string scale: the public function names it; the raw op's schema refuses it first (torch's error)."""
+    with pytest.raises(TypeError, match="scale: expected a float"):
+        rk.sparse_kv_attention(*_args(gen(5)), "0.1")
+    with pytest.raises(RuntimeError, match="argument 'scale'"):
+        torch.ops.relaxkv.sparse_kv_attention(*_args(gen(5)), "0.1", "reference")
+
+
+def test_checked_true_matches_default():
+    assert_checked_matches_default("sparse_kv_attention", [*_args(gen(6)), 0.3, "reference"])

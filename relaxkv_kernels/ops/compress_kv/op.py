@@ -1,4 +1,9 @@
-"""``relaxkv::compress_kv``: registration, fake, backend table and the public function with its checks."""
+"""``relaxkv::compress_kv``: registration, fake, backend table, the argument checks and the public function.
+
+``torch.ops.relaxkv.compress_kv`` takes the public function's arguments, ``backend`` included, and a last
+``checked: bool = False``. checked: the caller has checked the arguments already (KVCache does, once, where
+they enter); False (the default): the op checks them exactly as the public function does.
+"""
 from __future__ import annotations
 
 import math
@@ -7,7 +12,8 @@ import torch
 from torch import Tensor
 
 from ...geometry import POOL_T, POOL_X, POOL_Y, compressed_grid
-from ..checks import check_devices, check_index, check_int, check_pool, check_qkv, check_tensor
+from ..checks import (check_devices, check_index, check_int, check_pool, check_qkv, check_tensor,
+                      checks_in_fake)
 from ..dispatch import OpBackends
 from .cuda import compress_kv_cuda
 from .reference import compress_kv_into_ref
@@ -22,30 +28,8 @@ def _triton():
 BACKENDS = OpBackends("compress_kv", reference=compress_kv_into_ref, triton=_triton, cuda=compress_kv_cuda)
 
 
-@torch.library.custom_op("relaxkv::compress_kv", mutates_args=("k_pool", "v_pool", "mean_key"))
-def compress_kv_op(k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, mean_key: Tensor, block_slot: Tensor,
-                   t0: Tensor, row0: int, frames: int, height: int, width: int, backend: str) -> None:
-    fn = BACKENDS.implementation(k.device, backend)
-    fn(k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames, height, width)
-
-
-@compress_kv_op.register_fake
-def compress_kv_fake(k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames, height, width, backend):
-    return None
-
-
-def compress_kv(k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, mean_key: Tensor, block_slot: Tensor,
-                t0: Tensor, row0: int, frames: int, height: int, width: int, backend: str = "auto") -> None:
-    """PackForcing compression: 2x4x4 average pooling of a block's K and V into compressed pool rows.
-
-    Pooled keys are rotated at their window centres (t0 + 2 tc + 0.5, 4 yc + 1.5, 4 xc + 1.5).
-
-    Args:
-        k, v: [B, frames * F, H, D] pre-RoPE block keys / values.
-        k_pool, v_pool: [B, n_rows, H, D]; rows row0 + slot * Nc .. + Nc - 1 are written.
-        mean_key: float32 [B, n_blocks, H, D]; entry ``slot`` receives the mean pooled pre-RoPE key.
-        block_slot, t0: int32/int64 [1] archive slot and first-frame position (device tensors: no host sync).
-    """
+def _check(k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames, height, width) -> None:
+    """The checks of :func:`compress_kv` (public function and registered op)."""
     op = "relaxkv.compress_kv"
     check_devices(op, k=k, v=v, k_pool=k_pool, v_pool=v_pool, mean_key=mean_key, block_slot=block_slot, t0=t0)
     check_qkv(op, "k", k)
@@ -66,4 +50,37 @@ def compress_kv(k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, mean_key: 
     n_blocks = min(mean_key.shape[1], (k_pool.shape[1] - row0) // nc)
     check_index(op, "block_slot", block_slot, 1, 0, n_blocks - 1)
     check_index(op, "t0", t0, 1)
-    torch.ops.relaxkv.compress_kv(k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames, height, width, backend)
+
+
+@torch.library.custom_op("relaxkv::compress_kv", mutates_args=("k_pool", "v_pool", "mean_key"))
+def compress_kv_op(k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, mean_key: Tensor, block_slot: Tensor,
+                   t0: Tensor, row0: int, frames: int, height: int, width: int, backend: str,
+                   checked: bool = False) -> None:
+    if not checked:
+        _check(k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames, height, width)
+    fn = BACKENDS.implementation(k.device, backend)
+    fn(k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames, height, width)
+
+
+@compress_kv_op.register_fake
+def compress_kv_fake(k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames, height, width, backend,
+                     checked=False):
+    if checks_in_fake(checked, k):
+        _check(k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames, height, width)
+
+
+def compress_kv(k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, mean_key: Tensor, block_slot: Tensor,
+                t0: Tensor, row0: int, frames: int, height: int, width: int, backend: str = "auto") -> None:
+    """PackForcing compression: 2x4x4 average pooling of a block's K and V into compressed pool rows.
+
+    Pooled keys are rotated at their window centres (t0 + 2 tc + 0.5, 4 yc + 1.5, 4 xc + 1.5).
+
+    Args:
+        k, v: [B, frames * F, H, D] pre-RoPE block keys / values.
+        k_pool, v_pool: [B, n_rows, H, D]; rows row0 + slot * Nc .. + Nc - 1 are written.
+        mean_key: float32 [B, n_blocks, H, D]; entry ``slot`` receives the mean pooled pre-RoPE key.
+        block_slot, t0: int32/int64 [1] archive slot and first-frame position (device tensors: no host sync).
+    """
+    _check(k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames, height, width)
+    torch.ops.relaxkv.compress_kv(k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames, height, width, backend,
+                                  checked=True)

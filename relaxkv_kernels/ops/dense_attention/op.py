@@ -1,29 +1,20 @@
-"""``relaxkv::dense_attention``: attention over contiguous K/V with a chosen engine (registration, checks)."""
+"""``relaxkv::dense_attention``: attention over contiguous K/V with a chosen engine (registration, checks).
+
+``torch.ops.relaxkv.dense_attention(q, k, v, scale, engine, checked=False)`` is the public function with
+``scale`` given; ``engine="auto"`` is resolved in the op (a cached host lookup). checked: the caller has
+checked the arguments already (KVCache does, once, where they enter) and passes a resolved engine (not
+``"auto"``: :func:`resolve_engine`); False (the default): the op checks them exactly as the public function does.
+"""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from ... import tuning
-from ..checks import check_devices, check_finite, check_pool, check_qkv, check_tensor
+from . import tuning
+from ..checks import check_devices, check_finite, check_pool, check_qkv, check_tensor, checks_in_fake
 from ..dispatch import inference_only
 from . import engines
 from .reference import dense_attention_ref
-
-
-@torch.library.custom_op("relaxkv::dense_attention", mutates_args=())
-def dense_attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float, engine: str) -> Tensor:
-    if engine == "reference":
-        return dense_attention_ref(q, k, v, scale)
-    return engines.run(engine, q, k, v, scale)
-
-
-@dense_attention_op.register_fake
-def dense_attention_fake(q, k, v, scale, engine):
-    return q.new_empty(q.shape)
-
-
-inference_only("relaxkv::dense_attention")
 
 
 @torch.compiler.assume_constant_result  # host-side table lookup: a constant of the compiled graph
@@ -39,6 +30,39 @@ def resolve_engine(engine: str, device: torch.device, dtype: torch.dtype, head_d
         raise RuntimeError(f"relaxkv.dense_attention: engine {engine!r} cannot run here ({dtype} on {device}: "
                            "package not installed, wrong device or dtype)")
     return engine
+
+
+def _check(q, k, v, scale, engine) -> tuple[float, str]:
+    """The checks of :func:`dense_attention` (public function and registered op); returns the scale (D ** -0.5
+    for None) and the engine (``"auto"`` resolved)."""
+    op = "relaxkv.dense_attention"
+    check_devices(op, q=q, k=k, v=v)
+    check_qkv(op, "q", q)
+    check_pool(op, "k", k, q)
+    check_tensor(op, "v", v, shape=tuple(k.shape), dtypes=(q.dtype,))
+    if k.shape[1] == 0:
+        raise ValueError(f"{op}: k: expected at least one key row, got shape {tuple(k.shape)}")
+    scale = q.shape[-1] ** -0.5 if scale is None else check_finite(op, "scale", scale)
+    return scale, resolve_engine(engine, q.device, q.dtype, q.shape[-1], q.shape[1], k.shape[1])
+
+
+@torch.library.custom_op("relaxkv::dense_attention", mutates_args=())
+def dense_attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float, engine: str, checked: bool = False) -> Tensor:
+    if not checked:
+        scale, engine = _check(q, k, v, scale, engine)
+    if engine == "reference":
+        return dense_attention_ref(q, k, v, scale)
+    return engines.run(engine, q, k, v, scale)
+
+
+@dense_attention_op.register_fake
+def dense_attention_fake(q, k, v, scale, engine, checked=False):
+    if checks_in_fake(checked, q):
+        _check(q, k, v, scale, engine)
+    return q.new_empty(q.shape)
+
+
+inference_only("relaxkv::dense_attention")
 
 
 def dense_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, engine: str = "auto") -> Tensor:
@@ -57,13 +81,5 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
     Example:
         >>> out = dense_attention(q, k_window, v_window, engine="sdpa_cudnn")
     """
-    op = "relaxkv.dense_attention"
-    check_devices(op, q=q, k=k, v=v)
-    check_qkv(op, "q", q)
-    check_pool(op, "k", k, q)
-    check_tensor(op, "v", v, shape=tuple(k.shape), dtypes=(q.dtype,))
-    if k.shape[1] == 0:
-        raise ValueError(f"{op}: k: expected at least one key row, got shape {tuple(k.shape)}")
-    scale = q.shape[-1] ** -0.5 if scale is None else check_finite(op, "scale", scale)
-    engine = resolve_engine(engine, q.device, q.dtype, q.shape[-1], q.shape[1], k.shape[1])
-    return dense_attention_op(q, k, v, scale, engine)
+    scale, engine = _check(q, k, v, scale, engine)
+    return dense_attention_op(q, k, v, scale, engine, checked=True)

@@ -1,13 +1,19 @@
-"""``relaxkv::gather_kv_rope`` (new tensors) and ``relaxkv::gather_kv_rope_into`` (given buffers)."""
+"""``relaxkv::gather_kv_rope`` (new tensors) and ``relaxkv::gather_kv_rope_into`` (given buffers).
+
+``torch.ops.relaxkv.gather_kv_rope`` / ``gather_kv_rope_into`` take the public functions' arguments, ``backend``
+included, and a last ``checked: bool = False``. checked: the caller has checked the arguments already (KVCache
+does, once, where they enter); False (the default): the op checks them exactly as the public function does.
+"""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from ..checks import check_devices, check_pool, check_qkv, check_seg, check_tensor, check_total
+from ..checks import check_devices, check_pool, check_qkv, check_seg, check_tensor, check_total, checks_in_fake
 from ..dispatch import OpBackends, inference_only
 from .cuda import gather_kv_rope_cuda
 from .reference import gather_kv_rope_into_ref
+
 
 def _triton():
     from .triton import gather_kv_rope_triton
@@ -20,19 +26,44 @@ BACKENDS = OpBackends("gather_kv_rope", reference=gather_kv_rope_into_ref, trito
                       auto=("cuda", "triton"))
 
 
+_GATHER, _INTO = "relaxkv.gather_kv_rope", "relaxkv.gather_kv_rope_into"
+
+
+def _check(op: str, k_pool: Tensor, v_pool: Tensor, seg: Tensor, total: int | None = None,
+           k_out: Tensor | None = None, v_out: Tensor | None = None) -> None:
+    """The checks of :func:`gather_kv_rope` (``op`` _GATHER, with ``total``) and :func:`gather_kv_rope_into`
+    (``op`` _INTO, with ``k_out`` and ``v_out``): public functions and registered ops."""
+    out = {} if k_out is None else {"k_out": k_out, "v_out": v_out}
+    check_devices(op, k_pool=k_pool, v_pool=v_pool, seg=seg, **out)
+    check_qkv(op, "k_pool", k_pool)
+    check_tensor(op, "v_pool", v_pool, shape=tuple(k_pool.shape), dtypes=(k_pool.dtype,))
+    check_seg(op, seg, k_pool.shape[0], k_pool.shape[1])
+    if out:
+        check_pool(op, "k_out", k_out, k_pool)
+        check_tensor(op, "v_out", v_out, shape=tuple(k_out.shape), dtypes=(k_pool.dtype,))
+        total = k_out.shape[1]
+    check_total(op, seg, total)
+
+
 @torch.library.custom_op("relaxkv::gather_kv_rope_into", mutates_args=("k_out", "v_out"))
 def gather_kv_rope_into_op(k_pool: Tensor, v_pool: Tensor, seg: Tensor, k_out: Tensor, v_out: Tensor,
-                           backend: str) -> None:
+                           backend: str, checked: bool = False) -> None:
+    if not checked:
+        _check(_INTO, k_pool, v_pool, seg, k_out=k_out, v_out=v_out)
     BACKENDS.implementation(k_pool.device, backend)(k_pool, v_pool, seg, k_out, v_out)
 
 
 @gather_kv_rope_into_op.register_fake
-def gather_kv_rope_into_fake(k_pool, v_pool, seg, k_out, v_out, backend):
-    return None
+def gather_kv_rope_into_fake(k_pool, v_pool, seg, k_out, v_out, backend, checked=False):
+    if checks_in_fake(checked, k_pool):
+        _check(_INTO, k_pool, v_pool, seg, k_out=k_out, v_out=v_out)
 
 
 @torch.library.custom_op("relaxkv::gather_kv_rope", mutates_args=())
-def gather_kv_rope_op(k_pool: Tensor, v_pool: Tensor, seg: Tensor, total: int, backend: str) -> tuple[Tensor, Tensor]:
+def gather_kv_rope_op(k_pool: Tensor, v_pool: Tensor, seg: Tensor, total: int, backend: str,
+                      checked: bool = False) -> tuple[Tensor, Tensor]:
+    if not checked:
+        _check(_GATHER, k_pool, v_pool, seg, total)
     shape = (k_pool.shape[0], total, k_pool.shape[2], k_pool.shape[3])
     k = torch.empty(shape, dtype=k_pool.dtype, device=k_pool.device)
     v = torch.empty(shape, dtype=k_pool.dtype, device=k_pool.device)
@@ -41,19 +72,14 @@ def gather_kv_rope_op(k_pool: Tensor, v_pool: Tensor, seg: Tensor, total: int, b
 
 
 @gather_kv_rope_op.register_fake
-def gather_kv_rope_fake(k_pool, v_pool, seg, total, backend):
+def gather_kv_rope_fake(k_pool, v_pool, seg, total, backend, checked=False):
+    if checks_in_fake(checked, k_pool):
+        _check(_GATHER, k_pool, v_pool, seg, total)
     shape = (k_pool.shape[0], total, k_pool.shape[2], k_pool.shape[3])
     return k_pool.new_empty(shape), v_pool.new_empty(shape)
 
 
 inference_only("relaxkv::gather_kv_rope")
-
-
-def _check_pools(op: str, k_pool: Tensor, v_pool: Tensor, seg: Tensor, **out: Tensor) -> None:
-    check_devices(op, k_pool=k_pool, v_pool=v_pool, seg=seg, **out)
-    check_qkv(op, "k_pool", k_pool)
-    check_tensor(op, "v_pool", v_pool, shape=tuple(k_pool.shape), dtypes=(k_pool.dtype,))
-    check_seg(op, seg, k_pool.shape[0], k_pool.shape[1])
 
 
 def gather_kv_rope(k_pool: Tensor, v_pool: Tensor, seg: Tensor, total: int, backend: str = "auto") -> tuple[Tensor, Tensor]:
@@ -73,10 +99,8 @@ def gather_kv_rope(k_pool: Tensor, v_pool: Tensor, seg: Tensor, total: int, back
     Example:
         >>> k, v = gather_kv_rope(k_pool, v_pool, seg, total=10920)
     """
-    op = "relaxkv.gather_kv_rope"
-    _check_pools(op, k_pool, v_pool, seg)
-    check_total(op, seg, total)
-    return torch.ops.relaxkv.gather_kv_rope(k_pool, v_pool, seg, total, backend)
+    _check(_GATHER, k_pool, v_pool, seg, total)
+    return torch.ops.relaxkv.gather_kv_rope(k_pool, v_pool, seg, total, backend, checked=True)
 
 
 def gather_kv_rope_into(k_pool: Tensor, v_pool: Tensor, seg: Tensor, k_out: Tensor, v_out: Tensor,
@@ -88,9 +112,5 @@ def gather_kv_rope_into(k_pool: Tensor, v_pool: Tensor, seg: Tensor, k_out: Tens
         k_out, v_out: [B, total, H, D] of the pools' dtype, total = sum of the lengths; rows contiguous
             within a batch element (a slice ``window[:, a:b]`` of a contiguous buffer), written in place.
     """
-    op = "relaxkv.gather_kv_rope_into"
-    _check_pools(op, k_pool, v_pool, seg, k_out=k_out, v_out=v_out)
-    check_pool(op, "k_out", k_out, k_pool)
-    check_tensor(op, "v_out", v_out, shape=tuple(k_out.shape), dtypes=(k_pool.dtype,))
-    check_total(op, seg, k_out.shape[1])
-    torch.ops.relaxkv.gather_kv_rope_into(k_pool, v_pool, seg, k_out, v_out, backend)
+    _check(_INTO, k_pool, v_pool, seg, k_out=k_out, v_out=v_out)
+    torch.ops.relaxkv.gather_kv_rope_into(k_pool, v_pool, seg, k_out, v_out, backend, checked=True)

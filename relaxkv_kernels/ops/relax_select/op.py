@@ -1,10 +1,16 @@
-"""``relaxkv::relax_select``: registration, fake, backend table and the public function with its checks."""
+"""``relaxkv::relax_select``: registration, fake, backend table, the argument checks and the public function.
+
+``torch.ops.relaxkv.relax_select`` takes the public function's arguments, every default spelled out, and a last
+``checked: bool = False``. checked: the caller has checked the arguments already (KVCache does, once, where
+they enter); False (the default): the op checks them exactly as the public function does.
+"""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from ..checks import check_devices, check_finite, check_index, check_int, check_seg_slice, check_tensor
+from ..checks import (check_devices, check_finite, check_index, check_int, check_seg_slice, check_tensor,
+                      checks_in_fake)
 from ..dispatch import OpBackends
 from .cuda import relax_select_cuda
 from .reference import relax_select_ref
@@ -19,10 +25,33 @@ def _triton():
 BACKENDS = OpBackends("relax_select", reference=relax_select_ref, triton=_triton, cuda=relax_select_cuda)
 
 
+def _check(proto, slot_pos, sink_slots, tail_slots, cand_slots, seg, seg_index, target_pos, frame_tokens,
+           lam) -> float:
+    """The checks of :func:`relax_select` (public function and registered op); returns ``lam`` as a float."""
+    op = "relaxkv.relax_select"
+    check_devices(op, proto=proto, slot_pos=slot_pos, sink_slots=sink_slots, tail_slots=tail_slots,
+                  cand_slots=cand_slots, seg=seg, target_pos=target_pos)
+    check_tensor(op, "proto", proto, shape=(None, None, None), dtypes=(torch.float32,))
+    n_slots = proto.shape[1]
+    check_index(op, "slot_pos", slot_pos, n_slots)
+    for name, t in (("sink_slots", sink_slots), ("tail_slots", tail_slots), ("cand_slots", cand_slots)):
+        check_index(op, name, t, None, 0, n_slots - 1)
+    if cand_slots.numel() == 0:
+        raise ValueError(f"{op}: cand_slots: expected at least one candidate, got none")
+    check_index(op, "target_pos", target_pos)
+    if not 1 <= target_pos.numel() <= cand_slots.numel():
+        raise ValueError(f"{op}: target_pos: expected 1 .. {cand_slots.numel()} (candidates) entries, got {target_pos.numel()}")
+    check_seg_slice(op, seg, proto.shape[0], seg_index, target_pos.numel())
+    check_int(op, "frame_tokens", frame_tokens, low=1)
+    return check_finite(op, "lam", lam)
+
+
 @torch.library.custom_op("relaxkv::relax_select", mutates_args=("seg",))
 def relax_select_op(proto: Tensor, slot_pos: Tensor, sink_slots: Tensor, tail_slots: Tensor, cand_slots: Tensor,
                     seg: Tensor, seg_index: int, target_pos: Tensor, frame_tokens: int, lam: float,
-                    batch0_decides: bool, contiguous: bool, backend: str) -> Tensor:
+                    batch0_decides: bool, contiguous: bool, backend: str, checked: bool = False) -> Tensor:
+    if not checked:
+        _check(proto, slot_pos, sink_slots, tail_slots, cand_slots, seg, seg_index, target_pos, frame_tokens, lam)
     fn = BACKENDS.implementation(proto.device, backend)
     return fn(proto, slot_pos, sink_slots, tail_slots, cand_slots, seg, seg_index, target_pos, frame_tokens, lam,
               batch0_decides, contiguous)
@@ -30,7 +59,9 @@ def relax_select_op(proto: Tensor, slot_pos: Tensor, sink_slots: Tensor, tail_sl
 
 @relax_select_op.register_fake
 def relax_select_fake(proto, slot_pos, sink_slots, tail_slots, cand_slots, seg, seg_index, target_pos, frame_tokens,
-                      lam, batch0_decides, contiguous, backend):
+                      lam, batch0_decides, contiguous, backend, checked=False):
+    if checks_in_fake(checked, proto):
+        _check(proto, slot_pos, sink_slots, tail_slots, cand_slots, seg, seg_index, target_pos, frame_tokens, lam)
     return proto.new_empty((proto.shape[0], cand_slots.shape[0]))
 
 
@@ -48,21 +79,7 @@ def relax_select(proto: Tensor, slot_pos: Tensor, sink_slots: Tensor, tail_slots
     Returns:
         scores float32 [B, C'].
     """
-    op = "relaxkv.relax_select"
-    check_devices(op, proto=proto, slot_pos=slot_pos, sink_slots=sink_slots, tail_slots=tail_slots,
-                  cand_slots=cand_slots, seg=seg, target_pos=target_pos)
-    check_tensor(op, "proto", proto, shape=(None, None, None), dtypes=(torch.float32,))
-    n_slots = proto.shape[1]
-    check_index(op, "slot_pos", slot_pos, n_slots)
-    for name, t in (("sink_slots", sink_slots), ("tail_slots", tail_slots), ("cand_slots", cand_slots)):
-        check_index(op, name, t, None, 0, n_slots - 1)
-    if cand_slots.numel() == 0:
-        raise ValueError(f"{op}: cand_slots: expected at least one candidate, got none")
-    check_index(op, "target_pos", target_pos)
-    if not 1 <= target_pos.numel() <= cand_slots.numel():
-        raise ValueError(f"{op}: target_pos: expected 1 .. {cand_slots.numel()} (candidates) entries, got {target_pos.numel()}")
-    check_seg_slice(op, seg, proto.shape[0], seg_index, target_pos.numel())
-    check_int(op, "frame_tokens", frame_tokens, low=1)
-    lam = check_finite(op, "lam", lam)
+    lam = _check(proto, slot_pos, sink_slots, tail_slots, cand_slots, seg, seg_index, target_pos, frame_tokens, lam)
     return torch.ops.relaxkv.relax_select(proto, slot_pos, sink_slots, tail_slots, cand_slots, seg, seg_index,
-                                          target_pos, frame_tokens, lam, batch0_decides, contiguous, backend)
+                                          target_pos, frame_tokens, lam, batch0_decides, contiguous, backend,
+                                          checked=True)

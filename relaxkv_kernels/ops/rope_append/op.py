@@ -1,4 +1,9 @@
-"""``relaxkv::rope_append``: registration, fake, backend table and the public function with its checks."""
+"""``relaxkv::rope_append``: registration, fake, backend table, the argument checks and the public function.
+
+``torch.ops.relaxkv.rope_append`` takes the public function's arguments, ``backend`` included, and a last
+``checked: bool = False``. checked: the caller has checked the arguments already (KVCache does, once, where
+they enter); False (the default): the op checks them exactly as the public function does.
+"""
 from __future__ import annotations
 
 from typing import Optional
@@ -6,7 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..checks import check_devices, check_index, check_int, check_pool, check_qkv, check_tensor
+from ..checks import (check_devices, check_index, check_int, check_pool, check_qkv, check_tensor,
+                      checks_in_fake)
 from ..dispatch import OpBackends
 from .cuda import rope_append_cuda
 from .reference import rope_append_ref
@@ -21,39 +27,8 @@ def _triton():
 BACKENDS = OpBackends("rope_append", reference=rope_append_ref, triton=_triton, cuda=rope_append_cuda)
 
 
-@torch.library.custom_op("relaxkv::rope_append", mutates_args=("k_cache", "v_cache", "proto"))
-def rope_append_op(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, proto: Optional[Tensor],
-                   frame_slot: Tensor, frame_pos: Tensor, height: int, width: int, backend: str) -> Tensor:
-    fn = BACKENDS.implementation(q.device, backend)
-    return fn(q, k, v, k_cache, v_cache, proto, frame_slot, frame_pos, height, width)
-
-
-@rope_append_op.register_fake
-def rope_append_fake(q, k, v, k_cache, v_cache, proto, frame_slot, frame_pos, height, width, backend):
-    return q.new_empty(q.shape)
-
-
-def rope_append(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, proto: Tensor | None,
-                frame_slot: Tensor, frame_pos: Tensor, height: int, width: int, backend: str = "auto") -> Tensor:
-    """Rotate a chunk's Q and K with Wan 3D RoPE and append K (rotated), V and prototypes to the cache.
-
-    Token i of chunk frame u (y = i // width, x = i % width) is rotated at (frame_pos[u], y, x);
-    ``k_cache[:, frame_slot[u] * F + i]`` receives the rotated key, ``v_cache`` the value and
-    ``proto[:, frame_slot[u]]`` the frame's mean pre-RoPE key (over tokens, then heads; fp32, not normalised).
-
-    Args:
-        q, k, v: [B, U * F, H, D] after q/k norm, before RoPE (F = height * width).
-        k_cache, v_cache: [B, n_rows, H, D], same dtype as k; frame slot s owns rows s*F .. s*F+F-1.
-        proto: float32 [B, n_slots, D], receives each frame's mean pre-RoPE key (not normalised); None:
-            no prototypes (only policies that score frames need them, and only at one layer).
-        frame_slot: int32/int64 [U] slot per chunk frame; frame_pos: int32/int64 [U] temporal position per frame.
-
-    Returns:
-        Q rotated at (frame_pos[u], y, x), [B, U * F, H, D]. The caches and proto are written in place.
-
-    Example:
-        >>> q = rope_append(q, k, v, kc, vc, proto, torch.tensor([4, 5, 6]), torch.tensor([9, 10, 11]), 30, 52)
-    """
+def _check(q, k, v, k_cache, v_cache, proto, frame_slot, frame_pos, height, width) -> None:
+    """The checks of :func:`rope_append` (public function and registered op)."""
     op = "relaxkv.rope_append"
     protos = {} if proto is None else {"proto": proto}
     check_devices(op, q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache, **protos, frame_slot=frame_slot,
@@ -79,5 +54,48 @@ def rope_append(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tenso
                          f"{k_cache.shape[1]} rows" + ("" if proto is None else f" and {proto.shape[1]} prototype slots"))
     check_index(op, "frame_slot", frame_slot, u, 0, n_slots - 1)
     check_index(op, "frame_pos", frame_pos, u)
+
+
+@torch.library.custom_op("relaxkv::rope_append", mutates_args=("k_cache", "v_cache", "proto"))
+def rope_append_op(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, proto: Optional[Tensor],
+                   frame_slot: Tensor, frame_pos: Tensor, height: int, width: int, backend: str,
+                   checked: bool = False) -> Tensor:
+    if not checked:
+        _check(q, k, v, k_cache, v_cache, proto, frame_slot, frame_pos, height, width)
+    fn = BACKENDS.implementation(q.device, backend)
+    return fn(q, k, v, k_cache, v_cache, proto, frame_slot, frame_pos, height, width)
+
+
+@rope_append_op.register_fake
+def rope_append_fake(q, k, v, k_cache, v_cache, proto, frame_slot, frame_pos, height, width, backend,
+                     checked=False):
+    if checks_in_fake(checked, q):
+        _check(q, k, v, k_cache, v_cache, proto, frame_slot, frame_pos, height, width)
+    return q.new_empty(q.shape)
+
+
+def rope_append(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, proto: Tensor | None,
+                frame_slot: Tensor, frame_pos: Tensor, height: int, width: int, backend: str = "auto") -> Tensor:
+    """Rotate a chunk's Q and K with Wan 3D RoPE and append K (rotated), V and prototypes to the cache.
+
+    Token i of chunk frame u (y = i // width, x = i % width) is rotated at (frame_pos[u], y, x);
+    ``k_cache[:, frame_slot[u] * F + i]`` receives the rotated key, ``v_cache`` the value and
+    ``proto[:, frame_slot[u]]`` the frame's mean pre-RoPE key (over tokens, then heads; fp32, not normalised).
+
+    Args:
+        q, k, v: [B, U * F, H, D] after q/k norm, before RoPE (F = height * width).
+        k_cache, v_cache: [B, n_rows, H, D], same dtype as k; frame slot s owns rows s*F .. s*F+F-1.
+        proto: float32 [B, n_slots, D], receives each frame's mean pre-RoPE key (not normalised); None:
+            no prototypes (only policies that score frames need them, and only at one layer).
+        frame_slot: int32/int64 [U] slot per chunk frame; frame_pos: int32/int64 [U] temporal position per frame.
+
+    Returns:
+        Q rotated at (frame_pos[u], y, x), [B, U * F, H, D]. The caches and proto are written in place.
+
+    Example:
+        >>> q = rope_append(q, k, v, kc, vc, proto, torch.tensor([4, 5, 6]), torch.tensor([9, 10, 11]), 30, 52)
+    """
+    _check(q, k, v, k_cache, v_cache, proto, frame_slot, frame_pos, height, width)
     return torch.ops.relaxkv.rope_append(q, k, v, k_cache, v_cache, proto, frame_slot, frame_pos, height, width,
-                                         backend)
+                                         backend, checked=True)
+

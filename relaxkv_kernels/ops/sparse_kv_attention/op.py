@@ -1,10 +1,17 @@
-"""``relaxkv::sparse_kv_attention``: registration, fake, backend table and the public function with its checks."""
+"""``relaxkv::sparse_kv_attention``: registration, fake, backend table, the argument checks and the public function.
+
+``torch.ops.relaxkv.sparse_kv_attention(q, k_pool, v_pool, seg, scale, backend, checked=False)`` is the fused
+path of the public function (``impl="fused"``) with ``scale`` given. checked: the caller has checked the
+arguments already (KVCache does, once, where they enter); False (the default): the op checks them exactly as
+the public function does.
+"""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from ..checks import check_devices, check_finite, check_pool, check_qkv, check_seg, check_tensor, check_total
+from ..checks import (check_devices, check_finite, check_pool, check_qkv, check_seg, check_tensor, check_total,
+                      checks_in_fake)
 from ..dense_attention.op import dense_attention_op, resolve_engine
 from ..dispatch import OpBackends, inference_only
 from ..gather_kv_rope.op import gather_kv_rope_op
@@ -22,14 +29,30 @@ def _triton():
 BACKENDS = OpBackends("sparse_kv_attention", reference=sparse_kv_attention_ref, triton=_triton)
 
 
+def _check(q, k_pool, v_pool, seg, scale) -> float:
+    """The checks of :func:`sparse_kv_attention`'s tensors and scale (public function and registered op); returns
+    the scale (D ** -0.5 for None)."""
+    op = "relaxkv.sparse_kv_attention"
+    check_devices(op, q=q, k_pool=k_pool, v_pool=v_pool, seg=seg)
+    check_qkv(op, "q", q)
+    check_pool(op, "k_pool", k_pool, q)
+    check_tensor(op, "v_pool", v_pool, shape=tuple(k_pool.shape), dtypes=(q.dtype,))
+    check_seg(op, seg, q.shape[0], k_pool.shape[1])
+    return q.shape[-1] ** -0.5 if scale is None else check_finite(op, "scale", scale)
+
+
 @torch.library.custom_op("relaxkv::sparse_kv_attention", mutates_args=())
 def sparse_kv_attention_op(q: Tensor, k_pool: Tensor, v_pool: Tensor, seg: Tensor, scale: float,
-                           backend: str) -> Tensor:
+                           backend: str, checked: bool = False) -> Tensor:
+    if not checked:
+        _check(q, k_pool, v_pool, seg, scale)
     return BACKENDS.implementation(q.device, backend)(q, k_pool, v_pool, seg, scale)
 
 
 @sparse_kv_attention_op.register_fake
-def sparse_kv_attention_fake(q, k_pool, v_pool, seg, scale, backend):
+def sparse_kv_attention_fake(q, k_pool, v_pool, seg, scale, backend, checked=False):
+    if checks_in_fake(checked, q):
+        _check(q, k_pool, v_pool, seg, scale)
     return q.new_empty(q.shape)
 
 
@@ -61,12 +84,7 @@ def sparse_kv_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, seg: Tensor, 
         [B, Nq, H, D] in q.dtype.
     """
     op = "relaxkv.sparse_kv_attention"
-    check_devices(op, q=q, k_pool=k_pool, v_pool=v_pool, seg=seg)
-    check_qkv(op, "q", q)
-    check_pool(op, "k_pool", k_pool, q)
-    check_tensor(op, "v_pool", v_pool, shape=tuple(k_pool.shape), dtypes=(q.dtype,))
-    check_seg(op, seg, q.shape[0], k_pool.shape[1])
-    scale = q.shape[-1] ** -0.5 if scale is None else check_finite(op, "scale", scale)
+    scale = _check(q, k_pool, v_pool, seg, scale)
     if impl not in IMPLS:
         raise ValueError(f"{op}: impl: expected one of {IMPLS}, got {impl!r}")
     if total is not None:
@@ -76,6 +94,7 @@ def sparse_kv_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, seg: Tensor, 
     if impl == "auto":
         impl = "gather" if q.is_cuda and total is not None and not torch.compiler.is_compiling() else "fused"
     if impl == "fused":
-        return sparse_kv_attention_op(q, k_pool, v_pool, seg, scale, backend)
-    k, v = gather_kv_rope_op(k_pool, v_pool, seg, total, backend)
-    return dense_attention_op(q, k, v, scale, resolve_engine(engine, q.device, q.dtype, q.shape[-1], q.shape[1], total))
+        return sparse_kv_attention_op(q, k_pool, v_pool, seg, scale, backend, checked=True)
+    k, v = gather_kv_rope_op(k_pool, v_pool, seg, total, backend, checked=True)
+    engine = resolve_engine(engine, q.device, q.dtype, q.shape[-1], q.shape[1], total)
+    return dense_attention_op(q, k, v, scale, engine, checked=True)

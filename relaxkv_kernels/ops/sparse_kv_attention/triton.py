@@ -16,6 +16,7 @@ from ..checks import require
 from ..triton_common import _cos_sin, inv_freq_table, pair_split
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) == exp2(x * LOG2E); exp2 is the native instruction
+MIN_HEAD_DIM = 16  # tl.dot needs tiles of at least 16 along the reduced dim
 
 
 def _configs() -> list[triton.Config]:
@@ -130,6 +131,14 @@ def _sparse_kv_attention_kernel(
     tl.store(p_o, acc.to(out.dtype.element_ty), mask=m_m[:, None] & m_v[None, :])
 
 
+def require_head_dim(op: str, q: torch.Tensor) -> None:
+    """The kernel's head_dim limit as an error of ``op``, the op it runs for (``sparse_kv_attention``'s backend,
+    ``dense_attention``'s engine)."""
+    d = q.shape[-1]
+    require(op, d >= MIN_HEAD_DIM, f"q: expected head_dim >= {MIN_HEAD_DIM} for the Triton kernel (tl.dot tiles), "
+            f"got {d}")
+
+
 def sparse_kv_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch.Tensor,
                                scale: float) -> torch.Tensor:
     """softmax(q K^T * scale) V over the segments of ``seg``, keys delta-rotated on the fly (fp32 accumulation).
@@ -155,8 +164,8 @@ def sparse_kv_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: to
         >>> seg = torch.tensor([[[0, 16, -3], [20, 20, 0]]], dtype=torch.int32)
         >>> out = sparse_kv_attention_triton(q, kp, vp, seg, 32 ** -0.5)  # [1, 16, 2, 32]
     """
+    require_head_dim("relaxkv.sparse_kv_attention", q)
     b, n_q, h, d = q.shape
-    require("sparse_kv_attention_triton", d >= 16, f"q: expected head_dim >= 16 (tl.dot tiles), got {d}")
     out = torch.empty((b, n_q, h, d), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out

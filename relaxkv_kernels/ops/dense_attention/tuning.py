@@ -1,20 +1,20 @@
 """Which attention engine runs dense attention on contiguous K/V: a small table the benchmark writes.
 
-``relaxkv_kernels/tuning.json``::
+``tuning.json`` beside this file::
 
-    {"version": 2,
+    {"version": 3,
      "entries": {"NVIDIA H100 80GB HBM3|d128|q8192|k16384": "sdpa_cudnn", ...}}
 
 Keys are ``<device name>|d<head_dim>|q<Nq bucket>|k<Nk bucket>``, buckets a quarter octave wide
-(``bucket``); values are engines of ``ops/dense_attention/engines.py``. ``benchmarks/bench_chunk.py
+(``bucket``); values are engines of ``engines.py``. ``benchmarks/bench_chunk.py
 --write-tuning`` times every engine at the chunk shapes on the device it runs on and records the
 fastest. Without an entry: ``sdpa_cudnn`` on CUDA devices of compute capability 9.0 or newer with a cuDNN
 newer than 9.15.0 (H100, 2026-11-27: cuDNN 506 TFLOP/s against 310 for the flash backend at Wan relax
-shapes), torch's own SDPA dispatch elsewhere. The lookup uses Python ints and strings only (the file is read once per process),
-so it costs no host-device synchronisation; resolve it outside compiled regions (``KVCache.begin_chunk``
-does) and pass the engine into compiled code.
+shapes), torch's own SDPA dispatch elsewhere. The lookup uses Python ints and strings only (the file is
+read once per process), so it costs no host-device synchronisation; resolve it outside compiled regions
+(``KVCache.begin_chunk`` does) and pass the engine into compiled code.
 
-    >>> from relaxkv_kernels.tuning import choose_engine
+    >>> from relaxkv_kernels.ops.dense_attention.tuning import choose_engine
     >>> choose_engine("cpu", 128, 4680, 10920)
     'sdpa'
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .ops.dense_attention.engines import ENGINES
+from .engines import ENGINES
 
 TUNING_PATH = Path(__file__).with_name("tuning.json")
 _VERSION = 3
