@@ -12,7 +12,9 @@ import sysconfig
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from setuptools import Extension, find_packages, setup
+from setuptools import Extension
+from setuptools import find_packages
+from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -89,11 +91,13 @@ if __name__ == "__main__":
         python_requires=">=3.10",
         packages=find_packages(include=["relaxkv_kernels", "relaxkv_kernels.*"]) + py_packages,
         package_dir={p: "python/" + p.replace(".", "/") for p in py_packages},
-        package_data={"relaxkv_kernels": ["ops/dense_attention/tuning.json"]},  # engine="auto" table (ops/dense_attention/tuning.py)
+        # the engine="auto" table (read by relaxkv_kernels/ops/dense_attention/tuning.py)
+        package_data={"relaxkv_kernels": ["ops/dense_attention/tuning.json"]},
         install_requires=["torch", "numpy", "tqdm", "matplotlib", "safetensors",
                           "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
-        # the test tiers: pytest-benchmark (benchmarks/), pybind11 + ninja (the emulated CUDA kernels, tests/cuda_emu/)
-        extras_require={"test": ["pytest", "pytest-benchmark", "pybind11", "ninja"]},
+        # the test tiers: pytest-benchmark (benchmarks/), pybind11 + ninja (the emulated CUDA kernels, tests/cuda_emu/),
+        # ruff (the lint check of tests/test_layout.py and .ci/run; >= 0.6 reads pyproject.toml's [tool.ruff] config)
+        extras_require={"test": ["pytest", "pytest-benchmark", "pybind11", "ninja", "ruff>=0.6"]},
         entry_points={"console_scripts": ["relaxkv-generate = relaxkv_gen.cli:main"]},
         ext_modules=extensions(),
         cmdclass={"build_ext": NvccBuildExt},

@@ -35,7 +35,10 @@ common.configure_triton()
 
 import torch  # noqa: E402
 
-from relaxkv_kernels import DenseWindow, KVCache, PackMemory, RelaxMemory  # noqa: E402
+from relaxkv_kernels import DenseWindow  # noqa: E402
+from relaxkv_kernels import KVCache  # noqa: E402
+from relaxkv_kernels import PackMemory  # noqa: E402
+from relaxkv_kernels import RelaxMemory  # noqa: E402
 
 POLICIES = ("dense", "dense21", "relax", "pack")
 LATENT_FRAMES_PER_SECOND = 4  # 16 fps video, 4 video frames per latent frame
@@ -54,7 +57,8 @@ def make_policy(name: str, frames: int):
 
 
 def wan_kv_bytes(policy) -> int:
-    """KV bytes of a 30-layer Wan2.1 bf16 cache under ``policy``: tensor shapes on the meta device, nothing allocated."""
+    """KV bytes of a 30-layer Wan2.1 bf16 cache under ``policy``: tensor shapes on the meta device, nothing
+    allocated."""
     s = common.SHAPES["wan"]
     cache = KVCache(policy, s.layers, s.batch, s.heads, s.head_dim, s.height, s.width, torch.bfloat16, "meta",
                     backend="reference")
@@ -117,7 +121,8 @@ def parse_args(argv=None):
     p.add_argument("--backend", default="auto", help="KVCache backend: reference, fused, auto, triton, cuda")
     p.add_argument("--tail-chunks", type=int, default=3, help="ms per chunk = median of this many last chunks")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="JSON path (PNG and CSV beside it); default benchmarks/results/scaling_<shapes>_<device>.json")
+    p.add_argument("--out", help="JSON path (PNG and CSV beside it); "
+                                 "default benchmarks/results/scaling_<shapes>_<device>.json")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -152,7 +157,8 @@ def main(argv=None) -> dict:
         result["png"] = str(plot_results.plot_scaling(result, json_path.with_suffix(".png")))
     note = f" -- {common.CPU_LABEL}" if env["cpu_timing"] else ""
     print(f"\nscaling on {env['device']}, {shape.name} shapes, {shape.layers} layers x {shape.passes} passes{note}")
-    print(f"{'policy':8} {'seconds':>7} {'chunks':>6} {'ms/chunk':>9} {'KV GiB (run)':>12} {'KV GiB (Wan 30L, computed)':>27}  status")
+    print(f"{'policy':8} {'seconds':>7} {'chunks':>6} {'ms/chunk':>9} {'KV GiB (run)':>12} "
+          f"{'KV GiB (Wan 30L, computed)':>27}  status")
     for r in rows:
         print(f"{r['policy']:8} {common.fmt(r['seconds']):>7} {common.fmt(r.get('chunks')):>6} "
               f"{common.fmt(r.get('ms_per_chunk')):>9} {common.fmt(r.get('kv_gib')):>12} "

@@ -20,7 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from setup import NVCC_FLAGS, find_nvcc  # noqa: E402  (the flags the extension is built with)
+from setup import NVCC_FLAGS  # noqa: E402  (the flags the extension is built with)
+from setup import find_nvcc  # noqa: E402  (the nvcc the build itself uses)
 
 _ENTRY = re.compile(r"Compiling entry function '(\w+)'")
 _PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")

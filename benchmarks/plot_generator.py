@@ -17,7 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CPU_LABEL  # noqa: E402
-from plot_results import _pyplot, _save, _title  # noqa: E402
+from plot_results import _pyplot  # noqa: E402
+from plot_results import _save  # noqa: E402
+from plot_results import _title  # noqa: E402
 
 VIDEO_FRAMES_PER_LATENT = 4
 # one chunk's DiT time, summed over layers x passes, in parts that add up to the whole: everything not

@@ -102,7 +102,8 @@ def _heading(data: dict, what: str) -> list[str]:
 
 def chunk_table(data: dict) -> str:
     s, peak = data["shape"], data["peak_bf16"]
-    lines = _heading(data, f"Per-chunk attention ({s['name']} shapes, {s['layers']} layers x {s['passes']} passes, {s['dtype']})")
+    lines = _heading(data, f"Per-chunk attention ({s['name']} shapes, {s['layers']} layers x {s['passes']} passes, "
+                           f"{s['dtype']})")
     peak_note = f" ({peak['label']})" if peak.get("label") else ""
     lines += [f"bf16 matmul peak measured in the same run: {common.fmt(peak['tflops'])} TFLOP/s{peak_note}.", "",
               "| config | row | Nq x Nk | ms / chunk | TFLOP/s | % of peak | GiB (cache) |",
@@ -119,7 +120,8 @@ def chunk_table(data: dict) -> str:
               "|---|---|---|---|---|"]
     for g in data.get("targets", []):
         if "ratio" in g:
-            lines.append(f"| dense / relax | whole-chunk ratio {common.fmt(g['ratio'])} (target >= {g['target']}) | | | |")
+            lines.append(f"| dense / relax | whole-chunk ratio {common.fmt(g['ratio'])} (target >= {g['target']}) "
+                         "| | | |")
         else:
             lines.append(f"| {g['config']} | {common.fmt(g['best_step_ms'])} | {common.fmt(g['cudnn_bound_ms'])} | "
                          f"{common.fmt(g['step_over_bound'])} (<= {g['target_over_bound']}) | "
@@ -129,15 +131,17 @@ def chunk_table(data: dict) -> str:
 
 def scaling_table(data: dict) -> str:
     s = data["shape"]
-    lines = _heading(data, f"Scaling with video length ({s['name']} shapes, {s['layers']} layers x {s['passes']} passes)")
+    lines = _heading(data, f"Scaling with video length ({s['name']} shapes, {s['layers']} layers x "
+                           f"{s['passes']} passes)")
     lines += ["| policy | seconds | chunks | ms / chunk | KV GiB (this run) | KV GiB (Wan 30 layers bf16, computed) |",
               "|---|---|---|---|---|---|"]
     for r in data["rows"]:
         if r.get("status") != "ok":
             lines.append(f"| {r['policy']} | {common.fmt(r['seconds'])} | | {r['status']} | | |")
             continue
-        lines.append(f"| {r['policy']} | {common.fmt(r['seconds'])} | {r['chunks']} | {common.fmt(r['ms_per_chunk'])} | "
-                     f"{common.fmt(r['kv_gib'])} | {common.fmt(r['wan30_kv_gib_computed'])} |")
+        lines.append(f"| {r['policy']} | {common.fmt(r['seconds'])} | {r['chunks']} | "
+                     f"{common.fmt(r['ms_per_chunk'])} | {common.fmt(r['kv_gib'])} | "
+                     f"{common.fmt(r['wan30_kv_gib_computed'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -188,7 +192,8 @@ def render(paths: list[str | Path], table: str | Path, plot: bool = True,
 
 def main(argv=None) -> tuple[Path, list[Path]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("results", nargs="*", help="results JSON files (default: chunk_*.json, scaling_*.json in benchmarks/results)")
+    p.add_argument("results", nargs="*",
+                   help="results JSON files (default: chunk_*.json, scaling_*.json in benchmarks/results)")
     p.add_argument("--table", default=str(common.RESULTS_DIR / "TABLE.md"))
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--readme", help="also fill this README's results section (GPU results only)")

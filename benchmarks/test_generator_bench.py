@@ -6,10 +6,11 @@ import math
 import pytest
 import torch
 
+from relaxkv_gen.rollout import make_policy
+
 import bench_generator
 import common
 import plot_generator
-from relaxkv_gen.rollout import make_policy
 
 WARMUP = {"dense": 6, "sink": 6, "relax": 4, "pack": 67}  # window full; Relax past warm-up; Pack's archive (64) full
 
@@ -79,7 +80,8 @@ def test_targets_and_table(run, capsys):
     _, data = run
     cpu = not torch.cuda.is_available()
     goals = data["targets"]
-    assert [(g["mode"], g["goal"]) for g in goals] == [("eager", 250.0), ("eager", 1.6), ("graph", 250.0), ("graph", 1.6)]
+    assert [(g["mode"], g["goal"]) for g in goals] == [("eager", 250.0), ("eager", 1.6),
+                                                        ("graph", 250.0), ("graph", 1.6)]
     for g in goals:
         assert g["met"] is None if cpu else isinstance(g["met"], bool)
     ratio = goals[1]["value"]

@@ -12,19 +12,33 @@ temporary directory and check what they write.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 
 import pytest
 import torch
 
+import relaxkv_kernels as rk
+from relaxkv_kernels.ops.compress_kv.op import BACKENDS as COMPRESS_KV_BACKENDS
+from relaxkv_kernels.ops.gather_kv_rope.op import BACKENDS as GATHER_KV_ROPE_BACKENDS
+from relaxkv_kernels.ops.mid_select.op import BACKENDS as MID_SELECT_BACKENDS
+from relaxkv_kernels.ops.relax_select.op import BACKENDS as RELAX_SELECT_BACKENDS
+from relaxkv_kernels.ops.rope_append.op import BACKENDS as ROPE_APPEND_BACKENDS
+from relaxkv_kernels.ops.sparse_kv_attention.op import BACKENDS as SPARSE_KV_ATTENTION_BACKENDS
+
 import bench_chunk
 import bench_scaling
 import common
 import plot_results
-import relaxkv_kernels as rk
 
 _SETUPS: dict = {}
+BACKEND_TABLES = {  # op -> its backend table (relaxkv_kernels/ops/<op>/op.py)
+    "rope_append": ROPE_APPEND_BACKENDS,
+    "gather_kv_rope": GATHER_KV_ROPE_BACKENDS,
+    "sparse_kv_attention": SPARSE_KV_ATTENTION_BACKENDS,
+    "relax_select": RELAX_SELECT_BACKENDS,
+    "mid_select": MID_SELECT_BACKENDS,
+    "compress_kv": COMPRESS_KV_BACKENDS,
+}
 
 
 @dataclasses.dataclass
@@ -58,7 +72,7 @@ def setup_for(config: str, size: str) -> OpSetup:
 def need_backend(op: str, device: torch.device, backend: str) -> None:
     """Skip unless ``backend`` can run ``op`` on ``device`` (the op's backend table decides)."""
     try:
-        importlib.import_module(f"relaxkv_kernels.ops.{op}.op").BACKENDS.resolve(device, backend)
+        BACKEND_TABLES[op].resolve(device, backend)
     except RuntimeError as exc:
         pytest.skip(str(exc))
 
@@ -172,8 +186,9 @@ def outputs(tmp_path_factory):
         pytest.skip("the tiny end-to-end run is the CPU check; on a GPU run the scripts at Wan shapes")
     tmp = tmp_path_factory.mktemp("bench")
     chunk = bench_chunk.main(TINY + ["--out", str(tmp / "chunk.json")])
-    triton_rows = bench_chunk.main(TINY + ["--configs", "relax", "--engines", "triton", "--layers", "1", "--passes", "1",
-                                           "--skip-official", "--out", str(tmp / "chunk_triton.json")])
+    triton_rows = bench_chunk.main(TINY + ["--configs", "relax", "--engines", "triton", "--layers", "1",
+                                           "--passes", "1", "--skip-official",
+                                           "--out", str(tmp / "chunk_triton.json")])
     scaling = bench_scaling.main(["--shapes", "tiny", "--seconds", "1,2", "--layers", "1", "--passes", "1",
                                   "--no-progress", "--out", str(tmp / "scaling.json")])
     return tmp, chunk, triton_rows, scaling

@@ -9,9 +9,19 @@ Public API:
 """
 from .availability import backends
 from .cache import KVCache
-from .memory import DenseWindow, MemoryPolicy, PackMemory, Planner, RelaxMemory
-from .ops import (compress_kv, dense_attention, gather_kv_rope, gather_kv_rope_into, mid_select, relax_select,
-                  rope_append, sparse_kv_attention)
+from .memory import DenseWindow
+from .memory import MemoryPolicy
+from .memory import PackMemory
+from .memory import Planner
+from .memory import RelaxMemory
+from .ops import compress_kv
+from .ops import dense_attention
+from .ops import gather_kv_rope
+from .ops import gather_kv_rope_into
+from .ops import mid_select
+from .ops import relax_select
+from .ops import rope_append
+from .ops import sparse_kv_attention
 
 __all__ = [
     "DenseWindow",

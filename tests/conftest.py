@@ -40,7 +40,8 @@ def _poisoning(fn):
         if torch.compiler.is_compiling():
             return out
         caller = sys._getframe(1).f_globals.get("__name__", "")
-        if caller.startswith(_PACKAGES) and not isinstance(out, torch._subclasses.FakeTensor) and out.device.type != "meta":
+        is_fake = isinstance(out, torch._subclasses.FakeTensor)
+        if caller.startswith(_PACKAGES) and not is_fake and out.device.type != "meta":
             _poison(out)
         return out
 

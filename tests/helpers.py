@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 import relaxkv_kernels as rk
-from relaxkv_kernels.availability import interpreter_enabled, triton_available
+from relaxkv_kernels.availability import interpreter_enabled
+from relaxkv_kernels.availability import triton_available
 
 INT_POISON = -(2**30)  # integer sentinel: an index a kernel forgot to write, or a stride it ignored
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton tests run (interpreter on CPU)

@@ -4,7 +4,6 @@ Every launcher of csrc/launchers.h is exposed, the dtype codes come from its C++
 the launchers and the Python wrappers raise a clear RuntimeError instead of crashing. The kernels
 themselves are tested per op in tests/ops/ (on a GPU, or emulated on the CPU).
 """
-import importlib
 import os
 import re
 import sys
@@ -13,15 +12,28 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import gen, randn
+from relaxkv_kernels import availability
+from relaxkv_kernels.ops.compress_kv.cuda import compress_kv_cuda
+from relaxkv_kernels.ops.gather_kv_rope.cuda import gather_kv_rope_cuda
+from relaxkv_kernels.ops.mid_select.cuda import mid_select_cuda
+from relaxkv_kernels.ops.relax_select.cuda import relax_select_cuda
+from relaxkv_kernels.ops.rope_append.cuda import rope_append_cuda
+
+from helpers import gen
+from helpers import randn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from setup import find_nvcc  # noqa: E402  (the search the build itself uses)
 
-# the module (relaxkv_kernels.backends is also the name of the backends() function the package exports)
-availability = importlib.import_module("relaxkv_kernels.availability")
-CUDA_OPS = ["rope_append", "relax_select", "mid_select", "compress_kv", "gather_kv_rope"]
+CUDA_WRAPPERS = {  # op -> its Python wrapper of the CUDA launcher (relaxkv_kernels/ops/<op>/cuda.py)
+    "rope_append": rope_append_cuda,
+    "relax_select": relax_select_cuda,
+    "mid_select": mid_select_cuda,
+    "compress_kv": compress_kv_cuda,
+    "gather_kv_rope": gather_kv_rope_cuda,
+}
+CUDA_OPS = list(CUDA_WRAPPERS)
 
 
 def _extension():
@@ -124,6 +136,6 @@ def _wrapper_args(op: str) -> list:
 @pytest.mark.parametrize("op", CUDA_OPS)
 def test_cuda_wrapper_without_gpu_raises(op):
     _extension()
-    wrapper = getattr(importlib.import_module(f"relaxkv_kernels.ops.{op}.cuda"), f"{op}_cuda")
+    wrapper = CUDA_WRAPPERS[op]
     with pytest.raises(RuntimeError, match=f"relaxkv {op}_cuda: no CUDA device available"):
         wrapper(*_wrapper_args(op))

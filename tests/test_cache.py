@@ -10,10 +10,15 @@ import torch
 import torch.nn.functional as F
 
 import relaxkv_kernels as rk
-from helpers import DEVICE, gen, need_triton
-from relaxkv_kernels.geometry import apply_rope, token_positions
+from relaxkv_kernels.geometry import apply_rope
+from relaxkv_kernels.geometry import token_positions
 from relaxkv_kernels.memory import relax_candidates
-from relaxkv_kernels.ops.relax_select.reference import frame_means_literal, set_prototype
+from relaxkv_kernels.ops.relax_select.reference import frame_means_literal
+from relaxkv_kernels.ops.relax_select.reference import set_prototype
+
+from helpers import DEVICE
+from helpers import gen
+from helpers import need_triton
 
 CUDA_OPS = ("rope_append", "relax_select", "mid_select", "compress_kv", "gather_kv_rope")
 
@@ -33,24 +38,24 @@ class LiteralRelax:
         self.c, self.written, self.choice = c, {}, None
 
     def attend(self, layer, q, k, v):
-        p, f, u, c = self.p, self.h * self.w, self.p.chunk_frames, self.c
+        p, u, c = self.p, self.p.chunk_frames, self.c
         self.written[layer] = (k, v)
         mem = self.frames
         n = len(mem)
         if n <= p.sink + 1 + p.tail:
-            groups = [[fr] for fr in mem]
             pos = list(range(c + u - (n + u), c))
         else:
             middle = mem[p.sink : n - p.tail]
             cands = [middle[i] for i in relax_candidates(len(middle), p.candidates)]
             if self.choice is None:  # layer 0, first pass: per-sample choice
-                k0 = lambda frs: torch.stack([fr[1][0][0] for fr in frs], dim=1)  # [B, n, F, H, D]
+                def k0(frs):  # layer 0's keys of frames frs: [B, n, F, H, D]
+                    return torch.stack([fr[1][0][0] for fr in frs], dim=1)
+
                 p_h = F.normalize(frame_means_literal(k0(cands)), dim=-1, eps=1e-12)
                 p_s = set_prototype(frame_means_literal(k0(mem[: p.sink])))
                 p_t = set_prototype(frame_means_literal(k0(mem[n - p.tail :])))
                 score = (p_h * p_s[:, None]).sum(-1) - p.lam * (p_h * p_t[:, None]).sum(-1)
                 self.choice = score.argmax(-1).tolist()
-            groups = [mem[: p.sink], None, mem[n - p.tail :]]
             pos = list(range(c - p.tail - p.sink - 1, c))
         outs = []
         for b in range(q.shape[0]):
@@ -64,15 +69,16 @@ class LiteralRelax:
             kpos = torch.tensor(pos + list(range(c, c + u)))
             kk = apply_rope(torch.cat(ks).double(), token_positions(kpos, self.h, self.w))
             qq = apply_rope(q[b].double(), token_positions(torch.arange(c, c + u), self.h, self.w))
-            o = F.scaled_dot_product_attention(qq.transpose(0, 1), kk.transpose(0, 1), torch.cat(vs).double().transpose(0, 1))
+            vv = torch.cat(vs).double()
+            o = F.scaled_dot_product_attention(qq.transpose(0, 1), kk.transpose(0, 1), vv.transpose(0, 1))
             outs.append(o.transpose(0, 1))
         return torch.stack(outs)
 
     def end_chunk(self):
         u, f = self.p.chunk_frames, self.h * self.w
         for i in range(u):
-            self.frames.append([self.c + i, {l: (k[:, i * f : (i + 1) * f], v[:, i * f : (i + 1) * f])
-                                             for l, (k, v) in self.written.items()}])
+            self.frames.append([self.c + i, {layer: (k[:, i * f : (i + 1) * f], v[:, i * f : (i + 1) * f])
+                                             for layer, (k, v) in self.written.items()}])
 
 
 def test_relax_cache_matches_literal_reservoir_over_300_frames():
@@ -177,7 +183,8 @@ def test_only_layer_0_writes_prototypes():
             cache.attend(layer, q, k, v)
             if layer == 0:
                 after_layer0 = cache.storage.proto.clone()
-        torch.testing.assert_close(cache.storage.proto, after_layer0, rtol=0, atol=0, equal_nan=True)  # empty slots: NaN
+        # empty slots: NaN
+        torch.testing.assert_close(cache.storage.proto, after_layer0, rtol=0, atol=0, equal_nan=True)
         cache.end_chunk()
 
 

@@ -9,18 +9,32 @@ import pytest
 import torch
 
 import relaxkv_kernels as rk
-from helpers import gen, need_triton, randn
+from relaxkv_kernels.availability import cuda_extension
+from relaxkv_kernels.availability import triton_available
+from relaxkv_kernels.ops.compress_kv.op import BACKENDS as COMPRESS_KV_BACKENDS
 from relaxkv_kernels.ops.dense_attention import tuning
-from relaxkv_kernels.availability import cuda_extension, triton_available
 from relaxkv_kernels.ops.dense_attention.op import resolve_engine
 from relaxkv_kernels.ops.dispatch import OpBackends
+from relaxkv_kernels.ops.gather_kv_rope.op import BACKENDS as GATHER_KV_ROPE_BACKENDS
+from relaxkv_kernels.ops.mid_select.op import BACKENDS as MID_SELECT_BACKENDS
+from relaxkv_kernels.ops.relax_select.op import BACKENDS as RELAX_SELECT_BACKENDS
+from relaxkv_kernels.ops.rope_append.op import BACKENDS as ROPE_APPEND_BACKENDS
+from relaxkv_kernels.ops.sparse_kv_attention.op import BACKENDS as SPARSE_KV_ATTENTION_BACKENDS
 
-TABLE_OPS = ["rope_append", "sparse_kv_attention", "relax_select", "mid_select", "compress_kv", "gather_kv_rope"]
+from helpers import gen
+from helpers import need_triton
+from helpers import randn
+
+TABLES = {  # op -> its backend table (relaxkv_kernels/ops/<op>/op.py)
+    "rope_append": ROPE_APPEND_BACKENDS,
+    "sparse_kv_attention": SPARSE_KV_ATTENTION_BACKENDS,
+    "relax_select": RELAX_SELECT_BACKENDS,
+    "mid_select": MID_SELECT_BACKENDS,
+    "compress_kv": COMPRESS_KV_BACKENDS,
+    "gather_kv_rope": GATHER_KV_ROPE_BACKENDS,
+}
+TABLE_OPS = list(TABLES)
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
-
-
-def _table(op: str) -> OpBackends:
-    return importlib.import_module(f"relaxkv_kernels.ops.{op}.op").BACKENDS
 
 
 def _ref(*args):
@@ -42,7 +56,7 @@ def no_backend_env(monkeypatch):
 @pytest.mark.parametrize("op", TABLE_OPS)
 def test_every_backend_has_the_reference_signature(op):
     """The table's implementations are interchangeable: same parameters, in the same order."""
-    table = _table(op)
+    table = TABLES[op]
     want = list(inspect.signature(table.reference).parameters)
     impls = [table.cuda] + ([table.triton()] if table.triton is not None and triton_available() else [])
     for fn in filter(None, impls):
@@ -51,15 +65,15 @@ def test_every_backend_has_the_reference_signature(op):
 
 @pytest.mark.parametrize("op", TABLE_OPS)
 def test_auto_on_cpu_is_the_reference(op, no_backend_env):
-    assert _table(op).resolve(CPU) == "reference"
-    assert _table(op).implementation(CPU) is _table(op).reference
+    assert TABLES[op].resolve(CPU) == "reference"
+    assert TABLES[op].implementation(CPU) is TABLES[op].reference
 
 
-@pytest.mark.parametrize("op", [op for op in TABLE_OPS if _table(op).cuda is not None])
+@pytest.mark.parametrize("op", [op for op in TABLE_OPS if TABLES[op].cuda is not None])
 def test_cuda_backend_finds_the_cuda_kernel(op, no_backend_env):
     if cuda_extension() is None:
         pytest.skip("relaxkv_kernels._C not built (no nvcc at install time)")
-    table = _table(op)
+    table = TABLES[op]
     assert table.resolve(CUDA, "cuda") == "cuda"
     assert table.implementation(CUDA, "cuda") is table.cuda
     with pytest.raises(RuntimeError, match="backend 'cuda' needs a CUDA kernel for this op and CUDA tensors"):
@@ -84,7 +98,7 @@ def test_resolution_rules(no_backend_env):
 
 def test_triton_on_cpu_needs_the_interpreter(no_backend_env):
     need_triton()
-    table = _table("relax_select")
+    table = TABLES["relax_select"]
     assert table.resolve(CPU, "triton") == "triton"
     no_backend_env.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="backend 'triton' needs triton and a CUDA tensor"):
@@ -96,19 +110,19 @@ def test_environment_chooses_the_backend_of_auto(no_backend_env):
     need_triton()
     env = no_backend_env
     env.setenv("RELAXKV_BACKEND", "triton")
-    assert _table("mid_select").resolve(CPU) == "triton"
+    assert TABLES["mid_select"].resolve(CPU) == "triton"
     env.setenv("RELAXKV_BACKEND_MID_SELECT", "reference")
-    assert _table("mid_select").resolve(CPU) == "reference"
-    assert _table("relax_select").resolve(CPU) == "triton"
-    assert _table("relax_select").resolve(CPU, "reference") == "reference"
+    assert TABLES["mid_select"].resolve(CPU) == "reference"
+    assert TABLES["relax_select"].resolve(CPU) == "triton"
+    assert TABLES["relax_select"].resolve(CPU, "reference") == "reference"
     env.setenv("RELAXKV_BACKEND_RELAX_SELECT", "fastest")
     with pytest.raises(ValueError, match="relaxkv.relax_select: backend: expected one of .* got 'fastest'"):
-        _table("relax_select").resolve(CPU)
+        TABLES["relax_select"].resolve(CPU)
 
 
 def test_public_op_follows_the_environment(no_backend_env):
     """The variable reaches the implementation a public op runs (a spy in the Triton slot of the table)."""
-    table, calls = _table("mid_select"), []
+    table, calls = TABLES["mid_select"], []
 
     def spy(*args):
         calls.append(len(args))
@@ -242,7 +256,8 @@ def test_cuda_without_an_index_is_the_current_device(monkeypatch):
     without a GPU: a fake tensor on cuda:0 and a patched current device)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from relaxkv_kernels.ops.checks import canonical_device, check_tensor
+    from relaxkv_kernels.ops.checks import canonical_device
+    from relaxkv_kernels.ops.checks import check_tensor
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert canonical_device("cuda") == torch.device("cuda:0")

@@ -3,7 +3,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from relaxkv_gen import build_model, get_preset, load_checkpoint
+from relaxkv_gen import build_model
+from relaxkv_gen import get_preset
+from relaxkv_gen import load_checkpoint
 from relaxkv_gen.checkpoint import normalize_key
 from relaxkv_gen.config import ModelConfig
 
@@ -87,7 +89,8 @@ def test_other_architecture_is_rejected(tmp_path, tiny):
 def test_tiny_checkpoint_into_wan_preset_is_rejected(tmp_path, tiny):
     path = tmp_path / "tiny.pt"
     torch.save(build_model(tiny, seed=3).state_dict(), path)
-    with pytest.raises(ValueError, match=r"(?s)756 missing: .*68 mis-shaped: blocks.0.cross_attn.k.bias \(checkpoint \[64\], model \[1536\]\)"):
+    with pytest.raises(ValueError, match=r"(?s)756 missing: .*68 mis-shaped: "
+                                         r"blocks.0.cross_attn.k.bias \(checkpoint \[64\], model \[1536\]\)"):
         load_checkpoint(build_model(get_preset("wan-1.3b"), init=False), path)
 
 
@@ -98,7 +101,7 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path, tiny):
         sd[f"model.extra.{i}.weight"] = torch.randn(3)
     path = tmp_path / "broken.pt"
     torch.save(sd, path)
-    msg = _load_fails(build_model(tiny, seed=5), path, "1 missing: head.modulation", "12 unexpected", ", ...")
+    _load_fails(build_model(tiny, seed=5), path, "1 missing: head.modulation", "12 unexpected", ", ...")
 
 
 @pytest.mark.parametrize("name, content, pattern", [

@@ -12,7 +12,9 @@ import torch
 
 from relaxkv_gen import build_model
 from relaxkv_gen.config import get_preset
-from relaxkv_gen.rollout import POLICY_NAMES, random_text, rollout
+from relaxkv_gen.rollout import POLICY_NAMES
+from relaxkv_gen.rollout import random_text
+from relaxkv_gen.rollout import rollout
 
 ROOT = Path(__file__).resolve().parents[1]
 CHUNKS = 12  # past warm-up, past the dense window (7 chunks), Relax selection, Pack mid blocks from block 4
@@ -40,7 +42,7 @@ def test_fused_rollout_matches_reference(policy):
 def test_readme_main_job_runs(tmp_path):
     """The quick-start main-job command, as written in the README (the generator part), exits 0."""
     readme = (ROOT / "README.md").read_text()
-    line = next(l for l in readme.splitlines() if "relaxkv-generate" in l and not l.startswith("#"))
+    line = next(ln for ln in readme.splitlines() if "relaxkv-generate" in ln and not ln.startswith("#"))
     args = shlex.split(line.split("relaxkv-generate", 1)[1])
     args[args.index("--out") + 1] = str(tmp_path / "out")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), str(ROOT)]))

@@ -5,8 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from relaxkv_gen import FlowMatchSampler, build_model, get_preset, sinusoidal_embedding_1d, unpatchify
-from relaxkv_gen.config import MAX_LATENT_FRAMES, MAX_SECONDS, ModelConfig, latent_frames_for_seconds
+from relaxkv_gen import FlowMatchSampler
+from relaxkv_gen import build_model
+from relaxkv_gen import get_preset
+from relaxkv_gen import sinusoidal_embedding_1d
+from relaxkv_gen import unpatchify
+from relaxkv_gen.config import MAX_LATENT_FRAMES
+from relaxkv_gen.config import MAX_SECONDS
+from relaxkv_gen.config import ModelConfig
+from relaxkv_gen.config import latent_frames_for_seconds
 
 BLOCK_KEYS = {  # Self-Forcing CausalWanAttentionBlock (Wan2.1 WanAttentionBlock naming), shape by (dim, ffn)
     "modulation": lambda d, f: (1, 6, d),
@@ -137,14 +144,20 @@ def _ln(x, w=None, b=None):
 
 
 def _attn(q, k, v, heads):
-    split = lambda t: t.unflatten(-1, (heads, -1)).transpose(0, 1)  # [H, L, D]
+    def split(t):  # [H, L, D]
+        return t.unflatten(-1, (heads, -1)).transpose(0, 1)
+
     return F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(0, 1).flatten(1)
 
 
 def literal_forward(sd, cfg, x, t, text):
     """Wan formulas written out per sample and per latent frame, straight from the state dict."""
-    lin = lambda h, name: h @ sd[name + ".weight"].T + sd[name + ".bias"]
-    gelu = lambda h: F.gelu(h, approximate="tanh")
+    def lin(h, name):
+        return h @ sd[name + ".weight"].T + sd[name + ".bias"]
+
+    def gelu(h):
+        return F.gelu(h, approximate="tanh")
+
     outs = []
     for bi in range(x.shape[0]):
         frames = x.shape[2]
@@ -158,7 +171,9 @@ def literal_forward(sd, cfg, x, t, text):
         for i in range(cfg.num_layers):
             p = f"blocks.{i}."
             mod = sd[p + "modulation"][0] + e0  # [U, 6, dim]
-            rep = lambda j: mod[:, j].repeat_interleave(per, 0)  # frame value on each of its tokens
+            def rep(j):  # frame value on each of its tokens
+                return mod[:, j].repeat_interleave(per, 0)
+
             h = _ln(tok) * (1 + rep(1)) + rep(0)
             q = _rms(lin(h, p + "self_attn.q"), sd[p + "self_attn.norm_q.weight"])
             k = _rms(lin(h, p + "self_attn.k"), sd[p + "self_attn.norm_k.weight"])
@@ -210,6 +225,15 @@ def test_forward_rejects_bad_shapes():
         model.embed_text(torch.randn(1, 3, 512))
 
 
+class _Plan:
+    """The part of a ``ChunkPlan`` the rollout reads."""
+
+    selects = False
+
+    def total_keys(self):
+        return 0
+
+
 class _RecordingCache(PlainAttend):
     """Protocol double: records begin/attend/end order (attention as PlainAttend)."""
 
@@ -233,13 +257,18 @@ class _RecordingCache(PlainAttend):
     def live_bytes(self):
         return 1
 
-    last_plan = None
+    def selected_frames(self):
+        return [[]]
+
+    last_plan = _Plan()
 
 
-def test_rollout_protocol_and_sampler():
+def test_rollout_protocol_and_sampler(monkeypatch):
+    import importlib
     from types import SimpleNamespace
 
-    from relaxkv_gen import random_text, rollout
+    from relaxkv_gen import random_text
+    from relaxkv_gen import rollout
 
     cfg = get_preset("tiny")
     model = build_model(cfg, seed=2)
@@ -254,7 +283,8 @@ def test_rollout_protocol_and_sampler():
         return forward(x, t, context, cache, timer)
 
     model.forward = spy
-    res = rollout(model, "relax", random_text(cfg, 2, 0), num_chunks=3, seed=4, rk=fake_rk)
+    monkeypatch.setattr(importlib.import_module("relaxkv_gen.rollout"), "rk", fake_rk)
+    res = rollout(model, "relax", random_text(cfg, 2, 0), num_chunks=3, seed=4)
     per_chunk = ["begin", *([0, 1] * 5), "end"]
     assert log == per_chunk * 3
     assert res.latents.shape == (2, 16, 6, 8, 8) and len(res.chunks) == 3

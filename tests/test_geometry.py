@@ -9,9 +9,14 @@ import math
 import pytest
 import torch
 
+from relaxkv_kernels.geometry import apply_delta_rope
+from relaxkv_kernels.geometry import apply_rope
+from relaxkv_kernels.geometry import compressed_grid
+from relaxkv_kernels.geometry import compressed_positions
+from relaxkv_kernels.geometry import rope_pair_split
+from relaxkv_kernels.geometry import token_positions
+
 from helpers import literal_rope
-from relaxkv_kernels.geometry import (apply_delta_rope, apply_rope, compressed_grid, compressed_positions,
-                                      rope_pair_split, token_positions)
 
 F64_TOL = 1e-12
 F32_TOL = 1e-6

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 import relaxkv_kernels as rk
-from helpers import assert_replays_equal_eager, capture_chunk_step
 from relaxkv_kernels.ops.gather_kv_rope.reference import gather_segments_ref
+
+from helpers import assert_replays_equal_eager
+from helpers import capture_chunk_step
 
 pytestmark = pytest.mark.gpu
 WAN = dict(num_heads=12, head_dim=128, height=30, width=52)  # F = 1560 tokens per latent frame

@@ -7,10 +7,14 @@
   through the public op, so a reference is never a second, unchecked entry point.
 - The package imports without triton: only the ``triton.py`` kernel files and ``ops/triton_common.py``
   import it (or import those files) at module level; everything else loads them lazily.
+- The repository passes ``ruff check`` (the rules in pyproject.toml's ``[tool.ruff]``); skipped where ruff is
+  not installed (the ``test`` extra brings it).
 """
 from __future__ import annotations
 
 import ast
+import importlib.util
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -160,3 +164,22 @@ def test_rules_catch_a_bad_import(source, rule, expected):
     assert bad[0].startswith("relaxkv_kernels/ops/rope_append/cuda.py:3: "), bad
     lazy = rule({path: "def load():\n" + "".join(f"    {line}\n" for line in source.splitlines())})
     assert lazy == ([] if rule is triton_import_violations else [bad[0].replace(":3: ", ":2: ")])
+
+
+def _ruff() -> list[str]:
+    """The command that runs ruff: the module beside this interpreter, else a ``ruff`` on PATH."""
+    if importlib.util.find_spec("ruff") is not None:
+        return [sys.executable, "-m", "ruff"]
+    exe = shutil.which("ruff")
+    if exe is None:
+        pytest.skip("ruff is not installed (pip install -e '.[test]' brings it)")
+    return [exe]
+
+
+def test_ruff_check_passes():
+    """``ruff check .`` from the repository root reports nothing (what .ci/run also runs)."""
+    cmd = [*_ruff(), "check", "--no-cache", "--output-format", "concise", "."]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if res.returncode != 0:
+        pytest.fail(f"ruff check failed (exit {res.returncode}):\n{res.stdout[-8000:]}{res.stderr[-2000:]}",
+                    pytrace=False)

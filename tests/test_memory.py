@@ -8,8 +8,9 @@ is tested in test_cache.py.
 import pytest
 
 import relaxkv_kernels as rk
-from relaxkv_kernels.memory import relax_candidates, relax_roles, relax_target_positions
-
+from relaxkv_kernels.memory import relax_candidates
+from relaxkv_kernels.memory import relax_roles
+from relaxkv_kernels.memory import relax_target_positions
 
 # ---------------------------------------------------------------------------------------------- candidates
 
@@ -200,8 +201,8 @@ def test_pack_repacks_sink_and_mid_before_recent():
     planner = rk.PackMemory(top_k=2, archive=3).planner(4, 4)
     for n in range(8):
         plan = planner.plan(n)
-    c = plan.start_frame  # 28; mid blocks 4, 5, 6 (first frames 16, 20, 24); recent block 6
-    assert plan.job.mid_blocks == [3, 4, 5]
+    assert plan.start_frame == 28
+    assert plan.job.mid_blocks == [3, 4, 5]  # first frames 12, 16, 20; recent block 6 (frames 24..27)
     assert plan.job.target_pos == [16, 20]  # two selected blocks packed right before recent (24)
     assert [s[2] for s in plan.segments[:8]] == [8] * 8  # sink frames 0..7 now at 8..15
     assert plan.frames_attended[10:14] == [24, 25, 26, 27] and [s[2] for s in plan.segments[10:]] == [0] * 8

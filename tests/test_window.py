@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import relaxkv_kernels as rk
-from helpers import assert_replays_equal_eager, capture_chunk_step
+
+from helpers import assert_replays_equal_eager
+from helpers import capture_chunk_step
 
 L, B, H, D, HH, WW = 2, 2, 2, 16, 4, 4  # frames of 16 tokens: the smallest grid Pack can pool (2x4x4)
 POLICIES = {
@@ -52,7 +54,8 @@ def _assert_same_rollout(got, want, tol):
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
     assert torch.equal(cache.device_plan.seg, ref_cache.device_plan.seg)  # same selections
     rows = _held_rows(ref_cache).to(ref_cache.storage.k.device)
-    for a, b in ((cache.storage.k, ref_cache.storage.k), (cache.storage.v, ref_cache.storage.v)):  # end_chunk committed the chunk rows
+    # end_chunk committed the chunk rows
+    for a, b in ((cache.storage.k, ref_cache.storage.k), (cache.storage.v, ref_cache.storage.v)):
         torch.testing.assert_close(a[:, :, rows].float(), b[:, :, rows].float(), rtol=tol, atol=tol)
 
 
@@ -251,9 +254,10 @@ def test_bf16_window_at_wan_shapes_meets_the_2x_rule(name):
             outs[mode] = cache.attend(0, q, k, v)
             cache.end_chunk()
     ref_cache = caches["segments"]
+    device_plan = ref_cache.device_plan
     q_rot = rk.rope_append(q, k, v, ref_cache.storage.k[0].clone(), ref_cache.storage.v[0].clone(), None,
-                           ref_cache.device_plan.frame_slot, ref_cache.device_plan.frame_pos, 30, 52, backend="reference")
-    seg = ref_cache.device_plan.seg[0]
+                           device_plan.frame_slot, device_plan.frame_pos, 30, 52, backend="reference")
+    seg = device_plan.seg[0]
     total = ref_cache.last_plan.total_keys()
     want = rk.sparse_kv_attention(q_rot.float(), ref_cache.storage.k[0].float(), ref_cache.storage.v[0].float(), seg,
                                   backend="reference", impl="fused")

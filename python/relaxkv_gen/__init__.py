@@ -12,9 +12,20 @@ Example::
     res.latents.shape   # [1, 16, 12, 8, 8]
 """
 from .checkpoint import load_checkpoint
-from .config import PRESETS, ModelConfig, get_preset
-from .model import CausalWanModel, build_model, sinusoidal_embedding_1d, unpatchify
-from .rollout import POLICY_NAMES, RolloutResult, denoise_chunk, make_cache, make_policy, random_text, rollout
+from .config import PRESETS
+from .config import ModelConfig
+from .config import get_preset
+from .model import CausalWanModel
+from .model import build_model
+from .model import sinusoidal_embedding_1d
+from .model import unpatchify
+from .rollout import POLICY_NAMES
+from .rollout import RolloutResult
+from .rollout import denoise_chunk
+from .rollout import make_cache
+from .rollout import make_policy
+from .rollout import random_text
+from .rollout import rollout
 from .sampler import FlowMatchSampler
 
 __version__ = "0.1.0"

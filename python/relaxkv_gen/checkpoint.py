@@ -29,7 +29,8 @@ MAX_LISTED = 10
 
 
 def read_tensor_file(path, what: str):
-    """What a tensor file holds: ``.safetensors`` -> dict of tensors; anything else -> ``torch.load(weights_only=True)``.
+    """What a tensor file holds: ``.safetensors`` -> dict of tensors; anything else ->
+    ``torch.load(weights_only=True)``.
 
     Every failure is a one-line FileNotFoundError / ValueError that starts with ``what`` and the path; an
     unreadable file says so without torch's advice to retry with ``weights_only=False`` (never done here).
@@ -67,7 +68,8 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
     path = Path(path)
     suffix = path.suffix.lower()
     if path.is_file() and suffix not in (".pt", ".pth", ".safetensors"):
-        raise ValueError(f"checkpoint {str(path)!r}: unsupported extension {suffix!r} (expected .pt, .pth or .safetensors)")
+        raise ValueError(f"checkpoint {str(path)!r}: unsupported extension {suffix!r} "
+                         "(expected .pt, .pth or .safetensors)")
     obj = read_tensor_file(path, "checkpoint")
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {str(path)!r}: expected a dict of tensors, got {type(obj).__name__}")

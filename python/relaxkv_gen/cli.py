@@ -1,34 +1,53 @@
 """``relaxkv-generate`` / ``python -m relaxkv_gen``: AR rollout with one or all memory policies.
 
 Every input is checked before any work, and a bad one is reported as one line
-``relaxkv-generate: error: ...`` with exit status 2. Everything is generated before anything is written:
-files go to a temporary folder next to ``--out`` and are moved in at the end, so a failed run leaves
-``--out`` untouched.
+``relaxkv-generate: error: ...`` with exit status 2. Before any file is read or the model is built, a
+temporary folder is made next to ``--out`` (an unwritable location fails there); everything is written
+into it and it is moved into place at the end, so a failed or interrupted run (Ctrl-C: one line
+``relaxkv-generate: interrupted``, exit status 130) leaves ``--out`` as it was.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
-import shutil
 import sys
-import tempfile
+from importlib.util import find_spec
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+import relaxkv_kernels as rk
+
 from . import __version__
-from .checkpoint import load_checkpoint, read_tensor_file
-from .config import MAX_LATENT_FRAMES, PRESETS, get_preset, latent_frames_for_seconds
+from .checkpoint import load_checkpoint
+from .checkpoint import read_tensor_file
+from .config import MAX_LATENT_FRAMES
+from .config import PRESETS
+from .config import get_preset
+from .config import latent_frames_for_seconds
 from .model import build_model
-from .report import build_report, format_timing_table, plot_memory_map, plot_report, write_json
-from .rollout import POLICY_NAMES, default_backend, load_kernels, make_policy, random_text, rollout
+from .output import OutputFolder
+from .report import build_report
+from .report import format_timing_table
+from .report import plot_memory_map
+from .report import plot_report
+from .report import write_json
+from .rollout import POLICY_NAMES
+from .rollout import clock_label
+from .rollout import default_backend
+from .rollout import make_policy
+from .rollout import random_text
+from .rollout import rollout
 
 PROG = "relaxkv-generate"
 DEFAULT_CHUNKS = 7
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts
+EXIT_ERROR, EXIT_INTERRUPTED = 2, 130  # 130 = 128 + SIGINT, as a shell reports a Ctrl-C
+EPILOG = ("Exit status: 0 done; 2 an error, reported as one line 'relaxkv-generate: error: ...' (bad inputs before any "
+          "work); 130 interrupted (Ctrl-C), reported as 'relaxkv-generate: interrupted'. A failed or interrupted "
+          "run leaves --out as it was.")
 
 
 class Parser(argparse.ArgumentParser):
@@ -89,22 +108,36 @@ def device_arg(text: str) -> torch.device:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog=PROG, description=__doc__.splitlines()[0])
+    p = Parser(prog=PROG, description=__doc__.splitlines()[0], epilog=EPILOG)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model size (default: tiny)")
-    p.add_argument("--policy", choices=[*POLICY_NAMES, "all"], default="relax", help="KV memory policy (default: relax)")
+    p.add_argument("--policy", choices=[*POLICY_NAMES, "all"], default="relax",
+                   help="KV memory policy (default: relax)")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--chunks", type=positive_int, help=f"chunks to generate per policy (default: {DEFAULT_CHUNKS})")
+    length.add_argument("--chunks", type=positive_int,
+                        help=f"chunks to generate per policy (default: {DEFAULT_CHUNKS})")
     length.add_argument("--seconds", type=seconds_float, help="video length at 16 fps, 4 video frames per latent frame")
-    p.add_argument("--backend", choices=["reference", "fused"], help="KV memory backend (default: fused on CUDA, else reference)")
+    p.add_argument("--backend", choices=["reference", "fused"],
+                   help="KV memory backend (default: fused on CUDA, else reference)")
     p.add_argument("--device", type=device_arg, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--batch", type=positive_int, default=1, help="samples per rollout (default: 1)")
     p.add_argument("--checkpoint", type=Path, help="Self-Forcing generator checkpoint (.pt/.pth/.safetensors)")
-    p.add_argument("--text-embeds", type=Path, help="text encoder states [L, text_dim] (or [B, L, text_dim]), .pt or .safetensors")
+    p.add_argument("--text-embeds", type=Path,
+                   help="text encoder states [L, text_dim] (or [B, L, text_dim]), .pt or .safetensors")
     p.add_argument("--seed", type=seed_int, default=0)
-    p.add_argument("--out", type=Path, default=Path("out/generate"), help="output folder (default: out/generate)")
+    p.add_argument("--out", type=Path, default=Path("out/generate"),
+                   help="output folder (default: out/generate): absent or empty (an existing, non-empty folder is "
+                        "refused unless --overwrite). Outputs are written to a temporary folder made beside it "
+                        "before any work, and moved in at the end")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing, non-empty --out as a whole, once the new run has succeeded (nothing "
+                        "of the old run remains); only a folder of relaxkv-generate's own outputs is replaced")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    p.add_argument("--no-timing", action="store_true", help="skip the per-section timing breakdown")
+    p.add_argument("--no-timing", action="store_true",
+                   help="no timing. Timing is per policy: each section's median [q1, q3] over the steady chunks "
+                        "(those doing the last chunk's work), printed; report.png plots it on a GPU only (CUDA "
+                        "events): on a CPU the clock is host wall time, which a busy machine inflates unevenly "
+                        "across policies run one after another")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -134,18 +167,6 @@ def load_text_embeds(path: Path, cfg, batch: int) -> torch.Tensor:
     return obj.float().expand(batch, -1, -1).contiguous()
 
 
-def check_out_dir(out: Path) -> None:
-    """ValueError unless ``out`` is a folder, or can be made one (every existing parent a writable folder)."""
-    label = f"--out {str(out)!r}"
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{label} exists and is not a folder")
-    existing = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
-    if not existing.is_dir():
-        raise ValueError(f"{label}: {str(existing)!r} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{label}: {str(existing)!r} is not writable")
-
-
 def plan_chunks(args, chunk_frames: int) -> int:
     """Chunks of ``chunk_frames`` latent frames for ``--chunks`` / ``--seconds``; ValueError past MAX_LATENT_FRAMES."""
     if args.seconds is not None:
@@ -158,65 +179,66 @@ def plan_chunks(args, chunk_frames: int) -> int:
     return n
 
 
-def write_outputs(out: Path, files: dict[str, Callable[[Path], None]]) -> None:
-    """Write every file into a temp folder beside ``out``, then move them in (all or nothing)."""
-    check_out_dir(out)  # again: the run may have taken hours
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        for name, write in files.items():
-            write(tmp / name)
-        out.mkdir(exist_ok=True)
-        for name in files:
-            os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def check_modules(progress: bool) -> None:
+    """ImportError now, not after the run, for a module the outputs need (installed with the package)."""
+    needed = [("matplotlib", "the report's figures")] + ([("tqdm", "the progress bar")] if progress else [])
+    for module, what in needed:
+        if find_spec(module) is None:
+            raise ImportError(f"{module} is needed for {what}: pip install {module}"
+                              + (" (or pass --no-progress)" if module == "tqdm" else ""))
 
 
 def run(args) -> int:
-    """Validate every input (cheapest first), generate with each policy, then write all outputs at once."""
+    """Validate every input (cheapest first), make the temporary output folder, generate with each policy,
+    write everything into the folder and move it into place."""
     cfg = get_preset(args.preset)
-    check_out_dir(args.out)
+    out = OutputFolder(args.out, overwrite=args.overwrite)  # checks only: absent, empty, or replaceable
     device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     backend = args.backend or default_backend()
     if backend == "fused" and device.type != "cuda" and "triton" not in sys.modules:
         # relaxkv_kernels runs its Triton kernels on CPU only under the interpreter (slow; for checking)
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    rk = load_kernels()
     if backend == "fused" and device.type != "cuda" and not rk.backends()["triton"]:
         raise ValueError("--backend fused on the CPU needs triton, run under TRITON_INTERPRET=1 (set before triton "
                          "is imported); use --backend reference")
     policies = list(POLICY_NAMES) if args.policy == "all" else [args.policy]
-    chunks = {name: plan_chunks(args, int(make_policy(name, rk).chunk_frames)) for name in policies}
-    text = load_text_embeds(args.text_embeds, cfg, args.batch) if args.text_embeds else random_text(cfg, args.batch, args.seed)
-    if args.checkpoint is not None:
-        model = build_model(cfg, dtype=dtype, init=False)
-        info = load_checkpoint(model, args.checkpoint, device=device)
-        weights = f"checkpoint {info['path']} ({info['source'] or 'flat'}, {info['num_tensors']} tensors)"
-    else:
-        model = build_model(cfg, seed=args.seed, device=device, dtype=dtype)
-        weights = f"random init (seed {args.seed})"
+    chunks = {name: plan_chunks(args, int(make_policy(name).chunk_frames)) for name in policies}
+    check_modules(progress=not args.no_progress)
+    try:
+        staging = out.stage()  # before any file is read or the model built: an unwritable --out fails here
+        text = (load_text_embeds(args.text_embeds, cfg, args.batch) if args.text_embeds
+                else random_text(cfg, args.batch, args.seed))
+        if args.checkpoint is not None:
+            model = build_model(cfg, dtype=dtype, init=False)
+            info = load_checkpoint(model, args.checkpoint, device=device)
+            weights = f"checkpoint {info['path']} ({info['source'] or 'flat'}, {info['num_tensors']} tensors)"
+        else:
+            model = build_model(cfg, seed=args.seed, device=device, dtype=dtype)
+            weights = f"random init (seed {args.seed})"
 
-    results = []
-    for name in policies:
-        results.append(rollout(model, name, text, num_chunks=chunks[name], seed=args.seed, backend=backend,
-                               timing=not args.no_timing, progress=not args.no_progress, rk=rk))
-    timing = "off" if args.no_timing else ("CUDA events" if device.type == "cuda" else "CPU time (perf_counter)")
-    report = build_report(results, {
-        "preset": cfg.name, "model": cfg.to_dict(), "policies": policies, "backend": backend,
-        "device": str(device), "dtype": str(dtype).replace("torch.", ""), "batch": args.batch, "seed": args.seed,
-        "weights": weights, "text": str(args.text_embeds) if args.text_embeds else f"random (seed {args.seed})",
-        "timing": timing, "passes_per_chunk": 5,
-    })
-    if not args.no_timing:
-        print(format_timing_table(report))
+        results = []
+        for name in policies:
+            results.append(rollout(model, name, text, num_chunks=chunks[name], seed=args.seed, backend=backend,
+                                   timing=not args.no_timing, progress=not args.no_progress))
+        report = build_report(results, {
+            "preset": cfg.name, "model": cfg.to_dict(), "policies": policies, "backend": backend,
+            "device": str(device), "dtype": str(dtype).replace("torch.", ""), "batch": args.batch, "seed": args.seed,
+            "weights": weights, "text": str(args.text_embeds) if args.text_embeds else f"random (seed {args.seed})",
+            "timing": "off" if args.no_timing else clock_label(device), "passes_per_chunk": 5,
+        })
+        if not args.no_timing:
+            print(format_timing_table(report))
 
-    files = {f"latents_{r.policy}.pt": (lambda p, t=r.latents: torch.save(t, p)) for r in results}
-    files["report.json"] = lambda p: write_json(report, p)
-    files["report.png"] = lambda p: plot_report(report, p)
-    files["report_memory_map.png"] = lambda p: plot_memory_map(report, p)
-    write_outputs(args.out, files)
+        files = {f"latents_{r.policy}.pt": (lambda p, t=r.latents: torch.save(t, p)) for r in results}
+        files["report.json"] = lambda p: write_json(report, p)
+        files["report.png"] = lambda p: plot_report(report, p)
+        files["report_memory_map.png"] = lambda p: plot_memory_map(report, p)
+        for name, write in files.items():
+            write(staging / name)
+        out.commit()
+    finally:
+        out.discard()  # a failure or an interrupt: the temporary folder and the parents made for it go
     print(f"wrote {', '.join(files)} to {args.out}")
     return 0
 
@@ -228,19 +250,23 @@ def out_of_memory(exc: BaseException) -> bool:
 
 
 def main(argv=None) -> int:
-    """Entry point: 0 on success; 2 with one line ``relaxkv-generate: error: ...`` on stderr, nothing written."""
+    """Entry point: 0 on success; 2 with one line ``relaxkv-generate: error: ...`` on stderr; 130 with one line
+    ``relaxkv-generate: interrupted`` on a Ctrl-C. Anything but 0 leaves ``--out`` as it was."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help / --version (0), or a usage error (2, its line already printed)
         return exc.code
     try:
         return run(args)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
-        message = str(exc)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, OSError, ImportError) as exc:  # OSError: FileNotFoundError, a full disk, ...
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     except (RuntimeError, MemoryError) as exc:
         if not out_of_memory(exc):
             raise
         message = (f"out of memory ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
                    "try a smaller --batch or preset")
     print(f"{PROG}: error: {message}", file=sys.stderr)
-    return 2
+    return EXIT_ERROR

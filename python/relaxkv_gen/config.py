@@ -7,7 +7,8 @@ RoPE split) at toy sizes so a 20-chunk rollout runs on two CPU cores in seconds.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from dataclasses import dataclass
 
 VIDEO_FPS = 16
 VIDEO_FRAMES_PER_LATENT = 4  # Wan VAE: 4x temporal compression (the first frame's 1-frame special case is ignored)

@@ -140,7 +140,8 @@ class AttentionBlock(nn.Module):
         modulation and residual adds are not in any section).
         """
         frames = e0.shape[1]
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)  # [B, U, 1, dim]
+        # [B, U, 1, dim] each
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)
 
         def per_frame(t):  # [B, U*F, dim] -> [B, U, F, dim]
             return t.unflatten(1, (frames, -1))

@@ -1,27 +1,44 @@
 """Rollout report: JSON (data), two PNGs and a printed timing table.
 
-``report.png``: generation time per video frame and KV memory against the video frame each chunk ends at
-(chunks are 3 latent frames for dense / sink / relax and 4 for pack, so per-chunk figures are not
-comparable; one latent frame = 4 video frames). ``report_memory_map.png``: for every chunk and policy,
-which earlier frames (and Pack compressed blocks) the chunk attends to, and what the cache still holds.
+``report.png``: KV memory against the video frame each chunk ends at (chunks are 3 latent frames for
+dense / sink / relax and 4 for pack, so per-chunk figures are not comparable; one latent frame = 4 video
+frames) and, on a GPU, the time per video frame of each policy. ``report_memory_map.png``: for every chunk
+and policy, which earlier frames (and Pack compressed blocks) the chunk attends to, and what the cache
+still holds.
+
+Timing is summarised, never shown chunk by chunk: the median and interquartile range over a policy's
+steady chunks (:func:`steady_chunks`: those doing the same work as its last chunk). One sample per chunk
+on a busy machine is mostly noise: a shared 2-core CPU timed the same qkv section of identical chunks at
+2.4 to 202 ms and showed the sink policy 4x faster than dense, which does the same work. On a CPU the
+figure leaves the time panel out: wall time there measures the machine's load as much as the work, and
+the policies run one after another under whatever load each met, which no spread within one policy can
+reveal. The printed table still gives the CPU's median [q1, q3], labelled as wall time, for comparing
+sections within a policy. On a GPU the clock is CUDA events, which time the device's work alone.
 """
 from __future__ import annotations
 
 import json
 import platform
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .config import VIDEO_FRAMES_PER_LATENT
-from .rollout import BLOCK_SECTIONS, SELF_ATTN_SECTIONS, RolloutResult
+from .rollout import BLOCK_SECTIONS
+from .rollout import CHUNK_SECTION
+from .rollout import SELF_ATTN_SECTIONS
+from .rollout import RolloutResult
 
 SECTION_TITLES = {"qkv": "qkv+norm", "rope_append": "rope+write", "select": "scoring", "compress": "compress",
                   "attention": "attention", "o_proj": "o-proj", "self_attn": "self-attn", "cross_attn": "cross-attn",
-                  "ffn": "ffn"}
+                  "ffn": "ffn", "chunk": "chunk total"}
 MIB = 2**20
-CPU_LABEL = "CPU time, not a GPU measurement"
+STEADY_MIN = 3  # steady chunks needed for a median and an interquartile range
+TABLE_ROWS = (*SELF_ATTN_SECTIONS, "self_attn", *BLOCK_SECTIONS, CHUNK_SECTION)
+CPU_CAVEAT = ("host wall time: it counts waits for cores busy with other processes, and the policies ran one "
+              "after another under whatever load each met; compare sections within a policy, not policies")
 # one look per policy: dense and sink share a window and draw on top of each other, so sink gets hollow
 # markers and a dashed line that let dense show through
 STYLES = {
@@ -44,8 +61,46 @@ NOT_HELD, HELD, HELD_COMPRESSED, ATTENDED, CHOSEN, CHOSEN_COMPRESSED, CURRENT = 
 MAP_MAX_CHUNKS = 48  # rows per policy in the memory map: past the warm-ups, Pack choosing 16 of 40+ blocks; legible
 
 
+def _quartiles(values: list[float]) -> dict[str, float]:
+    q1, median, q3 = np.percentile(np.asarray(values, dtype=np.float64), [25, 50, 75])
+    return {"median": float(median), "q1": float(q1), "q3": float(q3)}
+
+
+def steady_chunks(chunks: list[dict]) -> list[int]:
+    """Positions in ``chunks`` of the steady ones: after the first chunk (one-time costs: allocations, lazy
+    initialisation), attending to as many keys as the last chunk, with the same selection step.
+
+    Warm-up chunks do less work (the dense window is filling, Pack's mid archive growing, Relax not yet
+    selecting), so their times are not samples of the same quantity.
+    """
+    def work(c):
+        return c.get("keys_attended"), c.get("selects")
+
+    return [i for i in range(1, len(chunks)) if work(chunks[i]) == work(chunks[-1])]
+
+
+def timing_summary(chunks: list[dict], chunk_frames: int) -> dict | None:
+    """Median and interquartile range of each timed section over the steady chunks (:func:`steady_chunks`).
+
+    Returns None when the chunks were not timed, else ``{"steady_chunks": [chunk numbers], "ms": {section:
+    {"median", "q1", "q3"}} | None, "ms_per_video_frame": {...} | None}``: ``ms`` is None with fewer than
+    :data:`STEADY_MIN` steady chunks. Sections are summed over layers and passes, ``"chunk"`` is the whole chunk.
+    """
+    if not chunks or any("timing_ms" not in c for c in chunks):
+        return None
+    steady = [chunks[i] for i in steady_chunks(chunks)]
+    summary = {"steady_chunks": [c["chunk"] for c in steady], "ms": None, "ms_per_video_frame": None}
+    if len(steady) >= STEADY_MIN:
+        summary["ms"] = {name: _quartiles([c["timing_ms"].get(name, 0.0) for c in steady])
+                         for name in steady[0]["timing_ms"]}
+        per_frame = chunk_frames * VIDEO_FRAMES_PER_LATENT
+        summary["ms_per_video_frame"] = {k: v / per_frame for k, v in summary["ms"][CHUNK_SECTION].items()}
+    return summary
+
+
 def build_report(results: list[RolloutResult], meta: dict) -> dict:
-    """JSON-ready report: ``{"meta": {...}, "policies": {name: {"chunk_frames", "chunks": [...]}}}``."""
+    """JSON-ready report: ``{"meta": {...}, "policies": {name: {"chunk_frames", "chunks": [...], "timing"}}}``
+    (``timing``: :func:`timing_summary`; ``meta["timing"]`` names the clock)."""
     meta = dict(meta)
     meta.setdefault("torch", torch.__version__)
     meta.setdefault("python", platform.python_version())
@@ -60,6 +115,7 @@ def build_report(results: list[RolloutResult], meta: dict) -> dict:
                 "chunk_frames": r.chunk_frames,
                 "latent_shape": list(r.latents.shape),
                 "chunks": r.chunks,
+                "timing": timing_summary(r.chunks, r.chunk_frames),
             }
             for r in results
         },
@@ -100,15 +156,62 @@ def _same_as(series: dict[str, list]) -> dict[str, str]:
 
 def _title(report: dict) -> str:
     meta = report["meta"]
-    timing = CPU_LABEL if str(meta.get("device", "")).startswith("cpu") else meta.get("timing", "")
     return (f"{meta.get('preset')} | backend {meta.get('backend')} | {meta.get('device')} ({meta.get('device_name')}) "
-            f"| {meta.get('dtype')} | timing: {timing}")
+            f"| {meta.get('dtype')} | timing: {meta.get('timing', 'off')}")
 
 
-def plot_report(report: dict, path) -> None:
-    """Time per video frame and KV memory (in use, and the allocated cap) against the video frame (matplotlib Agg)."""
+def _on_cpu(report: dict) -> bool:
+    return not str(report["meta"].get("device", "")).startswith("cuda")
+
+
+def time_panel_left_out(report: dict) -> str | None:
+    """Why ``report.png`` has no time panel (None: it has one)."""
+    if any(p.get("timing") is None for p in report["policies"].values()):
+        return "timing off (--no-timing)"
+    if _on_cpu(report):
+        return ("no time panel on a CPU: wall time there measures the machine's load as much as the work, and the "
+                "policies ran one after another (the printed table has medians and spreads)")
+    return None
+
+
+def _plot_time(ax, report: dict) -> None:
+    """Bars: median ms per video frame over each policy's steady chunks, whiskers: the interquartile range."""
+    for i, (name, pol) in enumerate(report["policies"].items()):
+        t, colour = pol["timing"], _style(name, i)["color"]
+        n = len(t["steady_chunks"])
+        if t["ms_per_video_frame"] is None:
+            ax.annotate(f"n/a: {n} steady\nchunk(s)", (i, 0), textcoords="offset points", xytext=(0, 4),
+                        ha="center", fontsize=8)
+            continue
+        q = t["ms_per_video_frame"]
+        ax.bar(i, q["median"], color=colour, alpha=0.8)
+        ax.errorbar(i, q["median"], yerr=[[q["median"] - q["q1"]], [q["q3"] - q["median"]]], color="black",
+                    capsize=6)
+        ax.annotate(f"{q['median']:.3g}\nn={n}", (i, q["q3"]), textcoords="offset points", xytext=(0, 4),
+                    ha="center", fontsize=8)
+    names = list(report["policies"])
+    ax.set_xticks(range(len(names)), [f"{n}\n({report['policies'][n]['chunk_frames']} fr./chunk)" for n in names])
+    ax.set(ylabel="ms per video frame (chunk time / video frames)",
+           title=f"Time per video frame: median and IQR over the steady chunks\n({report['meta'].get('timing')}; "
+                 "4 denoising + 1 refresh pass per chunk)")
+    top = max((p["timing"]["ms_per_video_frame"]["q3"] for p in report["policies"].values()
+               if p["timing"]["ms_per_video_frame"] is not None), default=1.0)
+    ax.set_ylim(0, 1.25 * top)  # room for the labels above the whiskers
+    ax.set_xlim(-0.6, len(names) - 0.4)
+    ax.grid(alpha=0.3, axis="y")
+
+
+def plot_report(report: dict, path) -> list[str]:
+    """KV memory (in use, and the allocated cap) against the video frame and, when timed on a GPU, the time per
+    video frame of each policy (:func:`time_panel_left_out` says why not otherwise). Returns the panels' titles."""
     plt = _pyplot()
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 4.8), constrained_layout=True)
+    left_out = time_panel_left_out(report)
+    if left_out is None:
+        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 4.8), constrained_layout=True,
+                                         gridspec_kw={"width_ratios": [2, 3]})
+        _plot_time(ax_t, report)
+    else:
+        fig, ax_m = plt.subplots(1, 1, figsize=(13, 4.8), constrained_layout=True)
     pols = report["policies"]
     xs = {n: [_end_video_frame(c) for c in p["chunks"]] for n, p in pols.items()}
     live = {n: list(zip(xs[n], [c["kv_live_bytes"] for c in p["chunks"]])) for n, p in pols.items()}
@@ -116,29 +219,23 @@ def plot_report(report: dict, path) -> None:
     live_twin, cap_twin = _same_as(live), _same_as(caps)
     for i, (name, pol) in enumerate(pols.items()):
         style = dict(_style(name, i), markevery=max(1, len(pol["chunks"]) // 40))  # ~40 markers a line
-        ms = [c["time_ms"] / (c["frames"] * VIDEO_FRAMES_PER_LATENT) for c in pol["chunks"]]
-        ax_t.plot(xs[name], ms, label=f"{name} ({pol['chunk_frames']} latent frames / chunk)", **style)
         same = f" (same as {live_twin[name]})" if name in live_twin else ""
         ax_m.plot(xs[name], [b / MIB for _, b in live[name]], label=f"{name}: in use{same}", **style)
         same = f" (same as {cap_twin[name]})" if name in cap_twin else ""
         dashes = (6, 3) if name not in cap_twin else (2, 4)  # a coinciding cap: shorter dashes in the gaps
         ax_m.plot(xs[name], [b / MIB for _, b in caps[name]], color=style["color"], linestyle=(0, dashes),
                   linewidth=1.2, label=f"{name}: allocated = cap{same}")
-    ax_t.set(xlabel="video frame (end of chunk; 4 video frames per latent frame)",
-             ylabel="ms per video frame (chunk time / video frames)",
-             title="Generation time per video frame (4 denoising + 1 refresh pass per chunk)")
     ax_m.set(xlabel="video frame (end of chunk; 4 video frames per latent frame)", ylabel="KV memory (MiB)",
              title="KV memory: in use (solid) and allocated cap (dashed)")
-    ax_t.set_ylim(bottom=0)
     ax_m.set_ylim(bottom=0)
-    for ax in (ax_t, ax_m):
-        ax.grid(alpha=0.3)
-        ax.set_xlim(left=0)
-    ax_t.legend(fontsize=8)
+    ax_m.grid(alpha=0.3)
+    ax_m.set_xlim(left=0)
     ax_m.legend(fontsize=7, ncol=2)
-    fig.suptitle(_title(report), fontsize=9)
+    fig.suptitle(_title(report) + ("" if left_out is None else "\n" + textwrap.fill(left_out, 150)), fontsize=9)
+    titles = [ax.get_title() for ax in fig.axes]
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return titles
 
 
 def frame_tokens(report: dict) -> int:
@@ -228,28 +325,44 @@ def plot_memory_map(report: dict, path) -> None:
     plt.close(fig)
 
 
+def _chunk_ranges(chunks: list[int]) -> str:
+    """[7, 8, 9, 12] -> "7-9,12"."""
+    runs: list[list[int]] = []
+    for c in chunks:
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+
+
 def format_timing_table(report: dict) -> str:
-    """Per-chunk section breakdown (summed over layers and the 5 passes) for every policy."""
-    label = report["meta"].get("timing", "")
-    cols = [*SELF_ATTN_SECTIONS, "self_attn", *BLOCK_SECTIONS]
-    head = ["chunk", *[SECTION_TITLES[c] for c in cols], "chunk total", "KV in use MiB"]
-    lines = []
-    for name, pol in report["policies"].items():
-        lines.append(f"policy {name} (chunk = {pol['chunk_frames']} latent frames) - {label}, "
-                     "sections summed over layers x passes (ms)")
-        rows = []
-        for c in pol["chunks"]:
-            t = c.get("timing_ms", {})
-            rows.append([str(c["chunk"]), *[f"{t.get(k, float('nan')):.2f}" for k in cols],
-                         f"{c['time_ms']:.2f}", f"{c['kv_live_bytes'] / MIB:.3f}"])
-        if rows:
-            n = len(rows)
-            means = ["mean"]
-            for j in range(1, len(head)):
-                means.append(f"{sum(float(r[j]) for r in rows) / n:.{3 if j == len(head) - 1 else 2}f}")
-            rows.append(means)
-        widths = [max(len(head[j]), *(len(r[j]) for r in rows)) for j in range(len(head))]
-        lines.append("  ".join(h.rjust(w) for h, w in zip(head, widths)))
-        lines.extend("  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows)
-        lines.append("")
-    return "\n".join(lines)
+    """Per policy, each section's median [q1, q3] over the steady chunks (ms per chunk, summed over layers x
+    passes), the whole chunk, and the chunk per video frame; "" when the report has no timing."""
+    pols = {n: p for n, p in report["policies"].items() if p.get("timing") is not None}
+    if not pols:
+        return ""
+    meta = report["meta"]
+
+    def cell(q, digits=2):
+        return "n/a" if q is None else f"{q['median']:.{digits}f} [{q['q1']:.{digits}f}, {q['q3']:.{digits}f}]"
+
+    head = ["", *pols]
+    rows = [["steady chunks", *(f"{_chunk_ranges(p['timing']['steady_chunks']) or 'none'} "
+                                f"(n={len(p['timing']['steady_chunks'])})" for p in pols.values())]]
+    for section in TABLE_ROWS:
+        rows.append([SECTION_TITLES.get(section, section),
+                     *(cell(p["timing"]["ms"] and p["timing"]["ms"].get(section)) for p in pols.values())])
+    rows.append(["per video frame", *(cell(p["timing"]["ms_per_video_frame"], 3) for p in pols.values())])
+    widths = [max(len(r[j]) for r in [head, *rows]) for j in range(len(head))]
+    clock = f"timing: {meta.get('timing', '')}"
+    if all(p["timing"]["ms"] is None for p in pols.values()):
+        return (f"{clock}: no policy has {STEADY_MIN} steady chunks (after the first, doing the last chunk's work) "
+                "to summarise; generate more chunks\n")
+    lines = [f"{clock}; median [q1, q3] over the steady chunks (n/a under {STEADY_MIN}), ms per chunk, sections "
+             "summed over layers x passes"]
+    if _on_cpu(report):
+        lines.append(f"note: {CPU_CAVEAT}")
+    lines += ["  ".join(v.ljust(w) if j == 0 else v.rjust(w) for j, (v, w) in enumerate(zip(r, widths)))
+              for r in [head, *rows]]
+    return "\n".join(lines) + "\n"

@@ -18,10 +18,13 @@ import dataclasses
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 from typing import Callable
 
 import torch
+
+import relaxkv_kernels as rk
 
 from .model import CausalWanModel
 from .sampler import FlowMatchSampler
@@ -35,25 +38,15 @@ SELF_ATTN_SECTIONS = ("qkv", "rope_append", "select", "compress", "attention", "
 BLOCK_SECTIONS = ("cross_attn", "ffn")  # the rest of a block's heavy work, timed by the model
 SECTIONS = SELF_ATTN_SECTIONS + BLOCK_SECTIONS  # disjoint: their sum is at most a pass's time
 NESTED_SECTIONS = ("stage",)  # KVCache's window staging, inside "attention"
+CHUNK_SECTION = "chunk"  # a whole chunk, begin_chunk to end_chunk, on the same clock as the sections
+WALL_CLOCK = "wall time on the CPU (time.perf_counter)"
 MAX_PLAN_ELEMENTS = 256  # bigger tensors in a plan are summarised by shape in the report
 
 
-def load_kernels():
-    """The ``relaxkv_kernels`` module, checked for the public API the generator needs."""
-    import relaxkv_kernels as rk
-
-    needed = ("KVCache", "DenseWindow", "RelaxMemory", "PackMemory")
-    absent = [n for n in needed if not hasattr(rk, n)]
-    if absent:
-        raise ImportError(f"relaxkv_kernels does not provide {absent} (public API: {list(needed)})")
-    return rk
-
-
-def make_policy(name: str, rk=None):
+def make_policy(name: str):
     """Memory policy object for ``name`` in :data:`POLICY_NAMES`."""
     if name not in POLICY_NAMES:
         raise ValueError(f"unknown policy {name!r}: expected one of {list(POLICY_NAMES)}")
-    rk = rk or load_kernels()
     if name == "dense":
         return rk.DenseWindow(window=DENSE_WINDOW, sink=0)
     if name == "sink":
@@ -68,10 +61,16 @@ def default_backend() -> str:
     return "fused" if torch.cuda.is_available() else "reference"
 
 
+def clock_label(device) -> str:
+    """What :class:`SectionTimer` measures on ``device``: CUDA events on a GPU, host wall time elsewhere."""
+    return "CUDA events" if torch.device(device).type == "cuda" else WALL_CLOCK
+
+
 class SectionTimer:
     """Accumulates the time of named sections (model sections and ``KVCache.profiler`` sections).
 
-    CPU: ``time.perf_counter`` around each section (host wall-clock, labelled "CPU time").
+    CPU: ``time.perf_counter`` around each section: host wall time (not CPU time: a section that waits
+    for a core busy with another process counts the wait), labelled :data:`WALL_CLOCK`.
     CUDA: a pair of CUDA events per section, read by :meth:`collect` (one sync, none inside the sections).
     With ``external=True`` the events are CUDA "external" events, which keep their timestamps when they
     are recorded inside a CUDA graph capture: every replay re-records them (read them after each replay).
@@ -80,7 +79,7 @@ class SectionTimer:
     def __init__(self, device, external: bool = False):
         self.cuda = torch.device(device).type == "cuda"
         self.external = external
-        self.label = "CUDA events (ms)" if self.cuda else "CPU time (ms, perf_counter)"
+        self.label = clock_label(device)
         self.reset()
 
     def reset(self) -> None:
@@ -162,9 +161,8 @@ def random_text(cfg, batch: int, seed: int) -> torch.Tensor:
     return torch.randn(batch, cfg.text_len, cfg.text_dim, generator=g)
 
 
-def make_cache(model: CausalWanModel, policy, batch: int, backend: str = "reference", rk=None):
+def make_cache(model: CausalWanModel, policy, batch: int, backend: str = "reference"):
     """A ``relaxkv_kernels.KVCache`` for ``policy`` with the model's geometry, dtype and device."""
-    rk = rk or load_kernels()
     cfg = model.cfg
     param = next(model.parameters())
     return rk.KVCache(
@@ -211,7 +209,6 @@ def rollout(
     sampler: FlowMatchSampler | None = None,
     timing: bool = True,
     progress: bool = False,
-    rk=None,
 ) -> RolloutResult:
     """Generate ``num_chunks`` chunks with memory policy ``policy_name``.
 
@@ -222,25 +219,26 @@ def rollout(
         num_chunks: chunks of ``policy.chunk_frames`` latent frames each.
         seed: seeds the initial and re-noising noise (drawn on the CPU: identical on every device).
         backend: ``"reference"`` or ``"fused"``, passed to ``relaxkv_kernels.KVCache``.
-        timing: time the sections of every pass (:class:`SectionTimer`). progress: a tqdm bar.
+        timing: time the sections of every pass and the whole chunk (:class:`SectionTimer`: CUDA events on
+            a GPU, host wall time on a CPU). progress: a tqdm bar (on stderr).
 
     Returns:
         :class:`RolloutResult` with latents [B, 16, num_chunks * chunk_frames, H, W] and one record per
-        chunk: time, KV bytes (allocated and in use), the cache's ``last_plan``, the frames each memory
-        segment showed and the section timing breakdown.
+        chunk: ``time_ms`` (host wall time, after a device sync on CUDA), KV bytes (allocated and in use),
+        the cache's ``last_plan``, the frames each memory segment showed and, with ``timing``, ``timing_ms``:
+        every section and ``"chunk"`` (:data:`CHUNK_SECTION`) on the timer's clock.
     """
     if num_chunks < 1:
         raise ValueError(f"num_chunks: expected >= 1, got {num_chunks}")
-    rk = rk or load_kernels()
     cfg = model.cfg
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     sampler = sampler or FlowMatchSampler.create()
-    policy = make_policy(policy_name, rk)
+    policy = make_policy(policy_name)
     u = int(policy.chunk_frames)
     context = model.embed_text(text)
     batch = context.shape[0]
-    cache = make_cache(model, policy, batch, backend, rk)
+    cache = make_cache(model, policy, batch, backend)
     gen = torch.Generator().manual_seed(seed)
     shape = (batch, cfg.in_dim, u, cfg.latent_height, cfg.latent_width)
 
@@ -257,33 +255,41 @@ def rollout(
     result = RolloutResult(policy=policy_name, latents=None, chunk_frames=u)
     outputs = []
     bar = progress_bar(range(num_chunks), policy_name, progress)
-    for i in bar:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        cache.begin_chunk()
-        x0 = denoise_chunk(forward, sampler, noise, batch, u, device)
-        cache.end_chunk()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed_ms = 1e3 * (time.perf_counter() - t0)
-        record = {
-            "chunk": i,
-            "start_frame": i * u,
-            "frames": u,
-            "time_ms": elapsed_ms,
-            "kv_bytes": int(cache.memory_bytes()),
-            "kv_live_bytes": int(cache.live_bytes()),
-            "plan": to_jsonable(getattr(cache, "last_plan", None)),
-        }
-        if callable(getattr(cache, "selected_frames", None)):  # reads the device table: after the chunk, not inside
-            record["selected_frames"] = to_jsonable(cache.selected_frames())
-        if timer is not None:
-            record["timing_ms"] = timer.collect()
-        result.chunks.append(record)
-        outputs.append(x0.cpu())
+    try:
+        for i in bar:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            with timer.section(CHUNK_SECTION) if timer is not None else contextlib.nullcontext():
+                cache.begin_chunk()
+                x0 = denoise_chunk(forward, sampler, noise, batch, u, device)
+                cache.end_chunk()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed_ms = 1e3 * (time.perf_counter() - t0)
+            plan = cache.last_plan
+            record = {
+                "chunk": i,
+                "start_frame": i * u,
+                "frames": u,
+                "time_ms": elapsed_ms,
+                "kv_bytes": int(cache.memory_bytes()),
+                "kv_live_bytes": int(cache.live_bytes()),
+                "plan": to_jsonable(plan),
+                # the chunk's work, which tells warm-up chunks from steady ones (report.steady_chunks)
+                "keys_attended": int(plan.total_keys()),
+                "selects": bool(plan.selects),
+                "selected_frames": to_jsonable(cache.selected_frames()),  # reads the device table: after the chunk
+            }
+            if timer is not None:
+                record["timing_ms"] = timer.collect()
+            result.chunks.append(record)
+            outputs.append(x0.cpu())
+            if progress:
+                bar.set_postfix(ms=f"{elapsed_ms:.0f}", kv_mib=f"{record['kv_bytes'] / 2**20:.1f}")
+    finally:
         if progress:
-            bar.set_postfix(ms=f"{elapsed_ms:.0f}", kv_mib=f"{record['kv_bytes'] / 2**20:.1f}")
+            bar.close()  # ends the bar's line, on an interrupt too, so what is printed next starts a line
     result.latents = torch.cat(outputs, dim=2)
     return result
 

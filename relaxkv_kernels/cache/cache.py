@@ -32,13 +32,23 @@ import contextlib
 
 import torch
 
-from ..memory import CacheGeometry, ChunkPlan, DeviceStep, MemoryPolicy, Planner
-from ..ops.checks import FLOAT_DTYPES, canonical_device, check_head_dim, check_int, check_tensor
+from ..memory import CacheGeometry
+from ..memory import ChunkPlan
+from ..memory import DeviceStep
+from ..memory import MemoryPolicy
+from ..memory import Planner
+from ..ops.checks import FLOAT_DTYPES
+from ..ops.checks import canonical_device
+from ..ops.checks import check_head_dim
+from ..ops.checks import check_int
+from ..ops.checks import check_tensor
 from ..ops.dense_attention.engines import ENGINES
 from ..ops.rope_append.op import rope_append_op
 from .device_plan import DevicePlan
-from .modes import MODES, make_mode
-from .storage import KVStorage, nbytes
+from .modes import MODES
+from .modes import make_mode
+from .storage import KVStorage
+from .storage import nbytes
 
 CACHE_BACKENDS = ("reference", "fused", "auto", "triton")
 ATTENTION_MODES = ("auto", *MODES)
@@ -153,9 +163,9 @@ class KVCache:
         mode = self.mode.for_chunk(plan)
         shapes = (self.device_plan.upload(plan), plan.n_memory_seg, plan.total_keys(), mode.name)
         if self._captured is not None and shapes != self._captured:
-            raise RuntimeError(f"KVCache.begin_chunk: chunk {self.chunk} changes the plan's shapes since a CUDA graph "
-                               "captured a chunk step of this cache, so a replay would read stale buffers; capture once "
-                               "the plans are steady (past the policy's warm-up), or make a new cache")
+            raise RuntimeError(f"KVCache.begin_chunk: chunk {self.chunk} changes the plan's shapes since a CUDA "
+                               "graph captured a chunk step of this cache, so a replay would read stale buffers; "
+                               "capture once the plans are steady (past the policy's warm-up), or make a new cache")
         self.last_plan, self._shapes, self.chunk_mode = plan, shapes, mode
         mode.begin(plan)
         self._pending_select = set()
@@ -222,7 +232,9 @@ class KVCache:
         if not self._in_chunk:
             raise RuntimeError(f"{op}: call begin_chunk() before the first pass of a chunk")
         check_int(op, "layer", layer, low=0, high=self.num_layers - 1)
-        if self.device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing():
+        capturing = (self.device.type == "cuda" and not torch.compiler.is_compiling()
+                     and torch.cuda.is_current_stream_capturing())
+        if capturing:
             self._captured = self._shapes
         plan, mode = self.last_plan, self.chunk_mode
         shape = (self.batch, len(plan.frame_slot) * self.frame_tokens, self.num_heads, self.head_dim)

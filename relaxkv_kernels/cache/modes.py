@@ -23,12 +23,16 @@ from collections.abc import Callable
 
 import torch
 
-from ..memory import CacheGeometry, ChunkPlan, Planner
-from ..ops.dense_attention.op import dense_attention_op, resolve_engine
+from ..memory import CacheGeometry
+from ..memory import ChunkPlan
+from ..memory import Planner
+from ..ops.dense_attention.op import dense_attention_op
+from ..ops.dense_attention.op import resolve_engine
 from ..ops.gather_kv_rope.op import gather_kv_rope_into_op
 from ..ops.sparse_kv_attention.op import sparse_kv_attention_op
 from .device_plan import DevicePlan
-from .storage import KVStorage, nbytes
+from .storage import KVStorage
+from .storage import nbytes
 
 MODES = ("window", "per_call", "segments")
 
@@ -88,8 +92,8 @@ class PoolPrefixMode(DenseMode):
 
     def for_chunk(self, plan: ChunkPlan) -> AttentionMode:
         if plan.pool_prefix() is None:
-            raise RuntimeError(f"KVCache.begin_chunk: the planner never gathers (Planner.gathers is False) but the plan "
-                               f"of chunk {plan.chunk} is not a pool prefix at delta 0")
+            raise RuntimeError(f"KVCache.begin_chunk: the planner never gathers (Planner.gathers is False) but the "
+                               f"plan of chunk {plan.chunk} is not a pool prefix at delta 0")
         return self
 
     def attend(self, layer: int, q_rot: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:

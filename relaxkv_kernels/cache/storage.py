@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ..memory import CacheGeometry, Planner
+from ..memory import CacheGeometry
+from ..memory import Planner
 
 
 def nbytes(*tensors: torch.Tensor | None) -> int:

@@ -142,7 +142,8 @@ class SlotMap:
         return evicted
 
     def place(self, frame: int, slot: int | None = None) -> int:
-        """The slot of ``frame``: ``slot`` when given, its slot when already placed (re-planning), else the lowest free one."""
+        """The slot of ``frame``: ``slot`` when given, its slot when already placed (re-planning), else the lowest
+        free one."""
         if slot is None and frame in self.slot_of:
             return self.slot_of[frame]
         if slot is None:
@@ -259,9 +260,10 @@ class MemoryPolicy:
                 kind = "a number" if want is float else f"{'a' if want is bool else 'an'} {want.__name__}"
                 raise TypeError(f"{name}: {f.name}: expected {kind}, got {value!r} ({type(value).__name__})")
 
-    def check_range(self, field: str, low: int | None = None, high: int | None = None) -> None:
-        """ValueError naming ``field`` when its int value is outside [low, high]."""
-        check_int(type(self).__name__, field, getattr(self, field), low=low, high=high)
+    def check_ranges(self, **bounds: tuple[int | None, int | None]) -> None:
+        """ValueError naming the first field whose int value is outside its (low, high) bounds (None: open)."""
+        for field, (low, high) in bounds.items():
+            check_int(type(self).__name__, field, getattr(self, field), low=low, high=high)
 
     def planner(self, height: int, width: int) -> Planner:
         raise NotImplementedError

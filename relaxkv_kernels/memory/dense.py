@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import ChunkPlan, MemoryPolicy, Planner, pad
+from .base import ChunkPlan
+from .base import MemoryPolicy
+from .base import Planner
+from .base import pad
 
 
 @dataclass(frozen=True)
@@ -21,9 +24,7 @@ class DenseWindow(MemoryPolicy):
 
     def __post_init__(self):
         super().__post_init__()
-        self.check_range("chunk_frames", low=1)
-        self.check_range("sink", low=0)
-        self.check_range("window", low=self.chunk_frames + self.sink)
+        self.check_ranges(chunk_frames=(1, None), sink=(0, None), window=(self.chunk_frames + self.sink, None))
 
     def planner(self, height: int, width: int) -> "DensePlanner":
         return DensePlanner(self, height * width)

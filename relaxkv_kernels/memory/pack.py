@@ -6,10 +6,18 @@ from dataclasses import dataclass
 
 import torch
 
-from ..geometry import POOL_T, POOL_X, POOL_Y, compressed_grid
+from ..geometry import POOL_T
+from ..geometry import POOL_X
+from ..geometry import POOL_Y
+from ..geometry import compressed_grid
 from ..ops.compress_kv.op import compress_kv_op
 from ..ops.mid_select.op import mid_select_op
-from .base import CacheGeometry, ChunkPlan, DeviceStep, MemoryPolicy, Planner, pad
+from .base import CacheGeometry
+from .base import ChunkPlan
+from .base import DeviceStep
+from .base import MemoryPolicy
+from .base import Planner
+from .base import pad
 
 
 @dataclass
@@ -58,15 +66,12 @@ class PackMemory(MemoryPolicy):
 
     def __post_init__(self):
         super().__post_init__()
-        self.check_range("block_frames", low=POOL_T)
-        self.check_range("sink_frames", low=0)
-        if self.sink_frames % self.block_frames:
-            raise ValueError(f"PackMemory: sink_frames: expected a multiple of block_frames = {self.block_frames}, "
+        b = self.block_frames
+        self.check_ranges(block_frames=(POOL_T, None), sink_frames=(0, None), recent_frames=(b, b), top_k=(1, None),
+                          archive=(self.top_k, None), q_stride=(1, None))
+        if self.sink_frames % b:
+            raise ValueError(f"PackMemory: sink_frames: expected a multiple of block_frames = {b}, "
                              f"got {self.sink_frames}")
-        self.check_range("recent_frames", low=self.block_frames, high=self.block_frames)
-        self.check_range("top_k", low=1)
-        self.check_range("archive", low=self.top_k)
-        self.check_range("q_stride", low=1)
 
     @property
     def chunk_frames(self) -> int:

@@ -11,7 +11,11 @@ from functools import lru_cache
 import torch
 
 from ..ops.relax_select.op import relax_select_op
-from .base import ChunkPlan, DeviceStep, MemoryPolicy, Planner, pad
+from .base import ChunkPlan
+from .base import DeviceStep
+from .base import MemoryPolicy
+from .base import Planner
+from .base import pad
 
 
 def relax_candidates(num_middle: int, num_candidates: int) -> list[int] | None:
@@ -123,9 +127,8 @@ class RelaxMemory(MemoryPolicy):
 
     def __post_init__(self):
         super().__post_init__()
-        for name, low in (("sink", 0), ("tail", 0), ("history", 1), ("candidates", 1), ("chunk_frames", 1)):
-            self.check_range(name, low=low)
-        self.check_range("reservoir", low=self.sink + self.tail + 2 + self.chunk_frames)
+        self.check_ranges(sink=(0, None), tail=(0, None), history=(1, None), candidates=(1, None),
+                          chunk_frames=(1, None), reservoir=(self.sink + self.tail + 2 + self.chunk_frames, None))
 
     def planner(self, height: int, width: int) -> "RelaxPlanner":
         return RelaxPlanner(self, height * width)

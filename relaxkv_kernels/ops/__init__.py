@@ -6,7 +6,8 @@ Shared helpers name no op: ``checks`` (argument checks), ``dispatch`` (backend t
 """
 from .compress_kv import compress_kv
 from .dense_attention import dense_attention
-from .gather_kv_rope import gather_kv_rope, gather_kv_rope_into
+from .gather_kv_rope import gather_kv_rope
+from .gather_kv_rope import gather_kv_rope_into
 from .mid_select import mid_select
 from .relax_select import relax_select
 from .rope_append import rope_append

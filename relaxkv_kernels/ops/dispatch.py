@@ -23,7 +23,9 @@ from collections.abc import Callable
 
 import torch
 
-from ..availability import cuda_extension, interpreter_enabled, triton_available
+from ..availability import cuda_extension
+from ..availability import interpreter_enabled
+from ..availability import triton_available
 from . import cuda_common
 
 BACKENDS = ("auto", "reference", "triton", "cuda")

@@ -12,10 +12,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..geometry import rope_inv_freq, rope_pair_split
+from ..geometry import rope_inv_freq
+from ..geometry import rope_pair_split
 
 TWO_PI_INV = tl.constexpr(0.15915494309189535)  # 1 / (2 pi)
-TWO_PI_HI = tl.constexpr(6.28125)  # 2 pi split in two fp32 parts (Cody-Waite): HI has 8 significant bits, so k * HI is exact
+# 2 pi split in two fp32 parts (Cody-Waite): HI has 8 significant bits, so k * HI is exact
+TWO_PI_HI = tl.constexpr(6.28125)
 TWO_PI_LO = tl.constexpr(0.0019353071795864769)  # 2 pi - TWO_PI_HI
 
 _INV_FREQ_CACHE: dict[tuple[int, str], torch.Tensor] = {}

@@ -9,13 +9,32 @@ import pytest
 import torch
 
 import relaxkv_kernels as rk
-from helpers import (DEVICE, DTYPE_IDS, DTYPES, assert_2x_rule, assert_checked_matches_default,
-                     assert_int32_indices_match_int64, assert_public_op_matches_registered,
-                     assert_raw_op_raises_like_public, assert_strided_inputs_match_reference, backend_device, close,
-                     compare_with_triton, gen, literal_rope, need_triton, on, randn, replace, run_on_fakes, strided)
-from relaxkv_kernels.geometry import compressed_grid, compressed_positions
+from relaxkv_kernels.geometry import compressed_grid
+from relaxkv_kernels.geometry import compressed_positions
 from relaxkv_kernels.ops.compress_kv.cuda import compress_kv_cuda
-from relaxkv_kernels.ops.compress_kv.reference import compress_kv_into_ref, compress_kv_ref
+from relaxkv_kernels.ops.compress_kv.reference import compress_kv_into_ref
+from relaxkv_kernels.ops.compress_kv.reference import compress_kv_ref
+
+from helpers import DEVICE
+from helpers import DTYPE_IDS
+from helpers import DTYPES
+from helpers import assert_2x_rule
+from helpers import assert_checked_matches_default
+from helpers import assert_int32_indices_match_int64
+from helpers import assert_public_op_matches_registered
+from helpers import assert_raw_op_raises_like_public
+from helpers import assert_strided_inputs_match_reference
+from helpers import backend_device
+from helpers import close
+from helpers import compare_with_triton
+from helpers import gen
+from helpers import literal_rope
+from helpers import need_triton
+from helpers import on
+from helpers import randn
+from helpers import replace
+from helpers import run_on_fakes
+from helpers import strided
 
 B, H, D = 2, 2, 16
 WAN_F, WAN_H, WAN_D, WAN_HW = 1560, 12, 128, (30, 52)

@@ -9,9 +9,16 @@ import pytest
 import torch
 
 import relaxkv_kernels as rk
-from helpers import (DEVICE, assert_2x_rule, assert_checked_matches_default, assert_raw_op_raises_like_public, gen,
-                     randn, replace, run_on_fakes)
 from relaxkv_kernels.ops.dense_attention import engines
+
+from helpers import DEVICE
+from helpers import assert_2x_rule
+from helpers import assert_checked_matches_default
+from helpers import assert_raw_op_raises_like_public
+from helpers import gen
+from helpers import randn
+from helpers import replace
+from helpers import run_on_fakes
 
 B, NQ, NK, H, D = 2, 13, 37, 3, 32  # D >= 16: the Triton engine's tl.dot tiles
 ENGINES = [e for e in engines.ENGINES if engines.available(e, torch.device(DEVICE), torch.float16)]

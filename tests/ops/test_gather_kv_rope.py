@@ -10,13 +10,30 @@ import pytest
 import torch
 
 import relaxkv_kernels as rk
-from helpers import (DEVICE, DTYPE_IDS, DTYPES, assert_checked_matches_default, assert_public_op_matches_registered,
-                     assert_raw_op_raises_like_public, assert_strided_inputs_match_reference, close, gen, need_triton,
-                     on, ragged_table, randn, replace, run_on_fakes, seg_storage, seg_view, strided)
 from relaxkv_kernels.geometry import apply_delta_rope
 from relaxkv_kernels.ops.gather_kv_rope.cuda import gather_kv_rope_cuda
 from relaxkv_kernels.ops.gather_kv_rope.op import BACKENDS
-from relaxkv_kernels.ops.gather_kv_rope.reference import gather_kv_rope_ref, gather_segments_ref
+from relaxkv_kernels.ops.gather_kv_rope.reference import gather_kv_rope_ref
+from relaxkv_kernels.ops.gather_kv_rope.reference import gather_segments_ref
+
+from helpers import DEVICE
+from helpers import DTYPE_IDS
+from helpers import DTYPES
+from helpers import assert_checked_matches_default
+from helpers import assert_public_op_matches_registered
+from helpers import assert_raw_op_raises_like_public
+from helpers import assert_strided_inputs_match_reference
+from helpers import close
+from helpers import gen
+from helpers import need_triton
+from helpers import on
+from helpers import ragged_table
+from helpers import randn
+from helpers import replace
+from helpers import run_on_fakes
+from helpers import seg_storage
+from helpers import seg_view
+from helpers import strided
 
 B, H, D = 2, 2, 16
 WAN_F, WAN_H, WAN_D = 1560, 12, 128

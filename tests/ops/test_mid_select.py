@@ -10,15 +10,34 @@ import pytest
 import torch
 
 import relaxkv_kernels as rk
-from helpers import (DEVICE, DTYPE_IDS, DTYPES, INT_POISON, assert_checked_matches_default,
-                     assert_int32_indices_match_int64, assert_public_op_matches_registered,
-                     assert_raw_op_raises_like_public, assert_strided_inputs_match_reference, backend_device,
-                     compare_with_triton, gen, need_triton, on, randn, replace, run_on_fakes, seg_storage, seg_view,
-                     spaced, strided)
 from relaxkv_kernels.ops import cuda_common
 from relaxkv_kernels.ops.mid_select.cuda import mid_select_cuda
-from relaxkv_kernels.ops.mid_select.reference import mid_affinity_literal, mid_affinity_ref, mid_select_ref
+from relaxkv_kernels.ops.mid_select.reference import mid_affinity_literal
+from relaxkv_kernels.ops.mid_select.reference import mid_affinity_ref
+from relaxkv_kernels.ops.mid_select.reference import mid_select_ref
 from relaxkv_kernels.ops.relax_select.reference import top_in_order
+
+from helpers import DEVICE
+from helpers import DTYPE_IDS
+from helpers import DTYPES
+from helpers import INT_POISON
+from helpers import assert_checked_matches_default
+from helpers import assert_int32_indices_match_int64
+from helpers import assert_public_op_matches_registered
+from helpers import assert_raw_op_raises_like_public
+from helpers import assert_strided_inputs_match_reference
+from helpers import backend_device
+from helpers import compare_with_triton
+from helpers import gen
+from helpers import need_triton
+from helpers import on
+from helpers import randn
+from helpers import replace
+from helpers import run_on_fakes
+from helpers import seg_storage
+from helpers import seg_view
+from helpers import spaced
+from helpers import strided
 
 B, H, D = 2, 4, 16
 WAN_F, WAN_H, WAN_D = 1560, 12, 128
@@ -494,7 +513,8 @@ BAD = [  # (argument index, replacement, error type, message fragment)
     pytest.param(8, 0, ValueError, "block_tokens", id="block_tokens_zero"),
     pytest.param(9, 0, ValueError, "q_stride", id="q_stride_zero"),
     pytest.param(9, 65, ValueError, "q_stride: expected an int in \\[1, 64\\], got 65", id="q_stride_past_queries"),
-    pytest.param(3, torch.arange(6, device="meta"), ValueError, "block_pos: expected tensors on cpu", id="block_pos_meta"),
+    pytest.param(3, torch.arange(6, device="meta"), ValueError, "block_pos: expected tensors on cpu",
+                 id="block_pos_meta"),
     pytest.param(11, "fastest", ValueError, "backend: expected one of", id="backend_name"),
 ]
 

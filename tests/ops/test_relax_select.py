@@ -1,7 +1,7 @@
 """relaxkv::relax_select: Relax Forcing scores r(h) = <p_h, p_sink> - lambda <p_h, p_tail>, top-H into the table.
 
-The reference against literal scores from raw keys (relaxkv_kernels/memory/relax.py) and its selection rules (per sample or
-batch 0, memory order, ties, deltas); the Triton kernel (interpreter on CPU) and the CUDA kernel
+The reference against literal scores from raw keys (relaxkv_kernels/memory/relax.py) and its selection rules (per
+sample or batch 0, memory order, ties, deltas); the Triton kernel (interpreter on CPU) and the CUDA kernel
 (``kernel_device``) against the reference, with the table rows they must write poisoned; registration and
 bad inputs (public function and raw op alike). The planning rules (candidates, roles, target positions) are
 in test_memory.py.
@@ -9,13 +9,29 @@ in test_memory.py.
 import pytest
 import torch
 
-from helpers import (DEVICE, INT_POISON, assert_checked_matches_default, assert_int32_indices_match_int64,
-                     assert_public_op_matches_registered, assert_raw_op_raises_like_public, backend_device,
-                     compare_with_triton, gen, need_triton, on, randn, replace, run_on_fakes, seg_storage, seg_view,
-                     spaced)
 from relaxkv_kernels.memory import relax_roles
 from relaxkv_kernels.ops.relax_select.cuda import relax_select_cuda
-from relaxkv_kernels.ops.relax_select.reference import frame_means_literal, relax_scores_ref, relax_select_ref
+from relaxkv_kernels.ops.relax_select.reference import frame_means_literal
+from relaxkv_kernels.ops.relax_select.reference import relax_scores_ref
+from relaxkv_kernels.ops.relax_select.reference import relax_select_ref
+
+from helpers import DEVICE
+from helpers import INT_POISON
+from helpers import assert_checked_matches_default
+from helpers import assert_int32_indices_match_int64
+from helpers import assert_public_op_matches_registered
+from helpers import assert_raw_op_raises_like_public
+from helpers import backend_device
+from helpers import compare_with_triton
+from helpers import gen
+from helpers import need_triton
+from helpers import on
+from helpers import randn
+from helpers import replace
+from helpers import run_on_fakes
+from helpers import seg_storage
+from helpers import seg_view
+from helpers import spaced
 
 B, D, F = 2, 16, 16
 

@@ -8,13 +8,27 @@ import pytest
 import torch
 
 import relaxkv_kernels as rk
-from helpers import (DEVICE, assert_2x_rule, assert_checked_matches_default, assert_int32_indices_match_int64,
-                     assert_public_op_matches_registered, assert_raw_op_raises_like_public,
-                     assert_strided_inputs_match_reference, backend_device, gen, need_triton, on, randn, replace,
-                     run_on_fakes, spaced)
-from relaxkv_kernels.geometry import apply_rope, rope_angles, token_positions
+from relaxkv_kernels.geometry import apply_rope
+from relaxkv_kernels.geometry import rope_angles
+from relaxkv_kernels.geometry import token_positions
 from relaxkv_kernels.ops.rope_append.cuda import rope_append_cuda
 from relaxkv_kernels.ops.rope_append.reference import rope_append_ref
+
+from helpers import DEVICE
+from helpers import assert_2x_rule
+from helpers import assert_checked_matches_default
+from helpers import assert_int32_indices_match_int64
+from helpers import assert_public_op_matches_registered
+from helpers import assert_raw_op_raises_like_public
+from helpers import assert_strided_inputs_match_reference
+from helpers import backend_device
+from helpers import gen
+from helpers import need_triton
+from helpers import on
+from helpers import randn
+from helpers import replace
+from helpers import run_on_fakes
+from helpers import spaced
 
 B, H, D, HH, WW = 2, 2, 16, 4, 4  # frames of 16 tokens
 F = HH * WW
@@ -256,8 +270,9 @@ def _check_cuda_views(dev, dtype, layout, U, h, w, H_, D_, n_slots, frame_slot, 
 ], ids=["one_tile-d4-fp32", "small_frame-d6-bf16", "two_tiles-d20-fp16", "d512-scalar-fp32", "d2-fp16",
         "tile_tail-wan_d-bf16"])
 def test_rope_append_cuda_edge_cases(kernel_device, dtype, layout, U, h, w, H_, D_):
-    """Token tiles (tiles of csrc/rope_append.cuh and ops/rope_append/triton.py) full, partial and alone; head_dim at the ends of the range and with
-    uneven pair splits; frame slots and positions out of order (descending slots, position 0)."""
+    """Token tiles (tiles of csrc/rope_append.cuh and ops/rope_append/triton.py) full, partial and alone; head_dim
+    at the ends of the range and with uneven pair splits; frame slots and positions out of order (descending slots,
+    position 0)."""
     n_slots = U + 3
     frame_slot = torch.arange(n_slots - 1, n_slots - 1 - 2 * U, -2, device=kernel_device)  # descending, gaps
     frame_pos = torch.tensor([9, 0, 4][:U], device=kernel_device)

@@ -12,12 +12,23 @@ import torch
 import torch.nn.functional as F
 
 import relaxkv_kernels as rk
-from helpers import (DEVICE, assert_2x_rule, assert_checked_matches_default, assert_public_op_matches_registered,
-                     assert_raw_op_raises_like_public, close, gen, need_triton, ragged_table, randn, replace,
-                     run_on_fakes)
-from relaxkv_kernels.geometry import apply_rope, token_positions
+from relaxkv_kernels.geometry import apply_rope
+from relaxkv_kernels.geometry import token_positions
 from relaxkv_kernels.ops.gather_kv_rope.reference import gather_segments_ref
 from relaxkv_kernels.ops.sparse_kv_attention.reference import sparse_kv_attention_ref
+
+from helpers import DEVICE
+from helpers import assert_2x_rule
+from helpers import assert_checked_matches_default
+from helpers import assert_public_op_matches_registered
+from helpers import assert_raw_op_raises_like_public
+from helpers import close
+from helpers import gen
+from helpers import need_triton
+from helpers import ragged_table
+from helpers import randn
+from helpers import replace
+from helpers import run_on_fakes
 
 B, H, D = 2, 2, 16
 GRID_H, GRID_W = 2, 4  # literal tests: pool rows form frames of 8 tokens

@@ -6,7 +6,11 @@ import math
 import torch
 
 from ...geometry import compressed_grid
-from ..cuda_common import Launch, check_written, index, rows, unit_last_stride
+from ..cuda_common import Launch
+from ..cuda_common import check_written
+from ..cuda_common import index
+from ..cuda_common import rows
+from ..cuda_common import unit_last_stride
 
 _OP = "compress_kv_cuda"
 

@@ -1,8 +1,6 @@
 """``relaxkv::compress_kv``: registration, fake, backend table, the argument checks and the public function.
 
-``torch.ops.relaxkv.compress_kv`` takes the public function's arguments, ``backend`` included, and a last
-``checked: bool = False``. checked: the caller has checked the arguments already (KVCache does, once, where
-they enter); False (the default): the op checks them exactly as the public function does.
+``torch.ops.relaxkv.*`` takes the public arguments in order, then ``checked`` (see ``ops/checks.py``).
 """
 from __future__ import annotations
 
@@ -11,9 +9,17 @@ import math
 import torch
 from torch import Tensor
 
-from ...geometry import POOL_T, POOL_X, POOL_Y, compressed_grid
-from ..checks import (check_devices, check_index, check_int, check_pool, check_qkv, check_tensor,
-                      checks_in_fake)
+from ...geometry import POOL_T
+from ...geometry import POOL_X
+from ...geometry import POOL_Y
+from ...geometry import compressed_grid
+from ..checks import check_devices
+from ..checks import check_index
+from ..checks import check_int
+from ..checks import check_pool
+from ..checks import check_qkv
+from ..checks import check_tensor
+from ..checks import checks_in_fake
 from ..dispatch import OpBackends
 from .cuda import compress_kv_cuda
 from .reference import compress_kv_into_ref
@@ -39,7 +45,8 @@ def _check(k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames, height,
         raise ValueError(f"{op}: block: expected at least {POOL_T}x{POOL_Y}x{POOL_X} (t, y, x) to pool, got "
                          f"{frames}x{height}x{width}")
     if k.shape[1] != frames * height * width:
-        raise ValueError(f"{op}: k: expected {frames}*{height}*{width} = {frames * height * width} tokens, got {k.shape[1]}")
+        raise ValueError(f"{op}: k: expected {frames}*{height}*{width} = {frames * height * width} tokens, "
+                         f"got {k.shape[1]}")
     check_tensor(op, "v", v, shape=tuple(k.shape), dtypes=(k.dtype,))
     check_pool(op, "k_pool", k_pool, k)
     check_tensor(op, "v_pool", v_pool, shape=tuple(k_pool.shape), dtypes=(k.dtype,))

@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from ...geometry import POOL_T, POOL_X, POOL_Y, apply_rope, compressed_grid, compressed_positions
+from ...geometry import POOL_T
+from ...geometry import POOL_X
+from ...geometry import POOL_Y
+from ...geometry import apply_rope
+from ...geometry import compressed_grid
+from ...geometry import compressed_positions
 
 
 def pool_block(x: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:

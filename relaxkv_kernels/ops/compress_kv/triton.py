@@ -12,8 +12,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ...geometry import POOL_T, POOL_X, POOL_Y, compressed_grid
-from ..triton_common import _rope_rotate, inv_freq_table, pair_split, row_mean_scatter
+from ...geometry import POOL_T
+from ...geometry import POOL_X
+from ...geometry import POOL_Y
+from ...geometry import compressed_grid
+from ..triton_common import _rope_rotate
+from ..triton_common import inv_freq_table
+from ..triton_common import pair_split
+from ..triton_common import row_mean_scatter
 
 
 @triton.jit

@@ -2,8 +2,9 @@
 
 Each engine takes q [B, Nq, H, D], k, v [B, Nk, H, D] (unit last stride) and a scale, and returns a
 contiguous [B, Nq, H, D] in q's dtype (the fake says so; SDPA keeps q's [B, N, H, D] layout, so this is
-no copy there, and the output projection needs it contiguous anyway). Which one is fastest depends on the device and the shape: ``tuning.json``
-records it per device from ``benchmarks/bench_chunk.py``; nothing here prefers one by default.
+no copy there, and the output projection needs it contiguous anyway). Which one is fastest depends on the device
+and the shape: ``tuning.json`` records it per device from ``benchmarks/bench_chunk.py``; nothing here prefers one by
+default.
 
     sdpa             torch's own dispatch order
     sdpa_cudnn       SDPA, cuDNN backend first (flash, efficient, math after it if cuDNN refuses the inputs)
@@ -22,7 +23,8 @@ import importlib.util
 from collections.abc import Callable
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
+from torch.nn.attention import sdpa_kernel
 
 _SDPA_ORDERS = {
     "sdpa_cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
@@ -33,7 +35,8 @@ _SDPA_ORDERS = {
                        SDPBackend.MATH],
 }
 ENGINES = ("reference", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flash_attn", "flash_attn_cute", "triton")
-_FLASH_ATTN = {"flash_attn": "flash_attn", "flash_attn_cute": "flash_attn.cute"}  # engine -> module with flash_attn_func
+# engine -> module with flash_attn_func
+_FLASH_ATTN = {"flash_attn": "flash_attn", "flash_attn_cute": "flash_attn.cute"}
 
 
 _SETTLED: set[str] = set()  # device types whose SDPA backend order torch has settled in this process
@@ -81,7 +84,8 @@ def flash_attn(engine: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
 
 
 def triton_engine(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    from ..sparse_kv_attention.triton import require_head_dim, sparse_kv_attention_triton
+    from ..sparse_kv_attention.triton import require_head_dim
+    from ..sparse_kv_attention.triton import sparse_kv_attention_triton
 
     require_head_dim("relaxkv.dense_attention", q)
     seg = torch.zeros(q.shape[0], 1, 3, dtype=torch.int32, device=q.device)
@@ -96,9 +100,11 @@ def available(engine: str, device: torch.device, dtype: torch.dtype) -> bool:
     if engine in _SDPA_ORDERS:
         return device.type == "cuda"
     if engine in _FLASH_ATTN:
-        return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and flash_attn_func(engine) is not None
+        return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+                and flash_attn_func(engine) is not None)
     if engine == "triton":
-        from ...availability import interpreter_enabled, triton_available
+        from ...availability import interpreter_enabled
+        from ...availability import triton_available
 
         return triton_available() and (device.type == "cuda" or interpreter_enabled())
     return False

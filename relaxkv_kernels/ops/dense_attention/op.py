@@ -10,10 +10,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import tuning
-from ..checks import check_devices, check_finite, check_pool, check_qkv, check_tensor, checks_in_fake
+from ..checks import check_devices
+from ..checks import check_finite
+from ..checks import check_pool
+from ..checks import check_qkv
+from ..checks import check_tensor
+from ..checks import checks_in_fake
 from ..dispatch import inference_only
 from . import engines
+from . import tuning
 from .reference import dense_attention_ref
 
 
@@ -21,7 +26,8 @@ from .reference import dense_attention_ref
 def resolve_engine(engine: str, device: torch.device, dtype: torch.dtype, head_dim: int, n_q: int, n_k: int) -> str:
     """``engine``, or for ``"auto"`` the tuning table's choice for this device and shape (an available one)."""
     if engine not in ("auto", *engines.ENGINES):
-        raise ValueError(f"relaxkv.dense_attention: engine: expected one of {('auto', *engines.ENGINES)}, got {engine!r}")
+        raise ValueError(f"relaxkv.dense_attention: engine: expected one of {('auto', *engines.ENGINES)}, "
+                         f"got {engine!r}")
     if engine == "auto":
         engine = tuning.choose_engine(str(device), head_dim, n_q, n_k)
         if not engines.available(engine, device, dtype):

@@ -1,3 +1,4 @@
-from .op import gather_kv_rope, gather_kv_rope_into
+from .op import gather_kv_rope
+from .op import gather_kv_rope_into
 
 __all__ = ["gather_kv_rope", "gather_kv_rope_into"]

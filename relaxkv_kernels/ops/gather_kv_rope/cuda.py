@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 
 from ..checks import require
-from ..cuda_common import Launch, rows, unit_last_stride
+from ..cuda_common import Launch
+from ..cuda_common import rows
+from ..cuda_common import unit_last_stride
 
 _OP = "gather_kv_rope_cuda"
 

@@ -1,16 +1,21 @@
 """``relaxkv::gather_kv_rope`` (new tensors) and ``relaxkv::gather_kv_rope_into`` (given buffers).
 
-``torch.ops.relaxkv.gather_kv_rope`` / ``gather_kv_rope_into`` take the public functions' arguments, ``backend``
-included, and a last ``checked: bool = False``. checked: the caller has checked the arguments already (KVCache
-does, once, where they enter); False (the default): the op checks them exactly as the public function does.
+``torch.ops.relaxkv.*`` takes the public arguments in order, then ``checked`` (see ``ops/checks.py``).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from ..checks import check_devices, check_pool, check_qkv, check_seg, check_tensor, check_total, checks_in_fake
-from ..dispatch import OpBackends, inference_only
+from ..checks import check_devices
+from ..checks import check_pool
+from ..checks import check_qkv
+from ..checks import check_seg
+from ..checks import check_tensor
+from ..checks import check_total
+from ..checks import checks_in_fake
+from ..dispatch import OpBackends
+from ..dispatch import inference_only
 from .cuda import gather_kv_rope_cuda
 from .reference import gather_kv_rope_into_ref
 
@@ -82,7 +87,8 @@ def gather_kv_rope_fake(k_pool, v_pool, seg, total, backend, checked=False):
 inference_only("relaxkv::gather_kv_rope")
 
 
-def gather_kv_rope(k_pool: Tensor, v_pool: Tensor, seg: Tensor, total: int, backend: str = "auto") -> tuple[Tensor, Tensor]:
+def gather_kv_rope(k_pool: Tensor, v_pool: Tensor, seg: Tensor, total: int,
+                   backend: str = "auto") -> tuple[Tensor, Tensor]:
     """K (temporal delta-rotated) and V of a segment table, gathered into contiguous tensors.
 
     k[b] = concat over segments s of R_t(delta_s) k_pool[b, start_s : start_s + len_s], v[b] likewise

@@ -50,7 +50,8 @@ def gather_kv_rope_ref(k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch.Te
     for b in range(k_pool.shape[0]):
         k, v = gather_segments_ref(k_pool[b], v_pool[b], seg[b].cpu())
         if k.shape[0] != total:
-            raise ValueError(f"gather_kv_rope_ref: seg: expected {total} rows (total) for batch element {b}, got {k.shape[0]}")
+            raise ValueError(f"gather_kv_rope_ref: seg: expected {total} rows (total) for batch element {b}, "
+                             f"got {k.shape[0]}")
         ks.append(k)
         vs.append(v)
     return torch.stack(ks).contiguous(), torch.stack(vs).contiguous()

@@ -13,7 +13,9 @@ import triton
 import triton.language as tl
 
 from ...availability import interpreter_enabled
-from ..triton_common import _rope_rotate, inv_freq_table, pair_split
+from ..triton_common import _rope_rotate
+from ..triton_common import inv_freq_table
+from ..triton_common import pair_split
 
 
 @triton.jit

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from ..cuda_common import Launch, index, rows, unit_last_stride
+from ..cuda_common import Launch
+from ..cuda_common import index
+from ..cuda_common import rows
+from ..cuda_common import unit_last_stride
 
 _OP = "mid_select_cuda"
 

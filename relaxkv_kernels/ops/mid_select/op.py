@@ -1,16 +1,19 @@
 """``relaxkv::mid_select``: registration, fake, backend table, the argument checks and the public function.
 
-``torch.ops.relaxkv.mid_select`` takes the public function's arguments, every default spelled out (``batch_mean``,
-``backend``), and a last ``checked: bool = False``. checked: the caller has checked the arguments already
-(KVCache does); False (the default): the op checks them exactly as the public function does.
+``torch.ops.relaxkv.*`` takes the public arguments in order, then ``checked`` (see ``ops/checks.py``).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from ..checks import (check_devices, check_index, check_int, check_qkv, check_seg_slice, check_tensor,
-                      checks_in_fake)
+from ..checks import check_devices
+from ..checks import check_index
+from ..checks import check_int
+from ..checks import check_qkv
+from ..checks import check_seg_slice
+from ..checks import check_tensor
+from ..checks import checks_in_fake
 from ..dispatch import OpBackends
 from .cuda import mid_select_cuda
 from .reference import mid_select_ref
@@ -44,7 +47,8 @@ def _check(q: Tensor, mean_key: Tensor, mid_slots: Tensor, block_pos: Tensor, se
     check_index(op, "block_pos", block_pos, n_blocks)
     check_index(op, "target_pos", target_pos)
     if not 1 <= target_pos.numel() <= mid_slots.numel():
-        raise ValueError(f"{op}: target_pos: expected 1 .. {mid_slots.numel()} (mid blocks) entries, got {target_pos.numel()}")
+        raise ValueError(f"{op}: target_pos: expected 1 .. {mid_slots.numel()} (mid blocks) entries, "
+                         f"got {target_pos.numel()}")
     check_seg_slice(op, seg, b, seg_index, target_pos.numel())
     check_int(op, "row0", row0, low=0)
     check_int(op, "block_tokens", block_tokens, low=1)
@@ -88,7 +92,8 @@ def mid_select(q: Tensor, mean_key: Tensor, mid_slots: Tensor, block_pos: Tensor
 
     Args:
         q: [B, Nq, H, D] pre-RoPE queries. mean_key: float32 [B, n_blocks, H, D] mean compressed key per slot.
-        mid_slots: int32/int64 [M] archive slots, oldest first. block_pos: int32/int64 [n_blocks] first-frame position per slot.
+        mid_slots: int32/int64 [M] archive slots, oldest first.
+        block_pos: int32/int64 [n_blocks] first-frame position per slot.
         seg: int32 [B, n_seg, 3]; entries seg_index .. seg_index + k - 1 are written (k = target_pos.numel()).
         target_pos: int32/int64 [k] re-packed first-frame positions. row0: first compressed pool row.
         block_tokens: Nc. q_stride: query subsample stride. batch_mean: average the affinity over the batch.

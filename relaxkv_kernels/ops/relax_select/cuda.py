@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from ...geometry import PROTO_EPS
-from ..cuda_common import Launch, index
+from ..cuda_common import Launch
+from ..cuda_common import index
 
 _OP = "relax_select_cuda"
 

@@ -1,16 +1,19 @@
 """``relaxkv::relax_select``: registration, fake, backend table, the argument checks and the public function.
 
-``torch.ops.relaxkv.relax_select`` takes the public function's arguments, every default spelled out, and a last
-``checked: bool = False``. checked: the caller has checked the arguments already (KVCache does, once, where
-they enter); False (the default): the op checks them exactly as the public function does.
+``torch.ops.relaxkv.*`` takes the public arguments in order, then ``checked`` (see ``ops/checks.py``).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from ..checks import (check_devices, check_finite, check_index, check_int, check_seg_slice, check_tensor,
-                      checks_in_fake)
+from ..checks import check_devices
+from ..checks import check_finite
+from ..checks import check_index
+from ..checks import check_int
+from ..checks import check_seg_slice
+from ..checks import check_tensor
+from ..checks import checks_in_fake
 from ..dispatch import OpBackends
 from .cuda import relax_select_cuda
 from .reference import relax_select_ref
@@ -40,7 +43,8 @@ def _check(proto, slot_pos, sink_slots, tail_slots, cand_slots, seg, seg_index, 
         raise ValueError(f"{op}: cand_slots: expected at least one candidate, got none")
     check_index(op, "target_pos", target_pos)
     if not 1 <= target_pos.numel() <= cand_slots.numel():
-        raise ValueError(f"{op}: target_pos: expected 1 .. {cand_slots.numel()} (candidates) entries, got {target_pos.numel()}")
+        raise ValueError(f"{op}: target_pos: expected 1 .. {cand_slots.numel()} (candidates) entries, "
+                         f"got {target_pos.numel()}")
     check_seg_slice(op, seg, proto.shape[0], seg_index, target_pos.numel())
     check_int(op, "frame_tokens", frame_tokens, low=1)
     return check_finite(op, "lam", lam)
@@ -71,7 +75,8 @@ def relax_select(proto: Tensor, slot_pos: Tensor, sink_slots: Tensor, tail_slots
     """Relax Forcing selection: r(h) = <p_h, p_sink> - lam * <p_h, p_tail>, top-H into the segment table.
 
     Args:
-        proto: float32 [B, n_slots, D] per-frame means of pre-RoPE keys. slot_pos: int32/int64 [n_slots] write positions.
+        proto: float32 [B, n_slots, D] per-frame means of pre-RoPE keys.
+        slot_pos: int32/int64 [n_slots] write positions.
         sink_slots, tail_slots, cand_slots: int32/int64 [S], [T], [C'] slots (memory order).
         seg: int32 [B, n_seg, 3]; entries seg_index .. seg_index + H - 1 are written.
         target_pos: int32/int64 [H] positions given to the selected frames (hybrid RoPE). frame_tokens: F.

@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import torch
 
-from ..cuda_common import Launch, check_written, index, rows, unit_last_stride
+from ..cuda_common import Launch
+from ..cuda_common import check_written
+from ..cuda_common import index
+from ..cuda_common import rows
+from ..cuda_common import unit_last_stride
 
 _OP = "rope_append_cuda"
 
 
 def rope_append_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, proto: torch.Tensor | None, frame_slot: torch.Tensor, frame_pos: torch.Tensor,
-                     height: int, width: int) -> torch.Tensor:
+                     v_cache: torch.Tensor, proto: torch.Tensor | None, frame_slot: torch.Tensor,
+                     frame_pos: torch.Tensor, height: int, width: int) -> torch.Tensor:
     r"""Rotate a chunk's queries, and write its keys, values and frame prototypes into the cache.
 
     One launch on the current stream (plus a tiny one summing the prototypes when ``proto`` is given). With

@@ -1,8 +1,6 @@
 """``relaxkv::rope_append``: registration, fake, backend table, the argument checks and the public function.
 
-``torch.ops.relaxkv.rope_append`` takes the public function's arguments, ``backend`` included, and a last
-``checked: bool = False``. checked: the caller has checked the arguments already (KVCache does, once, where
-they enter); False (the default): the op checks them exactly as the public function does.
+``torch.ops.relaxkv.*`` takes the public arguments in order, then ``checked`` (see ``ops/checks.py``).
 """
 from __future__ import annotations
 
@@ -11,8 +9,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..checks import (check_devices, check_index, check_int, check_pool, check_qkv, check_tensor,
-                      checks_in_fake)
+from ..checks import check_devices
+from ..checks import check_index
+from ..checks import check_int
+from ..checks import check_pool
+from ..checks import check_qkv
+from ..checks import check_tensor
+from ..checks import checks_in_fake
 from ..dispatch import OpBackends
 from .cuda import rope_append_cuda
 from .reference import rope_append_ref
@@ -50,8 +53,9 @@ def _check(q, k, v, k_cache, v_cache, proto, frame_slot, frame_pos, height, widt
         check_tensor(op, "proto", proto, shape=(q.shape[0], None, q.shape[-1]), dtypes=(torch.float32,))
         n_slots = min(n_slots, proto.shape[1])
     if n_slots < 1:
+        protos = "" if proto is None else f" and {proto.shape[1]} prototype slots"
         raise ValueError(f"{op}: k_cache, proto: expected room for at least one frame slot of {f} rows, got "
-                         f"{k_cache.shape[1]} rows" + ("" if proto is None else f" and {proto.shape[1]} prototype slots"))
+                         f"{k_cache.shape[1]} rows{protos}")
     check_index(op, "frame_slot", frame_slot, u, 0, n_slots - 1)
     check_index(op, "frame_pos", frame_pos, u)
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ...geometry import apply_rope, token_positions
+from ...geometry import apply_rope
+from ...geometry import token_positions
 
 
 def rope_append_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -22,7 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import _cos_sin, inv_freq_table, pair_split, row_mean_scatter
+from ..triton_common import _cos_sin
+from ..triton_common import inv_freq_table
+from ..triton_common import pair_split
+from ..triton_common import row_mean_scatter
 
 TILE_BYTES = 4096  # one [BLOCK_T, BLOCK_H, BLOCK_D] tile of one tensor: 2 x 16 B per thread of 4 warps
 
@@ -108,8 +111,8 @@ def _rope_append_kernel(
 
 
 def rope_append_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                       v_cache: torch.Tensor, proto: torch.Tensor | None, frame_slot: torch.Tensor, frame_pos: torch.Tensor,
-                       height: int, width: int) -> torch.Tensor:
+                       v_cache: torch.Tensor, proto: torch.Tensor | None, frame_slot: torch.Tensor,
+                       frame_pos: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Rotate and append one chunk of U frames (the op form of ``rope_append_ref``): one launch, two with proto.
 
     Token i of frame u (y = i // width, x = i % width) is rotated at (frame_pos[u], y, x) with Wan 3D

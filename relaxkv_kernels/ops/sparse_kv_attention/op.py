@@ -10,10 +10,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..checks import (check_devices, check_finite, check_pool, check_qkv, check_seg, check_tensor, check_total,
-                      checks_in_fake)
-from ..dense_attention.op import dense_attention_op, resolve_engine
-from ..dispatch import OpBackends, inference_only
+from ..checks import check_devices
+from ..checks import check_finite
+from ..checks import check_pool
+from ..checks import check_qkv
+from ..checks import check_seg
+from ..checks import check_tensor
+from ..checks import check_total
+from ..checks import checks_in_fake
+from ..dense_attention.op import dense_attention_op
+from ..dense_attention.op import resolve_engine
+from ..dispatch import OpBackends
+from ..dispatch import inference_only
 from ..gather_kv_rope.op import gather_kv_rope_op
 from .reference import sparse_kv_attention_ref
 

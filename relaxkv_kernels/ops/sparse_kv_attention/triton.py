@@ -13,7 +13,9 @@ import triton.language as tl
 
 from ...availability import interpreter_enabled
 from ..checks import require
-from ..triton_common import _cos_sin, inv_freq_table, pair_split
+from ..triton_common import _cos_sin
+from ..triton_common import inv_freq_table
+from ..triton_common import pair_split
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) == exp2(x * LOG2E); exp2 is the native instruction
 MIN_HEAD_DIM = 16  # tl.dot needs tiles of at least 16 along the reduced dim
