@@ -151,3 +151,25 @@ def test_pack_selects_per_sample_by_default_and_batch_mean_couples_the_batch():
     per_sample, averaged = picks[False], picks[True]
     assert averaged[0] == averaged[1]  # one choice for the batch
     assert per_sample[0] != per_sample[1]  # these inputs make the samples choose differently
+
+
+def test_inconsistent_plans_are_refused_at_begin_chunk(monkeypatch):
+    cache = rk.KVCache(rk.DenseWindow(window=9), 1, 1, 2, 16, 4, 4, dtype=torch.float32)
+    plan_of = cache.planner.plan
+
+    def selects_without_device_rows(n):
+        plan = plan_of(n)
+        plan.selects, plan.selected_keys = True, 16
+        return plan
+
+    def more_keys_than_the_windows_hold(n):
+        plan = plan_of(n)
+        plan.segments[-1] = (0, 1000, 0)  # a padding row made to attend 1000 rows
+        return plan
+
+    monkeypatch.setattr(cache.planner, "plan", selects_without_device_rows)
+    with pytest.raises(RuntimeError, match=r"DensePlanner.plan\(0\): expected selects=True with selected_keys > 0"):
+        cache.begin_chunk()
+    monkeypatch.setattr(cache.planner, "plan", more_keys_than_the_windows_hold)
+    with pytest.raises(RuntimeError, match="expected at most max_keys = 144 keys, got 1048"):
+        cache.begin_chunk()

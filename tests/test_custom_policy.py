@@ -200,7 +200,7 @@ class SinkNearestPlanner(rk.Planner):
         i, f = step.index, self.frame_tokens
         slot = i.cand_slots[score.argmax(-1)]  # [B]
         row = torch.stack([slot * f, torch.full_like(slot, f), i.target_pos - i.slot_pos[slot]], dim=-1)
-        step.seg[:, step.plan.frames_attended.index(-1)] = row.to(step.seg.dtype)  # host list: where the row is
+        step.seg[:, step.plan.device_rows()[0]] = row.to(step.seg.dtype)  # host list: where the row is
 
 
 class SinkNearestQueryPlanner(SinkNearestPlanner):
@@ -349,7 +349,7 @@ def test_device_step_needs_only_the_typed_step(by_query):
     run("cpu", proto, seg, q)
     score = (F.normalize(proto[:, cand].double(), dim=-1) * F.normalize(ref, dim=-1)[:, None]).sum(-1)
     best = [1] + score[1:].argmax(-1).tolist()
-    k = plan.frames_attended.index(-1)
+    k = plan.device_rows()[0]
     want = table.clone()
     for b, j in enumerate(best):
         want[b, k] = torch.tensor([cand[j] * f, f, plan.start_frame - 2 - plan.slot_pos[cand[j]]])

@@ -143,6 +143,7 @@ class KVCache:
         self._captured = None  # the shapes of the chunk a CUDA graph captured (replays need the same)
         self._shapes = None
         self._pending_select: set[int] = set()
+        self._steps: dict[int, DeviceStep] = {}
         self.profiler = None
 
     # ------------------------------------------------------------------ host side, between chunks
@@ -160,6 +161,7 @@ class KVCache:
             raise RuntimeError(f"KVCache.begin_chunk: {type(self.planner).__name__}.plan({self.chunk}): expected the "
                                f"{self.policy.chunk_frames} chunk frames at delta 0 right after the "
                                f"{plan.n_memory_seg} memory segments")
+        self._check_plan(plan)
         mode = self.mode.for_chunk(plan)
         shapes = (self.device_plan.upload(plan), plan.n_memory_seg, plan.total_keys(), mode.name)
         if self._captured is not None and shapes != self._captured:
@@ -167,6 +169,7 @@ class KVCache:
                                "graph captured a chunk step of this cache, so a replay would read stale buffers; "
                                "capture once the plans are steady (past the policy's warm-up), or make a new cache")
         self.last_plan, self._shapes, self.chunk_mode = plan, shapes, mode
+        self._steps: dict[int, DeviceStep] = {}  # the planner's DeviceStep per layer (-1: the chunk's), made on use
         mode.begin(plan)
         self._pending_select = set()
         if plan.selects and self.planner.selection == "chunk":
@@ -177,6 +180,18 @@ class KVCache:
         self._calls = [0] * self.num_layers
         self._in_chunk = True
         return plan
+
+    def _check_plan(self, plan: ChunkPlan) -> None:
+        """A planner's plan is consistent: device rows iff it selects, keys within the windows' size."""
+        name = f"KVCache.begin_chunk: {type(self.planner).__name__}.plan({self.chunk})"
+        rows = plan.device_rows()
+        if bool(rows) != plan.selects or bool(plan.selected_keys) != plan.selects or plan.selected_keys < 0:
+            raise RuntimeError(f"{name}: expected selects=True with selected_keys > 0 exactly when frames_attended "
+                               f"marks rows for the device step (-1), got selects={plan.selects}, selected_keys="
+                               f"{plan.selected_keys}, device rows {rows}")
+        if plan.total_keys() > self.planner.max_keys:
+            raise RuntimeError(f"{name}: expected at most max_keys = {self.planner.max_keys} keys, got "
+                               f"{plan.total_keys()}")
 
     def end_chunk(self) -> None:
         """Finish the chunk (its refresh pass has written the final K/V): check every layer ran every pass, commit.
@@ -207,14 +222,20 @@ class KVCache:
     def step(self, layer: int | None) -> DeviceStep:
         """The planner's view of a device step of the current chunk: at the chunk (``layer`` None) or at one layer.
 
-        The cache hands it to the planner's steps; benchmarks and tests use it to run a step alone.
+        The cache hands it to the planner's steps; benchmarks and tests use it to run a step alone. Made once
+        per chunk and layer (a planner's step runs at every pass of a layer).
         """
-        plan, s = self.last_plan, self.storage
-        if layer is None:
-            return DeviceStep(plan, self.device_plan.index, self._seg[0], None, None, None, s.state, s.proto,
-                              self.backend)
-        return DeviceStep(plan, self.device_plan.index, self._seg[layer], layer, s.k[layer], s.v[layer],
-                          self._layer_state[layer], s.proto, self.backend)
+        key = -1 if layer is None else layer
+        step = self._steps.get(key)
+        if step is None:
+            plan, s, index = self.last_plan, self.storage, self.device_plan.index
+            if layer is None:
+                step = DeviceStep(plan, index, self._seg[0], None, None, None, s.state, s.proto, self.backend)
+            else:
+                step = DeviceStep(plan, index, self._seg[layer], layer, *s.layers[layer], self._layer_state[layer],
+                                  s.proto, self.backend)
+            self._steps[key] = step
+        return step
 
     # ------------------------------------------------------------------ device side, inside a chunk
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,11 @@ def _refresh(old: torch.Tensor | None, values: list[int], device: torch.device) 
     if old is None or old.shape != host.shape:
         return host.to(device)
     return old.copy_(host, non_blocking=True)
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
 
 
 @dataclass
@@ -46,13 +52,14 @@ class DevicePlan:
         self.frame_pos = _refresh(self.frame_pos, plan.frame_pos, device)
         if plan.index is None:
             self.index = None
+        elif type(self.index) is type(plan.index):  # refreshed in place: the planner's steps keep their tensors
+            for name in _field_names(type(plan.index)):
+                setattr(self.index, name, _refresh(getattr(self.index, name), getattr(plan.index, name), device))
         else:
-            old = self.index if type(self.index) is type(plan.index) else None
-            self.index = type(plan.index)(**{
-                f.name: _refresh(getattr(old, f.name, None), getattr(plan.index, f.name), device)
-                for f in dataclasses.fields(plan.index)})
+            self.index = type(plan.index)(**{name: _refresh(None, getattr(plan.index, name), device)
+                                             for name in _field_names(type(plan.index))})
         seg = torch.tensor(plan.segments, dtype=torch.int32)
         self.seg.copy_(seg.expand_as(self.seg), non_blocking=True)
         index = () if self.index is None else tuple(
-            (f.name, tuple(getattr(self.index, f.name).shape)) for f in dataclasses.fields(self.index))
+            (name, tuple(getattr(self.index, name).shape)) for name in _field_names(type(self.index)))
         return type(plan.index).__name__, index, tuple(self.frame_slot.shape)

@@ -37,6 +37,25 @@ from .storage import nbytes
 MODES = ("window", "per_call", "segments")
 
 
+class RowViews:
+    """``(k[i][:, :n], v[i][:, :n])`` of buffers [n_bufs, B, rows, H, D], made once per buffer while ``n`` holds.
+
+    A view costs host time at every call (microseconds each, 2 per call); in steady state ``n`` stays the same
+    from chunk to chunk, so each call reuses the views made at the first.
+    """
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v, self.n, self.views = k, v, None, {}
+
+    def __call__(self, i: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if n != self.n:
+            self.n, self.views = n, {}
+        kv = self.views.get(i)
+        if kv is None:
+            kv = self.views[i] = (self.k[i][:, :n], self.v[i][:, :n])
+        return kv
+
+
 class AttentionMode:
     """One attention mode of a cache (see the module docstring); the base class is the segment-table mode."""
 
@@ -57,12 +76,12 @@ class AttentionMode:
 
     def target(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Where ``rope_append`` writes the layer's K/V: (k rows, v rows, frame slots, prototypes or None)."""
-        s, d = self.storage, self.dplan
-        return s.k[layer], s.v[layer], d.frame_slot, s.proto
+        k, v = self.storage.layers[layer]
+        return k, v, self.dplan.frame_slot, self.storage.proto
 
     def attend(self, layer: int, q_rot: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-        s = self.storage
-        return sparse_kv_attention_op(q_rot, s.k[layer], s.v[layer], seg, self.scale, self.backend, checked=True)
+        k, v = self.storage.layers[layer]
+        return sparse_kv_attention_op(q_rot, k, v, seg, self.scale, self.backend, checked=True)
 
     def commit(self, plan: ChunkPlan) -> None:
         """At ``end_chunk``: move what the chunk wrote outside the pool into it."""
@@ -90,6 +109,11 @@ class PoolPrefixMode(DenseMode):
 
     name = "pool_prefix"
 
+    def __init__(self, geometry: CacheGeometry, storage: KVStorage, dplan: DevicePlan, backend: str, engine: str,
+                 section: Callable[[str], object]):
+        super().__init__(geometry, storage, dplan, backend, engine, section)
+        self.rows = RowViews(storage.k, storage.v)
+
     def for_chunk(self, plan: ChunkPlan) -> AttentionMode:
         if plan.pool_prefix() is None:
             raise RuntimeError(f"KVCache.begin_chunk: the planner never gathers (Planner.gathers is False) but the "
@@ -97,8 +121,7 @@ class PoolPrefixMode(DenseMode):
         return self
 
     def attend(self, layer: int, q_rot: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-        s, n = self.storage, self.total
-        return self.dense(q_rot, s.k[layer][:, :n], s.v[layer][:, :n])
+        return self.dense(q_rot, *self.rows(layer, self.total))
 
 
 class GatherMode(DenseMode):
@@ -112,6 +135,7 @@ class GatherMode(DenseMode):
         self.win_k = torch.empty(n_windows, g.batch, planner.max_keys, g.num_heads, g.head_dim, dtype=g.dtype,
                                  device=g.device)
         self.win_v = torch.empty_like(self.win_k)
+        self.rows = RowViews(self.win_k, self.win_v)
 
     def for_chunk(self, plan: ChunkPlan) -> AttentionMode:
         return self if plan.pool_prefix() is None else self.prefix
@@ -134,6 +158,7 @@ class WindowMode(GatherMode):
             self.proto_chunk = torch.empty(g.batch, len(dplan.window_slot), g.head_dim, dtype=torch.float32,
                                            device=g.device)
         self.pending: set[int] = set()
+        self.win_layers = list(zip(self.win_k.unbind(0), self.win_v.unbind(0)))
 
     def begin(self, plan: ChunkPlan) -> None:
         super().begin(plan)
@@ -141,15 +166,17 @@ class WindowMode(GatherMode):
         self.pending = set(range(self.g.num_layers))
 
     def target(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        return self.win_k[layer], self.win_v[layer], self.dplan.window_slot, self.proto_chunk
+        k, v = self.win_layers[layer]
+        return k, v, self.dplan.window_slot, self.proto_chunk
 
     def attend(self, layer: int, q_rot: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-        u, end = self.u_rows, self.u_rows + self.memory
-        kw, vw = self.win_k[layer][:, :end], self.win_v[layer][:, :end]
+        u = self.u_rows
+        kw, vw = self.rows(layer, u + self.memory)
         if layer in self.pending:  # the memory rows: once per chunk and layer
             with self.section("stage"):
-                gather_kv_rope_into_op(self.storage.k[layer], self.storage.v[layer], seg[:, : self.n_memory_seg],
-                                       kw[:, u:], vw[:, u:], self.backend, checked=True)
+                k, v = self.storage.layers[layer]
+                gather_kv_rope_into_op(k, v, seg[:, : self.n_memory_seg], kw[:, u:], vw[:, u:], self.backend,
+                                       checked=True)
             self.pending.discard(layer)
         return self.dense(q_rot, kw, vw)
 
@@ -175,9 +202,9 @@ class PerCallMode(GatherMode):
         super().__init__(geometry, storage, dplan, backend, engine, section, planner, prefix, 1)
 
     def attend(self, layer: int, q_rot: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-        s, n = self.storage, self.total
-        kw, vw = self.win_k[0][:, :n], self.win_v[0][:, :n]
-        gather_kv_rope_into_op(s.k[layer], s.v[layer], seg, kw, vw, self.backend, checked=True)
+        k, v = self.storage.layers[layer]
+        kw, vw = self.rows(0, self.total)
+        gather_kv_rope_into_op(k, v, seg, kw, vw, self.backend, checked=True)
         return self.dense(q_rot, kw, vw)
 
 

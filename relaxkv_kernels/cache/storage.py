@@ -20,6 +20,7 @@ class KVStorage:
         proto: float32 [B, n_slots, D], layer 0's mean pre-RoPE key per frame slot (policies that score
             frames), else None.
         state: the planner's device state (``Planner.allocate``), each tensor [num_layers, ...].
+        layers: the (k, v) pools of each layer, [B, n_rows, H, D] views.
     """
 
     def __init__(self, geometry: CacheGeometry, planner: Planner):
@@ -31,6 +32,7 @@ class KVStorage:
         if planner.needs_prototypes:
             self.proto = torch.empty(g.batch, planner.n_slots, g.head_dim, dtype=torch.float32, device=g.device)
         self.state = planner.allocate(g)
+        self.layers = list(zip(self.k.unbind(0), self.v.unbind(0)))  # (k, v) views per layer, made once
 
     def layer_state(self, layer: int) -> dict[str, torch.Tensor]:
         """The layer's slice of every state tensor."""

@@ -83,6 +83,10 @@ class ChunkPlan:
         """Keys per batch element the chunk attends to, its own frames included."""
         return sum(length for _, length, _ in self.segments) + self.selected_keys
 
+    def device_rows(self) -> list[int]:
+        """The segment rows a device step fills (``frames_attended`` -1), in table order."""
+        return [i for i, frame in enumerate(self.frames_attended) if frame == -1]
+
     def pool_prefix(self) -> int | None:
         """``total_keys()`` when the chunk's keys are exactly the pool rows ``[0, total)`` at delta 0, else None.
 
@@ -111,7 +115,9 @@ class DeviceStep:
         k_pool, v_pool: the layer's pools [B, n_rows, H, D] (None at the chunk step).
         state: the policy state of :meth:`Planner.allocate`, the layer's slice of each tensor (whole
             tensors at the chunk step).
-        proto: float32 [B, n_slots, D] per-frame prototypes (layer 0's pre-RoPE keys), or None.
+        proto: float32 [B, n_slots, D] per-frame prototypes, or None: layer 0's pre-RoPE keys averaged over
+            the frame's tokens, then over heads, not normalised. Only frames before the chunk are certain
+            to be there (the chunk's own slots may still hold an older frame's until ``end_chunk``).
         backend: the ops' backend.
     """
 
