@@ -340,17 +340,23 @@ def compare(this: list[dict], base: list[dict]) -> list[dict]:
     return out
 
 
+def measured(rows: list[dict], prefix=lambda r: ""):
+    """(policy/mode, row) of the rows that ran; prints a line for each that failed (``prefix``: its first columns)."""
+    for r in rows:
+        name = f"{r['policy']}/{r['mode']}"
+        if "error" in r:
+            print(f"{name:<16}{prefix(r)} failed: {r['error']}")
+        else:
+            yield name, r
+
+
 def print_tree(tree: dict, rows: list[dict]) -> None:
     f = common.fmt
     print(f"\n{tree['name']} ({tree['commit']}): us per call, wall median [p10-p90] over the steady chunks; "
           "cpu: median of the thread's CPU time")
     print(f"{'mode':<16} {'warm':>4} {'attend':>20} {'cpu':>5} {'1st pass':>8} {'later':>6} {'begin_chunk':>20} "
           f"{'cpu':>5} {'end_chunk':>9} {'chunk ms':>8}")
-    for r in rows:
-        name = f"{r['policy']}/{r['mode']}"
-        if "error" in r:
-            print(f"{name:<16} {r['warmup_chunks']!s:>4} failed: {r['error']}")
-            continue
+    for name, r in measured(rows, lambda r: f" {r['warmup_chunks']!s:>4}"):
         att = f"{f(r['attend_median_us'])} [{f(r['attend_p10_us'])}-{f(r['attend_p90_us'])}]"
         beg = f"{f(r['begin_chunk_median_us'])} [{f(r['begin_chunk_p10_us'])}-{f(r['begin_chunk_p90_us'])}]"
         print(f"{name:<16} {r['warmup_chunks']:>4} {att:>20} {f(r['attend_cpu_median_us']):>5} "
@@ -365,11 +371,7 @@ def print_comparison(rev: str, rows: list[dict]) -> None:
           f"> 1 is slower; {LABEL}")
     print(f"{'mode':<16} {'attend':>6} {rev[:8]:>8} {'ratio':>5} {'per round':>14} {'cpu':>5} "
           f"{'begin':>6} {rev[:8]:>8} {'ratio':>5} {'cpu':>5} {'chunk':>5}")
-    for r in rows:
-        name = f"{r['policy']}/{r['mode']}"
-        if "error" in r:
-            print(f"{name:<16} failed: {r['error']}")
-            continue
+    for name, r in measured(rows):
         rounds = ",".join(f"{x:.2f}" for x in r["attend_ratio_rounds"])
         print(f"{name:<16} {f(r['attend_us']):>6} {f(r['attend_us_baseline']):>8} {r['attend_ratio']:>5.2f} "
               f"{rounds:>14} {r['attend_cpu_ratio']:>5.2f} {f(r['begin_chunk_us']):>6} "

@@ -41,7 +41,7 @@ void mid_select_cuda(uintptr_t q, Strides3 q_s, uintptr_t mean_key, Strides4 k_s
                      uintptr_t block_pos, uintptr_t target_pos, uintptr_t seg, Strides3 s_s, uintptr_t scores,
                      uintptr_t ws, int64_t batch, int64_t n_q, int64_t heads, int64_t head_dim, int64_t n_blocks,
                      int64_t n_mid, int64_t n_sel, int64_t n_seg, int64_t seg_index, int64_t row0, int64_t block_tokens,
-                     int64_t q_stride, int64_t n_split, bool batch_mean, int dtype, uintptr_t stream);
+                     int64_t q_stride, bool batch_mean, int64_t n_split, int dtype, uintptr_t stream);
 
 void compress_kv_cuda(uintptr_t k, Strides3 k_s, uintptr_t v, Strides3 v_s, uintptr_t k_pool, Strides3 kp_s,
                       uintptr_t v_pool, Strides3 vp_s, uintptr_t mean_key, Strides4 m_s, uintptr_t ws,

@@ -189,6 +189,37 @@ def assert_raw_op_raises_like_public(op: str, args, exc: type[Exception], match:
     assert messages[0] == messages[1]
 
 
+def raw_op_tests(op: str, make_args, bad: list, scalar: tuple[int, object, str] | None = None):
+    """The raw-op tests of an op module whose raw op takes ``make_args(generator) + [backend]``:
+
+    - each ``bad`` case (argument index, replacement, error type, message fragment) raises the same error through
+      ``rk.<op>`` and ``torch.ops.relaxkv.<op>``;
+    - ``scalar`` = (argument index, wrongly typed value, argument name): the public function names the argument in
+      a TypeError; the raw op's schema refuses the value first (torch's RuntimeError naming the argument);
+    - ``checked=True`` gives the outputs and writes of the default on valid arguments.
+
+    Returns the test functions, to bind to ``test_*`` names in the op's module.
+    """
+    import pytest
+
+    @pytest.mark.parametrize("index, value, exc, match", bad)
+    def bad_input(index, value, exc, match):
+        assert_raw_op_raises_like_public(op, replace([*make_args(gen(4)), "auto"], index, value), exc, match)
+
+    def scalar_type():
+        index, value, name = scalar
+        args = replace([*make_args(gen(5)), "auto"], index, value)
+        with pytest.raises(TypeError, match=f"{name}: expected an int"):
+            getattr(rk, op)(*args)
+        with pytest.raises(RuntimeError, match=f"argument '{name}'"):
+            getattr(torch.ops.relaxkv, op)(*args)
+
+    def checked_true():
+        assert_checked_matches_default(op, [*make_args(gen(6)), "reference"])
+
+    return bad_input, scalar_type, checked_true
+
+
 def assert_checked_matches_default(op: str, args) -> None:
     """``torch.ops.relaxkv.<op>(*args, checked=True)`` (no checks) gives the outputs and writes of the default
     ``checked=False`` on valid ``args`` (every argument of the raw op but ``checked``)."""

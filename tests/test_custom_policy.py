@@ -130,9 +130,8 @@ class SinkNearest(rk.MemoryPolicy):
     chunk_frames: int = 2
     by_query: bool = False
 
-    def __post_init__(self):
-        super().__post_init__()
-        self.check_ranges(sink=(0, None), span=(2, None), chunk_frames=(1, None))
+    def bounds(self) -> dict[str, tuple[int | None, int | None]]:  # checked by MemoryPolicy.__post_init__
+        return {"sink": (0, None), "span": (2, None), "chunk_frames": (1, None)}
 
     def roles(self, start: int) -> tuple[list[int], list[int], list[int]]:
         """(sink, candidates, tail) frames before ``start``; no candidates: sink and tail are every earlier frame."""

@@ -109,6 +109,68 @@ def triton_import_violations(files: dict[Path, str]) -> list[str]:
     return sorted(set(bad))
 
 
+def import_graph(files: dict[Path, str]) -> dict[str, set[str]]:
+    """Module -> the package modules it imports at module level (``from a import b``: a.b where b is a module,
+    else a; imports inside functions run lazily and are left out)."""
+    modules = {_module_name(path) for path in files}
+    graph = {name: set() for name in modules}
+    for path, source in files.items():
+        name = _module_name(path)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        todo = list(ast.parse(source).body)
+        while todo:
+            node = todo.pop()
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            todo.extend(ast.iter_child_nodes(node))
+            if isinstance(node, ast.Import):
+                graph[name] |= {alias.name for alias in node.names} & modules
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    base = ".".join(anchor + ([base] if base else []))
+                for alias in node.names:
+                    target = f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                    graph[name] |= {target} & modules
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of ``graph``, each as the modules along it (first repeated last)."""
+    cycles, done, path = [], set(), []
+
+    def visit(name):
+        if name in path:
+            cycles.append(path[path.index(name):] + [name])
+            return
+        if name in done:
+            return
+        path.append(name)
+        for target in sorted(graph[name]):
+            visit(target)
+        path.pop()
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name)
+    return cycles
+
+
+def test_the_package_has_no_import_cycle():
+    cycles = import_cycles(import_graph(_read(sorted(PACKAGE.rglob("*.py")))))
+    assert not cycles, "module-level import cycles in relaxkv_kernels:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_cycle_rule_catches_a_loop():
+    """tuning importing dense_attention's op (which imports tuning) is the loop the tuning table once had."""
+    files = _read(sorted(PACKAGE.rglob("*.py")))
+    tuning = PACKAGE / "ops" / "dense_attention" / "tuning.py"
+    files[tuning] = "from .op import resolve_engine\n" + files[tuning]
+    assert ["relaxkv_kernels.ops.dense_attention.op", "relaxkv_kernels.ops.dense_attention.tuning",
+            "relaxkv_kernels.ops.dense_attention.op"] in import_cycles(import_graph(files))
+
+
 def test_the_package_has_op_folders():
     names = {p.name for p in _op_folders()}
     assert {"rope_append", "sparse_kv_attention", "relax_select", "mid_select", "compress_kv", "gather_kv_rope",

@@ -47,6 +47,7 @@ from ..ops.rope_append.op import rope_append_op
 from .device_plan import DevicePlan
 from .modes import MODES
 from .modes import make_mode
+from .modes import resolve_attention
 from .storage import KVStorage
 from .storage import nbytes
 
@@ -111,11 +112,7 @@ class KVCache:
         self.device = canonical_device(device)
         if backend == "fused":
             backend = "auto" if self.device.type == "cuda" else "triton"
-        if attention == "auto":
-            attention = "window" if self.device.type == "cuda" else "segments"
-        if attention == "segments" and engine != "auto":
-            raise ValueError(f"{op}: engine: the segments attention mode runs the segment-table kernel and has no "
-                             f"engine, got engine={engine!r} (use attention='window' or 'per_call')")
+        attention = resolve_attention(attention, engine, self.device)
         if engine == "auto" and backend == "reference":
             engine = "reference"
         self.backend, self.attention, self.engine = backend, attention, engine

@@ -208,6 +208,17 @@ class PerCallMode(GatherMode):
         return self.dense(q_rot, kw, vw)
 
 
+def resolve_attention(attention: str, engine: str, device: torch.device) -> str:
+    """The mode ``attention`` names on ``device`` ("auto": window on CUDA, segments elsewhere); ValueError for an
+    engine given to the segments mode, which has none."""
+    if attention == "auto":
+        attention = "window" if device.type == "cuda" else "segments"
+    if attention == "segments" and engine != "auto":
+        raise ValueError(f"KVCache: engine: the segments attention mode runs the segment-table kernel and has no "
+                         f"engine, got engine={engine!r} (use attention='window' or 'per_call')")
+    return attention
+
+
 def make_mode(attention: str, geometry: CacheGeometry, storage: KVStorage, dplan: DevicePlan, planner: Planner,
               backend: str, engine: str, section: Callable[[str], object]) -> AttentionMode:
     """The strategy of ``attention`` (one of ``MODES``): the one place a mode name becomes behaviour.

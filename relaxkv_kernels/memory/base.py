@@ -238,13 +238,18 @@ class MemoryPolicy:
     :class:`Planner` per cache for frames of ``height`` x ``width`` tokens.
 
     A dataclass policy gets its ``int``, ``float`` and ``bool`` fields type-checked at construction
-    (``check_fields``, called by ``__post_init__``); ranges are each policy's own.
+    (``check_fields``, called by ``__post_init__``), then the ranges its :meth:`bounds` gives.
     """
 
     chunk_frames: int
 
     def __post_init__(self):
         self.check_fields()
+        self.check_ranges(**self.bounds())
+
+    def bounds(self) -> dict[str, tuple[int | None, int | None]]:
+        """(low, high) of the policy's int fields (None: open), checked at construction after their types."""
+        return {}
 
     def check_fields(self) -> None:
         """TypeError naming the field whose value is not of its declared type (int, float or bool)."""

@@ -22,9 +22,8 @@ class DenseWindow(MemoryPolicy):
     chunk_frames: int = 3
     rerotate: bool = False
 
-    def __post_init__(self):
-        super().__post_init__()
-        self.check_ranges(chunk_frames=(1, None), sink=(0, None), window=(self.chunk_frames + self.sink, None))
+    def bounds(self) -> dict[str, tuple[int | None, int | None]]:
+        return {"chunk_frames": (1, None), "sink": (0, None), "window": (self.chunk_frames + self.sink, None)}
 
     def planner(self, height: int, width: int) -> "DensePlanner":
         return DensePlanner(self, height * width)

@@ -65,13 +65,15 @@ class PackMemory(MemoryPolicy):
     batch_mean: bool = False
 
     def __post_init__(self):
-        super().__post_init__()
-        b = self.block_frames
-        self.check_ranges(block_frames=(POOL_T, None), sink_frames=(0, None), recent_frames=(b, b), top_k=(1, None),
-                          archive=(self.top_k, None), q_stride=(1, None))
-        if self.sink_frames % b:
-            raise ValueError(f"PackMemory: sink_frames: expected a multiple of block_frames = {b}, "
+        super().__post_init__()  # types and bounds() first: block_frames >= 2 below
+        if self.sink_frames % self.block_frames:
+            raise ValueError(f"PackMemory: sink_frames: expected a multiple of block_frames = {self.block_frames}, "
                              f"got {self.sink_frames}")
+
+    def bounds(self) -> dict[str, tuple[int | None, int | None]]:
+        b = self.block_frames
+        return {"block_frames": (POOL_T, None), "sink_frames": (0, None), "recent_frames": (b, b), "top_k": (1, None),
+                "archive": (self.top_k, None), "q_stride": (1, None)}
 
     @property
     def chunk_frames(self) -> int:

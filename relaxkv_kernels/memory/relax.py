@@ -131,10 +131,9 @@ class RelaxMemory(MemoryPolicy):
     batch0_decides: bool = False
     trim: bool = True
 
-    def __post_init__(self):
-        super().__post_init__()
-        self.check_ranges(sink=(0, None), tail=(0, None), history=(1, None), candidates=(1, None),
-                          chunk_frames=(1, None), reservoir=(self.sink + self.tail + 2 + self.chunk_frames, None))
+    def bounds(self) -> dict[str, tuple[int | None, int | None]]:
+        return {"sink": (0, None), "tail": (0, None), "history": (1, None), "candidates": (1, None),
+                "chunk_frames": (1, None), "reservoir": (self.sink + self.tail + 2 + self.chunk_frames, None)}
 
     def planner(self, height: int, width: int) -> "RelaxPlanner":
         return RelaxPlanner(self, height * width)

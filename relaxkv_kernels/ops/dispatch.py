@@ -71,6 +71,13 @@ class OpBackends:
             raise RuntimeError(f"{op}: backend 'cuda' needs a CUDA kernel for this op and CUDA tensors, got {device}")
         return backend
 
+    def run(self, device: torch.device, backend: str, checked: bool, check: Callable, *args):
+        """The op on ``args`` (the implementation's arguments): ``check(*args)`` first unless the caller has
+        ``checked`` them, then the implementation for ``device`` and ``backend``."""
+        if not checked:
+            check(*args)
+        return self.implementation(device, backend)(*args)
+
     def implementation(self, device: torch.device, backend: str = "auto") -> Callable:
         """The function that computes the op on ``device`` with ``backend``."""
         name = self.resolve(device, backend)

@@ -8,7 +8,6 @@ bad inputs (public function and raw op alike). (The compressed grid and its posi
 import pytest
 import torch
 
-import relaxkv_kernels as rk
 from relaxkv_kernels.geometry import compressed_grid
 from relaxkv_kernels.geometry import compressed_positions
 from relaxkv_kernels.ops.compress_kv.cuda import compress_kv_cuda
@@ -19,10 +18,8 @@ from helpers import DEVICE
 from helpers import DTYPE_IDS
 from helpers import DTYPES
 from helpers import assert_2x_rule
-from helpers import assert_checked_matches_default
 from helpers import assert_int32_indices_match_int64
 from helpers import assert_public_op_matches_registered
-from helpers import assert_raw_op_raises_like_public
 from helpers import assert_strided_inputs_match_reference
 from helpers import backend_device
 from helpers import close
@@ -32,7 +29,7 @@ from helpers import literal_rope
 from helpers import need_triton
 from helpers import on
 from helpers import randn
-from helpers import replace
+from helpers import raw_op_tests
 from helpers import run_on_fakes
 from helpers import strided
 
@@ -348,20 +345,5 @@ BAD = [  # (argument index, replacement, error type, message fragment)
 ]
 
 
-@pytest.mark.parametrize("index, value, exc, match", BAD)
-def test_bad_input_raises_before_any_kernel(index, value, exc, match):
-    """The public function and the raw op (torch.ops.relaxkv.compress_kv) raise the same error."""
-    assert_raw_op_raises_like_public("compress_kv", replace([*_args(gen(4)), "auto"], index, value), exc, match)
-
-
-def test_bad_scalar_type():
-    """A float for an int: the public function names it; the raw op's schema refuses it first (torch's error)."""
-    args = replace([*_args(gen(5)), "auto"], 10, 8.0)
-    with pytest.raises(TypeError, match="width: expected an int"):
-        rk.compress_kv(*args)
-    with pytest.raises(RuntimeError, match="argument 'width'"):
-        torch.ops.relaxkv.compress_kv(*args)
-
-
-def test_checked_true_matches_default():
-    assert_checked_matches_default("compress_kv", [*_args(gen(6)), "reference"])
+test_bad_input_raises_before_any_kernel, test_bad_scalar_type, test_checked_true_matches_default = raw_op_tests(
+    "compress_kv", _args, BAD, scalar=(10, 8.0, "width"))

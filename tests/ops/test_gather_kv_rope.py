@@ -29,6 +29,7 @@ from helpers import need_triton
 from helpers import on
 from helpers import ragged_table
 from helpers import randn
+from helpers import raw_op_tests
 from helpers import replace
 from helpers import run_on_fakes
 from helpers import seg_storage
@@ -346,19 +347,8 @@ BAD = [  # (argument index, replacement, error type, message fragment)
 ]
 
 
-@pytest.mark.parametrize("index, value, exc, match", BAD)
-def test_bad_input_raises_before_any_kernel(index, value, exc, match):
-    """The public function and the raw op (torch.ops.relaxkv.gather_kv_rope) raise the same error."""
-    assert_raw_op_raises_like_public("gather_kv_rope", replace([*_args(gen(4)), "auto"], index, value), exc, match)
-
-
-def test_bad_total_type():
-    """A float total: the public function names it; the raw op's schema refuses it first (torch's error)."""
-    args = replace([*_args(gen(5)), "auto"], 3, 23.0)
-    with pytest.raises(TypeError, match="total: expected an int"):
-        rk.gather_kv_rope(*args)
-    with pytest.raises(RuntimeError, match="argument 'total'"):
-        torch.ops.relaxkv.gather_kv_rope(*args)
+test_bad_input_raises_before_any_kernel, test_bad_total_type, test_checked_true_matches_default = raw_op_tests(
+    "gather_kv_rope", _args, BAD, scalar=(3, 23.0, "total"))
 
 
 BAD_INTO = [  # (argument index, replacement, error type, message fragment)
@@ -382,6 +372,5 @@ def test_into_bad_input_raises_before_any_kernel(index, value, exc, match):
     assert_raw_op_raises_like_public("gather_kv_rope_into", args, exc, match)
 
 
-def test_checked_true_matches_default():
-    assert_checked_matches_default("gather_kv_rope", [*_args(gen(6)), "reference"])
+def test_into_checked_true_matches_default():
     assert_checked_matches_default("gather_kv_rope_into", [*_into_args(gen(6)), "reference"])

@@ -17,17 +17,15 @@ from relaxkv_kernels.ops.relax_select.reference import relax_select_ref
 
 from helpers import DEVICE
 from helpers import INT_POISON
-from helpers import assert_checked_matches_default
 from helpers import assert_int32_indices_match_int64
 from helpers import assert_public_op_matches_registered
-from helpers import assert_raw_op_raises_like_public
 from helpers import backend_device
 from helpers import compare_with_triton
 from helpers import gen
 from helpers import need_triton
 from helpers import on
 from helpers import randn
-from helpers import replace
+from helpers import raw_op_tests
 from helpers import run_on_fakes
 from helpers import seg_storage
 from helpers import seg_view
@@ -414,11 +412,5 @@ BAD = [  # (argument index, replacement, error type, message fragment)
 ]
 
 
-@pytest.mark.parametrize("index, value, exc, match", BAD)
-def test_bad_input_raises_before_any_kernel(index, value, exc, match):
-    """The public function and the raw op (torch.ops.relaxkv.relax_select) raise the same error."""
-    assert_raw_op_raises_like_public("relax_select", replace([*_args(gen(4)), "auto"], index, value), exc, match)
-
-
-def test_checked_true_matches_default():
-    assert_checked_matches_default("relax_select", [*_args(gen(6)), "reference"])
+test_bad_input_raises_before_any_kernel, _, test_checked_true_matches_default = raw_op_tests("relax_select", _args,
+                                                                                           BAD)

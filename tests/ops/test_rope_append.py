@@ -16,16 +16,15 @@ from relaxkv_kernels.ops.rope_append.reference import rope_append_ref
 
 from helpers import DEVICE
 from helpers import assert_2x_rule
-from helpers import assert_checked_matches_default
 from helpers import assert_int32_indices_match_int64
 from helpers import assert_public_op_matches_registered
-from helpers import assert_raw_op_raises_like_public
 from helpers import assert_strided_inputs_match_reference
 from helpers import backend_device
 from helpers import gen
 from helpers import need_triton
 from helpers import on
 from helpers import randn
+from helpers import raw_op_tests
 from helpers import replace
 from helpers import run_on_fakes
 from helpers import spaced
@@ -410,20 +409,5 @@ BAD = [  # (argument index, replacement, error type, message fragment)
 ]
 
 
-@pytest.mark.parametrize("index, value, exc, match", BAD)
-def test_bad_input_raises_before_any_kernel(index, value, exc, match):
-    """The public function and the raw op (torch.ops.relaxkv.rope_append) raise the same error."""
-    assert_raw_op_raises_like_public("rope_append", replace([*_args(gen(4)), "auto"], index, value), exc, match)
-
-
-def test_bad_scalar_type():
-    """A float for an int: the public function names it; the raw op's schema refuses it first (torch's error)."""
-    args = replace([*_args(gen(5)), "auto"], 9, 4.0)
-    with pytest.raises(TypeError, match="width: expected an int"):
-        rk.rope_append(*args)
-    with pytest.raises(RuntimeError, match="argument 'width'"):
-        torch.ops.relaxkv.rope_append(*args)
-
-
-def test_checked_true_matches_default():
-    assert_checked_matches_default("rope_append", [*_args(gen(6)), "reference"])
+test_bad_input_raises_before_any_kernel, test_bad_scalar_type, test_checked_true_matches_default = raw_op_tests(
+    "rope_append", _args, BAD, scalar=(9, 4.0, "width"))

@@ -63,10 +63,8 @@ def _check(k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames, height,
 def compress_kv_op(k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, mean_key: Tensor, block_slot: Tensor,
                    t0: Tensor, row0: int, frames: int, height: int, width: int, backend: str,
                    checked: bool = False) -> None:
-    if not checked:
-        _check(k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames, height, width)
-    fn = BACKENDS.implementation(k.device, backend)
-    fn(k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames, height, width)
+    BACKENDS.run(k.device, backend, checked, _check, k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames,
+                 height, width)
 
 
 @compress_kv_op.register_fake

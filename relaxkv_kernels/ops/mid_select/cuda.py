@@ -60,6 +60,6 @@ def mid_select_cuda(q: torch.Tensor, mean_key: torch.Tensor, mid_slots: torch.Te
             *rows(q), mean_key.data_ptr(), mean_key.stride(), mid_slots.data_ptr(), block_pos.data_ptr(),
             target_pos.data_ptr(), seg.data_ptr(), seg.stride(), scores.data_ptr(), ws.data_ptr(), b, n_q, h, d,
             mean_key.shape[1], mid_slots.numel(), target_pos.numel(), seg.shape[1], seg_index, row0, block_tokens,
-            q_stride, n_split, bool(batch_mean), launch.code(q.dtype), stream,
+            q_stride, bool(batch_mean), n_split, launch.code(q.dtype), stream,
         )
     return scores

@@ -61,10 +61,8 @@ def _check(q: Tensor, mean_key: Tensor, mid_slots: Tensor, block_pos: Tensor, se
 def mid_select_op(q: Tensor, mean_key: Tensor, mid_slots: Tensor, block_pos: Tensor, seg: Tensor, seg_index: int,
                   target_pos: Tensor, row0: int, block_tokens: int, q_stride: int, batch_mean: bool, backend: str,
                   checked: bool = False) -> Tensor:
-    if not checked:
-        _check(q, mean_key, mid_slots, block_pos, seg, seg_index, target_pos, row0, block_tokens, q_stride, batch_mean)
-    fn = BACKENDS.implementation(q.device, backend)
-    return fn(q, mean_key, mid_slots, block_pos, seg, seg_index, target_pos, row0, block_tokens, q_stride, batch_mean)
+    return BACKENDS.run(q.device, backend, checked, _check, q, mean_key, mid_slots, block_pos, seg, seg_index,
+                        target_pos, row0, block_tokens, q_stride, batch_mean)
 
 
 @mid_select_op.register_fake

@@ -28,10 +28,13 @@ def _triton():
 BACKENDS = OpBackends("relax_select", reference=relax_select_ref, triton=_triton, cuda=relax_select_cuda)
 
 
-def _check(proto, slot_pos, sink_slots, tail_slots, cand_slots, seg, seg_index, target_pos, frame_tokens,
-           lam) -> float:
+def _check(proto, slot_pos, sink_slots, tail_slots, cand_slots, seg, seg_index, target_pos, frame_tokens, lam,
+           batch0_decides, contiguous) -> float:
     """The checks of :func:`relax_select` (public function and registered op); returns ``lam`` as a float."""
     op = "relaxkv.relax_select"
+    for name, flag in (("batch0_decides", batch0_decides), ("contiguous", contiguous)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{op}: {name}: expected a bool, got {type(flag).__name__}")
     check_devices(op, proto=proto, slot_pos=slot_pos, sink_slots=sink_slots, tail_slots=tail_slots,
                   cand_slots=cand_slots, seg=seg, target_pos=target_pos)
     check_tensor(op, "proto", proto, shape=(None, None, None), dtypes=(torch.float32,))
@@ -54,18 +57,16 @@ def _check(proto, slot_pos, sink_slots, tail_slots, cand_slots, seg, seg_index, 
 def relax_select_op(proto: Tensor, slot_pos: Tensor, sink_slots: Tensor, tail_slots: Tensor, cand_slots: Tensor,
                     seg: Tensor, seg_index: int, target_pos: Tensor, frame_tokens: int, lam: float,
                     batch0_decides: bool, contiguous: bool, backend: str, checked: bool = False) -> Tensor:
-    if not checked:
-        _check(proto, slot_pos, sink_slots, tail_slots, cand_slots, seg, seg_index, target_pos, frame_tokens, lam)
-    fn = BACKENDS.implementation(proto.device, backend)
-    return fn(proto, slot_pos, sink_slots, tail_slots, cand_slots, seg, seg_index, target_pos, frame_tokens, lam,
-              batch0_decides, contiguous)
+    return BACKENDS.run(proto.device, backend, checked, _check, proto, slot_pos, sink_slots, tail_slots, cand_slots,
+                        seg, seg_index, target_pos, frame_tokens, lam, batch0_decides, contiguous)
 
 
 @relax_select_op.register_fake
 def relax_select_fake(proto, slot_pos, sink_slots, tail_slots, cand_slots, seg, seg_index, target_pos, frame_tokens,
                       lam, batch0_decides, contiguous, backend, checked=False):
     if checks_in_fake(checked, proto):
-        _check(proto, slot_pos, sink_slots, tail_slots, cand_slots, seg, seg_index, target_pos, frame_tokens, lam)
+        _check(proto, slot_pos, sink_slots, tail_slots, cand_slots, seg, seg_index, target_pos, frame_tokens, lam,
+               batch0_decides, contiguous)
     return proto.new_empty((proto.shape[0], cand_slots.shape[0]))
 
 
@@ -84,7 +85,8 @@ def relax_select(proto: Tensor, slot_pos: Tensor, sink_slots: Tensor, tail_slots
     Returns:
         scores float32 [B, C'].
     """
-    lam = _check(proto, slot_pos, sink_slots, tail_slots, cand_slots, seg, seg_index, target_pos, frame_tokens, lam)
+    lam = _check(proto, slot_pos, sink_slots, tail_slots, cand_slots, seg, seg_index, target_pos, frame_tokens, lam,
+                 batch0_decides, contiguous)
     return torch.ops.relaxkv.relax_select(proto, slot_pos, sink_slots, tail_slots, cand_slots, seg, seg_index,
                                           target_pos, frame_tokens, lam, batch0_decides, contiguous, backend,
                                           checked=True)

@@ -64,10 +64,8 @@ def _check(q, k, v, k_cache, v_cache, proto, frame_slot, frame_pos, height, widt
 def rope_append_op(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, proto: Optional[Tensor],
                    frame_slot: Tensor, frame_pos: Tensor, height: int, width: int, backend: str,
                    checked: bool = False) -> Tensor:
-    if not checked:
-        _check(q, k, v, k_cache, v_cache, proto, frame_slot, frame_pos, height, width)
-    fn = BACKENDS.implementation(q.device, backend)
-    return fn(q, k, v, k_cache, v_cache, proto, frame_slot, frame_pos, height, width)
+    return BACKENDS.run(q.device, backend, checked, _check, q, k, v, k_cache, v_cache, proto, frame_slot, frame_pos,
+                        height, width)
 
 
 @rope_append_op.register_fake
