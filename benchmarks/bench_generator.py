@@ -11,7 +11,8 @@ Random weights (no downloads), batch 1. Per policy (dense, sink, relax, pack):
   planner), each warm-up chunk one forward pass (the refresh pass that writes its K/V);
 - then complete chunks: 4 denoising passes + the refresh pass = 5 forward passes, sampler included, in two
   modes: ``eager``, and ``graph``: one forward pass captured as a CUDA graph over static input buffers
-  (two captures: the chunk's first pass, which runs the memory's selection and staging, and a later pass),
+  (two captures: the chunk's first pass, which runs the window staging and Pack's per-layer selection, and a
+  later pass; Relax selects at ``begin_chunk``, outside the graphs),
   replayed across chunks (``begin_chunk`` refreshes the cache's index buffers in place). Before timing, the
   graphs replay one chunk next to an eager run of the same chunk and the flows are compared with
   ``torch.equal`` (``replay_equals_eager`` in the JSON). If capture fails, ``torch.compile`` of the model
@@ -114,8 +115,8 @@ def capture(fn, cuda: bool):
 class GraphForward:
     """``forward(x, t, i)`` of one cache replayed from captured passes over static inputs.
 
-    Two captures of one forward pass: the chunk's first pass (``i == 0``: the memory's selection and
-    window staging run there) and a later pass. ``begin_chunk`` refreshes the cache's index buffers in
+    Two captures of one forward pass: the chunk's first pass (``i == 0``: the window staging and a per-layer
+    selection run there) and a later pass. ``begin_chunk`` refreshes the cache's index buffers in
     place, so in steady state the captures replay chunk after chunk. With ``profile``, every capture has its
     own :class:`SectionTimer` whose CUDA events are recorded inside the graph ("external" events) and read
     after each replay; :meth:`take_sections` returns the sums since the last call.

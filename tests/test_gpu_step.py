@@ -59,7 +59,8 @@ def _relax_inputs(layers, batch, u, gen):
 @pytest.mark.csrc  # window attention: gather_kv_rope's CUDA kernel stages the memory
 @pytest.mark.cuda_graph
 def test_cuda_graph_of_a_30_layer_relax_chunk_step_replays_identically():
-    """select + attention for 30 layers captured once, replayed over later chunks: equal to eager."""
+    """append, staging and attention for 30 layers captured once (the selection runs at begin_chunk), replayed
+    over later chunks: equal to eager."""
     pytest.importorskip("triton")
     layers, batch, policy = 30, 1, rk.RelaxMemory(reservoir=30)
     make = lambda: rk.KVCache(policy, layers, batch, dtype=torch.bfloat16, device="cuda", backend="fused", **WAN)  # noqa: E731
@@ -111,7 +112,7 @@ def test_compiled_relax_chunk_step_matches_eager():
 @pytest.mark.csrc
 @pytest.mark.cuda_graph
 def test_cuda_graph_replays_a_relax_chunk_step_with_the_cuda_kernels(monkeypatch):
-    """A whole first pass of a Relax chunk (rope_append, relax_select at layer 0, staging, attention) with the
+    """A whole first pass of a Relax chunk (rope_append, staging, attention; relax_select at begin_chunk) with the
     csrc/ kernels in one graph: replays identical, equal to eager within bf16 rounding."""
     pytest.importorskip("triton")
     dev, layers, b, h, d, hh, ww = torch.device("cuda"), 2, 2, 2, 64, 4, 4
@@ -154,6 +155,6 @@ def test_cuda_graph_replays_a_relax_chunk_step_with_the_cuda_kernels(monkeypatch
     for got, again, ref in zip(first, outs, want):
         assert torch.equal(got, again)  # replays are identical
         torch.testing.assert_close(got, ref, rtol=1.6e-2, atol=1.6e-2)  # bf16: ~2 ulps
-    assert torch.equal(graphed.seg, eager.seg)  # the selection ran inside the graph
+    assert torch.equal(graphed.device_plan.seg, eager.device_plan.seg)  # selected at begin_chunk, read by the graph
     eager.end_chunk()
     graphed.end_chunk()
