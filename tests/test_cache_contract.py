@@ -128,10 +128,10 @@ def test_a_planner_with_an_unknown_selection_kind_is_refused():
         rk.KVCache(Policy(), 1, 1, 2, 16, 4, 4)
 
 
-def _pack_picks(cache):
-    """Mid blocks chosen at layer 0 of the last chunk, per sample."""
+def _pack_picks(cache, layer=0):
+    """Mid blocks chosen at ``layer`` in the last chunk, per sample."""
     plan = cache.last_plan
-    return [row[plan.job.seg_index: plan.job.seg_index + 2] for row in cache.selected_frames()]
+    return [row[plan.job.seg_index: plan.job.seg_index + 2] for row in cache.selected_frames(layer)]
 
 
 def test_pack_selects_per_sample_by_default_and_batch_mean_couples_the_batch():
@@ -145,9 +145,11 @@ def test_pack_selects_per_sample_by_default_and_batch_mean_couples_the_batch():
         for sample in range(2):
             alone = [[[tuple(t[sample: sample + 1] for t in qkv) for qkv in pass_] for pass_ in chunk]
                      for chunk in inputs]
-            outs, single = _rollout(p, alone, list(range(L)), batch=1, backend="reference")
+            _, single = _rollout(p, alone, list(range(L)), batch=1, backend="reference")
             if not batch_mean:
                 assert _pack_picks(single)[0] == picks[False][sample]
+                assert [_pack_picks(single, layer)[0] for layer in range(L)] == [
+                    _pack_picks(cache, layer)[sample] for layer in range(L)]  # every layer's own choice
     per_sample, averaged = picks[False], picks[True]
     assert averaged[0] == averaged[1]  # one choice for the batch
     assert per_sample[0] != per_sample[1]  # these inputs make the samples choose differently

@@ -166,7 +166,7 @@ class KVCache:
                                "graph captured a chunk step of this cache, so a replay would read stale buffers; "
                                "capture once the plans are steady (past the policy's warm-up), or make a new cache")
         self.last_plan, self._shapes, self.chunk_mode = plan, shapes, mode
-        self._steps: dict[int, DeviceStep] = {}  # the planner's DeviceStep per layer (-1: the chunk's), made on use
+        self._steps = {}  # the planner's DeviceStep per layer (-1: the chunk's), made on use
         mode.begin(plan)
         self._pending_select = set()
         if plan.selects and self.planner.selection == "chunk":
@@ -284,11 +284,14 @@ class KVCache:
 
     # ------------------------------------------------------------------ inspection (syncs: not on the hot path)
 
-    def selected_frames(self) -> list[list[int]]:
-        """Frame index attended by every segment of layer 0, per batch element (reads the device table)."""
+    def selected_frames(self, layer: int = 0) -> list[list[int]]:
+        """Frame index attended by every segment of ``layer``'s table, per batch element (reads the device table;
+        every layer shares one table unless the planner selects per layer). A compressed block shows its first
+        frame."""
+        check_int("KVCache.selected_frames", "layer", layer, low=0, high=self.num_layers - 1)
         plan = self.last_plan
         out = []
-        for row in self._seg[0].cpu().tolist():
+        for row in self._seg[layer].cpu().tolist():
             frames = []
             for (start, _, _), planned in zip(row, plan.frames_attended):
                 frames.append(planned if planned != -1 else self.planner.frame_of_row(plan, start))
