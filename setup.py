@@ -96,8 +96,8 @@ if __name__ == "__main__":
         install_requires=["torch", "numpy", "tqdm", "matplotlib", "safetensors",
                           "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         # the test tiers: pytest-benchmark (benchmarks/), pybind11 + ninja (the emulated CUDA kernels, tests/cuda_emu/),
-        # ruff (the lint check of tests/test_layout.py and .ci/run; >= 0.6 reads pyproject.toml's [tool.ruff] config)
-        extras_require={"test": ["pytest", "pytest-benchmark", "pybind11", "ninja", "ruff>=0.6"]},
+        # ruff: the lint check of tests/test_layout.py and .ci/run, pinned so every machine lints by the same rules
+        extras_require={"test": ["pytest", "pytest-benchmark", "pybind11", "ninja", "ruff==0.17.6"]},
         entry_points={"console_scripts": ["relaxkv-generate = relaxkv_gen.cli:main"]},
         ext_modules=extensions(),
         cmdclass={"build_ext": NvccBuildExt},
