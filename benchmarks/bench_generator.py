@@ -32,7 +32,6 @@ keeps what it measured), a PNG beside them (``plot_generator.py``) and prints a 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import sys
 import time
@@ -67,34 +66,10 @@ from plot_generator import VIDEO_FRAMES_PER_LATENT  # noqa: E402
 TARGET_RELAX_MS = 250.0  # per 3-frame chunk: 4 * 3 / 0.25 s = 48 video FPS
 TARGET_RATIO = 1.6  # relax at least this much faster than dense
 PAPER_RATIO = 1.26  # Relax Forcing, end to end on an H100
-PLAN_HORIZON = 400  # chunks of host planning searched for the steady state
 
 
 # ----------------------------------------------------------------------------------------------------
 # steady state
-
-
-def steady_chunk(policy, grid_height: int, grid_width: int) -> int:
-    """First chunk from which the policy's plans keep their shapes (index buffers, segments, keys attended).
-
-    Before it, chunks attend to different numbers of keys (the dense window fills, Pack adds mid blocks) and
-    the index buffers change shape, so a captured graph could not replay; from it on every chunk costs the
-    same. Found by running the policy's host planner alone (no device work).
-    """
-    planner = policy.planner(grid_height, grid_width)
-
-    def shape(plan):
-        index = () if plan.index is None else tuple(  # plan.index: a dataclass of list[int] fields
-            (f.name, len(getattr(plan.index, f.name))) for f in dataclasses.fields(plan.index))
-        return (plan.selects, plan.total_keys(), plan.memory_keys(), plan.pool_prefix() is None, len(plan.segments),
-                index)
-
-    shapes = [shape(planner.plan(n)) for n in range(PLAN_HORIZON)]
-    last = max((n for n in range(1, PLAN_HORIZON) if shapes[n] != shapes[n - 1]), default=0)
-    if last > PLAN_HORIZON // 2:
-        raise RuntimeError(f"{type(policy).__name__}: plans still change shape at chunk {last}: no steady state "
-                           f"within {PLAN_HORIZON} chunks")
-    return last
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -190,7 +165,7 @@ class PolicyRun:
         self.shape = (self.batch, cfg.in_dim, self.frames, cfg.latent_height, cfg.latent_width)
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
         self.dtype = param.dtype
-        self.warmup_chunks = steady_chunk(self.policy, cfg.grid_height, cfg.grid_width)
+        self.warmup_chunks = common.steady_chunk(self.policy, cfg.grid_height, cfg.grid_width)
         refresh_t = torch.zeros(self.batch, self.frames, device=self.device)
         for _ in progress_bar(range(self.warmup_chunks), f"{name} warm-up", progress):
             self.cache.begin_chunk()

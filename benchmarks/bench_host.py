@@ -54,7 +54,6 @@ import common  # noqa: E402
 POLICIES = ("dense", "relax", "pack")
 MODES = ("window", "segments", "per_call")
 FALLBACK_WARMUP = {"dense": 6, "relax": 4, "pack": 67}  # Wan shapes, where a tree's planner cannot be searched
-PLAN_HORIZON = 200  # chunks of host planning searched for the steady state
 METRICS = ("attend", "attend_cpu", "attend_first", "attend_later", "begin_chunk", "begin_chunk_cpu", "end_chunk",
            "chunk")
 COMPARED = ("attend", "attend_cpu", "begin_chunk", "begin_chunk_cpu", "end_chunk", "chunk")
@@ -70,36 +69,20 @@ def make_policy(rk, name: str):
     return {"dense": lambda: rk.DenseWindow(window=21), "relax": rk.RelaxMemory, "pack": rk.PackMemory}[name]()
 
 
-def index_sizes(index) -> tuple:
-    """(name, length) of a plan's device index lists: a dict before the cache restructure, a dataclass after."""
-    if index is None:
-        return ()
-    items = index.items() if isinstance(index, dict) else vars(index).items()
-    return tuple(sorted((k, len(v)) for k, v in items))
-
-
 def plan_shape(plan) -> tuple | None:
-    """What makes one chunk's host work differ from the next: the plan's sizes (bench_generator.steady_chunk's
-    criterion); None where the tree's plans do not have these fields."""
+    """:func:`common.plan_shape`, or None where a tree's plans do not have its fields."""
     try:
-        return (plan.selects, plan.total_keys(), plan.memory_keys(), plan.pool_prefix() is None, len(plan.segments),
-                index_sizes(plan.index))
+        return common.plan_shape(plan)
     except (AttributeError, TypeError):
         return None
 
 
 def steady_chunk(policy, height: int, width: int) -> int | None:
-    """First chunk from which the policy's plans keep their shapes (its host planner alone); None where the tree's
-    planner cannot be run this way or its plans do not settle."""
+    """:func:`common.steady_chunk`, or None where a tree's planner or plans cannot be read that way."""
     try:
-        planner = policy.planner(height, width)
-        shapes = [plan_shape(planner.plan(n)) for n in range(PLAN_HORIZON)]
-    except (AttributeError, TypeError):
+        return common.steady_chunk(policy, height, width)
+    except (AttributeError, TypeError, RuntimeError):
         return None
-    if None in shapes:
-        return None
-    last = max((n for n in range(1, PLAN_HORIZON) if shapes[n] != shapes[n - 1]), default=0)
-    return last if last <= PLAN_HORIZON // 2 else None
 
 
 class Session:

@@ -145,6 +145,30 @@ def env_info(device: torch.device) -> dict:
 # timing
 
 
+def plan_shape(plan) -> tuple:
+    """What makes one chunk's host and device work differ from the next: the plan's sizes and the lengths of its
+    index lists (``plan.index``: a dataclass of lists; a dict of lists in trees before the cache restructure, which
+    ``bench_host.py --baseline`` measures)."""
+    index = plan.index or {}
+    items = index.items() if isinstance(index, dict) else vars(index).items()
+    return (plan.selects, plan.total_keys(), plan.memory_keys(), plan.pool_prefix() is None, len(plan.segments),
+            tuple(sorted((name, len(values)) for name, values in items)))
+
+
+def steady_chunk(policy, height: int, width: int, horizon: int = 400) -> int:
+    """First chunk from which the policy's plans keep their shapes (:func:`plan_shape`), found by running its host
+    planner alone (no device work). Before it, chunks attend to different numbers of keys (the dense window fills,
+    Pack adds mid blocks) and index buffers change shape, so a captured graph could not replay; from it on every
+    chunk costs the same. RuntimeError when the plans still change in the second half of ``horizon`` chunks."""
+    planner = policy.planner(height, width)
+    shapes = [plan_shape(planner.plan(n)) for n in range(horizon)]
+    last = max((n for n in range(1, horizon) if shapes[n] != shapes[n - 1]), default=0)
+    if last > horizon // 2:
+        raise RuntimeError(f"{type(policy).__name__}: plans still change shape at chunk {last}: no steady state "
+                           f"within {horizon} chunks")
+    return last
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

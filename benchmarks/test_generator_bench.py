@@ -24,7 +24,7 @@ def run(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(WARMUP))
 def test_steady_state_at_wan_shapes(name):
-    assert bench_generator.steady_chunk(make_policy(name), 30, 52) == WARMUP[name]
+    assert common.steady_chunk(make_policy(name), 30, 52) == WARMUP[name]
 
 
 def test_json_csv_png_and_flags(run, capsys):

@@ -158,9 +158,10 @@ class KVCache:
             raise RuntimeError(f"KVCache.begin_chunk: {type(self.planner).__name__}.plan({self.chunk}): expected the "
                                f"{self.policy.chunk_frames} chunk frames at delta 0 right after the "
                                f"{plan.n_memory_seg} memory segments")
-        self._check_plan(plan)
+        total = plan.total_keys()
+        self._check_plan(plan, total)
         mode = self.mode.for_chunk(plan)
-        shapes = (self.device_plan.upload(plan), plan.n_memory_seg, plan.total_keys(), mode.name)
+        shapes = (self.device_plan.upload(plan), plan.n_memory_seg, total, mode.name)
         if self._captured is not None and shapes != self._captured:
             raise RuntimeError(f"KVCache.begin_chunk: chunk {self.chunk} changes the plan's shapes since a CUDA "
                                "graph captured a chunk step of this cache, so a replay would read stale buffers; "
@@ -178,7 +179,7 @@ class KVCache:
         self._in_chunk = True
         return plan
 
-    def _check_plan(self, plan: ChunkPlan) -> None:
+    def _check_plan(self, plan: ChunkPlan, total: int) -> None:
         """A planner's plan is consistent: device rows iff it selects, keys within the windows' size."""
         name = f"KVCache.begin_chunk: {type(self.planner).__name__}.plan({self.chunk})"
         rows = plan.device_rows()
@@ -186,9 +187,8 @@ class KVCache:
             raise RuntimeError(f"{name}: expected selects=True with selected_keys > 0 exactly when frames_attended "
                                f"marks rows for the device step (-1), got selects={plan.selects}, selected_keys="
                                f"{plan.selected_keys}, device rows {rows}")
-        if plan.total_keys() > self.planner.max_keys:
-            raise RuntimeError(f"{name}: expected at most max_keys = {self.planner.max_keys} keys, got "
-                               f"{plan.total_keys()}")
+        if total > self.planner.max_keys:
+            raise RuntimeError(f"{name}: expected at most max_keys = {self.planner.max_keys} keys, got {total}")
 
     def end_chunk(self) -> None:
         """Finish the chunk (its refresh pass has written the final K/V): check every layer ran every pass, commit.

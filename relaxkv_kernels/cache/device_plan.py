@@ -46,7 +46,8 @@ class DevicePlan:
         return cls(None, None, torch.arange(chunk_frames, device=device), seg)
 
     def upload(self, plan: ChunkPlan) -> tuple:
-        """Copy ``plan`` to the device; returns the shapes of every tensor (a CUDA-graph replay needs them fixed)."""
+        """Copy ``plan`` to the device; returns the shapes of its index tensors, the ones that may change from chunk
+        to chunk (a CUDA-graph replay needs them fixed; frame_slot, frame_pos and seg keep theirs)."""
         device = self.seg.device
         self.frame_slot = _refresh(self.frame_slot, plan.frame_slot, device)
         self.frame_pos = _refresh(self.frame_pos, plan.frame_pos, device)
@@ -62,4 +63,4 @@ class DevicePlan:
         self.seg.copy_(seg.expand_as(self.seg), non_blocking=True)
         index = () if self.index is None else tuple(
             (name, tuple(getattr(self.index, name).shape)) for name in _field_names(type(self.index)))
-        return type(plan.index).__name__, index, tuple(self.frame_slot.shape)
+        return type(plan.index).__name__, index

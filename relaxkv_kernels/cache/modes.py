@@ -109,10 +109,9 @@ class PoolPrefixMode(DenseMode):
 
     name = "pool_prefix"
 
-    def __init__(self, geometry: CacheGeometry, storage: KVStorage, dplan: DevicePlan, backend: str, engine: str,
-                 section: Callable[[str], object]):
-        super().__init__(geometry, storage, dplan, backend, engine, section)
-        self.rows = RowViews(storage.k, storage.v)
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.rows = RowViews(self.storage.k, self.storage.v)
 
     def for_chunk(self, plan: ChunkPlan) -> AttentionMode:
         if plan.pool_prefix() is None:
@@ -125,13 +124,16 @@ class PoolPrefixMode(DenseMode):
 
 
 class GatherMode(DenseMode):
-    """A mode that gathers memory into windows of its own; chunks shaped as a pool prefix go to ``prefix``."""
+    """A mode that gathers memory into windows of its own (``args``: those of :class:`AttentionMode`; windows of
+    ``planner.max_keys`` rows); chunks shaped as a pool prefix go to ``prefix``."""
 
-    def __init__(self, geometry: CacheGeometry, storage: KVStorage, dplan: DevicePlan, backend: str, engine: str,
-                 section: Callable[[str], object], planner: Planner, prefix: PoolPrefixMode, n_windows: int):
-        super().__init__(geometry, storage, dplan, backend, engine, section)
-        g = geometry
+    per_layer_windows = True  # one window per layer; False: one window shared by every layer
+
+    def __init__(self, *args, planner: Planner, prefix: PoolPrefixMode):
+        super().__init__(*args)
+        g = self.g
         self.prefix = prefix
+        n_windows = g.num_layers if self.per_layer_windows else 1
         self.win_k = torch.empty(n_windows, g.batch, planner.max_keys, g.num_heads, g.head_dim, dtype=g.dtype,
                                  device=g.device)
         self.win_v = torch.empty_like(self.win_k)
@@ -149,13 +151,12 @@ class WindowMode(GatherMode):
 
     name = "window"
 
-    def __init__(self, geometry: CacheGeometry, storage: KVStorage, dplan: DevicePlan, backend: str, engine: str,
-                 section: Callable[[str], object], planner: Planner, prefix: PoolPrefixMode):
-        super().__init__(geometry, storage, dplan, backend, engine, section, planner, prefix, geometry.num_layers)
-        g = geometry
+    def __init__(self, *args, planner: Planner, prefix: PoolPrefixMode):
+        super().__init__(*args, planner=planner, prefix=prefix)
+        g = self.g
         self.proto_chunk = None  # the chunk's prototypes, committed by end_chunk
-        if storage.proto is not None:
-            self.proto_chunk = torch.empty(g.batch, len(dplan.window_slot), g.head_dim, dtype=torch.float32,
+        if self.storage.proto is not None:
+            self.proto_chunk = torch.empty(g.batch, len(self.dplan.window_slot), g.head_dim, dtype=torch.float32,
                                            device=g.device)
         self.pending: set[int] = set()
         self.win_layers = list(zip(self.win_k.unbind(0), self.win_v.unbind(0)))
@@ -196,10 +197,7 @@ class PerCallMode(GatherMode):
     """One window shared by every layer, re-gathered (every segment, the chunk's own rows too) at every call."""
 
     name = "per_call"
-
-    def __init__(self, geometry: CacheGeometry, storage: KVStorage, dplan: DevicePlan, backend: str, engine: str,
-                 section: Callable[[str], object], planner: Planner, prefix: PoolPrefixMode):
-        super().__init__(geometry, storage, dplan, backend, engine, section, planner, prefix, 1)
+    per_layer_windows = False
 
     def attend(self, layer: int, q_rot: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
         k, v = self.storage.layers[layer]
@@ -232,4 +230,4 @@ def make_mode(attention: str, geometry: CacheGeometry, storage: KVStorage, dplan
     prefix = PoolPrefixMode(*args)
     if not planner.gathers:
         return prefix
-    return {"window": WindowMode, "per_call": PerCallMode}[attention](*args, planner, prefix)
+    return {"window": WindowMode, "per_call": PerCallMode}[attention](*args, planner=planner, prefix=prefix)

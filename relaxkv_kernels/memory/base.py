@@ -245,7 +245,8 @@ class MemoryPolicy:
 
     def __post_init__(self):
         self.check_fields()
-        self.check_ranges(**self.bounds())
+        for field, (low, high) in self.bounds().items():
+            check_int(type(self).__name__, field, getattr(self, field), low=low, high=high)
 
     def bounds(self) -> dict[str, tuple[int | None, int | None]]:
         """(low, high) of the policy's int fields (None: open), checked at construction after their types."""
@@ -270,11 +271,6 @@ class MemoryPolicy:
             if not ok:
                 kind = "a number" if want is float else f"{'a' if want is bool else 'an'} {want.__name__}"
                 raise TypeError(f"{name}: {f.name}: expected {kind}, got {value!r} ({type(value).__name__})")
-
-    def check_ranges(self, **bounds: tuple[int | None, int | None]) -> None:
-        """ValueError naming the first field whose int value is outside its (low, high) bounds (None: open)."""
-        for field, (low, high) in bounds.items():
-            check_int(type(self).__name__, field, getattr(self, field), low=low, high=high)
 
     def planner(self, height: int, width: int) -> Planner:
         raise NotImplementedError

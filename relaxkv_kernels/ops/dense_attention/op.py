@@ -1,9 +1,8 @@
 """``relaxkv::dense_attention``: attention over contiguous K/V with a chosen engine (registration, checks).
 
-``torch.ops.relaxkv.dense_attention(q, k, v, scale, engine, checked=False)`` is the public function with
-``scale`` given; ``engine="auto"`` is resolved in the op (a cached host lookup). checked: the caller has
-checked the arguments already (KVCache does, once, where they enter) and passes a resolved engine (not
-``"auto"``: :func:`resolve_engine`); False (the default): the op checks them exactly as the public function does.
+``torch.ops.relaxkv.dense_attention`` is the public function with ``scale`` given, then ``checked`` (see
+``ops/checks.py``); it resolves ``engine="auto"`` itself (a cached host lookup) unless ``checked``, so callers
+that pass ``checked=True`` pass a resolved engine (:func:`resolve_engine`).
 """
 from __future__ import annotations
 

@@ -1,9 +1,7 @@
 """``relaxkv::sparse_kv_attention``: registration, fake, backend table, the argument checks and the public function.
 
-``torch.ops.relaxkv.sparse_kv_attention(q, k_pool, v_pool, seg, scale, backend, checked=False)`` is the fused
-path of the public function (``impl="fused"``) with ``scale`` given. checked: the caller has checked the
-arguments already (KVCache does, once, where they enter); False (the default): the op checks them exactly as
-the public function does.
+``torch.ops.relaxkv.sparse_kv_attention`` is the public function's ``impl="fused"`` path with ``scale`` given,
+then ``checked`` (see ``ops/checks.py``).
 """
 from __future__ import annotations
 
@@ -52,9 +50,7 @@ def _check(q, k_pool, v_pool, seg, scale) -> float:
 @torch.library.custom_op("relaxkv::sparse_kv_attention", mutates_args=())
 def sparse_kv_attention_op(q: Tensor, k_pool: Tensor, v_pool: Tensor, seg: Tensor, scale: float,
                            backend: str, checked: bool = False) -> Tensor:
-    if not checked:
-        _check(q, k_pool, v_pool, seg, scale)
-    return BACKENDS.implementation(q.device, backend)(q, k_pool, v_pool, seg, scale)
+    return BACKENDS.run(q.device, backend, checked, _check, q, k_pool, v_pool, seg, scale)
 
 
 @sparse_kv_attention_op.register_fake
