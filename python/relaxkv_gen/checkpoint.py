@@ -115,7 +115,7 @@ def normalize_state_dict(sd: dict) -> tuple[dict[str, torch.Tensor], str]:
     return out, source
 
 
-def _listing(title: str, items: list[str]) -> str:
+def name_listing(title: str, items: list[str]) -> str:
     shown = ", ".join(items[:MAX_LISTED]) + (", ..." if len(items) > MAX_LISTED else "")
     return f"{len(items)} {title}: {shown}"
 
@@ -131,13 +131,13 @@ def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
         if sd[k].shape != expected[k].shape
     )
     problems = [
-        _listing(title, items)
+        name_listing(title, items)
         for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
         if items
     ]
     nonfloat = sorted(k for k in set(sd) & set(expected) if not sd[k].is_floating_point())
     if nonfloat:
-        problems.append(_listing("non-floating-point", nonfloat))
+        problems.append(name_listing("non-floating-point", nonfloat))
     if problems:
         cfg = getattr(model, "cfg", None)
         arch = f" preset {cfg.name!r}" if cfg is not None else ""
