@@ -79,7 +79,7 @@ def extensions():
     return [Extension("relaxkv_kernels._C", sources + ["csrc/bindings.cpp"], depends=headers)]
 
 
-DIFFUSERS_EXTRA = ["diffusers>=0.42.1", "imageio", "imageio-ffmpeg"]  # 0.42.1: the oldest release tested
+DIFFUSERS_EXTRA = ["diffusers>=0.42.1", "accelerate", "transformers", "imageio", "imageio-ffmpeg"]  # 0.42.1: tested
 py_packages = find_packages(where="python", include=["relaxkv_gen", "relaxkv_gen.*"])
 
 # guarded: benchmarks/cuda_resource_report.py imports find_nvcc and NVCC_FLAGS from here
@@ -98,8 +98,9 @@ if __name__ == "__main__":
                           "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         # the test tiers: pytest-benchmark (benchmarks/), pybind11 + ninja (the emulated CUDA kernels, tests/cuda_emu/),
         # ruff: the lint check of tests/test_layout.py and .ci/run, pinned so every machine lints by the same rules;
-        # and the diffusers extra (relaxkv_kernels.integrations.diffusers, relaxkv_gen.diffusers; imageio-ffmpeg
-        # writes the mp4s), whose tests run everywhere
+        # and the diffusers extra (relaxkv_kernels.integrations.diffusers, relaxkv_gen.diffusers: accelerate for
+        # diffusers' from_pretrained, transformers for the text encoder, imageio-ffmpeg for the mp4s), whose tests
+        # run everywhere
         extras_require={"diffusers": DIFFUSERS_EXTRA,
                         "test": ["pytest", "pytest-benchmark", "pybind11", "ninja", "ruff==0.17.6", *DIFFUSERS_EXTRA]},
         entry_points={"console_scripts": ["relaxkv-generate = relaxkv_gen.cli:main"]},

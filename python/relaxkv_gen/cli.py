@@ -122,8 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--batch", type=positive_int, default=1, help="samples per rollout (default: 1)")
     p.add_argument("--checkpoint", type=Path, help="Self-Forcing generator checkpoint (.pt/.pth/.safetensors)")
-    p.add_argument("--text-embeds", type=Path,
-                   help="text encoder states [L, text_dim] (or [B, L, text_dim]), .pt or .safetensors")
+    text = p.add_mutually_exclusive_group()
+    text.add_argument("--text-embeds", type=Path,
+                      help="text encoder states [L, text_dim] (or [B, L, text_dim]), .pt or .safetensors")
+    text.add_argument("--prompt", help="with --diffusers: a prompt for the folder's text encoder (needs transformers)")
+    p.add_argument("--diffusers", type=Path, metavar="FOLDER",
+                   help="run diffusers instead of relaxkv_gen's model: a diffusers-format Wan2.1 T2V folder "
+                        "(transformer/, vae/; e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers) whose transformer is --preset's "
+                        "architecture, through relaxkv_gen.diffusers.ChunkwiseWanPipeline; writes video_<policy>.mp4 "
+                        "and report.json (needs the diffusers extra). --checkpoint loads Self-Forcing-style weights "
+                        "into its transformer")
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", type=Path, default=Path("out/generate"),
                    help="output folder (default: out/generate): absent or empty (an existing, non-empty folder is "
@@ -205,42 +213,79 @@ def run(args) -> int:
     policies = list(POLICY_NAMES) if args.policy == "all" else [args.policy]
     chunks = {name: plan_chunks(args, int(make_policy(name).chunk_frames)) for name in policies}
     check_modules(progress=not args.no_progress)
+    if args.prompt is not None and args.diffusers is None:
+        raise ValueError("--prompt needs --diffusers (a folder with the text encoder)")
+    if args.diffusers is not None:
+        from .diffusers.generate import check_folder  # ImportError naming the extra when diffusers is missing
+
+        check_folder(args.diffusers, prompt=args.prompt is not None)
     try:
         staging = out.stage()  # before any file is read or the model built: an unwritable --out fails here
-        text = (load_text_embeds(args.text_embeds, cfg, args.batch) if args.text_embeds
-                else random_text(cfg, args.batch, args.seed))
-        if args.checkpoint is not None:
-            model = build_model(cfg, dtype=dtype, init=False)
-            info = load_checkpoint(model, args.checkpoint, device=device)
-            weights = f"checkpoint {info['path']} ({info['source'] or 'flat'}, {info['num_tensors']} tensors)"
-        else:
-            model = build_model(cfg, seed=args.seed, device=device, dtype=dtype)
-            weights = f"random init (seed {args.seed})"
-
-        results = []
-        for name in policies:
-            results.append(rollout(model, name, text, num_chunks=chunks[name], seed=args.seed, backend=backend,
-                                   timing=not args.no_timing, progress=not args.no_progress))
-        report = build_report(results, {
-            "preset": cfg.name, "model": cfg.to_dict(), "policies": policies, "backend": backend,
-            "device": str(device), "dtype": str(dtype).replace("torch.", ""), "batch": args.batch, "seed": args.seed,
-            "weights": weights, "text": str(args.text_embeds) if args.text_embeds else f"random (seed {args.seed})",
-            "timing": "off" if args.no_timing else clock_label(device), "passes_per_chunk": 5,
-        })
-        if not args.no_timing:
-            print(format_timing_table(report))
-
-        files = {f"latents_{r.policy}.pt": (lambda p, t=r.latents: torch.save(t, p)) for r in results}
-        files["report.json"] = lambda p: write_json(report, p)
-        files["report.png"] = lambda p: plot_report(report, p)
-        files["report_memory_map.png"] = lambda p: plot_memory_map(report, p)
-        for name, write in files.items():
-            write(staging / name)
+        run_policies = generate_with_diffusers if args.diffusers is not None else generate
+        files = run_policies(args, cfg, staging, device=device, dtype=dtype, backend=backend, policies=policies,
+                             chunks=chunks)
         out.commit()
     finally:
         out.discard()  # a failure or an interrupt: the temporary folder and the parents made for it go
     print(f"wrote {', '.join(files)} to {args.out}")
     return 0
+
+
+def load_text(args, cfg) -> torch.Tensor:
+    """``--text-embeds`` as [batch, L, text_dim], or seeded random stand-in states."""
+    return (load_text_embeds(args.text_embeds, cfg, args.batch) if args.text_embeds
+            else random_text(cfg, args.batch, args.seed))
+
+
+def generate(args, cfg, staging: Path, *, device, dtype, backend, policies, chunks) -> list[str]:
+    """relaxkv_gen's own model: latents, report.json and the figures into ``staging``; returns the names."""
+    text = load_text(args, cfg)
+    if args.checkpoint is not None:
+        model = build_model(cfg, dtype=dtype, init=False)
+        info = load_checkpoint(model, args.checkpoint, device=device)
+        weights = f"checkpoint {info['path']} ({info['source'] or 'flat'}, {info['num_tensors']} tensors)"
+    else:
+        model = build_model(cfg, seed=args.seed, device=device, dtype=dtype)
+        weights = f"random init (seed {args.seed})"
+
+    results = []
+    for name in policies:
+        results.append(rollout(model, name, text, num_chunks=chunks[name], seed=args.seed, backend=backend,
+                               timing=not args.no_timing, progress=not args.no_progress))
+    report = build_report(results, {
+        "preset": cfg.name, "model": cfg.to_dict(), "policies": policies, "backend": backend,
+        "device": str(device), "dtype": str(dtype).replace("torch.", ""), "batch": args.batch, "seed": args.seed,
+        "weights": weights, "text": str(args.text_embeds) if args.text_embeds else f"random (seed {args.seed})",
+        "timing": "off" if args.no_timing else clock_label(device), "passes_per_chunk": 5,
+    })
+    if not args.no_timing:
+        print(format_timing_table(report))
+
+    files = {f"latents_{r.policy}.pt": (lambda p, t=r.latents: torch.save(t, p)) for r in results}
+    files["report.json"] = lambda p: write_json(report, p)
+    files["report.png"] = lambda p: plot_report(report, p)
+    files["report_memory_map.png"] = lambda p: plot_memory_map(report, p)
+    for name, write in files.items():
+        write(staging / name)
+    return list(files)
+
+
+def generate_with_diffusers(args, cfg, staging: Path, *, device, dtype, backend, policies, chunks) -> list[str]:
+    """``--diffusers``: the chunk-wise diffusers pipeline; mp4s and report.json into ``staging``."""
+    from .diffusers.generate import load_pipeline
+    from .diffusers.generate import load_weights
+    from .diffusers.generate import write_videos
+
+    prompt = args.prompt is not None
+    text = {"prompt": [args.prompt] * args.batch} if prompt else {"prompt_embeds": load_text(args, cfg)}
+    pipe = load_pipeline(args.diffusers, cfg, device=device, dtype=dtype, prompt=prompt)
+    weights = load_weights(pipe, args.checkpoint) if args.checkpoint is not None else f"{args.diffusers}/transformer"
+    info = {"mode": "diffusers", "folder": str(args.diffusers), "preset": cfg.name, "weights": weights,
+            "backend": backend, "device": str(device), "dtype": str(dtype).replace("torch.", ""), "batch": args.batch,
+            "seed": args.seed, "text": args.prompt if prompt else
+            (str(args.text_embeds) if args.text_embeds else f"random (seed {args.seed})")}
+    return write_videos(pipe, cfg, staging, policies=policies, chunks=chunks, text=text, seed=args.seed,
+                        backend=backend, progress=not args.no_progress, info=info)
 
 
 def out_of_memory(exc: BaseException) -> bool:

@@ -26,7 +26,8 @@ import threading
 from pathlib import Path
 
 # every name the CLI writes into --out (cli.run): what --overwrite may replace
-OUTPUT_NAMES = re.compile(r"(report\.json|report\.png|report_memory_map\.png|latents_[a-z0-9_]+\.pt)")
+OUTPUT_NAMES = re.compile(r"(report\.json|report\.png|report_memory_map\.png|latents_[a-z0-9_]+\.pt"
+                          r"|video_[a-z0-9_]+\.mp4)")
 
 
 @contextlib.contextmanager

@@ -96,15 +96,15 @@ def _check_transformer(transformer) -> None:
 
 
 def _input_check(cache: KVCache):
-    """A forward pre-hook refusing latents whose batch or grid is not the cache's (before any work)."""
+    """A forward pre-hook refusing latents whose batch, frame count or grid is not the cache's (before any work)."""
     def check(module, args, kwargs):
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         ph, pw = PATCH_SIZE[1:]
-        want = (cache.batch, cache.height * ph, cache.width * pw)
-        if x.dim() != 5 or (x.shape[0], *x.shape[3:]) != want:
+        want = (cache.batch, cache.policy.chunk_frames, cache.height * ph, cache.width * pw)
+        if x.dim() != 5 or (x.shape[0], *x.shape[2:]) != want:
             raise ValueError(f"WanTransformer3DModel with a KV cache attached: hidden_states: expected "
-                             f"[{want[0]}, C, frames, {want[1]}, {want[2]}] (the cache's batch and latent grid), "
-                             f"got {list(x.shape)}")
+                             f"[{want[0]}, C, {want[1]}, {want[2]}, {want[3]}] (the cache's batch, a chunk of "
+                             f"{want[1]} latent frames, the latent grid), got {list(x.shape)}")
     return check
 
 
@@ -117,7 +117,8 @@ def attach(transformer, policy: MemoryPolicy, *, batch: int, height: int, width:
         policy: the memory (``rk.DenseWindow``, ``rk.RelaxMemory``, ``rk.PackMemory`` or your own policy).
         batch: samples per call. height, width: latent tokens per frame after patching (latent size / 2).
         kvcache_kwargs: passed to :class:`KVCache` (``backend``, ``attention``, ``engine``, ``dtype``,
-            ``device``); ``dtype`` and ``device`` default to those of the transformer's attention weights.
+            ``device``); ``dtype`` and ``device`` default to those of the transformer's attention weights (pass
+            ``device`` where the weights are not where the model runs, e.g. under diffusers' CPU offloading).
 
     Drive it as ``KVCache`` itself: ``cache.begin_chunk()`` before a chunk's first pass, ``cache.end_chunk()``
     after its refresh pass. TypeError / ValueError (nothing changed) for a transformer it cannot serve.

@@ -1,0 +1,319 @@
+"""ChunkwiseWanPipeline and StreamingVAEDecoder (relaxkv_gen.diffusers.pipeline) on tiny random diffusers models.
+
+The transformer is diffusers' ``WanTransformer3DModel`` with the tiny reference generator's weights, so the pipeline's
+latents are checked against :func:`relaxkv_gen.rollout` (same noise, same schedule, same memory); the VAE is a tiny
+random ``AutoencoderKLWan`` (8 x 8 latents -> 64 x 64 frames), checked against its own ``decode``.
+"""
+import json
+
+import imageio
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKLWan
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import UniPCMultistepScheduler
+from diffusers import WanTransformer3DModel
+from diffusers.utils import export_to_video
+
+import relaxkv_kernels as rk
+from relaxkv_gen import build_model
+from relaxkv_gen import get_preset
+from relaxkv_gen import random_text
+from relaxkv_gen import rollout
+from relaxkv_gen.cli import main
+from relaxkv_gen.diffusers import ChunkwiseWanPipeline
+from relaxkv_gen.diffusers import StreamingVAEDecoder
+from relaxkv_gen.diffusers import diffusers_config
+from relaxkv_gen.diffusers import wan_to_diffusers
+from relaxkv_kernels.integrations.diffusers import attached_cache
+
+CFG = get_preset("tiny")
+PIXELS = 8 * CFG.latent_height  # 64: the tiny VAE's frames
+# diffusers computes the timestep sinusoid in fp32 where Wan uses fp64: ~1e-5 per call on the tiny model
+ROLLOUT_ATOL = 1e-4
+
+
+def video_frames(latent_frames: int) -> int:
+    """Wan VAE: the first latent frame decodes to 1 frame, every later one to 4."""
+    return 1 + 4 * (latent_frames - 1)
+
+
+def tiny_vae(patched: bool = False) -> AutoencoderKLWan:
+    """A random 3-channel Wan2.1 VAE, or (``patched``) a Wan2.2-like one: residual, patch 2, factor 16."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        if patched:
+            vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                   temperal_downsample=[False, True, True], is_residual=True, patch_size=2,
+                                   in_channels=12, out_channels=12, scale_factor_spatial=16,
+                                   latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0])
+        else:
+            vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                   temperal_downsample=[False, True, True])
+    return vae.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(CFG, seed=0)
+
+
+@pytest.fixture(scope="module")
+def transformer(model):
+    with torch.random.fork_rng():
+        transformer = WanTransformer3DModel(**diffusers_config(CFG))
+    transformer.load_state_dict(wan_to_diffusers(model.state_dict()))
+    return transformer.eval()
+
+
+@pytest.fixture(scope="module")
+def pipe(transformer):
+    return ChunkwiseWanPipeline(transformer, tiny_vae(), FlowMatchEulerDiscreteScheduler(shift=5.0))
+
+
+def run(pipe, batch=1, **kwargs):
+    """The pipeline on the tiny geometry with random_text(CFG, batch, 0) and no progress bar."""
+    kwargs.setdefault("prompt_embeds", random_text(CFG, batch, 0))
+    kwargs.setdefault("max_sequence_length", CFG.text_len)
+    return pipe(height=PIXELS, width=PIXELS, progress=False, **kwargs).frames
+
+
+def full_decode(vae, latents):
+    """WanPipeline's decode of normalised latents [B, z, T, h, w] in one vae.decode call."""
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    with torch.no_grad():
+        return vae.decode(latents / inv_std + mean).sample
+
+
+@pytest.mark.parametrize("policy", ["relax", "pack"], ids=["relax-by-name", "pack-as-object"])
+def test_latents_match_rollout(pipe, model, policy):
+    text = random_text(CFG, 1, 0)
+    ref = rollout(model, policy, text, num_chunks=5, seed=7, backend="reference", timing=False)
+    latents = run(pipe, policy=policy if policy == "relax" else rk.PackMemory(), num_chunks=5,
+                  generator=torch.Generator().manual_seed(7), output_type="latent")
+    assert latents.shape == ref.latents.shape == (1, 16, 5 * ref.chunk_frames, 8, 8)
+    torch.testing.assert_close(latents.cpu(), ref.latents, rtol=0, atol=ROLLOUT_ATOL)
+    assert pipe.kv_cache.selected_frames() == ref.chunks[-1]["selected_frames"]
+    assert attached_cache(pipe.transformer) is None
+
+
+@pytest.mark.parametrize("steps", [(1000, 750, 500, 250), (1000, 900, 601, 333, 7)], ids=["self-forcing", "odd"])
+def test_sampler_sigmas_are_the_schedulers_training_sigmas(pipe, steps):
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)  # fresh: set_timesteps would replace its sigmas
+    index = [scheduler.config.num_train_timesteps - s for s in steps]
+    sampler = pipe.sampler(steps)
+    # numpy's linspace (scheduler) and torch's (sampler) may round a step apart: 1 ulp of 1.0 at most
+    torch.testing.assert_close(sampler.sigmas, scheduler.sigmas[index], rtol=0, atol=2**-23)
+    torch.testing.assert_close(sampler.timesteps, scheduler.timesteps[index], rtol=0, atol=1000 * 2**-23)
+    if steps == (1000, 750, 500, 250):
+        assert torch.equal(sampler.sigmas, scheduler.sigmas[index])
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["wan2.1", "wan2.2-patch2"])
+def test_streaming_decode_equals_full_decode(patched):
+    vae = tiny_vae(patched)
+    z = vae.config.z_dim
+    latents = torch.randn(2, z, 7, 4, 6, generator=torch.Generator().manual_seed(1))
+    decoder = StreamingVAEDecoder(vae)
+    chunks = [decoder.decode(part) for part in latents.split([1, 3, 2, 1], dim=2)]  # ragged, a single frame
+    assert [c.shape[2] for c in chunks] == [1, 12, 8, 4]
+    streamed = torch.cat(chunks, dim=2)
+    factor = vae.config.scale_factor_spatial
+    assert streamed.shape == (2, 3, video_frames(7), 4 * factor, 6 * factor)
+    assert torch.equal(streamed, full_decode(vae, latents))  # the same operations on the same frames
+    decoder.reset()
+    assert torch.equal(decoder.decode(latents[:, :, :3]), streamed[:, :, :video_frames(3)])
+
+
+def test_decoder_refuses_bad_latents():
+    with pytest.raises(ValueError, match=r"expected \[B, 16, frames >= 1, h, w\], got \[1, 4, 2, 8, 8\]"):
+        StreamingVAEDecoder(tiny_vae()).decode(torch.randn(1, 4, 2, 8, 8))
+    with pytest.raises(TypeError, match="expected a diffusers AutoencoderKLWan"):
+        StreamingVAEDecoder(torch.nn.Identity())
+
+
+def test_video_outputs(pipe):
+    latents = run(pipe, batch=2, num_chunks=3, output_type="latent")
+    frames = video_frames(latents.shape[2])
+    video = run(pipe, batch=2, num_chunks=3, output_type="np")
+    assert video.shape == (2, frames, PIXELS, PIXELS, 3) and video.dtype == np.float32
+    assert 0 <= video.min() and video.max() <= 1
+    whole = pipe.video_processor.postprocess_video(full_decode(pipe.vae, latents), output_type="np")
+    np.testing.assert_array_equal(video, whole)  # chunk by chunk = the whole video at once
+    pt = run(pipe, batch=2, num_chunks=3, output_type="pt")
+    assert pt.shape == (2, frames, 3, PIXELS, PIXELS)
+    np.testing.assert_array_equal(pt.permute(0, 1, 3, 4, 2).numpy(), video)
+    pil = run(pipe, batch=2, num_chunks=3, output_type="pil")
+    assert len(pil) == 2 and all(len(sample) == frames for sample in pil)
+    assert {image.size for sample in pil for image in sample} == {(PIXELS, PIXELS)}
+
+
+def test_stream_yields_each_chunk_when_generated(pipe):
+    passes = []
+    hook = pipe.transformer.register_forward_hook(lambda *_: passes.append(1))
+    try:
+        stream = pipe.stream(prompt_embeds=random_text(CFG, 1, 0), num_chunks=3, height=PIXELS, width=PIXELS,
+                             max_sequence_length=CFG.text_len, progress=False)
+        assert attached_cache(pipe.transformer) is None  # nothing happens before the first next()
+        shapes = []
+        for chunk in stream:
+            assert attached_cache(pipe.transformer) is pipe.kv_cache
+            shapes.append(chunk.shape)
+            assert len(passes) == 5 * len(shapes)  # 4 denoising passes + the refresh pass per chunk, no more
+    finally:
+        hook.remove()
+    assert shapes == [(1, 9, PIXELS, PIXELS, 3), (1, 12, PIXELS, PIXELS, 3), (1, 12, PIXELS, PIXELS, 3)]
+    assert attached_cache(pipe.transformer) is None
+
+
+def test_stream_detaches_when_stopped_early(pipe):
+    kwargs = dict(prompt_embeds=random_text(CFG, 1, 0), num_chunks=4, height=PIXELS, width=PIXELS,
+                  max_sequence_length=CFG.text_len, output_type="latent", progress=False)
+    for _ in pipe.stream(**kwargs):
+        break
+    assert attached_cache(pipe.transformer) is None
+    with pytest.raises(KeyError):
+        for _ in pipe.stream(**kwargs):
+            raise KeyError("consumer failed")
+    assert attached_cache(pipe.transformer) is None
+    open_stream = pipe.stream(**kwargs)
+    next(open_stream)
+    with pytest.raises(RuntimeError, match="another stream\\(\\) still open"):
+        next(pipe.stream(**kwargs))
+    open_stream.close()
+    assert attached_cache(pipe.transformer) is None
+
+
+def test_mp4_export(pipe, tmp_path):
+    video = run(pipe, num_chunks=2)
+    path = export_to_video(video[0], str(tmp_path / "out.mp4"), fps=16)
+    with imageio.get_reader(path, "ffmpeg") as reader:
+        read = [frame for frame in reader]
+        assert reader.get_meta_data()["fps"] == 16
+    assert len(read) == video.shape[1] == video_frames(6)
+    assert read[0].shape == (PIXELS, PIXELS, 3)
+
+
+def test_argument_errors(pipe):
+    text = random_text(CFG, 1, 0)
+    base = dict(height=PIXELS, width=PIXELS, max_sequence_length=CFG.text_len)
+    with pytest.raises(ValueError, match="exactly one of prompt and prompt_embeds, got both"):
+        pipe.stream("a cat", prompt_embeds=text, **base)
+    with pytest.raises(ValueError, match="exactly one of prompt and prompt_embeds, got neither"):
+        pipe.stream(**base)
+    with pytest.raises(ValueError, match="prompt needs text_encoder and tokenizer"):
+        pipe.stream("a cat", **base)
+    with pytest.raises(ValueError, match=r"prompt_embeds: expected \[B >= 1, L <= 8"):
+        pipe.stream(prompt_embeds=random_text(CFG, 1, 0).repeat(1, 2, 1), **base)
+    for height, width in [(72, PIXELS), (PIXELS, 40), (0, PIXELS)]:
+        with pytest.raises(ValueError, match="height, width: expected positive multiples of 16"):
+            pipe.stream(prompt_embeds=text, max_sequence_length=CFG.text_len, height=height, width=width)
+    with pytest.raises(ValueError, match="output_type: expected one of"):
+        pipe.stream(prompt_embeds=text, output_type="gif", **base)
+    with pytest.raises(ValueError, match="num_chunks"):
+        pipe.stream(prompt_embeds=text, num_chunks=0, **base)
+    with pytest.raises(ValueError, match="unknown policy 'window'"):
+        pipe.stream(prompt_embeds=text, policy="window", **base)
+    assert attached_cache(pipe.transformer) is None
+
+
+def test_scheduler_errors(transformer):
+    vae = tiny_vae()
+    with pytest.raises(TypeError, match="expected a FlowMatchEulerDiscreteScheduler .* got UniPCMultistepScheduler"):
+        ChunkwiseWanPipeline(transformer, vae, UniPCMultistepScheduler())
+    with pytest.raises(ValueError, match="use_dynamic_shifting=True is not supported"):
+        ChunkwiseWanPipeline(transformer, vae, FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True))
+
+
+def test_save_and_load(pipe, tmp_path):
+    # diffusers 0.42.1 loads a WanTransformer3DModel (it has _keep_in_fp32_modules) only with low_cpu_mem_usage,
+    # which needs accelerate (in the diffusers extra): without it from_pretrained raises ValueError
+    pipe.save_pretrained(tmp_path)
+    loaded = ChunkwiseWanPipeline.from_pretrained(tmp_path)
+    assert loaded.text_encoder is None and loaded.tokenizer is None
+    assert loaded.scheduler.config.shift == 5.0
+    for component in ("transformer", "vae"):
+        saved, read = getattr(pipe, component).state_dict(), getattr(loaded, component).state_dict()
+        assert saved.keys() == read.keys() and all(torch.equal(saved[k], read[k]) for k in saved)
+    # the loaded weights are views into the safetensors file (8-byte aligned, not 64): the CPU matmuls round ~1 ulp
+    # differently on them (bit-identical once the weights are copied), so the latents agree to ~1e-6, not bitwise
+    kwargs = dict(num_chunks=2, output_type="latent", generator=None)
+    torch.testing.assert_close(run(loaded, **kwargs), run(pipe, **kwargs), rtol=0, atol=1e-5)
+
+
+def test_prompt_is_encoded_as_wan_pipeline_does(transformer):
+    import tokenizers  # with transformers, in the diffusers extra
+    import transformers
+    from diffusers import WanPipeline
+
+    words = ["<pad>", "</s>", "<unk>", "a", "cat", "dog", "on", "the", "beach", "at", "sunset", "runs"]
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    backend.post_processor = tokenizers.processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+                                                     unk_token="<unk>")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        encoder = transformers.UMT5EncoderModel(transformers.UMT5Config(
+            vocab_size=len(words), d_model=CFG.text_dim, d_kv=8, d_ff=16, num_layers=1, num_heads=2)).eval()
+    vae, scheduler = tiny_vae(), FlowMatchEulerDiscreteScheduler(shift=5.0)
+    pipe = ChunkwiseWanPipeline(transformer, vae, scheduler, text_encoder=encoder, tokenizer=tokenizer)
+    prompts = ["a  cat", "a dog runs on the beach at sunset runs"]  # 3 tokens; 10, truncated to 8
+    embeds = pipe.encode_prompt(prompts, max_sequence_length=CFG.text_len)
+    wan = WanPipeline(tokenizer, encoder, vae, scheduler, transformer)
+    with torch.no_grad():  # as WanPipeline.__call__ runs it
+        assert torch.equal(embeds, wan._get_t5_prompt_embeds(prompts, max_sequence_length=CFG.text_len))
+    assert embeds[0, 3:].abs().sum() == 0 and embeds[0, :3].abs().sum() > 0
+    kwargs = dict(num_chunks=2, height=PIXELS, width=PIXELS, output_type="latent", max_sequence_length=CFG.text_len,
+                  progress=False)
+    assert torch.equal(pipe(prompts, **kwargs).frames, pipe(prompt_embeds=embeds, **kwargs).frames)
+
+
+# ----------------------------------------------------------------------------- relaxkv-generate --diffusers
+
+
+@pytest.fixture(scope="module")
+def folder(transformer, tmp_path_factory):
+    """A diffusers-format folder as Wan-AI/Wan2.1-T2V-1.3B-Diffusers lays it out (transformer/, vae/), tiny."""
+    path = tmp_path_factory.mktemp("wan_diffusers")
+    transformer.save_pretrained(path / "transformer")
+    tiny_vae().save_pretrained(path / "vae")
+    return path
+
+
+def test_cli_writes_each_samples_video_with_a_self_forcing_checkpoint(folder, model, tmp_path):
+    ckpt = tmp_path / "self_forcing.pt"
+    torch.save({"generator_ema": {f"model.{k}": v for k, v in model.state_dict().items()}}, ckpt)
+    out = tmp_path / "out"
+    assert main(["--preset", "tiny", "--diffusers", str(folder), "--checkpoint", str(ckpt), "--policy", "all",
+                 "--chunks", "2", "--batch", "2", "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["mode"] == "diffusers" and "self_forcing.pt" in report["weights"]
+    for policy, frames in (("dense", 6), ("sink", 6), ("relax", 6), ("pack", 8)):
+        entry = report["policies"][policy]
+        assert entry["videos"] == [f"video_{policy}_0.mp4", f"video_{policy}_1.mp4"]
+        assert entry["video_frames"] == video_frames(frames) and len(entry["chunks"]) == 2
+        assert all(c["kv_bytes"] > 0 for c in entry["chunks"])
+        for name in entry["videos"]:
+            video = imageio.v3.imread(out / name)
+            assert video.shape == (video_frames(frames), PIXELS, PIXELS, 3)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["report.json"] + [f"video_{p}_{i}.mp4" for p in ("dense", "sink", "relax", "pack") for i in (0, 1)])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "a cat"], "--prompt needs --diffusers"),
+    (["--diffusers", "{tmp}/missing"], "not a folder"),
+    (["--diffusers", "{tmp}"], "not a diffusers-format Wan folder (no transformer/config.json, vae/config.json)"),
+    (["--diffusers", "{folder}", "--preset", "wan-1.3b"], "not preset 'wan-1.3b': num_attention_heads 2 (preset: 12)"),
+    (["--diffusers", "{folder}", "--prompt", "a cat"], "--prompt needs the folder's text_encoder/ and tokenizer/"),
+])
+def test_cli_errors(folder, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    args = [a.format(tmp=tmp_path, folder=folder) for a in args]
+    assert main([*args, "--chunks", "1", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("relaxkv-generate: error: ") and message in err and err.count("\n") == 1, err
+    assert not out.exists()
