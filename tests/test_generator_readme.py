@@ -1,5 +1,6 @@
-"""The README's "Using relaxkv in your attention module" example runs as written: its python blocks are taken
-from README.md (not copied here) and run in a fresh interpreter, as a user pasting them would."""
+"""The README's examples ("Using relaxkv in your attention module", "Use with diffusers") run as written: their
+python blocks are taken from README.md (not copied here) and run in a fresh interpreter, as a user pasting them
+would."""
 import os
 import re
 import subprocess
@@ -19,8 +20,12 @@ def section(markdown: str, heading: str) -> str | None:
         return None
     start = lines.index(heading) + 1
     level = len(heading) - len(heading.lstrip("#"))
-    end = next((i for i in range(start, len(lines)) if re.match(rf"#{{1,{level}}} ", lines[i])), len(lines))
-    return "\n".join(lines[start:end])
+    fenced = False  # a "# comment" line inside a code block is not a heading
+    for end in range(start, len(lines)):
+        fenced ^= lines[end].startswith("```")
+        if not fenced and re.match(rf"#{{1,{level}}} ", lines[end]):
+            return "\n".join(lines[start:end])
+    return "\n".join(lines[start:])
 
 
 def python_blocks(markdown: str) -> list[str]:
@@ -28,21 +33,26 @@ def python_blocks(markdown: str) -> list[str]:
 
 
 def test_section_helpers():
-    doc = "# T\n## A\n```python\nx = 1\n```\n### sub\n```python\ny = 2\n```\n## B\n```python\nz = 3\n```\n"
-    assert python_blocks(section(doc, "## A")) == ["x = 1\n", "y = 2\n"]
+    doc = "# T\n## A\n```python\nx = 1\n```\n### sub\n```python\n# c\ny = 2\n```\n## B\n```python\nz = 3\n```\n"
+    assert python_blocks(section(doc, "## A")) == ["x = 1\n", "# c\ny = 2\n"]
     assert section(doc, "## C") is None
 
 
-def test_readme_attention_module_example_runs(tmp_path):
-    text = section((ROOT / "README.md").read_text(), HEADING)
-    if text is None:
-        pytest.skip(f"README.md has no {HEADING!r} section")
+@pytest.mark.parametrize("heading, printed, writes", [
+    (HEADING, r"torch\.Size\(\[1, \d+, \d+\]\)", []),
+    ("### Run it on a tiny model", r"\(1, 45, 64, 64, 3\)\n\(1, 13, 64, 64, 3\)\n\(1, 16, 64, 64, 3\)\n"
+                                   r"torch\.Size\(\[1, 16, 3, 8, 8\]\)", ["relax.mp4"]),
+], ids=["attention-module", "diffusers"])
+def test_readme_example_runs(tmp_path, heading, printed, writes):
+    text = section((ROOT / "README.md").read_text(), heading)
+    assert text is not None, f"README.md has no {heading!r} section"
     blocks = python_blocks(text)
-    assert blocks, f"README.md: no ```python block under {HEADING!r}"
+    assert blocks, f"README.md: no ```python block under {heading!r}"
     script = tmp_path / "readme_example.py"
     script.write_text("\n".join(blocks))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user's shell has it
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, env=env,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.search(r"torch\.Size\(\[1, \d+, \d+\]\)", proc.stdout), proc.stdout
+    assert re.search(printed, proc.stdout), proc.stdout
+    assert all((tmp_path / name).stat().st_size > 0 for name in writes)
