@@ -300,3 +300,19 @@ def assert_replays_equal_eager(eager, graphed, captured, static, step, inputs, c
         assert torch.equal(graphed.device_plan.seg, eager.device_plan.seg)
         eager.end_chunk()
         graphed.end_chunk()
+
+
+def assert_graph_replays_chunk_steps(eager, graphed, step, inputs, warmup: int, chunks: int) -> None:
+    """Two caches run ``warmup`` chunks of ``step(cache, inputs())`` side by side (to the steady state, where every
+    table keeps its shape), then ``graphed``'s chunk step is captured once (:func:`capture_chunk_step`) and replayed
+    over ``chunks`` chunks against ``eager`` (:func:`assert_replays_equal_eager`)."""
+    for _ in range(warmup):
+        step_inputs = inputs()
+        for cache in (eager, graphed):
+            cache.begin_chunk()
+            step(cache, step_inputs)
+            cache.end_chunk()
+    static = inputs()
+    graphed.begin_chunk()
+    captured = capture_chunk_step(graphed, step, static)
+    assert_replays_equal_eager(eager, graphed, captured, static, step, inputs, chunks=chunks)

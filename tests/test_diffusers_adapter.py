@@ -36,6 +36,8 @@ from relaxkv_kernels.integrations.diffusers import attach
 from relaxkv_kernels.integrations.diffusers import attached_cache
 from relaxkv_kernels.integrations.diffusers import detach
 
+from helpers import assert_graph_replays_chunk_steps
+
 CFG = get_preset("tiny")
 ATOL = 2e-5  # see the module docstring
 POLICIES = {
@@ -272,9 +274,6 @@ def test_compiled_attached_transformer_matches_eager(models):
 def test_cuda_graph_replays_an_attached_chunk_step(name):
     """Both passes of a chunk through the attached bf16 transformer captured once, replayed over later chunks:
     bitwise equal to eager with the same kernels."""
-    from helpers import assert_replays_equal_eager
-    from helpers import capture_chunk_step
-
     cfg = dataclasses.replace(CFG, num_heads=1)  # head_dim 64
     weights = wan_to_diffusers(build_model(cfg, seed=0).state_dict())
     caches = {}
@@ -296,18 +295,8 @@ def test_cuda_graph_replays_an_attached_chunk_step(name):
     def step(cache, passes):
         return [_flow(transformers[id(cache)], x, t, ctx) for x, t, ctx in passes]
 
-    eager, graphed = caches["eager"][0], caches["graphed"][0]
     with torch.no_grad():
-        for _ in range(8):
-            passes = inputs()
-            for cache in (eager, graphed):
-                cache.begin_chunk()
-                step(cache, passes)
-                cache.end_chunk()
-        static = inputs()
-        graphed.begin_chunk()
-        captured = capture_chunk_step(graphed, step, static)
-        assert_replays_equal_eager(eager, graphed, captured, static, step, inputs, chunks=3)
+        assert_graph_replays_chunk_steps(caches["eager"][0], caches["graphed"][0], step, inputs, warmup=8, chunks=3)
 
 
 def test_without_diffusers_the_packages_import_and_the_adapter_names_the_extra():

@@ -6,8 +6,7 @@ import torch
 import relaxkv_kernels as rk
 from relaxkv_kernels.ops.gather_kv_rope.reference import gather_segments_ref
 
-from helpers import assert_replays_equal_eager
-from helpers import capture_chunk_step
+from helpers import assert_graph_replays_chunk_steps
 
 pytestmark = pytest.mark.gpu
 WAN = dict(num_heads=12, head_dim=128, height=30, width=52)  # F = 1560 tokens per latent frame
@@ -71,17 +70,8 @@ def test_cuda_graph_of_a_30_layer_relax_chunk_step_replays_identically():
     def step(cache, qkv):
         return [cache.attend(layer, *qkv[layer]) for layer in range(layers)]
 
-    for _ in range(5):  # past warm-up: from here on every table keeps its shape
-        qkv = _relax_inputs(layers, batch, u, gen)
-        for cache in (eager, graphed):
-            cache.begin_chunk()
-            step(cache, qkv)
-            cache.end_chunk()
-    static = _relax_inputs(layers, batch, u, gen)
-    graphed.begin_chunk()
-    captured = capture_chunk_step(graphed, step, static)
-    assert_replays_equal_eager(eager, graphed, captured, static, step, lambda: _relax_inputs(layers, batch, u, gen),
-                               chunks=4)
+    assert_graph_replays_chunk_steps(eager, graphed, step, lambda: _relax_inputs(layers, batch, u, gen), warmup=5,
+                                     chunks=4)  # past Relax's warm-up: from here on every table keeps its shape
 
 
 @pytest.mark.csrc

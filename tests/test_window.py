@@ -10,8 +10,7 @@ import torch
 
 import relaxkv_kernels as rk
 
-from helpers import assert_replays_equal_eager
-from helpers import capture_chunk_step
+from helpers import assert_graph_replays_chunk_steps
 
 L, B, H, D, HH, WW = 2, 2, 2, 16, 4, 4  # frames of 16 tokens: the smallest grid Pack can pool (2x4x4)
 POLICIES = {
@@ -209,16 +208,7 @@ def test_cuda_graph_replays_a_window_chunk_step(name, attention):
     def step(cache, qkv):
         return [cache.attend(layer, *qkv[layer]) for _ in range(2) for layer in range(layers)]
 
-    for _ in range(8):  # steady state: from here on every table keeps its shape
-        qkv = inputs()
-        for cache in (eager, graphed):
-            cache.begin_chunk()
-            step(cache, qkv)
-            cache.end_chunk()
-    static = inputs()
-    graphed.begin_chunk()
-    captured = capture_chunk_step(graphed, step, static)
-    assert_replays_equal_eager(eager, graphed, captured, static, step, inputs, chunks=3)
+    assert_graph_replays_chunk_steps(eager, graphed, step, inputs, warmup=8, chunks=3)
 
 
 @pytest.mark.gpu

@@ -36,6 +36,7 @@ accelerate for ``WanTransformer3DModel.from_pretrained`` in diffusers 0.42.1)::
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from collections.abc import Sequence
 
@@ -354,24 +355,9 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
             self.maybe_free_model_hooks()
 
     @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        *,
-        prompt_embeds: torch.Tensor | None = None,
-        policy: str | MemoryPolicy = "relax",
-        num_chunks: int = 7,
-        height: int = 480,
-        width: int = 832,
-        generator: torch.Generator | None = None,
-        denoising_steps: Sequence[int] = DEFAULT_STEPS,
-        output_type: str = "np",
-        max_sequence_length: int = 512,
-        backend: str | None = None,
-        progress: bool = True,
-        return_dict: bool = True,
-    ) -> WanPipelineOutput | tuple:
-        """:meth:`stream` to the end, the chunks joined along frames (arguments as there).
+    def __call__(self, prompt: str | list[str] | None = None, *, return_dict: bool = True,
+                 **kwargs) -> WanPipelineOutput | tuple:
+        """:meth:`stream` to the end (keyword arguments as there), the chunks joined along frames.
 
         Returns:
             ``WanPipelineOutput(frames=...)`` (or ``(frames,)`` with ``return_dict=False``): ``"np"``
@@ -379,10 +365,8 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
             of PIL images, ``"latent"`` [B, 16, T, height // 8, width // 8], for T = ``num_chunks * U`` latent
             frames.
         """
-        chunks = list(self.stream(
-            prompt, prompt_embeds=prompt_embeds, policy=policy, num_chunks=num_chunks, height=height, width=width,
-            generator=generator, denoising_steps=denoising_steps, output_type=output_type,
-            max_sequence_length=max_sequence_length, backend=backend, progress=progress))
+        chunks = list(self.stream(prompt, **kwargs))
+        output_type = kwargs.get("output_type", inspect.signature(self.stream).parameters["output_type"].default)
         if output_type == "latent":
             frames = torch.cat(chunks, dim=2)
         elif output_type == "pt":
