@@ -32,7 +32,6 @@ keeps what it measured), a PNG beside them (``plot_generator.py``) and prints a 
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 import time
 from collections import defaultdict
@@ -47,13 +46,11 @@ import torch  # noqa: E402
 
 from relaxkv_gen import FlowMatchSampler  # noqa: E402
 from relaxkv_gen import build_model  # noqa: E402
-from relaxkv_gen import get_preset  # noqa: E402
 from relaxkv_gen import random_text  # noqa: E402
 from relaxkv_gen.rollout import NESTED_SECTIONS  # noqa: E402
 from relaxkv_gen.rollout import POLICY_NAMES  # noqa: E402
 from relaxkv_gen.rollout import SECTIONS  # noqa: E402
 from relaxkv_gen.rollout import SectionTimer  # noqa: E402
-from relaxkv_gen.rollout import default_backend  # noqa: E402
 from relaxkv_gen.rollout import denoise_chunk  # noqa: E402
 from relaxkv_gen.rollout import make_cache  # noqa: E402
 from relaxkv_gen.rollout import make_policy  # noqa: E402
@@ -309,9 +306,7 @@ def bench_policy(name: str, model, context, args, device: torch.device) -> dict:
            "attention": run.cache.attention, "kv_bytes": run.cache.memory_bytes(), "modes": modes,
            "seconds": time.perf_counter() - t0}
     del run
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    common.free_memory(device)
     return out
 
 
@@ -366,12 +361,8 @@ def table(data: dict) -> str:
             rows.append([name, mode, res["kind"], str(pol["chunk_frames"]), common.fmt(res["ms_per_chunk"]),
                          common.fmt(res["ms_per_video_frame"]), common.fmt(res["video_fps"]),
                          f"{common.fmt(ratio)}x" if ratio else "-"])
-    widths = [max(len(h), *(len(r[j]) for r in rows)) for j, h in enumerate(head)] if rows else [len(h) for h in head]
-    lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths)))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
-    for g in data["targets"]:
-        met = {True: "met", False: "NOT met", None: "not judged (CPU)"}[g["met"]]
-        lines.append(f"target {g['target']} [{g['mode']}: {g['kind']}]: {common.fmt(g['value'])} -> {met}")
+    lines += common.text_table(head, rows)
+    lines += common.target_lines(data["targets"], lambda g: f"{g['mode']}: {g['kind']}")
     return "\n".join(lines)
 
 
@@ -403,15 +394,11 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     t0 = time.perf_counter()
-    device = common.default_device()
-    preset = args.preset or ("wan-1.3b" if device.type == "cuda" else "tiny")
-    args.backend = args.backend or default_backend()
-    cfg = get_preset(preset)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, cfg, dtype = common.generator_setup(args)
     model = build_model(cfg, seed=args.seed, device=device, dtype=dtype, init_on_device=True)  # seconds, not ~20 s
     context = model.embed_text(random_text(cfg, 1, args.seed))
-    out = args.out or common.default_out("generator", preset, device)
-    data = {"benchmark": "generator", "env": common.env_info(device), "preset": preset, "model": cfg.to_dict(),
+    out = args.out or common.default_out("generator", cfg.name, device)
+    data = {"benchmark": "generator", "env": common.env_info(device), "preset": cfg.name, "model": cfg.to_dict(),
             "dtype": str(dtype).replace("torch.", ""), "batch": 1, "backend": args.backend, "passes_per_chunk": 5,
             "quick": args.quick, "complete": False, "policies": {}, "targets": []}
     data["cpu_timing"] = data["env"]["cpu_timing"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import gc
 import json
 import math
 import os
@@ -172,6 +173,38 @@ def steady_chunk(policy, height: int, width: int, horizon: int = 400) -> int:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def text_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a left-aligned plain-text table: the header, then one line per row."""
+    widths = [max(len(h), *(len(r[j]) for r in rows)) for j, h in enumerate(head)] if rows else [len(h) for h in head]
+    return ["  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in [head, *rows]]
+
+
+def generator_setup(args):
+    """A whole-model benchmark's (device, model config, dtype): wan-1.3b in bf16 on CUDA, tiny in fp32 on a CPU,
+    unless ``args.preset`` says; ``args.backend`` defaults to the generator's (fused on CUDA, else reference)."""
+    from relaxkv_gen import get_preset
+    from relaxkv_gen.rollout import default_backend
+
+    device = default_device()
+    args.backend = args.backend or default_backend()
+    cfg = get_preset(args.preset or ("wan-1.3b" if device.type == "cuda" else "tiny"))
+    return device, cfg, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def target_lines(targets: list[dict], where) -> list[str]:
+    """One line per target: what, where (``where(target)``), the value, and whether it is met (not judged on a CPU)."""
+    verdict = {True: "met", False: "NOT met", None: "not judged (CPU)"}
+    return [f"target {g['target']} [{where(g)}]: {fmt(g['value'])} -> {verdict[g['met']]}" for g in targets]
+
+
+def free_memory(device: torch.device) -> None:
+    """Collect what the last measurement left (its caches, models) and hand the CUDA cache back, so the next one
+    starts from the same memory."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 @dataclass

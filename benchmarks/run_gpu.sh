@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU tier in one call, sized for one device command (limits add up to 460 s; expected ~5-6 min on an
-# H100): build the extension, the chunk and generator benchmarks at Wan2.1-1.3B shapes, the GPU tests,
+# The GPU tier in one call, sized for one device command (limits add up to 545 s; expected ~6-7 min on an
+# H100): build the extension, the chunk and generator benchmarks at Wan2.1-1.3B shapes, the diffusers adapter
+# against relaxkv_gen's model (skipped, status 77, where diffusers is not installed), the GPU tests,
 # rope_append against the copy bandwidth, the README main job, tables and plots. Everything goes to $WORK
 # (default benchmarks/results/gpu-run); where $OUT is set (the lent machine returns at most 8 files from it),
-# $OUT gets after every step the archive of $WORK plus the 6 files that matter, so a run cut short keeps what
+# $OUT gets after every step the archive of $WORK plus the 7 files that matter, so a run cut short keeps what
 # finished. The summary, printed last, lists each step's exit status and time, then every JSON's targets.
 #
 #   bash benchmarks/run_gpu.sh                        # the default steps, most valuable first
@@ -17,9 +18,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 WORK=${WORK:-benchmarks/results/gpu-run}
-STEPS=${STEPS:-build chunk generator tests rope readme plot}
+STEPS=${STEPS:-build chunk generator tests rope readme plot diffusers}
 CONFIGS=${CONFIGS:-relax,dense,pack}
-KEEP=(summary.txt chunk_wan.json generator_wan.json rope_append_wan.json tuning.json TABLE.md)
+KEEP=(summary.txt chunk_wan.json generator_wan.json diffusers_wan.json rope_append_wan.json tuning.json TABLE.md)
 mkdir -p "$WORK"
 export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 export RELAXKV_COMMIT=${RELAXKV_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
@@ -69,6 +70,8 @@ step chunk 150 "$PY" benchmarks/bench_chunk.py --shapes wan --configs "$CONFIGS"
     --reps 3 --budget-s 10 --out "$WORK/chunk_wan.json"
 step generator 100 "$PY" benchmarks/bench_generator.py --preset wan-1.3b $quick --no-progress \
     --out "$WORK/generator_wan.json"
+step diffusers 90 "$PY" benchmarks/bench_diffusers.py --preset wan-1.3b --reps 2 --no-progress \
+    --out "$WORK/diffusers_wan.json"
 step tests 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider $xdist tests --junitxml "$WORK/tests.xml"
 step rope 25 "$PY" benchmarks/bench_rope_append.py --shapes wan --out "$WORK/rope_append_wan.json"
 step readme 25 "$PY" -m relaxkv_gen --preset tiny --policy all --chunks 20 --out "$WORK/readme_main" --no-progress
