@@ -37,6 +37,7 @@ from ..memory import ChunkPlan
 from ..memory import DeviceStep
 from ..memory import MemoryPolicy
 from ..memory import Planner
+from ..memory.heads import HeadShards
 from ..ops.checks import FLOAT_DTYPES
 from ..ops.checks import canonical_device
 from ..ops.checks import check_head_dim
@@ -72,12 +73,18 @@ class KVCache:
         engine: attention engine of the window / per_call modes ("auto": the tuning table's choice per
             chunk shape; "reference" with the reference backend), see ``relaxkv_kernels.dense_attention``.
             The segments mode has no engine: any other value than "auto" raises there.
+        process_group: a ``torch.distributed`` group of P ranks for head parallelism (None: one process). Each
+            rank holds ``num_heads / P`` heads of everything (``num_heads`` is the model's, on every rank; rank r
+            holds heads ``r * H / P`` onwards) and ``attend`` takes that rank's heads, ``[B, U*F, H/P, D]``; the
+            selections read all heads through collectives (:mod:`relaxkv_kernels.memory.heads`), so every rank
+            chooses the same frames. Every rank must make the same calls in the same order.
 
     Attributes:
         storage: the :class:`KVStorage` (``storage.k``, ``storage.v``: [L, B, n_rows, H, D]).
         device_plan: the :class:`DevicePlan` of the current chunk (``device_plan.seg``: the segment tables).
         mode: the attention mode built from ``attention``; chunk_mode: the one serving the current chunk (``mode``,
             or its pool-prefix mode for a chunk whose keys are a pool prefix). planner: the policy's planner.
+        num_heads: the heads this cache holds (H / P with a process group). heads: the ``HeadShards`` or None.
         chunk: index of the next chunk to end. last_plan: the plan of the current (or last) chunk.
         profiler: optional ``name -> context manager`` timing the sections of ``attend``: rope_append,
             select, compress, attention (with stage, the window staging, inside it).
@@ -85,7 +92,7 @@ class KVCache:
 
     def __init__(self, policy: MemoryPolicy, num_layers: int, batch: int, num_heads: int, head_dim: int, height: int,
                  width: int, dtype: torch.dtype = torch.bfloat16, device="cpu", backend: str = "auto",
-                 attention: str = "auto", engine: str = "auto"):
+                 attention: str = "auto", engine: str = "auto", process_group=None):
         op = "KVCache"
         if not isinstance(policy, MemoryPolicy):
             raise TypeError(f"{op}: policy: expected a MemoryPolicy (DenseWindow, RelaxMemory, PackMemory, ...), "
@@ -110,6 +117,7 @@ class KVCache:
             raise ValueError(f"{op}: device: {str(device)!r} asked for, but torch sees no CUDA device here "
                              f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None})")
         self.device = canonical_device(device)
+        self.heads = None if process_group is None else HeadShards(op, process_group, num_heads)
         if backend == "fused":
             backend = "auto" if self.device.type == "cuda" else "triton"
         attention = resolve_attention(attention, engine, self.device)
@@ -117,10 +125,11 @@ class KVCache:
             engine = "reference"
         self.backend, self.attention, self.engine = backend, attention, engine
         self.policy, self.num_layers = policy, num_layers
-        self.batch, self.num_heads, self.head_dim = batch, num_heads, head_dim
+        self.num_heads = num_heads if self.heads is None else self.heads.local_heads
+        self.batch, self.head_dim = batch, head_dim
         self.height, self.width, self.frame_tokens = height, width, height * width
         self.dtype = dtype
-        self.geometry = CacheGeometry(num_layers, batch, num_heads, head_dim, height, width, dtype, self.device)
+        self.geometry = CacheGeometry(num_layers, batch, self.num_heads, head_dim, height, width, dtype, self.device)
         self.planner = pl = policy.planner(height, width)  # raises when the policy's geometry does not fit the grid
         if pl.selection not in SELECTIONS:
             raise ValueError(f"{op}: {type(pl).__name__}.selection: expected one of {SELECTIONS}, got {pl.selection!r}")
@@ -213,6 +222,9 @@ class KVCache:
                                f"times in chunk {self.chunk}, the others {most}: every layer must run every pass "
                                "(the refresh pass writes the K/V later chunks read)")
         self.chunk_mode.commit(self.last_plan)
+        if self.heads is not None and self.storage.proto is not None:  # the mean over all heads, before scoring
+            slots = self.device_plan.frame_slot
+            self.storage.proto[:, slots] = self.heads.mean_(self.storage.proto[:, slots])
         self._in_chunk = False
         self.chunk += 1
 
@@ -227,10 +239,11 @@ class KVCache:
         if step is None:
             plan, s, index = self.last_plan, self.storage, self.device_plan.index
             if layer is None:
-                step = DeviceStep(plan, index, self._seg[0], None, None, None, s.state, s.proto, self.backend)
+                step = DeviceStep(plan, index, self._seg[0], None, None, None, s.state, s.proto, self.backend,
+                                  self.heads)
             else:
                 step = DeviceStep(plan, index, self._seg[layer], layer, *s.layers[layer], self._layer_state[layer],
-                                  s.proto, self.backend)
+                                  s.proto, self.backend, self.heads)
             self._steps[key] = step
         return step
 

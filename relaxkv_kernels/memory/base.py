@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.checks import check_int
+from .heads import HeadShards
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,8 @@ class DeviceStep:
             the frame's tokens, then over heads, not normalised. Only frames before the chunk are certain
             to be there (the chunk's own slots may still hold an older frame's until ``end_chunk``).
         backend: the ops' backend.
+        heads: the :class:`~relaxkv_kernels.memory.heads.HeadShards` of a head-parallel cache (pools, state and
+            queries hold this rank's heads only; a step reading all heads gathers them), or None.
     """
 
     plan: ChunkPlan
@@ -130,6 +133,7 @@ class DeviceStep:
     state: dict[str, torch.Tensor]
     proto: torch.Tensor | None
     backend: str
+    heads: HeadShards | None = None
 
 
 class SlotMap:

@@ -158,11 +158,16 @@ class PackPlanner(Planner):
         return {"mean_key": torch.empty(shape, dtype=torch.float32, device=g.device)}
 
     def select_layer(self, step: DeviceStep, q: torch.Tensor) -> None:
-        """mid_select at each layer's first pass: that layer's mid-block rows, per sample (or batch-averaged)."""
+        """mid_select at each layer's first pass: that layer's mid-block rows, per sample (or batch-averaged).
+
+        Head-parallel (``step.heads``): the subsampled queries and the mean keys are gathered over the ranks' heads
+        first, so every rank scores all heads as a single process does and chooses the same blocks."""
         i = step.index
-        mid_select_op(q, step.state["mean_key"], i.mid_slots, i.block_pos, step.seg, step.plan.job.seg_index,
-                      i.mid_target_pos, self.row0, self.block_tokens, min(self.policy.q_stride, q.shape[1]),
-                      self.policy.batch_mean, step.backend, checked=True)
+        stride, mean_key = min(self.policy.q_stride, q.shape[1]), step.state["mean_key"]
+        if step.heads is not None:
+            q, mean_key, stride = step.heads.gather(q[:, ::stride], 2), step.heads.gather(mean_key, 2), 1
+        mid_select_op(q, mean_key, i.mid_slots, i.block_pos, step.seg, step.plan.job.seg_index, i.mid_target_pos,
+                      self.row0, self.block_tokens, stride, self.policy.batch_mean, step.backend, checked=True)
 
     def append(self, step: DeviceStep, k: torch.Tensor, v: torch.Tensor) -> None:
         """compress_kv of the current block into its archive slot (the refresh pass writes the final copy)."""

@@ -1,0 +1,149 @@
+"""Head-parallel KVCache (``process_group=``) over torch.distributed with real processes (gloo on the CPU, spawned
+here): every rank's outputs are its heads of the single-process outputs, every rank chooses the same frames as the
+single-process cache, each rank holds 1/P of the pools, and failures are named on every rank instead of hanging.
+
+Each worker runs a single-process cache (all heads) beside its head-parallel one on the same inputs (drawn from a
+generator seeded alike on every rank) and writes what it saw to a file the test reads.
+"""
+import os
+import socket
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import relaxkv_kernels as rk
+
+L, B, H, D, HH, WW = 2, 2, 4, 16, 4, 4  # 4 heads: P = 2 and 4; frames of 16 tokens (Pack pools 2x4x4)
+CHUNKS, PASSES = 9, 2  # past the dense window, Relax's warm-up and evictions, Pack's first mid blocks (chunk 4)
+POLICIES = {
+    "dense": lambda: rk.DenseWindow(window=9),
+    "relax": lambda: rk.RelaxMemory(reservoir=30),
+    "pack": lambda: rk.PackMemory(top_k=2, archive=3, q_stride=2),
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(world: int, worker, tmp_path, *args, timeout: float = 120) -> list[dict]:
+    """``worker(rank, world, port, out_dir, *args)`` on ``world`` spawned processes; every rank's result file."""
+    port = _free_port()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=worker, args=(rank, world, port, str(tmp_path), *args)) for rank in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, f"{len(alive)} rank(s) still running after {timeout} s (a hang)"
+    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+
+
+def _rollout_worker(rank, world, port, out_dir, names, attention, fail_at):
+    """For each policy: single-process and head-parallel caches side by side; per chunk the largest output
+    difference on this rank's heads and both tables' frames. ``fail_at``: rank 1 raises before that chunk."""
+    _init(rank, world, port)
+    result = {}
+    try:
+        heads = slice(rank * H // world, (rank + 1) * H // world)
+        for name in names:
+            single = rk.KVCache(POLICIES[name](), L, B, H, D, HH, WW, dtype=torch.float32, backend="reference",
+                                attention=attention)
+            shard = rk.KVCache(POLICIES[name](), L, B, H, D, HH, WW, dtype=torch.float32, backend="reference",
+                               attention=attention, process_group=dist.group.WORLD)
+            gen = torch.Generator().manual_seed(7)
+            shape = (B, single.policy.chunk_frames * HH * WW, H, D)
+            worst, frames, same = 0.0, [], True
+            for chunk in range(CHUNKS):
+                if chunk == fail_at and rank == 1:
+                    raise ValueError("injected failure on rank 1")
+                single.begin_chunk()
+                shard.begin_chunk()
+                for _ in range(PASSES):
+                    for layer in range(L):
+                        q, k, v = (torch.randn(shape, generator=gen) for _ in range(3))
+                        want = single.attend(layer, q, k, v)[:, :, heads]
+                        got = shard.attend(layer, q[:, :, heads], k[:, :, heads], v[:, :, heads])
+                        worst = max(worst, (got - want).abs().max().item())
+                single.end_chunk()
+                shard.end_chunk()
+                tables = [shard.selected_frames(layer) for layer in range(L)]
+                same &= tables == [single.selected_frames(layer) for layer in range(L)]
+                frames.append(tables)
+            result[name] = {"worst": worst, "frames": frames, "same_as_single": same,
+                            "pool_ratio": single.storage.k.numel() / shard.storage.k.numel(),
+                            "num_heads": shard.num_heads, "selects": shard.last_plan.selects}
+    except Exception as exc:  # reported to the test; the process ends, which closes its connections
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    if "error" not in result:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world, names, attention", [
+    (2, ("dense", "relax", "pack"), "segments"),
+    (2, ("relax", "pack"), "window"),
+    (4, ("relax", "pack"), "segments"),
+], ids=["P2-segments", "P2-window", "P4-segments"])
+def test_head_parallel_caches_match_the_single_process_cache(tmp_path, world, names, attention):
+    results = _run(world, _rollout_worker, tmp_path, names, attention, -1)
+    for rank, result in enumerate(results):
+        assert "error" not in result, f"rank {rank}: {result['error']}"
+        for name in names:
+            r = result[name]
+            assert r["worst"] <= 1e-5, (rank, name, r["worst"])  # same math per head: rounding of other batching
+            assert r["same_as_single"], (rank, name)
+            assert r["frames"] == results[0][name]["frames"], (rank, name)  # every rank chose the same frames
+            assert r["pool_ratio"] == world and r["num_heads"] == H // world
+            assert r["selects"] == (name != "dense")  # the selections ran (steady state reached)
+
+
+def test_a_rank_that_fails_ends_every_rank_with_a_named_error(tmp_path):
+    """Rank 1 raises before chunk 3 and exits; rank 0, waiting in Relax's all_reduce of that chunk's prototypes,
+    gets a RuntimeError naming itself and the collective within seconds (no 60 s timeout, no hang)."""
+    start = time.monotonic()
+    results = _run(2, _rollout_worker, tmp_path, ("relax",), "segments", 3, timeout=60)
+    assert time.monotonic() - start < 45
+    assert results[1]["error"] == "ValueError: injected failure on rank 1"
+    assert results[0]["error"].startswith("RuntimeError: KVCache head parallelism: rank 0 of 2: all_reduce failed "
+                                          "(another rank stopped"), results[0]["error"]
+
+
+def _heads_worker(rank, world, port, out_dir, num_heads):
+    _init(rank, world, port)
+    try:
+        rk.KVCache(rk.RelaxMemory(), L, B, num_heads, D, HH, WW, dtype=torch.float32, process_group=dist.group.WORLD)
+        result = {}
+    except ValueError as exc:
+        result = {"error": str(exc)}
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_heads_not_divisible_by_the_ranks_is_a_named_error_on_every_rank(tmp_path):
+    results = _run(2, _heads_worker, tmp_path, 3)
+    for result in results:
+        assert result["error"] == ("KVCache: num_heads 3 is not divisible by the 2 ranks of process_group (each "
+                                   "rank holds num_heads / P heads)")
+
+
+def test_process_group_without_torch_distributed_is_a_named_error():
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match="process_group: torch.distributed is not initialised"):
+        rk.KVCache(rk.RelaxMemory(), L, B, H, D, HH, WW, dtype=torch.float32, process_group=object())
