@@ -6,7 +6,6 @@ Each worker runs a single-process cache (all heads) beside its head-parallel one
 generator seeded alike on every rank) and writes what it saw to a file the test reads.
 """
 import os
-import socket
 import time
 from datetime import timedelta
 
@@ -26,17 +25,11 @@ POLICIES = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(world: int, worker, tmp_path, *args, timeout: float = 120) -> list[dict]:
-    """``worker(rank, world, port, out_dir, *args)`` on ``world`` spawned processes; every rank's result file."""
-    port = _free_port()
+    """``worker(rank, world, out_dir, *args)`` on ``world`` spawned processes; every rank's result file. The ranks
+    meet through a file in ``out_dir`` (a free TCP port picked here could be taken before rank 0 binds it)."""
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=worker, args=(rank, world, port, str(tmp_path), *args)) for rank in range(world)]
+    procs = [ctx.Process(target=worker, args=(rank, world, str(tmp_path), *args)) for rank in range(world)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout
@@ -49,16 +42,16 @@ def _run(world: int, worker, tmp_path, *args, timeout: float = 120) -> list[dict
     return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
 
 
-def _init(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _init(rank: int, world: int, out_dir: str, backend: str = "gloo") -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    dist.init_process_group(backend, init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=60))
 
 
-def _rollout_worker(rank, world, port, out_dir, names, attention, fail_at):
+def _rollout_worker(rank, world, out_dir, names, attention, fail_at):
     """For each policy: single-process and head-parallel caches side by side; per chunk the largest output
     difference on this rank's heads and both tables' frames. ``fail_at``: rank 1 raises before that chunk."""
-    _init(rank, world, port)
+    _init(rank, world, out_dir)
     result = {}
     try:
         heads = slice(rank * H // world, (rank + 1) * H // world)
@@ -116,17 +109,17 @@ def test_head_parallel_caches_match_the_single_process_cache(tmp_path, world, na
 
 def test_a_rank_that_fails_ends_every_rank_with_a_named_error(tmp_path):
     """Rank 1 raises before chunk 3 and exits; rank 0, waiting in Relax's all_reduce of that chunk's prototypes,
-    gets a RuntimeError naming itself and the collective within seconds (no 60 s timeout, no hang)."""
+    gets a CollectiveError naming itself and the collective within seconds (no 60 s timeout, no hang)."""
     start = time.monotonic()
     results = _run(2, _rollout_worker, tmp_path, ("relax",), "segments", 3, timeout=60)
     assert time.monotonic() - start < 45
     assert results[1]["error"] == "ValueError: injected failure on rank 1"
-    assert results[0]["error"].startswith("RuntimeError: KVCache head parallelism: rank 0 of 2: all_reduce failed "
-                                          "(another rank stopped"), results[0]["error"]
+    assert results[0]["error"].startswith("CollectiveError: rank 0 of 2: KVCache all_reduce (prototypes) failed "
+                                          "(another rank stopped?): "), results[0]["error"]
 
 
-def _heads_worker(rank, world, port, out_dir, num_heads):
-    _init(rank, world, port)
+def _heads_worker(rank, world, out_dir, num_heads):
+    _init(rank, world, out_dir)
     try:
         rk.KVCache(rk.RelaxMemory(), L, B, num_heads, D, HH, WW, dtype=torch.float32, process_group=dist.group.WORLD)
         result = {}
@@ -147,3 +140,40 @@ def test_process_group_without_torch_distributed_is_a_named_error():
     assert not dist.is_initialized()
     with pytest.raises(ValueError, match="process_group: torch.distributed is not initialised"):
         rk.KVCache(rk.RelaxMemory(), L, B, H, D, HH, WW, dtype=torch.float32, process_group=object())
+
+
+def _nccl_graph_worker(rank, world, out_dir, name):
+    """NCCL with P = 1 (the collectives still run): a chunk step of head-parallel caches captured in a CUDA graph and
+    replayed against eager (both caches head-parallel, the same kernels: bitwise)."""
+    from helpers import assert_graph_replays_chunk_steps
+
+    torch.cuda.set_device(0)
+    _init(rank, world, out_dir, "nccl")
+    result = {}
+    try:
+        make = lambda: rk.KVCache(POLICIES[name](), L, B, H, 64, HH, WW, dtype=torch.bfloat16,  # noqa: E731
+                                  device="cuda", backend="fused", process_group=dist.group.WORLD)
+        eager, graphed = make(), make()
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        shape = (B, eager.policy.chunk_frames * HH * WW, H, 64)
+
+        def inputs():
+            return [tuple(torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+                    for _ in range(L)]
+
+        def step(cache, qkv):
+            return [cache.attend(layer, *qkv[layer]) for _ in range(PASSES) for layer in range(L)]
+
+        assert_graph_replays_chunk_steps(eager, graphed, step, inputs, warmup=CHUNKS, chunks=3)
+    except Exception as exc:
+        result["error"] = f"{type(exc).__name__}: {exc}"
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.cuda_graph
+@pytest.mark.parametrize("name", ["relax", "pack"])
+def test_nccl_chunk_step_is_captured_in_a_cuda_graph(tmp_path, name):
+    (result,) = _run(1, _nccl_graph_worker, tmp_path, name)
+    assert "error" not in result, result["error"]

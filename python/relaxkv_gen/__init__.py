@@ -10,6 +10,9 @@ Example::
     model = build_model(get_preset("tiny"), seed=0)
     res = rollout(model, "relax", random_text(model.cfg, 1, 0), num_chunks=4)
     res.latents.shape   # [1, 16, 12, 8, 8]
+
+On P processes (``torchrun``, an initialised ``torch.distributed`` group), ``rollout(..., process_group=group)``
+splits every chunk's tokens and the KV memory's heads across them (:class:`SequenceParallel`).
 """
 from .checkpoint import load_checkpoint
 from .config import PRESETS
@@ -19,6 +22,7 @@ from .model import CausalWanModel
 from .model import build_model
 from .model import sinusoidal_embedding_1d
 from .model import unpatchify
+from .parallel import SequenceParallel
 from .rollout import POLICY_NAMES
 from .rollout import RolloutResult
 from .rollout import denoise_chunk
@@ -33,5 +37,5 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS", "ModelConfig", "get_preset", "CausalWanModel", "build_model", "sinusoidal_embedding_1d",
     "unpatchify", "load_checkpoint", "FlowMatchSampler", "POLICY_NAMES", "RolloutResult", "denoise_chunk",
-    "make_cache", "make_policy", "random_text", "rollout", "__version__",
+    "make_cache", "make_policy", "random_text", "rollout", "SequenceParallel", "__version__",
 ]

@@ -5,10 +5,21 @@ Every input is checked before any work, and a bad one is reported as one line
 temporary folder is made next to ``--out`` (an unwritable location fails there); everything is written
 into it and it is moved into place at the end, so a failed or interrupted run (Ctrl-C: one line
 ``relaxkv-generate: interrupted``, exit status 130) leaves ``--out`` as it was.
+
+Several processes (Ulysses sequence parallelism over a head-parallel KV memory, :mod:`relaxkv_gen.parallel`)::
+
+    torchrun --nproc-per-node P -m relaxkv_gen --preset tiny --policy relax --chunks 12 --out DIR
+
+Under torchrun (WORLD_SIZE > 1) every rank runs the same rollout (gloo on the CPU; NCCL on CUDA, rank i on
+cuda:LOCAL_RANK) and gets the same latents as one process; rank 0 alone checks, stages and writes ``--out``
+(its verdict on ``--out`` is shared, so a bad one fails every rank with the same line, as every other bad input
+does), prints, and records ``"ranks": P`` in report.json (whose KV bytes are rank 0's share of the heads).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import math
 import os
 import sys
@@ -18,6 +29,7 @@ from pathlib import Path
 import torch
 
 import relaxkv_kernels as rk
+from relaxkv_kernels.memory.heads import CollectiveError
 
 from . import __version__
 from .checkpoint import load_checkpoint
@@ -28,6 +40,7 @@ from .config import get_preset
 from .config import latent_frames_for_seconds
 from .model import build_model
 from .output import OutputFolder
+from .parallel import check_ranks
 from .report import build_report
 from .report import format_timing_table
 from .report import plot_memory_map
@@ -45,9 +58,11 @@ DEFAULT_CHUNKS = 7
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130  # 130 = 128 + SIGINT, as a shell reports a Ctrl-C
+RANKS_TIMEOUT = datetime.timedelta(minutes=10)  # a collective waiting this long for another rank fails
 EPILOG = ("Exit status: 0 done; 2 an error, reported as one line 'relaxkv-generate: error: ...' (bad inputs before any "
           "work); 130 interrupted (Ctrl-C), reported as 'relaxkv-generate: interrupted'. A failed or interrupted "
-          "run leaves --out as it was.")
+          "run leaves --out as it was. Several processes (sequence parallel, rank 0 writes --out): torchrun "
+          "--nproc-per-node P -m relaxkv_gen ...")
 
 
 class Parser(argparse.ArgumentParser):
@@ -196,12 +211,89 @@ def check_modules(progress: bool) -> None:
                               + (" (or pass --no-progress)" if module == "tqdm" else ""))
 
 
+def _env_int(name: str, low: int) -> int:
+    """The integer >= ``low`` in environment variable ``name`` (set by torchrun); ValueError otherwise."""
+    text = os.environ.get(name)
+    try:
+        n = int(text)
+    except (TypeError, ValueError):
+        n = None
+    if n is None or n < low:
+        raise ValueError(f"environment variable {name}: expected an integer >= {low} (set by torchrun), got {text!r}")
+    return n
+
+
+def launched_ranks() -> int:
+    """P, the processes torchrun launched (``WORLD_SIZE``; 1 when it is not set)."""
+    return 1 if os.environ.get("WORLD_SIZE") is None else _env_int("WORLD_SIZE", 1)
+
+
+def rank_device(requested: torch.device | None, ranks: int) -> torch.device:
+    """--device for this process: as asked (default cuda if available, else cpu); with several ranks a CUDA
+    device is cuda:LOCAL_RANK (ValueError for an explicit cuda:N, or a LOCAL_RANK with no GPU here)."""
+    device = requested or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if ranks == 1 or device.type == "cpu":
+        return device
+    if device.index is not None:
+        raise ValueError(f"--device {device}: with {ranks} ranks each rank uses cuda:LOCAL_RANK; pass --device cuda")
+    local = _env_int("LOCAL_RANK", 0)
+    if local >= torch.cuda.device_count():
+        raise ValueError(f"LOCAL_RANK {local}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", local)
+
+
+@contextlib.contextmanager
+def process_group(ranks: int, device: torch.device):
+    """torchrun's ``ranks`` processes joined into one group (gloo on the CPU, NCCL on CUDA) for the block, or
+    None for one process; destroyed at the end."""
+    if ranks == 1:
+        yield None
+        return
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=RANKS_TIMEOUT)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def on_rank0(group, fn):
+    """``fn()`` on rank 0 of ``group`` (every process when None), None elsewhere; a ValueError there is raised
+    on every rank, with rank 0's message."""
+    if group is None:
+        return fn()
+    import torch.distributed as dist
+
+    result, error = None, [None]
+    if dist.get_rank(group) == 0:
+        try:
+            result = fn()
+        except ValueError as exc:
+            error[0] = str(exc)
+    dist.broadcast_object_list(error, src=0, group=group)
+    if error[0] is not None:
+        raise ValueError(error[0])
+    return result
+
+
 def run(args) -> int:
     """Validate every input (cheapest first), make the temporary output folder, generate with each policy,
-    write everything into the folder and move it into place."""
+    write everything into the folder and move it into place (with several ranks: rank 0 does the folder)."""
     cfg = get_preset(args.preset)
-    out = OutputFolder(args.out, overwrite=args.overwrite)  # checks only: absent, empty, or replaceable
-    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ranks = launched_ranks()
+    if ranks > 1 and args.diffusers is not None:
+        raise ValueError(f"--diffusers runs on one process, not {ranks} ranks: run it without torchrun")
+    device = rank_device(args.device, ranks)
+    with process_group(ranks, device) as group:
+        return run_ranks(args, cfg, device, group)
+
+
+def run_ranks(args, cfg, device: torch.device, group) -> int:
+    """:func:`run` in each of the ranks of ``group`` (None: one process); ``out`` is None on ranks other than 0."""
+    out = on_rank0(group, lambda: OutputFolder(args.out, overwrite=args.overwrite))  # checks: absent, empty, ...
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     backend = args.backend or default_backend()
     if backend == "fused" and device.type != "cuda" and "triton" not in sys.modules:
@@ -212,6 +304,9 @@ def run(args) -> int:
                          "is imported); use --backend reference")
     policies = list(POLICY_NAMES) if args.policy == "all" else [args.policy]
     chunks = {name: plan_chunks(args, int(make_policy(name).chunk_frames)) for name in policies}
+    if group is not None:
+        for name in policies:
+            check_ranks(cfg, int(make_policy(name).chunk_frames), group.size())
     check_modules(progress=not args.no_progress)
     if args.prompt is not None and args.diffusers is None:
         raise ValueError("--prompt needs --diffusers (a folder with the text encoder)")
@@ -220,14 +315,21 @@ def run(args) -> int:
 
         check_folder(args.diffusers, prompt=args.prompt is not None)
     try:
-        staging = out.stage()  # before any file is read or the model built: an unwritable --out fails here
-        run_policies = generate_with_diffusers if args.diffusers is not None else generate
-        files = run_policies(args, cfg, staging, device=device, dtype=dtype, backend=backend, policies=policies,
-                             chunks=chunks)
-        out.commit()
+        # before any file is read or the model built: an unwritable --out fails here (on every rank)
+        staging = on_rank0(group, lambda: out.stage())
+        if args.diffusers is not None:
+            files = generate_with_diffusers(args, cfg, staging, device=device, dtype=dtype, backend=backend,
+                                            policies=policies, chunks=chunks)
+        else:
+            files = generate(args, cfg, staging, device=device, dtype=dtype, backend=backend, policies=policies,
+                             chunks=chunks, group=group)
+        if out is not None:
+            out.commit()
     finally:
-        out.discard()  # a failure or an interrupt: the temporary folder and the parents made for it go
-    print(f"wrote {', '.join(files)} to {args.out}")
+        if out is not None:
+            out.discard()  # a failure or an interrupt: the temporary folder and the parents made for it go
+    if out is not None:
+        print(f"wrote {', '.join(files)} to {args.out}")
     return 0
 
 
@@ -237,9 +339,13 @@ def load_text(args, cfg) -> torch.Tensor:
             else random_text(cfg, args.batch, args.seed))
 
 
-def generate(args, cfg, staging: Path, *, device, dtype, backend, policies, chunks) -> list[str]:
-    """relaxkv_gen's own model: latents, report.json and the figures into ``staging``; returns the names."""
+def generate(args, cfg, staging: Path | None, *, device, dtype, backend, policies, chunks, group=None) -> list[str]:
+    """relaxkv_gen's own model: latents, report.json and the figures into ``staging``; returns the names.
+
+    With a process ``group`` every rank generates, and only rank 0 (``staging`` None elsewhere) prints and writes.
+    """
     text = load_text(args, cfg)
+    ranks = 1 if group is None else group.size()
     if args.checkpoint is not None:
         model = build_model(cfg, dtype=dtype, init=False)
         info = load_checkpoint(model, args.checkpoint, device=device)
@@ -251,12 +357,15 @@ def generate(args, cfg, staging: Path, *, device, dtype, backend, policies, chun
     results = []
     for name in policies:
         results.append(rollout(model, name, text, num_chunks=chunks[name], seed=args.seed, backend=backend,
-                               timing=not args.no_timing, progress=not args.no_progress))
+                               timing=not args.no_timing, progress=staging is not None and not args.no_progress,
+                               process_group=group))
+    if staging is None:
+        return []
     report = build_report(results, {
         "preset": cfg.name, "model": cfg.to_dict(), "policies": policies, "backend": backend,
         "device": str(device), "dtype": str(dtype).replace("torch.", ""), "batch": args.batch, "seed": args.seed,
         "weights": weights, "text": str(args.text_embeds) if args.text_embeds else f"random (seed {args.seed})",
-        "timing": "off" if args.no_timing else clock_label(device), "passes_per_chunk": 5,
+        "timing": "off" if args.no_timing else clock_label(device), "passes_per_chunk": 5, "ranks": ranks,
     })
     if not args.no_timing:
         print(format_timing_table(report))
@@ -308,10 +417,12 @@ def main(argv=None) -> int:
         return EXIT_INTERRUPTED
     except (ValueError, OSError, ImportError) as exc:  # OSError: FileNotFoundError, a full disk, ...
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    except CollectiveError as exc:  # another rank stopped: its own line says why
+        message = str(exc)
     except (RuntimeError, MemoryError) as exc:
         if not out_of_memory(exc):
             raise
         message = (f"out of memory ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
                    "try a smaller --batch or preset")
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    sys.stderr.write(f"{PROG}: error: {message}\n")  # one write: the lines of several ranks do not interleave
     return EXIT_ERROR

@@ -8,10 +8,15 @@ the 3D RoPE, stores keys/values and attends; this file never rotates or caches a
 Per-frame timesteps: ``t`` has one value per latent frame, so the six modulation vectors
 (shift1, scale1, gate1, shift2, scale2, gate2) are ``[B, frames, 6, dim]`` and broadcast over the
 tokens of their frame, as in Self-Forcing.
+
+Sequence parallel (``forward(..., parallel=...)``, :mod:`relaxkv_gen.parallel`): each rank runs the blocks on
+its share of the chunk's tokens, with the modulation cut to match, and trades tokens for heads around the KV
+memory; the blocks themselves are the same code.
 """
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 from typing import Protocol
 
 import torch
@@ -19,6 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+
+if TYPE_CHECKING:
+    from .parallel import SequenceParallel
 
 TIME_EMBED_THETA = 10000.0
 _NO_TIMER = contextlib.nullcontext()
@@ -136,6 +144,9 @@ class AttentionBlock(nn.Module):
     def forward(self, x, e0, context, cache: AttendFn, layer: int, timer: Timer | None = None):
         """x [B, U*F, dim]; e0 [B, U, 6, dim]; context [B, text_len, dim] -> [B, U*F, dim].
 
+        e0 holds one row per group of consecutive tokens, equal groups: one per frame, or under sequence
+        parallelism one per run of a rank's tokens within a frame (``SequenceParallel.shard_frames``).
+
         Timed sections: those of the self-attention, "cross_attn" and "ffn" (the modules alone; norms,
         modulation and residual adds are not in any section).
         """
@@ -167,7 +178,8 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim, device=device) / cfg.dim**0.5)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """x [B, U*F, dim]; e [B, U, 1, dim] (time_embedding output, not the 6-way projection)."""
+        """x [B, U*F, dim]; e [B, U, 1, dim] (time_embedding output, not the 6-way projection; one row per group
+        of tokens, as ``AttentionBlock``'s e0)."""
         shift, scale = (self.modulation.unsqueeze(1) + e).chunk(2, dim=2)  # [B, U, 1, dim]
         h = self.norm(x).unflatten(1, (e.shape[1], -1)) * (1 + scale) + shift
         return self.head(h).flatten(1, 2)  # [B, U*F, out_dim * prod(patch)]
@@ -249,7 +261,7 @@ class CausalWanModel(nn.Module):
         return e.unflatten(0, t.shape).unsqueeze(2), e0
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cache: AttendFn,
-                timer: Timer | None = None) -> torch.Tensor:
+                timer: Timer | None = None, parallel: SequenceParallel | None = None) -> torch.Tensor:
         """Flow prediction for one chunk.
 
         Args:
@@ -258,7 +270,12 @@ class CausalWanModel(nn.Module):
             context: ``embed_text`` output [B, text_len, dim].
             cache: KV memory; ``cache.attend(layer, q, k, v)`` with q/k/v [B, U*F, heads, head_dim].
             timer: optional :class:`Timer` for the sections "qkv", "o_proj", "cross_attn" and "ffn" of every
-                block (the KV memory's own sections are timed by the cache's ``profiler``).
+                block (the KV memory's own sections are timed by the cache's ``profiler``), and "all_to_all"
+                with ``parallel``.
+            parallel: a :class:`~relaxkv_gen.parallel.SequenceParallel` of P ranks, each calling with the same
+                x, t and context: the rank runs the blocks on its U*F/P tokens (ValueError unless P divides U*F),
+                ``cache`` is a head-parallel KV memory taking [B, U*F, heads/P, head_dim], and every rank
+                returns the whole flow.
 
         Returns:
             flow [B, out_dim, U, H, W] in the model's dtype.
@@ -275,9 +292,14 @@ class CausalWanModel(nn.Module):
         h = self.patch_embedding(x.to(dtype=w.dtype))  # [B, dim, U, h, w]
         h = h.flatten(2).transpose(1, 2)  # [B, U*F, dim], tokens row-major (f, y, x)
         e, e0 = self.time_embed(t, h.dtype)
+        if parallel is not None:  # this rank's tokens, and their modulation rows
+            e, e0 = (parallel.shard_frames(m, cfg.tokens_per_frame) for m in (e, e0))
+            h, cache = parallel.shard(h), parallel.around(cache, timer)
         for i, block in enumerate(self.blocks):
             h = block(h, e0, context, cache, i, timer)
         out = self.head(h, e)
+        if parallel is not None:
+            out = parallel.gather_tokens(out)
         return unpatchify(out, frames, cfg.grid_height, cfg.grid_width, cfg.patch_size, cfg.out_dim)
 
 

@@ -10,6 +10,10 @@ Per chunk of ``policy.chunk_frames`` latent frames (:func:`denoise_chunk` betwee
         x = renoise(x0, sigma_next, fresh noise) unless last
     model(x0, t=0, ctx, cache)                # pass 5: clean refresh, rewrites the chunk's K/V
     cache.end_chunk()
+
+With a ``process_group`` of P ranks, every rank runs this same loop on the same noise: the cache holds the
+rank's H / P heads and the model its U*F / P tokens (:mod:`relaxkv_gen.parallel`), and every rank ends with the
+same latents.
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ import torch
 import relaxkv_kernels as rk
 
 from .model import CausalWanModel
+from .parallel import SequenceParallel
+from .parallel import check_ranks
 from .sampler import FlowMatchSampler
 
 POLICY_NAMES = ("dense", "sink", "relax", "pack")
@@ -161,13 +167,16 @@ def random_text(cfg, batch: int, seed: int) -> torch.Tensor:
     return torch.randn(batch, cfg.text_len, cfg.text_dim, generator=g)
 
 
-def make_cache(model: CausalWanModel, policy, batch: int, backend: str = "reference"):
-    """A ``relaxkv_kernels.KVCache`` for ``policy`` with the model's geometry, dtype and device."""
+def make_cache(model: CausalWanModel, policy, batch: int, backend: str = "reference", process_group=None):
+    """A ``relaxkv_kernels.KVCache`` for ``policy`` with the model's geometry, dtype and device; with a
+    ``process_group`` of P ranks, head-parallel: this rank's ``num_heads / P`` heads (ValueError unless P divides
+    them)."""
     cfg = model.cfg
     param = next(model.parameters())
     return rk.KVCache(
         policy, num_layers=cfg.num_layers, batch=batch, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
         height=cfg.grid_height, width=cfg.grid_width, dtype=param.dtype, device=param.device, backend=backend,
+        process_group=process_group,
     )
 
 
@@ -209,6 +218,7 @@ def rollout(
     sampler: FlowMatchSampler | None = None,
     timing: bool = True,
     progress: bool = False,
+    process_group=None,
 ) -> RolloutResult:
     """Generate ``num_chunks`` chunks with memory policy ``policy_name``.
 
@@ -221,6 +231,10 @@ def rollout(
         backend: ``"reference"`` or ``"fused"``, passed to ``relaxkv_kernels.KVCache``.
         timing: time the sections of every pass and the whole chunk (:class:`SectionTimer`: CUDA events on
             a GPU, host wall time on a CPU). progress: a tqdm bar (on stderr).
+        process_group: an initialised ``torch.distributed`` group of P ranks (None: one process), every rank
+            calling ``rollout`` with the same arguments: Ulysses sequence parallelism (:mod:`relaxkv_gen.parallel`)
+            over a head-parallel cache. ValueError on every rank, before any work, unless P divides the model's
+            heads and a chunk's tokens U*F. The records are this rank's (``kv_bytes``: its share of the heads).
 
     Returns:
         :class:`RolloutResult` with latents [B, 16, num_chunks * chunk_frames, H, W] and one record per
@@ -236,9 +250,12 @@ def rollout(
     sampler = sampler or FlowMatchSampler.create()
     policy = make_policy(policy_name)
     u = int(policy.chunk_frames)
+    parallel = None if process_group is None else SequenceParallel(process_group)
+    if parallel is not None:
+        check_ranks(cfg, u, parallel.size)  # the same ValueError on every rank, before any collective
     context = model.embed_text(text)
     batch = context.shape[0]
-    cache = make_cache(model, policy, batch, backend)
+    cache = make_cache(model, policy, batch, backend, process_group)
     gen = torch.Generator().manual_seed(seed)
     shape = (batch, cfg.in_dim, u, cfg.latent_height, cfg.latent_width)
 
@@ -249,8 +266,10 @@ def rollout(
     if timer is not None:
         cache.profiler = timer.section
 
+    sharded = {} if parallel is None else {"parallel": parallel}  # one process: the model called as before
+
     def forward(x, t, _pass):
-        return model(x, t, context, cache, timer)
+        return model(x, t, context, cache, timer, **sharded)
 
     result = RolloutResult(policy=policy_name, latents=None, chunk_frames=u)
     outputs = []

@@ -19,6 +19,22 @@ from __future__ import annotations
 import torch
 
 
+class CollectiveError(RuntimeError):
+    """A collective failed on this rank (typically: another rank stopped, which closes its connections)."""
+
+
+def run_collective(rank: int, size: int, name: str, run) -> None:
+    """``run()``, a collective call; its failure as one :class:`CollectiveError` naming this rank and ``name``
+    instead of the backend's message alone."""
+    try:
+        run()
+    except CollectiveError:
+        raise
+    except RuntimeError as exc:  # gloo: "Connection closed by peer"; NCCL: the watchdog's timeout
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CollectiveError(f"rank {rank} of {size}: {name} failed (another rank stopped?): {detail}") from exc
+
+
 class HeadShards:
     """``group``'s ranks (P of them) and the heads this rank holds.
 
@@ -48,22 +64,14 @@ class HeadShards:
         import torch.distributed as dist
 
         parts = [torch.empty_like(t) for _ in range(self.size)]
-        self._collective("all_gather", lambda: dist.all_gather(parts, t.contiguous(), group=self.group))
+        run_collective(self.rank, self.size, "KVCache all_gather (heads)",
+                       lambda: dist.all_gather(parts, t.contiguous(), group=self.group))
         return torch.cat(parts, dim=dim)
 
     def mean_(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` (a mean over this rank's heads) becomes the mean over all heads, in place: the ranks' mean."""
         import torch.distributed as dist
 
-        self._collective("all_reduce", lambda: dist.all_reduce(t, group=self.group))
+        run_collective(self.rank, self.size, "KVCache all_reduce (prototypes)",
+                       lambda: dist.all_reduce(t, group=self.group))
         return t.div_(self.size)
-
-    def _collective(self, name: str, run) -> None:
-        """``run()``; a failed collective (a peer that stopped closes its connections) as one RuntimeError naming
-        this rank, instead of the backend's message alone."""
-        try:
-            run()
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RuntimeError(f"KVCache head parallelism: rank {self.rank} of {self.size}: {name} failed (another "
-                               f"rank stopped or made other calls?): {first}") from exc
