@@ -34,7 +34,6 @@ measures nothing: it says why, writes the JSON with ``skipped`` and exits with s
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -47,14 +46,10 @@ common.configure_triton()
 
 import torch  # noqa: E402
 
-from relaxkv_gen import FlowMatchSampler  # noqa: E402
 from relaxkv_gen import build_model  # noqa: E402
 from relaxkv_gen import random_text  # noqa: E402
-from relaxkv_gen.rollout import POLICY_NAMES  # noqa: E402
-from relaxkv_gen.rollout import denoise_chunk  # noqa: E402
 from relaxkv_gen.rollout import make_cache  # noqa: E402
 from relaxkv_gen.rollout import make_policy  # noqa: E402
-from relaxkv_gen.rollout import progress_bar  # noqa: E402
 from relaxkv_kernels.integrations.diffusers import attach  # noqa: E402
 from relaxkv_kernels.integrations.diffusers import detach  # noqa: E402
 from relaxkv_kernels.integrations.diffusers import require_diffusers  # noqa: E402
@@ -86,37 +81,8 @@ def build_models(cfg, device: torch.device, dtype: torch.dtype, seed: int = 0):
     return model, transformer
 
 
-class Side:
-    """One model with one policy's KV cache, driven chunk by chunk; ``forward(x, t)`` -> flow.
-
-    Both sides draw their noise from generators seeded alike, so after the same chunks their caches hold the same
-    K/V up to rounding."""
-
-    def __init__(self, forward, cache, shape: tuple, device: torch.device, dtype: torch.dtype, seed: int):
-        self.forward, self.cache, self.shape, self.device, self.dtype = forward, cache, shape, device, dtype
-        self.batch, self.frames = shape[0], shape[2]
-        self.sampler = FlowMatchSampler.create()
-        self.gen = torch.Generator(device=device).manual_seed(seed)
-
-    def noise(self) -> torch.Tensor:
-        return torch.randn(self.shape, generator=self.gen, device=self.device, dtype=self.dtype)
-
-    def warm_up(self, chunks: int, desc: str, progress: bool) -> None:
-        refresh_t = torch.zeros(self.batch, self.frames, device=self.device)
-        for _ in progress_bar(range(chunks), desc, progress):
-            self.cache.begin_chunk()
-            self.forward(self.noise(), refresh_t)  # the refresh pass alone writes the chunk's K/V
-            self.cache.end_chunk()
-
-    def chunk(self) -> None:
-        """One whole chunk: the denoising passes and the refresh pass, sampler included."""
-        self.cache.begin_chunk()
-        denoise_chunk(lambda x, t, _pass: self.forward(x, t), self.sampler, self.noise, self.batch, self.frames,
-                      self.device)
-        self.cache.end_chunk()
-
-
-def make_sides(name: str, model, transformer, text: torch.Tensor, backend: str, seed: int) -> dict[str, Side]:
+def make_sides(name: str, model, transformer, text: torch.Tensor, backend: str,
+               seed: int) -> dict[str, common.ChunkRun]:
     """Policy ``name`` on both models: ours through ``make_cache``, diffusers' through ``attach`` (the caller
     detaches)."""
     cfg = model.cfg
@@ -127,35 +93,27 @@ def make_sides(name: str, model, transformer, text: torch.Tensor, backend: str, 
     theirs = attach(transformer, make_policy(name), batch=text.shape[0], height=cfg.grid_height, width=cfg.grid_width,
                     backend=backend)
 
-    def ours_forward(x, t):
+    def ours_forward(x, t, _pass):
         return model(x, t, context, ours)
 
-    def diffusers_forward(x, t):  # diffusers embeds the text in every forward
+    def diffusers_forward(x, t, _pass):  # diffusers embeds the text in every forward
         return transformer(hidden_states=x, timestep=t[:, 0], encoder_hidden_states=text).sample
 
-    return {"ours": Side(ours_forward, ours, shape, text.device, text.dtype, seed),
-            "diffusers": Side(diffusers_forward, theirs, shape, text.device, text.dtype, seed)}
+    return {"ours": common.ChunkRun(ours_forward, ours, shape, text.device, text.dtype, seed),
+            "diffusers": common.ChunkRun(diffusers_forward, theirs, shape, text.device, text.dtype, seed)}
 
 
-def flow_diff(sides: dict[str, Side], seed: int) -> dict:
-    """Both sides' flows for one input (the next chunk's first pass, from their states): the largest difference
-    and the largest flow. The chunk is planned again by the next ``begin_chunk``."""
-    ours, theirs = sides["ours"], sides["diffusers"]
-    gen = torch.Generator(device=ours.device).manual_seed(seed + 1)
-    x = torch.randn(ours.shape, generator=gen, device=ours.device, dtype=ours.dtype)
-    t = ours.sampler.timesteps[0].to(ours.device).expand(ours.batch, ours.frames)
-    flows = []
-    for side in (ours, theirs):
-        side.cache.begin_chunk()
-        flows.append(side.forward(x, t).float())
-    return {"max_abs_diff": (flows[0] - flows[1]).abs().max().item(), "max_abs_flow": flows[0].abs().max().item()}
+def flow_diff(sides: dict[str, common.ChunkRun], seed: int) -> dict:
+    """Both sides' flows for one input (``common.first_pass_flows``): the largest difference and the largest flow."""
+    ours, theirs = common.first_pass_flows([sides["ours"], sides["diffusers"]], seed)
+    return {"max_abs_diff": (ours - theirs).abs().max().item(), "max_abs_flow": ours.abs().max().item()}
 
 
 # ----------------------------------------------------------------------------------------------------
 # timing
 
 
-def time_interleaved(sides: dict[str, Side], device: torch.device, rounds: int, reps: int,
+def time_interleaved(sides: dict[str, common.ChunkRun], device: torch.device, rounds: int, reps: int,
                      budget_s: float) -> dict[str, list[common.Timing]]:
     """``common.measure`` of whole chunks per side, ``rounds`` times, alternating which side goes first."""
     timings = {name: [] for name in sides}
@@ -246,24 +204,7 @@ def table(data: dict) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=["tiny", "wan-1.3b"], help="default: wan-1.3b on CUDA, tiny on a CPU")
-    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated (default: dense,relax,pack)")
-    p.add_argument("--backend", choices=["reference", "fused"], help="KV memory backend (default: fused on CUDA)")
-    p.add_argument("--reps", type=int, default=3, help="timed chunks per side and round for common.measure")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each side measured once per round)")
-    p.add_argument("--budget-s", type=float, default=10.0, help="cap on the timed reps of one measurement (seconds)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, help="JSON path (CSV beside it)")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    args.policies = [s for s in args.policies.split(",") if s]
-    bad = [s for s in args.policies if s not in POLICY_NAMES]
-    if bad or not args.policies:
-        p.error(f"unknown policies {bad} (expected some of {list(POLICY_NAMES)})")
-    if args.reps < 1 or args.rounds < 1:
-        p.error(f"--reps and --rounds: expected >= 1, got {args.reps} and {args.rounds}")
-    return args
+    return common.parse_comparison_args(common.comparison_parser(__doc__, POLICIES, "side"), argv)
 
 
 @torch.no_grad()

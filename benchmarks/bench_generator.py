@@ -44,17 +44,14 @@ common.configure_triton()
 
 import torch  # noqa: E402
 
-from relaxkv_gen import FlowMatchSampler  # noqa: E402
 from relaxkv_gen import build_model  # noqa: E402
 from relaxkv_gen import random_text  # noqa: E402
 from relaxkv_gen.rollout import NESTED_SECTIONS  # noqa: E402
 from relaxkv_gen.rollout import POLICY_NAMES  # noqa: E402
 from relaxkv_gen.rollout import SECTIONS  # noqa: E402
 from relaxkv_gen.rollout import SectionTimer  # noqa: E402
-from relaxkv_gen.rollout import denoise_chunk  # noqa: E402
 from relaxkv_gen.rollout import make_cache  # noqa: E402
 from relaxkv_gen.rollout import make_policy  # noqa: E402
-from relaxkv_gen.rollout import progress_bar  # noqa: E402
 
 import plot_generator  # noqa: E402
 from plot_generator import BREAKDOWN  # noqa: E402
@@ -147,57 +144,23 @@ class GraphForward:
 # one policy
 
 
-class PolicyRun:
+class PolicyRun(common.ChunkRun):
     """One policy's cache, warmed up to its steady state, and whole chunks through a given forward."""
 
     def __init__(self, name: str, model, context, backend: str, seed: int, progress: bool):
         cfg = model.cfg
         param = next(model.parameters())
-        self.name, self.model, self.context, self.device = name, model, context, param.device
+        self.name, self.model, self.context = name, model, context
         self.policy = make_policy(name)
-        self.frames = int(self.policy.chunk_frames)
-        self.batch = context.shape[0]
-        self.cache = make_cache(model, self.policy, self.batch, backend)
-        self.sampler = FlowMatchSampler.create()
-        self.shape = (self.batch, cfg.in_dim, self.frames, cfg.latent_height, cfg.latent_width)
-        self.gen = torch.Generator(device=self.device).manual_seed(seed)
-        self.dtype = param.dtype
+        batch = context.shape[0]
+        shape = (batch, cfg.in_dim, int(self.policy.chunk_frames), cfg.latent_height, cfg.latent_width)
+        super().__init__(self.eager(), make_cache(model, self.policy, batch, backend), shape, param.device,
+                         param.dtype, seed)
         self.warmup_chunks = common.steady_chunk(self.policy, cfg.grid_height, cfg.grid_width)
-        refresh_t = torch.zeros(self.batch, self.frames, device=self.device)
-        for _ in progress_bar(range(self.warmup_chunks), f"{name} warm-up", progress):
-            self.cache.begin_chunk()
-            model(self.noise(), refresh_t, context, self.cache)  # the refresh pass alone writes the chunk's K/V
-            self.cache.end_chunk()
-
-    def noise(self) -> torch.Tensor:
-        return torch.randn(self.shape, generator=self.gen, device=self.device, dtype=self.dtype)
+        self.warm_up(self.warmup_chunks, f"{name} warm-up", progress)
 
     def eager(self, timer: SectionTimer | None = None):
         return lambda x, t, i: self.model(x, t, self.context, self.cache, timer)
-
-    def chunk(self, forward) -> None:
-        """One whole chunk (5 forward passes) through ``forward(x, t, i)``."""
-        self.cache.begin_chunk()
-        denoise_chunk(forward, self.sampler, self.noise, self.batch, self.frames, self.device)
-        self.cache.end_chunk()
-
-    def flows_of_chunk(self, forwards: list) -> list[list[torch.Tensor]]:
-        """The 5 flows of the next chunk through each forward, all from the same state and noise."""
-        noises = [self.noise() for _ in range(self.sampler.num_steps)]
-        out = []
-        for forward in forwards:
-            self.cache.begin_chunk()  # the same chunk planned again
-            flows, it = [], iter(noises)
-
-            def keep(x, t, i, forward=forward, flows=flows):
-                flow = forward(x, t, i)
-                flows.append(flow.clone())
-                return flow
-
-            denoise_chunk(keep, self.sampler, lambda it=it: next(it), self.batch, self.frames, self.device)
-            out.append(flows)
-        self.cache.end_chunk()
-        return out
 
 
 def breakdown(sections: dict[str, float], total_ms: float) -> dict[str, float]:

@@ -9,6 +9,7 @@ without CUDA it sets ``TRITON_INTERPRET=1`` so the Triton rows can run, slowly, 
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import gc
@@ -199,6 +200,125 @@ def target_lines(targets: list[dict], where) -> list[str]:
     return [f"target {g['target']} [{where(g)}]: {fmt(g['value'])} -> {verdict[g['met']]}" for g in targets]
 
 
+class ChunkRun:
+    """A model path with one policy's KV cache, driven whole chunks at a time: ``forward(x, t, i)`` -> flow for
+    latents x ``shape`` = [B, C, U, H, W], per-frame timesteps t [B, U] and pass index i.
+
+    Noise comes from a generator on ``device`` seeded with ``seed``: paths seeded alike hold the same K/V after the
+    same chunks (up to rounding)."""
+
+    def __init__(self, forward, cache, shape: tuple, device: torch.device, dtype: torch.dtype, seed: int):
+        from relaxkv_gen import FlowMatchSampler
+
+        self.forward, self.cache, self.shape, self.device, self.dtype = forward, cache, shape, device, dtype
+        self.batch, self.frames = shape[0], shape[2]
+        self.sampler = FlowMatchSampler.create()
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+
+    def noise(self) -> torch.Tensor:
+        return torch.randn(self.shape, generator=self.gen, device=self.device, dtype=self.dtype)
+
+    def warm_up(self, chunks: int, desc: str, progress: bool) -> None:
+        """``chunks`` chunks of one pass each: the refresh pass alone writes a chunk's K/V."""
+        from relaxkv_gen.rollout import progress_bar
+
+        refresh_t = torch.zeros(self.batch, self.frames, device=self.device)
+        for _ in progress_bar(range(chunks), desc, progress):
+            self.cache.begin_chunk()
+            self.forward(self.noise(), refresh_t, 0)
+            self.cache.end_chunk()
+
+    def chunk(self, forward=None) -> None:
+        """One whole chunk through ``forward`` (default: the path's own): the denoising passes and the refresh
+        pass, sampler included."""
+        from relaxkv_gen import denoise_chunk
+
+        self.cache.begin_chunk()
+        denoise_chunk(forward or self.forward, self.sampler, self.noise, self.batch, self.frames, self.device)
+        self.cache.end_chunk()
+
+    def flows_of_chunk(self, forwards: list) -> list[list[torch.Tensor]]:
+        """The flows of the next chunk through each forward, all from the same state and noise."""
+        from relaxkv_gen import denoise_chunk
+
+        noises = [self.noise() for _ in range(self.sampler.num_steps)]
+        out = []
+        for forward in forwards:
+            self.cache.begin_chunk()  # the same chunk planned again
+            flows, it = [], iter(noises)
+
+            def keep(x, t, i, forward=forward, flows=flows):
+                flow = forward(x, t, i)
+                flows.append(flow.clone())
+                return flow
+
+            denoise_chunk(keep, self.sampler, lambda it=it: next(it), self.batch, self.frames, self.device)
+            out.append(flows)
+        self.cache.end_chunk()
+        return out
+
+
+def first_pass_flows(runs: list[ChunkRun], seed: int) -> list[torch.Tensor]:
+    """Each run's flow (fp32) for one input, the next chunk's first pass from its state (the chunk is planned again
+    by the next ``begin_chunk``): what two paths of one model should agree on."""
+    first = runs[0]
+    gen = torch.Generator(device=first.device).manual_seed(seed + 1)
+    x = torch.randn(first.shape, generator=gen, device=first.device, dtype=first.dtype)
+    t = first.sampler.timesteps[0].to(first.device).expand(first.batch, first.frames)
+    flows = []
+    for run in runs:
+        run.cache.begin_chunk()
+        flows.append(run.forward(x, t, 0).float())
+    return flows
+
+
+def timed_calls(fn, device: torch.device, reps: int) -> list[float]:
+    """``reps`` calls of ``fn()``, each timed in ms: CUDA events on a GPU, ``perf_counter`` elsewhere."""
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def comparison_parser(doc: str, policies: tuple[str, ...], what: str) -> argparse.ArgumentParser:
+    """The flags of a benchmark timing two model paths per policy in interleaved rounds (``what``: a path's name)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=["tiny", "wan-1.3b"], help="default: wan-1.3b on CUDA, tiny on a CPU")
+    p.add_argument("--policies", default=",".join(policies), help=f"comma-separated (default: {','.join(policies)})")
+    p.add_argument("--backend", choices=["reference", "fused"], help="KV memory backend (default: fused on CUDA)")
+    p.add_argument("--reps", type=int, default=3, help=f"timed chunks per {what} and round")
+    p.add_argument("--rounds", type=int, default=3, help=f"interleaved rounds (each {what} measured once per round)")
+    p.add_argument("--budget-s", type=float, default=10.0, help="cap on the timed reps of one measurement (seconds)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="JSON path (CSV beside it)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def parse_comparison_args(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """``p``'s arguments, ``--policies`` as a list of the generator's policy names (usage error otherwise)."""
+    from relaxkv_gen.rollout import POLICY_NAMES
+
+    args = p.parse_args(argv)
+    args.policies = [s for s in args.policies.split(",") if s]
+    bad = [s for s in args.policies if s not in POLICY_NAMES]
+    if bad or not args.policies:
+        p.error(f"unknown policies {bad} (expected some of {list(POLICY_NAMES)})")
+    if args.reps < 1 or args.rounds < 1:
+        p.error(f"--reps and --rounds: expected >= 1, got {args.reps} and {args.rounds}")
+    return args
+
+
 def free_memory(device: torch.device) -> None:
     """Collect what the last measurement left (its caches, models) and hand the CUDA cache back, so the next one
     starts from the same memory."""
@@ -246,15 +366,7 @@ def measure(fn, device: torch.device, warmup: int = 1, reps: int = 5, budget_s: 
             return Timing(float(ms), max(1, int(rep_ms / max(first_ms, 1e-3))), "triton.testing.do_bench median", False)
         for _ in range(max(0, warmup - 1)):
             fn()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return Timing(statistics.median(times), reps, "cuda events median", False)
+        return Timing(statistics.median(timed_calls(fn, device, reps)), reps, "cuda events median", False)
     for _ in range(warmup):
         fn()
     times = []
