@@ -256,6 +256,7 @@ def process_group(ranks: int, device: torch.device):
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=RANKS_TIMEOUT)
     try:
         yield dist.group.WORLD
+        dist.barrier()  # every rank done (rank 0 has written --out) before any of them tears the group down
     finally:
         dist.destroy_process_group()
 
