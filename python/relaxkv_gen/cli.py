@@ -30,6 +30,7 @@ import torch
 
 import relaxkv_kernels as rk
 from relaxkv_kernels.memory.heads import CollectiveError
+from relaxkv_kernels.memory.heads import run_collective
 
 from . import __version__
 from .checkpoint import load_checkpoint
@@ -256,7 +257,8 @@ def process_group(ranks: int, device: torch.device):
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=RANKS_TIMEOUT)
     try:
         yield dist.group.WORLD
-        dist.barrier()  # every rank done (rank 0 has written --out) before any of them tears the group down
+        # every rank done (rank 0 has written --out) before any of them tears the group down
+        run_collective(dist.get_rank(), ranks, "barrier (end of the run)", dist.barrier)
     finally:
         dist.destroy_process_group()
 
