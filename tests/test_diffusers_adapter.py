@@ -196,6 +196,8 @@ def test_attach_errors(models):
         attach(i2v, rk.RelaxMemory(), batch=1, height=4, width=4)
     with pytest.raises(TypeError, match="policy: expected a MemoryPolicy"):
         attach(transformer, "relax", batch=1, height=4, width=4)
+    with pytest.raises(ValueError, match="process_group is not supported"):
+        attach(transformer, rk.RelaxMemory(), batch=1, height=4, width=4, process_group=object())
     assert attached_cache(transformer) is None  # a refused attach changes nothing
     with pytest.raises(ValueError, match="no KV cache is attached"):
         detach(transformer)

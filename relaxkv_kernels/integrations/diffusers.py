@@ -124,6 +124,9 @@ def attach(transformer, policy: MemoryPolicy, *, batch: int, height: int, width:
     after its refresh pass. TypeError / ValueError (nothing changed) for a transformer it cannot serve.
     """
     _check_transformer(transformer)
+    if kvcache_kwargs.get("process_group") is not None:
+        raise ValueError("attach: process_group is not supported: the processor hands the cache every head, with no "
+                         "all-to-all around it (several GPUs: relaxkv_gen's model under torchrun, README 'Many GPUs')")
     cfg = transformer.config
     weight = transformer.blocks[0].attn1.to_q.weight
     kvcache_kwargs.setdefault("dtype", weight.dtype)
