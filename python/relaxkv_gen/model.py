@@ -42,7 +42,7 @@ class Timer(Protocol):
     def section(self, name: str) -> contextlib.AbstractContextManager: ...
 
 
-def _timed(timer: Timer | None, name: str) -> contextlib.AbstractContextManager:
+def timed(timer: Timer | None, name: str) -> contextlib.AbstractContextManager:
     """``timer.section(name)``, or a shared no-op context when there is no timer (no allocation, no event)."""
     return _NO_TIMER if timer is None else timer.section(name)
 
@@ -106,12 +106,12 @@ class SelfAttention(_Projections):
         ``cache.attend``. Timed sections: "qkv" (projections + q/k norms), "o_proj"."""
         b, s = x.shape[:2]
         shape = (b, s, self.num_heads, self.head_dim)
-        with _timed(timer, "qkv"):
+        with timed(timer, "qkv"):
             q = self.norm_q(self.q(x)).view(shape)  # [B, L, H, D], pre-RoPE
             k = self.norm_k(self.k(x)).view(shape)
             v = self.v(x).view(shape)
         out = cache.attend(layer, q, k, v)  # [B, L, H, D]; the cache times its own sections
-        with _timed(timer, "o_proj"):
+        with timed(timer, "o_proj"):
             return self.o(out.flatten(2))
 
 
@@ -161,11 +161,11 @@ class AttentionBlock(nn.Module):
         y = self.self_attn(h, cache, layer, timer)
         x = x + (per_frame(y) * gate1).flatten(1, 2)
         h = self.norm3(x)
-        with _timed(timer, "cross_attn"):
+        with timed(timer, "cross_attn"):
             y = self.cross_attn(h, context)
         x = x + y
         h = (per_frame(self.norm2(x)) * (1 + scale2) + shift2).flatten(1, 2)
-        with _timed(timer, "ffn"):
+        with timed(timer, "ffn"):
             y = self.ffn(h)
         return x + (per_frame(y) * gate2).flatten(1, 2)
 

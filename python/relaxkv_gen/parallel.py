@@ -32,7 +32,7 @@ from relaxkv_kernels.memory.heads import run_collective
 from .config import ModelConfig
 from .model import AttendFn
 from .model import Timer
-from .model import _timed
+from .model import timed
 
 COMM_SECTION = "all_to_all"  # the timer section of the Ulysses all-to-alls
 
@@ -164,8 +164,8 @@ class _UlyssesAttend:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v [B, S/P, H, D] -> [B, S/P, H, D]."""
-        with _timed(self.timer, COMM_SECTION):
+        with timed(self.timer, COMM_SECTION):
             q, k, v = self.parallel.seq_to_heads(q, k, v)
         out = self.cache.attend(layer, q, k, v)  # [B, S, H/P, D]
-        with _timed(self.timer, COMM_SECTION):
+        with timed(self.timer, COMM_SECTION):
             return self.parallel.heads_to_seq(out)
