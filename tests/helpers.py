@@ -316,3 +316,42 @@ def assert_graph_replays_chunk_steps(eager, graphed, step, inputs, warmup: int, 
     graphed.begin_chunk()
     captured = capture_chunk_step(graphed, step, static)
     assert_replays_equal_eager(eager, graphed, captured, static, step, inputs, chunks=chunks)
+
+
+def spawn_ranks(worker, size: int, tmp_path, *args, timeout: float) -> tuple[list, list[int]]:
+    """``worker(rank, size, store, results, *args)`` on ``size`` spawned processes, each putting ``(rank, value)``
+    on the ``results`` queue; returns (every rank's value, by rank; the processes' exit codes).
+
+    The ranks meet through the file ``store`` in ``tmp_path`` (``init_method=f"file://{store}"``: no TCP port to
+    pick, which another process could take before rank 0 binds it). The test fails, naming the silent ranks, when
+    some rank has not reported within ``timeout`` seconds (a hang); stragglers are killed.
+    """
+    import queue
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    store = str(tmp_path / "store")
+    procs = [ctx.Process(target=worker, args=(rank, size, store, results, *args), daemon=True) for rank in range(size)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    out = {}
+    try:
+        while len(out) < size:
+            try:
+                rank, value = results.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                raise AssertionError(f"ranks {sorted(set(range(size)) - set(out))} of {size} did not report within "
+                                     f"{timeout:.0f} s (hung?)") from None
+            out[rank] = value
+        for p in procs:
+            p.join(max(deadline - time.monotonic(), 0.01))
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [out[rank] for rank in range(size)], [p.exitcode for p in procs]

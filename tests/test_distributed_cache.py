@@ -3,18 +3,18 @@ here): every rank's outputs are its heads of the single-process outputs, every r
 single-process cache, each rank holds 1/P of the pools, and failures are named on every rank instead of hanging.
 
 Each worker runs a single-process cache (all heads) beside its head-parallel one on the same inputs (drawn from a
-generator seeded alike on every rank) and writes what it saw to a file the test reads.
+generator seeded alike on every rank) and reports what it saw to the test.
 """
-import os
 import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import relaxkv_kernels as rk
+
+from helpers import spawn_ranks
 
 L, B, H, D, HH, WW = 2, 2, 4, 16, 4, 4  # 4 heads: P = 2 and 4; frames of 16 tokens (Pack pools 2x4x4)
 CHUNKS, PASSES = 9, 2  # past the dense window, Relax's warm-up and evictions, Pack's first mid blocks (chunk 4)
@@ -26,32 +26,21 @@ POLICIES = {
 
 
 def _run(world: int, worker, tmp_path, *args, timeout: float = 120) -> list[dict]:
-    """``worker(rank, world, out_dir, *args)`` on ``world`` spawned processes; every rank's result file. The ranks
-    meet through a file in ``out_dir`` (a free TCP port picked here could be taken before rank 0 binds it)."""
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=worker, args=(rank, world, str(tmp_path), *args)) for rank in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, f"{len(alive)} rank(s) still running after {timeout} s (a hang)"
-    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+    """``worker(rank, world, store, results, *args)`` on ``world`` spawned processes (``helpers.spawn_ranks``);
+    every rank's result."""
+    return spawn_ranks(worker, world, tmp_path, *args, timeout=timeout)[0]
 
 
-def _init(rank: int, world: int, out_dir: str, backend: str = "gloo") -> None:
+def _init(rank: int, world: int, store: str, backend: str = "gloo") -> None:
     torch.set_num_threads(1)
-    dist.init_process_group(backend, init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
 
 
-def _rollout_worker(rank, world, out_dir, names, attention, fail_at):
+def _rollout_worker(rank, world, store, results, names, attention, fail_at):
     """For each policy: single-process and head-parallel caches side by side; per chunk the largest output
     difference on this rank's heads and both tables' frames. ``fail_at``: rank 1 raises before that chunk."""
-    _init(rank, world, out_dir)
+    _init(rank, world, store)
     result = {}
     try:
         heads = slice(rank * H // world, (rank + 1) * H // world)
@@ -84,7 +73,7 @@ def _rollout_worker(rank, world, out_dir, names, attention, fail_at):
                             "num_heads": shard.num_heads, "selects": shard.last_plan.selects}
     except Exception as exc:  # reported to the test; the process ends, which closes its connections
         result["error"] = f"{type(exc).__name__}: {exc}"
-    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    results.put((rank, result))
     if "error" not in result:
         dist.destroy_process_group()
 
@@ -118,14 +107,14 @@ def test_a_rank_that_fails_ends_every_rank_with_a_named_error(tmp_path):
                                           "(another rank stopped?): "), results[0]["error"]
 
 
-def _heads_worker(rank, world, out_dir, num_heads):
-    _init(rank, world, out_dir)
+def _heads_worker(rank, world, store, results, num_heads):
+    _init(rank, world, store)
     try:
         rk.KVCache(rk.RelaxMemory(), L, B, num_heads, D, HH, WW, dtype=torch.float32, process_group=dist.group.WORLD)
         result = {}
     except ValueError as exc:
         result = {"error": str(exc)}
-    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    results.put((rank, result))
     dist.destroy_process_group()
 
 
@@ -142,13 +131,13 @@ def test_process_group_without_torch_distributed_is_a_named_error():
         rk.KVCache(rk.RelaxMemory(), L, B, H, D, HH, WW, dtype=torch.float32, process_group=object())
 
 
-def _nccl_graph_worker(rank, world, out_dir, name):
+def _nccl_graph_worker(rank, world, store, results, name):
     """NCCL with P = 1 (the collectives still run): a chunk step of head-parallel caches captured in a CUDA graph and
     replayed against eager (both caches head-parallel, the same kernels: bitwise)."""
     from helpers import assert_graph_replays_chunk_steps
 
     torch.cuda.set_device(0)
-    _init(rank, world, out_dir, "nccl")
+    _init(rank, world, store, "nccl")
     result = {}
     try:
         make = lambda: rk.KVCache(POLICIES[name](), L, B, H, 64, HH, WW, dtype=torch.bfloat16,  # noqa: E731
@@ -167,7 +156,7 @@ def _nccl_graph_worker(rank, world, out_dir, name):
         assert_graph_replays_chunk_steps(eager, graphed, step, inputs, warmup=CHUNKS, chunks=3)
     except Exception as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
-    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    results.put((rank, result))
     dist.destroy_process_group()
 
 

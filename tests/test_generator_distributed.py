@@ -10,7 +10,6 @@ import importlib
 import itertools
 import json
 import os
-import queue
 import re
 import subprocess
 import sys
@@ -20,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import relaxkv_kernels as rk
 from relaxkv_gen import build_model
@@ -32,6 +30,8 @@ from relaxkv_gen import rollout
 from relaxkv_gen.cli import main
 from relaxkv_gen.parallel import check_ranks
 from relaxkv_gen.parallel import tokens_per_rank
+
+from helpers import spawn_ranks
 
 rollout_module = importlib.import_module("relaxkv_gen.rollout")  # the package's ``rollout`` is the function
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def _fail_at_call(forward, call: int):
     return failing
 
 
-def _worker(rank: int, size: int, store: str, cfg, policies, fail_chunk, results) -> None:
+def _worker(rank: int, size: int, store: str, results, cfg, policies, fail_chunk) -> None:
     """One rank: rollouts of ``policies`` over the world group, then its K/V pool sizes; puts ``(rank, outputs)``
     (or ``(rank, "ExceptionType: message")``) on ``results``. ``fail_chunk``: rank 1 raises at that chunk's first
     pass."""
@@ -93,36 +93,11 @@ def _worker(rank: int, size: int, store: str, cfg, policies, fail_chunk, results
 
 
 def _spawn(tmp_path: Path, size: int, cfg, policies, fail_chunk=None) -> dict:
-    """Runs :func:`_worker` on ``size`` spawned ranks; every rank's outputs (or error line) by rank.
-
-    The ranks meet through a file in ``tmp_path`` (no TCP port to pick: a free port picked here can be taken by
-    another process's connection before rank 0 binds it)."""
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    store = str(tmp_path / "store")
-    procs = [ctx.Process(target=_worker, args=(r, size, store, cfg, policies, fail_chunk, results), daemon=True)
-             for r in range(size)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    out = {}
-    try:
-        while len(out) < size:
-            try:
-                rank, value = results.get(timeout=max(deadline - time.monotonic(), 0.01))
-            except queue.Empty:
-                pytest.fail(f"ranks {sorted(set(range(size)) - set(out))} of {size} did not report within "
-                            f"{JOIN_TIMEOUT_S:.0f} s (hung?)")
-            out[rank] = value
-        for p in procs:
-            p.join(max(deadline - time.monotonic(), 0.01))
-        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-    return out
+    """Runs :func:`_worker` on ``size`` spawned ranks (``helpers.spawn_ranks``); every rank's outputs (or error line)
+    by rank, after every rank exited cleanly."""
+    values, exit_codes = spawn_ranks(_worker, size, tmp_path, cfg, policies, fail_chunk, timeout=JOIN_TIMEOUT_S)
+    assert all(code == 0 for code in exit_codes), exit_codes
+    return dict(enumerate(values))
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from relaxkv_kernels.memory.heads import run_collective
+from relaxkv_kernels.memory.heads import RankGroup
 
 from .config import ModelConfig
 from .model import AttendFn
@@ -53,14 +53,14 @@ def check_ranks(cfg: ModelConfig, chunk_frames: int, ranks: int) -> None:
     tokens_per_rank(chunk_frames * cfg.tokens_per_frame, ranks)
 
 
-class SequenceParallel:
+class SequenceParallel(RankGroup):
     """The ranks of ``group`` (P of them) splitting every chunk's tokens, Ulysses-style (see the module docstring).
 
     Args:
         group: an initialised ``torch.distributed`` process group (``torch.distributed.group.WORLD`` for all ranks).
 
     Attributes:
-        group; size: P; rank: this rank in ``group``.
+        group; size: P; rank: this rank in ``group`` (a ``relaxkv_kernels`` :class:`RankGroup`).
 
     Example::
 
@@ -70,18 +70,7 @@ class SequenceParallel:
     """
 
     def __init__(self, group):
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            raise ValueError("SequenceParallel: torch.distributed is not initialised (init_process_group first, "
-                             "e.g. under torchrun)")
-        self.group = group
-        self.size = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
-
-    def _collective(self, name: str, fn, *args) -> None:
-        """``fn(*args, group=self.group)``; a failure becomes ``CollectiveError`` naming this rank."""
-        run_collective(self.rank, self.size, name, lambda: fn(*args, group=self.group))
+        super().__init__("SequenceParallel", group)
 
     def token_range(self, tokens: int) -> tuple[int, int]:
         """This rank's ``[start, stop)`` of a chunk's ``tokens`` = S tokens (ValueError unless P divides S)."""
@@ -125,7 +114,7 @@ class SequenceParallel:
             raise ValueError(f"SequenceParallel.seq_to_heads: {h} heads are not divisible by the {p} ranks")
         send = torch.stack(xs).view(len(xs), b, s, p, h // p, d).permute(3, 0, 1, 2, 4, 5).contiguous()
         recv = torch.empty_like(send)  # [P (source rank), n, B, S/P, H/P, D]
-        self._collective("all_to_all (sequence to heads)", dist.all_to_all_single, recv, send)
+        self.collective("all_to_all (sequence to heads)", dist.all_to_all_single, recv, send)
         return recv.permute(1, 2, 0, 3, 4, 5).reshape(len(xs), b, p * s, h // p, d).unbind(0)
 
     def heads_to_seq(self, y: torch.Tensor) -> torch.Tensor:
@@ -139,16 +128,12 @@ class SequenceParallel:
         b, s, h, d = y.shape
         send = y.reshape(b, p, s // p, h, d).transpose(0, 1).contiguous()  # [P (destination rank), B, S/P, H/P, D]
         recv = torch.empty_like(send)  # [P (source rank = head group), B, S/P, H/P, D]
-        self._collective("all_to_all (heads to sequence)", dist.all_to_all_single, recv, send)
+        self.collective("all_to_all (heads to sequence)", dist.all_to_all_single, recv, send)
         return recv.permute(1, 2, 0, 3, 4).reshape(b, s // p, p * h, d)
 
     def gather_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's tokens x [B, S/P, C] -> [B, S, C] (rank order), on every rank."""
-        import torch.distributed as dist
-
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        self._collective("all_gather (tokens)", dist.all_gather, parts, x.contiguous())
-        return torch.cat(parts, dim=1)
+        return self.gather(x, 1, "all_gather (tokens)")
 
     def around(self, cache: AttendFn, timer: Timer | None = None) -> AttendFn:
         """``cache`` (a head-parallel KVCache) seen from this rank's tokens: an :class:`AttendFn` taking and

@@ -8,7 +8,7 @@ the same frames:
 - Relax: the per-frame prototype (a mean over heads) is the mean of the ranks' means, one ``all_reduce`` of the
   chunk's new prototypes per chunk (:meth:`HeadShards.mean_`, at ``end_chunk``, before the next scoring);
 - Pack: the affinity reads the first H / 2 heads of the subsampled queries and of the blocks' mean keys; those
-  are gathered along heads (:meth:`HeadShards.gather`) at each layer's selection, so every rank runs the same
+  are gathered along heads (:meth:`HeadShards.gather_heads`) at each layer's selection, so every rank runs the same
   ``mid_select`` on the same inputs as a single process would.
 
 Collectives are ordinary ``torch.distributed`` calls (NCCL on GPUs, gloo on CPUs), issued in the same order on
@@ -35,43 +35,57 @@ def run_collective(rank: int, size: int, name: str, run) -> None:
         raise CollectiveError(f"rank {rank} of {size}: {name} failed (another rank stopped?): {detail}") from exc
 
 
-class HeadShards:
-    """``group``'s ranks (P of them) and the heads this rank holds.
+class RankGroup:
+    """The ranks of an initialised ``torch.distributed`` group (P of them) and this process's place in it.
 
     Attributes:
         group: the process group. size: P. rank: this rank in ``group``.
-        num_heads: H (all ranks). local_heads: H / P. first_head: ``rank * H / P``.
     """
 
-    def __init__(self, op: str, group, num_heads: int):
+    def __init__(self, what: str, group):
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
-            raise ValueError(f"{op}: process_group: torch.distributed is not initialised "
-                             "(init_process_group first, e.g. under torchrun)")
+            raise ValueError(f"{what}: torch.distributed is not initialised (init_process_group first, e.g. under "
+                             "torchrun)")
         self.group = group
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        if num_heads % self.size:
-            raise ValueError(f"{op}: num_heads {num_heads} is not divisible by the {self.size} ranks of process_group "
-                             f"(each rank holds num_heads / P heads)")
-        self.num_heads = num_heads
-        self.local_heads = num_heads // self.size
-        self.first_head = self.rank * self.local_heads
 
-    def gather(self, t: torch.Tensor, dim: int) -> torch.Tensor:
-        """Every rank's ``t`` (this rank's heads along ``dim``) concatenated in rank order: all H heads."""
+    def collective(self, name: str, fn, *args) -> None:
+        """``fn(*args, group=self.group)``, a ``torch.distributed`` call, through :func:`run_collective`."""
+        run_collective(self.rank, self.size, name, lambda: fn(*args, group=self.group))
+
+    def gather(self, t: torch.Tensor, dim: int, name: str) -> torch.Tensor:
+        """Every rank's ``t`` concatenated along ``dim`` in rank order, on every rank."""
         import torch.distributed as dist
 
         parts = [torch.empty_like(t) for _ in range(self.size)]
-        run_collective(self.rank, self.size, "KVCache all_gather (heads)",
-                       lambda: dist.all_gather(parts, t.contiguous(), group=self.group))
+        self.collective(name, dist.all_gather, parts, t.contiguous())
         return torch.cat(parts, dim=dim)
+
+
+class HeadShards(RankGroup):
+    """``group``'s ranks (P of them), each holding ``num_heads / P`` consecutive heads (rank order).
+
+    Attributes:
+        group, size, rank: as :class:`RankGroup`. local_heads: H / P.
+    """
+
+    def __init__(self, op: str, group, num_heads: int):
+        super().__init__(f"{op}: process_group", group)
+        if num_heads % self.size:
+            raise ValueError(f"{op}: num_heads {num_heads} is not divisible by the {self.size} ranks of process_group "
+                             f"(each rank holds num_heads / P heads)")
+        self.local_heads = num_heads // self.size
+
+    def gather_heads(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """Every rank's ``t`` (this rank's heads along ``dim``) concatenated in rank order: all H heads."""
+        return self.gather(t, dim, "KVCache all_gather (heads)")
 
     def mean_(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` (a mean over this rank's heads) becomes the mean over all heads, in place: the ranks' mean."""
         import torch.distributed as dist
 
-        run_collective(self.rank, self.size, "KVCache all_reduce (prototypes)",
-                       lambda: dist.all_reduce(t, group=self.group))
+        self.collective("KVCache all_reduce (prototypes)", dist.all_reduce, t)
         return t.div_(self.size)

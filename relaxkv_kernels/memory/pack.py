@@ -165,7 +165,7 @@ class PackPlanner(Planner):
         i = step.index
         stride, mean_key = min(self.policy.q_stride, q.shape[1]), step.state["mean_key"]
         if step.heads is not None:
-            q, mean_key, stride = step.heads.gather(q[:, ::stride], 2), step.heads.gather(mean_key, 2), 1
+            q, mean_key, stride = step.heads.gather_heads(q[:, ::stride], 2), step.heads.gather_heads(mean_key, 2), 1
         mid_select_op(q, mean_key, i.mid_slots, i.block_pos, step.seg, step.plan.job.seg_index, i.mid_target_pos,
                       self.row0, self.block_tokens, stride, self.policy.batch_mean, step.backend, checked=True)
 

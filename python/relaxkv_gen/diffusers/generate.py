@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checkpoint import check_state_dict
 from ..checkpoint import read_state_dict
 from ..config import VIDEO_FPS
 from ..config import ModelConfig
@@ -67,11 +68,8 @@ def load_weights(pipe: ChunkwiseWanPipeline, checkpoint: Path) -> str:
     """Self-Forcing / LongLive / Wan generator weights into the pipeline's transformer; returns a description."""
     transformer = pipe.transformer
     sd = wan_to_diffusers(read_state_dict(checkpoint))
+    check_state_dict(transformer, sd)  # the names already match: mis-shaped or non-float tensors
     expected = transformer.state_dict()
-    misshaped = [k for k in expected if sd[k].shape != expected[k].shape]
-    if misshaped:
-        raise ValueError(f"checkpoint {str(checkpoint)!r} does not match the diffusers transformer: "
-                         f"{len(misshaped)} mis-shaped, e.g. {misshaped[0]} {list(sd[misshaped[0]].shape)}")
     transformer.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()}, strict=True)
     return f"checkpoint {checkpoint} ({len(sd)} tensors, converted with wan_to_diffusers)"
 
