@@ -95,6 +95,47 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
 // Quiet NaN: what a kernel writes into an output row it has no valid source for.
 __device__ __forceinline__ float nan_f32() { return __int_as_float(0x7fc00000); }
 
+// FP8 pools (relaxkv_kernels/ops/fp8.py): e4m3fn codes, one power-of-two fp32 scale per row and head. The
+// scale of a row whose largest magnitude is amax: 2^(E - 8) for amax = f * 2^E with f <= 1.75 (448 = 1.75 * 2^8),
+// else 2^(E - 7), the exponent clamped to [-126, 127]; *inv gets 1 / scale (exact: powers of two).
+__device__ __forceinline__ float fp8_scale(float amax, float* inv) {
+    const int bits = __float_as_int(amax);
+    int e = ((bits >> 23) & 0xFF) - 135 + ((bits & 0x7FFFFF) > 0x600000 ? 1 : 0);
+    e = e < -126 ? -126 : (e > 127 ? 127 : e);
+    *inv = __int_as_float((127 - e) << 23);
+    return __int_as_float((e + 127) << 23);
+}
+
+// The e4m3fn code of y (|y| <= 448), rounded to nearest even, from the bits (the same codes as torch and the
+// Triton kernels on every device): normal codes round the fp32 mantissa to 3 bits and re-bias the exponent;
+// below 2^-6 the code is round(|y| * 2^9), to nearest even; NaN gives the NaN code.
+__device__ __forceinline__ uint8_t fp8_encode(float y) {
+    const int bits = __float_as_int(y);
+    const int a = bits & 0x7FFFFFFF;
+    int code;
+    if (a > 0x7F800000) {
+        code = 0x7F;
+    } else if (a >= 0x3C800000) {  // 2^-6, e4m3's smallest normal
+        code = ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - (120 << 3);
+    } else {
+        code = int(rintf(fabsf(y) * 512.0f));  // rintf: to nearest even
+    }
+    return uint8_t(code | ((bits >> 24) & 0x80));
+}
+
+// The value of an e4m3fn code (the NaN codes 0x7F and 0xFF decode to NaN).
+__device__ __forceinline__ float fp8_decode(uint8_t c) {
+    const int mag = c & 0x7F;
+    float x;
+    if (mag == 0x7F)
+        x = nan_f32();
+    else if (mag >= 8)
+        x = __int_as_float((mag << 20) + (120 << 23));
+    else
+        x = float(mag) * 0.001953125f;  // subnormal: mag * 2^-9
+    return (c & 0x80) ? -x : x;
+}
+
 // A [B, N, H, D] tensor as the kernels see it: base address and the element strides of B, N and H; D is
 // contiguous (the Python wrappers copy read-only inputs whose last stride is not 1).
 struct Rows {

@@ -7,6 +7,8 @@ import torch
 import relaxkv_kernels as rk
 from relaxkv_kernels.availability import interpreter_enabled
 from relaxkv_kernels.availability import triton_available
+from relaxkv_kernels.ops.fp8 import dequantize_fp8
+from relaxkv_kernels.ops.fp8 import quantize_fp8
 
 INT_POISON = -(2**30)  # integer sentinel: an index a kernel forgot to write, or a stride it ignored
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton tests run (interpreter on CPU)
@@ -37,6 +39,42 @@ def assert_2x_rule(got: torch.Tensor, truth: torch.Tensor, same_dtype: torch.Ten
     err = (got.double() - truth.double()).abs().max().item()
     base = (same_dtype.double() - truth.double()).abs().max().item()
     assert err <= 2 * base + slack, f"{what}: kernel error {err:.3e} vs torch {same_dtype.dtype} error {base:.3e}"
+
+
+FP8 = torch.float8_e4m3fn
+
+
+def fp8_pool(g: torch.Generator, *shape: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """A random FP8 pool [B, n_rows, H, D] and its fp32 scales [B, n_rows, H] (``relaxkv_kernels.ops.fp8``): normal
+    rows whose magnitudes spread over 2^-6 .. 2^6 from row to row, quantized (so codes and scales vary)."""
+    x = torch.randn(*shape, generator=g) * torch.exp2(torch.randint(-6, 7, shape[:-1], generator=g)).unsqueeze(-1)
+    codes, scale = quantize_fp8(x)
+    return codes.to(device), scale.to(device)
+
+
+def assert_fp8_equal(codes: torch.Tensor, scale: torch.Tensor, want_codes: torch.Tensor, want_scale: torch.Tensor,
+                     what: str = "", exact: bool = True) -> None:
+    """An FP8 pool written by a kernel holds the codes and scales of the reference (ops/fp8.py: every backend
+    quantizes with the same power-of-two scales and rounds to nearest even).
+
+    ``exact``: bit for bit (rows copied or computed exactly, e.g. V). Otherwise (rows the kernel computes in
+    fp32 where the reference uses float64, e.g. rotated K) a value within 1e-7 of a rounding boundary may
+    round the other way: every dequantized value within one e4m3 step (2^-3 relative, or the subnormal step
+    2^-9 * scale) of the reference's, and at most 0.1% of the codes different (a wrong rounding rule or
+    scale changes about half of them).
+    """
+    codes, scale, want_codes, want_scale = codes.cpu(), scale.cpu(), want_codes.cpu(), want_scale.cpu()
+    if exact:
+        torch.testing.assert_close(scale, want_scale, rtol=0, atol=0, equal_nan=True, msg=what or None)
+        bad = (codes.view(torch.uint8) != want_codes.view(torch.uint8)).sum().item()
+        assert bad == 0, f"{what}: {bad} of {codes.numel()} FP8 codes differ from the reference"
+        return
+    got, want = dequantize_fp8(codes, scale), dequantize_fp8(want_codes, want_scale)
+    step = 2.0 ** -3 * torch.maximum(got.abs(), want.abs()) + 2.0 ** -9 * torch.maximum(scale, want_scale)[..., None]
+    worst = ((got - want).abs() - step).max().item()
+    assert worst <= 0 and not got.isnan().any(), f"{what}: a dequantized value is off by more than one e4m3 step"
+    bad = (codes.view(torch.uint8) != want_codes.view(torch.uint8)).float().mean().item()
+    assert bad <= 1e-3, f"{what}: {bad:.2%} of the FP8 codes differ from the reference"
 
 
 def strided(x: torch.Tensor, layout: str) -> torch.Tensor:

@@ -70,6 +70,12 @@ def rows(t: torch.Tensor) -> tuple[int, tuple[int, ...]]:
     return t.data_ptr(), t.stride()[:3]
 
 
+def scales(t: torch.Tensor | None) -> tuple[int, tuple[int, ...]]:
+    """An FP8 pool's fp32 scales [B, n_rows, H] as the launchers take them: address and B, N, H strides;
+    ``(0, (0, 0, 0))`` for a pool in the compute dtype (no scales)."""
+    return (0, (0, 0, 0)) if t is None else (t.data_ptr(), t.stride())
+
+
 def index(t: torch.Tensor) -> torch.Tensor:
     """An index tensor as the launchers read it, through a bare pointer: contiguous int64 (a no-op when it is)."""
     return t.to(torch.int64).contiguous()

@@ -131,3 +131,32 @@ def row_mean_scatter(ws: torch.Tensor, out: torch.Tensor, idx: torch.Tensor, cou
         ws, out, idx, n_rows, count, inner, d, s_idx, s_o0, s_o1, s_oi, s_od,
         BLOCK_R=min(16, triton.next_power_of_2(n_rows)), BLOCK_D=triton.next_power_of_2(d),
     )
+
+
+@triton.jit
+def _fp8_scale(amax):
+    """Power-of-two fp32 scale of rows with largest magnitude ``amax`` (fp32 [...]) and its inverse (ops/fp8.py)."""
+    bits = amax.to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - 135 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
+    e = tl.minimum(tl.maximum(e, -126), 127)
+    return ((e + 127) << 23).to(tl.float32, bitcast=True), ((127 - e) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fp8_encode(y):
+    """e4m3fn codes (uint8) of fp32 ``y`` with |y| <= 448, rounded to nearest even; NaN gives the NaN code.
+
+    From the bits, so every backend (GPU and interpreter, whose fp8 cast rounds differently) writes the same
+    codes as torch's ``.to(torch.float8_e4m3fn)``: normal codes round the fp32 mantissa to 3 bits and re-bias
+    the exponent (127 -> 7); below 2^-6 the code is round(|y| * 2^9), rounded by one fp32 add of 2^23.
+    """
+    bits = y.to(tl.int32, bitcast=True)
+    sign = ((bits >> 24) & 0x80).to(tl.int32)
+    a = bits & 0x7FFFFFFF
+    normal = (a + 0x7FFFF + ((a >> 20) & 1)) >> 20
+    normal = normal - (120 << 3)
+    mag = tl.abs(y) * 512.0
+    sub = ((mag + 8388608.0) - 8388608.0).to(tl.int32)
+    code = tl.where(a >= 0x3C800000, normal, sub)  # 0x3C800000: 2^-6, e4m3's smallest normal
+    code = tl.where(a > 0x7F800000, 0x7F, code)
+    return (code | sign).to(tl.uint8)

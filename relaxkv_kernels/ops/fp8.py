@@ -1,0 +1,85 @@
+"""FP8 K/V pools: the quantization every backend implements, its pure-PyTorch reference, and the pool checks.
+
+A pool in ``float8_e4m3fn`` stores each row's K (or V) per head as 8-bit codes with one fp32 scale per
+(batch, row, head): ``x ~= code * scale``. The scale of a row and head is the smallest power of two with
+``amax / scale <= 448`` (e4m3's largest finite value), where ``amax`` is the row's largest magnitude over
+the head dim. A power of two makes quantizing (``x / scale``) and dequantizing (``code * scale``) exact
+fp32 operations, so the only rounding is e4m3's own (round to nearest even, 3 mantissa bits: relative
+error at most 2^-4 for normal codes): every backend writes bit-identical codes. Compared with the
+tightest scale ``amax / 448`` it keeps e4m3's relative precision and gives up less than one binade of
+range at the small end (README, FP8 pools, measures both).
+
+Scales are computed from bits, as the kernels do: ``amax = f * 2^E`` with ``f`` in [1, 2);
+``scale = 2^(E - 8)`` when ``f <= 1.75`` (448 = 1.75 * 2^8), else ``2^(E - 7)``; the exponent is clamped to
+[-126, 127] (a zero row gets ``2^-126`` and codes 0). NaN inputs give the NaN code.
+"""
+from __future__ import annotations
+
+import torch
+
+from .checks import check_tensor
+
+FP8_DTYPES = (torch.float8_e4m3fn,)
+FP8_MAX = 448.0
+_MANT_1_75 = 0x600000  # fp32 mantissa bits of 1.75
+
+
+def is_fp8(t: torch.Tensor) -> bool:
+    return t.dtype in FP8_DTYPES
+
+
+def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The power-of-two fp32 scale of rows whose largest magnitude is ``amax`` (fp32, any shape)."""
+    bits = amax.float().contiguous().view(torch.int32)
+    exp = ((bits >> 23) & 0xFF) - 127 - 8 + ((bits & 0x7FFFFF) > _MANT_1_75).int()
+    return ((exp.clamp(-126, 127) + 127) << 23).view(torch.float32)
+
+
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and scales of ``x`` [..., D] (any float dtype), one scale per row of D.
+
+    Returns:
+        (codes float8_e4m3fn [..., D], scale float32 [...]) with ``codes.float() * scale[..., None] ~= x``.
+    """
+    x = x.float()
+    scale = fp8_scale(x.abs().amax(-1))
+    return (x / scale.unsqueeze(-1)).to(torch.float8_e4m3fn), scale
+
+
+def dequantize_fp8(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 ``codes * scale`` (codes [..., D], scale [...])."""
+    return codes.float() * scale.unsqueeze(-1)
+
+
+def pool_values(pool: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """A pool's rows as numbers: dequantized (fp32) for an FP8 pool, the pool itself otherwise."""
+    return pool if scale is None else dequantize_fp8(pool, scale)
+
+
+def write_rows(pool: torch.Tensor, scale: torch.Tensor | None, dim: int, rows: torch.Tensor,
+               x: torch.Tensor) -> None:
+    """``pool.index_copy_(dim, rows, x)`` in the pool's format: quantized into the codes and ``scale`` of an FP8
+    pool (the scale is indexed like the pool without its last dim), cast otherwise."""
+    if scale is None:
+        pool.index_copy_(dim, rows, x.to(pool.dtype))
+        return
+    codes, s = quantize_fp8(x)
+    pool.index_copy_(dim, rows, codes)
+    scale.index_copy_(dim, rows, s)
+
+
+def check_pool_format(op: str, name: str, pool: torch.Tensor, scale, like: torch.Tensor) -> None:
+    """``pool`` [B, n_rows, H, D] holds rows of ``like`` ([B, *, H, D], the compute dtype): in ``like``'s dtype with
+    ``scale`` None, or FP8 with ``scale`` fp32 [B, n_rows, H] on its device (``<name>_scale``)."""
+    b, _, h, d = like.shape
+    check_tensor(op, name, pool, shape=(b, None, h, d), dtypes=(like.dtype, *FP8_DTYPES))
+    scale_name = f"{name}_scale"
+    if not is_fp8(pool):
+        if scale is not None:
+            raise ValueError(f"{op}: {scale_name}: expected None for a {pool.dtype} {name} (scales belong to FP8 "
+                             f"pools), got a tensor")
+        return
+    if scale is None:
+        raise ValueError(f"{op}: {scale_name}: expected the float32 [B, n_rows, H] scales of the {pool.dtype} {name}, "
+                         "got None")
+    check_tensor(op, scale_name, scale, shape=tuple(pool.shape[:3]), dtypes=(torch.float32,), device=pool.device)
