@@ -2,7 +2,8 @@
 
 Public API:
     ops              rope_append, sparse_kv_attention, relax_select, mid_select, compress_kv,
-                     gather_kv_rope, gather_kv_rope_into, dense_attention (also as torch.ops.relaxkv.*)
+                     gather_kv_rope, gather_kv_rope_into, dense_attention, quantize_frames (also as
+                     torch.ops.relaxkv.*)
     policies         DenseWindow, RelaxMemory, PackMemory (and MemoryPolicy / Planner for your own)
     cache            KVCache (begin_chunk / attend / end_chunk)
     backends()       which backends this machine can run
@@ -19,6 +20,7 @@ from .ops import dense_attention
 from .ops import gather_kv_rope
 from .ops import gather_kv_rope_into
 from .ops import mid_select
+from .ops import quantize_frames
 from .ops import relax_select
 from .ops import rope_append
 from .ops import sparse_kv_attention
@@ -36,6 +38,7 @@ __all__ = [
     "gather_kv_rope",
     "gather_kv_rope_into",
     "mid_select",
+    "quantize_frames",
     "relax_select",
     "rope_append",
     "sparse_kv_attention",

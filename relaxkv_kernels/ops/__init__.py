@@ -9,9 +9,10 @@ from .dense_attention import dense_attention
 from .gather_kv_rope import gather_kv_rope
 from .gather_kv_rope import gather_kv_rope_into
 from .mid_select import mid_select
+from .quantize_frames import quantize_frames
 from .relax_select import relax_select
 from .rope_append import rope_append
 from .sparse_kv_attention import sparse_kv_attention
 
-__all__ = ["compress_kv", "dense_attention", "gather_kv_rope", "gather_kv_rope_into", "mid_select", "relax_select",
-           "rope_append", "sparse_kv_attention"]
+__all__ = ["compress_kv", "dense_attention", "gather_kv_rope", "gather_kv_rope_into", "mid_select", "quantize_frames",
+           "relax_select", "rope_append", "sparse_kv_attention"]

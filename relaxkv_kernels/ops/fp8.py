@@ -64,7 +64,7 @@ def write_rows(pool: torch.Tensor, scale: torch.Tensor | None, dim: int, rows: t
         pool.index_copy_(dim, rows, x.to(pool.dtype))
         return
     codes, s = quantize_fp8(x)
-    pool.index_copy_(dim, rows, codes)
+    pool.view(torch.uint8).index_copy_(dim, rows, codes.view(torch.uint8))  # torch has no fp8 index_copy_
     scale.index_copy_(dim, rows, s)
 
 

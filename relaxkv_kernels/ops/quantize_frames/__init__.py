@@ -1,0 +1,3 @@
+from .op import quantize_frames
+
+__all__ = ["quantize_frames"]

@@ -1,0 +1,120 @@
+"""FP8 pools (relaxkv_kernels/ops/fp8.py): the power-of-two scales and e4m3 codes every backend writes.
+
+The reference against its literal definition (smallest power of two with amax / scale <= 448, torch's
+round-to-nearest-even cast, e4m3's 2^-4 relative error); the Triton building blocks, run in a tiny kernel
+under the interpreter, against the reference bit for bit, on every e4m3 value, every rounding tie and
+rows of magnitudes from 2^-140 to 2^100; the pool-format check's named errors.
+"""
+import math
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from relaxkv_kernels.ops.fp8 import FP8_MAX
+from relaxkv_kernels.ops.fp8 import check_pool_format
+from relaxkv_kernels.ops.fp8 import dequantize_fp8
+from relaxkv_kernels.ops.fp8 import fp8_scale
+from relaxkv_kernels.ops.fp8 import quantize_fp8
+from relaxkv_kernels.ops.triton_common import _fp8_encode
+from relaxkv_kernels.ops.triton_common import _fp8_scale
+
+from helpers import DEVICE
+from helpers import FP8
+from helpers import gen
+from helpers import need_triton
+
+
+def _rows(g: torch.Generator) -> torch.Tensor:
+    """[R, 16] rows: random ones over 2^-140 .. 2^100, every e4m3 value, midpoints between neighbours, zeros."""
+    r = torch.randn(256, 16, generator=g) * torch.exp2(torch.randint(-140, 100, (256, 1), generator=g).float())
+    values = torch.arange(256, dtype=torch.uint8).view(FP8).float()
+    values = values[values.isfinite()]
+    mids = (values.sort().values[1:] + values.sort().values[:-1]) / 2  # ties: round to the even code
+    exact = torch.cat([values, mids, torch.zeros(16 - (values.numel() + mids.numel()) % 16)]).view(-1, 16)
+    return torch.cat([r, exact, torch.zeros(2, 16)])
+
+
+def test_scale_is_the_smallest_power_of_two_that_fits():
+    g = gen(0)
+    amax = torch.cat([torch.rand(4096, generator=g) * torch.exp2(torch.randint(-100, 120, (4096,), generator=g)),
+                      torch.tensor([448.0, 448.0 * (1 + 2**-23), 1.75, 1.75 * (1 + 2**-23), 1.0, 2.0**-20])])
+    scale = fp8_scale(amax)
+    k = torch.log2(scale)
+    assert torch.equal(k, k.round()), "scales must be powers of two"
+    assert bool((amax / scale <= FP8_MAX).all())
+    assert bool((amax / (scale / 2) > FP8_MAX).all()), "a smaller power of two would have fitted"
+    assert fp8_scale(torch.zeros(1)).item() == 2.0**-126  # a zero row: codes 0, any scale
+
+
+def test_quantize_is_torch_rounding_within_e4m3_error():
+    x = _rows(gen(1))
+    codes, scale = quantize_fp8(x)
+    assert codes.dtype == FP8 and scale.dtype == torch.float32 and scale.shape == x.shape[:-1]
+    assert torch.equal(codes.view(torch.uint8), (x / scale[:, None]).to(FP8).view(torch.uint8))
+    back = dequantize_fp8(codes, scale)
+    normal = (x / scale[:, None]).abs() >= 2.0**-6
+    err = (back - x).abs()
+    assert bool((err[normal] <= 2.0**-4 * x.abs()[normal]).all()), "e4m3 normal codes: relative error <= 2^-4"
+    assert bool((err[~normal] <= 2.0**-10 * scale[:, None].expand_as(x)[~normal]).all()), "subnormal: half a step"
+    # exact e4m3 values in a row whose amax is 448 are kept exactly
+    exact = torch.arange(256, dtype=torch.uint8).view(FP8).float()
+    exact = exact[exact.isfinite()].view(-1, 2)
+    exact[:, 0] = FP8_MAX
+    assert torch.equal(dequantize_fp8(*quantize_fp8(exact)), exact)
+
+
+def test_quantize_keeps_nan():
+    x = torch.ones(2, 8)
+    x[0, 3] = float("nan")
+    codes, scale = quantize_fp8(x)
+    assert dequantize_fp8(codes, scale)[0, 3].isnan()
+
+
+@triton.jit
+def _quantize_kernel(x, codes, scale, D: tl.constexpr):
+    """One row of D per program: the Triton building blocks as the kernels use them."""
+    o = tl.program_id(0) * D + tl.arange(0, D)
+    b_x = tl.load(x + o)
+    s, inv = _fp8_scale(tl.max(tl.abs(b_x), 0))
+    tl.store(scale + tl.program_id(0), s)
+    tl.store(codes + o, _fp8_encode(b_x * inv))
+
+
+def test_triton_scale_and_codes_equal_the_reference():
+    need_triton()
+    x = _rows(gen(2)).to(DEVICE)
+    codes = torch.full(x.shape, float("nan"), dtype=FP8, device=DEVICE)
+    scale = torch.full(x.shape[:-1], float("nan"), device=DEVICE)
+    _quantize_kernel[(x.shape[0],)](x, codes.view(torch.uint8), scale, D=x.shape[1])
+    want_codes, want_scale = quantize_fp8(x)
+    assert torch.equal(scale, want_scale)
+    assert torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8))
+
+
+def test_pool_format_errors_name_the_argument():
+    like = torch.zeros(2, 3, 4, 8, dtype=torch.bfloat16)
+    pool = torch.zeros(2, 10, 4, 8, dtype=FP8)
+    scale = torch.zeros(2, 10, 4)
+    check_pool_format("op", "k_pool", pool, scale, like)
+    check_pool_format("op", "k_pool", pool.to(torch.bfloat16), None, like)
+    cases = [
+        (pool, None, ValueError, "k_pool_scale: expected the float32"),
+        (pool.to(torch.bfloat16), scale, ValueError, "k_pool_scale: expected None"),
+        (pool, scale[:, :9], ValueError, "k_pool_scale: expected shape"),
+        (pool, scale.double(), TypeError, "k_pool_scale: expected dtype"),
+        (pool.to(torch.float16), None, TypeError, "k_pool: expected dtype"),
+        (pool.to(torch.float8_e5m2), scale, TypeError, "k_pool: expected dtype"),
+    ]
+    for p, s, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            check_pool_format("op", "k_pool", p, s, like)
+    with pytest.raises(ValueError, match="k_pool_scale: expected a tensor on"):
+        check_pool_format("op", "k_pool", pool, scale.to("meta"), like)
+
+
+def test_fp8_pool_holds_half_the_bytes_plus_scales():
+    d = 128
+    ratio = (d * 1 + 4) / (d * 2)  # codes + one fp32 scale per row and head, against bf16
+    assert math.isclose(ratio, 0.515625) and ratio <= 0.53
