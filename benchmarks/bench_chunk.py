@@ -17,8 +17,13 @@ chunk (planner fast-forwarded, pools random). Rows, all per chunk, same run, sam
                          mode = window (per-chunk window, each engine), per_call (one shared window, re-gathered
                          every call), segments (the fused segment-table Triton kernel)
     step[...]+graph      the same with the passes replayed from one CUDA graph (captured once in steady state)
+    step[...]+fp8        ``--kv-dtype fp8``: the step with FP8 pools (``kv_dtype=torch.float8_e4m3fn``) in the mode
+                         "auto" picks for them on CUDA (per_call for dense: memory first) and in the window mode,
+                         eager and graphed, next to the bf16-pool steps of the same run (target: <= 1.03x the best
+                         bf16 step)
     append / stage / select   rope_append (every call), the window staging (gather_kv_rope_into, once per
-                         layer) and the selection, each timed alone
+                         layer) and the selection, each timed alone; with ``--kv-dtype fp8`` also stage_fp8 (the
+                         staging from FP8 pools) and copy_fp8 (a device copy of the same bytes, its bandwidth bound)
 
 FLOP per chunk = 4 * Nq * Nk * H * D * layers * passes; TFLOP/s and the fraction of the bf16 matmul peak
 measured in the same run. ``--write-tuning`` records the fastest window engine per config in
@@ -42,6 +47,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import relaxkv_kernels as rk  # noqa: E402
+from relaxkv_kernels.cache.modes import resolve_attention  # noqa: E402
 from relaxkv_kernels.geometry import ROPE_THETA  # noqa: E402
 from relaxkv_kernels.geometry import compressed_positions  # noqa: E402
 from relaxkv_kernels.geometry import rope_angles  # noqa: E402
@@ -64,6 +70,7 @@ CONFIGS = {
     "relax": (rk.RelaxMemory, 45),
     "pack": (rk.PackMemory, 70),
 }
+FP8 = torch.float8_e4m3fn
 EXPECTED_WAN = {"dense": (4680, 32760), "relax": (4680, 10920), "pack": (6240, 27872)}  # README, Design
 TARGETS = {"dense": 1.06, "relax": 1.12, "pack": 1.08}  # best complete step / cuDNN bound, at most
 BOUNDS = ("cudnn", "flash")
@@ -96,7 +103,10 @@ class ChunkSetup:
         tensors = [st.k, st.v] + [t for t in (st.proto,) if t is not None] + list(st.state.values())
         for t in tensors:
             for part in (t if t.dim() == 5 else t[None]):  # per layer: no full-size fp32 temporary at Wan shapes
-                part.copy_(torch.randn(part.shape, generator=gen, device=self.device))
+                part.copy_(torch.randn(part.shape, generator=gen, device=self.device) * (64 if st.fp8 else 1))
+        for scale in (st.k_scale, st.v_scale):  # FP8 codes of about N(0, 64^2) times 2^-6: values about N(0, 1)
+            if scale is not None:
+                scale.fill_(2.0**-6)
         return cache
 
 
@@ -346,13 +356,15 @@ class RowRunner:
 
         return self.finish(row, self.time(chunk))
 
-    def step(self, attention: str, engine: str, graph: bool) -> dict:
+    def step(self, attention: str, engine: str, graph: bool, kv_dtype: torch.dtype | None = None) -> dict:
         su = self.su
         name = f"step[{attention}:{engine}]" if attention != "segments" else "step[segments]"
-        name += "+graph" if graph else ""
+        name += ("+fp8" if kv_dtype is not None else "") + ("+graph" if graph else "")
         label = {"window": "per-chunk window", "per_call": "per-call window",
                  "segments": "segment-table kernel"}[attention] + (f", {engine}" if attention != "segments" else "")
-        cache = su.cache(backend="auto", attention=attention, engine=engine if attention != "segments" else "auto")
+        label += ", FP8 pools" if kv_dtype is not None else ""
+        cache = su.cache(backend="auto", attention=attention, engine=engine if attention != "segments" else "auto",
+                         kv_dtype=kv_dtype)
         passes = self.passes(cache)
 
         def eager():
@@ -364,9 +376,9 @@ class RowRunner:
         fn = GraphedChunk(cache, passes) if graph else eager
         row = self.row("step", name, label + (" (CUDA graph)" if graph else " (eager)"), attention=attention,
                        engine=engine, graph=graph, kv_bytes=cache.memory_bytes(),
-                       window_bytes=cache.mode.nbytes())
+                       window_bytes=cache.mode.nbytes(), kv_dtype=str(cache.kv_dtype).replace("torch.", ""))
         t = self.time(fn)
-        if attention == "window" and not graph:
+        if attention == "window" and not graph and kv_dtype is None:
             self.window_ms[engine] = t.ms
         return self.finish(row, t)
 
@@ -380,13 +392,13 @@ class RowRunner:
         q, k, v = su.qkv
         mode, dplan, st = cache.chunk_mode, cache.device_plan, cache.storage
         rows = []
-        targets = [mode.target(layer)[:3] for layer in range(s.layers)]  # (k rows, v rows, slots): window or pool
+        targets = [mode.target(layer) for layer in range(s.layers)]  # window rows or pool rows (+ scales), slots
 
         def append():
             for _ in range(s.passes):
-                for layer, (dst_k, dst_v, slots) in enumerate(targets):
+                for layer, (dst_k, dst_v, k_scale, v_scale, slots, _) in enumerate(targets):
                     rope_append_op(q, k, v, dst_k, dst_v, None, slots, dplan.frame_pos, s.height, s.width,
-                                   cache.backend, checked=True)
+                                   cache.backend, k_scale, v_scale, checked=True)
 
         nbytes = 6 * q.numel() * q.element_size()  # read q, k, v; write q_rot, rotated k, v
         t = self.time(append)
@@ -424,6 +436,37 @@ class RowRunner:
             rows.append(self.finish(row, t))
         return rows
 
+    def parts_fp8(self) -> list[dict]:
+        """The window staging from FP8 pools (gather_kv_rope_into dequantizing codes and scales, once per layer)
+        against a device copy of the same bytes (read and written)."""
+        su, s = self.su, self.su.shape
+        cache = su.cache(backend="auto", attention="window", kv_dtype=FP8)
+        plan = cache.begin_chunk()
+        for layer in range(s.layers):  # the first pass: every layer's selection and staging
+            cache.attend(layer, *su.qkv)
+        mode, st, u_rows = cache.chunk_mode, cache.storage, su.nq
+        if mode.name != "window":
+            return []
+        segs = [cache.step(layer).seg[:, :plan.n_memory_seg] for layer in range(s.layers)]
+
+        def stage():
+            for layer in range(s.layers):
+                gather_kv_rope_into_op(st.k[layer], st.v[layer], segs[layer], mode.win_k[layer][:, u_rows:su.nk],
+                                       mode.win_v[layer][:, u_rows:su.nk], cache.backend, st.k_scale[layer],
+                                       st.v_scale[layer], checked=True)
+
+        elems = 2 * (su.nk - u_rows) * s.batch * s.heads * s.head_dim * s.layers  # K and V elements staged
+        moved = elems * (1 + mode.win_k.element_size()) + elems // s.head_dim * 4  # codes, window rows, scales
+        t = self.time(stage)
+        rows = [self.finish(self.row("part", "stage_fp8", "window staging from FP8 pools, once per layer",
+                                     gbps=moved / (t.ms * 1e-3) / 1e9), t)]
+        src = torch.empty(moved // 2, dtype=torch.uint8, device=su.device)
+        dst = torch.empty_like(src)
+        t = self.time(lambda: dst.copy_(src))
+        rows.append(self.finish(self.row("part", "copy_fp8", "device copy of the staging's bytes (its bound)",
+                                         gbps=2 * src.numel() / (t.ms * 1e-3) / 1e9), t))
+        return rows
+
 
 def row_specs(su: ChunkSetup, args) -> list[tuple[str, str, tuple]]:
     """(method, row id, args) in run order; the graph rows use the fastest eager window engine (resolved later)."""
@@ -443,6 +486,14 @@ def row_specs(su: ChunkSetup, args) -> list[tuple[str, str, tuple]]:
         if cuda:
             specs.append(("step", f"{name}+graph", (mode, None, True)))
     specs.append(("parts", "parts", ()))
+    if args.kv_dtype == "fp8":  # the mode "auto" picks for FP8 pools on CUDA, and the window (dense: per_call first)
+        auto = resolve_attention("auto", "auto", "cuda", fp8=True,
+                                 gathers=su.policy.planner(su.shape.height, su.shape.width).gathers)
+        for mode in dict.fromkeys((auto, "window")):
+            specs.append(("step", f"step[{mode}:best]+fp8", (mode, None, False, FP8)))
+            if cuda:
+                specs.append(("step", f"step[{mode}:best]+fp8+graph", (mode, None, True, FP8)))
+        specs.append(("parts_fp8", "parts_fp8", ()))
     return specs
 
 
@@ -467,14 +518,18 @@ def targets(rows: list[dict]) -> list[dict]:
 
     out = []
     best = {}
+    fp8_name = str(FP8).replace("torch.", "")
     for config in dict.fromkeys(r["config"] for r in rows):
-        step = ms(config, lambda r: r["kind"] == "step")
+        step = ms(config, lambda r: r["kind"] == "step" and r.get("kv_dtype") != fp8_name)
+        fp8 = ms(config, lambda r: r["kind"] == "step" and r.get("kv_dtype") == fp8_name)
         bound = ms(config, lambda r: r["row"] == "bound[cudnn]")
         official = ms(config, lambda r: r["kind"] == "official")
         best[config] = step
         out.append({"config": config, "best_step_ms": step, "cudnn_bound_ms": bound, "official_ms": official,
                     "step_over_bound": step / bound if step and bound else None, "target_over_bound": TARGETS[config],
                     "speedup_vs_official": official / step if step and official else None})
+        if fp8:
+            out[-1].update(fp8_step_ms=fp8, fp8_over_bf16=fp8 / step if step else None, target_fp8_over_bf16=1.03)
     if best.get("dense") and best.get("relax"):
         out.append({"config": "dense/relax", "ratio": best["dense"] / best["relax"], "target": 2.8})
     return out
@@ -498,6 +553,7 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=20.0, help="time cap per measurement")
     p.add_argument("--peak-n", type=int, help="bf16 matmul size for the peak (default 8192 on CUDA, 512 on CPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kv-dtype", choices=["fp8"], help="also time the steps with FP8 pools and their staging")
     p.add_argument("--out", help="JSON path (CSV written beside it); "
                                  "default benchmarks/results/chunk_<shapes>_<device>.json")
     p.add_argument("--no-progress", action="store_true")
@@ -525,6 +581,9 @@ def print_tables(rows: list[dict], goals: list[dict], env: dict, peak: dict) -> 
             print(f"  {g['config']:6} best step {common.fmt(g['best_step_ms'])} ms = "
                   f"{common.fmt(g['step_over_bound'])}x the cuDNN bound (target <= {g['target_over_bound']}), "
                   f"{common.fmt(g['speedup_vs_official'])}x faster than official-style")
+            if "fp8_step_ms" in g:
+                print(f"  {g['config']:6} FP8 pools {common.fmt(g['fp8_step_ms'])} ms = "
+                      f"{common.fmt(g['fp8_over_bf16'])}x the bf16-pool step (target <= {g['target_fp8_over_bf16']})")
 
 
 def main(argv=None) -> dict:
@@ -554,7 +613,7 @@ def main(argv=None) -> dict:
             setups.append({"config": config, "chunk": su.steady, "nq": su.nq, "nk": su.nk, "flop": runner.flop})
             for method, name, margs in tqdm(row_specs(su, args), desc=config, disable=args.no_progress, leave=False):
                 if method == "step" and margs[1] is None:  # the fastest eager window engine so far
-                    margs = (margs[0], min(runner.window_ms, key=runner.window_ms.get, default="sdpa"), margs[2])
+                    margs = (margs[0], min(runner.window_ms, key=runner.window_ms.get, default="sdpa"), *margs[2:])
                 try:
                     out_rows = getattr(runner, method)(*margs)
                     rows.extend(out_rows if isinstance(out_rows, list) else [out_rows])

@@ -10,6 +10,8 @@
 #   bash benchmarks/run_gpu.sh                        # the default steps, most valuable first
 #   STEPS="build chunk" bash benchmarks/run_gpu.sh    # some steps; "sanitizer" is opt-in (minutes under the tools)
 #   CONFIGS=relax FULL=1 bash benchmarks/run_gpu.sh   # one chunk config; the full generator benchmark
+#   STEPS="build fp8" bash benchmarks/run_gpu.sh      # opt-in: FP8-pool chunk steps vs bf16 pools (issue 17), in
+#                                                     # the archive as chunk_wan_fp8.json; its targets in summary.txt
 #
 # After the run: copy the JSON/CSV/PNG that matter into benchmarks/results/, commit relaxkv_kernels/ops/dense_attention/tuning.json
 # (bench_chunk --write-tuning records the fastest attention engine per shape on this device), and fill the
@@ -76,6 +78,8 @@ step readme 25 "$PY" -m relaxkv_gen --preset tiny --policy all --chunks 20 --out
 step sanitizer 300 env PYTHON="$PY" bash tests/run_compute_sanitizer.sh
 step plot 10 bash -c "shopt -s nullglob; $PY benchmarks/plot_results.py $WORK/chunk_*.json --table $WORK/TABLE.md; \
     $PY benchmarks/plot_generator.py $WORK/generator_*.json --table $WORK/GENERATOR.md"
+step fp8 200 "$PY" benchmarks/bench_chunk.py --shapes wan --configs "$CONFIGS" --kv-dtype fp8 --engines sdpa_cudnn \
+    --skip-official --no-progress --reps 3 --budget-s 10 --out "$WORK/chunk_wan_fp8.json"
 step diffusers 90 "$PY" benchmarks/bench_diffusers.py --preset wan-1.3b --reps 2 --no-progress \
     --out "$WORK/diffusers_wan.json"
 cp relaxkv_kernels/ops/dense_attention/tuning.json "$WORK/tuning.json"

@@ -187,7 +187,7 @@ def outputs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     chunk = bench_chunk.main(TINY + ["--out", str(tmp / "chunk.json")])
     triton_rows = bench_chunk.main(TINY + ["--configs", "relax", "--engines", "triton", "--layers", "1",
-                                           "--passes", "1", "--skip-official",
+                                           "--passes", "1", "--skip-official", "--kv-dtype", "fp8",
                                            "--out", str(tmp / "chunk_triton.json")])
     scaling = bench_scaling.main(["--shapes", "tiny", "--seconds", "1,2", "--layers", "1", "--passes", "1",
                                   "--no-progress", "--out", str(tmp / "scaling.json")])
@@ -222,8 +222,15 @@ def test_bench_chunk_rows(outputs):
         assert by[(c, "step[window:sdpa]")] > by[(c, "step[per_call:sdpa]")] > by[(c, "step[segments]")]
     assert {g["config"] for g in data["targets"]} == {"dense", "relax", "pack", "dense/relax"}
     assert (tmp / "chunk.csv").read_text().count("\n") == len(data["rows"]) + 1
-    trows = {r["row"]: r for r in json.loads((tmp / "chunk_triton.json").read_text())["rows"]}
+    triton_data = json.loads((tmp / "chunk_triton.json").read_text())
+    trows = {r["row"]: r for r in triton_data["rows"]}
     assert trows["step[window:triton]"]["status"] == "ok" and trows["step[window:triton]"]["engine"] == "triton"
+    # --kv-dtype fp8: the FP8-pool step in the window mode, its staging and the copy of the same bytes
+    fp8 = trows["step[window:triton]+fp8"]
+    assert fp8["status"] == "ok" and fp8["kv_dtype"] == "float8_e4m3fn"
+    assert fp8["kv_bytes"] < trows["step[window:triton]"]["kv_bytes"]
+    assert trows["stage_fp8"]["gbps"] > 0 and trows["copy_fp8"]["gbps"] > 0
+    assert triton_data["targets"][0]["target_fp8_over_bf16"] == 1.03 and triton_data["targets"][0]["fp8_over_bf16"]
 
 
 def test_bench_scaling_rows(outputs):

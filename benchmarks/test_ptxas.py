@@ -17,8 +17,10 @@ def test_attention_main_config_does_not_spill():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ptxas_report.py"), "--max-stack", "64"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
-    main = proc.stdout.splitlines()[1]
-    assert "cp.async True" in main and "wgmma True" in main  # pipelined loads, Hopper tensor cores
+    lines = proc.stdout.splitlines()
+    fp8_main = next(line for line in lines if line.startswith("fp8 "))  # the first config with FP8 pools
+    for main in (lines[1], fp8_main):
+        assert "cp.async True" in main and "wgmma True" in main  # pipelined loads, Hopper tensor cores
 
 
 def test_cuda_kernels_do_not_spill_and_vector_paths_are_16_byte():
@@ -35,7 +37,8 @@ def test_cuda_kernels_do_not_spill_and_vector_paths_are_16_byte():
         if r["vector"]:
             assert r["ld_v4"] >= 1, r
     gathers = [r for r in rows if r["kernel"].startswith("gather_kv_rope_kernel") and r["vector"]]
-    assert len(gathers) == 3 and all(r["st_v4"] >= 2 for r in gathers), gathers  # K and V rows stored 16 B wide
+    # K and V rows stored 16 B wide: 3 output dtypes x pools in the compute dtype or FP8
+    assert len(gathers) == 6 and all(r["st_v4"] >= 2 for r in gathers), gathers
     appends = [r for r in rows if r["kernel"].startswith("rope_append_kernel") and r["vector"]]
     # q, k, v read and q_rot, k_cache, v_cache written 16 B wide
     assert len(appends) == 3 and all(r["ld_v4"] >= 3 and r["st_v4"] >= 3 for r in appends), appends

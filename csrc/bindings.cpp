@@ -35,11 +35,13 @@ PYBIND11_MODULE(_C, m) {
     const auto nogil = py::call_guard<py::gil_scoped_release>();
 
     m.def("device_count", &device_count, "CUDA devices visible to this module's runtime; 0 without a driver.");
-    m.def("rope_append_tiles", &rope_append_tiles, "Rows per frame of rope_append's fp32 [B, U, tiles, D] workspace.");
+    m.def("rope_append_tiles", &rope_append_tiles, "Rows per frame of rope_append's fp32 [B, U, tiles, D] workspace "
+          "(FP8 caches or not).");
     m.def("mid_select_splits", &mid_select_splits, "Token splits of mid_select's query sum (its workspace size).");
     m.def("rope_append_cuda", &rope_append_cuda, "Fused RoPE(q), RoPE(k) + v -> cache, frame prototypes.", nogil);
     m.def("relax_select_cuda", &relax_select_cuda, "Relax Forcing scores and history selection -> seg.", nogil);
     m.def("mid_select_cuda", &mid_select_cuda, "PackForcing mid-block affinities and top-k -> seg.", nogil);
-    m.def("compress_kv_cuda", &compress_kv_cuda, "PackForcing 2x4x4 pooling into compressed K/V rows.", nogil);
+    m.def("compress_kv_cuda", &compress_kv_cuda, "PackForcing 2x4x4 pooling into compressed K/V rows (FP8 pools: "
+          "codes and scales).", nogil);
     m.def("gather_kv_rope_cuda", &gather_kv_rope_cuda, "K (delta-rotated) and V of a segment table.", nogil);
 }

@@ -23,12 +23,14 @@ using Strides4 = std::array<int64_t, 4>;
 // Number of CUDA devices visible to this module's runtime; 0 without a device or driver.
 int device_count();
 
+// k_scale, v_scale: fp32 [B, n_rows, H] scales of FP8 (uint8 e4m3 code) caches; both 0 for caches of `dtype`.
 void rope_append_cuda(uintptr_t q, Strides3 q_s, uintptr_t k, Strides3 k_s, uintptr_t v, Strides3 v_s,
                       uintptr_t q_rot, Strides3 o_s, uintptr_t k_cache, Strides3 kc_s, uintptr_t v_cache,
-                      Strides3 vc_s, uintptr_t proto, int64_t p_sb, int64_t p_ss, uintptr_t ws, uintptr_t frame_slot,
+                      Strides3 vc_s, uintptr_t k_scale, Strides3 ks_s, uintptr_t v_scale, Strides3 vs_s,
+                      uintptr_t proto, int64_t p_sb, int64_t p_ss, uintptr_t ws, uintptr_t frame_slot,
                       uintptr_t frame_pos, int64_t batch, int64_t frames, int64_t height, int64_t width, int64_t heads,
                       int64_t head_dim, int64_t cache_rows, int64_t n_slots, int dtype, uintptr_t stream);
-int64_t rope_append_tiles(int64_t frame_tokens, int64_t head_dim);
+int64_t rope_append_tiles(int64_t frame_tokens, int64_t head_dim, bool fp8);
 
 void relax_select_cuda(uintptr_t proto, Strides3 p_s, uintptr_t slot_pos, uintptr_t sink_slots, uintptr_t tail_slots,
                        uintptr_t cand_slots, uintptr_t target_pos, uintptr_t seg, Strides3 s_s, uintptr_t scores,
@@ -44,13 +46,16 @@ void mid_select_cuda(uintptr_t q, Strides3 q_s, uintptr_t mean_key, Strides4 k_s
                      int64_t q_stride, bool batch_mean, int64_t n_split, int dtype, uintptr_t stream);
 
 void compress_kv_cuda(uintptr_t k, Strides3 k_s, uintptr_t v, Strides3 v_s, uintptr_t k_pool, Strides3 kp_s,
-                      uintptr_t v_pool, Strides3 vp_s, uintptr_t mean_key, Strides4 m_s, uintptr_t ws,
+                      uintptr_t v_pool, Strides3 vp_s, uintptr_t k_scale, Strides3 ks_s, uintptr_t v_scale,
+                      Strides3 vs_s, uintptr_t mean_key, Strides4 m_s, uintptr_t ws,
                       uintptr_t block_slot, uintptr_t t0, int64_t batch, int64_t frames, int64_t height, int64_t width,
                       int64_t heads, int64_t head_dim, int64_t n_rows, int64_t row0, int64_t n_blocks, int dtype,
                       uintptr_t stream);
 
-void gather_kv_rope_cuda(uintptr_t k_pool, Strides3 kp_s, uintptr_t v_pool, Strides3 vp_s, uintptr_t seg,
-                         Strides3 s_s, uintptr_t k, uintptr_t v, int64_t o_sb, int64_t batch, int64_t n_rows,
-                         int64_t heads, int64_t head_dim, int64_t n_seg, int64_t total, int dtype, uintptr_t stream);
+// k_scale, v_scale: fp32 [B, n_rows, H] scales of FP8 pools; both 0 for pools of `dtype` (the outputs').
+void gather_kv_rope_cuda(uintptr_t k_pool, Strides3 kp_s, uintptr_t v_pool, Strides3 vp_s, uintptr_t k_scale,
+                         Strides3 ks_s, uintptr_t v_scale, Strides3 vs_s, uintptr_t seg, Strides3 s_s, uintptr_t k,
+                         uintptr_t v, int64_t o_sb, int64_t batch, int64_t n_rows, int64_t heads, int64_t head_dim,
+                         int64_t n_seg, int64_t total, int dtype, uintptr_t stream);
 
 }  // namespace relaxkv

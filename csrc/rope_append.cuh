@@ -27,6 +27,21 @@
 // Prototypes (optional): each thread sums its pre-RoPE k over its heads, the block adds its R tokens in
 // shared memory in a fixed order into one [D] row ws[b, u, tile], and rope_append_proto_kernel sums the
 // tiles in order: deterministic, no atomics. Without proto: no sums, no shared memory, no second launch.
+//
+// FP8 caches (k_scale != nullptr; relaxkv_kernels/ops/fp8.py): rope_append_fp8_kernel, the same work with each
+// written (row, head) of K (the fp32 rotation) and V quantized to e4m3 codes and one fp32 scale, which needs
+// the row's amax over all D before its first code. A token's L lanes (a power of two <= 32: adjacent lanes
+// of one warp) own its head rows, lane l dims (c * L + l) * N .. + N - 1 of chunk c < C, and reduce the amax
+// with log2(L) xor shuffles that stay inside the L-lane group. C = 1 (L = D / N rounded up to a power of
+// two) when a warp covers D in one access per lane: 16-byte accesses up to D = 128 (fp32) / 256 (fp16, bf16),
+// element accesses up to D = 64; Wan's D = 128 in bf16 gets L = 16, R = 8 as above, 2 x 4 shuffles per head
+// row. Larger D takes element accesses in C = kFp8Chunks chunks with the smallest L that covers D (16-byte
+// chunks would spill). Shuffles need every lane of the warp, so the lanes of tokens past the frame and past D
+// take part with amax 0 and skip every memory access. Pass 1 over a head row rotates q and k and takes the
+// maxima, pass 2 rotates k again from the same loaded bits (C = 1: still in registers; else loaded again, an L1
+// hit) and stores N codes per access (8 bytes per 16-byte load of bf16); the group's lane 0 stores the scales.
+// ptxas 13.0, sm_90a: 96 registers for bf16 with C = 1 (5 blocks per SM as above); the chunked element kernels
+// take 128 under __launch_bounds__(128, 4), without spills.
 #pragma once
 
 #include "rope.cuh"
@@ -35,11 +50,25 @@ namespace relaxkv {
 
 constexpr int kRopeThreads = 128;
 constexpr int kHeadsInFlight = 2;  // heads whose q, k, v loads a thread issues before its first store
+constexpr int kFp8Lanes = 32;      // most lanes of one token's head rows in rope_append_fp8_kernel: one warp
+
+constexpr int kFp8Chunks = kMaxHeadDim / (kFp8Lanes * 2);  // element-pair chunks per lane beyond one warp's D
+
+// An FP8 cache's fp32 scales [B, n_rows, H] with their element strides.
+struct RowScales {
+    float* ptr;
+    int64_t sb, sn, sh;
+
+    __device__ __forceinline__ float* at(int64_t b, int64_t n, int64_t h) const {
+        return ptr + b * sb + n * sn + h * sh;
+    }
+};
 
 struct RopeAppendParams {
     // tensors
     Rows q, k, v, q_rot;           // [B, U*F, H, D]
-    Rows k_cache, v_cache;         // [B, n_rows, H, D]
+    Rows k_cache, v_cache;         // [B, n_rows, H, D]: T, or uint8_t e4m3 codes (FP8 caches)
+    RowScales k_scale, v_scale;    // FP8 caches: fp32 [B, n_rows, H]; ptr nullptr otherwise
     float* proto;                  // [B, n_slots, D] (strides p_sb, p_ss, 1); nullptr: no prototypes
     float* ws;                     // [B, U, tiles, D] per-tile partial sums of the pre-RoPE keys
     const int64_t* frame_slot;     // [U]
@@ -110,6 +139,140 @@ __device__ __forceinline__ void rope_append_dims(const RopeAppendParams& p, cons
     }
 }
 
+// Largest |x| over the `lanes` adjacent lanes of a token (a power of two <= 32; every lane of the warp calls it):
+// xor offsets below `lanes` stay inside each aligned group of `lanes` lanes.
+__device__ __forceinline__ float lane_group_max(float a, int lanes) {
+    for (int o = lanes / 2; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+    return a;
+}
+
+// The e4m3 codes of x * inv (N of them) in one N-byte store (WIDE: the launcher checked the caches' alignment)
+// or N byte stores.
+template <int N, bool WIDE>
+__device__ __forceinline__ void store_codes(uint8_t* __restrict__ p, const float (&x)[N], float inv) {
+    struct alignas(WIDE ? N : 1) Codes {
+        uint8_t c[N];
+    } r;
+#pragma unroll
+    for (int e = 0; e < N; ++e) r.c[e] = fp8_encode(x[e] * inv);
+    *reinterpret_cast<Codes*>(p) = r;
+}
+
+// FP8 caches: token `tok` of frame u in every head (the FP8 form of rope_append_dims; layout at the top). Lane
+// `lane` of the token's `lanes` owns dims d0 = (c * lanes + lane) * N .. d0 + N - 1 of chunk c < C. Every lane
+// of the warp calls it (the amax shuffles); `live` false (a token past the frame) or d0 >= D: no memory access,
+// amax 0. q_rot rows written, K (fp32 rotation) and V quantized into the cache codes and scales, the pre-RoPE keys
+// added to acc.
+template <typename V, int C>
+__device__ __forceinline__ void rope_append_row_fp8(const RopeAppendParams& p, const RopeFreqs& freqs, int64_t b,
+                                                    int64_t u, int64_t tok, bool live, int lane, int lanes,
+                                                    float (&acc)[C][V::N]) {
+    using T = typename V::T;
+    constexpr int N = V::N;
+    constexpr bool WIDE = N * sizeof(T) == 16;  // the 16-byte instantiation
+    constexpr int kHeads = C < kHeadsInFlight ? kHeadsInFlight / C : 1;  // kHeadsInFlight (head, chunk) loads
+    const int H = p.heads;
+    const int64_t slot = p.frame_slot[u];
+    const bool slot_ok = slot >= 0 && slot < p.n_slots;  // uniform over the block (one frame u)
+    const int64_t y = tok / p.width;
+    const float t = float(p.frame_pos[u]);
+    bool in[C];
+    float2 cs[C][N / 2];  // (cos, sin) of this thread's pairs, for all heads; (1, 0) where it has none
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+        const int d0 = (c * lanes + lane) * N;
+        in[c] = live && d0 < p.head_dim;
+#pragma unroll
+        for (int i = 0; i < N / 2; ++i) {
+            float s = 0.f, co = 1.f;
+            if (in[c]) sincosf(rope_angle(freqs, d0 / 2 + i, t, float(y), float(tok - y * p.width)), &s, &co);
+            cs[c][i] = make_float2(co, s);
+        }
+    }
+    const int64_t n = u * p.frame_tokens + tok, row = slot * p.frame_tokens + tok;
+    const int d_lane = lane * N;
+    const T* q = p.q.at<const T>(b, n) + d_lane;
+    const T* k = p.k.at<const T>(b, n) + d_lane;
+    const T* v = p.v.at<const T>(b, n) + d_lane;
+    T* q_rot = p.q_rot.at<T>(b, n) + d_lane;
+    uint8_t* k_codes = p.k_cache.at<uint8_t>(b, row) + d_lane;
+    uint8_t* v_codes = p.v_cache.at<uint8_t>(b, row) + d_lane;
+    const int step = lanes * N;  // dims from one chunk to the next
+    for (int h0 = 0; h0 < H; h0 += kHeads) {
+        typename V::Raw rq[kHeads][C], rk[kHeads][C], rv[kHeads][C];
+#pragma unroll
+        for (int i = 0; i < kHeads; ++i) {  // every load first: 3 * kHeads * C in flight
+            const int64_t h = h0 + i;
+#pragma unroll
+            for (int c = 0; c < C; ++c) {
+                if (h < H && in[c]) {
+                    rq[i][c] = V::load(q + h * p.q.sh + c * step);
+                    rk[i][c] = V::load(k + h * p.k.sh + c * step);
+                    rv[i][c] = V::load(v + h * p.v.sh + c * step);
+                }
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < kHeads; ++i) {
+            const int64_t h = h0 + i;
+            if (h >= H) break;  // uniform over the block
+            float k_amax = 0.f, v_amax = 0.f;  // pass 1: q_rot, the proto sums and the row maxima
+#pragma unroll
+            for (int c = 0; c < C; ++c) {
+                if (!in[c]) continue;
+                float x[N];
+                V::unpack(rq[i][c], x);
+                rotate_pairs<N>(x, cs[c]);
+                V::store(q_rot + h * p.q_rot.sh + c * step, x);
+                V::unpack(rk[i][c], x);
+#pragma unroll
+                for (int e = 0; e < N; ++e) acc[c][e] += x[e];
+                rotate_pairs<N>(x, cs[c]);
+#pragma unroll
+                for (int e = 0; e < N; ++e) k_amax = fmaxf(k_amax, fabsf(x[e]));
+                V::unpack(rv[i][c], x);
+#pragma unroll
+                for (int e = 0; e < N; ++e) v_amax = fmaxf(v_amax, fabsf(x[e]));
+            }
+            if (!slot_ok) continue;
+            float k_inv, v_inv;
+            const float k_scale = fp8_scale(lane_group_max(k_amax, lanes), &k_inv);
+            const float v_scale = fp8_scale(lane_group_max(v_amax, lanes), &v_inv);
+            if (live && lane == 0) {
+                *p.k_scale.at(b, row, h) = k_scale;
+                *p.v_scale.at(b, row, h) = v_scale;
+            }
+#pragma unroll
+            for (int c = 0; c < C; ++c) {  // pass 2: K rotated again from the same bits (same fp32 result), codes
+                if (!in[c]) continue;
+                typename V::Raw kb = rk[i][c], vb = rv[i][c];
+                if constexpr (C > 1) {  // registers: the bits were let go after pass 1, loaded again (L1 hits)
+                    kb = V::load(k + h * p.k.sh + c * step);
+                    vb = V::load(v + h * p.v.sh + c * step);
+                }
+                float x[N];
+                V::unpack(kb, x);
+                rotate_pairs<N>(x, cs[c]);
+                store_codes<N, WIDE>(k_codes + h * p.k_cache.sh + c * step, x, k_inv);
+                V::unpack(vb, x);
+                store_codes<N, WIDE>(v_codes + h * p.v_cache.sh + c * step, x, v_inv);
+            }
+        }
+    }
+}
+
+// [R, D] per-token sums of the pre-RoPE keys in `part` -> one [D] row ws[b, u, tile], tokens in order. Every
+// thread of the block calls it (a barrier).
+__device__ __forceinline__ void rope_append_tile_sum(const RopeAppendParams& p, const float* part) {
+    __syncthreads();
+    float* ws = p.ws + ((int64_t(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) * p.head_dim;
+    for (int d = threadIdx.y * blockDim.x + threadIdx.x; d < p.head_dim; d += blockDim.x * blockDim.y) {
+        float s = 0.f;
+        for (int r = 0; r < int(blockDim.y); ++r) s += part[r * p.head_dim + d];
+        ws[d] = s;
+    }
+}
+
 // Dynamic shared memory (proto only): [R, D] fp32 per-token sums of the pre-RoPE keys over heads.
 template <typename V>
 __global__ void __launch_bounds__(kRopeThreads, 5)
@@ -127,15 +290,28 @@ __global__ void __launch_bounds__(kRopeThreads, 5)
         }
     }
     if (p.proto == nullptr) return;  // uniform over the grid: no thread reaches the barrier below
+    rope_append_tile_sum(p, part);
+}
 
-    // [R, D] per-token sums -> one [D] row per tile, tokens in order
-    __syncthreads();
-    float* ws = p.ws + ((b * gridDim.y + u) * gridDim.x + blockIdx.x) * p.head_dim;
-    for (int d = threadIdx.y * blockDim.x + threadIdx.x; d < p.head_dim; d += blockDim.x * blockDim.y) {
-        float s = 0.f;
-        for (int r = 0; r < int(blockDim.y); ++r) s += part[r * p.head_dim + d];
-        ws[d] = s;
+// FP8 caches: rope_append_kernel's work with quantized K / V rows; block (L, R = kRopeThreads / L), C chunks/lane.
+template <typename V, int C>
+__global__ void __launch_bounds__(kRopeThreads, C == 1 ? 5 : 4)
+    rope_append_fp8_kernel(const RopeAppendParams p, const RopeFreqs freqs) {
+    constexpr int N = V::N;
+    extern __shared__ float part[];
+    const int64_t u = blockIdx.y, b = blockIdx.z;
+    const int64_t tok = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;  // token of frame u
+    float acc[C][N] = {};
+    rope_append_row_fp8<V, C>(p, freqs, b, u, tok, tok < p.frame_tokens, threadIdx.x, blockDim.x, acc);
+    if (p.proto == nullptr) return;  // uniform over the grid: no thread reaches the barrier below
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+        const int d0 = (c * blockDim.x + threadIdx.x) * N;
+        if (d0 >= p.head_dim) continue;
+#pragma unroll
+        for (int e = 0; e < N; ++e) part[threadIdx.y * p.head_dim + d0 + e] = acc[c][e];
     }
+    rope_append_tile_sum(p, part);
 }
 
 // proto[b, frame_slot[u]] = (sum of the n_tiles rows ws[b, u, :], in order) / (F * H). Grid (U, B).

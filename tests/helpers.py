@@ -77,6 +77,35 @@ def assert_fp8_equal(codes: torch.Tensor, scale: torch.Tensor, want_codes: torch
     assert bad <= 1e-3, f"{what}: {bad:.2%} of the FP8 codes differ from the reference"
 
 
+def cache_rollout(policy, chunks: int = 9, passes: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0,
+                  device="cpu", head_dim: int = 16, layers: int = 2, batch: int = 2, heads: int = 2, height: int = 4,
+                  width: int = 4, **cache_kw):
+    """Outputs of every attend call (float32, stacked, on the CPU) and the cache, after ``chunks`` chunks of
+    ``passes`` passes of fresh random q, k, v (drawn in float32 from ``seed``, then cast to ``dtype``: rollouts with
+    the same seed see the same inputs whatever their dtype). The defaults: frames of 4 x 4 tokens, the smallest
+    grid Pack can pool (2x4x4), and 9 chunks: past a 3-chunk dense window, Relax's warm-up and eviction, Pack's
+    first mid blocks (chunk 4)."""
+    cache = rk.KVCache(policy, layers, batch, heads, head_dim, height, width, dtype=dtype, device=device, **cache_kw)
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, policy.chunk_frames * height * width, heads, head_dim)
+    outs = []
+    for _ in range(chunks):
+        cache.begin_chunk()
+        for _ in range(passes):
+            for layer in range(layers):
+                q, k, v = (torch.randn(shape, generator=gen).to(device, dtype) for _ in range(3))
+                outs.append(cache.attend(layer, q, k, v).float())
+        cache.end_chunk()
+    return torch.stack(outs).cpu(), cache
+
+
+def held_rows(cache) -> torch.Tensor:
+    """Pool rows of the frames the planner still holds (rows of empty slots are never read)."""
+    f = cache.frame_tokens
+    rows = [s * f + i for s, pos in enumerate(cache.last_plan.slot_pos) if pos >= 0 for i in range(f)]
+    return torch.tensor(rows)
+
+
 def strided(x: torch.Tensor, layout: str) -> torch.Tensor:
     """x [B, N, H, D] as a contiguous tensor, a 16-byte aligned strided view ("strided": heads padded), or an
     unaligned view ("unaligned": odd element offset, the kernels' scalar path)."""

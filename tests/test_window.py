@@ -11,6 +11,8 @@ import torch
 import relaxkv_kernels as rk
 
 from helpers import assert_graph_replays_chunk_steps
+from helpers import cache_rollout
+from helpers import held_rows
 
 L, B, H, D, HH, WW = 2, 2, 2, 16, 4, 4  # frames of 16 tokens: the smallest grid Pack can pool (2x4x4)
 POLICIES = {
@@ -22,37 +24,13 @@ POLICIES = {
     "relax-h2-contiguous": rk.RelaxMemory(reservoir=30, history=2, contiguous_rope=True),
     "pack": rk.PackMemory(top_k=2, archive=3, q_stride=2),
 }
-CHUNKS = 9  # past the dense window (3 chunks), Relax warm-up and eviction, Pack's first mid blocks (chunk 4)
-
-
-def _rollout(policy, chunks=CHUNKS, passes=2, dtype=torch.float32, seed=0, device="cpu", head_dim=D, **cache_kw):
-    """Outputs of every attend call, the last segment tables and the final pools of one rollout."""
-    cache = rk.KVCache(policy, L, B, H, head_dim, HH, WW, dtype=dtype, device=device, **cache_kw)
-    gen = torch.Generator().manual_seed(seed)
-    shape = (B, policy.chunk_frames * HH * WW, H, head_dim)
-    outs = []
-    for _ in range(chunks):
-        cache.begin_chunk()
-        for _ in range(passes):
-            for layer in range(L):
-                q, k, v = (torch.randn(shape, generator=gen).to(device, dtype) for _ in range(3))
-                outs.append(cache.attend(layer, q, k, v).float())
-        cache.end_chunk()
-    return torch.stack(outs).cpu(), cache
-
-
-def _held_rows(cache) -> torch.Tensor:
-    """Pool rows of the frames the planner still holds (rows of empty slots are never read)."""
-    f = cache.frame_tokens
-    rows = [s * f + i for s, pos in enumerate(cache.last_plan.slot_pos) if pos >= 0 for i in range(f)]
-    return torch.tensor(rows)
 
 
 def _assert_same_rollout(got, want, tol):
     (out, cache), (ref, ref_cache) = got, want
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
     assert torch.equal(cache.device_plan.seg, ref_cache.device_plan.seg)  # same selections
-    rows = _held_rows(ref_cache).to(ref_cache.storage.k.device)
+    rows = held_rows(ref_cache).to(ref_cache.storage.k.device)
     # end_chunk committed the chunk rows
     for a, b in ((cache.storage.k, ref_cache.storage.k), (cache.storage.v, ref_cache.storage.v)):
         torch.testing.assert_close(a[:, :, rows].float(), b[:, :, rows].float(), rtol=tol, atol=tol)
@@ -63,8 +41,8 @@ def _assert_same_rollout(got, want, tol):
 def test_window_modes_match_the_segment_reference(name, attention):
     """fp32, reference ops: only the key order of the softmax differs (chunk rows first in the window)."""
     policy = POLICIES[name]
-    want = _rollout(policy, backend="reference", attention="segments")
-    got = _rollout(policy, backend="reference", attention=attention)
+    want = cache_rollout(policy, backend="reference", attention="segments")
+    got = cache_rollout(policy, backend="reference", attention=attention)
     _assert_same_rollout(got, want, 1e-5)
 
 
@@ -74,8 +52,8 @@ def test_window_with_triton_kernels_matches_the_reference(name):
     """backend="fused" on CPU: rope_append, selections and compression in Triton (interpreter), engine sdpa."""
     pytest.importorskip("triton")
     policy = POLICIES[name]
-    want = _rollout(policy, chunks=6, passes=1, backend="reference", attention="segments")
-    got = _rollout(policy, chunks=6, passes=1, backend="fused", attention="window")
+    want = cache_rollout(policy, chunks=6, passes=1, backend="reference", attention="segments")
+    got = cache_rollout(policy, chunks=6, passes=1, backend="fused", attention="window")
     assert got[1].engine == "auto" and got[1].chunk_engine == "sdpa"
     _assert_same_rollout(got, want, 1e-5)
 
@@ -89,16 +67,16 @@ def test_window_with_cuda_kernels_matches_the_reference(name, attention, kernel_
     for op in ("ROPE_APPEND", "GATHER_KV_ROPE", "RELAX_SELECT", "MID_SELECT", "COMPRESS_KV"):
         monkeypatch.setenv(f"RELAXKV_BACKEND_{op}", "cuda")
     policy = POLICIES[name]
-    want = _rollout(policy, chunks=6, passes=1, backend="reference", attention="segments")
-    got = _rollout(policy, chunks=6, passes=1, backend="auto", attention=attention, engine="sdpa")
+    want = cache_rollout(policy, chunks=6, passes=1, backend="reference", attention="segments")
+    got = cache_rollout(policy, chunks=6, passes=1, backend="auto", attention=attention, engine="sdpa")
     _assert_same_rollout(got, want, 1e-5)
 
 
 def test_fp16_window_within_fp16_rounding():
     """fp16 storage: the window and the segment reference round the same K/V; outputs agree to fp16 precision."""
     policy = POLICIES["pack"]
-    want = _rollout(policy, dtype=torch.float16, backend="reference", attention="segments")
-    got = _rollout(policy, dtype=torch.float16, backend="reference", attention="window")
+    want = cache_rollout(policy, dtype=torch.float16, backend="reference", attention="segments")
+    got = cache_rollout(policy, dtype=torch.float16, backend="reference", attention="window")
     _assert_same_rollout(got, want, 2e-3)
 
 
@@ -220,9 +198,9 @@ def test_window_modes_on_the_gpu_match_the_reference(name, attention):
     csrc / Triton kernels against the reference ops over the segment table: outputs within bf16 rounding,
     same selections, same pools."""
     policy = POLICIES[name]
-    want = _rollout(policy, dtype=torch.bfloat16, device="cuda", head_dim=64, backend="reference",
+    want = cache_rollout(policy, dtype=torch.bfloat16, device="cuda", head_dim=64, backend="reference",
                     attention="segments")
-    got = _rollout(policy, dtype=torch.bfloat16, device="cuda", head_dim=64, backend="fused", attention=attention)
+    got = cache_rollout(policy, dtype=torch.bfloat16, device="cuda", head_dim=64, backend="fused", attention=attention)
     _assert_same_rollout(got, want, 3e-2)
 
 

@@ -43,6 +43,7 @@ from .model import build_model
 from .output import OutputFolder
 from .parallel import check_ranks
 from .report import build_report
+from .report import format_memory
 from .report import format_timing_table
 from .report import plot_memory_map
 from .report import plot_report
@@ -57,6 +58,7 @@ from .rollout import rollout
 PROG = "relaxkv-generate"
 DEFAULT_CHUNKS = 7
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KV_DTYPES = {"fp8": torch.float8_e4m3fn}
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130  # 130 = 128 + SIGINT, as a shell reports a Ctrl-C
 RANKS_TIMEOUT = datetime.timedelta(minutes=10)  # a collective waiting this long for another rank fails
@@ -136,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV memory backend (default: fused on CUDA, else reference)")
     p.add_argument("--device", type=device_arg, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--kv-dtype", choices=sorted(KV_DTYPES),
+                   help="K/V pool dtype: fp8 = float8_e4m3fn codes with an fp32 scale per row and head, about half the "
+                        "KV memory (default: the model dtype)")
     p.add_argument("--batch", type=positive_int, default=1, help="samples per rollout (default: 1)")
     p.add_argument("--checkpoint", type=Path, help="Self-Forcing generator checkpoint (.pt/.pth/.safetensors)")
     text = p.add_mutually_exclusive_group()
@@ -358,10 +363,11 @@ def generate(args, cfg, staging: Path | None, *, device, dtype, backend, policie
         weights = f"random init (seed {args.seed})"
 
     results = []
+    kv_dtype = KV_DTYPES.get(args.kv_dtype)
     for name in policies:
         results.append(rollout(model, name, text, num_chunks=chunks[name], seed=args.seed, backend=backend,
                                timing=not args.no_timing, progress=staging is not None and not args.no_progress,
-                               process_group=group))
+                               process_group=group, kv_dtype=kv_dtype))
     if staging is None:
         return []
     report = build_report(results, {
@@ -369,9 +375,11 @@ def generate(args, cfg, staging: Path | None, *, device, dtype, backend, policie
         "device": str(device), "dtype": str(dtype).replace("torch.", ""), "batch": args.batch, "seed": args.seed,
         "weights": weights, "text": str(args.text_embeds) if args.text_embeds else f"random (seed {args.seed})",
         "timing": "off" if args.no_timing else clock_label(device), "passes_per_chunk": 5, "ranks": ranks,
+        "kv_dtype": str(kv_dtype or dtype).replace("torch.", ""),
     })
     if not args.no_timing:
         print(format_timing_table(report))
+    print(format_memory(report))
 
     files = {f"latents_{r.policy}.pt": (lambda p, t=r.latents: torch.save(t, p)) for r in results}
     files["report.json"] = lambda p: write_json(report, p)
@@ -397,7 +405,8 @@ def generate_with_diffusers(args, cfg, staging: Path, *, device, dtype, backend,
             "seed": args.seed, "text": args.prompt if prompt else
             (str(args.text_embeds) if args.text_embeds else f"random (seed {args.seed})")}
     return write_videos(pipe, cfg, staging, policies=policies, chunks=chunks, text=text, seed=args.seed,
-                        backend=backend, progress=not args.no_progress, info=info)
+                        backend=backend, progress=not args.no_progress, info=info,
+                        kv_dtype=KV_DTYPES.get(args.kv_dtype))
 
 
 def out_of_memory(exc: BaseException) -> bool:

@@ -116,6 +116,7 @@ def build_report(results: list[RolloutResult], meta: dict) -> dict:
                 "latent_shape": list(r.latents.shape),
                 "chunks": r.chunks,
                 "timing": timing_summary(r.chunks, r.chunk_frames),
+                "memory": r.memory,
             }
             for r in results
         },
@@ -334,6 +335,24 @@ def _chunk_ranges(chunks: list[int]) -> str:
         else:
             runs.append([c, c])
     return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+
+
+def format_memory(report: dict) -> str:
+    """One line per policy: the KV memory allocated and, for pools in another dtype than the model's (FP8), what
+    the same cache takes with pools in the model's dtype and the pools' ratio."""
+    model = report["meta"].get("dtype", "")
+    lines = []
+    for name, p in report["policies"].items():
+        m = p.get("memory") or {}
+        if not m:
+            continue
+        line = f"KV memory, {name}: {m['kv_bytes'] / 2**20:.2f} MiB ({m['kv_dtype']} pools"
+        if m["kv_dtype"] != model:
+            line += (f", {m['pool_bytes'] / 2**20:.2f} MiB with their scales; {m['kv_bytes_same_dtype'] / 2**20:.2f} "
+                     f"MiB with {model} pools: pools {m['ratio']:.3f}x, saved "
+                     f"{(m['kv_bytes_same_dtype'] - m['kv_bytes']) / 2**20:.2f} MiB")
+        lines.append(line + ")")
+    return "\n".join(lines)
 
 
 def format_timing_table(report: dict) -> str:

@@ -159,6 +159,7 @@ class RolloutResult:
     latents: torch.Tensor | None  # [B, 16, frames, H, W] (CPU, model dtype)
     chunk_frames: int
     chunks: list[dict] = field(default_factory=list)
+    memory: dict = field(default_factory=dict)  # memory_summary(cache)
 
 
 def random_text(cfg, batch: int, seed: int) -> torch.Tensor:
@@ -167,17 +168,32 @@ def random_text(cfg, batch: int, seed: int) -> torch.Tensor:
     return torch.randn(batch, cfg.text_len, cfg.text_dim, generator=g)
 
 
-def make_cache(model: CausalWanModel, policy, batch: int, backend: str = "reference", process_group=None):
-    """A ``relaxkv_kernels.KVCache`` for ``policy`` with the model's geometry, dtype and device; with a
-    ``process_group`` of P ranks, head-parallel: this rank's ``num_heads / P`` heads (ValueError unless P divides
-    them)."""
+def make_cache(model: CausalWanModel, policy, batch: int, backend: str = "reference", process_group=None,
+               kv_dtype: torch.dtype | None = None, device=None):
+    """A ``relaxkv_kernels.KVCache`` for ``policy`` with the model's geometry, dtype and device (or ``device``, e.g.
+    "meta" to count bytes); with a ``process_group`` of P ranks, head-parallel: this rank's ``num_heads / P`` heads
+    (ValueError unless P divides them); ``kv_dtype``: the pools' dtype (None: the model's; torch.float8_e4m3fn)."""
     cfg = model.cfg
     param = next(model.parameters())
     return rk.KVCache(
         policy, num_layers=cfg.num_layers, batch=batch, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
-        height=cfg.grid_height, width=cfg.grid_width, dtype=param.dtype, device=param.device, backend=backend,
-        process_group=process_group,
+        height=cfg.grid_height, width=cfg.grid_width, dtype=param.dtype, device=device or param.device,
+        backend=backend, process_group=process_group, kv_dtype=kv_dtype,
     )
+
+
+def memory_summary(model: CausalWanModel, policy, batch: int, cache: rk.KVCache) -> dict:
+    """What ``cache`` allocates and what the same cache takes with pools in the model's dtype (counted on the meta
+    device): ``{"kv_dtype", "kv_bytes", "pool_bytes", "kv_bytes_same_dtype", "pool_bytes_same_dtype", "ratio"}``
+    (``ratio``: pools and scales against the same-dtype pools)."""
+    group = None if cache.heads is None else cache.heads.group  # this rank's share of the heads, like ``cache``
+    same = cache if cache.kv_dtype == cache.dtype else make_cache(model, policy, batch, process_group=group,
+                                                                  device="meta")
+    out = {"kv_dtype": str(cache.kv_dtype).replace("torch.", ""), "kv_bytes": cache.memory_bytes(),
+           "pool_bytes": cache.storage.pool_bytes(), "kv_bytes_same_dtype": same.memory_bytes(),
+           "pool_bytes_same_dtype": same.storage.pool_bytes()}
+    out["ratio"] = out["pool_bytes"] / out["pool_bytes_same_dtype"]
+    return out
 
 
 def denoise_chunk(forward: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor], sampler: FlowMatchSampler,
@@ -219,6 +235,7 @@ def rollout(
     timing: bool = True,
     progress: bool = False,
     process_group=None,
+    kv_dtype: torch.dtype | None = None,
 ) -> RolloutResult:
     """Generate ``num_chunks`` chunks with memory policy ``policy_name``.
 
@@ -235,6 +252,8 @@ def rollout(
             calling ``rollout`` with the same arguments: Ulysses sequence parallelism (:mod:`relaxkv_gen.parallel`)
             over a head-parallel cache. ValueError on every rank, before any work, unless P divides the model's
             heads and a chunk's tokens U*F. The records are this rank's (``kv_bytes``: its share of the heads).
+        kv_dtype: the cache's pool dtype (None: the model's; ``torch.float8_e4m3fn``: FP8 pools, about half the
+            bytes; ``RolloutResult.memory`` compares them).
 
     Returns:
         :class:`RolloutResult` with latents [B, 16, num_chunks * chunk_frames, H, W] and one record per
@@ -255,7 +274,7 @@ def rollout(
         check_ranks(cfg, u, parallel.size)  # the same ValueError on every rank, before any collective
     context = model.embed_text(text)
     batch = context.shape[0]
-    cache = make_cache(model, policy, batch, backend, process_group)
+    cache = make_cache(model, policy, batch, backend, process_group, kv_dtype)
     gen = torch.Generator().manual_seed(seed)
     shape = (batch, cfg.in_dim, u, cfg.latent_height, cfg.latent_width)
 
@@ -271,7 +290,8 @@ def rollout(
     def forward(x, t, _pass):
         return model(x, t, context, cache, timer, **sharded)
 
-    result = RolloutResult(policy=policy_name, latents=None, chunk_frames=u)
+    result = RolloutResult(policy=policy_name, latents=None, chunk_frames=u,
+                           memory=memory_summary(model, policy, batch, cache))
     outputs = []
     bar = progress_bar(range(num_chunks), policy_name, progress)
     try:

@@ -44,6 +44,7 @@ from ..ops.checks import check_head_dim
 from ..ops.checks import check_int
 from ..ops.checks import check_tensor
 from ..ops.dense_attention.engines import ENGINES
+from ..ops.fp8 import FP8_DTYPES
 from ..ops.rope_append.op import rope_append_op
 from .device_plan import DevicePlan
 from .modes import MODES
@@ -64,12 +65,18 @@ class KVCache:
         policy: a memory policy (DenseWindow, RelaxMemory, PackMemory, or your own ``MemoryPolicy``).
         num_layers, batch, num_heads, head_dim: model geometry (head_dim even).
         height, width: token grid of a latent frame (F = height * width tokens).
-        dtype: storage dtype of K and V (bf16 / fp16 / fp32). device: where everything lives.
+        dtype: compute dtype of q/k/v, the attention windows and the output (bf16 / fp16 / fp32). device: where
+            everything lives.
+        kv_dtype: dtype of the K/V pools: None (the same as ``dtype``) or ``torch.float8_e4m3fn``: the pools (frames
+            and compressed blocks) hold e4m3 codes with one fp32 scale per row and head (``relaxkv_kernels.ops.fp8``;
+            about half the bytes), quantized where rows enter the pool and dequantized when they are read. The
+            prototypes and Pack's mean keys stay fp32 and are computed before quantization, so selections do not
+            change; with FP8 pools every chunk of the window modes stages (none attends to the pool directly).
         backend: "reference" (pure PyTorch), "fused" (kernels: CUDA/Triton on a GPU, the Triton
             interpreter on CPU), or an op backend name ("auto", "triton"); single ops can be sent to the
             CUDA extension with ``RELAXKV_BACKEND_<OP>=cuda``.
-        attention: "window", "per_call", "segments" or "auto" (window on CUDA, segments elsewhere); see
-            ``relaxkv_kernels.cache.modes``.
+        attention: "window", "per_call", "segments" or "auto" (window on CUDA, segments elsewhere; per_call on CUDA
+            for FP8 pools of a planner that never gathers); see ``relaxkv_kernels.cache.modes``.
         engine: attention engine of the window / per_call modes ("auto": the tuning table's choice per
             chunk shape; "reference" with the reference backend), see ``relaxkv_kernels.dense_attention``.
             The segments mode has no engine: any other value than "auto" raises there.
@@ -80,11 +87,13 @@ class KVCache:
             chooses the same frames. Every rank must make the same calls in the same order.
 
     Attributes:
-        storage: the :class:`KVStorage` (``storage.k``, ``storage.v``: [L, B, n_rows, H, D]).
+        storage: the :class:`KVStorage` (``storage.k``, ``storage.v``: [L, B, n_rows, H, D]; ``storage.k_scale``,
+            ``storage.v_scale``: [L, B, n_rows, H] for FP8 pools).
         device_plan: the :class:`DevicePlan` of the current chunk (``device_plan.seg``: the segment tables).
         mode: the attention mode built from ``attention``; chunk_mode: the one serving the current chunk (``mode``,
             or its pool-prefix mode for a chunk whose keys are a pool prefix). planner: the policy's planner.
         num_heads: the heads this cache holds (H / P with a process group). heads: the ``HeadShards`` or None.
+        dtype: the compute dtype. kv_dtype: the pools' dtype (``dtype`` unless FP8).
         chunk: index of the next chunk to end. last_plan: the plan of the current (or last) chunk.
         profiler: optional ``name -> context manager`` timing the sections of ``attend``: rope_append,
             select, compress, attention (with stage, the window staging, inside it).
@@ -92,7 +101,8 @@ class KVCache:
 
     def __init__(self, policy: MemoryPolicy, num_layers: int, batch: int, num_heads: int, head_dim: int, height: int,
                  width: int, dtype: torch.dtype = torch.bfloat16, device="cpu", backend: str = "auto",
-                 attention: str = "auto", engine: str = "auto", process_group=None):
+                 attention: str = "auto", engine: str = "auto", process_group=None,
+                 kv_dtype: torch.dtype | None = None):
         op = "KVCache"
         if not isinstance(policy, MemoryPolicy):
             raise TypeError(f"{op}: policy: expected a MemoryPolicy (DenseWindow, RelaxMemory, PackMemory, ...), "
@@ -103,6 +113,11 @@ class KVCache:
         check_head_dim(op, "head_dim", head_dim)
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"{op}: dtype: expected one of {FLOAT_DTYPES}, got {dtype}")
+        if kv_dtype == dtype:
+            kv_dtype = None
+        if kv_dtype is not None and kv_dtype not in FP8_DTYPES:
+            raise TypeError(f"{op}: kv_dtype: expected None (the compute dtype {dtype}) or one of "
+                            f"{[str(d) for d in FP8_DTYPES]}, got {kv_dtype}")
         if backend not in CACHE_BACKENDS:
             raise ValueError(f"{op}: backend: expected one of {CACHE_BACKENDS}, got {backend!r}")
         if attention not in ATTENTION_MODES:
@@ -120,7 +135,9 @@ class KVCache:
         self.heads = None if process_group is None else HeadShards(op, process_group, num_heads)
         if backend == "fused":
             backend = "auto" if self.device.type == "cuda" else "triton"
-        attention = resolve_attention(attention, engine, self.device)
+        self.planner = pl = policy.planner(height, width)  # raises when the policy's geometry does not fit the grid
+        attention = resolve_attention(attention, engine, self.device.type, fp8=kv_dtype is not None,
+                                      gathers=pl.gathers)
         if engine == "auto" and backend == "reference":
             engine = "reference"
         self.backend, self.attention, self.engine = backend, attention, engine
@@ -128,9 +145,9 @@ class KVCache:
         self.num_heads = num_heads if self.heads is None else self.heads.local_heads
         self.batch, self.head_dim = batch, head_dim
         self.height, self.width, self.frame_tokens = height, width, height * width
-        self.dtype = dtype
-        self.geometry = CacheGeometry(num_layers, batch, self.num_heads, head_dim, height, width, dtype, self.device)
-        self.planner = pl = policy.planner(height, width)  # raises when the policy's geometry does not fit the grid
+        self.dtype, self.kv_dtype = dtype, kv_dtype or dtype
+        self.geometry = CacheGeometry(num_layers, batch, self.num_heads, head_dim, height, width, dtype, self.device,
+                                      kv_dtype)
         if pl.selection not in SELECTIONS:
             raise ValueError(f"{op}: {type(pl).__name__}.selection: expected one of {SELECTIONS}, got {pl.selection!r}")
         self.storage = KVStorage(self.geometry, pl)
@@ -243,7 +260,7 @@ class KVCache:
                                   self.heads)
             else:
                 step = DeviceStep(plan, index, self._seg[layer], layer, *s.layers[layer], self._layer_state[layer],
-                                  s.proto, self.backend, self.heads)
+                                  s.proto, self.backend, self.heads, *s.scales[layer])
             self._steps[key] = step
         return step
 
@@ -273,9 +290,10 @@ class KVCache:
             check_tensor(op, name, t, shape=shape, dtypes=(self.dtype,), device=self.device)
         self._calls[layer] += 1
         with self._section("rope_append"):
-            dst_k, dst_v, slots, proto = mode.target(layer)
+            dst_k, dst_v, k_scale, v_scale, slots, proto = mode.target(layer)
             q_rot = rope_append_op(q, k, v, dst_k, dst_v, proto if layer == 0 else None, slots,
-                                   self.device_plan.frame_pos, self.height, self.width, self.backend, checked=True)
+                                   self.device_plan.frame_pos, self.height, self.width, self.backend, k_scale,
+                                   v_scale, checked=True)
         if layer in self._pending_select:
             with self._section("select"):
                 self.planner.select_layer(self.step(layer), q)
@@ -316,7 +334,8 @@ class KVCache:
         return self.planner.live_rows() * self.storage.row_bytes()
 
     def memory_bytes(self) -> int:
-        """Bytes of device storage allocated by the cache: pools, prototypes, policy state, tables and windows.
+        """Bytes of device storage allocated by the cache: pools (with their scales when FP8), prototypes, policy
+        state, tables and windows (``storage.pool_bytes()``: the pools and scales alone).
 
         Fixed at construction: pools are sized for the steady state (see :meth:`live_bytes` for use).
         """

@@ -16,6 +16,11 @@ and asks it per chunk (:meth:`AttentionMode.for_chunk`) which mode serves that c
     pool prefix  a chunk whose keys are the pool's first rows at their true positions (``ChunkPlan.pool_prefix``:
                a dense window without re-rotation, or any chunk of that shape) attends to the pool directly;
                window and per_call hand such chunks to it, and a planner that never gathers gets only it.
+               Not with FP8 pools: the attention engines read the compute dtype, so every chunk stages.
+
+With FP8 pools (``KVCache(kv_dtype=torch.float8_e4m3fn)``) the pool ops take the pools' scales: rope_append and
+compress_kv quantize what they write, gather_kv_rope and sparse_kv_attention dequantize what they read, and the
+window commit quantizes the chunk's rows (``quantize_frames``, every layer in one launch).
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from ..memory import Planner
 from ..ops.dense_attention.op import dense_attention_op
 from ..ops.dense_attention.op import resolve_engine
 from ..ops.gather_kv_rope.op import gather_kv_rope_into_op
+from ..ops.quantize_frames.op import quantize_frames_op
 from ..ops.sparse_kv_attention.op import sparse_kv_attention_op
 from .device_plan import DevicePlan
 from .storage import KVStorage
@@ -74,14 +80,15 @@ class AttentionMode:
     def begin(self, plan: ChunkPlan) -> None:
         """Per-chunk set-up on the host (keys per call, engine, pending staging)."""
 
-    def target(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Where ``rope_append`` writes the layer's K/V: (k rows, v rows, frame slots, prototypes or None)."""
-        k, v = self.storage.layers[layer]
-        return k, v, self.dplan.frame_slot, self.storage.proto
+    def target(self, layer: int) -> tuple:
+        """Where ``rope_append`` writes the layer's K/V: (k rows, v rows, their scales or None, None, frame slots,
+        prototypes or None)."""
+        return (*self.storage.layers[layer], *self.storage.scales[layer], self.dplan.frame_slot, self.storage.proto)
 
     def attend(self, layer: int, q_rot: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
         k, v = self.storage.layers[layer]
-        return sparse_kv_attention_op(q_rot, k, v, seg, self.scale, self.backend, checked=True)
+        k_scale, v_scale = self.storage.scales[layer]
+        return sparse_kv_attention_op(q_rot, k, v, seg, self.scale, self.backend, k_scale, v_scale, checked=True)
 
     def commit(self, plan: ChunkPlan) -> None:
         """At ``end_chunk``: move what the chunk wrote outside the pool into it."""
@@ -129,10 +136,10 @@ class GatherMode(DenseMode):
 
     per_layer_windows = True  # one window per layer; False: one window shared by every layer
 
-    def __init__(self, *args, planner: Planner, prefix: PoolPrefixMode):
+    def __init__(self, *args, planner: Planner, prefix: PoolPrefixMode | None):
         super().__init__(*args)
         g = self.g
-        self.prefix = prefix
+        self.prefix = prefix  # None: every chunk stages (FP8 pools)
         n_windows = g.num_layers if self.per_layer_windows else 1
         self.win_k = torch.empty(n_windows, g.batch, planner.max_keys, g.num_heads, g.head_dim, dtype=g.dtype,
                                  device=g.device)
@@ -140,7 +147,13 @@ class GatherMode(DenseMode):
         self.rows = RowViews(self.win_k, self.win_v)
 
     def for_chunk(self, plan: ChunkPlan) -> AttentionMode:
-        return self if plan.pool_prefix() is None else self.prefix
+        return self if self.prefix is None or plan.pool_prefix() is None else self.prefix
+
+    def gather(self, layer: int, seg: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor) -> None:
+        """The layer's pool rows listed by ``seg``, delta-rotated (dequantized from FP8 pools), into the window rows."""
+        k, v = self.storage.layers[layer]
+        k_scale, v_scale = self.storage.scales[layer]
+        gather_kv_rope_into_op(k, v, seg, k_out, v_out, self.backend, k_scale, v_scale, checked=True)
 
     def nbytes(self) -> int:
         return nbytes(self.win_k, self.win_v)
@@ -151,7 +164,7 @@ class WindowMode(GatherMode):
 
     name = "window"
 
-    def __init__(self, *args, planner: Planner, prefix: PoolPrefixMode):
+    def __init__(self, *args, planner: Planner, prefix: PoolPrefixMode | None):
         super().__init__(*args, planner=planner, prefix=prefix)
         g = self.g
         self.proto_chunk = None  # the chunk's prototypes, committed by end_chunk
@@ -166,26 +179,30 @@ class WindowMode(GatherMode):
         self.memory, self.n_memory_seg = plan.memory_keys(), plan.n_memory_seg
         self.pending = set(range(self.g.num_layers))
 
-    def target(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        k, v = self.win_layers[layer]
-        return k, v, self.dplan.window_slot, self.proto_chunk
+    def target(self, layer: int) -> tuple:
+        return (*self.win_layers[layer], None, None, self.dplan.window_slot, self.proto_chunk)
 
     def attend(self, layer: int, q_rot: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
         u = self.u_rows
         kw, vw = self.rows(layer, u + self.memory)
-        if layer in self.pending:  # the memory rows: once per chunk and layer
-            with self.section("stage"):
-                k, v = self.storage.layers[layer]
-                gather_kv_rope_into_op(k, v, seg[:, : self.n_memory_seg], kw[:, u:], vw[:, u:], self.backend,
-                                       checked=True)
+        if layer in self.pending:  # the memory rows: once per chunk and layer (none yet: the first chunk)
+            if self.memory:
+                with self.section("stage"):
+                    self.gather(layer, seg[:, : self.n_memory_seg], kw[:, u:], vw[:, u:])
             self.pending.discard(layer)
         return self.dense(q_rot, kw, vw)
 
     def commit(self, plan: ChunkPlan) -> None:
         f, s = self.g.frame_tokens, self.storage
+        if s.fp8:  # every layer at once: one quantizing pass each for K and V
+            rows = len(plan.frame_slot) * f
+            for win, pool, scale in ((self.win_k, s.k, s.k_scale), (self.win_v, s.v, s.v_scale)):
+                quantize_frames_op(win[:, :, :rows].flatten(0, 1), pool.flatten(0, 1), scale.flatten(0, 1),
+                                   self.dplan.frame_slot, f, self.backend, checked=True)
         for u, slot in enumerate(plan.frame_slot):  # every layer at once: one copy per frame
-            s.k[:, :, slot * f:(slot + 1) * f].copy_(self.win_k[:, :, u * f:(u + 1) * f])
-            s.v[:, :, slot * f:(slot + 1) * f].copy_(self.win_v[:, :, u * f:(u + 1) * f])
+            if not s.fp8:
+                s.k[:, :, slot * f:(slot + 1) * f].copy_(self.win_k[:, :, u * f:(u + 1) * f])
+                s.v[:, :, slot * f:(slot + 1) * f].copy_(self.win_v[:, :, u * f:(u + 1) * f])
             if self.proto_chunk is not None:
                 s.proto[:, slot].copy_(self.proto_chunk[:, u])
 
@@ -200,17 +217,24 @@ class PerCallMode(GatherMode):
     per_layer_windows = False
 
     def attend(self, layer: int, q_rot: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-        k, v = self.storage.layers[layer]
         kw, vw = self.rows(0, self.total)
-        gather_kv_rope_into_op(k, v, seg, kw, vw, self.backend, checked=True)
+        self.gather(layer, seg, kw, vw)
         return self.dense(q_rot, kw, vw)
 
 
-def resolve_attention(attention: str, engine: str, device: torch.device) -> str:
-    """The mode ``attention`` names on ``device`` ("auto": window on CUDA, segments elsewhere); ValueError for an
-    engine given to the segments mode, which has none."""
+def resolve_attention(attention: str, engine: str, device_type: str, fp8: bool = False, gathers: bool = True) -> str:
+    """The mode ``attention`` names on a ``device_type`` device for pools that are ``fp8`` or not, of a planner that
+    ``gathers`` or not; ValueError for an engine given to the segments mode, which has none.
+
+    "auto": segments off CUDA; on CUDA window, except per_call for FP8 pools of a planner that never gathers (a
+    dense window without re-rotation): there per-layer windows would add bf16 copies as large as the pools, while
+    one shared window keeps the memory about half (staged at every call instead of once per chunk).
+    """
     if attention == "auto":
-        attention = "window" if device.type == "cuda" else "segments"
+        if device_type != "cuda":
+            attention = "segments"
+        else:
+            attention = "per_call" if fp8 and not gathers else "window"
     if attention == "segments" and engine != "auto":
         raise ValueError(f"KVCache: engine: the segments attention mode runs the segment-table kernel and has no "
                          f"engine, got engine={engine!r} (use attention='window' or 'per_call')")
@@ -222,12 +246,12 @@ def make_mode(attention: str, geometry: CacheGeometry, storage: KVStorage, dplan
     """The strategy of ``attention`` (one of ``MODES``): the one place a mode name becomes behaviour.
 
     window and per_call over a planner that never gathers (``Planner.gathers`` False) attend to the pool
-    prefix of every chunk and allocate no window.
+    prefix of every chunk and allocate no window, unless the pools are FP8 (then every chunk stages).
     """
     args = (geometry, storage, dplan, backend, engine, section)
     if attention == "segments":
         return AttentionMode(*args)
-    prefix = PoolPrefixMode(*args)
-    if not planner.gathers:
+    prefix = None if storage.fp8 else PoolPrefixMode(*args)
+    if prefix is not None and not planner.gathers:
         return prefix
     return {"window": WindowMode, "per_call": PerCallMode}[attention](*args, planner=planner, prefix=prefix)

@@ -33,7 +33,11 @@ from .heads import HeadShards
 
 @dataclass(frozen=True)
 class CacheGeometry:
-    """What a planner knows of the cache it serves: model geometry, storage dtype and device."""
+    """What a planner knows of the cache it serves: model geometry, compute dtype, pool dtype and device.
+
+    ``dtype`` is the dtype of q/k/v, the windows and the attention; ``kv_dtype`` that of the K/V pools (None: the
+    same; an FP8 dtype: codes with fp32 scales per row and head, ``relaxkv_kernels.ops.fp8``).
+    """
 
     num_layers: int
     batch: int
@@ -43,6 +47,11 @@ class CacheGeometry:
     width: int
     dtype: torch.dtype
     device: torch.device
+    kv_dtype: torch.dtype | None = None
+
+    @property
+    def pool_dtype(self) -> torch.dtype:
+        return self.kv_dtype or self.dtype
 
     @property
     def frame_tokens(self) -> int:
@@ -114,6 +123,8 @@ class DeviceStep:
             ``selection = "chunk"``, the layer's own for ``"per_layer"``).
         layer: the layer (None at the chunk step).
         k_pool, v_pool: the layer's pools [B, n_rows, H, D] (None at the chunk step).
+        k_scale, v_scale: float32 [B, n_rows, H], the scales of FP8 pools (``relaxkv_kernels.ops.fp8``); None for
+            pools in the compute dtype and at the chunk step. A step writing pool rows passes them to the op.
         state: the policy state of :meth:`Planner.allocate`, the layer's slice of each tensor (whole
             tensors at the chunk step).
         proto: float32 [B, n_slots, D] per-frame prototypes, or None: layer 0's pre-RoPE keys averaged over
@@ -134,6 +145,8 @@ class DeviceStep:
     proto: torch.Tensor | None
     backend: str
     heads: HeadShards | None = None
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
 
 
 class SlotMap:

@@ -175,7 +175,7 @@ class PackPlanner(Planner):
             return
         i = step.index
         compress_kv_op(k, v, step.k_pool, step.v_pool, step.state["mean_key"], i.block_slot, i.block_t0, self.row0,
-                       self.policy.block_frames, *self.grid, step.backend, checked=True)
+                       self.policy.block_frames, *self.grid, step.backend, step.k_scale, step.v_scale, checked=True)
 
     def frame_of_row(self, plan: ChunkPlan, start_row: int) -> int:
         if start_row < self.row0:

@@ -8,28 +8,36 @@ bad inputs (public function and raw op alike). (The compressed grid and its posi
 import pytest
 import torch
 
+import relaxkv_kernels as rk
 from relaxkv_kernels.geometry import compressed_grid
 from relaxkv_kernels.geometry import compressed_positions
 from relaxkv_kernels.ops.compress_kv.cuda import compress_kv_cuda
 from relaxkv_kernels.ops.compress_kv.reference import compress_kv_into_ref
 from relaxkv_kernels.ops.compress_kv.reference import compress_kv_ref
+from relaxkv_kernels.ops.fp8 import dequantize_fp8
+from relaxkv_kernels.ops.fp8 import quantize_fp8
 
 from helpers import DEVICE
 from helpers import DTYPE_IDS
 from helpers import DTYPES
+from helpers import FP8
 from helpers import assert_2x_rule
+from helpers import assert_fp8_equal
 from helpers import assert_int32_indices_match_int64
 from helpers import assert_public_op_matches_registered
+from helpers import assert_raw_op_raises_like_public
 from helpers import assert_strided_inputs_match_reference
 from helpers import backend_device
 from helpers import close
 from helpers import compare_with_triton
+from helpers import fp8_pool
 from helpers import gen
 from helpers import literal_rope
 from helpers import need_triton
 from helpers import on
 from helpers import randn
 from helpers import raw_op_tests
+from helpers import replace
 from helpers import run_on_fakes
 from helpers import strided
 
@@ -280,6 +288,241 @@ def test_compress_kv_cuda_at_wan_shapes(kernel_device):
     close(got[0], ref[0], torch.bfloat16, "k_pool")
     close(got[1], ref[1], torch.bfloat16, "v_pool")
     torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ FP8 pools
+
+
+def _fp8_pools(g: torch.Generator, b: int, n_rows: int, h: int, d: int, rows, device) -> list[torch.Tensor]:
+    """Random FP8 k and v pools and their scales, [k_pool, v_pool, k_scale, v_scale], with the ``rows`` the op must
+    write poisoned: NaN codes and NaN scales."""
+    (kp, ks), (vp, vs) = fp8_pool(g, b, n_rows, h, d, device=device), fp8_pool(g, b, n_rows, h, d, device=device)
+    for codes, scale in ((kp, ks), (vp, vs)):
+        codes[:, rows] = float("nan")
+        scale[:, rows] = float("nan")
+    return [kp, vp, ks, vs]
+
+
+def _assert_fp8_rows_kept(got: list[torch.Tensor], before: list[torch.Tensor], keep: torch.Tensor) -> None:
+    """Codes and scales of the pool rows ``keep`` (bool [n_rows]) bit-identical to ``before``."""
+    for name, a, b in zip(("k_pool", "v_pool", "k_pool_scale", "v_pool_scale"), got, before):
+        if a.dtype == FP8:
+            a, b = a.view(torch.uint8), b.view(torch.uint8)
+        assert torch.equal(a[:, keep], b[:, keep]), f"{name}: a row outside the block changed"
+
+
+def _check_fp8(run, dev, dtype, k, v, slot: int, t0: int, row0: int, frames: int, height: int, width: int,
+               want=None) -> None:
+    """``run`` (a backend's op form) with FP8 pools against ``want`` (the reference's FP8 pools by default): the
+    block's codes and scales, every other row and mean key slot untouched, mean_key that of the call with pools in
+    the compute dtype, inputs unchanged."""
+    b, _, h, d = k.shape
+    n_blocks, nc = 4, len(compressed_positions(0.0, frames, height, width))
+    n_rows = row0 + n_blocks * nc + 3
+    rows = torch.arange(row0 + slot * nc, row0 + (slot + 1) * nc, device=dev)
+    g = gen(700 + frames + height + width)
+    pools = _fp8_pools(g, b, n_rows, h, d, rows, dev)
+    mean_key = randn(g, b, n_blocks, h, d, device=dev)
+    mean_key[:, slot] = float("nan")
+    slot_t, t0_t = _one(slot, dev), _one(t0, dev)
+    k0, v0 = k.clone(), v.clone()
+    got = [t.clone() for t in pools]
+    got_mk = mean_key.clone()
+    run(k, v, got[0], got[1], got_mk, slot_t, t0_t, row0, frames, height, width, got[2], got[3])
+    assert torch.equal(k, k0) and torch.equal(v, v0), "inputs changed"
+    if want is None:
+        want = [t.clone() for t in pools]
+        compress_kv_into_ref(k, v, want[0], want[1], mean_key.clone(), slot_t, t0_t, row0, frames, height, width,
+                             want[2], want[3])
+    # K: rotated in fp32 by the kernels, in float64 by the reference; V: fp32 window sums in another order
+    assert_fp8_equal(got[0][:, rows], got[2][:, rows], want[0][:, rows], want[2][:, rows], "k_pool", exact=False)
+    assert_fp8_equal(got[1][:, rows], got[3][:, rows], want[1][:, rows], want[3][:, rows], "v_pool", exact=False)
+    keep = torch.ones(n_rows, dtype=torch.bool, device=dev)
+    keep[rows] = False
+    _assert_fp8_rows_kept(got, pools, keep)
+    plain = [randn(g, b, n_rows, h, d, dtype=dtype, device=dev) for _ in range(2)]
+    plain_mk = mean_key.clone()
+    run(k, v, *plain, plain_mk, slot_t, t0_t, row0, frames, height, width)
+    assert torch.equal(got_mk, plain_mk), "mean_key: not that of the call with pools in the compute dtype"
+
+
+@pytest.mark.parametrize("b, h, d, t0, frames, height, width, slot, row0", [
+    pytest.param(1, 2, 32, 0, 2, 4, 4, 0, 0, id="one-window-slot0"),
+    pytest.param(2, 2, 32, 8, 4, 6, 9, 2, 5, id="floors-4x6x9-B2"),
+    pytest.param(1, 1, 128, 24, 5, 8, 12, 3, 7, id="D128-odd-frames-last_slot"),
+])
+def test_compress_kv_into_ref_fp8_vs_literal(b, h, d, t0, frames, height, width, slot, row0):
+    """FP8 pools receive quantize_fp8 of the literal rotated pooled keys / pooled values, within e4m3's error of
+    them; other rows keep their codes and scales; mean_key is the non-FP8 call's (and the literal's)."""
+    g = gen(900 + d + frames)
+    n = frames * height * width
+    k, v = randn(g, b, n, h, d), randn(g, b, n, h, d)
+    pk, centres = _literal_compress(k, t0, frames, height, width)
+    pv, _ = _literal_compress(v, t0, frames, height, width)
+    ck = literal_rope(pk, centres)
+    want_k, want_v = quantize_fp8(ck), quantize_fp8(pv)
+    nc = ck.shape[1]
+    n_rows = row0 + 4 * nc + 2
+    rows = torch.arange(row0 + slot * nc, row0 + (slot + 1) * nc)
+    pools = _fp8_pools(g, b, n_rows, h, d, rows, "cpu")
+    mean_key0 = randn(g, b, 4, h, d)
+    mean_key0[:, slot] = float("nan")
+    got, mean_key = [t.clone() for t in pools], mean_key0.clone()
+    compress_kv_into_ref(k, v, got[0], got[1], mean_key, _one(slot, "cpu"), _one(t0, "cpu"), row0, frames, height,
+                         width, got[2], got[3])
+    # the reference rounds its fp32 results, the literal float64 values: a value at an e4m3 tie may differ
+    assert_fp8_equal(got[0][:, rows], got[2][:, rows], *want_k, "k_pool", exact=False)
+    assert_fp8_equal(got[1][:, rows], got[3][:, rows], *want_v, "v_pool", exact=False)
+    for codes, scale, truth in ((got[0], got[2], ck), (got[1], got[3], pv)):  # e4m3: 2^-4 relative, half a subnormal
+        back = dequantize_fp8(codes[:, rows], scale[:, rows]).double()
+        bound = 2.0**-4 * truth.abs() + 2.0**-10 * scale[:, rows, :, None] + 1e-6
+        assert bool(((back - truth).abs() <= bound).all())
+    keep = torch.ones(n_rows, dtype=torch.bool)
+    keep[rows] = False
+    _assert_fp8_rows_kept(got, pools, keep)
+    plain_mk = mean_key0.clone()
+    compress_kv_into_ref(k, v, randn(g, b, n_rows, h, d), randn(g, b, n_rows, h, d), plain_mk, _one(slot, "cpu"),
+                         _one(t0, "cpu"), row0, frames, height, width)
+    assert torch.equal(mean_key, plain_mk)
+    torch.testing.assert_close(mean_key[:, slot].double(), pk.mean(dim=1), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, heads, head_dim, frames, height, width, slot, t0, layout", [
+    pytest.param(torch.float32, 2, 16, 2, 8, 8, 1, 6, "contiguous", id="fp32-exact-grid"),
+    pytest.param(torch.float16, 2, 32, 3, 9, 10, 2, 11, "contiguous", id="fp16-floored-grid"),
+    pytest.param(torch.float32, 1, 48, 4, 12, 16, 0, 0, "contiguous", id="fp32-D48-two-tiles"),
+    pytest.param(torch.float16, 2, 32, 2, 4, 12, 3, 25, "fused_kv", id="fp16-noncontig-kv"),
+])
+def test_compress_kv_triton_fp8_matches_reference(dtype, heads, head_dim, frames, height, width, slot, t0, layout):
+    need_triton()
+    from relaxkv_kernels.ops.compress_kv.triton import compress_kv_triton
+
+    g = gen(frames * 100 + height + width + 1)
+    n = frames * height * width
+    if layout == "fused_kv":  # K and V interleaved in one fused buffer
+        k, v = randn(g, 2, n, heads, 2, head_dim, dtype=dtype, device=DEVICE).unbind(3)
+    else:
+        k, v = (randn(g, 2, n, heads, head_dim, dtype=dtype, device=DEVICE) for _ in range(2))
+    _check_fp8(compress_kv_triton, DEVICE, dtype, k, v, slot, t0, 5, frames, height, width)
+
+
+@pytest.mark.parametrize("dtype, case", [  # layout, batch, frames, height, width, heads, head_dim, slot, t0
+    (torch.float32, ("contiguous", 2, 4, 8, 8, 2, 128, 2, 13)),  # 16-byte path: 32 lanes per head row
+    (torch.bfloat16, ("strided", 1, 5, 9, 10, 3, 128, 1, 13)),  # odd grid; 16 lanes, 3 head rows per block
+    (torch.float16, ("unaligned", 2, 2, 4, 9, 5, 128, 3, 41)),  # element path: 64 lanes, rows over 2 warps
+    (torch.float16, ("contiguous", 1, 2, 4, 8, 3, 96, 0, 7)),  # 12 lanes: head rows straddle warps
+    (torch.bfloat16, ("contiguous", 1, 2, 4, 4, 33, 64, 2, 97)),  # 32 head rows for 33 heads: a round of 1 live
+], ids=["fp32-D128", "bf16-strided-odd_grid", "fp16-unaligned-scalar", "fp16-D96-straddling", "bf16-33_heads"])
+def test_compress_kv_cuda_fp8_matches_reference(kernel_device, dtype, case):
+    layout, batch, frames, height, width, heads, head_dim, slot, t0 = case
+    g = gen(45)
+    n = frames * height * width
+    k = strided(randn(g, batch, n, heads, head_dim, dtype=dtype, device=kernel_device), layout)
+    v = strided(randn(g, batch, n, heads, head_dim, dtype=dtype, device=kernel_device), layout)
+    _check_fp8(compress_kv_cuda, kernel_device, dtype, k, v, slot, t0, 5, frames, height, width)
+
+
+def _fp8_tie_values(dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """k random and v with pooled values 1.0625 + eps / 32 (eps: one ulp of ``dtype`` at 1): one 2x4x4 window of
+    1.0625 but for one token 1.0625 + eps. Quantized from fp32 (scale 2^-8: 272 + 2^-7 units) the rows code 288,
+    i.e. 1.125; rounded to ``dtype`` first (1.0625 exactly: 272, an e4m3 tie) they would code 256, i.e. 1.0."""
+    eps = torch.finfo(dtype).eps
+    g = gen(46)
+    k = randn(g, 1, 32, 2, 16, dtype=dtype, device=device)
+    v = torch.full((1, 32, 2, 16), 1.0625, dtype=dtype, device=device)
+    v[:, 5] = 1.0625 + eps
+    pooled = v.float().mean(dim=1)
+    assert bool((pooled == 1.0625 + eps / 32).all()) and bool((pooled.to(dtype) == 1.0625).all())
+    assert bool((dequantize_fp8(*quantize_fp8(pooled.to(dtype))) == 1.0).all())  # the double rounding
+    return k, v
+
+
+def _assert_v_quantized_from_fp32(run, dtype, device) -> None:
+    k, v = _fp8_tie_values(dtype, device)
+    pools = _fp8_pools(gen(47), 1, 3, 2, 16, [1], device)
+    run(k, v, *pools[:2], randn(gen(48), 1, 1, 2, 16, device=device), _one(0, device), _one(0, device), 1, 2, 4, 4,
+        *pools[2:])
+    assert bool((dequantize_fp8(pools[1][:, 1], pools[3][:, 1]) == 1.125).all()), "v_pool: rounded to the compute dtype"
+
+
+@pytest.mark.parametrize("backend, dtype", [
+    ("reference", torch.float16), ("reference", torch.bfloat16), ("triton", torch.float16),
+], ids=["reference-fp16", "reference-bf16", "triton-fp16"])  # bf16: broken in the Triton interpreter
+def test_fp8_rows_are_quantized_from_fp32(backend, dtype):
+    """The pooled fp32 value is quantized, never first rounded to the compute dtype."""
+    dev = backend_device(backend)
+    if backend == "triton":
+        from relaxkv_kernels.ops.compress_kv.triton import compress_kv_triton as run
+    else:
+        run = compress_kv_into_ref
+    _assert_v_quantized_from_fp32(run, dtype, dev)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_fp8_rows_are_quantized_from_fp32_cuda(kernel_device, dtype):
+    _assert_v_quantized_from_fp32(compress_kv_cuda, dtype, kernel_device)
+
+
+def _fp8_args(g: torch.Generator) -> list:
+    """:func:`_args` with FP8 pools, then the raw op's backend and the scales (the arguments of the raw op but
+    ``checked``)."""
+    args = _args(g)
+    kp, vp, ks, vs = _fp8_pools(g, B, 200, H, D, [], "cpu")
+    args[2:4] = [kp, vp]
+    return [*args, "auto", ks, vs]
+
+
+def test_opcheck_fp8():
+    """test_schema is left out: its comparison of the tensors multiplies them, which torch lacks for float8 on
+    the CPU ("mul_cpu_reduced_float" not implemented for 'Float8_e4m3fn')."""
+    args = _fp8_args(gen(0))
+    args[11] = "reference"
+    torch.library.opcheck(torch.ops.relaxkv.compress_kv.default, tuple(args),
+                          test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_public_fp8_op_writes_the_reference_rows():
+    args = _fp8_args(gen(1))
+    want = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    rk.compress_kv(*args[:11], k_pool_scale=args[12], v_pool_scale=args[13])
+    compress_kv_into_ref(*want[:11], *want[12:])
+    for i in (2, 3, 4, 12, 13):
+        got, ref = args[i], want[i]
+        assert torch.equal(got.view(torch.uint8) if got.dtype == FP8 else got,
+                           ref.view(torch.uint8) if ref.dtype == FP8 else ref), i
+
+
+_SCALE = torch.zeros(B, 200, H)
+BAD_FP8 = [  # (argument index, replacement, error type, message fragment) on _fp8_args
+    pytest.param(12, None, ValueError, "k_pool_scale: expected the float32", id="fp8_k_pool_without_scale"),
+    pytest.param(13, None, ValueError, "v_pool_scale: expected the float32", id="fp8_v_pool_without_scale"),
+    pytest.param(12, _SCALE[:, :199], ValueError, "k_pool_scale: expected shape", id="k_scale_rows"),
+    pytest.param(13, _SCALE[..., :1], ValueError, "v_pool_scale: expected shape", id="v_scale_heads"),
+    pytest.param(12, _SCALE.double(), TypeError, "k_pool_scale: expected dtype", id="k_scale_float64"),
+    pytest.param(13, _SCALE.half(), TypeError, "v_pool_scale: expected dtype", id="v_scale_fp16"),
+    pytest.param(12, _SCALE.to("meta"), ValueError, "k_pool_scale: expected a tensor on cpu", id="k_scale_device"),
+]
+
+
+@pytest.mark.parametrize("index, value, exc, match", BAD_FP8)
+def test_fp8_bad_input_raises_before_any_kernel(index, value, exc, match):
+    assert_raw_op_raises_like_public("compress_kv", replace(_fp8_args(gen(4)), index, value), exc, match)
+
+
+@pytest.mark.parametrize("fp8_pool_index", [2, 3], ids=["fp8_k_pool-fp32_v_pool", "fp32_k_pool-fp8_v_pool"])
+def test_pools_of_different_dtypes_are_rejected(fp8_pool_index):
+    """One FP8 pool (with its scales) and one in the compute dtype (without): the k and v pools share a dtype."""
+    args = _fp8_args(gen(4))
+    plain = 5 - fp8_pool_index  # the other pool: fp32, no scales
+    args[plain], args[plain + 10] = torch.randn(B, 200, H, D), None
+    assert_raw_op_raises_like_public("compress_kv", args, TypeError, "v_pool: expected dtype")
+
+
+@pytest.mark.parametrize("index, match", [(12, "k_pool_scale: expected None"), (13, "v_pool_scale: expected None")],
+                         ids=["k_scale_with_fp32_pools", "v_scale_with_fp32_pools"])
+def test_scales_of_non_fp8_pools_are_rejected(index, match):
+    args = [*_args(gen(4)), "auto", None, None]
+    assert_raw_op_raises_like_public("compress_kv", replace(args, index, _SCALE.clone()), ValueError, match)
 
 
 # ----------------------------------------------------------------------------- every backend, same result

@@ -4,13 +4,15 @@ gathered into contiguous tensors (new ones, or given buffers such as a slice of 
 The reference against a literal slice + cat + delta RoPE; the CUDA kernel (``kernel_device``) against the
 reference with NaN-poisoned outputs, ragged and long tables, block boundaries, rows outside the pool, a
 slice of a larger buffer; the Triton kernel where the op has one; registration of both ops and bad inputs
-(public functions and raw ops alike).
+(public functions and raw ops alike). FP8 pools (float8_e4m3fn codes + fp32 scales per row and head, rows
+the table does not list poisoned in codes and scales) the same way, into fp32 / fp16 / bf16 outputs.
 """
 import pytest
 import torch
 
 import relaxkv_kernels as rk
 from relaxkv_kernels.geometry import apply_delta_rope
+from relaxkv_kernels.ops.fp8 import dequantize_fp8
 from relaxkv_kernels.ops.gather_kv_rope.cuda import gather_kv_rope_cuda
 from relaxkv_kernels.ops.gather_kv_rope.op import BACKENDS
 from relaxkv_kernels.ops.gather_kv_rope.reference import gather_kv_rope_ref
@@ -19,11 +21,13 @@ from relaxkv_kernels.ops.gather_kv_rope.reference import gather_segments_ref
 from helpers import DEVICE
 from helpers import DTYPE_IDS
 from helpers import DTYPES
+from helpers import FP8
 from helpers import assert_checked_matches_default
 from helpers import assert_public_op_matches_registered
 from helpers import assert_raw_op_raises_like_public
 from helpers import assert_strided_inputs_match_reference
 from helpers import close
+from helpers import fp8_pool
 from helpers import gen
 from helpers import need_triton
 from helpers import on
@@ -374,3 +378,301 @@ def test_into_bad_input_raises_before_any_kernel(index, value, exc, match):
 
 def test_into_checked_true_matches_default():
     assert_checked_matches_default("gather_kv_rope_into", [*_into_args(gen(6)), "reference"])
+
+
+# ------------------------------------------------------------------------------------------- FP8 pools
+
+_NAN_CODE = 0x7F  # e4m3fn NaN (torch has no masked fill for float8)
+
+
+def _listed(seg: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """bool [B, n_rows]: the pool rows some segment of ``seg`` lists (rows outside the pool dropped)."""
+    listed = torch.zeros(seg.shape[0], n_rows, dtype=torch.bool)
+    for b, table in enumerate(seg.cpu().tolist()):
+        for start, length, _ in table:
+            listed[b, max(start, 0):max(min(start + length, n_rows), 0)] = True
+    return listed
+
+
+def _scale_view(scale: torch.Tensor, layout: str) -> torch.Tensor:
+    """Scales [B, n_rows, H] as a contiguous tensor, or for other layouts a view with padded heads (strides
+    (n_rows (H + 1), H + 1, 1): a kernel ignoring the scale strides reads the NaN padding)."""
+    if layout == "contiguous":
+        return scale.contiguous()
+    b, n, h = scale.shape
+    out = torch.full((b, n, h + 1), float("nan"), device=scale.device)[..., 1:]
+    out.copy_(scale)
+    return out
+
+
+def _fp8_args(g: torch.Generator, batch: int, n_rows: int, heads: int, head_dim: int, seg: torch.Tensor,
+              device="cpu", layout: str = "contiguous") -> list[torch.Tensor]:
+    """[k_codes, v_codes, k_scale, v_scale]: random FP8 pools [B, n_rows, H, D] and fp32 scales [B, n_rows, H]
+    (helpers.fp8_pool) laid out as ``layout``; rows ``seg`` does not list poisoned in codes and scales (NaN), so
+    a kernel reading them writes NaN."""
+    unread = ~_listed(seg, n_rows)
+    pools = []
+    for _ in range(2):
+        codes, scale = fp8_pool(g, batch, n_rows, heads, head_dim)
+        codes.view(torch.uint8)[unread] = _NAN_CODE
+        scale[unread] = float("nan")
+        pools.append((strided(codes.to(device), layout), _scale_view(scale.to(device), layout)))
+    (k, ks), (v, vs) = pools
+    return [k, v, ks, vs]
+
+
+def _fp8_copies(args: list[torch.Tensor]) -> list[torch.Tensor]:
+    """FP8 pools and scales as comparable copies (torch.equal has no float8 kernel: codes as uint8)."""
+    return [a.view(torch.uint8).clone() if a.dtype == FP8 else a.clone() for a in args]
+
+
+def _assert_unchanged(args: list[torch.Tensor], copies: list[torch.Tensor]) -> None:
+    for a, c in zip(args, copies):
+        torch.testing.assert_close(a.view(torch.uint8) if a.dtype == FP8 else a, c, rtol=0, atol=0, equal_nan=True)
+
+
+def _close_rows(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """``got`` within :data:`helpers.TOL` of ``dtype`` of ``want``, relative to the largest magnitude of each row
+    and head: FP8 rows span 2^-6 .. 2^6 from row to row, and the fp32 rotation error of a pair scales with the
+    pair's magnitude, not with a component that cancels to ~0."""
+    amax = want.double().abs().amax(-1, keepdim=True)
+    close(got.double() / amax, want.double() / amax, dtype, what)
+
+
+def _check_fp8_out(k, v, k_ref, v_ref, dtype, what=""):
+    """Kernel outputs (``dtype``) against the reference's fp32 rows: K (fp32 rotation vs float64) by
+    :func:`_close_rows`; V exactly (code * scale is exact in fp32, then one round to nearest even, as torch casts)."""
+    assert k.dtype == v.dtype == dtype
+    _close_rows(k, k_ref, dtype, f"{what} k")
+    assert torch.equal(v.cpu(), v_ref.to(dtype).cpu()), f"{what} v"
+
+
+@pytest.mark.parametrize("batch, heads, head_dim", [(1, 1, 8), (2, 3, 64)], ids=["single_head-d8", "b2-d64"])
+def test_gather_kv_rope_ref_fp8_matches_literal(batch, heads, head_dim):
+    """FP8 pools: dequantize_fp8 of the whole pool, then the literal slice + cat + delta RoPE (unread rows are
+    NaN there, so the reference reading one would show)."""
+    g = gen(60)
+    seg, total = ragged_table(batch, 90, g)
+    kc, vc, ks, vs = _fp8_args(g, batch, 90, heads, head_dim, seg)
+    k, v = gather_kv_rope_ref(kc, vc, seg, total, ks, vs)
+    k_lit, v_lit = _gather_literal(dequantize_fp8(kc, ks), dequantize_fp8(vc, vs), seg)
+    assert k.dtype == v.dtype == torch.float32 and k.shape == (batch, total, heads, head_dim)
+    assert torch.equal(k, k_lit) and torch.equal(v, v_lit)  # the same fp32 values through the same float64 math
+
+
+def test_gather_segments_ref_fp8_reads_only_listed_rows():
+    g = gen(61)
+    seg = torch.tensor([[[30, 3, -4], [2, 1, 0], [10, 0, 5]]], dtype=torch.int32)
+    kc, vc, ks, vs = _fp8_args(g, 1, 40, 2, 32, seg)
+    k, v = gather_segments_ref(kc[0], vc[0], seg[0], ks[0], vs[0])
+    rows = [30, 31, 32, 2]
+    assert k.dtype == torch.float32 and not k.isnan().any()
+    assert torch.equal(v, dequantize_fp8(vc[0, rows], vs[0, rows]))
+    assert torch.equal(k[3], dequantize_fp8(kc[0, 2], ks[0, 2]))  # delta 0: the dequantized row
+
+
+def test_gather_kv_rope_fp8_public_ops_reference():
+    """rk.gather_kv_rope returns the dequantized rows in float32; rk.gather_kv_rope_into rounds them once into
+    bf16 buffers (the cache's window); inputs unchanged."""
+    g = gen(62)
+    seg, total = ragged_table(2, 90, g)
+    args = _fp8_args(g, 2, 90, 2, 32, seg)
+    kc, vc, ks, vs = args
+    copies = _fp8_copies(args)
+    k, v = rk.gather_kv_rope(kc, vc, seg, total, k_pool_scale=ks, v_pool_scale=vs)
+    k_ref, v_ref = gather_kv_rope_ref(kc, vc, seg, total, ks, vs)
+    assert torch.equal(k, k_ref) and torch.equal(v, v_ref) and k.dtype == torch.float32
+    k_out = torch.full((2, total, 2, 32), float("nan"), dtype=torch.bfloat16)
+    v_out = k_out.clone()
+    rk.gather_kv_rope_into(kc, vc, seg, k_out, v_out, k_pool_scale=ks, v_pool_scale=vs)
+    assert torch.equal(k_out, k_ref.bfloat16()) and torch.equal(v_out, v_ref.bfloat16())
+    _assert_unchanged(args, copies)
+
+
+@pytest.mark.skipif(BACKENDS.triton is None, reason="gather_kv_rope has no Triton kernel")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_gather_kv_rope_fp8_triton_matches_reference(dtype, layout):
+    """FP8 pools into fp32 / fp16 buffers (the interpreter computes bf16 wrongly); fp32: gather_kv_rope's new
+    tensors too."""
+    need_triton()
+    g = gen(63)
+    seg, total = ragged_table(2, 90, g)
+    args = _fp8_args(g, 2, 90, 3, 32, seg, DEVICE, layout)
+    kc, vc, ks, vs = args
+    copies = _fp8_copies(args)
+    seg = seg.to(DEVICE)
+    k, v = (torch.full((2, total, 3, 32), float("nan"), dtype=dtype, device=DEVICE) for _ in range(2))
+    rk.gather_kv_rope_into(kc, vc, seg, k, v, backend="triton", k_pool_scale=ks, v_pool_scale=vs)
+    k_ref, v_ref = gather_kv_rope_ref(kc, vc, seg, total, ks, vs)
+    _check_fp8_out(k, v, k_ref, v_ref, dtype, "into")
+    if dtype == torch.float32:
+        kn, vn = rk.gather_kv_rope(kc, vc, seg, total, backend="triton", k_pool_scale=ks, v_pool_scale=vs)
+        assert torch.equal(kn, k) and torch.equal(vn, v)
+    _assert_unchanged(args, copies)
+
+
+def _gather_cuda_fp8(args, seg, total, dtype, fill=float("nan")):
+    """gather_kv_rope_cuda on FP8 ``args`` (codes and scales) into new [B, total, H, D] ``dtype`` outputs filled
+    with ``fill``: (k, v)."""
+    kc, vc, ks, vs = args
+    shape = (kc.shape[0], total, *kc.shape[2:])
+    k, v = (torch.full(shape, fill, dtype=dtype, device=kc.device) for _ in range(2))
+    gather_kv_rope_cuda(kc, vc, seg, k, v, ks, vs)
+    return k, v
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("layout, heads, head_dim", [
+    ("contiguous", 3, 128),  # 16 codes per 16-byte load, 2 loads cover the 22 temporal pairs
+    ("strided", 2, 32),  # padded heads, still 16-byte aligned: wide
+    ("unaligned", 1, 64),  # odd byte offset: 2 codes per item
+    ("contiguous", 2, 40),  # head_dim not a multiple of 16: 2 codes per item, outputs aligned
+], ids=["contiguous-d128", "strided-d32", "unaligned-d64", "contiguous-d40"])
+def test_gather_kv_rope_cuda_fp8_matches_reference(kernel_device, dtype, layout, heads, head_dim):
+    g = gen(64)
+    seg, total = ragged_table(2, 150, g)
+    args = _fp8_args(g, 2, 150, heads, head_dim, seg, kernel_device, layout)
+    copies = _fp8_copies(args)
+    seg = seg.to(kernel_device)
+    k, v = _gather_cuda_fp8(args, seg, total, dtype)
+    k_ref, v_ref = gather_kv_rope_ref(*args[:2], seg, total, *args[2:])
+    _check_fp8_out(k, v, k_ref, v_ref, dtype)
+    _assert_unchanged(args, copies)
+
+
+def test_gather_kv_rope_cuda_fp8_long_table(kernel_device):
+    """70 segments (3 scan steps) over several 16-row blocks, fp16 outputs, D = 32 (6 temporal pairs inside the
+    first 16 codes)."""
+    g = gen(65)
+    table, total = _long_table(2, 70, 60, g)
+    args = _fp8_args(g, 2, 60, 2, 32, table, kernel_device)
+    seg = table.to(kernel_device)
+    k, v = _gather_cuda_fp8(args, seg, total, torch.float16)
+    k_ref, v_ref = gather_kv_rope_ref(*args[:2], seg, total, *args[2:])
+    _check_fp8_out(k, v, k_ref, v_ref, torch.float16)
+
+
+def test_gather_kv_rope_cuda_fp8_rows_outside_the_pool_are_nan(kernel_device):
+    """The kernel contract with FP8 pools: a source row outside the pool gives a NaN output row (bf16 outputs
+    filled with zeros first, so the NaN rows are the kernel's writes) and its codes and scale are not read."""
+    dev, n_rows = kernel_device, 20
+    seg = torch.tensor([[[-3, 5, 4], [7, -2, 1], [18, 4, -5]],  # rows -3 .. 1, nothing, 18 .. 21
+                        [[4, 3, 0], [16, 6, 2], [0, 0, 0]]], dtype=torch.int32)
+    args = _fp8_args(gen(66), 2, n_rows, 2, 16, seg, dev)
+    k, v = _gather_cuda_fp8(args, seg.to(dev), 9, torch.bfloat16, fill=0.0)
+    clipped = torch.tensor([[[0, 2, 4], [18, 2, -5]], [[4, 3, 0], [16, 4, 2]]], dtype=torch.int32)
+    for b, bad in enumerate([[0, 1, 2, 7, 8], [7, 8]]):
+        good = [r for r in range(9) if r not in bad]
+        assert k[b, bad].isnan().all() and v[b, bad].isnan().all()
+        one = [a[b:b + 1] for a in args]
+        kb, vb = gather_kv_rope_ref(*one[:2], clipped[b:b + 1], len(good), *one[2:])
+        _check_fp8_out(k[b, good], v[b, good], kb[0], vb[0], torch.bfloat16, f"batch {b}")
+
+
+def _check_fp8_into_window(backend: str, device: str):
+    """The cache's window mode: FP8 memory staged into the slice [:, 5:5 + total] of a longer bf16
+    [B, total + 13, H, D] window; the rest of the window untouched."""
+    g = gen(67)
+    seg, total = ragged_table(2, 90, g)
+    args = _fp8_args(g, 2, 90, H, 32, seg, device)
+    seg = seg.to(device)
+    win_k, win_v = (randn(g, 2, total + 13, H, 32, dtype=torch.bfloat16, device=device) for _ in range(2))
+    win_k[:, 5:5 + total] = win_v[:, 5:5 + total] = float("nan")
+    k0, v0 = win_k.clone(), win_v.clone()
+    kc, vc, ks, vs = args
+    rk.gather_kv_rope_into(kc, vc, seg, win_k[:, 5:5 + total], win_v[:, 5:5 + total], backend=backend,
+                           k_pool_scale=ks, v_pool_scale=vs)
+    k_ref, v_ref = gather_kv_rope_ref(kc, vc, seg, total, ks, vs)
+    _check_fp8_out(win_k[:, 5:5 + total], win_v[:, 5:5 + total], k_ref, v_ref, torch.bfloat16)
+    rest = torch.ones(total + 13, dtype=torch.bool)
+    rest[5:5 + total] = False
+    assert torch.equal(win_k[:, rest], k0[:, rest]) and torch.equal(win_v[:, rest], v0[:, rest])
+
+
+def test_fp8_into_a_slice_of_a_bf16_window_reference():
+    _check_fp8_into_window("reference", "cpu")
+
+
+def test_fp8_into_a_slice_of_a_bf16_window_cuda(kernel_device):
+    _check_fp8_into_window("cuda", kernel_device)
+
+
+def _fp8_op_args(g: torch.Generator) -> list:
+    """Valid arguments of the raw gather_kv_rope with FP8 pools (``_args``' table): k, v, seg, 23, "auto", scales."""
+    seg = _args(gen(0))[2]
+    kc, vc, ks, vs = _fp8_args(g, B, 80, H, D, seg)
+    return [kc, vc, seg, 23, "auto", ks, vs]
+
+
+def _fp8_into_args(g: torch.Generator) -> list:
+    """:func:`_fp8_op_args` for gather_kv_rope_into: bf16 [B, 23, H, D] outputs of NaN instead of ``total``."""
+    args = _fp8_op_args(g)
+    args[3:4] = [torch.full((B, 23, H, D), float("nan"), dtype=torch.bfloat16)] * 2
+    args[4] = args[3].clone()
+    return args
+
+
+def test_opcheck_fp8():
+    """Registration with FP8 pools; torch's schema test is left out: it compares the inputs with allclose, which
+    has no float8 kernel on the CPU (NotImplementedError "mul_cpu_reduced_float")."""
+    utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    args = _fp8_op_args(gen(0))
+    torch.library.opcheck(torch.ops.relaxkv.gather_kv_rope.default, (*args[:4], "reference", *args[5:]),
+                          test_utils=utils)
+    into = _fp8_into_args(gen(0))
+    torch.library.opcheck(torch.ops.relaxkv.gather_kv_rope_into.default, (*into[:5], "reference", *into[6:]),
+                          test_utils=utils)
+
+
+def test_fake_shapes_fp8():
+    """gather_kv_rope's new tensors are float32 for FP8 pools (the registered fake, on fake tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = _fp8_op_args(gen(3))
+    with FakeTensorMode() as mode:
+        k, v = torch.ops.relaxkv.gather_kv_rope(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                                                  for a in args))
+    assert k.shape == v.shape == (B, 23, H, D) and k.dtype == v.dtype == torch.float32
+
+
+_F = torch.randn(B, 80, H, D)
+BAD_FP8 = [  # ({argument index: replacement}, error type, message fragment); raw op arguments as _fp8_op_args
+    pytest.param({5: None}, ValueError, "k_pool_scale: expected the float32 \\[B, n_rows, H\\] scales",
+                 id="no_k_scale"),
+    pytest.param({6: None}, ValueError, "v_pool_scale: expected the float32", id="no_v_scale"),
+    pytest.param({0: _F, 1: _F}, ValueError, "k_pool_scale: expected None for a torch.float32 k_pool",
+                 id="scales_with_float_pools"),
+    pytest.param({1: _F, 6: None}, TypeError,
+                 "v_pool: expected dtype in \\['torch.float8_e4m3fn'\\], got torch.float32", id="k_fp8_v_float"),
+    pytest.param({0: _F, 5: None}, TypeError, "v_pool: expected dtype in \\['torch.float32'\\], got torch.float8",
+                 id="k_float_v_fp8"),
+    pytest.param({5: torch.rand(B, 80, H + 1)}, ValueError, "k_pool_scale: expected shape \\[2, 80, 2\\]",
+                 id="k_scale_shape"),
+    pytest.param({6: torch.rand(B, 79, H)}, ValueError, "v_pool_scale: expected shape", id="v_scale_shape"),
+    pytest.param({5: torch.rand(B, 80, H).half()}, TypeError, "k_pool_scale: expected dtype in \\['torch.float32'\\]",
+                 id="k_scale_dtype"),
+    pytest.param({6: torch.rand(B, 80, H, device="meta")}, ValueError, "v_pool_scale: expected a tensor on cpu",
+                 id="v_scale_device"),
+]
+
+
+@pytest.mark.parametrize("into", [False, True], ids=["gather", "into"])
+@pytest.mark.parametrize("change, exc, match", BAD_FP8)
+def test_fp8_bad_input_raises_before_any_kernel(into, change, exc, match):
+    """Both ops, public function and raw op alike (the into op has one argument more before the scales)."""
+    args = _fp8_into_args(gen(7)) if into else _fp8_op_args(gen(7))
+    for i, value in change.items():
+        args[i + into if i > 3 else i] = value
+    assert_raw_op_raises_like_public("gather_kv_rope_into" if into else "gather_kv_rope", args, exc, match)
+
+
+@pytest.mark.parametrize("index, value, match", [
+    (3, torch.zeros(B, 23, H, D, dtype=FP8), "k_out: expected dtype in \\['torch.float16', 'torch.bfloat16', "
+                                              "'torch.float32'\\], got torch.float8"),
+    (4, torch.zeros(B, 23, H, D, dtype=torch.float16), "v_out: expected dtype in \\['torch.bfloat16'\\]"),
+], ids=["k_out_fp8", "v_out_other_dtype"])
+def test_fp8_into_bad_outputs(index, value, match):
+    """FP8 pools: outputs of any compute dtype, the same for k_out and v_out."""
+    args = replace(_fp8_into_args(gen(8)), index, value)
+    assert_raw_op_raises_like_public("gather_kv_rope_into", args, TypeError, match)

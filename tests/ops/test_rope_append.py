@@ -11,15 +11,22 @@ import relaxkv_kernels as rk
 from relaxkv_kernels.geometry import apply_rope
 from relaxkv_kernels.geometry import rope_angles
 from relaxkv_kernels.geometry import token_positions
+from relaxkv_kernels.ops.fp8 import dequantize_fp8
+from relaxkv_kernels.ops.fp8 import quantize_fp8
 from relaxkv_kernels.ops.rope_append.cuda import rope_append_cuda
 from relaxkv_kernels.ops.rope_append.reference import rope_append_ref
 
 from helpers import DEVICE
+from helpers import FP8
 from helpers import assert_2x_rule
+from helpers import assert_checked_matches_default
+from helpers import assert_fp8_equal
 from helpers import assert_int32_indices_match_int64
 from helpers import assert_public_op_matches_registered
+from helpers import assert_raw_op_raises_like_public
 from helpers import assert_strided_inputs_match_reference
 from helpers import backend_device
+from helpers import fp8_pool
 from helpers import gen
 from helpers import need_triton
 from helpers import on
@@ -88,6 +95,76 @@ def test_rope_append_ref_proto_not_normalised():
                     proto, torch.tensor([1]), torch.tensor([3]), 2, 2)
     assert proto[0, 1].norm() > 10  # mean about 3 per dim: not unit norm
     torch.testing.assert_close(proto[0, 1], k[0].mean(dim=(0, 1)), rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- FP8 caches: reference vs literal
+
+
+def _fp8_caches(g: torch.Generator, b: int, n_rows: int, h: int, d: int, layout: str = "contiguous", device="cpu"):
+    """FP8 k and v caches with random codes and scales (helpers.fp8_pool): contiguous, as views with padded heads
+    ("padded_heads": strided codes and scales, both written in place; 16-byte aligned rows), or at an odd byte
+    offset ("odd_offset": no multi-code store is aligned). Returns (k_cache, v_cache, k_scale, v_scale, the four
+    underlying buffers: k codes, k scales, v codes, v scales)."""
+    hh, dd = h + 2 * (layout == "padded_heads"), d + (layout == "odd_offset")
+    bufs = [*fp8_pool(g, b, n_rows, hh, dd, device=device), *fp8_pool(g, b, n_rows, hh, dd, device=device)]
+    views = list(bufs)
+    if layout == "padded_heads":
+        views = [t[:, :, 1:h + 1] for t in bufs]
+    elif layout == "odd_offset":
+        views[0], views[2] = bufs[0][..., 1:], bufs[2][..., 1:]
+    return views[0], views[2], views[1], views[3], bufs
+
+
+def _spread(g: torch.Generator, x: torch.Tensor) -> torch.Tensor:
+    """x [B, N, H, D] times a power of two in 2^-5 .. 2^5 per (token, head), one (token, head) row zeroed: the row
+    scales differ from row to row (a scale read or written at the wrong row shows) and one is the zero row's."""
+    b, n, h, _ = x.shape
+    y = x * torch.exp2(torch.randint(-5, 6, (b, n, h, 1), generator=g)).to(x.device, x.dtype)
+    y[0, n // 2, h - 1] = 0
+    return y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_rope_append_ref_fp8_vs_literal(dtype):
+    """FP8 caches: each written (row, head) holds quantize_fp8 of the float64 rotation rounded once to fp32 (for
+    fp16 inputs too: never rounded to fp16 first) and of v; other rows keep their codes and scales; q_rot and the
+    prototypes are those of a cache in the compute dtype."""
+    g = gen(420)
+    b, h, d, gh, gw, n_slots = 2, 2, 32, 2, 3, 4
+    f, frame_slot, frame_pos = gh * gw, [3, 0], [5, 9]
+    u = len(frame_slot)
+    q = randn(g, b, u * f, h, d, dtype=dtype)
+    k, v = (_spread(g, randn(g, b, u * f, h, d, dtype=dtype)) for _ in range(2))
+    k_cache, v_cache, k_scale, v_scale, _ = _fp8_caches(g, b, n_slots * f, h, d)
+    proto = randn(g, b, n_slots, d)
+    before = [t.clone() for t in (k_cache, v_cache, k_scale, v_scale)]
+    q0, k0, v0 = q.clone(), k.clone(), v.clone()
+    slots, pos = torch.tensor(frame_slot), torch.tensor(frame_pos)
+    plain = [randn(g, b, n_slots * f, h, d, dtype=dtype) for _ in range(2)]
+    plain_proto = proto.clone()
+    q_rot_plain = rk.rope_append(q, k, v, *plain, plain_proto, slots, pos, gh, gw, backend="reference")
+
+    q_rot = rk.rope_append(q, k, v, k_cache, v_cache, proto, slots, pos, gh, gw, backend="reference",
+                           k_cache_scale=k_scale, v_cache_scale=v_scale)
+
+    positions = torch.tensor([[float(frame_pos[i]), float(y), float(x)] for i in range(u) for y in range(gh)
+                              for x in range(gw)], dtype=torch.float64)
+    rows = torch.cat([torch.arange(s * f, (s + 1) * f) for s in frame_slot])  # chunk order
+    k_rot = apply_rope(k.double(), positions).float()  # fp32, from float64: no rounding to dtype in between
+    want_k, want_ks = quantize_fp8(k_rot)
+    want_v, want_vs = quantize_fp8(v.float())
+    assert_fp8_equal(k_cache[:, rows], k_scale[:, rows], want_k, want_ks, "k_cache")
+    assert_fp8_equal(v_cache[:, rows], v_scale[:, rows], want_v, want_vs, "v_cache")
+    # what the codes mean: e4m3 keeps 3 mantissa bits (relative error <= 2^-4), the zero rows decode to 0
+    torch.testing.assert_close(dequantize_fp8(k_cache[:, rows], k_scale[:, rows]), k_rot, rtol=2 ** -4, atol=0)
+    torch.testing.assert_close(dequantize_fp8(v_cache[:, rows], v_scale[:, rows]), v.float(), rtol=2 ** -4, atol=0)
+    keep = torch.ones(n_slots * f, dtype=torch.bool)
+    keep[rows] = False
+    for name, t, t0 in zip(("k_cache", "v_cache", "k_cache_scale", "v_cache_scale"),
+                           (k_cache, v_cache, k_scale, v_scale), before):
+        assert torch.equal(t[:, keep].view(torch.uint8), t0[:, keep].view(torch.uint8)), f"{name}: other rows changed"
+    assert torch.equal(q_rot, q_rot_plain) and torch.equal(proto, plain_proto)
+    assert torch.equal(q, q0) and torch.equal(k, k0) and torch.equal(v, v0)
 
 
 # ------------------------------------------------------------------------------- Triton vs reference
@@ -296,6 +373,108 @@ def test_rope_append_cuda_rejects_a_strided_cache(kernel_device):
         rope_append_cuda(*args)
 
 
+# ---------------------------------------------------------------- FP8 caches: Triton and CUDA vs reference
+
+
+def _check_fp8_kernel(fn, dev, dtype, layout, pool_layout, U, h, w, H_, D_, n_slots, frame_slot, frame_pos,
+                      with_proto=True, proto_exact=True):
+    """``fn`` (a backend's rope_append) into FP8 caches (:func:`_fp8_caches` ``pool_layout``) against the reference:
+    rows to be written poisoned in codes and scales (NaN) first; K codes and scales within one e4m3 step of the
+    reference's (the kernel rotates in fp32, the reference in float64), V bit for bit; every byte of the code and
+    scale buffers outside the written rows unchanged; q_rot and proto those of the same call into caches in the
+    compute dtype (proto_exact False: within fp32 rounding, for token tiles that differ in size with FP8 caches).
+    Frames whose slot is outside [0, n_slots) write nothing but q_rot (the CUDA wrapper's contract)."""
+    b, f = 2, h * w
+    g = gen(40 + D_ + U)
+    q, k, v = _make_qkv(layout, g, b, U * f, H_, D_, dtype, dev)
+    k.copy_(_spread(g, k))
+    v.copy_(_spread(g, v))
+    inputs = (q, k, v, frame_slot, frame_pos)
+    before = [t.clone() for t in inputs]
+    k_cache, v_cache, k_scale, v_scale, bufs = _fp8_caches(g, b, n_slots * f, H_, D_, pool_layout, dev)
+    valid = [i for i in range(U) if 0 <= int(frame_slot[i]) < n_slots]
+    slots = frame_slot[valid]
+    rows = (slots[:, None] * f + torch.arange(f, device=dev)).flatten()  # written cache rows, chunk order
+    k_cache[:, rows] = v_cache[:, rows] = float("nan")  # the NaN code
+    k_scale[:, rows] = v_scale[:, rows] = float("nan")
+    written = []  # per buffer (k codes, k scales, v codes, v scales): the elements of the rows to be written
+    for buf, view in zip(bufs, (k_cache, k_scale, v_cache, v_scale)):
+        mask = torch.zeros(buf.shape, dtype=torch.bool, device=dev)  # contiguous, like buf
+        mask.as_strided(view.shape, view.stride(), view.storage_offset())[:, rows] = True
+        written.append(mask)
+    bufs0 = [t.clone() for t in bufs]
+    proto = randn(g, b, n_slots, D_, device=dev) if with_proto else None
+    plain = [randn(g, b, n_slots * f, H_, D_, dtype=dtype, device=dev) for _ in range(2)]
+    plain_proto = None if proto is None else proto.clone()
+    q_rot_plain = fn(q, k, v, *plain, plain_proto, frame_slot, frame_pos, h, w)
+
+    q_rot = fn(q, k, v, k_cache, v_cache, proto, frame_slot, frame_pos, h, w, k_scale, v_scale)
+
+    ref = [t.clone() for t in (k_cache, v_cache, k_scale, v_scale)]
+    chunk = lambda x: x.unflatten(1, (U, f))[:, valid].flatten(1, 2)  # noqa: E731  (the frames written)
+    rope_append_ref(chunk(q), chunk(k), chunk(v), ref[0], ref[1], None, slots.cpu(), frame_pos[valid].cpu(), h, w,
+                    ref[2], ref[3])
+    for t, t0 in zip(inputs, before):
+        assert torch.equal(t, t0), "inputs changed"
+    assert_fp8_equal(k_cache[:, rows], k_scale[:, rows], ref[0][:, rows], ref[2][:, rows], "k_cache", exact=False)
+    assert_fp8_equal(v_cache[:, rows], v_scale[:, rows], ref[1][:, rows], ref[3][:, rows], "v_cache")
+    for name, buf, buf0, mask in zip(("k codes", "k scales", "v codes", "v scales"), bufs, bufs0, written):
+        assert torch.equal(buf[~mask].view(torch.uint8), buf0[~mask].view(torch.uint8)), f"{name}: other bytes changed"
+    assert torch.equal(q_rot, q_rot_plain), "q_rot depends on the cache format"
+    if proto is not None and proto_exact:
+        assert torch.equal(proto, plain_proto), "proto depends on the cache format"
+    elif proto is not None:  # the same fp32 sums grouped in other tiles: a few ulps of values of O(1)
+        torch.testing.assert_close(proto, plain_proto, rtol=1e-6, atol=1e-6, equal_nan=False)
+
+
+@pytest.mark.parametrize("dtype, layout, pool_layout, U, h, w, H_, D_, with_proto", [
+    pytest.param(torch.float32, "strided", "contiguous", 2, 3, 7, 2, 16, True, id="fp32-two-frames"),
+    # heads in groups of BLOCK_H = 2 with a masked last group, D = 40 padded to BLOCK_D = 64 (masked lanes: amax 0)
+    pytest.param(torch.float16, "unaligned", "padded_heads", 2, 5, 7, 5, 40, True, id="fp16-5heads-d40-views"),
+    pytest.param(torch.float16, "strided", "odd_offset", 1, 2, 5, 3, 48, False, id="fp16-one-frame-no_proto"),
+])
+def test_rope_append_triton_fp8_matches_reference(dtype, layout, pool_layout, U, h, w, H_, D_, with_proto):
+    need_triton()
+    from relaxkv_kernels.ops.rope_append.triton import rope_append_triton
+
+    n_slots = U + 2
+    frame_slot = torch.arange(n_slots - 1, n_slots - 1 - U, -1, device=DEVICE)  # descending
+    frame_pos = torch.tensor([4, 9][:U], device=DEVICE)
+    _check_fp8_kernel(rope_append_triton, DEVICE, dtype, layout, pool_layout, U, h, w, H_, D_, n_slots, frame_slot,
+                      frame_pos, with_proto)
+
+
+@pytest.mark.parametrize("dtype, layout, pool_layout, U, h, w, H_, D_, proto_exact", [
+    # 16-byte loads, 8-code stores; D = 128: L = 16 lanes of a token, R = 8 tokens per tile as without FP8
+    pytest.param(torch.bfloat16, "strided", "padded_heads", 2, 3, 6, 3, 128, True, id="bf16-wide-d128"),
+    # element accesses, D = 128 > 32 lanes x 2: 8 chunks per lane on L = 8 lanes; R = 16 tokens (12 without FP8)
+    pytest.param(torch.float32, "unaligned", "contiguous", 2, 3, 5, 2, 128, False, id="fp32-chunks-d128"),
+    # 16-byte fp32 loads, 4-code stores; D = 20: 5 accesses on L = 8 lanes (3 lanes past D), F = 9: a tile tail
+    pytest.param(torch.float32, "strided", "contiguous", 3, 3, 3, 2, 20, False, id="fp32-wide-d20-tail"),
+    # aligned inputs, codes at an odd byte offset: element accesses, byte stores; D = 6: 3 lanes padded to 4
+    pytest.param(torch.float16, "strided", "odd_offset", 2, 2, 3, 3, 6, False, id="fp16-odd_codes-d6"),
+    # D = 512, element accesses: 8 chunks on 32 lanes (a whole warp per token), 4 tokens per tile
+    pytest.param(torch.bfloat16, "unaligned", "padded_heads", 1, 1, 5, 1, 512, False, id="bf16-d512-warp"),
+])
+def test_rope_append_cuda_fp8_matches_reference(kernel_device, dtype, layout, pool_layout, U, h, w, H_, D_,
+                                                proto_exact):
+    n_slots = U + 2
+    frame_slot = torch.arange(n_slots - 1, n_slots - 1 - U, -1, device=kernel_device)
+    frame_pos = torch.tensor([9, 0, 4][:U], device=kernel_device)
+    _check_fp8_kernel(rope_append_cuda, kernel_device, dtype, layout, pool_layout, U, h, w, H_, D_, n_slots,
+                      frame_slot, frame_pos, proto_exact=proto_exact)
+
+
+@pytest.mark.parametrize("bad_slot", [5, -1], ids=["slot_n_slots", "slot_negative"])
+def test_rope_append_cuda_fp8_out_of_range_slot_writes_only_q_rot(kernel_device, bad_slot):
+    """The wrapper contract with FP8 caches: the frame with a bad slot writes no codes and no scale (its lanes still
+    take part in the warp's shuffles), the others are written as usual."""
+    frame_slot = torch.tensor([3, bad_slot, 0], device=kernel_device)
+    frame_pos = torch.tensor([6, 7, 8], device=kernel_device)
+    _check_fp8_kernel(rope_append_cuda, kernel_device, torch.bfloat16, "strided", "contiguous", 3, 2, 5, 2, 64, 5,
+                      frame_slot, frame_pos)
+
+
 # ----------------------------------------------------------------------------- every backend, same result
 
 
@@ -373,6 +552,30 @@ def test_opcheck(with_proto):
     torch.library.opcheck(torch.ops.relaxkv.rope_append.default, (*args, "reference"))
 
 
+def _fp8_args(g: torch.Generator) -> list:
+    """Every argument of the raw op but ``checked`` (:func:`_args`, backend "auto") with FP8 caches and their scales."""
+    k_cache, v_cache, k_scale, v_scale, _ = _fp8_caches(g, B, 5 * F, H, D)
+    return replace(replace(_args(g), 3, k_cache), 4, v_cache) + ["auto", k_scale, v_scale]
+
+
+def test_opcheck_fp8():
+    """Without test_schema: its mutation check multiplies the inputs, which torch cannot do for float8 on the CPU
+    ("mul_cpu_reduced_float" not implemented for 'Float8_e4m3fn'); test_schema_marks_written_arguments instead."""
+    torch.library.opcheck(torch.ops.relaxkv.rope_append.default, tuple(replace(_fp8_args(gen(0)), 10, "reference")),
+                          test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_schema_marks_written_arguments():
+    """The schema declares every tensor the op writes (the caches, proto and the FP8 scales) and no other."""
+    schema = torch.ops.relaxkv.rope_append.default._schema
+    written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    assert written == {"k_cache", "v_cache", "proto", "k_cache_scale", "v_cache_scale"}
+
+
+def test_checked_true_matches_default_fp8():
+    assert_checked_matches_default("rope_append", replace(_fp8_args(gen(6)), 10, "reference"))
+
+
 def test_public_op_matches_registered_op():
     """The public function checks and forwards to torch.ops.relaxkv.rope_append (same result, same writes)."""
     assert_public_op_matches_registered("rope_append", _args(gen(1)))
@@ -411,3 +614,31 @@ BAD = [  # (argument index, replacement, error type, message fragment)
 
 test_bad_input_raises_before_any_kernel, test_bad_scalar_type, test_checked_true_matches_default = raw_op_tests(
     "rope_append", _args, BAD, scalar=(9, 4.0, "width"))
+
+
+FP8_BAD = [  # (FP8 caches or not, argument index, replacement, error type, message fragment); 11, 12: the scales
+    pytest.param(True, 11, None, ValueError, "k_cache_scale: expected the float32 \\[B, n_rows, H\\] scales",
+                 id="fp8_k_without_scale"),
+    pytest.param(True, 12, None, ValueError, "v_cache_scale: expected the float32", id="fp8_v_without_scale"),
+    pytest.param(True, 3, torch.randn(B, 5 * F, H, D), ValueError, "k_cache_scale: expected None for a torch.float32",
+                 id="scale_with_plain_k_cache"),
+    pytest.param(False, 12, torch.ones(B, 5 * F, H), ValueError, "v_cache_scale: expected None", id="plain_v_scale"),
+    pytest.param(True, 4, torch.randn(B, 5 * F, H, D), TypeError, "v_cache: expected dtype in \\['torch.float8_e4m3fn'",
+                 id="fp8_k_plain_v"),
+    pytest.param(False, 4, torch.zeros(B, 5 * F, H, D, dtype=FP8), TypeError, "v_cache: expected dtype in "
+                 "\\['torch.float32'\\]", id="plain_k_fp8_v"),
+    pytest.param(True, 11, torch.ones(B, 5 * F, H + 1), ValueError, "k_cache_scale: expected shape",
+                 id="k_scale_shape"),
+    pytest.param(True, 12, torch.ones(B, 4 * F, H), ValueError, "v_cache_scale: expected shape", id="v_scale_rows"),
+    pytest.param(True, 11, torch.ones(B, 5 * F, H, dtype=torch.float64), TypeError, "k_cache_scale: expected dtype",
+                 id="k_scale_dtype"),
+    pytest.param(True, 12, torch.ones(B, 5 * F, H, device="meta"), ValueError,
+                 "v_cache_scale: expected a tensor on cpu", id="v_scale_device"),
+]
+
+
+@pytest.mark.parametrize("fp8, index, value, exc, match", FP8_BAD)
+def test_fp8_bad_input_raises_before_any_kernel(fp8, index, value, exc, match):
+    """The cache format checks, raised alike by rk.rope_append and torch.ops.relaxkv.rope_append."""
+    args = _fp8_args(gen(7)) if fp8 else [*_args(gen(7)), "auto", None, None]
+    assert_raw_op_raises_like_public("rope_append", replace(args, index, value), exc, match)

@@ -6,6 +6,11 @@ float64; the op instead reads pools of keys rotated at their write positions. Th
 (interpreter on CPU) against the reference; ``impl="gather"`` (gather_kv_rope + dense_attention) against
 ``impl="fused"``; registration and bad inputs (public function and raw op alike). (No CUDA kernel: csrc has
 none for it.)
+
+FP8 pools (float8_e4m3fn codes + fp32 scales, ``ops/fp8.py``): the reference against the literal path on the
+dequantized pools, the Triton kernel against the reference (rows no segment lists poisoned in codes and
+scales), the output against the one with the unquantized pools within a bound derived from e4m3's rounding,
+and the scale arguments' checks.
 """
 import pytest
 import torch
@@ -14,17 +19,22 @@ import torch.nn.functional as F
 import relaxkv_kernels as rk
 from relaxkv_kernels.geometry import apply_rope
 from relaxkv_kernels.geometry import token_positions
+from relaxkv_kernels.ops.fp8 import dequantize_fp8
+from relaxkv_kernels.ops.fp8 import quantize_fp8
 from relaxkv_kernels.ops.gather_kv_rope.reference import gather_segments_ref
 from relaxkv_kernels.ops.sparse_kv_attention.reference import sparse_kv_attention_ref
 
 from helpers import DEVICE
+from helpers import FP8
 from helpers import assert_2x_rule
 from helpers import assert_checked_matches_default
 from helpers import assert_public_op_matches_registered
 from helpers import assert_raw_op_raises_like_public
 from helpers import close
 from helpers import gen
+from helpers import last_dim_strided
 from helpers import need_triton
+from helpers import on
 from helpers import ragged_table
 from helpers import randn
 from helpers import replace
@@ -32,6 +42,7 @@ from helpers import run_on_fakes
 
 B, H, D = 2, 2, 16
 GRID_H, GRID_W = 2, 4  # literal tests: pool rows form frames of 8 tokens
+E4M3_NAN = 0x7F  # the float8_e4m3fn NaN code (S.1111.111)
 
 
 def _args(g: torch.Generator) -> list:
@@ -48,6 +59,45 @@ def _attention_case(g: torch.Generator, dtype=torch.float32, device="cpu"):
     k_pool, v_pool = (randn(g, 2, 120, 3, 64, dtype=dtype, device=device) for _ in range(2))
     seg, total = ragged_table(2, 120, g)
     return q, k_pool, v_pool, seg.to(device), total
+
+
+def _fp8_attention_case(g: torch.Generator) -> tuple[list, dict, int]:
+    """:func:`_attention_case` with FP8 pools, unread rows poisoned: ([q, k codes, v codes, seg], scales, total)."""
+    q, k_pool, v_pool, seg, total = _attention_case(g)
+    unread = _unread_rows(seg, 120)
+    (k_codes, k_scale), (v_codes, v_scale) = _quantized(k_pool, unread), _quantized(v_pool, unread)
+    return [q, k_codes, v_codes, seg], {"k_pool_scale": k_scale, "v_pool_scale": v_scale}, total
+
+
+def _fp8_args(g: torch.Generator) -> list:
+    """:func:`_args` with FP8 pools, as the raw op takes them: [q, k codes, v codes, seg, scale, backend,
+    k_pool_scale, v_pool_scale]."""
+    q, k_pool, v_pool, seg = _args(g)
+    (k_codes, k_scale), (v_codes, v_scale) = quantize_fp8(k_pool), quantize_fp8(v_pool)
+    return [q, k_codes, v_codes, seg, D**-0.5, "auto", k_scale, v_scale]
+
+
+def _unread_rows(seg: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """bool [B, n_rows]: the pool rows that no segment of ``seg`` [B, n_seg, 3] lists."""
+    unread = torch.ones(seg.shape[0], n_rows, dtype=torch.bool)
+    for b, table in enumerate(seg.tolist()):
+        for start, length, _ in table:
+            unread[b, start:start + length] = False
+    return unread
+
+
+def _quantized(pool: torch.Tensor, unread: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pool`` [B, n_rows, H, D] as an FP8 pool (codes, fp32 scales [B, n_rows, H]), the ``unread`` rows poisoned in
+    codes and scales (the interpreter decodes the NaN code as 480: the NaN scale makes a stray read show)."""
+    codes, scale = quantize_fp8(pool.float())
+    codes.view(torch.uint8)[unread] = E4M3_NAN  # masked_fill has no float8 kernel: write the bits
+    scale[unread] = float("nan")
+    return codes.to(pool.device), scale.to(pool.device)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (NaN poison and FP8 codes included)."""
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
 # ---------------------------------------------------------------------------------- reference vs literal
@@ -113,6 +163,37 @@ def test_sparse_kv_attention_ref_float64_inputs():
     torch.testing.assert_close(got, _literal_attention(q, k_pre, v, pos[None], seg, 0.125), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("d, frame_pos, table", [
+    pytest.param(32, [3, 4, 5, 6], [[[0, 1, -2], [9, 7, 0], [16, 16, 3]], [[24, 8, 5], [2, 5, -1], [0, 0, 0]]],
+                 id="D32-B2-ragged-len0"),
+    pytest.param(128, [0, 1, 57], [[[8, 8, -56], [0, 1, 55], [17, 7, 2]], [[16, 8, 0], [3, 1, -3], [9, 4, 30]]],
+                 id="D128-B2-relax-like"),
+])
+def test_sparse_kv_attention_ref_fp8_vs_literal(d, frame_pos, table):
+    """FP8 pools: the reference attends over the pools' values ``codes * scale``: the literal path on the explicitly
+    dequantized pools (pre-RoPE keys recovered by rotating the dequantized keys back, float64)."""
+    g = gen(320 + d)
+    b, h, n_rows = len(table), 2, len(frame_pos) * GRID_H * GRID_W
+    pos = _pool_positions(frame_pos)
+    k_pre, v, q = randn(g, b, n_rows, h, d), randn(g, b, n_rows, h, d), randn(g, b, 5, h, d)
+    seg = torch.tensor(table, dtype=torch.int32)
+    unread = _unread_rows(seg, n_rows)
+    assert unread.any()
+    (k_codes, k_scale), (v_codes, v_scale) = _quantized(apply_rope(k_pre, pos), unread), _quantized(v, unread)
+    inputs = [t.clone() for t in (q, k_codes, v_codes, seg, k_scale, v_scale)]
+
+    got = sparse_kv_attention_ref(q, k_codes, v_codes, seg, d**-0.5, k_scale, v_scale)
+
+    assert got.dtype == q.dtype and got.shape == q.shape
+    k_values = dequantize_fp8(k_codes, k_scale).double()  # rotated at write positions; NaN in unread rows
+    want = _literal_attention(q, apply_rope(k_values, -pos), dequantize_fp8(v_codes, v_scale), pos.expand(b, -1, -1),
+                              seg, d**-0.5)
+    # the same fp32 pool values on both sides: fp32 math against float64, as for pools in q's dtype
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5)
+    for before, after in zip(inputs, (q, k_codes, v_codes, seg, k_scale, v_scale)):
+        assert _same_bits(before, after)
+
+
 def test_sparse_kv_attention_segment_order_irrelevant_to_softmax():
     """One softmax over all segments: permuting table rows (same keys, same deltas) leaves the output unchanged."""
     g = gen(311)
@@ -162,7 +243,10 @@ def _attention_same_dtype(q, k_pool, v_pool, seg, scale):
     pytest.param(torch.float16, 2, 32, 9, [(0, 16, 2), (20, 0, 0)], [(0, 0, 3), (40, 0, -1)], "contiguous",
                  id="fp16-d32-batch1-empty"),
 ])
-def test_sparse_kv_attention_triton_matches_reference(dtype, heads, head_dim, n_q, seg0, seg1, layout):
+@pytest.mark.parametrize("pools", ["compute", "fp8"], ids=["pools_compute_dtype", "pools_fp8"])
+def test_sparse_kv_attention_triton_matches_reference(dtype, heads, head_dim, n_q, seg0, seg1, layout, pools):
+    """pools "fp8": codes and scales of pools whose rows and heads span 3 binades, rows no segment lists
+    poisoned (NaN codes and scales); "interleaved" then gives the codes and the two scales three layouts."""
     need_triton()
     from relaxkv_kernels.ops.sparse_kv_attention.triton import sparse_kv_attention_triton
 
@@ -176,14 +260,29 @@ def test_sparse_kv_attention_triton_matches_reference(dtype, heads, head_dim, n_
         k_pool, v_pool = (randn(g, 2, 128, heads, head_dim, dtype=dtype, device=DEVICE) for _ in range(2))
     seg = torch.tensor([seg0, seg1], dtype=torch.int32, device=DEVICE)
     scale = head_dim**-0.5
-    before = [t.clone() for t in (q, k_pool, v_pool, seg)]
+    scales = []
+    if pools == "fp8":
+        unread = _unread_rows(seg.cpu(), 128)
+        spread = [torch.exp2(torch.randint(-2, 1, (2, 128, heads, 1), generator=g)).to(DEVICE) for _ in range(2)]
+        (k_pool, k_scale), (v_pool, v_scale) = (_quantized(x * s, unread) for x, s in zip((k_pool, v_pool), spread))
+        if layout == "interleaved":  # codes and k_scale over NaN gaps; v_scale a [B, H, n_rows] buffer transposed
+            k_pool, v_pool, k_scale = map(last_dim_strided, (k_pool, v_pool, k_scale))
+            v_scale = v_scale.transpose(1, 2).contiguous().transpose(1, 2)
+        scales = [k_scale, v_scale]
+    inputs = (q, k_pool, v_pool, seg, *scales)
+    before = [t.clone() for t in inputs]
 
-    out = sparse_kv_attention_triton(q, k_pool, v_pool, seg, scale)
+    out = sparse_kv_attention_triton(q, k_pool, v_pool, seg, scale, *scales)
 
-    for t, t0 in zip((q, k_pool, v_pool, seg), before):
-        assert torch.equal(t, t0), "inputs of a non-mutating op changed"
+    for t, t0 in zip(inputs, before):
+        assert _same_bits(t, t0), "inputs of a non-mutating op changed"
     assert out.dtype == dtype and out.shape == q.shape
-    truth = sparse_kv_attention_ref(q.double(), k_pool.double(), v_pool.double(), seg, scale).double()
+    if pools == "fp8":
+        truth = sparse_kv_attention_ref(q.double(), k_pool, v_pool, seg, scale, k_scale, v_scale).double()
+        # the pools' values (code * scale: 4 significant bits, exact in fp16 here) for torch's same-dtype path
+        k_pool, v_pool = dequantize_fp8(k_pool, k_scale).to(dtype), dequantize_fp8(v_pool, v_scale).to(dtype)
+    else:
+        truth = sparse_kv_attention_ref(q.double(), k_pool.double(), v_pool.double(), seg, scale).double()
     if dtype == torch.float32:
         # fp32 storage, fp32 math (dots in IEEE fp32, no TF32) vs float64: rounding of O(1) values only
         torch.testing.assert_close(out.double(), truth, rtol=1e-5, atol=1e-5)
@@ -206,6 +305,74 @@ def test_sparse_kv_attention_triton_refuses_head_dim_below_16():
                                      "relaxkv.sparse_kv_attention: q: expected head_dim >= 16 for the Triton kernel")
 
 
+# ------------------------------------------------------------------------ FP8 pools vs unquantized pools
+
+E4M3_REL = 2.0**-4  # a normal e4m3 code keeps 3 mantissa bits, rounded to nearest: relative error <= 2^-4
+E4M3_SUB = 2.0**-10  # subnormal codes (|x| < 2^-6 scale) are multiples of 2^-9 scale: absolute error <= 2^-10 scale
+
+
+def _pair_norms(x: torch.Tensor) -> torch.Tensor:
+    """[..., D] -> [..., D/2]: the length of every RoPE pair (2i, 2i+1), which a rotation keeps."""
+    return x.unflatten(-1, (-1, 2)).norm(dim=-1)
+
+
+def _fp8_error_bound(q, k_pool, v_pool, k_scale, v_scale, seg, scale) -> torch.Tensor:
+    """A bound on |out(FP8 pools) - out(pools)| for every output element, from e4m3's rounding: float64 [B, Nq, H, D].
+
+    The FP8 pools hold the pools quantized (``k_scale``, ``v_scale``: their scales). Each stored element reads back
+    as x~ = x + e with |e| <= E(x) = 2^-4 |x| + 2^-10 s (s: the scale of its row and head; normal codes have a
+    relative error of at most 2^-4, subnormal ones an absolute one of half their step 2^-9 s).
+    Logits: s~_j - s_j = scale * q . R_j e_j (R_j: key j's delta rotation, turning each pair of dims by some angle);
+    per pair, Cauchy-Schwarz and |R e| = |e| give |s~_j - s_j| <= L = scale * max_j sum_pairs |q_pair| |E(k_j)_pair|.
+    Weights: p~_j / p_j = e^(d_j) / sum_i p_i e^(d_i) with every |d| <= L lies in [e^-2L, e^2L], so
+    |p~_j - p_j| <= (e^2L - 1) p_j.
+    Output: o~ - o = sum_j (p~_j - p_j) (v_j - o) + sum_j p~_j e_j (both weight sets sum to 1), so
+    |o~ - o| <= (e^2L - 1) sum_j p_j |v_j - o| + e^2L sum_j p_j E(v_j): here computed from the pools in float64.
+    """
+    bound = []
+    for b in range(q.shape[0]):
+        rows = torch.cat([torch.arange(start, start + n) for start, n, _ in seg[b].tolist()])
+        k, v = gather_segments_ref(k_pool[b].double(), v_pool[b].double(), seg[b])  # [Nk, H, D]
+        p = (q[b].double().transpose(0, 1) @ k.permute(1, 2, 0) * scale).softmax(-1)  # [H, Nq, Nk]
+        o = p @ v.transpose(0, 1)  # [H, Nq, D]
+        err_k, err_v = (E4M3_REL * x[b, rows].double().abs() + E4M3_SUB * s[b, rows, :, None].double()
+                        for x, s in ((k_pool, k_scale), (v_pool, v_scale)))  # [Nk, H, D]
+        logit = scale * torch.einsum("ihp,jhp->hij", _pair_norms(q[b].double()), _pair_norms(err_k)).amax(-1)
+        grow = torch.exp(2 * logit)[..., None]  # [H, Nq, 1]
+        spread = (p[..., None] * (v.transpose(0, 1)[:, None] - o[:, :, None]).abs()).sum(2)  # [H, Nq, D]
+        bound.append(((grow - 1) * spread + grow * (p @ err_v.transpose(0, 1))).transpose(0, 1))
+    return torch.stack(bound)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_fp8_pools_output_close_to_unquantized(backend):
+    """The public function on FP8 pools (the fp32 pools quantized, rows and heads over 3 binades) against the same
+    call on the fp32 pools: within :func:`_fp8_error_bound` everywhere, + 1e-5 for the fp32 rounding of both (as in
+    the fp32 tests). A worst case (rounding errors all aligned): here about 13x the largest error seen; a K or V
+    scale read from the next row, or K's from the other head, exceeds it 2-4x."""
+    device = DEVICE if backend == "triton" else "cpu"
+    if backend == "triton":
+        need_triton()
+    g = gen(40)
+    q = 2 * randn(g, 2, 20, 2, 32)  # logits up to ~7, largest weights 0.2-0.8: a softmax neither flat nor one-hot
+    k_pool, v_pool = (randn(g, 2, 120, 2, 32) * torch.exp2(torch.randint(-2, 1, (2, 120, 2, 1), generator=g))
+                      for _ in range(2))
+    seg, _ = ragged_table(2, 120, g)
+    scale = 32**-0.5
+    unread = _unread_rows(seg, 120)
+    (k_codes, k_scale), (v_codes, v_scale) = _quantized(k_pool, unread), _quantized(v_pool, unread)
+    bound = _fp8_error_bound(q, k_pool, v_pool, quantize_fp8(k_pool)[1], quantize_fp8(v_pool)[1], seg, scale)
+
+    want = rk.sparse_kv_attention(*on(device, [q, k_pool, v_pool, seg]), backend=backend)
+    got = rk.sparse_kv_attention(*on(device, [q, k_codes, v_codes, seg]), backend=backend,
+                                 k_pool_scale=k_scale.to(device), v_pool_scale=v_scale.to(device))
+
+    err = (got.double() - want.double()).abs().cpu()
+    assert got.dtype == q.dtype and not err.isnan().any()
+    worst = (err / (bound + 1e-5)).max().item()
+    assert worst <= 1, f"FP8 output off by {worst:.2f} x the e4m3 bound (max error {err.max():.2e})"
+
+
 # -------------------------------------------------------------------------------- impl="gather" vs fused
 
 
@@ -214,6 +381,15 @@ def test_gather_impl_matches_fused_on_cpu(scale):
     q, k_pool, v_pool, seg, total = _attention_case(gen(12))
     fused = rk.sparse_kv_attention(q, k_pool, v_pool, seg, scale, backend="reference", impl="fused")
     gather = rk.sparse_kv_attention(q, k_pool, v_pool, seg, scale, backend="reference", impl="gather", total=total)
+    assert gather.shape == fused.shape and gather.dtype == fused.dtype
+    torch.testing.assert_close(gather, fused, rtol=1e-5, atol=1e-5)
+
+
+def test_gather_impl_matches_fused_fp8_pools():
+    """impl="gather" dequantizes the rows into q's dtype (gather_kv_rope_into), then attends: the fused result."""
+    args, scales, total = _fp8_attention_case(gen(15))
+    fused = rk.sparse_kv_attention(*args, backend="reference", impl="fused", **scales)
+    gather = rk.sparse_kv_attention(*args, backend="reference", impl="gather", total=total, **scales)
     assert gather.shape == fused.shape and gather.dtype == fused.dtype
     torch.testing.assert_close(gather, fused, rtol=1e-5, atol=1e-5)
 
@@ -252,6 +428,19 @@ def test_compiled_attention_matches_eager(impl, engine):
     torch.testing.assert_close(compiled(q, k_pool, v_pool, seg), attend(q, k_pool, v_pool, seg))
 
 
+@pytest.mark.parametrize("impl", ["gather", "fused"])
+def test_compiled_fp8_attention_matches_eager(impl):
+    args, scales, total = _fp8_attention_case(gen(17))
+
+    def attend(q, k_codes, v_codes, seg, k_scale, v_scale):
+        return rk.sparse_kv_attention(q, k_codes, v_codes, seg, k_pool_scale=k_scale, v_pool_scale=v_scale,
+                                      impl=impl, total=total)
+
+    compiled = torch.compile(attend, fullgraph=True, backend="eager")
+    inputs = [*args, scales["k_pool_scale"], scales["v_pool_scale"]]
+    torch.testing.assert_close(compiled(*inputs), attend(*inputs))
+
+
 def test_impl_arguments_are_checked():
     q, k_pool, v_pool, seg, total = _attention_case(gen(16))
     with pytest.raises(ValueError, match="impl: expected one of"):
@@ -273,12 +462,39 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.relaxkv.sparse_kv_attention.default, (*_args(gen(0)), D**-0.5, "reference"))
 
 
+def test_opcheck_fp8_pools():
+    """Without test_schema: its mutation check multiplies the inputs, which torch cannot do for float8 on the CPU."""
+    args = replace(_fp8_args(gen(0)), 5, "reference")
+    torch.library.opcheck(torch.ops.relaxkv.sparse_kv_attention.default, tuple(args),
+                          test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
 def test_public_op_matches_registered_op():
     assert_public_op_matches_registered("sparse_kv_attention", _args(gen(1)), D**-0.5)  # the default scale
 
 
+def test_public_op_matches_registered_op_fp8_pools():
+    q, k_codes, v_codes, seg, scale, _, k_scale, v_scale = _fp8_args(gen(1))
+    inputs = [t.clone() for t in (q, k_codes, v_codes, seg, k_scale, v_scale)]
+    out = rk.sparse_kv_attention(q, k_codes, v_codes, seg, k_pool_scale=k_scale, v_pool_scale=v_scale)
+    assert torch.equal(out, torch.ops.relaxkv.sparse_kv_attention(q, k_codes, v_codes, seg, scale, "reference",
+                                                                  k_scale, v_scale))
+    for before, after in zip(inputs, (q, k_codes, v_codes, seg, k_scale, v_scale)):
+        assert _same_bits(before, after)
+
+
 def test_fake_shape():
     out, _ = run_on_fakes("sparse_kv_attention", _args(gen(3)), 0.25)
+    assert out.shape == (B, 24, H, D) and out.dtype == torch.float32
+
+
+def test_fake_shape_fp8_pools():
+    """The fake takes the scales: the output has q's shape and dtype, whatever the pools' format."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in _fp8_args(gen(3))]
+        out = torch.ops.relaxkv.sparse_kv_attention(*replace(args, 5, "reference"))
     assert out.shape == (B, 24, H, D) and out.dtype == torch.float32
 
 
@@ -315,6 +531,37 @@ def test_bad_input_raises_before_any_kernel(index, value, exc, match):
     assert_raw_op_raises_like_public("sparse_kv_attention", args, exc, match)
 
 
+BAD_FP8 = [  # (pools, argument index, replacement, error type, message fragment); the raw op's arguments with scales
+    pytest.param("fp8", 6, None, ValueError, r"k_pool_scale: expected the float32 \[B, n_rows, H\] scales of the "
+                 "torch.float8_e4m3fn k_pool, got None", id="fp8_k_pool_without_scale"),
+    pytest.param("fp8", 7, None, ValueError, "v_pool_scale: expected the float32", id="fp8_v_pool_without_scale"),
+    pytest.param("compute", 6, torch.ones(B, 80, H), ValueError,
+                 "k_pool_scale: expected None for a torch.float32 k_pool", id="scale_with_fp32_k_pool"),
+    pytest.param("compute", 7, torch.ones(B, 80, H), ValueError,
+                 "v_pool_scale: expected None for a torch.float32 v_pool", id="scale_with_fp32_v_pool"),
+    pytest.param("fp8", 6, torch.ones(B, 80, H + 1), ValueError,
+                 r"k_pool_scale: expected shape \[2, 80, 2\], got \(2, 80, 3\)", id="k_scale_heads"),
+    pytest.param("fp8", 7, torch.ones(B, 81, H), ValueError,
+                 r"v_pool_scale: expected shape \[2, 80, 2\], got \(2, 81, 2\)", id="v_scale_rows"),
+    pytest.param("fp8", 6, torch.ones(B, 80, H, dtype=torch.float16), TypeError, "k_pool_scale: expected dtype",
+                 id="k_scale_fp16"),
+    pytest.param("fp8", 7, torch.ones(B, 80, H, device="meta"), ValueError,
+                 "v_pool_scale: expected a tensor on cpu, got one on meta", id="v_scale_device"),
+    pytest.param("fp8", 2, torch.randn(B, 80, H, D), TypeError,
+                 r"v_pool: expected dtype in \['torch.float8_e4m3fn'\], got torch.float32", id="fp8_k_fp32_v"),
+    pytest.param("compute", 2, torch.randn(B, 80, H, D).to(FP8), TypeError,
+                 r"v_pool: expected dtype in \['torch.float32'\], got torch.float8_e4m3fn", id="fp32_k_fp8_v"),
+    pytest.param("fp8", 1, torch.randn(B, 80, H, D).half(), TypeError, "k_pool: expected dtype", id="k_pool_fp16"),
+]
+
+
+@pytest.mark.parametrize("pools, index, value, exc, match", BAD_FP8)
+def test_bad_pool_format_raises_before_any_kernel(pools, index, value, exc, match):
+    """FP8 pools and their scales: the public function and the raw op raise the same named error."""
+    args = _fp8_args(gen(7)) if pools == "fp8" else [*_args(gen(7)), D**-0.5, "auto", None, None]
+    assert_raw_op_raises_like_public("sparse_kv_attention", replace(args, index, value), exc, match)
+
+
 def test_bad_scale_type():
     """A string scale: the public function names it; the raw op's schema refuses it first (torch's error)."""
     with pytest.raises(TypeError, match="scale: expected a float"):
@@ -325,3 +572,7 @@ def test_bad_scale_type():
 
 def test_checked_true_matches_default():
     assert_checked_matches_default("sparse_kv_attention", [*_args(gen(6)), 0.3, "reference"])
+
+
+def test_checked_true_matches_default_fp8_pools():
+    assert_checked_matches_default("sparse_kv_attention", replace(_fp8_args(gen(6)), 5, "reference"))

@@ -260,6 +260,7 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
         max_sequence_length: int = 512,
         backend: str | None = None,
         progress: bool = True,
+        kv_dtype: torch.dtype | None = None,
     ) -> Iterator:
         """Generate ``num_chunks`` chunks, yielding each one's output as soon as it is generated and decoded.
 
@@ -279,6 +280,7 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
                 1 + 4 (U - 1) for the first chunk, 4 U after.
             backend: the ``KVCache`` backend; None: ``"fused"`` on a CUDA device, ``"reference"`` elsewhere.
             progress: a progress bar over the chunks (``self.progress_bar``; see ``set_progress_bar_config``).
+            kv_dtype: the cache's pool dtype (None: the transformer's; ``torch.float8_e4m3fn``: FP8 pools).
 
         Returns:
             An iterator of ``num_chunks`` outputs. Arguments are checked (ValueError / TypeError) when ``stream`` is
@@ -312,12 +314,12 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
             backend = "fused" if device.type == "cuda" else "reference"
         latent_h, latent_w = height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial
         return self._chunks(text, policy, sampler, num_chunks, latent_h, latent_w, generator, output_type, backend,
-                            device, progress)
+                            device, progress, kv_dtype)
 
     @torch.no_grad()
     def _chunks(self, text: torch.Tensor, policy: MemoryPolicy, sampler: FlowMatchSampler, num_chunks: int,
                 latent_h: int, latent_w: int, generator: torch.Generator, output_type: str, backend: str,
-                device: torch.device, progress: bool) -> Iterator:
+                device: torch.device, progress: bool, kv_dtype: torch.dtype | None) -> Iterator:
         """The generation loop behind :meth:`stream` (arguments checked): text [B, L, text_dim] on ``device``."""
         transformer = self.transformer
         batch, frames = text.shape[0], int(policy.chunk_frames)
@@ -335,7 +337,7 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
                                "stream() still open?): finish or close() that iterator first")
         decoder = None if output_type == "latent" else StreamingVAEDecoder(self.vae)
         self.kv_cache = attach(transformer, policy, batch=batch, height=latent_h // 2, width=latent_w // 2,
-                               backend=backend, device=device, dtype=dtype)
+                               backend=backend, device=device, dtype=dtype, kv_dtype=kv_dtype)
         bar = self.progress_bar(total=num_chunks) if progress else None
         try:
             for _ in range(num_chunks):

@@ -10,6 +10,7 @@ from ..cuda_common import Launch
 from ..cuda_common import check_written
 from ..cuda_common import index
 from ..cuda_common import rows
+from ..cuda_common import scales
 from ..cuda_common import unit_last_stride
 
 _OP = "compress_kv_cuda"
@@ -17,7 +18,8 @@ _OP = "compress_kv_cuda"
 
 def compress_kv_cuda(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                      mean_key: torch.Tensor, block_slot: torch.Tensor, t0: torch.Tensor, row0: int, frames: int,
-                     height: int, width: int) -> None:
+                     height: int, width: int, k_pool_scale: torch.Tensor | None = None,
+                     v_pool_scale: torch.Tensor | None = None) -> None:
     r"""PackForcing compression of one block into the compressed pool rows: two launches, no host sync.
 
     For compressed token c = (tc, yc, xc) of the (frames // 2, height // 4, width // 4) grid, with
@@ -27,15 +29,19 @@ def compress_kv_cuda(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_p
         v_pool[b, row0 + slot * Nc + c] = pv
         mean_key[b, slot]               = mean_c pk        (fp32, pre-RoPE; deterministic, no atomics)
 
-    Wan RoPE as in rope_append (fp64 inverse-frequency table rounded to fp32, fp32 angles, sincosf).
+    Wan RoPE as in rope_append (fp64 inverse-frequency table rounded to fp32, fp32 angles, sincosf). FP8 pools
+    get each written row and head quantized from its fp32 value (ops/fp8.py): codes and a scale; mean_key is the
+    same either way.
 
     Args:
         k, v: [B, frames * height * width, H, D] pre-RoPE block keys / values, any strides.
-        k_pool, v_pool: [B, n_rows, H, D] (dtype of k), stride(-1) == 1, written in place.
+        k_pool, v_pool: [B, n_rows, H, D] (dtype of k, or both float8_e4m3fn), stride(-1) == 1, written in place.
         mean_key: float32 [B, n_blocks, H, D], written in place.
         block_slot, t0: int [1] device tensors: archive slot (in [0, n_blocks); out of range: nothing
             is written) and the block's first-frame position, read by the kernel.
         row0: first compressed pool row. frames, height, width: the block's token grid (>= 2x4x4).
+        k_pool_scale, v_pool_scale: float32 [B, n_rows, H] scales of FP8 pools, written in place (a null pointer
+            to the launcher: pools in the compute dtype); None otherwise.
 
     Example:
         >>> k = torch.randn(1, 4 * 1560, 12, 128, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
@@ -53,7 +59,8 @@ def compress_kv_cuda(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_p
     launch = Launch(_OP, k.device)
     with launch as (ext, stream):
         ext.compress_kv_cuda(
-            *rows(k), *rows(v), *rows(k_pool), *rows(v_pool), mean_key.data_ptr(), mean_key.stride(), ws.data_ptr(),
+            *rows(k), *rows(v), *rows(k_pool), *rows(v_pool), *scales(k_pool_scale), *scales(v_pool_scale),
+            mean_key.data_ptr(), mean_key.stride(), ws.data_ptr(),
             block_slot.data_ptr(), t0.data_ptr(), b, frames, height, width, h, d, k_pool.shape[1], row0,
             mean_key.shape[1], launch.code(k.dtype), stream,
         )

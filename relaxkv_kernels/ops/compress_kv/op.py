@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -16,11 +17,11 @@ from ...geometry import compressed_grid
 from ..checks import check_devices
 from ..checks import check_index
 from ..checks import check_int
-from ..checks import check_pool
 from ..checks import check_qkv
 from ..checks import check_tensor
 from ..checks import checks_in_fake
 from ..dispatch import OpBackends
+from ..fp8 import check_pool_format
 from .cuda import compress_kv_cuda
 from .reference import compress_kv_into_ref
 
@@ -34,7 +35,8 @@ def _triton():
 BACKENDS = OpBackends("compress_kv", reference=compress_kv_into_ref, triton=_triton, cuda=compress_kv_cuda)
 
 
-def _check(k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames, height, width) -> None:
+def _check(k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames, height, width, k_pool_scale=None,
+           v_pool_scale=None) -> None:
     """The checks of :func:`compress_kv` (public function and registered op)."""
     op = "relaxkv.compress_kv"
     check_devices(op, k=k, v=v, k_pool=k_pool, v_pool=v_pool, mean_key=mean_key, block_slot=block_slot, t0=t0)
@@ -48,8 +50,9 @@ def _check(k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames, height,
         raise ValueError(f"{op}: k: expected {frames}*{height}*{width} = {frames * height * width} tokens, "
                          f"got {k.shape[1]}")
     check_tensor(op, "v", v, shape=tuple(k.shape), dtypes=(k.dtype,))
-    check_pool(op, "k_pool", k_pool, k)
-    check_tensor(op, "v_pool", v_pool, shape=tuple(k_pool.shape), dtypes=(k.dtype,))
+    check_pool_format(op, "k_pool", k_pool, k_pool_scale, k)
+    check_tensor(op, "v_pool", v_pool, shape=tuple(k_pool.shape), dtypes=(k_pool.dtype,))
+    check_pool_format(op, "v_pool", v_pool, v_pool_scale, k)
     b, _, h, d = k.shape
     check_tensor(op, "mean_key", mean_key, shape=(b, None, h, d), dtypes=(torch.float32,))
     nc = math.prod(compressed_grid(frames, height, width))
@@ -59,33 +62,43 @@ def _check(k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames, height,
     check_index(op, "t0", t0, 1)
 
 
-@torch.library.custom_op("relaxkv::compress_kv", mutates_args=("k_pool", "v_pool", "mean_key"))
+@torch.library.custom_op("relaxkv::compress_kv",
+                         mutates_args=("k_pool", "v_pool", "mean_key", "k_pool_scale", "v_pool_scale"))
 def compress_kv_op(k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, mean_key: Tensor, block_slot: Tensor,
                    t0: Tensor, row0: int, frames: int, height: int, width: int, backend: str,
+                   k_pool_scale: Optional[Tensor] = None, v_pool_scale: Optional[Tensor] = None,
                    checked: bool = False) -> None:
     BACKENDS.run(k.device, backend, checked, _check, k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames,
-                 height, width)
+                 height, width, k_pool_scale, v_pool_scale)
 
 
 @compress_kv_op.register_fake
 def compress_kv_fake(k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames, height, width, backend,
-                     checked=False):
+                     k_pool_scale=None, v_pool_scale=None, checked=False):
     if checks_in_fake(checked, k):
-        _check(k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames, height, width)
+        _check(k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames, height, width, k_pool_scale,
+               v_pool_scale)
 
 
 def compress_kv(k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, mean_key: Tensor, block_slot: Tensor,
-                t0: Tensor, row0: int, frames: int, height: int, width: int, backend: str = "auto") -> None:
+                t0: Tensor, row0: int, frames: int, height: int, width: int, backend: str = "auto",
+                k_pool_scale: Optional[Tensor] = None, v_pool_scale: Optional[Tensor] = None) -> None:
     """PackForcing compression: 2x4x4 average pooling of a block's K and V into compressed pool rows.
 
     Pooled keys are rotated at their window centres (t0 + 2 tc + 0.5, 4 yc + 1.5, 4 xc + 1.5).
 
     Args:
         k, v: [B, frames * F, H, D] pre-RoPE block keys / values.
-        k_pool, v_pool: [B, n_rows, H, D]; rows row0 + slot * Nc .. + Nc - 1 are written.
-        mean_key: float32 [B, n_blocks, H, D]; entry ``slot`` receives the mean pooled pre-RoPE key.
+        k_pool, v_pool: [B, n_rows, H, D] in the dtype of k, or both float8_e4m3fn (FP8 pools); rows
+            row0 + slot * Nc .. + Nc - 1 are written.
+        mean_key: float32 [B, n_blocks, H, D]; entry ``slot`` receives the mean pooled pre-RoPE key (float32,
+            computed before any quantization: the same with FP8 pools).
         block_slot, t0: int32/int64 [1] archive slot and first-frame position (device tensors: no host sync).
+        backend: "auto", "reference", "triton" or "cuda".
+        k_pool_scale, v_pool_scale: float32 [B, n_rows, H] scales of FP8 pools (ops/fp8.py), written in place with
+            their rows: each written row and head is quantized from its float32 value (the rotated pooled key, the
+            pooled value), never rounded to the compute dtype first. None for pools in the compute dtype.
     """
-    _check(k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames, height, width)
+    _check(k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames, height, width, k_pool_scale, v_pool_scale)
     torch.ops.relaxkv.compress_kv(k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames, height, width, backend,
-                                  checked=True)
+                                  k_pool_scale, v_pool_scale, checked=True)

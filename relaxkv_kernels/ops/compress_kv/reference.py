@@ -9,6 +9,7 @@ from ...geometry import POOL_Y
 from ...geometry import apply_rope
 from ...geometry import compressed_grid
 from ...geometry import compressed_positions
+from ..fp8 import write_rows
 
 
 def pool_block(x: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:
@@ -18,6 +19,15 @@ def pool_block(x: torch.Tensor, frames: int, height: int, width: int) -> torch.T
     g = x.float().reshape(b, frames, height, width, h, d)[:, : nt * POOL_T, : ny * POOL_Y, : nx * POOL_X]
     g = g.reshape(b, nt, POOL_T, ny, POOL_Y, nx, POOL_X, h, d).mean(dim=(2, 4, 6))
     return g.reshape(b, nt * ny * nx, h, d)
+
+
+def _compress_fp32(k: torch.Tensor, v: torch.Tensor, t0: float, frames: int, height: int,
+                   width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 (rotated pooled K [B, Nc, H, D], pooled V [B, Nc, H, D], mean key [B, H, D]) of one block."""
+    pk = pool_block(k, frames, height, width)
+    pv = pool_block(v, frames, height, width)
+    ck = apply_rope(pk, compressed_positions(t0, frames, height, width).to(k.device))
+    return ck, pv, pk.mean(dim=1)
 
 
 def compress_kv_ref(
@@ -33,28 +43,30 @@ def compress_kv_ref(
         ck [B, Nc, H, D] (dtype of k), cv [B, Nc, H, D] (dtype of v), mean_key float32 [B, H, D]
         (mean of the pooled pre-RoPE keys, for the affinity).
     """
-    pk = pool_block(k, frames, height, width)
-    pv = pool_block(v, frames, height, width)
-    ck = apply_rope(pk, compressed_positions(t0, frames, height, width).to(k.device))
-    return ck.to(k.dtype), pv.to(v.dtype), pk.mean(dim=1)
+    ck, cv, mk = _compress_fp32(k, v, t0, frames, height, width)
+    return ck.to(k.dtype), cv.to(v.dtype), mk
 
 
 def compress_kv_into_ref(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                          mean_key: torch.Tensor, block_slot: torch.Tensor, t0: torch.Tensor, row0: int, frames: int,
-                         height: int, width: int) -> None:
+                         height: int, width: int, k_pool_scale: torch.Tensor | None = None,
+                         v_pool_scale: torch.Tensor | None = None) -> None:
     """Op form of :func:`compress_kv_ref`: write the compressed block into the pools in place.
 
     Rows ``row0 + slot * Nc .. row0 + slot * Nc + Nc - 1`` of k_pool / v_pool receive the rotated pooled
-    keys / pooled values, and ``mean_key[:, slot]`` the block's mean key.
+    keys / pooled values (FP8 pools: quantized from their float32 values into codes and scales), and
+    ``mean_key[:, slot]`` the block's mean key (float32, whatever the pools' format).
 
     Args:
         k, v: [B, frames * F, H, D] pre-RoPE block keys / values.
-        k_pool, v_pool: [B, n_rows, H, D]; mean_key: float32 [B, n_blocks, H, D].
+        k_pool, v_pool: [B, n_rows, H, D] (dtype of k, or float8_e4m3fn); mean_key: float32 [B, n_blocks, H, D].
         block_slot, t0: int64 [1] archive slot and temporal position of the block's first frame.
+        k_pool_scale, v_pool_scale: float32 [B, n_rows, H] scales of FP8 pools (written with their rows), else None.
     """
     slot, start = int(block_slot[0]), int(t0[0])
-    ck, cv, mk = compress_kv_ref(k, v, start, frames, height, width)
+    ck, cv, mk = _compress_fp32(k, v, start, frames, height, width)
     nc = ck.shape[1]
-    k_pool[:, row0 + slot * nc : row0 + (slot + 1) * nc] = ck.to(k_pool.dtype)
-    v_pool[:, row0 + slot * nc : row0 + (slot + 1) * nc] = cv.to(v_pool.dtype)
+    rows = torch.arange(row0 + slot * nc, row0 + (slot + 1) * nc, device=k_pool.device)
+    write_rows(k_pool, k_pool_scale, 1, rows, ck)
+    write_rows(v_pool, v_pool_scale, 1, rows, cv)
     mean_key[:, slot] = mk

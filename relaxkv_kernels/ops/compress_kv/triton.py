@@ -4,7 +4,8 @@ One program per (tile of compressed tokens, b * H + h): it pools its tokens' win
 block's K/V (32 strided loads per tile, fp32 sums), rotates the pooled keys at their fractional
 window-centre positions, writes both pools' rows in place, and leaves the partial sum of its pooled
 pre-RoPE keys in a workspace; a second tiny launch reduces those into ``mean_key`` (deterministic,
-no atomics).
+no atomics). FP8 pools (constexpr ``FP8``): a tile holds whole rows of D, so each row's amax, scale and codes
+come from the fp32 tile before any store (ops/fp8.py); mean_key is computed as without them.
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from ...geometry import POOL_T
 from ...geometry import POOL_X
 from ...geometry import POOL_Y
 from ...geometry import compressed_grid
+from ..fp8 import is_fp8
+from ..triton_common import _fp8_encode
+from ..triton_common import _fp8_scale
 from ..triton_common import _rope_rotate
 from ..triton_common import inv_freq_table
 from ..triton_common import pair_split
@@ -23,9 +27,16 @@ from ..triton_common import row_mean_scatter
 
 
 @triton.jit
+def _amax_rows(x):
+    """max |x| over the last dim of fp32 ``x`` [BC, BD], NaN-propagating like torch's amax: as int32 bits (a NaN's
+    magnitude bits exceed every number's), the same on the GPU (whose float max drops NaN) and the interpreter."""
+    return tl.max(tl.abs(x).to(tl.int32, bitcast=True), 1).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _compress_kv_kernel(
     # pointers
-    k, v, k_pool, v_pool, block_slot, t0, inv_freq, partial,
+    k, v, k_pool, v_pool, k_scale, v_scale, block_slot, t0, inv_freq, partial,
     # sizes
     row0, N_C, N_Y, N_X, FRAME_TOKENS, WIDTH, N_HEADS, HEAD_DIM,
     # strides
@@ -33,8 +44,10 @@ def _compress_kv_kernel(
     s_vb, s_vn, s_vh, s_vd,
     s_kpb, s_kpn, s_kph, s_kpd,
     s_vpb, s_vpn, s_vph, s_vpd,
+    s_ksb, s_ksn, s_ksh,
+    s_vsb, s_vsn, s_vsh,
     # meta-parameters
-    N_T: tl.constexpr, N_H: tl.constexpr,
+    FP8: tl.constexpr, N_T: tl.constexpr, N_H: tl.constexpr,
     PT: tl.constexpr, PY: tl.constexpr, PX: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -75,28 +88,44 @@ def _compress_kv_kernel(
     rows = row0 + tl.load(block_slot) * N_C + o_c.to(tl.int64)  # [BC] pool rows of this block
     p_kp = k_pool + i_b * s_kpb + i_h * s_kph + rows[:, None] * s_kpn + o_d[None, :] * s_kpd
     p_vp = v_pool + i_b * s_vpb + i_h * s_vph + rows[:, None] * s_vpn + o_d[None, :] * s_vpd
-    tl.store(p_kp, b_ck.to(k_pool.dtype.element_ty), mask=m_cd)
-    tl.store(p_vp, b_pv.to(v_pool.dtype.element_ty), mask=m_cd)
+    if FP8:  # the tile holds whole rows: each row's amax over D is complete (masked lanes are 0)
+        b_ks, b_kinv = _fp8_scale(_amax_rows(b_ck))  # [BC]
+        b_vs, b_vinv = _fp8_scale(_amax_rows(b_pv))
+        tl.store(p_kp, _fp8_encode(b_ck * b_kinv[:, None]), mask=m_cd)  # uint8 view of the pools
+        tl.store(p_vp, _fp8_encode(b_pv * b_vinv[:, None]), mask=m_cd)
+        tl.store(k_scale + i_b * s_ksb + i_h * s_ksh + rows * s_ksn, b_ks, mask=m_c)
+        tl.store(v_scale + i_b * s_vsb + i_h * s_vsh + rows * s_vsn, b_vs, mask=m_c)
+    else:
+        tl.store(p_kp, b_ck.to(k_pool.dtype.element_ty), mask=m_cd)
+        tl.store(p_vp, b_pv.to(v_pool.dtype.element_ty), mask=m_cd)
+
+
+def _scale_strides(scale: torch.Tensor | None) -> tuple[int, int, int]:
+    """The B, N, H strides of an FP8 pool's scales [B, n_rows, H]; zeros without scales (FP8=False: unused)."""
+    return (0, 0, 0) if scale is None else scale.stride()
 
 
 def compress_kv_triton(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
                        mean_key: torch.Tensor, block_slot: torch.Tensor, t0: torch.Tensor, row0: int, frames: int,
-                       height: int, width: int) -> None:
+                       height: int, width: int, k_pool_scale: torch.Tensor | None = None,
+                       v_pool_scale: torch.Tensor | None = None) -> None:
     """Compress one block into archive slot ``block_slot`` (in place): the op form of ``compress_kv_ref``.
 
     With Nc = (frames // 2) * (height // 4) * (width // 4) and rows r = row0 + block_slot * Nc + j:
     ``k_pool[:, r]`` = 2x4x4 average of the pre-RoPE keys of window j, rotated at its centre
     (t0 + 2 tc + 0.5, 4 yc + 1.5, 4 xc + 1.5); ``v_pool[:, r]`` = the 2x4x4 average of V;
     ``mean_key[:, block_slot]`` = mean over j of the pooled pre-RoPE keys (float32). Windows past the
-    floors (odd frames, height/width not multiples of 4) are dropped, as in the reference.
+    floors (odd frames, height/width not multiples of 4) are dropped, as in the reference. FP8 pools get each
+    row and head quantized from its fp32 value (ops/fp8.py), codes and scale; mean_key is the same either way.
 
     Args:
         k, v: [B, frames * F, H, D] the block's pre-RoPE keys and values (F = height * width; any strides).
-        k_pool, v_pool: [B, n_rows, H, D] cache pools, written in place.
+        k_pool, v_pool: [B, n_rows, H, D] cache pools (dtype of k, or both float8_e4m3fn), written in place.
         mean_key: float32 [B, n_blocks, H, D], written in place.
         block_slot: int32/int64 [1] archive slot (on the device, read by the kernel: no host sync; must be in
             range). t0: int32/int64 [1] temporal position of the block's first frame (on the device).
         row0: first pool row of the compressed region. frames, height, width: the block's token grid.
+        k_pool_scale, v_pool_scale: float32 [B, n_rows, H] scales of FP8 pools, written in place; None otherwise.
 
     Returns:
         None.
@@ -113,11 +142,15 @@ def compress_kv_triton(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v
     block_d = triton.next_power_of_2(d)
     n_t, n_h = pair_split(d)
     partial = torch.empty((b * h, n_tiles, d), dtype=torch.float32, device=k.device)
+    fp8 = is_fp8(k_pool)
+    if fp8:  # codes are stored through uint8 views (the interpreter's fp8 cast rounds wrongly)
+        k_pool, v_pool = k_pool.view(torch.uint8), v_pool.view(torch.uint8)
     _compress_kv_kernel[(n_tiles, b * h)](
-        k, v, k_pool, v_pool, block_slot, t0, inv_freq_table(d, k.device), partial,
+        k, v, k_pool, v_pool, k_pool_scale, v_pool_scale, block_slot, t0, inv_freq_table(d, k.device), partial,
         row0, n_c, ny, nx, f, width, h, d,
         *k.stride(), *v.stride(), *k_pool.stride(), *v_pool.stride(),
-        N_T=n_t, N_H=n_h, PT=POOL_T, PY=POOL_Y, PX=POOL_X, BLOCK_C=block_c, BLOCK_D=block_d,
+        *_scale_strides(k_pool_scale), *_scale_strides(v_pool_scale),
+        FP8=fp8, N_T=n_t, N_H=n_h, PT=POOL_T, PY=POOL_Y, PX=POOL_X, BLOCK_C=block_c, BLOCK_D=block_d,
         num_warps=4,
     )
     # mean_key[b, slot, h] = sum over tiles / Nc: group g = b * H + h, slot read from block_slot[0]

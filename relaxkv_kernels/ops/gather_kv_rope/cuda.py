@@ -6,13 +6,15 @@ import torch
 from ..checks import require
 from ..cuda_common import Launch
 from ..cuda_common import rows
+from ..cuda_common import scales
 from ..cuda_common import unit_last_stride
 
 _OP = "gather_kv_rope_cuda"
 
 
 def gather_kv_rope_cuda(k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch.Tensor, k_out: torch.Tensor,
-                        v_out: torch.Tensor) -> None:
+                        v_out: torch.Tensor, k_pool_scale: torch.Tensor | None = None,
+                        v_pool_scale: torch.Tensor | None = None) -> None:
     r"""K (temporal delta-rotated) and V of every segment, concatenated into ``k_out`` / ``v_out``: one launch.
 
     For batch element b, segments s = (start, length, delta) of ``seg[b]`` in table order
@@ -22,18 +24,22 @@ def gather_kv_rope_cuda(k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch.T
         v[b] = cat_s v_pool[b, start_s : start_s + length_s]
 
     R_t rotates the temporal RoPE pairs only (fp32 angle delta * inv_freq, sincosf once per output
-    row, reused by every head). 16-byte loads and stores when the pools allow them. The table stays
+    row, reused by every head). FP8 pools are read as ``code * scale`` (fp32, the scale of the row and
+    head), rotated in fp32 and rounded once to the outputs' dtype. 16-byte loads and stores when the
+    pools and outputs allow them (FP8: 16 codes per load, head_dim a multiple of 16). The table stays
     on the device: each block scans its lengths in shared memory (no host sync). ``total`` must equal
     sum(length) of every batch element (host-known from the plan; checked for CPU tables by the
     public op): rows the table does not cover come out as NaN, and nothing is read or written out of
     bounds.
 
     Args:
-        k_pool, v_pool: [B, n_rows, H, D] (fp16 / bf16 / fp32, same dtype), any strides (rows of unit stride
-            are read in place; others are copied first).
+        k_pool, v_pool: [B, n_rows, H, D] (fp16 / bf16 / fp32 or float8_e4m3fn, same dtype), any strides (rows
+            of unit stride are read in place; others are copied first).
         seg: int32 [B, n_seg, 3] segment table (start_row, length, delta).
-        k_out, v_out: [B, total, H, D] of the pools' dtype, written in place: rows contiguous within a
-            batch element (a slice of a longer buffer along dim 1 is fine), the same strides for both.
+        k_out, v_out: [B, total, H, D] of the pools' dtype (any of fp32 / fp16 / bf16 for FP8 pools, the same
+            for both), written in place: rows contiguous within a batch element (a slice of a longer buffer
+            along dim 1 is fine), the same strides for both.
+        k_pool_scale, v_pool_scale: float32 [B, n_rows, H] scales of FP8 pools (any strides), None otherwise.
 
     Example:
         >>> kp = torch.randn(1, 8 * 1560, 12, 128, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
@@ -51,6 +57,7 @@ def gather_kv_rope_cuda(k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch.T
     launch = Launch(_OP, k_pool.device)
     with launch as (ext, stream):
         ext.gather_kv_rope_cuda(
-            *rows(k_pool), *rows(v_pool), seg.data_ptr(), seg.stride(), k_out.data_ptr(), v_out.data_ptr(),
-            k_out.stride(0), b, n_rows, h, d, seg.shape[1], total, launch.code(k_pool.dtype), stream,
+            *rows(k_pool), *rows(v_pool), *scales(k_pool_scale), *scales(v_pool_scale), seg.data_ptr(), seg.stride(),
+            k_out.data_ptr(), v_out.data_ptr(), k_out.stride(0), b, n_rows, h, d, seg.shape[1], total,
+            launch.code(k_out.dtype), stream,
         )

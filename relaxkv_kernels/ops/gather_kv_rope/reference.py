@@ -4,35 +4,45 @@ Segment table ``seg``: int32 [B, n_seg, 3], one row per segment ``(start_row, le
 Segment ``s`` of batch element ``b`` covers pool rows ``start .. start + length - 1``; its keys were
 stored rotated at their write-time positions and are rotated again by the temporal shift ``delta``
 (frames) on load. ``length == 0`` marks an unused segment (fixed table shapes for CUDA graphs).
+FP8 pools are dequantized first (``code * scale``, fp32: ``ops/fp8.py``), then the same math.
 """
 from __future__ import annotations
 
 import torch
 
 from ...geometry import apply_delta_rope
+from ..fp8 import pool_values
 
 
-def gather_segments_ref(k_pool: torch.Tensor, v_pool: torch.Tensor,
-                        seg_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_segments_ref(k_pool: torch.Tensor, v_pool: torch.Tensor, seg_b: torch.Tensor,
+                        k_scale: torch.Tensor | None = None,
+                        v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """K (delta-rotated) and V of one batch element's segments, in table order.
 
     Args:
         k_pool, v_pool: [n_rows, H, D] of one batch element.
         seg_b: int [n_seg, 3] (start_row, length, delta).
+        k_scale, v_scale: float32 [n_rows, H] scales of FP8 pools (only the gathered rows are dequantized);
+            None for pools in a compute dtype.
 
     Returns:
-        (k, v): [sum(length), H, D] each, dtype of the pool.
+        (k, v): [sum(length), H, D] each, dtype of the pool; float32 for FP8 pools.
     """
     rows, deltas = [], []
     for start, length, delta in seg_b.tolist():
         rows.append(torch.arange(start, start + length, device=k_pool.device))
         deltas.append(torch.full((length,), delta, dtype=torch.float64, device=k_pool.device))
     rows = torch.cat(rows)
-    return apply_delta_rope(k_pool.index_select(0, rows), torch.cat(deltas)), v_pool.index_select(0, rows)
+
+    def gathered(pool, scale):
+        return pool_values(pool.index_select(0, rows), None if scale is None else scale.index_select(0, rows))
+
+    return apply_delta_rope(gathered(k_pool, k_scale), torch.cat(deltas)), gathered(v_pool, v_scale)
 
 
-def gather_kv_rope_ref(k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch.Tensor,
-                       total: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_kv_rope_ref(k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch.Tensor, total: int,
+                       k_pool_scale: torch.Tensor | None = None,
+                       v_pool_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """K (temporal delta-rotated, float64 math) and V of every batch element's segments, concatenated.
 
     k[b] = cat_s R_t(delta_s) k_pool[b, start_s : start_s + len_s], v[b] likewise without rotation,
@@ -42,13 +52,16 @@ def gather_kv_rope_ref(k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch.Te
         k_pool, v_pool: [B, n_rows, H, D] cache pools (keys rotated at write time).
         seg: int32 [B, n_seg, 3] segment table (start_row, length, delta).
         total: rows per batch element; must equal sum(length) of every batch element.
+        k_pool_scale, v_pool_scale: float32 [B, n_rows, H] scales of FP8 pools, None otherwise.
 
     Returns:
-        (k, v): [B, total, H, D] each, contiguous, dtype of the pools.
+        (k, v): [B, total, H, D] each, contiguous, dtype of the pools; float32 for FP8 pools (the dequantized
+        rows).
     """
     ks, vs = [], []
     for b in range(k_pool.shape[0]):
-        k, v = gather_segments_ref(k_pool[b], v_pool[b], seg[b].cpu())
+        k, v = gather_segments_ref(k_pool[b], v_pool[b], seg[b].cpu(),
+                                   *(None if s is None else s[b] for s in (k_pool_scale, v_pool_scale)))
         if k.shape[0] != total:
             raise ValueError(f"gather_kv_rope_ref: seg: expected {total} rows (total) for batch element {b}, "
                              f"got {k.shape[0]}")
@@ -58,8 +71,10 @@ def gather_kv_rope_ref(k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch.Te
 
 
 def gather_kv_rope_into_ref(k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch.Tensor, k_out: torch.Tensor,
-                            v_out: torch.Tensor) -> None:
-    """:func:`gather_kv_rope_ref` written into ``k_out`` / ``v_out`` [B, total, H, D] in place."""
-    k, v = gather_kv_rope_ref(k_pool, v_pool, seg, k_out.shape[1])
+                            v_out: torch.Tensor, k_pool_scale: torch.Tensor | None = None,
+                            v_pool_scale: torch.Tensor | None = None) -> None:
+    """:func:`gather_kv_rope_ref` written into ``k_out`` / ``v_out`` [B, total, H, D] in place (rounded once to
+    their dtype)."""
+    k, v = gather_kv_rope_ref(k_pool, v_pool, seg, k_out.shape[1], k_pool_scale, v_pool_scale)
     k_out.copy_(k)
     v_out.copy_(v)

@@ -2,7 +2,8 @@
 
 One program per (tile of output rows, batch element) finds each row's segment from the table on the
 device (prefix sums of the lengths, no host sync), then copies V and rotates the temporal pairs of K
-by the segment's delta for every head (cos/sin once per row, reused by all heads). The CUDA kernel
+by the segment's delta for every head (cos/sin once per row, reused by all heads). FP8 pools (constexpr
+``FP8``) are read as codes times the scale of the row and head (one scale load per row and head). The CUDA kernel
 (csrc/gather_kv_rope.cuh) is the fast path where the extension is built; this one serves GPUs without
 it and the CPU interpreter.
 """
@@ -21,17 +22,19 @@ from ..triton_common import pair_split
 @triton.jit
 def _gather_kv_rope_kernel(
     # pointers
-    k_pool, v_pool, seg, inv_freq, k_out, v_out,
+    k_pool, v_pool, k_scale, v_scale, seg, inv_freq, k_out, v_out,
     # sizes
     TOTAL, N_SEG, N_HEADS, HEAD_DIM,
     # strides
     s_kb, s_kn, s_kh, s_kd,
     s_vb, s_vn, s_vh, s_vd,
+    s_ksb, s_ksn, s_ksh,
+    s_vsb, s_vsn, s_vsh,
     s_sb, s_ss, s_sf,
     s_kob, s_kon, s_koh, s_kod,
     s_vob, s_von, s_voh, s_vod,
     # meta-parameters
-    N_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    N_T: tl.constexpr, FP8: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i_r = tl.program_id(0)
     i_b = tl.program_id(1).to(tl.int64)
@@ -58,38 +61,52 @@ def _gather_kv_rope_kernel(
     for i_h in range(N_HEADS):
         p_k = k_pool + i_b * s_kb + i_h * s_kh + rows[:, None] * s_kn + o_d[None, :] * s_kd
         p_v = v_pool + i_b * s_vb + i_h * s_vh + rows[:, None] * s_vn + o_d[None, :] * s_vd
-        b_k = tl.load(p_k, mask=m_load, other=float("nan")).to(tl.float32)  # [BR, BD]
-        b_v = tl.load(p_v, mask=m_load, other=float("nan"))
+        if FP8:  # codes * the scale of the row and head; rows the table does not cover get a NaN scale
+            b_ks = tl.load(k_scale + i_b * s_ksb + i_h * s_ksh + rows * s_ksn, mask=m_cov, other=float("nan"))  # [BR]
+            b_vs = tl.load(v_scale + i_b * s_vsb + i_h * s_vsh + rows * s_vsn, mask=m_cov, other=float("nan"))
+            b_k = tl.load(p_k, mask=m_load, other=0.0).to(tl.float32) * b_ks[:, None]  # [BR, BD]
+            b_v = tl.load(p_v, mask=m_load, other=0.0).to(tl.float32) * b_vs[:, None]
+        else:
+            b_k = tl.load(p_k, mask=m_load, other=float("nan")).to(tl.float32)  # [BR, BD]
+            b_v = tl.load(p_v, mask=m_load, other=float("nan"))
         # temporal pairs turn by delta; height and width pairs by angle 0 (cos 1, sin 0: copied exactly)
         b_k = _rope_rotate(b_k, b_delta, zero, zero, inv_freq, N_T, 0, HEAD_DIM // 2, BLOCK_R, BLOCK_D)
         o_row = o_r.to(tl.int64)[:, None]
         p_ko = k_out + i_b * s_kob + i_h * s_koh + o_row * s_kon + o_d[None, :] * s_kod
         p_vo = v_out + i_b * s_vob + i_h * s_voh + o_row * s_von + o_d[None, :] * s_vod
         tl.store(p_ko, b_k.to(k_out.dtype.element_ty), mask=m_store)
-        tl.store(p_vo, b_v, mask=m_store)
+        tl.store(p_vo, b_v.to(v_out.dtype.element_ty), mask=m_store)
 
 
 def gather_kv_rope_triton(k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch.Tensor, k_out: torch.Tensor,
-                          v_out: torch.Tensor) -> None:
+                          v_out: torch.Tensor, k_pool_scale: torch.Tensor | None = None,
+                          v_pool_scale: torch.Tensor | None = None) -> None:
     """K (temporal delta-rotated) and V of every segment of ``seg`` into ``k_out`` / ``v_out`` (one launch, no sync).
 
     k_out[b] = cat_s R_t(delta_s) k_pool[b, start_s : start_s + len_s], v_out[b] likewise without rotation,
-    segments in table order, zero-length ones skipped; angles delta * inv_freq in fp32. Rows beyond the
-    table's total come out NaN (total is checked for CPU tables by the public op).
+    segments in table order, zero-length ones skipped; angles delta * inv_freq in fp32; FP8 pools read as
+    ``code * scale`` in fp32. Rows beyond the table's total come out NaN (total is checked for CPU tables by
+    the public op).
 
     Args:
-        k_pool, v_pool: [B, n_rows, H, D] cache pools (any strides). seg: int32 [B, n_seg, 3].
-        k_out, v_out: [B, total, H, D] of the pools' dtype (any strides), written in place.
+        k_pool, v_pool: [B, n_rows, H, D] cache pools (any strides), fp32 / fp16 / bf16 or float8_e4m3fn.
+        seg: int32 [B, n_seg, 3].
+        k_out, v_out: [B, total, H, D] (any strides), written in place: the pools' dtype, or any of fp32 / fp16 /
+            bf16 for FP8 pools.
+        k_pool_scale, v_pool_scale: float32 [B, n_rows, H] scales of FP8 pools (any strides), None otherwise.
     """
     b, total, h, d = k_out.shape
     if b == 0 or total == 0:
         return
     n_t, _ = pair_split(d)
     block_r = 16 if interpreter_enabled() else 32
+    fp8 = k_pool_scale is not None
     _gather_kv_rope_kernel[(triton.cdiv(total, block_r), b)](
-        k_pool, v_pool, seg, inv_freq_table(d, k_pool.device), k_out, v_out,
+        k_pool, v_pool, k_pool_scale, v_pool_scale, seg, inv_freq_table(d, k_pool.device), k_out, v_out,
         total, seg.shape[1], h, d,
-        *k_pool.stride(), *v_pool.stride(), *seg.stride(), *k_out.stride(), *v_out.stride(),
-        N_T=n_t, BLOCK_R=block_r, BLOCK_S=triton.next_power_of_2(seg.shape[1]), BLOCK_D=triton.next_power_of_2(d),
+        *k_pool.stride(), *v_pool.stride(), *(k_pool_scale.stride() if fp8 else (0, 0, 0)),
+        *(v_pool_scale.stride() if fp8 else (0, 0, 0)), *seg.stride(), *k_out.stride(), *v_out.stride(),
+        N_T=n_t, FP8=fp8, BLOCK_R=block_r, BLOCK_S=triton.next_power_of_2(seg.shape[1]),
+        BLOCK_D=triton.next_power_of_2(d),
         num_warps=4,
     )

@@ -7,14 +7,17 @@ from ..cuda_common import Launch
 from ..cuda_common import check_written
 from ..cuda_common import index
 from ..cuda_common import rows
+from ..cuda_common import scales
 from ..cuda_common import unit_last_stride
+from ..fp8 import is_fp8
 
 _OP = "rope_append_cuda"
 
 
 def rope_append_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, proto: torch.Tensor | None, frame_slot: torch.Tensor,
-                     frame_pos: torch.Tensor, height: int, width: int) -> torch.Tensor:
+                     frame_pos: torch.Tensor, height: int, width: int, k_cache_scale: torch.Tensor | None = None,
+                     v_cache_scale: torch.Tensor | None = None) -> torch.Tensor:
     r"""Rotate a chunk's queries, and write its keys, values and frame prototypes into the cache.
 
     One launch on the current stream (plus a tiny one summing the prototypes when ``proto`` is given). With
@@ -30,11 +33,14 @@ def rope_append_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     on the host and rounded to float32, angle = position * inv_freq in float32, sincosf, rotation in
     float32, one rounding to the storage dtype. proto is summed in fp32 in a fixed order (per thread over
     heads, per block over its tokens, then over the blocks of the frame): deterministic, no atomics.
+    FP8 caches (rope_append_fp8_kernel; the launcher reads a null scale pointer as "not FP8"): each written
+    (row, head) is quantized from its fp32 value (ops/fp8.py), K from the fp32 rotation, V from v: its amax
+    over D reduced across the lanes of the token before the codes are written.
 
     Args:
         q, k, v: [B, U*F, H, D], float16 / bfloat16 / float32, any strides.
-        k_cache, v_cache: [B, n_rows, H, D], dtype of k, stride(-1) == 1; slot s is rows
-            s*F .. s*F+F-1, so n_rows >= n_slots * F. Written in place.
+        k_cache, v_cache: [B, n_rows, H, D], dtype of k or both float8_e4m3fn, stride(-1) == 1; slot s is
+            rows s*F .. s*F+F-1, so n_rows >= n_slots * F. Written in place.
         proto: [B, n_slots, D] float32, stride(-1) == 1. Rows frame_slot[u] written in place. None: no
             prototypes (the kernel skips the sums).
         frame_slot: int32/int64 [U], cache slot of each chunk frame, distinct, in [0, n_slots). Not checked
@@ -42,6 +48,8 @@ def rope_append_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
             out-of-range slot rather than write out of bounds.
         frame_pos: int32/int64 [U], temporal RoPE position of each chunk frame.
         height, width: token grid of one frame.
+        k_cache_scale, v_cache_scale: float32 [B, n_rows, H] (any strides) scales of FP8 caches, written in place
+            with their rows; None for caches in k's dtype.
 
     Returns:
         q_rot: [B, U*F, H, D] contiguous, dtype of q.
@@ -62,11 +70,13 @@ def rope_append_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     n_slots = k_cache.shape[1] // f if proto is None else min(proto.shape[1], k_cache.shape[1] // f)  # written slots
     q_rot = torch.empty((b, n, h, d), dtype=q.dtype, device=q.device)
     launch = Launch(_OP, q.device)
-    ws = None if proto is None else torch.empty(b * u * launch.ext.rope_append_tiles(f, d) * d, dtype=torch.float32,
-                                                device=q.device)  # per-tile partial sums of the keys
+    fp8 = is_fp8(k_cache)
+    ws = None if proto is None else torch.empty(b * u * launch.ext.rope_append_tiles(f, d, fp8) * d,
+                                                dtype=torch.float32, device=q.device)  # per-tile sums of the keys
     with launch as (ext, stream):
         ext.rope_append_cuda(
             *rows(q), *rows(k), *rows(v), *rows(q_rot), *rows(k_cache), *rows(v_cache),
+            *scales(k_cache_scale), *scales(v_cache_scale),
             0 if proto is None else proto.data_ptr(), *((0, 0) if proto is None else proto.stride()[:2]),
             0 if ws is None else ws.data_ptr(), frame_slot.data_ptr(), frame_pos.data_ptr(),
             b, u, height, width, h, d, k_cache.shape[1], n_slots, launch.code(q.dtype), stream,

@@ -6,7 +6,12 @@ walks the heads BLOCK_H at a time, loading the [BT, BH, D] tiles of q, k and v t
 BH * D run per token) before it rotates and stores them. With ``proto`` it also leaves the partial sum
 of its pre-RoPE keys in a workspace, and a second tiny launch reduces those over the frame's tiles into
 ``proto[b, frame_slot[u]]`` (deterministic, no atomics); without ``proto`` there are no sums and no
-second launch.
+second launch. With FP8 caches (``FP8``) a program holds whole head rows (BLOCK_D >= D), so each
+written row's amax over D is a reduction in registers before its codes are encoded; codes are stored as
+bytes through uint8 views, one fp32 scale per (row, head): K and V writes shrink from 2 x 14.4 MB to
+2 x 7.4 MB at Wan shapes (bf16 -> 1 byte + 4 bytes per 128 elements), 72 MB per call instead of 86. Compiled
+here for sm_90a at Wan shapes: 80 registers (96 with proto) as without FP8, one 16-byte code store per thread
+for each of K and V.
 
 Predicted at Wan shapes (B = 1, U = 3, F = 1560, H = 12, D = 128, bf16), not measured: 86 MB per call
 (q, k, v read, q_rot, rotated k, v written: 6 x 14.4 MB), floor 29 us at 3 TB/s. A [BLOCK_T, BLOCK_H, D]
@@ -22,7 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..fp8 import is_fp8
 from ..triton_common import _cos_sin
+from ..triton_common import _fp8_encode
+from ..triton_common import _fp8_scale
 from ..triton_common import inv_freq_table
 from ..triton_common import pair_split
 from ..triton_common import row_mean_scatter
@@ -40,8 +48,8 @@ def _rotate(x, b_cos, b_sin, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK
 
 @triton.jit
 def _rope_append_kernel(
-    # pointers
-    q, k, v, q_rot, k_cache, v_cache, frame_slot, frame_pos, inv_freq, partial,
+    # pointers (k_cache, v_cache: uint8 views of FP8 caches)
+    q, k, v, q_rot, k_cache, v_cache, k_scale, v_scale, frame_slot, frame_pos, inv_freq, partial,
     # sizes
     FRAME_TOKENS, WIDTH, N_HEADS, HEAD_DIM, N_SLOTS,
     # strides
@@ -51,9 +59,11 @@ def _rope_append_kernel(
     s_ob, s_on, s_oh, s_od,
     s_kcb, s_kcn, s_kch, s_kcd,
     s_vcb, s_vcn, s_vch, s_vcd,
+    s_ksb, s_ksn, s_ksh,
+    s_vsb, s_vsn, s_vsh,
     s_fs, s_fp,
     # meta-parameters
-    N_T: tl.constexpr, N_H: tl.constexpr, HAS_PROTO: tl.constexpr,
+    N_T: tl.constexpr, N_H: tl.constexpr, HAS_PROTO: tl.constexpr, FP8: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i_t = tl.program_id(0)
@@ -88,6 +98,8 @@ def _rope_append_kernel(
     p_o = q_rot + i_b * s_ob + tok[:, None, None] * s_on + o_d[None, None, :] * s_od
     p_kc = k_cache + i_b * s_kcb + rows[:, None, None] * s_kcn + o_d[None, None, :] * s_kcd
     p_vc = v_cache + i_b * s_vcb + rows[:, None, None] * s_vcn + o_d[None, None, :] * s_vcd
+    p_ks = k_scale + i_b * s_ksb + rows[:, None] * s_ksn  # [BT, 1] at head 0 (FP8 only)
+    p_vs = v_scale + i_b * s_vsb + rows[:, None] * s_vsn
     acc = tl.zeros([BLOCK_T, BLOCK_H, BLOCK_D], tl.float32)  # pre-RoPE keys summed over head groups (proto)
     for h0 in range(0, N_HEADS, BLOCK_H):
         i_h = (h0 + o_h).to(tl.int64)[None, :, None]  # [1, BH, 1]
@@ -103,8 +115,19 @@ def _rope_append_kernel(
         b_qr = _rotate(b_q.to(tl.float32), b_cos, b_sin, BLOCK_T, BLOCK_H, BLOCK_D)
         b_kr = _rotate(b_k, b_cos, b_sin, BLOCK_T, BLOCK_H, BLOCK_D)
         tl.store(p_o + i_h * s_oh, b_qr.to(q_rot.dtype.element_ty), mask=m)
-        tl.store(p_kc + i_h * s_kch, b_kr.to(k_cache.dtype.element_ty), mask=m_tdc & m_h)
-        tl.store(p_vc + i_h * s_vch, b_v.to(v_cache.dtype.element_ty), mask=m_tdc & m_h)
+        if FP8:  # the tile holds whole head rows (BD >= D, masked lanes 0): each row's amax is a register reduction
+            b_v = b_v.to(tl.float32)
+            b_ks, b_kinv = _fp8_scale(tl.max(tl.abs(b_kr), 2))  # [BT, BH]
+            b_vs, b_vinv = _fp8_scale(tl.max(tl.abs(b_v), 2))
+            tl.store(p_kc + i_h * s_kch, _fp8_encode(b_kr * b_kinv[:, :, None]), mask=m_tdc & m_h)
+            tl.store(p_vc + i_h * s_vch, _fp8_encode(b_v * b_vinv[:, :, None]), mask=m_tdc & m_h)
+            i_hs = (h0 + o_h).to(tl.int64)[None, :]  # [1, BH]
+            m_s = m_rows[:, None] & (i_hs < N_HEADS)
+            tl.store(p_ks + i_hs * s_ksh, b_ks, mask=m_s)
+            tl.store(p_vs + i_hs * s_vsh, b_vs, mask=m_s)
+        else:
+            tl.store(p_kc + i_h * s_kch, b_kr.to(k_cache.dtype.element_ty), mask=m_tdc & m_h)
+            tl.store(p_vc + i_h * s_vch, b_v.to(v_cache.dtype.element_ty), mask=m_tdc & m_h)
     if HAS_PROTO:  # workspace [B, U, n_tiles, D]
         i_ws = (i_b * tl.num_programs(1) + i_u) * tl.num_programs(0) + i_t
         tl.store(partial + i_ws * HEAD_DIM + o_d, tl.sum(tl.sum(acc, 0), 0), mask=o_d < HEAD_DIM)
@@ -112,22 +135,27 @@ def _rope_append_kernel(
 
 def rope_append_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, proto: torch.Tensor | None, frame_slot: torch.Tensor,
-                       frame_pos: torch.Tensor, height: int, width: int) -> torch.Tensor:
+                       frame_pos: torch.Tensor, height: int, width: int, k_cache_scale: torch.Tensor | None = None,
+                       v_cache_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate and append one chunk of U frames (the op form of ``rope_append_ref``): one launch, two with proto.
 
     Token i of frame u (y = i // width, x = i % width) is rotated at (frame_pos[u], y, x) with Wan 3D
     RoPE, angles ``position * inv_freq`` in fp32 (inverse frequencies rounded once from float64), reduced
     to [-pi, pi] before cos/sin. ``k_cache[:, frame_slot[u] * F + i]`` gets the rotated key, ``v_cache``
     the value, ``proto[:, frame_slot[u]]`` the mean of the frame's pre-RoPE keys over tokens then heads
-    (float32, not normalised, summed in a fixed order). Arguments as validated by
+    (float32, not normalised, summed in a fixed order). FP8 caches get each written row and head quantized
+    from its fp32 value (``ops/fp8.py``): K from the fp32 rotation, V from v. Arguments as validated by
     ``relaxkv_kernels.rope_append`` (any strides; slots in range).
 
     Args:
         q, k, v: [B, U * F, H, D] (F = height * width), after q/k RMSNorm, before RoPE.
-        k_cache, v_cache: [B, n_rows, H, D]; frame slot s owns rows s*F .. s*F + F - 1 (written in place).
+        k_cache, v_cache: [B, n_rows, H, D], dtype of k or both float8_e4m3fn; frame slot s owns rows
+            s*F .. s*F + F - 1 (written in place).
         proto: float32 [B, n_slots, D] (written in place), or None: no prototypes (no sums, one launch).
         frame_slot, frame_pos: int32/int64 [U] cache slot and temporal position of each chunk frame (on the device).
         height, width: token grid of a frame.
+        k_cache_scale, v_cache_scale: float32 [B, n_rows, H] scales of FP8 caches (written in place with their
+            rows), None for caches in k's dtype.
 
     Returns:
         q_rot: [B, U * F, H, D], dtype of q.
@@ -155,12 +183,17 @@ def rope_append_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cach
     n_t, n_h = pair_split(d)
     n_slots = k_cache.shape[1] // f
     partial = q_rot if proto is None else torch.empty((b, u, n_tiles, d), dtype=torch.float32, device=dev)
+    fp8 = is_fp8(k_cache)
+    if fp8:  # codes are stored as bytes (the interpreter's own fp8 cast rounds wrongly)
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
+    k_scale, v_scale = (k_cache_scale, v_cache_scale) if fp8 else (q_rot, q_rot)  # q_rot: never read without FP8
     _rope_append_kernel[(n_tiles, u, b)](
-        q, k, v, q_rot, k_cache, v_cache, frame_slot, frame_pos, inv_freq_table(d, dev), partial,
+        q, k, v, q_rot, k_cache, v_cache, k_scale, v_scale, frame_slot, frame_pos, inv_freq_table(d, dev), partial,
         f, width, h, d, n_slots,
         *q.stride(), *k.stride(), *v.stride(), *q_rot.stride(), *k_cache.stride(), *v_cache.stride(),
+        *(k_cache_scale.stride() if fp8 else (0, 0, 0)), *(v_cache_scale.stride() if fp8 else (0, 0, 0)),
         frame_slot.stride(0), frame_pos.stride(0),
-        N_T=n_t, N_H=n_h, HAS_PROTO=proto is not None, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
+        N_T=n_t, N_H=n_h, HAS_PROTO=proto is not None, FP8=fp8, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
         num_warps=4,
     )
     if proto is None:

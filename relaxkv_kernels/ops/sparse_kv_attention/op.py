@@ -5,12 +5,13 @@ then ``checked`` (see ``ops/checks.py``).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from ..checks import check_devices
 from ..checks import check_finite
-from ..checks import check_pool
 from ..checks import check_qkv
 from ..checks import check_seg
 from ..checks import check_tensor
@@ -20,6 +21,9 @@ from ..dense_attention.op import dense_attention_op
 from ..dense_attention.op import resolve_engine
 from ..dispatch import OpBackends
 from ..dispatch import inference_only
+from ..fp8 import check_pool_format
+from ..fp8 import is_fp8
+from ..gather_kv_rope.op import gather_kv_rope_into_op
 from ..gather_kv_rope.op import gather_kv_rope_op
 from .reference import sparse_kv_attention_ref
 
@@ -35,28 +39,32 @@ def _triton():
 BACKENDS = OpBackends("sparse_kv_attention", reference=sparse_kv_attention_ref, triton=_triton)
 
 
-def _check(q, k_pool, v_pool, seg, scale) -> float:
-    """The checks of :func:`sparse_kv_attention`'s tensors and scale (public function and registered op); returns
-    the scale (D ** -0.5 for None)."""
+def _check(q, k_pool, v_pool, seg, scale, k_pool_scale=None, v_pool_scale=None) -> float:
+    """The checks of :func:`sparse_kv_attention`'s tensors, pool format (FP8 scales) and scale (public function and
+    registered op); returns the scale (D ** -0.5 for None)."""
     op = "relaxkv.sparse_kv_attention"
     check_devices(op, q=q, k_pool=k_pool, v_pool=v_pool, seg=seg)
     check_qkv(op, "q", q)
-    check_pool(op, "k_pool", k_pool, q)
-    check_tensor(op, "v_pool", v_pool, shape=tuple(k_pool.shape), dtypes=(q.dtype,))
+    check_pool_format(op, "k_pool", k_pool, k_pool_scale, q)
+    check_tensor(op, "v_pool", v_pool, shape=tuple(k_pool.shape), dtypes=(k_pool.dtype,))  # one pool format
+    check_pool_format(op, "v_pool", v_pool, v_pool_scale, q)
     check_seg(op, seg, q.shape[0], k_pool.shape[1])
     return q.shape[-1] ** -0.5 if scale is None else check_finite(op, "scale", scale)
 
 
 @torch.library.custom_op("relaxkv::sparse_kv_attention", mutates_args=())
 def sparse_kv_attention_op(q: Tensor, k_pool: Tensor, v_pool: Tensor, seg: Tensor, scale: float,
-                           backend: str, checked: bool = False) -> Tensor:
-    return BACKENDS.run(q.device, backend, checked, _check, q, k_pool, v_pool, seg, scale)
+                           backend: str, k_pool_scale: Optional[Tensor] = None, v_pool_scale: Optional[Tensor] = None,
+                           checked: bool = False) -> Tensor:
+    return BACKENDS.run(q.device, backend, checked, _check, q, k_pool, v_pool, seg, scale, k_pool_scale,
+                        v_pool_scale)
 
 
 @sparse_kv_attention_op.register_fake
-def sparse_kv_attention_fake(q, k_pool, v_pool, seg, scale, backend, checked=False):
+def sparse_kv_attention_fake(q, k_pool, v_pool, seg, scale, backend, k_pool_scale=None, v_pool_scale=None,
+                             checked=False):
     if checks_in_fake(checked, q):
-        _check(q, k_pool, v_pool, seg, scale)
+        _check(q, k_pool, v_pool, seg, scale, k_pool_scale, v_pool_scale)
     return q.new_empty(q.shape)
 
 
@@ -64,22 +72,28 @@ inference_only("relaxkv::sparse_kv_attention")
 
 
 def sparse_kv_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, seg: Tensor, scale: float | None = None,
-                        backend: str = "auto", impl: str = "auto", total: int | None = None,
+                        backend: str = "auto", k_pool_scale: Tensor | None = None,
+                        v_pool_scale: Tensor | None = None, impl: str = "auto", total: int | None = None,
                         engine: str = "auto") -> Tensor:
     """Attention of q over the K/V rows listed by a device-side segment table, RoPE re-indexed on load.
 
     out = softmax(q K^T * scale) V, K = concat over segments s of R_t(delta_s) k_pool[start_s : start_s + len_s]
-    (R_t: temporal-only RoPE rotation), fp32 accumulation.
+    (R_t: temporal-only RoPE rotation), fp32 accumulation. FP8 pools are read as their values
+    ``code * scale`` (fp32, scale of the row and head), then the same math.
 
     Args:
-        q: [B, Nq, H, D] rotated queries. k_pool, v_pool: [B, n_rows, H, D], same dtype as q.
+        q: [B, Nq, H, D] rotated queries.
+        k_pool, v_pool: [B, n_rows, H, D], both in q's dtype or both float8_e4m3fn.
         seg: int32 [B, n_seg, 3] rows (start_row, length, delta); length 0 = unused entry.
         scale: softmax scale, default D ** -0.5.
         backend: backend of the relaxkv ops that run (reference / triton / cuda / auto).
+        k_pool_scale, v_pool_scale: float32 [B, n_rows, H], the per-row-and-head scales of FP8 pools (None for
+            pools in q's dtype); see ``ops/fp8.py``.
         impl: "fused" (one segment-table kernel, no copy), "gather" (:func:`gather_kv_rope` into
-            contiguous K/V, then :func:`dense_attention` with ``engine``), or "auto": "gather" on CUDA
-            when ``total`` is given outside torch.compile (H100, 2026-11-27: gather + cuDNN 103 ms against
-            145 ms fused per relax chunk), else "fused".
+            contiguous K/V in q's dtype, FP8 rows dequantized, then :func:`dense_attention` with ``engine``),
+            or "auto": "gather" on CUDA when ``total`` is given outside torch.compile (H100, 2026-11-27, bf16
+            pools: gather + cuDNN 103 ms against 145 ms fused per relax chunk; FP8 pools halve the bytes the
+            gather reads, not measured), else "fused".
         total: keys per batch element, sum of the table's lengths (host-known from the plan);
             required by "gather".
         engine: attention engine of "gather" (see :func:`dense_attention`).
@@ -88,7 +102,7 @@ def sparse_kv_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, seg: Tensor, 
         [B, Nq, H, D] in q.dtype.
     """
     op = "relaxkv.sparse_kv_attention"
-    scale = _check(q, k_pool, v_pool, seg, scale)
+    scale = _check(q, k_pool, v_pool, seg, scale, k_pool_scale, v_pool_scale)
     if impl not in IMPLS:
         raise ValueError(f"{op}: impl: expected one of {IMPLS}, got {impl!r}")
     if total is not None:
@@ -98,7 +112,12 @@ def sparse_kv_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, seg: Tensor, 
     if impl == "auto":
         impl = "gather" if q.is_cuda and total is not None and not torch.compiler.is_compiling() else "fused"
     if impl == "fused":
-        return sparse_kv_attention_op(q, k_pool, v_pool, seg, scale, backend, checked=True)
-    k, v = gather_kv_rope_op(k_pool, v_pool, seg, total, backend, checked=True)
+        return sparse_kv_attention_op(q, k_pool, v_pool, seg, scale, backend, k_pool_scale, v_pool_scale,
+                                      checked=True)
+    if is_fp8(k_pool):  # dequantized straight into q's dtype (gather_kv_rope would return fp32 rows)
+        k, v = (torch.empty((q.shape[0], total, *q.shape[2:]), dtype=q.dtype, device=q.device) for _ in range(2))
+        gather_kv_rope_into_op(k_pool, v_pool, seg, k, v, backend, k_pool_scale, v_pool_scale, checked=True)
+    else:
+        k, v = gather_kv_rope_op(k_pool, v_pool, seg, total, backend, checked=True)
     engine = resolve_engine(engine, q.device, q.dtype, q.shape[-1], q.shape[1], total)
     return dense_attention_op(q, k, v, scale, engine, checked=True)

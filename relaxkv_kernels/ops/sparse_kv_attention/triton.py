@@ -3,7 +3,9 @@
 Keys of segment s were stored rotated at their write-time positions and must be rotated again by the
 segment's temporal shift ``delta`` (README, Design: delta RoPE). Rotations are orthogonal, so
 ``q . R(delta) k == R(-delta) q . k``: the kernel rotates its Q tile once per segment (BM x D work)
-instead of every K tile (length x D work), and never copies or re-rotates the cache.
+instead of every K tile (length x D work), and never copies or re-rotates the cache. FP8 pools (a constexpr
+switch) are dequantized per tile right after the load (codes * scale of the row and head, fp32), then the tile
+goes on in q's dtype like a loaded one.
 """
 from __future__ import annotations
 
@@ -27,6 +29,9 @@ def _configs() -> list[triton.Config]:
     # D = 128 fp16/bf16 on H100: 128 x 64 tiles, 8 warps, 3 stages is the usual sweet spot (FA2 tutorial);
     # the smaller ones serve D = 64 and short query counts. 128 x 64 at 4 warps is left out: ptxas (sm_90a,
     # Triton 3.9, benchmarks/ptxas_report.py) gives it 592 B of stack at D = 128, against 32 B at 8 warps.
+    # FP8 pools (1-byte K/V tiles dequantized in registers) keep all four, compiled the same way: main config 254
+    # registers, 32 B of stack, 97 KiB of shared memory (128 with bf16 pools); the others 32-40 B of stack. The
+    # pools' dtype is part of Triton's autotune key, so FP8 pools are tuned on their own.
     return [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
@@ -40,6 +45,7 @@ def _configs() -> list[triton.Config]:
 def _sparse_kv_attention_kernel(
     # pointers
     q, k_pool, v_pool, seg, inv_freq, out,
+    k_scale, v_scale,  # fp32 [B, n_rows, H] scales of FP8 pools; None otherwise
     # sizes and scalars
     sm_scale, N_Q, N_SEG, N_HEADS, HEAD_DIM,
     # strides
@@ -48,11 +54,14 @@ def _sparse_kv_attention_kernel(
     s_vb, s_vn, s_vh, s_vd,
     s_sb, s_ss, s_sf,
     s_ob, s_on, s_oh, s_od,
+    s_ksb, s_ksn, s_ksh,
+    s_vsb, s_vsn, s_vsh,
     # meta-parameters
     N_T: tl.constexpr,  # temporal pairs (the only ones a delta turns)
     BLOCK_D: tl.constexpr,
     HALF_D: tl.constexpr,  # BLOCK_D // 2, >= 2 * N_T
     UPCAST: tl.constexpr,  # do the dots in fp32 (bf16 under the interpreter, where bf16 math is broken)
+    FP8: tl.constexpr,  # k_pool / v_pool hold float8_e4m3fn codes, read as code * scale
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -91,6 +100,9 @@ def _sparse_kv_attention_kernel(
     p_ka = p_k + o_a[:, None] * s_kd  # [BH, 1]
     p_kb = p_k + o_b[:, None] * s_kd  # [BH, 1]
     p_v = v_pool + i_b * s_vb + i_h * s_vh + o_v[None, :] * s_vd  # [1, BD]
+    if FP8:
+        p_ks = k_scale + i_b * s_ksb + i_h * s_ksh
+        p_vs = v_scale + i_b * s_vsb + i_h * s_vsh
     p_seg = seg + i_b * s_sb
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -104,7 +116,7 @@ def _sparse_kv_attention_kernel(
         b_cos, b_sin = _cos_sin(delta * b_inv)  # [BH]
         b_qr = b_qa.to(tl.float32) * b_cos[None, :] - b_qp.to(tl.float32) * b_sign[None, :] * b_sin[None, :]
         if not UPCAST:
-            b_qr = b_qr.to(k_pool.dtype.element_ty)
+            b_qr = b_qr.to(q.dtype.element_ty)
         for i_n in range(0, length, BLOCK_N):  # length 0: no iteration
             o_r = i_n + o_n  # [BN] row inside the segment
             m_n = o_r < length
@@ -112,6 +124,12 @@ def _sparse_kv_attention_kernel(
             b_ka = tl.load(p_ka + rows[None, :] * s_kn, mask=m_a[:, None] & m_n[None, :], other=0.0)  # [BH, BN]
             b_kb = tl.load(p_kb + rows[None, :] * s_kn, mask=m_b[:, None] & m_n[None, :], other=0.0)  # [BH, BN]
             b_v = tl.load(p_v + rows[:, None] * s_vn, mask=m_n[:, None] & m_v[None, :], other=0.0)  # [BN, BD]
+            if FP8:  # values in fp32, then the dots' operand dtype (q's, or fp32 under UPCAST) like a loaded tile
+                b_ks = tl.load(p_ks + rows * s_ksn, mask=m_n, other=0.0)  # [BN]
+                b_vs = tl.load(p_vs + rows * s_vsn, mask=m_n, other=0.0)  # [BN]
+                b_ka = (b_ka.to(tl.float32) * b_ks[None, :]).to(b_qb.dtype)
+                b_kb = (b_kb.to(tl.float32) * b_ks[None, :]).to(b_qb.dtype)
+                b_v = (b_v.to(tl.float32) * b_vs[:, None]).to(b_qb.dtype)
             if UPCAST:
                 b_ka = b_ka.to(tl.float32)
                 b_kb = b_kb.to(tl.float32)
@@ -141,22 +159,31 @@ def require_head_dim(op: str, q: torch.Tensor) -> None:
             f"got {d}")
 
 
+def _scale_strides(scale: torch.Tensor | None) -> tuple[int, int, int]:
+    """Strides (batch, row, head) of an FP8 pool's scales; zeros for None (no FP8 pool)."""
+    return (0, 0, 0) if scale is None else scale.stride()
+
+
 def sparse_kv_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch.Tensor,
-                               scale: float) -> torch.Tensor:
+                               scale: float, k_pool_scale: torch.Tensor | None = None,
+                               v_pool_scale: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q K^T * scale) V over the segments of ``seg``, keys delta-rotated on the fly (fp32 accumulation).
 
     For batch element b, the keys are the pool rows of every segment (start_row, length, delta) of
     ``seg[b]`` in table order, segment s's keys rotated by ``delta`` on their temporal pairs:
     ``out[b, i, h] = sum_j softmax_j(q[b, i, h] . R(delta_j) k[b, j, h] * scale) v[b, j, h]``.
     Implemented as ``R(-delta_s) q . k``: Q is re-rotated once per segment, K/V are read in place.
-    Segments of length 0 are skipped; a batch element with no key at all gets zeros.
+    Segments of length 0 are skipped; a batch element with no key at all gets zeros. FP8 pools are read as
+    ``k = code * k_pool_scale`` (fp32) per row and head, then rounded to q's dtype for the dots.
 
     Args:
         q: [B, Nq, H, D] queries, already rotated (fp16, bf16 or fp32; any strides).
-        k_pool, v_pool: [B, n_rows, H, D] cache pools of q's dtype, keys rotated at write time.
+        k_pool, v_pool: [B, n_rows, H, D] cache pools of q's dtype or both float8_e4m3fn, keys rotated at
+            write time.
         seg: int32 [B, n_seg, 3] segment table (start_row, length, delta) on q's device; read in the kernel
             (no host synchronisation). Rows must lie inside the pools (not checked: that would need a sync).
         scale: softmax scale (usually D ** -0.5).
+        k_pool_scale, v_pool_scale: float32 [B, n_rows, H] scales of FP8 pools (any strides); None otherwise.
 
     Returns:
         out: [B, Nq, H, D], dtype of q.
@@ -165,6 +192,8 @@ def sparse_kv_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: to
         >>> q = torch.randn(1, 16, 2, 32); kp = torch.randn(1, 40, 2, 32); vp = torch.randn(1, 40, 2, 32)
         >>> seg = torch.tensor([[[0, 16, -3], [20, 20, 0]]], dtype=torch.int32)
         >>> out = sparse_kv_attention_triton(q, kp, vp, seg, 32 ** -0.5)  # [1, 16, 2, 32]
+        >>> (kc, ks), (vc, vs) = quantize_fp8(kp), quantize_fp8(vp)  # FP8 pools (ops/fp8.py), scales [1, 40, 2]
+        >>> out8 = sparse_kv_attention_triton(q, kc, vc, seg, 32 ** -0.5, ks, vs)  # ~= out, in q's dtype
     """
     require_head_dim("relaxkv.sparse_kv_attention", q)
     b, n_q, h, d = q.shape
@@ -176,11 +205,14 @@ def sparse_kv_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: to
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)  # noqa: E731
     _sparse_kv_attention_kernel[grid](
         q, k_pool, v_pool, seg, inv_freq_table(d, q.device), out,
+        k_pool_scale, v_pool_scale,
         float(scale), n_q, seg.shape[1], h, d,
         *q.stride(), *k_pool.stride(), *v_pool.stride(), *seg.stride(), *out.stride(),
+        *_scale_strides(k_pool_scale), *_scale_strides(v_pool_scale),
         N_T=n_t,
         BLOCK_D=block_d,
         HALF_D=block_d // 2,
         UPCAST=interpreter_enabled() and q.dtype == torch.bfloat16,
+        FP8=k_pool_scale is not None,
     )
     return out
