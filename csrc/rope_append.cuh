@@ -82,6 +82,23 @@ struct RopeAppendParams {
     float inv_count;               // 1 / (F * H)
 };
 
+// A thread's rows of token `tok` of frame u from dim d of head 0: q, k, v and q_rot at chunk row u * F + tok, the
+// caches (elements C: T, or uint8_t e4m3 codes) at pool row `row`.
+template <typename T, typename C>
+struct TokenRows {
+    const T *q, *k, *v;
+    T* q_rot;
+    C *k_cache, *v_cache;
+};
+
+template <typename T, typename C>
+__device__ __forceinline__ TokenRows<T, C> token_rows(const RopeAppendParams& p, int64_t b, int64_t u, int64_t tok,
+                                                      int64_t row, int d) {
+    const int64_t n = u * p.frame_tokens + tok;
+    return {p.q.at<const T>(b, n) + d, p.k.at<const T>(b, n) + d, p.v.at<const T>(b, n) + d,
+            p.q_rot.at<T>(b, n) + d, p.k_cache.at<C>(b, row) + d, p.v_cache.at<C>(b, row) + d};
+}
+
 // Dims d0 .. d0 + N - 1 of token `tok` of frame u, in every head: q_rot, k_cache and v_cache rows written,
 // the pre-RoPE keys added to acc.
 template <typename V>
@@ -101,13 +118,7 @@ __device__ __forceinline__ void rope_append_dims(const RopeAppendParams& p, cons
         sincosf(rope_angle(freqs, d0 / 2 + i, t, float(y), float(tok - y * p.width)), &s, &c);
         cs[i] = make_float2(c, s);
     }
-    const int64_t n = u * p.frame_tokens + tok, row = slot * p.frame_tokens + tok;
-    const T* q = p.q.at<const T>(b, n) + d0;
-    const T* k = p.k.at<const T>(b, n) + d0;
-    const T* v = p.v.at<const T>(b, n) + d0;
-    T* q_rot = p.q_rot.at<T>(b, n) + d0;
-    T* k_cache = p.k_cache.at<T>(b, row) + d0;
-    T* v_cache = p.v_cache.at<T>(b, row) + d0;
+    auto [q, k, v, q_rot, k_cache, v_cache] = token_rows<T, T>(p, b, u, tok, slot * p.frame_tokens + tok, d0);
     for (int h0 = 0; h0 < H; h0 += kHeadsInFlight) {
         typename V::Raw rq[kHeadsInFlight], rk[kHeadsInFlight], rv[kHeadsInFlight];
 #pragma unroll
@@ -189,14 +200,8 @@ __device__ __forceinline__ void rope_append_row_fp8(const RopeAppendParams& p, c
             cs[c][i] = make_float2(co, s);
         }
     }
-    const int64_t n = u * p.frame_tokens + tok, row = slot * p.frame_tokens + tok;
-    const int d_lane = lane * N;
-    const T* q = p.q.at<const T>(b, n) + d_lane;
-    const T* k = p.k.at<const T>(b, n) + d_lane;
-    const T* v = p.v.at<const T>(b, n) + d_lane;
-    T* q_rot = p.q_rot.at<T>(b, n) + d_lane;
-    uint8_t* k_codes = p.k_cache.at<uint8_t>(b, row) + d_lane;
-    uint8_t* v_codes = p.v_cache.at<uint8_t>(b, row) + d_lane;
+    const int64_t row = slot * p.frame_tokens + tok;
+    auto [q, k, v, q_rot, k_codes, v_codes] = token_rows<T, uint8_t>(p, b, u, tok, row, lane * N);
     const int step = lanes * N;  // dims from one chunk to the next
     for (int h0 = 0; h0 < H; h0 += kHeads) {
         typename V::Raw rq[kHeads][C], rk[kHeads][C], rv[kHeads][C];

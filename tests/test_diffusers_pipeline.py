@@ -99,6 +99,17 @@ def test_latents_match_rollout(pipe, model, policy):
     assert attached_cache(pipe.transformer) is None
 
 
+def test_fp8_pools_match_rollout_with_fp8_pools(pipe, model):
+    """kv_dtype reaches the attached cache: the pipeline's latents are relaxkv_gen's with the same FP8 pools."""
+    text = random_text(CFG, 1, 0)
+    ref = rollout(model, "relax", text, num_chunks=4, seed=7, backend="reference", timing=False,
+                  kv_dtype=torch.float8_e4m3fn)
+    latents = run(pipe, policy="relax", num_chunks=4, generator=torch.Generator().manual_seed(7),
+                  output_type="latent", kv_dtype=torch.float8_e4m3fn)
+    assert pipe.kv_cache.kv_dtype == torch.float8_e4m3fn
+    torch.testing.assert_close(latents.cpu(), ref.latents, rtol=0, atol=ROLLOUT_ATOL)
+
+
 @pytest.mark.parametrize("steps", [(1000, 750, 500, 250), (1000, 900, 601, 333, 7)], ids=["self-forcing", "odd"])
 def test_sampler_sigmas_are_the_schedulers_training_sigmas(pipe, steps):
     scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)  # fresh: set_timesteps would replace its sigmas

@@ -351,3 +351,23 @@ def test_rollout_imports_relaxkv_kernels_plainly():
     assert not hasattr(rollout_module, "load_kernels")
     for fn in (rollout_module.make_policy, rollout_module.make_cache, rollout_module.rollout):
         assert "rk" not in inspect.signature(fn).parameters, fn.__name__
+
+
+def test_fp8_pools_report_the_memory_saved(tmp_path, capsys):
+    """--kv-dtype fp8: FP8 pools with scales (tiny preset: head_dim 32, fp32 model: 1 + 4/32 bytes per element
+    against 4), the memory per policy and the saving printed and in report.json; latents close to fp32 pools'."""
+    assert main(["--preset", "tiny", "--policy", "relax", "--chunks", "3", "--no-progress", "--no-timing",
+                 "--kv-dtype", "fp8", "--out", str(tmp_path / "fp8")]) == 0
+    stdout = capsys.readouterr().out
+    assert _run_tiny(tmp_path / "fp32", "--chunks", "3") == 0
+    report = json.loads((tmp_path / "fp8" / "report.json").read_text())
+    mem = report["policies"]["relax"]["memory"]
+    assert report["meta"]["kv_dtype"] == "float8_e4m3fn" and mem["kv_dtype"] == "float8_e4m3fn"
+    assert mem["ratio"] == pytest.approx((32 + 4) / (32 * 4))
+    assert mem["kv_bytes_same_dtype"] - mem["kv_bytes"] == mem["pool_bytes_same_dtype"] - mem["pool_bytes"] > 0
+    assert (f"KV memory, relax: {mem['kv_bytes'] / 2**20:.2f} MiB (float8_e4m3fn pools" in stdout
+            and f"pools {mem['ratio']:.3f}x, saved" in stdout), stdout
+    fp8, fp32 = (torch.load(tmp_path / d / "latents_relax.pt", weights_only=True) for d in ("fp8", "fp32"))
+    assert 0 < (fp8 - fp32).norm() / fp32.norm() < 2.0**-4  # e4m3's relative step bounds each stored value
+    same = json.loads((tmp_path / "fp32" / "report.json").read_text())["policies"]["relax"]["memory"]
+    assert same["ratio"] == 1 and same["kv_bytes"] == mem["kv_bytes_same_dtype"]

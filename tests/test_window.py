@@ -167,14 +167,16 @@ WAN = dict(num_heads=12, head_dim=128, height=30, width=52)
 @pytest.mark.gpu
 @pytest.mark.csrc
 @pytest.mark.cuda_graph
+@pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn], ids=["bf16-pools", "fp8-pools"])
 @pytest.mark.parametrize("attention", ["window", "per_call", "segments"])
 @pytest.mark.parametrize("name", ["dense", "sink-rerotate", "relax", "pack"])
-def test_cuda_graph_replays_a_window_chunk_step(name, attention):
+def test_cuda_graph_replays_a_window_chunk_step(name, attention, kv_dtype):
     """Every pass of a chunk (cache write, selection, staging, attention) captured once, replayed over
-    later chunks: bitwise equal to eager with the same kernels (the staged windows included)."""
+    later chunks: bitwise equal to eager with the same kernels (the staged windows included), with bf16 and
+    with FP8 pools."""
     policy, layers, dev = POLICIES[name], 2, torch.device("cuda")
     make = lambda: rk.KVCache(policy, layers, B, H, 64, HH, WW, dtype=torch.bfloat16, device="cuda",  # noqa: E731
-                              backend="fused", attention=attention)
+                              backend="fused", attention=attention, kv_dtype=kv_dtype)
     eager, graphed = make(), make()
     gen = torch.Generator(device=dev).manual_seed(1)
     shape = (B, policy.chunk_frames * HH * WW, H, 64)

@@ -140,23 +140,32 @@ def test_compress_kv_into_ref_writes_only_its_rows(slot, t0, row0):
 # ------------------------------------------------------------------------------- Triton vs reference
 
 
-@pytest.mark.parametrize("dtype, heads, head_dim, frames, height, width, slot, t0, layout", [
+TRITON_CASES = pytest.mark.parametrize("dtype, heads, head_dim, frames, height, width, slot, t0, layout", [
     pytest.param(torch.float32, 2, 16, 2, 8, 8, 1, 6, "contiguous", id="fp32-exact-grid"),
     pytest.param(torch.float16, 2, 32, 3, 9, 10, 2, 11, "contiguous", id="fp16-floored-grid"),
     pytest.param(torch.float32, 1, 32, 4, 12, 16, 0, 0, "contiguous", id="fp32-two-tiles"),
+    pytest.param(torch.float32, 1, 48, 4, 12, 16, 0, 0, "contiguous", id="fp32-D48-two-tiles"),
     pytest.param(torch.float16, 2, 32, 2, 4, 12, 3, 25, "fused_kv", id="fp16-noncontig-kv"),
 ])
+
+
+def _triton_kv(g, layout: str, n: int, heads: int, head_dim: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's k, v [2, n, H, D] on DEVICE: separate tensors, or interleaved in one fused buffer ("fused_kv")."""
+    if layout == "fused_kv":
+        k, v = randn(g, 2, n, heads, 2, head_dim, dtype=dtype, device=DEVICE).unbind(3)
+        assert not (k.is_contiguous() or v.is_contiguous())
+        return k, v
+    return tuple(randn(g, 2, n, heads, head_dim, dtype=dtype, device=DEVICE) for _ in range(2))
+
+
+@TRITON_CASES
 def test_compress_kv_triton_matches_reference(dtype, heads, head_dim, frames, height, width, slot, t0, layout):
     need_triton()
     from relaxkv_kernels.ops.compress_kv.triton import compress_kv_triton
 
     g = gen(frames * 100 + height + width)
     n = frames * height * width
-    if layout == "fused_kv":  # K and V interleaved in one fused buffer
-        k, v = randn(g, 2, n, heads, 2, head_dim, dtype=dtype, device=DEVICE).unbind(3)
-        assert not (k.is_contiguous() or v.is_contiguous())
-    else:
-        k, v = (randn(g, 2, n, heads, head_dim, dtype=dtype, device=DEVICE) for _ in range(2))
+    k, v = _triton_kv(g, layout, n, heads, head_dim, dtype)
     nc, row0 = len(compressed_positions(0.0, frames, height, width)), 5
     rows = slice(row0 + slot * nc, row0 + (slot + 1) * nc)
     k_pool, v_pool = (randn(g, 2, row0 + 4 * nc + 3, heads, head_dim, dtype=dtype, device=DEVICE) for _ in range(2))
@@ -387,22 +396,13 @@ def test_compress_kv_into_ref_fp8_vs_literal(b, h, d, t0, frames, height, width,
     torch.testing.assert_close(mean_key[:, slot].double(), pk.mean(dim=1), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype, heads, head_dim, frames, height, width, slot, t0, layout", [
-    pytest.param(torch.float32, 2, 16, 2, 8, 8, 1, 6, "contiguous", id="fp32-exact-grid"),
-    pytest.param(torch.float16, 2, 32, 3, 9, 10, 2, 11, "contiguous", id="fp16-floored-grid"),
-    pytest.param(torch.float32, 1, 48, 4, 12, 16, 0, 0, "contiguous", id="fp32-D48-two-tiles"),
-    pytest.param(torch.float16, 2, 32, 2, 4, 12, 3, 25, "fused_kv", id="fp16-noncontig-kv"),
-])
+@TRITON_CASES
 def test_compress_kv_triton_fp8_matches_reference(dtype, heads, head_dim, frames, height, width, slot, t0, layout):
     need_triton()
     from relaxkv_kernels.ops.compress_kv.triton import compress_kv_triton
 
     g = gen(frames * 100 + height + width + 1)
-    n = frames * height * width
-    if layout == "fused_kv":  # K and V interleaved in one fused buffer
-        k, v = randn(g, 2, n, heads, 2, head_dim, dtype=dtype, device=DEVICE).unbind(3)
-    else:
-        k, v = (randn(g, 2, n, heads, head_dim, dtype=dtype, device=DEVICE) for _ in range(2))
+    k, v = _triton_kv(g, layout, frames * height * width, heads, head_dim, dtype)
     _check_fp8(compress_kv_triton, DEVICE, dtype, k, v, slot, t0, 5, frames, height, width)
 
 

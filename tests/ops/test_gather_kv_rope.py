@@ -272,18 +272,31 @@ def test_gather_kv_rope_cuda_rejects_outputs_with_gaps(kernel_device):
 # ------------------------------------------------------------------------------- into a slice of a buffer
 
 
-def _check_into_slice(backend: str, device: str):
-    """gather_kv_rope_into writes a slice [:, 5:5 + total] of a longer [B, 40, H, D] window (batch stride
-    40 * H * D, not total * H * D) exactly as gather_kv_rope returns it; the rest of the window is untouched."""
-    k_pool, v_pool, seg, total = on(device, _args(gen(26)))
-    win_k, win_v = (randn(gen(27 + i), B, 40, H, D, device=device) for i in range(2))
+def _check_into_slice(backend: str, device: str, fp8: bool = False):
+    """gather_kv_rope_into writes a slice [:, 5:5 + total] of a longer window (batch stride not total * H * D)
+    exactly as gather_kv_rope returns it; the rest of the window is untouched. ``fp8``: FP8 memory staged into a
+    bf16 window, as the cache's window mode does."""
+    if fp8:
+        g = gen(67)
+        seg, total = ragged_table(2, 90, g)
+        k_pool, v_pool, *scales = _fp8_args(g, 2, 90, H, 32, seg, device)
+        seg, shape, dtype = seg.to(device), (2, total + 13, H, 32), torch.bfloat16
+    else:
+        k_pool, v_pool, seg, total = on(device, _args(gen(26)))
+        g, scales, shape, dtype = gen(27), [None, None], (B, 40, H, D), torch.float32
+    win_k, win_v = (randn(g, *shape, dtype=dtype, device=device) for _ in range(2))
     win_k[:, 5:5 + total] = win_v[:, 5:5 + total] = float("nan")
     k0, v0 = win_k.clone(), win_v.clone()
-    rk.gather_kv_rope_into(k_pool, v_pool, seg, win_k[:, 5:5 + total], win_v[:, 5:5 + total], backend=backend)
-    k_ref, v_ref = gather_kv_rope_ref(k_pool.double(), v_pool, seg, total)
-    close(win_k[:, 5:5 + total], k_ref, torch.float32, "k slice")
-    assert torch.equal(win_v[:, 5:5 + total], v_ref)
-    rest = torch.ones(40, dtype=torch.bool)
+    rk.gather_kv_rope_into(k_pool, v_pool, seg, win_k[:, 5:5 + total], win_v[:, 5:5 + total], backend=backend,
+                           k_pool_scale=scales[0], v_pool_scale=scales[1])
+    if fp8:
+        k_ref, v_ref = gather_kv_rope_ref(k_pool, v_pool, seg, total, *scales)
+        _check_fp8_out(win_k[:, 5:5 + total], win_v[:, 5:5 + total], k_ref, v_ref, dtype)
+    else:
+        k_ref, v_ref = gather_kv_rope_ref(k_pool.double(), v_pool, seg, total)
+        close(win_k[:, 5:5 + total], k_ref, torch.float32, "k slice")
+        assert torch.equal(win_v[:, 5:5 + total], v_ref)
+    rest = torch.ones(shape[1], dtype=torch.bool)
     rest[5:5 + total] = False
     assert torch.equal(win_k[:, rest], k0[:, rest]) and torch.equal(win_v[:, rest], v0[:, rest])
 
@@ -570,32 +583,12 @@ def test_gather_kv_rope_cuda_fp8_rows_outside_the_pool_are_nan(kernel_device):
         _check_fp8_out(k[b, good], v[b, good], kb[0], vb[0], torch.bfloat16, f"batch {b}")
 
 
-def _check_fp8_into_window(backend: str, device: str):
-    """The cache's window mode: FP8 memory staged into the slice [:, 5:5 + total] of a longer bf16
-    [B, total + 13, H, D] window; the rest of the window untouched."""
-    g = gen(67)
-    seg, total = ragged_table(2, 90, g)
-    args = _fp8_args(g, 2, 90, H, 32, seg, device)
-    seg = seg.to(device)
-    win_k, win_v = (randn(g, 2, total + 13, H, 32, dtype=torch.bfloat16, device=device) for _ in range(2))
-    win_k[:, 5:5 + total] = win_v[:, 5:5 + total] = float("nan")
-    k0, v0 = win_k.clone(), win_v.clone()
-    kc, vc, ks, vs = args
-    rk.gather_kv_rope_into(kc, vc, seg, win_k[:, 5:5 + total], win_v[:, 5:5 + total], backend=backend,
-                           k_pool_scale=ks, v_pool_scale=vs)
-    k_ref, v_ref = gather_kv_rope_ref(kc, vc, seg, total, ks, vs)
-    _check_fp8_out(win_k[:, 5:5 + total], win_v[:, 5:5 + total], k_ref, v_ref, torch.bfloat16)
-    rest = torch.ones(total + 13, dtype=torch.bool)
-    rest[5:5 + total] = False
-    assert torch.equal(win_k[:, rest], k0[:, rest]) and torch.equal(win_v[:, rest], v0[:, rest])
-
-
 def test_fp8_into_a_slice_of_a_bf16_window_reference():
-    _check_fp8_into_window("reference", "cpu")
+    _check_into_slice("reference", "cpu", fp8=True)
 
 
 def test_fp8_into_a_slice_of_a_bf16_window_cuda(kernel_device):
-    _check_fp8_into_window("cuda", kernel_device)
+    _check_into_slice("cuda", kernel_device, fp8=True)
 
 
 def _fp8_op_args(g: torch.Generator) -> list:
