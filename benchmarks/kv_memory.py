@@ -5,7 +5,7 @@
 Counted on meta-device caches (nothing is allocated) in the attention mode "auto" picks on CUDA (window; per_call for
 FP8 pools of a dense window, see ``relaxkv_kernels.cache.modes.resolve_attention``), compute dtype bf16, batch 1,
 480 x 832 video (30 x 52 tokens per latent frame), the models of ``benchmarks/head_parallel.py``. "pools": the
-K and V pools (FP8: e4m3 codes plus one fp32 scale per row and head, ``storage.pool_bytes()``); "all":
+K and V pools (FP8: e4m3 codes plus one fp32 scale per row and head, ``pool_bytes()``); "all":
 ``memory_bytes()``, which adds the prototypes, policy state, segment tables and the windows (bf16 either way);
 "per_call": the same with one window shared by every layer (``attention="per_call"``, the memory-tight mode).
 """
@@ -43,7 +43,7 @@ def rows() -> list[tuple[str, str, int, int, int, int, int]]:
     for model in MODELS:
         for policy in POLICIES:
             bf16, fp8 = cuda_cache(model, policy, None), cuda_cache(model, policy, FP8)
-            out.append((model.name, policy, bf16.storage.pool_bytes(), fp8.storage.pool_bytes(), bf16.memory_bytes(),
+            out.append((model.name, policy, bf16.pool_bytes(), fp8.pool_bytes(), bf16.memory_bytes(),
                         fp8.memory_bytes(), cuda_cache(model, policy, FP8, "per_call").memory_bytes()))
     return out
 

@@ -17,6 +17,7 @@ from relaxkv_kernels.ops.dense_attention.op import resolve_engine
 from relaxkv_kernels.ops.dispatch import OpBackends
 from relaxkv_kernels.ops.gather_kv_rope.op import BACKENDS as GATHER_KV_ROPE_BACKENDS
 from relaxkv_kernels.ops.mid_select.op import BACKENDS as MID_SELECT_BACKENDS
+from relaxkv_kernels.ops.quantize_frames.op import BACKENDS as QUANTIZE_FRAMES_BACKENDS
 from relaxkv_kernels.ops.relax_select.op import BACKENDS as RELAX_SELECT_BACKENDS
 from relaxkv_kernels.ops.rope_append.op import BACKENDS as ROPE_APPEND_BACKENDS
 from relaxkv_kernels.ops.sparse_kv_attention.op import BACKENDS as SPARSE_KV_ATTENTION_BACKENDS
@@ -32,6 +33,7 @@ TABLES = {  # op -> its backend table (relaxkv_kernels/ops/<op>/op.py)
     "mid_select": MID_SELECT_BACKENDS,
     "compress_kv": COMPRESS_KV_BACKENDS,
     "gather_kv_rope": GATHER_KV_ROPE_BACKENDS,
+    "quantize_frames": QUANTIZE_FRAMES_BACKENDS,
 }
 TABLE_OPS = list(TABLES)
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")

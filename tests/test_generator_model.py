@@ -251,7 +251,13 @@ class _RecordingCache(PlainAttend):
     def end_chunk(self):
         self.log.append("end")
 
+    dtype = kv_dtype = torch.float32
+    heads = None
+
     def memory_bytes(self):
+        return 1
+
+    def pool_bytes(self):
         return 1
 
     def live_bytes(self):

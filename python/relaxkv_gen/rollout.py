@@ -190,8 +190,8 @@ def memory_summary(model: CausalWanModel, policy, batch: int, cache: rk.KVCache)
     same = cache if cache.kv_dtype == cache.dtype else make_cache(model, policy, batch, process_group=group,
                                                                   device="meta")
     out = {"kv_dtype": str(cache.kv_dtype).replace("torch.", ""), "kv_bytes": cache.memory_bytes(),
-           "pool_bytes": cache.storage.pool_bytes(), "kv_bytes_same_dtype": same.memory_bytes(),
-           "pool_bytes_same_dtype": same.storage.pool_bytes()}
+           "pool_bytes": cache.pool_bytes(), "kv_bytes_same_dtype": same.memory_bytes(),
+           "pool_bytes_same_dtype": same.pool_bytes()}
     out["ratio"] = out["pool_bytes"] / out["pool_bytes_same_dtype"]
     return out
 

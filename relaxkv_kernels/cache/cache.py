@@ -333,9 +333,13 @@ class KVCache:
         """Bytes of K/V rows holding frames or compressed blocks the memory can still read (all layers)."""
         return self.planner.live_rows() * self.storage.row_bytes()
 
+    def pool_bytes(self) -> int:
+        """Bytes of the K/V pools, their scales included when they are FP8 (a part of :meth:`memory_bytes`)."""
+        return self.storage.pool_bytes()
+
     def memory_bytes(self) -> int:
         """Bytes of device storage allocated by the cache: pools (with their scales when FP8), prototypes, policy
-        state, tables and windows (``storage.pool_bytes()``: the pools and scales alone).
+        state, tables and windows (:meth:`pool_bytes`: the pools and scales alone).
 
         Fixed at construction: pools are sized for the steady state (see :meth:`live_bytes` for use).
         """
