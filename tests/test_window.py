@@ -105,11 +105,13 @@ def test_dense_chunks_attend_to_the_pool_prefix():
     assert [rerotated.plan(n).pool_prefix() for n in range(4)][-1] is None  # deltas: gathered into a window
 
 
-def test_compiled_window_chunk_step_matches_eager():
-    """torch.compile(fullgraph=True) of every layer's attend in window mode (staging, selection included)."""
+@pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn], ids=["fp32-pools", "fp8-pools"])
+def test_compiled_window_chunk_step_matches_eager(kv_dtype):
+    """torch.compile(fullgraph=True) of every layer's attend in window mode (staging, selection included), pools
+    in the compute dtype or FP8 (the window commit's quantize_frames runs eagerly at end_chunk)."""
     policy = POLICIES["relax"]
-    caches = [rk.KVCache(policy, L, B, H, D, HH, WW, dtype=torch.float32, backend="reference", attention="window")
-              for _ in range(2)]
+    caches = [rk.KVCache(policy, L, B, H, D, HH, WW, dtype=torch.float32, backend="reference", attention="window",
+                         kv_dtype=kv_dtype) for _ in range(2)]
     gen = torch.Generator().manual_seed(3)
     shape = (B, policy.chunk_frames * HH * WW, H, D)
 

@@ -54,6 +54,8 @@ class RowViews:
         self.k, self.v, self.n, self.views = k, v, None, {}
 
     def __call__(self, i: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.compiler.is_compiling():  # a traced view is free at run time; one kept across graphs goes stale
+            return self.k[i][:, :n], self.v[i][:, :n]
         if n != self.n:
             self.n, self.views = n, {}
         kv = self.views.get(i)
