@@ -106,10 +106,13 @@ def test_dense_chunks_attend_to_the_pool_prefix():
 
 
 @pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn], ids=["fp32-pools", "fp8-pools"])
-def test_compiled_window_chunk_step_matches_eager(kv_dtype):
+@pytest.mark.parametrize("name", ["relax", "pack"])
+def test_compiled_window_chunk_step_matches_eager(name, kv_dtype):
     """torch.compile(fullgraph=True) of every layer's attend in window mode (staging, selection included), pools
-    in the compute dtype or FP8 (the window commit's quantize_frames runs eagerly at end_chunk)."""
-    policy = POLICIES["relax"]
+    in the compute dtype or FP8 (the window commit's quantize_frames runs eagerly at end_chunk), over chunks whose
+    key counts change until automatic dynamic shapes recompile the step (a view kept across graphs went stale
+    there: Pack's outputs were wrong from chunk 6 on)."""
+    policy = POLICIES[name]
     caches = [rk.KVCache(policy, L, B, H, D, HH, WW, dtype=torch.float32, backend="reference", attention="window",
                          kv_dtype=kv_dtype) for _ in range(2)]
     gen = torch.Generator().manual_seed(3)
@@ -120,7 +123,7 @@ def test_compiled_window_chunk_step_matches_eager(kv_dtype):
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True)
-    for _ in range(5):  # warm-up, then selections (chunk 2 on) and eviction
+    for _ in range(9):  # warm-up, then selections (Relax: chunk 2 on, Pack: 4 on) and eviction
         qkv = [tuple(torch.randn(shape, generator=gen) for _ in range(3)) for _ in range(L)]
         for cache in caches:
             cache.begin_chunk()
