@@ -37,18 +37,19 @@ def _init(rank: int, world: int, store: str, backend: str = "gloo") -> None:
                             timeout=timedelta(seconds=60))
 
 
-def _rollout_worker(rank, world, store, results, names, attention, fail_at):
-    """For each policy: single-process and head-parallel caches side by side; per chunk the largest output
-    difference on this rank's heads and both tables' frames. ``fail_at``: rank 1 raises before that chunk."""
+def _rollout_worker(rank, world, store, results, names, attention, fail_at, kv_dtype=None):
+    """For each policy: single-process and head-parallel caches side by side (pools in ``kv_dtype``); per chunk the
+    largest output difference on this rank's heads and both tables' frames. ``fail_at``: rank 1 raises before
+    that chunk."""
     _init(rank, world, store)
     result = {}
     try:
         heads = slice(rank * H // world, (rank + 1) * H // world)
         for name in names:
             single = rk.KVCache(POLICIES[name](), L, B, H, D, HH, WW, dtype=torch.float32, backend="reference",
-                                attention=attention)
+                                attention=attention, kv_dtype=kv_dtype)
             shard = rk.KVCache(POLICIES[name](), L, B, H, D, HH, WW, dtype=torch.float32, backend="reference",
-                               attention=attention, process_group=dist.group.WORLD)
+                               attention=attention, process_group=dist.group.WORLD, kv_dtype=kv_dtype)
             gen = torch.Generator().manual_seed(7)
             shape = (B, single.policy.chunk_frames * HH * WW, H, D)
             worst, frames, same = 0.0, [], True
@@ -78,13 +79,14 @@ def _rollout_worker(rank, world, store, results, names, attention, fail_at):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world, names, attention", [
-    (2, ("dense", "relax", "pack"), "segments"),
-    (2, ("relax", "pack"), "window"),
-    (4, ("relax", "pack"), "segments"),
-], ids=["P2-segments", "P2-window", "P4-segments"])
-def test_head_parallel_caches_match_the_single_process_cache(tmp_path, world, names, attention):
-    results = _run(world, _rollout_worker, tmp_path, names, attention, -1)
+@pytest.mark.parametrize("world, names, attention, kv_dtype", [
+    (2, ("dense", "relax", "pack"), "segments", None),
+    (2, ("relax", "pack"), "window", None),
+    (4, ("relax", "pack"), "segments", None),
+    (2, ("relax", "pack"), "window", torch.float8_e4m3fn),  # scales per row and head: sharded like the pools
+], ids=["P2-segments", "P2-window", "P4-segments", "P2-window-fp8"])
+def test_head_parallel_caches_match_the_single_process_cache(tmp_path, world, names, attention, kv_dtype):
+    results = _run(world, _rollout_worker, tmp_path, names, attention, -1, kv_dtype)
     for rank, result in enumerate(results):
         assert "error" not in result, f"rank {rank}: {result['error']}"
         for name in names:
