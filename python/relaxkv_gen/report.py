@@ -346,12 +346,12 @@ def format_memory(report: dict) -> str:
         m = p.get("memory") or {}
         if not m:
             continue
-        line = f"KV memory, {name}: {m['kv_bytes'] / 2**20:.2f} MiB ({m['kv_dtype']} pools"
+        line = f"KV memory, {name}: {m['kv_bytes'] / 2**20:.2f} MiB with {m['kv_dtype']} pools"
         if m["kv_dtype"] != model:
-            line += (f", {m['pool_bytes'] / 2**20:.2f} MiB with their scales; {m['kv_bytes_same_dtype'] / 2**20:.2f} "
-                     f"MiB with {model} pools: pools {m['ratio']:.3f}x, saved "
-                     f"{(m['kv_bytes_same_dtype'] - m['kv_bytes']) / 2**20:.2f} MiB")
-        lines.append(line + ")")
+            line += (f" (pools and scales {m['pool_bytes'] / 2**20:.2f} MiB, {m['ratio']:.3f}x {model} pools); "
+                     f"{m['kv_bytes_same_dtype'] / 2**20:.2f} MiB with {model} pools: "
+                     f"{(m['kv_bytes_same_dtype'] - m['kv_bytes']) / 2**20:.2f} MiB saved")
+        lines.append(line)
     return "\n".join(lines)
 
 
