@@ -145,9 +145,10 @@ class KVCache:
         self.num_heads = num_heads if self.heads is None else self.heads.local_heads
         self.batch, self.head_dim = batch, head_dim
         self.height, self.width, self.frame_tokens = height, width, height * width
-        self.dtype, self.kv_dtype = dtype, kv_dtype or dtype
+        self.dtype = dtype
         self.geometry = CacheGeometry(num_layers, batch, self.num_heads, head_dim, height, width, dtype, self.device,
                                       kv_dtype)
+        self.kv_dtype = self.geometry.pool_dtype
         if pl.selection not in SELECTIONS:
             raise ValueError(f"{op}: {type(pl).__name__}.selection: expected one of {SELECTIONS}, got {pl.selection!r}")
         self.storage = KVStorage(self.geometry, pl)

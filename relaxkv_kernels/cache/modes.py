@@ -196,17 +196,17 @@ class WindowMode(GatherMode):
 
     def commit(self, plan: ChunkPlan) -> None:
         f, s = self.g.frame_tokens, self.storage
+        pools = ((self.win_k, s.k, s.k_scale), (self.win_v, s.v, s.v_scale))
         if s.fp8:  # every layer at once: one quantizing pass each for K and V
-            rows = len(plan.frame_slot) * f
-            for win, pool, scale in ((self.win_k, s.k, s.k_scale), (self.win_v, s.v, s.v_scale)):
-                quantize_frames_op(win[:, :, :rows].flatten(0, 1), pool.flatten(0, 1), scale.flatten(0, 1),
-                                   self.dplan.frame_slot, f, self.backend, checked=True)
-        for u, slot in enumerate(plan.frame_slot):  # every layer at once: one copy per frame
-            if not s.fp8:
-                s.k[:, :, slot * f:(slot + 1) * f].copy_(self.win_k[:, :, u * f:(u + 1) * f])
-                s.v[:, :, slot * f:(slot + 1) * f].copy_(self.win_v[:, :, u * f:(u + 1) * f])
-            if self.proto_chunk is not None:
-                s.proto[:, slot].copy_(self.proto_chunk[:, u])
+            for win, pool, scale in pools:
+                quantize_frames_op(win[:, :, :len(plan.frame_slot) * f].flatten(0, 1), pool.flatten(0, 1),
+                                   scale.flatten(0, 1), self.dplan.frame_slot, f, self.backend, checked=True)
+        else:  # every layer at once: one copy per frame
+            for u, slot in enumerate(plan.frame_slot):
+                for win, pool, _ in pools:
+                    pool[:, :, slot * f:(slot + 1) * f].copy_(win[:, :, u * f:(u + 1) * f])
+        if self.proto_chunk is not None:
+            s.proto[:, self.dplan.frame_slot] = self.proto_chunk
 
     def nbytes(self) -> int:
         return super().nbytes() + nbytes(self.proto_chunk)

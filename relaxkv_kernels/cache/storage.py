@@ -57,7 +57,7 @@ class KVStorage:
     def row_bytes(self) -> int:
         """Bytes of one pool row of K and V over every layer (their scales included)."""
         layers, batch, _, heads, dim = self.k.shape
-        per_head = dim * self.k.element_size() + (4 if self.fp8 else 0)
+        per_head = dim * self.k.element_size() + (self.k_scale.element_size() if self.fp8 else 0)
         return 2 * layers * batch * heads * per_head
 
     def pool_bytes(self) -> int:

@@ -13,6 +13,7 @@ import torch
 
 from ..availability import require_cuda_extension
 from .checks import require
+from .fp8 import scale_strides
 
 
 class CudaRuntime:
@@ -73,7 +74,7 @@ def rows(t: torch.Tensor) -> tuple[int, tuple[int, ...]]:
 def scales(t: torch.Tensor | None) -> tuple[int, tuple[int, ...]]:
     """An FP8 pool's fp32 scales [B, n_rows, H] as the launchers take them: address and B, N, H strides;
     ``(0, (0, 0, 0))`` for a pool in the compute dtype (no scales)."""
-    return (0, (0, 0, 0)) if t is None else (t.data_ptr(), t.stride())
+    return (0 if t is None else t.data_ptr()), scale_strides(t)
 
 
 def index(t: torch.Tensor) -> torch.Tensor:

@@ -83,3 +83,19 @@ def check_pool_format(op: str, name: str, pool: torch.Tensor, scale, like: torch
         raise ValueError(f"{op}: {scale_name}: expected the float32 [B, n_rows, H] scales of the {pool.dtype} {name}, "
                          "got None")
     check_tensor(op, scale_name, scale, shape=tuple(pool.shape[:3]), dtypes=(torch.float32,), device=pool.device)
+
+
+def check_kv_pools(op: str, name: str, k_pool: torch.Tensor, v_pool: torch.Tensor, k_scale, v_scale,
+                   like: torch.Tensor) -> None:
+    """An op's ``k_<name>`` and ``v_<name>`` pools: each through :func:`check_pool_format` against ``like``, and one
+    format for both (``v_<name>`` has ``k_<name>``'s shape and dtype)."""
+    check_pool_format(op, f"k_{name}", k_pool, k_scale, like)
+    check_tensor(op, f"v_{name}", v_pool, shape=tuple(k_pool.shape), dtypes=(k_pool.dtype,))
+    check_pool_format(op, f"v_{name}", v_pool, v_scale, like)
+
+
+def scale_strides(scale: torch.Tensor | None) -> tuple[int, ...]:
+    """The B, N, H strides of an FP8 pool's scales [B, n_rows, H] as the kernels take them; zeros for a pool without
+    scales (the kernels' FP8 path is off, and the strides unused)."""
+    return (0, 0, 0) if scale is None else scale.stride()
+

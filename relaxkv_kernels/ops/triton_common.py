@@ -134,6 +134,14 @@ def row_mean_scatter(ws: torch.Tensor, out: torch.Tensor, idx: torch.Tensor, cou
 
 
 @triton.jit
+def _fp8_amax(x, AXIS: tl.constexpr):
+    """max |x| along ``AXIS`` of fp32 ``x``, NaN-propagating like torch's amax (ops/fp8.py's reference): taken on the
+    int32 bits (a NaN's magnitude bits exceed every number's), the same on the GPU, whose float max drops NaN, and in
+    the interpreter."""
+    return tl.max(tl.abs(x).to(tl.int32, bitcast=True), AXIS).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _fp8_scale(amax):
     """Power-of-two fp32 scale of rows with largest magnitude ``amax`` (fp32 [...]) and its inverse (ops/fp8.py)."""
     bits = amax.to(tl.int32, bitcast=True)

@@ -21,7 +21,7 @@ from ..checks import check_qkv
 from ..checks import check_tensor
 from ..checks import checks_in_fake
 from ..dispatch import OpBackends
-from ..fp8 import check_pool_format
+from ..fp8 import check_kv_pools
 from .cuda import compress_kv_cuda
 from .reference import compress_kv_into_ref
 
@@ -50,9 +50,7 @@ def _check(k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames, height,
         raise ValueError(f"{op}: k: expected {frames}*{height}*{width} = {frames * height * width} tokens, "
                          f"got {k.shape[1]}")
     check_tensor(op, "v", v, shape=tuple(k.shape), dtypes=(k.dtype,))
-    check_pool_format(op, "k_pool", k_pool, k_pool_scale, k)
-    check_tensor(op, "v_pool", v_pool, shape=tuple(k_pool.shape), dtypes=(k_pool.dtype,))
-    check_pool_format(op, "v_pool", v_pool, v_pool_scale, k)
+    check_kv_pools(op, "pool", k_pool, v_pool, k_pool_scale, v_pool_scale, k)
     b, _, h, d = k.shape
     check_tensor(op, "mean_key", mean_key, shape=(b, None, h, d), dtypes=(torch.float32,))
     nc = math.prod(compressed_grid(frames, height, width))

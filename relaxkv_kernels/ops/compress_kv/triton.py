@@ -18,19 +18,14 @@ from ...geometry import POOL_X
 from ...geometry import POOL_Y
 from ...geometry import compressed_grid
 from ..fp8 import is_fp8
+from ..fp8 import scale_strides
+from ..triton_common import _fp8_amax
 from ..triton_common import _fp8_encode
 from ..triton_common import _fp8_scale
 from ..triton_common import _rope_rotate
 from ..triton_common import inv_freq_table
 from ..triton_common import pair_split
 from ..triton_common import row_mean_scatter
-
-
-@triton.jit
-def _amax_rows(x):
-    """max |x| over the last dim of fp32 ``x`` [BC, BD], NaN-propagating like torch's amax: as int32 bits (a NaN's
-    magnitude bits exceed every number's), the same on the GPU (whose float max drops NaN) and the interpreter."""
-    return tl.max(tl.abs(x).to(tl.int32, bitcast=True), 1).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -89,8 +84,8 @@ def _compress_kv_kernel(
     p_kp = k_pool + i_b * s_kpb + i_h * s_kph + rows[:, None] * s_kpn + o_d[None, :] * s_kpd
     p_vp = v_pool + i_b * s_vpb + i_h * s_vph + rows[:, None] * s_vpn + o_d[None, :] * s_vpd
     if FP8:  # the tile holds whole rows: each row's amax over D is complete (masked lanes are 0)
-        b_ks, b_kinv = _fp8_scale(_amax_rows(b_ck))  # [BC]
-        b_vs, b_vinv = _fp8_scale(_amax_rows(b_pv))
+        b_ks, b_kinv = _fp8_scale(_fp8_amax(b_ck, 1))  # [BC]
+        b_vs, b_vinv = _fp8_scale(_fp8_amax(b_pv, 1))
         tl.store(p_kp, _fp8_encode(b_ck * b_kinv[:, None]), mask=m_cd)  # uint8 view of the pools
         tl.store(p_vp, _fp8_encode(b_pv * b_vinv[:, None]), mask=m_cd)
         tl.store(k_scale + i_b * s_ksb + i_h * s_ksh + rows * s_ksn, b_ks, mask=m_c)
@@ -99,10 +94,6 @@ def _compress_kv_kernel(
         tl.store(p_kp, b_ck.to(k_pool.dtype.element_ty), mask=m_cd)
         tl.store(p_vp, b_pv.to(v_pool.dtype.element_ty), mask=m_cd)
 
-
-def _scale_strides(scale: torch.Tensor | None) -> tuple[int, int, int]:
-    """The B, N, H strides of an FP8 pool's scales [B, n_rows, H]; zeros without scales (FP8=False: unused)."""
-    return (0, 0, 0) if scale is None else scale.stride()
 
 
 def compress_kv_triton(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
@@ -149,7 +140,7 @@ def compress_kv_triton(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v
         k, v, k_pool, v_pool, k_pool_scale, v_pool_scale, block_slot, t0, inv_freq_table(d, k.device), partial,
         row0, n_c, ny, nx, f, width, h, d,
         *k.stride(), *v.stride(), *k_pool.stride(), *v_pool.stride(),
-        *_scale_strides(k_pool_scale), *_scale_strides(v_pool_scale),
+        *scale_strides(k_pool_scale), *scale_strides(v_pool_scale),
         FP8=fp8, N_T=n_t, N_H=n_h, PT=POOL_T, PY=POOL_Y, PX=POOL_X, BLOCK_C=block_c, BLOCK_D=block_d,
         num_warps=4,
     )

@@ -19,7 +19,7 @@ from ..checks import checks_in_fake
 from ..dispatch import OpBackends
 from ..dispatch import inference_only
 from ..fp8 import FP8_DTYPES
-from ..fp8 import check_pool_format
+from ..fp8 import check_kv_pools
 from ..fp8 import is_fp8
 from .cuda import gather_kv_rope_cuda
 from .reference import gather_kv_rope_into_ref
@@ -48,9 +48,7 @@ def _check(op: str, k_pool: Tensor, v_pool: Tensor, seg: Tensor, total: int | No
     check_devices(op, k_pool=k_pool, v_pool=v_pool, seg=seg, **out)
     check_tensor(op, "k_pool", k_pool, shape=(None, None, None, None), dtypes=(*FLOAT_DTYPES, *FP8_DTYPES))
     check_head_dim(op, "k_pool", k_pool.shape[-1])
-    check_pool_format(op, "k_pool", k_pool, k_pool_scale, k_pool)
-    check_tensor(op, "v_pool", v_pool, shape=tuple(k_pool.shape), dtypes=(k_pool.dtype,))  # one pool format
-    check_pool_format(op, "v_pool", v_pool, v_pool_scale, k_pool)
+    check_kv_pools(op, "pool", k_pool, v_pool, k_pool_scale, v_pool_scale, k_pool)
     check_seg(op, seg, k_pool.shape[0], k_pool.shape[1])
     if out:
         b, _, h, d = k_pool.shape

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ...availability import interpreter_enabled
+from ..fp8 import scale_strides
 from ..triton_common import _rope_rotate
 from ..triton_common import inv_freq_table
 from ..triton_common import pair_split
@@ -104,8 +105,8 @@ def gather_kv_rope_triton(k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch
     _gather_kv_rope_kernel[(triton.cdiv(total, block_r), b)](
         k_pool, v_pool, k_pool_scale, v_pool_scale, seg, inv_freq_table(d, k_pool.device), k_out, v_out,
         total, seg.shape[1], h, d,
-        *k_pool.stride(), *v_pool.stride(), *(k_pool_scale.stride() if fp8 else (0, 0, 0)),
-        *(v_pool_scale.stride() if fp8 else (0, 0, 0)), *seg.stride(), *k_out.stride(), *v_out.stride(),
+        *k_pool.stride(), *v_pool.stride(), *scale_strides(k_pool_scale), *scale_strides(v_pool_scale),
+        *seg.stride(), *k_out.stride(), *v_out.stride(),
         N_T=n_t, FP8=fp8, BLOCK_R=block_r, BLOCK_S=triton.next_power_of_2(seg.shape[1]),
         BLOCK_D=triton.next_power_of_2(d),
         num_warps=4,

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ...availability import interpreter_enabled
+from ..triton_common import _fp8_amax
 from ..triton_common import _fp8_encode
 from ..triton_common import _fp8_scale
 
@@ -38,7 +39,7 @@ def _quantize_frames_kernel(
     for i_h in range(N_HEADS):
         p_x = x + i_n * s_xn + i_h * s_xh + o_r.to(tl.int64)[:, None] * s_xr + o_d[None, :] * s_xd
         b_x = tl.load(p_x, mask=m, other=0.0).to(tl.float32)  # [BR, BD]
-        b_scale, b_inv = _fp8_scale(tl.max(tl.abs(b_x), 1))  # [BR]
+        b_scale, b_inv = _fp8_scale(_fp8_amax(b_x, 1))  # [BR]
         p_c = pool + i_n * s_cn + i_h * s_ch + rows[:, None] * s_cr + o_d[None, :] * s_cd
         tl.store(p_c, _fp8_encode(b_x * b_inv[:, None]), mask=m)
         tl.store(pool_scale + i_n * s_sn + i_h * s_sh + rows * s_sr, b_scale, mask=m_r)

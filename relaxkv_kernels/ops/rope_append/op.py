@@ -16,7 +16,7 @@ from ..checks import check_qkv
 from ..checks import check_tensor
 from ..checks import checks_in_fake
 from ..dispatch import OpBackends
-from ..fp8 import check_pool_format
+from ..fp8 import check_kv_pools
 from .cuda import rope_append_cuda
 from .reference import rope_append_ref
 
@@ -47,9 +47,7 @@ def _check(q, k, v, k_cache, v_cache, proto, frame_slot, frame_pos, height, widt
                          f"(U = frame_slot entries), got {q.shape[1]}")
     check_tensor(op, "k", k, shape=tuple(q.shape), dtypes=(q.dtype,))
     check_tensor(op, "v", v, shape=tuple(q.shape), dtypes=(q.dtype,))
-    check_pool_format(op, "k_cache", k_cache, k_cache_scale, k)
-    check_tensor(op, "v_cache", v_cache, shape=tuple(k_cache.shape), dtypes=(k_cache.dtype,))  # one pool format
-    check_pool_format(op, "v_cache", v_cache, v_cache_scale, k)
+    check_kv_pools(op, "cache", k_cache, v_cache, k_cache_scale, v_cache_scale, k)
     n_slots = k_cache.shape[1] // f
     if proto is not None:
         check_tensor(op, "proto", proto, shape=(q.shape[0], None, q.shape[-1]), dtypes=(torch.float32,))

@@ -28,7 +28,9 @@ import triton
 import triton.language as tl
 
 from ..fp8 import is_fp8
+from ..fp8 import scale_strides
 from ..triton_common import _cos_sin
+from ..triton_common import _fp8_amax
 from ..triton_common import _fp8_encode
 from ..triton_common import _fp8_scale
 from ..triton_common import inv_freq_table
@@ -117,8 +119,8 @@ def _rope_append_kernel(
         tl.store(p_o + i_h * s_oh, b_qr.to(q_rot.dtype.element_ty), mask=m)
         if FP8:  # the tile holds whole head rows (BD >= D, masked lanes 0): each row's amax is a register reduction
             b_v = b_v.to(tl.float32)
-            b_ks, b_kinv = _fp8_scale(tl.max(tl.abs(b_kr), 2))  # [BT, BH]
-            b_vs, b_vinv = _fp8_scale(tl.max(tl.abs(b_v), 2))
+            b_ks, b_kinv = _fp8_scale(_fp8_amax(b_kr, 2))  # [BT, BH]
+            b_vs, b_vinv = _fp8_scale(_fp8_amax(b_v, 2))
             tl.store(p_kc + i_h * s_kch, _fp8_encode(b_kr * b_kinv[:, :, None]), mask=m_tdc & m_h)
             tl.store(p_vc + i_h * s_vch, _fp8_encode(b_v * b_vinv[:, :, None]), mask=m_tdc & m_h)
             i_hs = (h0 + o_h).to(tl.int64)[None, :]  # [1, BH]
@@ -191,7 +193,7 @@ def rope_append_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cach
         q, k, v, q_rot, k_cache, v_cache, k_scale, v_scale, frame_slot, frame_pos, inv_freq_table(d, dev), partial,
         f, width, h, d, n_slots,
         *q.stride(), *k.stride(), *v.stride(), *q_rot.stride(), *k_cache.stride(), *v_cache.stride(),
-        *(k_cache_scale.stride() if fp8 else (0, 0, 0)), *(v_cache_scale.stride() if fp8 else (0, 0, 0)),
+        *scale_strides(k_cache_scale), *scale_strides(v_cache_scale),
         frame_slot.stride(0), frame_pos.stride(0),
         N_T=n_t, N_H=n_h, HAS_PROTO=proto is not None, FP8=fp8, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
         num_warps=4,

@@ -14,14 +14,13 @@ from ..checks import check_devices
 from ..checks import check_finite
 from ..checks import check_qkv
 from ..checks import check_seg
-from ..checks import check_tensor
 from ..checks import check_total
 from ..checks import checks_in_fake
 from ..dense_attention.op import dense_attention_op
 from ..dense_attention.op import resolve_engine
 from ..dispatch import OpBackends
 from ..dispatch import inference_only
-from ..fp8 import check_pool_format
+from ..fp8 import check_kv_pools
 from ..fp8 import is_fp8
 from ..gather_kv_rope.op import gather_kv_rope_into_op
 from ..gather_kv_rope.op import gather_kv_rope_op
@@ -45,9 +44,7 @@ def _check(q, k_pool, v_pool, seg, scale, k_pool_scale=None, v_pool_scale=None) 
     op = "relaxkv.sparse_kv_attention"
     check_devices(op, q=q, k_pool=k_pool, v_pool=v_pool, seg=seg)
     check_qkv(op, "q", q)
-    check_pool_format(op, "k_pool", k_pool, k_pool_scale, q)
-    check_tensor(op, "v_pool", v_pool, shape=tuple(k_pool.shape), dtypes=(k_pool.dtype,))  # one pool format
-    check_pool_format(op, "v_pool", v_pool, v_pool_scale, q)
+    check_kv_pools(op, "pool", k_pool, v_pool, k_pool_scale, v_pool_scale, q)
     check_seg(op, seg, q.shape[0], k_pool.shape[1])
     return q.shape[-1] ** -0.5 if scale is None else check_finite(op, "scale", scale)
 

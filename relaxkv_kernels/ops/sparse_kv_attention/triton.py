@@ -15,6 +15,7 @@ import triton.language as tl
 
 from ...availability import interpreter_enabled
 from ..checks import require
+from ..fp8 import scale_strides
 from ..triton_common import _cos_sin
 from ..triton_common import inv_freq_table
 from ..triton_common import pair_split
@@ -159,10 +160,6 @@ def require_head_dim(op: str, q: torch.Tensor) -> None:
             f"got {d}")
 
 
-def _scale_strides(scale: torch.Tensor | None) -> tuple[int, int, int]:
-    """Strides (batch, row, head) of an FP8 pool's scales; zeros for None (no FP8 pool)."""
-    return (0, 0, 0) if scale is None else scale.stride()
-
 
 def sparse_kv_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch.Tensor,
                                scale: float, k_pool_scale: torch.Tensor | None = None,
@@ -208,7 +205,7 @@ def sparse_kv_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: to
         k_pool_scale, v_pool_scale,
         float(scale), n_q, seg.shape[1], h, d,
         *q.stride(), *k_pool.stride(), *v_pool.stride(), *seg.stride(), *out.stride(),
-        *_scale_strides(k_pool_scale), *_scale_strides(v_pool_scale),
+        *scale_strides(k_pool_scale), *scale_strides(v_pool_scale),
         N_T=n_t,
         BLOCK_D=block_d,
         HALF_D=block_d // 2,
