@@ -207,13 +207,29 @@ struct Vec {
 
 inline int64_t dtype_bytes(int dtype) { return dtype == kFloat32 ? 4 : 2; }
 
+// Whether accesses of n elements of elem_bytes each fit every tensor of `rows`: each base address a multiple of
+// n * elem_bytes bytes, each stride a multiple of n elements.
+inline bool rows_aligned(int64_t n, int64_t elem_bytes, std::initializer_list<Rows> rows) {
+    bool ok = true;
+    for (const Rows& r : rows)
+        ok = ok && r.ptr % (n * elem_bytes) == 0 && r.sb % n == 0 && r.sn % n == 0 && r.sh % n == 0;
+    return ok;
+}
+
 // Whether 16-byte accesses fit every tensor of `rows`: head_dim, each base address and each stride a
 // multiple of 16 bytes.
 inline bool wide_ok(int dtype, int64_t head_dim, std::initializer_list<Rows> rows) {
     const int64_t per16 = 16 / dtype_bytes(dtype);
-    bool ok = head_dim % per16 == 0;
-    for (const Rows& r : rows) ok = ok && r.ptr % 16 == 0 && r.sb % per16 == 0 && r.sn % per16 == 0 && r.sh % per16 == 0;
-    return ok;
+    return head_dim % per16 == 0 && rows_aligned(per16, dtype_bytes(dtype), rows);
+}
+
+// Whether a launcher's pools are FP8 (uint8_t e4m3 codes): their fp32 scales given (non-null). ValueError when only
+// one of the two is.
+inline bool fp8_pools(const char* op, uintptr_t k_scale, uintptr_t v_scale) {
+    const bool fp8 = k_scale != 0;
+    RELAXKV_CHECK_ARG(op, fp8 == (v_scale != 0), "k_scale, v_scale: expected both (FP8 pools) or neither, got "
+                                                     << (fp8 ? "k_scale only" : "v_scale only"));
+    return fp8;
 }
 
 template <typename T>

@@ -22,9 +22,7 @@ void compress_kv_cuda(uintptr_t k, Strides3 k_s, uintptr_t v, Strides3 v_s, uint
     const int64_t n_y = height / kPoolY, n_x = width / kPoolX, n_c = frames / kPoolT * n_y * n_x;
     check_range(kOp, "compressed tokens (frames/2 * height/4 * width/4)", n_c, 1, kMaxGridX);
     check_range(kOp, "row0", row0, 0, n_rows - n_c);  // the block's Nc rows lie inside the pool
-    const bool fp8 = k_scale != 0;  // FP8 pools: uint8_t codes and fp32 scales
-    RELAXKV_CHECK_ARG(kOp, fp8 == (v_scale != 0), "k_scale, v_scale: expected both (FP8 pools) or neither, got "
-                      << (fp8 ? "k_scale only" : "v_scale only"));
+    const bool fp8 = fp8_pools(kOp, k_scale, v_scale);  // uint8_t codes and fp32 scales
     if (batch == 0) return;
 
     CompressParams p{};

@@ -5,13 +5,6 @@ namespace relaxkv {
 
 namespace {
 constexpr const char* kOp = "gather_kv_rope_cuda";
-
-// Whether FP8 codes can be read 16 at a time: head_dim, each base address and each stride a multiple of 16 bytes.
-bool codes_wide_ok(int64_t head_dim, std::initializer_list<Rows> rows) {
-    bool ok = head_dim % 16 == 0;
-    for (const Rows& r : rows) ok = ok && r.ptr % 16 == 0 && r.sb % 16 == 0 && r.sn % 16 == 0 && r.sh % 16 == 0;
-    return ok;
-}
 }  // namespace
 
 void gather_kv_rope_cuda(uintptr_t k_pool, Strides3 kp_s, uintptr_t v_pool, Strides3 vp_s, uintptr_t k_scale,
@@ -19,9 +12,7 @@ void gather_kv_rope_cuda(uintptr_t k_pool, Strides3 kp_s, uintptr_t v_pool, Stri
                          uintptr_t v, int64_t o_sb, int64_t batch, int64_t n_rows, int64_t heads, int64_t head_dim,
                          int64_t n_seg, int64_t total, int dtype, uintptr_t stream) {
     require_device(kOp);
-    const bool fp8 = k_scale != 0;  // FP8 pools: their scales given
-    RELAXKV_CHECK_ARG(kOp, fp8 == (v_scale != 0), "k_scale, v_scale: expected both (FP8 pools) or neither, got "
-                                                      << (fp8 ? "k_scale only" : "v_scale only"));
+    const bool fp8 = fp8_pools(kOp, k_scale, v_scale);
     check_range(kOp, "batch", batch, 0, kMaxGridYZ);
     check_range(kOp, "total", total, 1, kMaxGridX * kGatherRows);
     check_head_dim(kOp, head_dim);
@@ -41,10 +32,10 @@ void gather_kv_rope_cuda(uintptr_t k_pool, Strides3 kp_s, uintptr_t v_pool, Stri
     p.total = total, p.n_rows = n_rows, p.o_sb = o_sb;
     p.n_seg = int(n_seg), p.heads = int(heads), p.head_dim = int(head_dim);
     // 16-byte accesses when every base address and stride allows them (output rows are contiguous); dtype is
-    // the outputs' (the pools' too unless they are FP8).
+    // the outputs' (the pools' too unless they are FP8: 16 codes per load).
     const Strides3 o_s = {o_sb, heads * head_dim, head_dim};
     const bool wide = fp8 ? wide_ok(dtype, head_dim, {Rows(k, o_s), Rows(v, o_s)}) &&
-                                codes_wide_ok(head_dim, {p.k_pool, p.v_pool})
+                                head_dim % 16 == 0 && rows_aligned(16, 1, {p.k_pool, p.v_pool})
                           : wide_ok(dtype, head_dim, {p.k_pool, p.v_pool, Rows(k, o_s), Rows(v, o_s)});
     dispatch_vec(kOp, dtype, wide, [&](auto vec) {
         using V = decltype(vec);

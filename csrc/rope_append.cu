@@ -32,13 +32,6 @@ bool access_fits(int64_t head_dim, int n, bool fp8) {
     return n == 2 || (head_dim % n == 0 && (!fp8 || fp8_one_chunk(head_dim, n)));
 }
 
-// Whether n-code stores fit the FP8 caches `rows`: each base address and stride a multiple of n bytes.
-bool codes_aligned(int64_t n, std::initializer_list<Rows> rows) {
-    bool ok = true;
-    for (const Rows& r : rows) ok = ok && r.ptr % n == 0 && r.sb % n == 0 && r.sn % n == 0 && r.sh % n == 0;
-    return ok;
-}
-
 }  // namespace
 
 int64_t rope_append_tiles(int64_t frame_tokens, int64_t head_dim, bool fp8) {
@@ -66,16 +59,13 @@ void rope_append_cuda(uintptr_t q, Strides3 q_s, uintptr_t k, Strides3 k_s, uint
     RELAXKV_CHECK_ARG(kOp, n_slots >= 0 && n_slots * height * width <= cache_rows,
                       "cache: expected n_slots * height * width <= cache rows, got " << n_slots << " * "
                                                                                     << height * width << " > " << cache_rows);
-    RELAXKV_CHECK_ARG(kOp, (k_scale == 0) == (v_scale == 0),
-                      "k_scale, v_scale: expected both (FP8 caches) or neither, got only one");
+    const bool fp8 = fp8_pools(kOp, k_scale, v_scale);
     if (batch == 0 || frames == 0) return;
 
     RopeAppendParams p{};
     p.q = Rows(q, q_s), p.k = Rows(k, k_s), p.v = Rows(v, v_s), p.q_rot = Rows(q_rot, o_s);
     p.k_cache = Rows(k_cache, kc_s), p.v_cache = Rows(v_cache, vc_s);
-    const bool fp8 = k_scale != 0;
-    p.k_scale = RowScales{reinterpret_cast<float*>(k_scale), ks_s[0], ks_s[1], ks_s[2]};
-    p.v_scale = RowScales{reinterpret_cast<float*>(v_scale), vs_s[0], vs_s[1], vs_s[2]};
+    p.k_scale = Rows(k_scale, ks_s), p.v_scale = Rows(v_scale, vs_s);
     p.proto = reinterpret_cast<float*>(proto);
     p.ws = reinterpret_cast<float*>(ws);
     p.frame_slot = reinterpret_cast<const int64_t*>(frame_slot);
@@ -85,7 +75,7 @@ void rope_append_cuda(uintptr_t q, Strides3 q_s, uintptr_t k, Strides3 k_s, uint
     p.inv_count = float(1.0 / (double(p.frame_tokens) * double(heads)));
     const RopeFreqs freqs = wan_rope(head_dim);
     const int per16 = int(16 / dtype_bytes(dtype));  // elements of one 16-byte access: codes of one FP8 store
-    const bool wide = fp8 ? access_fits(head_dim, per16, true) && codes_aligned(per16, {p.k_cache, p.v_cache}) &&
+    const bool wide = fp8 ? access_fits(head_dim, per16, true) && rows_aligned(per16, 1, {p.k_cache, p.v_cache}) &&
                                 wide_ok(dtype, head_dim, {p.q, p.k, p.v, p.q_rot})
                           : wide_ok(dtype, head_dim, {p.q, p.k, p.v, p.q_rot, p.k_cache, p.v_cache});
     const auto s = reinterpret_cast<cudaStream_t>(stream);

@@ -28,7 +28,7 @@
 // shared memory in a fixed order into one [D] row ws[b, u, tile], and rope_append_proto_kernel sums the
 // tiles in order: deterministic, no atomics. Without proto: no sums, no shared memory, no second launch.
 //
-// FP8 caches (k_scale != nullptr; relaxkv_kernels/ops/fp8.py): rope_append_fp8_kernel, the same work with each
+// FP8 caches (k_scale.ptr != 0; relaxkv_kernels/ops/fp8.py): rope_append_fp8_kernel, the same work with each
 // written (row, head) of K (the fp32 rotation) and V quantized to e4m3 codes and one fp32 scale, which needs
 // the row's amax over all D before its first code. A token's L lanes (a power of two <= 32: adjacent lanes
 // of one warp) own its head rows, lane l dims (c * L + l) * N .. + N - 1 of chunk c < C, and reduce the amax
@@ -54,21 +54,11 @@ constexpr int kFp8Lanes = 32;      // most lanes of one token's head rows in rop
 
 constexpr int kFp8Chunks = kMaxHeadDim / (kFp8Lanes * 2);  // element-pair chunks per lane beyond one warp's D
 
-// An FP8 cache's fp32 scales [B, n_rows, H] with their element strides.
-struct RowScales {
-    float* ptr;
-    int64_t sb, sn, sh;
-
-    __device__ __forceinline__ float* at(int64_t b, int64_t n, int64_t h) const {
-        return ptr + b * sb + n * sn + h * sh;
-    }
-};
-
 struct RopeAppendParams {
     // tensors
     Rows q, k, v, q_rot;           // [B, U*F, H, D]
     Rows k_cache, v_cache;         // [B, n_rows, H, D]: T, or uint8_t e4m3 codes (FP8 caches)
-    RowScales k_scale, v_scale;    // FP8 caches: fp32 [B, n_rows, H]; ptr nullptr otherwise
+    Rows k_scale, v_scale;         // FP8 caches: fp32 [B, n_rows, H] (at<float>(b, row, h)); ptr 0 otherwise
     float* proto;                  // [B, n_slots, D] (strides p_sb, p_ss, 1); nullptr: no prototypes
     float* ws;                     // [B, U, tiles, D] per-tile partial sums of the pre-RoPE keys
     const int64_t* frame_slot;     // [U]
@@ -244,8 +234,8 @@ __device__ __forceinline__ void rope_append_row_fp8(const RopeAppendParams& p, c
             const float k_scale = fp8_scale(lane_group_max(k_amax, lanes), &k_inv);
             const float v_scale = fp8_scale(lane_group_max(v_amax, lanes), &v_inv);
             if (live && lane == 0) {
-                *p.k_scale.at(b, row, h) = k_scale;
-                *p.v_scale.at(b, row, h) = v_scale;
+                *p.k_scale.at<float>(b, row, h) = k_scale;
+                *p.v_scale.at<float>(b, row, h) = v_scale;
             }
 #pragma unroll
             for (int c = 0; c < C; ++c) {  // pass 2: K rotated again from the same bits (same fp32 result), codes
