@@ -52,6 +52,14 @@ def fp8_pool(g: torch.Generator, *shape: int, device="cpu") -> tuple[torch.Tenso
     return codes.to(device), scale.to(device)
 
 
+def poison_fp8(codes: torch.Tensor, scale: torch.Tensor, index) -> None:
+    """The NaN code and a NaN scale in the rows ``index`` selects of an FP8 pool and its scales (codes written through
+    a uint8 view: torch has no float8 masked fill). The scale makes a stray read show where the NaN code does not
+    (the Triton interpreter decodes it as 480)."""
+    codes.view(torch.uint8)[index] = 0x7F
+    scale[index] = float("nan")
+
+
 def assert_fp8_equal(codes: torch.Tensor, scale: torch.Tensor, want_codes: torch.Tensor, want_scale: torch.Tensor,
                      what: str = "", exact: bool = True) -> None:
     """An FP8 pool written by a kernel holds the codes and scales of the reference (ops/fp8.py: every backend

@@ -35,6 +35,7 @@ from helpers import gen
 from helpers import literal_rope
 from helpers import need_triton
 from helpers import on
+from helpers import poison_fp8
 from helpers import randn
 from helpers import raw_op_tests
 from helpers import replace
@@ -307,8 +308,7 @@ def _fp8_pools(g: torch.Generator, b: int, n_rows: int, h: int, d: int, rows, de
     write poisoned: NaN codes and NaN scales."""
     (kp, ks), (vp, vs) = fp8_pool(g, b, n_rows, h, d, device=device), fp8_pool(g, b, n_rows, h, d, device=device)
     for codes, scale in ((kp, ks), (vp, vs)):
-        codes[:, rows] = float("nan")
-        scale[:, rows] = float("nan")
+        poison_fp8(codes, scale, (slice(None), rows))
     return [kp, vp, ks, vs]
 
 

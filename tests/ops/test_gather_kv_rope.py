@@ -31,6 +31,7 @@ from helpers import fp8_pool
 from helpers import gen
 from helpers import need_triton
 from helpers import on
+from helpers import poison_fp8
 from helpers import ragged_table
 from helpers import randn
 from helpers import raw_op_tests
@@ -395,7 +396,6 @@ def test_into_checked_true_matches_default():
 
 # ------------------------------------------------------------------------------------------- FP8 pools
 
-_NAN_CODE = 0x7F  # e4m3fn NaN (torch has no masked fill for float8)
 
 
 def _listed(seg: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -427,8 +427,7 @@ def _fp8_args(g: torch.Generator, batch: int, n_rows: int, heads: int, head_dim:
     pools = []
     for _ in range(2):
         codes, scale = fp8_pool(g, batch, n_rows, heads, head_dim)
-        codes.view(torch.uint8)[unread] = _NAN_CODE
-        scale[unread] = float("nan")
+        poison_fp8(codes, scale, unread)
         pools.append((strided(codes.to(device), layout), _scale_view(scale.to(device), layout)))
     (k, ks), (v, vs) = pools
     return [k, v, ks, vs]

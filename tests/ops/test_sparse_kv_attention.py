@@ -35,6 +35,7 @@ from helpers import gen
 from helpers import last_dim_strided
 from helpers import need_triton
 from helpers import on
+from helpers import poison_fp8
 from helpers import ragged_table
 from helpers import randn
 from helpers import replace
@@ -42,7 +43,6 @@ from helpers import run_on_fakes
 
 B, H, D = 2, 2, 16
 GRID_H, GRID_W = 2, 4  # literal tests: pool rows form frames of 8 tokens
-E4M3_NAN = 0x7F  # the float8_e4m3fn NaN code (S.1111.111)
 
 
 def _args(g: torch.Generator) -> list:
@@ -90,8 +90,7 @@ def _quantized(pool: torch.Tensor, unread: torch.Tensor) -> tuple[torch.Tensor, 
     """``pool`` [B, n_rows, H, D] as an FP8 pool (codes, fp32 scales [B, n_rows, H]), the ``unread`` rows poisoned in
     codes and scales (the interpreter decodes the NaN code as 480: the NaN scale makes a stray read show)."""
     codes, scale = quantize_fp8(pool.float())
-    codes.view(torch.uint8)[unread] = E4M3_NAN  # masked_fill has no float8 kernel: write the bits
-    scale[unread] = float("nan")
+    poison_fp8(codes, scale, unread)
     return codes.to(pool.device), scale.to(pool.device)
 
 
