@@ -56,7 +56,6 @@ from relaxkv_kernels.geometry import token_positions  # noqa: E402
 from relaxkv_kernels.ops.dense_attention import tuning  # noqa: E402
 from relaxkv_kernels.ops.dense_attention.engines import ENGINES  # noqa: E402
 from relaxkv_kernels.ops.dense_attention.engines import available  # noqa: E402
-from relaxkv_kernels.ops.gather_kv_rope.op import gather_kv_rope_into_op  # noqa: E402
 from relaxkv_kernels.ops.mid_select.reference import mid_affinity_literal  # noqa: E402
 from relaxkv_kernels.ops.mid_select.reference import subsample_queries  # noqa: E402
 from relaxkv_kernels.ops.relax_select.reference import frame_means_literal  # noqa: E402
@@ -385,12 +384,9 @@ class RowRunner:
     def parts(self) -> list[dict]:
         """rope_append, staging and selection alone (the components of a window step)."""
         su, s = self.su, self.su.shape
-        cache = su.cache(backend="auto", attention="window")
-        plan = cache.begin_chunk()
-        for layer in range(s.layers):  # the first pass: every layer's selection and staging
-            cache.attend(layer, *su.qkv)
+        cache, plan = self.first_pass()
         q, k, v = su.qkv
-        mode, dplan, st = cache.chunk_mode, cache.device_plan, cache.storage
+        mode, dplan = cache.chunk_mode, cache.device_plan
         rows = []
         targets = [mode.target(layer) for layer in range(s.layers)]  # window rows or pool rows (+ scales), slots
 
@@ -405,18 +401,7 @@ class RowRunner:
         rows.append(self.finish(self.row("part", "append", "rope_append, every call (no prototypes)",
                                          gbps=nbytes * self.calls / (t.ms * 1e-3) / 1e9), t))
         if mode.name == "window":
-            n_mem, u_rows = plan.n_memory_seg, su.nq
-
-            def stage():
-                for layer in range(s.layers):
-                    seg = cache.step(layer).seg
-                    gather_kv_rope_into_op(st.k[layer], st.v[layer], seg[:, :n_mem], mode.win_k[layer][:, u_rows:su.nk],
-                                           mode.win_v[layer][:, u_rows:su.nk], cache.backend, checked=True)
-
-            t = self.time(stage)
-            moved = 4 * (su.nk - u_rows) * s.batch * s.heads * s.head_dim * q.element_size() * s.layers
-            rows.append(self.finish(self.row("part", "stage", "window staging: gather_kv_rope_into, once per layer",
-                                             gbps=moved / (t.ms * 1e-3) / 1e9), t))
+            rows.append(self.stage(cache, plan, "stage", "window staging: gather_kv_rope_into, once per layer")[0])
         if plan.selects:
             pl = cache.planner
             per_layer = pl.selection == "per_layer"
@@ -439,33 +424,44 @@ class RowRunner:
     def parts_fp8(self) -> list[dict]:
         """The window staging from FP8 pools (gather_kv_rope_into dequantizing codes and scales, once per layer)
         against a device copy of the same bytes (read and written)."""
-        su, s = self.su, self.su.shape
-        cache = su.cache(backend="auto", attention="window", kv_dtype=FP8)
-        plan = cache.begin_chunk()
-        for layer in range(s.layers):  # the first pass: every layer's selection and staging
-            cache.attend(layer, *su.qkv)
-        mode, st, u_rows = cache.chunk_mode, cache.storage, su.nq
-        if mode.name != "window":
+        su = self.su
+        cache, plan = self.first_pass(FP8)
+        if cache.chunk_mode.name != "window":
             return []
+        row, moved = self.stage(cache, plan, "stage_fp8", "window staging from FP8 pools, once per layer")
+        src = torch.empty(moved // 2, dtype=torch.uint8, device=su.device)
+        dst = torch.empty_like(src)
+        t = self.time(lambda: dst.copy_(src))
+        return [row, self.finish(self.row("part", "copy_fp8", "device copy of the staging's bytes (its bound)",
+                                          gbps=2 * src.numel() / (t.ms * 1e-3) / 1e9), t)]
+
+    def first_pass(self, kv_dtype: torch.dtype | None = None) -> tuple[rk.KVCache, object]:
+        """A window-mode cache (pools in ``kv_dtype``) at the steady chunk, after its first pass (every layer's
+        selection and staging): (cache, the chunk's plan)."""
+        su = self.su
+        cache = su.cache(backend="auto", attention="window", kv_dtype=kv_dtype)
+        plan = cache.begin_chunk()
+        for layer in range(su.shape.layers):
+            cache.attend(layer, *su.qkv)
+        return cache, plan
+
+    def stage(self, cache: rk.KVCache, plan, name: str, label: str) -> tuple[dict, int]:
+        """The window staging of ``cache`` (after :meth:`first_pass`) alone, once per layer: its row and the bytes it
+        moves (pool rows and their scales read, window rows written)."""
+        su, s = self.su, self.su.shape
+        mode, st, u_rows = cache.chunk_mode, cache.storage, su.nq
         segs = [cache.step(layer).seg[:, :plan.n_memory_seg] for layer in range(s.layers)]
 
         def stage():
             for layer in range(s.layers):
-                gather_kv_rope_into_op(st.k[layer], st.v[layer], segs[layer], mode.win_k[layer][:, u_rows:su.nk],
-                                       mode.win_v[layer][:, u_rows:su.nk], cache.backend, st.k_scale[layer],
-                                       st.v_scale[layer], checked=True)
+                mode.gather(layer, segs[layer], mode.win_k[layer][:, u_rows:su.nk], mode.win_v[layer][:, u_rows:su.nk])
 
         elems = 2 * (su.nk - u_rows) * s.batch * s.heads * s.head_dim * s.layers  # K and V elements staged
-        moved = elems * (1 + mode.win_k.element_size()) + elems // s.head_dim * 4  # codes, window rows, scales
+        moved = elems * (st.k.element_size() + mode.win_k.element_size())
+        if st.fp8:
+            moved += elems // s.head_dim * st.k_scale.element_size()
         t = self.time(stage)
-        rows = [self.finish(self.row("part", "stage_fp8", "window staging from FP8 pools, once per layer",
-                                     gbps=moved / (t.ms * 1e-3) / 1e9), t)]
-        src = torch.empty(moved // 2, dtype=torch.uint8, device=su.device)
-        dst = torch.empty_like(src)
-        t = self.time(lambda: dst.copy_(src))
-        rows.append(self.finish(self.row("part", "copy_fp8", "device copy of the staging's bytes (its bound)",
-                                         gbps=2 * src.numel() / (t.ms * 1e-3) / 1e9), t))
-        return rows
+        return self.finish(self.row("part", name, label, gbps=moved / (t.ms * 1e-3) / 1e9), t), moved
 
 
 def row_specs(su: ChunkSetup, args) -> list[tuple[str, str, tuple]]:

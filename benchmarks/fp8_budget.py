@@ -116,30 +116,37 @@ class TeeCache:
         return out
 
 
-def attention_errors(cfg, policy: str, chunks: int, attention: str = "segments", backend: str = "reference",
-                     dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> TeeCache:
-    """A float32 rollout of ``chunks`` chunks whose every attention call also runs on a ``dtype`` cache with pools in
-    ``dtype`` ("same") and one with FP8 pools ("fp8") (``attention`` and ``backend`` for both)."""
+def float32_rollout(cfg, pol, chunks: int, wrap, seed: int = 0):
+    """A float32 rollout of ``chunks`` chunks of policy ``pol`` whose attention calls go to ``wrap(cache)`` (cache: the
+    model's float32 KVCache; the wrapper: an AttendFn with begin_chunk / end_chunk, called around every chunk);
+    returns the wrapper."""
     model = build_model(cfg, seed=seed)
-    pol = make_policy(policy)
     context = model.embed_text(random_text(cfg, 1, seed))
-    truth = make_cache(model, pol, 1)
-
-    def other(kv_dtype):
-        return rk.KVCache(pol, cfg.num_layers, 1, cfg.num_heads, cfg.head_dim, cfg.grid_height, cfg.grid_width,
-                          dtype=dtype, backend=backend, attention=attention, kv_dtype=kv_dtype)
-
-    tee = TeeCache(truth, {"same": other(None), "fp8": other(FP8)})
+    attend = wrap(make_cache(model, pol, 1))
     sampler, u = FlowMatchSampler.create(), int(pol.chunk_frames)
     g = torch.Generator().manual_seed(seed)
     shape = (1, cfg.in_dim, u, cfg.latent_height, cfg.latent_width)
     with torch.no_grad():
         for _ in range(chunks):
-            tee.begin_chunk()
-            denoise_chunk(lambda x, t, _i: model(x, t, context, tee), sampler, lambda: torch.randn(shape, generator=g),
-                          1, u, "cpu")
-            tee.end_chunk()
-    return tee
+            attend.begin_chunk()
+            denoise_chunk(lambda x, t, _i: model(x, t, context, attend), sampler,
+                          lambda: torch.randn(shape, generator=g), 1, u, "cpu")
+            attend.end_chunk()
+    return attend
+
+
+def attention_errors(cfg, policy: str, chunks: int, attention: str = "segments", backend: str = "reference",
+                     dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> TeeCache:
+    """A float32 rollout of ``chunks`` chunks whose every attention call also runs on a ``dtype`` cache with pools in
+    ``dtype`` ("same") and one with FP8 pools ("fp8") (``attention`` and ``backend`` for both)."""
+    pol = make_policy(policy)
+
+    def other(kv_dtype):
+        return rk.KVCache(pol, cfg.num_layers, 1, cfg.num_heads, cfg.head_dim, cfg.grid_height, cfg.grid_width,
+                          dtype=dtype, backend=backend, attention=attention, kv_dtype=kv_dtype)
+
+    return float32_rollout(cfg, pol, chunks, lambda truth: TeeCache(truth, {"same": other(None), "fp8": other(FP8)}),
+                           seed)
 
 
 def latent_errors(cfg, policy: str, chunks: int, seed: int = 0) -> dict[str, float]:
@@ -159,37 +166,31 @@ def latent_errors(cfg, policy: str, chunks: int, seed: int = 0) -> dict[str, flo
 
 
 class Recorder:
-    """An AttendFn that keeps the pre-RoPE q, k, v of one layer's refresh passes and attends through ``cache``."""
+    """An AttendFn through ``cache`` that keeps the pre-RoPE q, k, v of one layer's last call of every chunk (its
+    refresh pass: the rows a cache stores) in ``refresh``."""
 
     def __init__(self, cache: rk.KVCache, layer: int):
-        self.cache, self.layer, self.calls = cache, layer, []
+        self.cache, self.layer, self.last, self.refresh = cache, layer, None, []
+
+    def begin_chunk(self) -> None:
+        self.cache.begin_chunk()
+
+    def end_chunk(self) -> None:
+        self.cache.end_chunk()
+        self.refresh.append(self.last)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if layer == self.layer:
-            self.calls.append((q, k, v))
+            self.last = (q, k, v)
         return self.cache.attend(layer, q, k, v)
 
 
 def wan_keys_values(frames: int = 9, seed: int = 0):
     """q of the last chunk and the rotated keys and values of ``frames`` latent frames of the Wan-like model's second
     block (its refresh passes: the rows a cache stores), float32: (q [1, 3F, H, D], k [1, frames F, H, D], v)."""
-    cfg = wan_like()
-    model = build_model(cfg, seed=seed)
-    context = model.embed_text(random_text(cfg, 1, seed))
-    pol = make_policy("dense")
-    rec = Recorder(make_cache(model, pol, 1), layer=1)
-    sampler, u = FlowMatchSampler.create(), int(pol.chunk_frames)
-    g = torch.Generator().manual_seed(seed)
-    shape = (1, cfg.in_dim, u, cfg.latent_height, cfg.latent_width)
-    qs, ks, vs = [], [], []
-    with torch.no_grad():
-        for _ in range(frames // u):
-            rec.cache.begin_chunk()
-            denoise_chunk(lambda x, t, _i: model(x, t, context, rec), sampler, lambda: torch.randn(shape, generator=g),
-                          1, u, "cpu")
-            rec.cache.end_chunk()
-            q, k, v = rec.calls[-1]  # the refresh pass: the chunk's final K/V
-            qs.append(q), ks.append(k), vs.append(v)
+    cfg, pol = wan_like(), make_policy("dense")
+    u = int(pol.chunk_frames)
+    qs, ks, vs = zip(*float32_rollout(cfg, pol, frames // u, lambda cache: Recorder(cache, layer=1), seed).refresh)
     f = cfg.grid_height * cfg.grid_width
     pos = token_positions(torch.arange(frames), cfg.grid_height, cfg.grid_width)
     k = apply_rope(torch.cat(ks, 1), pos)
