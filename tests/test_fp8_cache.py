@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import relaxkv_kernels as rk
-from relaxkv_kernels.ops.fp8 import dequantize_fp8
 from relaxkv_kernels.ops.fp8 import quantize_fp8
 
 from helpers import FP8
@@ -35,15 +34,6 @@ STEP_RATIO = 16  # e4m3 keeps 4 significant bits, bf16 8
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
-
-
-def _pool_rows(cache, rows):
-    """The held rows of K and V of every layer: (k, v) of an FP8 cache dequantized, else as stored (float32)."""
-    s = cache.storage
-    if s.fp8:
-        return (dequantize_fp8(s.k[:, :, rows], s.k_scale[:, :, rows]),
-                dequantize_fp8(s.v[:, :, rows], s.v_scale[:, :, rows]))
-    return s.k[:, :, rows].float(), s.v[:, :, rows].float()
 
 
 @pytest.mark.parametrize("attention", MODES)
