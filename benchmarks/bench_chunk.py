@@ -274,7 +274,7 @@ class GraphedChunk:
         torch.cuda.current_stream().wait_stream(side)
         cache.begin_chunk()  # the same chunk planned again: pending selection and staging restored
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph), cache.capture():
             passes()
         cache.end_chunk()
 

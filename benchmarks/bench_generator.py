@@ -109,21 +109,22 @@ class GraphForward:
             torch.cuda.current_stream().wait_stream(side)
             cache.begin_chunk()
         self.captures = []
-        for _ in ("first pass", "later pass"):
-            timer = SectionTimer(x.device, external=True) if profile else None
+        with cache.capture():  # both graphs are this cache's chunk step
+            for _ in ("first pass", "later pass"):
+                timer = SectionTimer(x.device, external=True) if profile else None
 
-            def forward(timer=timer):
-                outside = cache.profiler  # the timer of begin_chunk's selection, outside the graphs
-                cache.profiler = timer.section if timer else None  # the cache's own sections
-                try:
-                    return model(self.x, self.t, context, cache, timer)
-                finally:
-                    cache.profiler = outside
+                def forward(timer=timer):
+                    outside = cache.profiler  # the timer of begin_chunk's selection, outside the graphs
+                    cache.profiler = timer.section if timer else None  # the cache's own sections
+                    try:
+                        return model(self.x, self.t, context, cache, timer)
+                    finally:
+                        cache.profiler = outside
 
-            replay, out = capture(forward, self.cuda)
-            if timer is not None and not self.cuda:
-                timer.reset()  # the CPU stand-in ran the pass once while "capturing"
-            self.captures.append((replay, out, timer))
+                replay, out = capture(forward, self.cuda)
+                if timer is not None and not self.cuda:
+                    timer.reset()  # the CPU stand-in ran the pass once while "capturing"
+                self.captures.append((replay, out, timer))
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
         self.x.copy_(x)

@@ -349,7 +349,7 @@ def capture_chunk_step(cache, step, static):
     torch.cuda.current_stream().wait_stream(side)
     cache.begin_chunk()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph), cache.capture():
         outs = step(cache, static)
     return graph, outs
 

@@ -241,35 +241,6 @@ def test_diffusers_config_check():
         check_diffusers_config(transformer.config, get_preset("wan-1.3b"))
 
 
-def test_compiled_attached_transformer_matches_eager(models):
-    """torch.compile of the attached transformer (cache calls inside the graph): the same flows as eager over the
-    warm-up chunks and into the steady state of Relax (selection running)."""
-    _, transformer = models
-    twin = WanTransformer3DModel(**diffusers_config(CFG)).eval().requires_grad_(False)
-    twin.load_state_dict(transformer.state_dict())
-    eager, graphed = _attach(transformer, rk.RelaxMemory()), _attach(twin, rk.RelaxMemory())
-    compiled = torch.compile(twin, backend="eager")
-    gen = torch.Generator().manual_seed(5)
-    text = random_text(CFG, 1, 5)
-    torch._dynamo.reset()
-    try:
-        with torch.no_grad():
-            for _ in range(4):
-                eager.begin_chunk()
-                graphed.begin_chunk()
-                for t in (937.5, 0.0):
-                    x = torch.randn(1, 16, 3, 8, 8, generator=gen)
-                    ts = torch.tensor([t])
-                    torch.testing.assert_close(_flow(compiled, x, ts, text), _flow(transformer, x, ts, text),
-                                               rtol=0, atol=0)
-                eager.end_chunk()
-                graphed.end_chunk()
-    finally:
-        detach(transformer)
-        detach(twin)
-    assert graphed.selected_frames() == eager.selected_frames()
-
-
 @pytest.mark.gpu
 @pytest.mark.cuda_graph
 @pytest.mark.parametrize("name", sorted(POLICIES))

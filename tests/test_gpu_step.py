@@ -135,7 +135,7 @@ def test_cuda_graph_replays_a_relax_chunk_step_with_the_cuda_kernels(monkeypatch
     graphed.begin_chunk()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph), graphed.capture():
         outs = [graphed.attend(layer, *static[layer]) for layer in range(layers)]
     graph.replay()
     torch.cuda.synchronize()

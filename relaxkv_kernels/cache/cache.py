@@ -22,9 +22,22 @@ module (q, k, v after q/k RMSNorm, before RoPE)::
 Within a chunk nothing reads device memory on the host: selections are written into the device
 segment table by kernels, so the passes of a chunk (everything between ``begin_chunk`` and
 ``end_chunk``) can be captured in a CUDA graph once shapes are in steady state, as FlashInfer splits
-``plan`` (host) from ``run`` (capturable). A replay of such a graph stands for the passes: an
-``end_chunk`` that follows no eager ``attend`` call of a cache whose chunk step was captured counts the
-captured passes.
+``plan`` (host) from ``run`` (capturable). Capturing is a mode the caller asks for: the capture runs
+inside :meth:`KVCache.capture`, and from then on every chunk keeps the captured shapes and a chunk
+without eager calls counts as a replay::
+
+    cache.begin_chunk()
+    with torch.cuda.graph(graph), cache.capture():
+        out = chunk_step(cache, static_inputs)    # the passes' attend calls, recorded
+    for chunk in ...:                             # this one and every later chunk
+        cache.begin_chunk()                       # index buffers refreshed in place
+        graph.replay()
+        cache.end_chunk()
+
+Under ``torch.compile`` (of a model that calls ``attend``, or of a chunk step) the traced calls read
+only what ``begin_chunk`` fixed for the chunk, views made on the host included, and count themselves
+in a tensor: a compiled model keeps one graph for a chunk's first pass and one for its later passes
+once the plans are steady, whatever the number of passes.
 """
 from __future__ import annotations
 
@@ -160,14 +173,20 @@ class KVCache:
                               self._section)
         self.chunk_mode = self.mode
         self._appends = type(pl).append is not Planner.append  # the planner has a step after every cache write
+        self._chunk_shape = (batch, policy.chunk_frames * self.frame_tokens, self.num_heads, head_dim)
         self.chunk = 0
         self.last_plan: ChunkPlan | None = None
         self._in_chunk = False
-        self._calls = [0] * num_layers  # attend calls per layer in the current chunk
-        self._captured = None  # the shapes of the chunk a CUDA graph captured (replays need the same)
+        # attend calls per layer in the current chunk: eager ones in a list, traced ones in a tensor (a compiled
+        # graph adds to it without a guard on the count, so every pass runs the same graph)
+        self._calls = [0] * num_layers
+        self._traced_calls = torch.zeros(num_layers, dtype=torch.int64)
+        self._first = None  # per layer: the next call is its first of the chunk (None: no chunk with first-call work)
+        self._selects_layer = False  # the chunk runs the planner's select_layer at each layer's first call
+        self._captured = None  # the shapes of the chunk captured in capture() (replays need the same)
         self._shapes = None
-        self._pending_select: set[int] = set()
         self._steps: dict[int, DeviceStep] = {}
+        self._layer_steps: list[DeviceStep] = []  # made at begin_chunk for a planner with per-layer steps
         self.profiler = None
 
     # ------------------------------------------------------------------ host side, between chunks
@@ -196,13 +215,16 @@ class KVCache:
         self.last_plan, self._shapes, self.chunk_mode = plan, shapes, mode
         self._steps = {}  # the planner's DeviceStep per layer (-1: the chunk's), made on use
         mode.begin(plan)
-        self._pending_select = set()
         if plan.selects and self.planner.selection == "chunk":
             with self._section("select"):
                 self.planner.select_chunk(self.step(None))
-        elif plan.selects and self.planner.selection == "per_layer":
-            self._pending_select = set(range(self.num_layers))
+        self._selects_layer = plan.selects and self.planner.selection == "per_layer"
+        self._layer_steps = ([self.step(layer) for layer in range(self.num_layers)]
+                             if self._selects_layer or self._appends else [])
         self._calls = [0] * self.num_layers
+        self._traced_calls.zero_()
+        # read in attend only where a layer's first call differs from its others: one compiled graph otherwise
+        self._first = [True] * self.num_layers if self._selects_layer or mode.stages else None
         self._in_chunk = True
         return plan
 
@@ -221,19 +243,18 @@ class KVCache:
         """Finish the chunk (its refresh pass has written the final K/V): check every layer ran every pass, commit.
 
         Raises RuntimeError, naming the layers, when some layer ran fewer passes than the others (its
-        rows would hold stale or uninitialised K/V for every later chunk). A chunk step captured in a
-        CUDA graph (after ``begin_chunk``, which resets the pending steps so the capture includes them)
-        is replayed between ``begin_chunk`` and ``end_chunk`` of later chunks; an ``end_chunk`` with no
-        eager ``attend`` call since ``begin_chunk`` counts as such a replay.
+        rows would hold stale or uninitialised K/V for every later chunk). Once a chunk step was captured
+        (:meth:`capture`), a chunk with no ``attend`` call since ``begin_chunk`` is its replay.
         """
         if not self._in_chunk:
             raise RuntimeError(f"KVCache.end_chunk: no chunk in progress (call begin_chunk() before the passes of "
                                f"chunk {self.chunk}, end_chunk() once after its refresh pass)")
-        calls = self._calls
+        calls = [a + b for a, b in zip(self._calls, self._traced_calls.tolist())]
         most = max(calls)
         if most == 0 and self._captured is None:
             raise RuntimeError(f"KVCache.end_chunk: no layer attended in chunk {self.chunk}: run every layer's passes "
-                               "(cache.attend) between begin_chunk() and end_chunk()")
+                               "(cache.attend) between begin_chunk() and end_chunk(), or replay a chunk step "
+                               "captured inside cache.capture()")
         behind = [layer for layer, n in enumerate(calls) if n < most]
         if behind:
             raise RuntimeError(f"KVCache.end_chunk: layers {behind} attended {sorted({calls[i] for i in behind})} "
@@ -245,6 +266,22 @@ class KVCache:
             self.storage.proto[:, slots] = self.heads.mean_(self.storage.proto[:, slots])
         self._in_chunk = False
         self.chunk += 1
+
+    @contextlib.contextmanager
+    def capture(self):
+        """The explicit CUDA-graph mode: the passes run inside are the capture of this cache's chunk step.
+
+        Use it around the capture, after ``begin_chunk`` (``with torch.cuda.graph(g), cache.capture(): ...``).
+        From then on ``begin_chunk`` refuses a plan whose index shapes differ from the captured chunk's (a replay
+        would read reallocated buffers: capture past the policy's warm-up), and a chunk whose passes all ran from
+        replays (no eager ``attend`` between ``begin_chunk`` and ``end_chunk``) counts as the captured step. Several
+        captures of one chunk (e.g. its first pass and a later one) may share one ``capture()`` block.
+        """
+        if not self._in_chunk:
+            raise RuntimeError("KVCache.capture: no chunk in progress: call begin_chunk() before capturing the "
+                               f"passes of chunk {self.chunk}")
+        yield self
+        self._captured = self._shapes
 
     def step(self, layer: int | None) -> DeviceStep:
         """The planner's view of a device step of the current chunk: at the chunk (``layer`` None) or at one layer.
@@ -281,29 +318,29 @@ class KVCache:
         if not self._in_chunk:
             raise RuntimeError(f"{op}: call begin_chunk() before the first pass of a chunk")
         check_int(op, "layer", layer, low=0, high=self.num_layers - 1)
-        capturing = (self.device.type == "cuda" and not torch.compiler.is_compiling()
-                     and torch.cuda.is_current_stream_capturing())
-        if capturing:
-            self._captured = self._shapes
-        plan, mode = self.last_plan, self.chunk_mode
-        shape = (self.batch, len(plan.frame_slot) * self.frame_tokens, self.num_heads, self.head_dim)
         for name, t in (("q", q), ("k", k), ("v", v)):
-            check_tensor(op, name, t, shape=shape, dtypes=(self.dtype,), device=self.device)
-        self._calls[layer] += 1
+            check_tensor(op, name, t, shape=self._chunk_shape, dtypes=(self.dtype,), device=self.device)
+        if torch.compiler.is_compiling():
+            self._traced_calls[layer] += 1
+        else:
+            self._calls[layer] += 1
+        first = self._first is not None and self._first[layer]
+        if first:
+            self._first[layer] = False
+        mode = self.chunk_mode
         with self._section("rope_append"):
             dst_k, dst_v, k_scale, v_scale, slots, proto = mode.target(layer)
             q_rot = rope_append_op(q, k, v, dst_k, dst_v, proto if layer == 0 else None, slots,
                                    self.device_plan.frame_pos, self.height, self.width, self.backend, k_scale,
                                    v_scale, checked=True)
-        if layer in self._pending_select:
+        if first and self._selects_layer:
             with self._section("select"):
-                self.planner.select_layer(self.step(layer), q)
-            self._pending_select.discard(layer)
+                self.planner.select_layer(self._layer_steps[layer], q)
         if self._appends:
             with self._section("compress"):
-                self.planner.append(self.step(layer), k, v)
+                self.planner.append(self._layer_steps[layer], k, v)
         with self._section("attention"):
-            return mode.attend(layer, q_rot, self._seg[layer])
+            return mode.attend(layer, q_rot, self._seg[layer], first)
 
     @property
     def chunk_engine(self) -> str | None:

@@ -43,31 +43,26 @@ from .storage import nbytes
 MODES = ("window", "per_call", "segments")
 
 
-class RowViews:
-    """``(k[i][:, :n], v[i][:, :n])`` of buffers [n_bufs, B, rows, H, D], made once per buffer while ``n`` holds.
+def row_views(k: torch.Tensor, v: torch.Tensor, start: int, stop: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(k[i][:, start:stop], v[i][:, start:stop])`` for every buffer ``i`` of buffers [n_bufs, B, rows, H, D].
 
-    A view costs host time at every call (microseconds each, 2 per call); in steady state ``n`` stays the same
-    from chunk to chunk, so each call reuses the views made at the first.
+    Made on the host at ``begin_chunk``, never inside a call, so a compiled call reads them as graph inputs: a view
+    made inside the traced call and written by an op lands at offset 0 under inductor once automatic dynamic
+    shapes make its offset symbolic (torch 2.13, silently wrong), and a view kept from one graph for another goes
+    stale. Made here, views cost no host time per call either.
     """
-
-    def __init__(self, k: torch.Tensor, v: torch.Tensor):
-        self.k, self.v, self.n, self.views = k, v, None, {}
-
-    def __call__(self, i: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if torch.compiler.is_compiling():  # a traced view is free at run time; one kept across graphs goes stale
-            return self.k[i][:, :n], self.v[i][:, :n]
-        if n != self.n:
-            self.n, self.views = n, {}
-        kv = self.views.get(i)
-        if kv is None:
-            kv = self.views[i] = (self.k[i][:, :n], self.v[i][:, :n])
-        return kv
+    return [(a[:, start:stop], b[:, start:stop]) for a, b in zip(k.unbind(0), v.unbind(0))]
 
 
 class AttentionMode:
-    """One attention mode of a cache (see the module docstring); the base class is the segment-table mode."""
+    """One attention mode of a cache (see the module docstring); the base class is the segment-table mode.
+
+    What a call reads is fixed on the host at ``begin`` (views, sizes, the engine); :meth:`attend` branches on
+    nothing but ``first``, so a compiled model keeps one graph for a chunk's first pass and one for the others.
+    """
 
     name = "segments"
+    stages = False  # the current chunk's calls stage memory at each layer's first call
 
     def __init__(self, geometry: CacheGeometry, storage: KVStorage, dplan: DevicePlan, backend: str, engine: str,
                  section: Callable[[str], object]):
@@ -80,14 +75,15 @@ class AttentionMode:
         return self
 
     def begin(self, plan: ChunkPlan) -> None:
-        """Per-chunk set-up on the host (keys per call, engine, pending staging)."""
+        """Per-chunk set-up on the host (keys per call, engine, the views the calls read and write)."""
 
     def target(self, layer: int) -> tuple:
         """Where ``rope_append`` writes the layer's K/V: (k rows, v rows, their scales or None, None, frame slots,
         prototypes or None)."""
         return (*self.storage.layers[layer], *self.storage.scales[layer], self.dplan.frame_slot, self.storage.proto)
 
-    def attend(self, layer: int, q_rot: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, q_rot: torch.Tensor, seg: torch.Tensor, first: bool) -> torch.Tensor:
+        """The layer's attention over its planned memory (``first``: the layer's first call of the chunk)."""
         k, v = self.storage.layers[layer]
         k_scale, v_scale = self.storage.scales[layer]
         return sparse_kv_attention_op(q_rot, k, v, seg, self.scale, self.backend, k_scale, v_scale, checked=True)
@@ -101,13 +97,28 @@ class AttentionMode:
 
 
 class DenseMode(AttentionMode):
-    """A mode whose calls run ``dense_attention`` on contiguous keys with an engine resolved per chunk shape."""
+    """A mode whose calls run ``dense_attention`` on contiguous keys with an engine resolved per chunk shape.
+
+    ``keys``: per layer (or per window) the (k, v) rows a call attends to, remade by :meth:`make_views` at ``begin``
+    when the chunk's key count changes (in steady state never).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keys, self.n_keys = [], None
 
     def begin(self, plan: ChunkPlan) -> None:
         self.total = plan.total_keys()
         self.u_rows = len(plan.frame_slot) * self.g.frame_tokens
         self.chunk_engine = resolve_engine(self.engine, self.g.device, self.g.dtype, self.g.head_dim, self.u_rows,
                                            self.total)
+        if self.total != self.n_keys:
+            self.n_keys = self.total
+            self.make_views()
+
+    def make_views(self) -> None:
+        """The views of a chunk of ``self.total`` keys."""
+        raise NotImplementedError
 
     def dense(self, q_rot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return dense_attention_op(q_rot, k, v, self.scale, self.chunk_engine, checked=True)
@@ -118,18 +129,17 @@ class PoolPrefixMode(DenseMode):
 
     name = "pool_prefix"
 
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.rows = RowViews(self.storage.k, self.storage.v)
-
     def for_chunk(self, plan: ChunkPlan) -> AttentionMode:
         if plan.pool_prefix() is None:
             raise RuntimeError(f"KVCache.begin_chunk: the planner never gathers (Planner.gathers is False) but the "
                                f"plan of chunk {plan.chunk} is not a pool prefix at delta 0")
         return self
 
-    def attend(self, layer: int, q_rot: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-        return self.dense(q_rot, *self.rows(layer, self.total))
+    def make_views(self) -> None:
+        self.keys = row_views(self.storage.k, self.storage.v, 0, self.total)
+
+    def attend(self, layer: int, q_rot: torch.Tensor, seg: torch.Tensor, first: bool) -> torch.Tensor:
+        return self.dense(q_rot, *self.keys[layer])
 
 
 class GatherMode(DenseMode):
@@ -146,10 +156,12 @@ class GatherMode(DenseMode):
         self.win_k = torch.empty(n_windows, g.batch, planner.max_keys, g.num_heads, g.head_dim, dtype=g.dtype,
                                  device=g.device)
         self.win_v = torch.empty_like(self.win_k)
-        self.rows = RowViews(self.win_k, self.win_v)
 
     def for_chunk(self, plan: ChunkPlan) -> AttentionMode:
         return self if self.prefix is None or plan.pool_prefix() is None else self.prefix
+
+    def make_views(self) -> None:
+        self.keys = row_views(self.win_k, self.win_v, 0, self.total)
 
     def gather(self, layer: int, seg: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor) -> None:
         """The layer's pool rows listed by ``seg``, delta-rotated (dequantized from FP8 pools), into the window rows."""
@@ -162,7 +174,8 @@ class GatherMode(DenseMode):
 
 
 class WindowMode(GatherMode):
-    """Per-layer windows [chunk rows | memory rows]: the memory staged once per chunk, the chunk rows every pass."""
+    """Per-layer windows [chunk rows | memory rows]: the memory staged at a layer's first call, the chunk rows every
+    pass."""
 
     name = "window"
 
@@ -173,26 +186,26 @@ class WindowMode(GatherMode):
         if self.storage.proto is not None:
             self.proto_chunk = torch.empty(g.batch, len(self.dplan.window_slot), g.head_dim, dtype=torch.float32,
                                            device=g.device)
-        self.pending: set[int] = set()
         self.win_layers = list(zip(self.win_k.unbind(0), self.win_v.unbind(0)))
+        self.memory_rows = []  # per layer (k, v): the window rows the staging writes
 
     def begin(self, plan: ChunkPlan) -> None:
+        self.n_memory_seg = plan.n_memory_seg
         super().begin(plan)
-        self.memory, self.n_memory_seg = plan.memory_keys(), plan.n_memory_seg
-        self.pending = set(range(self.g.num_layers))
+        self.stages = self.total > self.u_rows  # no memory in the first chunk
+
+    def make_views(self) -> None:
+        super().make_views()
+        self.memory_rows = row_views(self.win_k, self.win_v, self.u_rows, self.total)
 
     def target(self, layer: int) -> tuple:
         return (*self.win_layers[layer], None, None, self.dplan.window_slot, self.proto_chunk)
 
-    def attend(self, layer: int, q_rot: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-        u = self.u_rows
-        kw, vw = self.rows(layer, u + self.memory)
-        if layer in self.pending:  # the memory rows: once per chunk and layer (none yet: the first chunk)
-            if self.memory:
-                with self.section("stage"):
-                    self.gather(layer, seg[:, : self.n_memory_seg], kw[:, u:], vw[:, u:])
-            self.pending.discard(layer)
-        return self.dense(q_rot, kw, vw)
+    def attend(self, layer: int, q_rot: torch.Tensor, seg: torch.Tensor, first: bool) -> torch.Tensor:
+        if first:  # the memory rows: once per chunk and layer
+            with self.section("stage"):
+                self.gather(layer, seg[:, : self.n_memory_seg], *self.memory_rows[layer])
+        return self.dense(q_rot, *self.keys[layer])
 
     def commit(self, plan: ChunkPlan) -> None:
         f, s = self.g.frame_tokens, self.storage
@@ -218,8 +231,8 @@ class PerCallMode(GatherMode):
     name = "per_call"
     per_layer_windows = False
 
-    def attend(self, layer: int, q_rot: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-        kw, vw = self.rows(0, self.total)
+    def attend(self, layer: int, q_rot: torch.Tensor, seg: torch.Tensor, first: bool) -> torch.Tensor:
+        kw, vw = self.keys[0]
         self.gather(layer, seg, kw, vw)
         return self.dense(q_rot, kw, vw)
 

@@ -171,9 +171,9 @@ class PackPlanner(Planner):
 
     def append(self, step: DeviceStep, k: torch.Tensor, v: torch.Tensor) -> None:
         """compress_kv of the current block into its archive slot (the refresh pass writes the final copy)."""
-        if step.plan.job.block_slot is None:  # sink blocks are kept at full resolution only
-            return
         i = step.index
+        if not i.block_slot.numel():  # sink blocks are kept at full resolution only (a shape: no guard on the slot)
+            return
         compress_kv_op(k, v, step.k_pool, step.v_pool, step.state["mean_key"], i.block_slot, i.block_t0, self.row0,
                        self.policy.block_frames, *self.grid, step.backend, step.k_scale, step.v_scale, checked=True)
 
