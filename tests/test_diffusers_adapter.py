@@ -210,8 +210,51 @@ def test_attach_errors(models):
         for shape in [(1, 16, 3, 8, 6), (1, 16, 3, 6, 8), (2, 16, 3, 8, 8), (1, 16, 2, 8, 8)]:
             with pytest.raises(ValueError, match=r"expected \[1, C, 3, 8, 8\] \(the cache's batch, a chunk of 3"):
                 _flow(transformer, torch.randn(shape), torch.tensor([0.0] * shape[0]), text.expand(shape[0], -1, -1))
+        # text of another batch: named before any layer runs (it used to run and count layer 0, then fail on q)
+        with pytest.raises(ValueError, match=r"encoder_hidden_states \(the text embeddings\): expected \[1, "):
+            _flow(transformer, torch.randn(1, 16, 3, 8, 8), torch.tensor([0.0]), text.expand(2, -1, -1))
+        assert cache._calls == [0] * CFG.num_layers
     finally:
         detach(transformer)
+
+
+def test_a_processor_swapped_after_attach_is_named_before_the_call():
+    """``set_processor`` on a block after ``attach`` would bypass the cache: the next call raises before any layer runs
+    (it used to run, return its outputs, and fail only at ``end_chunk``); detach and attach again works."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    transformer = WanTransformer3DModel(**diffusers_config(CFG)).eval().requires_grad_(False)
+    cache = _attach(transformer, rk.RelaxMemory())
+    text, x = random_text(CFG, 1, 0), torch.randn(1, 16, 3, 8, 8)
+    try:
+        transformer.blocks[1].attn1.set_processor(WanAttnProcessor())
+        cache.begin_chunk()
+        with pytest.raises(RuntimeError, match=r"block 1's self-attention processor was replaced after attach \(now "
+                                               r"WanAttnProcessor\)"):
+            _flow(transformer, x, torch.tensor([0.0]), text)
+        assert cache._calls == [0] * CFG.num_layers
+    finally:
+        detach(transformer)
+    cache = _attach(transformer, rk.RelaxMemory())
+    try:
+        cache.begin_chunk()
+        _flow(transformer, x, torch.tensor([0.0]), text)
+        cache.end_chunk()
+    finally:
+        detach(transformer)
+
+
+def test_pack_refuses_one_head_everywhere(models):
+    """Pack scores mid blocks over the first H // 2 heads: with one head that is none (a NaN affinity, always the
+    oldest block, silently). KVCache refuses it, through attach too, as the public mid_select does; head-parallel
+    ranks holding one head each of a larger model are served (tests/test_distributed_cache.py, H = 4, P = 4)."""
+    with pytest.raises(ValueError, match=r"PackMemory: num_heads: expected at least 2 attention heads .* got 1"):
+        rk.KVCache(rk.PackMemory(), 1, 1, 1, 16, 4, 4)
+    one_head = WanTransformer3DModel(**{**diffusers_config(CFG), "num_attention_heads": 1, "attention_head_dim": 32})
+    with pytest.raises(ValueError, match=r"PackMemory: num_heads: expected at least 2 attention heads"):
+        attach(one_head, rk.PackMemory(), batch=1, height=4, width=4)
+    assert attached_cache(one_head) is None
+    rk.KVCache(rk.RelaxMemory(), 1, 1, 1, 16, 4, 4)  # the other policies read no head subset
 
 
 def test_weights_round_trip_bit_exact_and_named_errors():

@@ -5,6 +5,7 @@ latents are checked against :func:`relaxkv_gen.rollout` (same noise, same schedu
 random ``AutoencoderKLWan`` (8 x 8 latents -> 64 x 64 frames), checked against its own ``decode``.
 """
 import json
+import logging
 
 import imageio
 import numpy as np
@@ -15,6 +16,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers import UniPCMultistepScheduler
 from diffusers import WanTransformer3DModel
 from diffusers.utils import export_to_video
+from diffusers.utils import logging as diffusers_logging
 
 import relaxkv_kernels as rk
 from relaxkv_gen import build_model
@@ -26,6 +28,7 @@ from relaxkv_gen.diffusers import ChunkwiseWanPipeline
 from relaxkv_gen.diffusers import StreamingVAEDecoder
 from relaxkv_gen.diffusers import diffusers_config
 from relaxkv_gen.diffusers import wan_to_diffusers
+from relaxkv_gen.diffusers.generate import load_pipeline
 from relaxkv_kernels.integrations.diffusers import attached_cache
 
 CFG = get_preset("tiny")
@@ -225,6 +228,9 @@ def test_argument_errors(pipe):
         pipe.stream(prompt_embeds=text, output_type="gif", **base)
     with pytest.raises(ValueError, match="num_chunks"):
         pipe.stream(prompt_embeds=text, num_chunks=0, **base)
+    for name in ("num_chunks", "height", "max_sequence_length"):  # a bool is not a count (True used to pass as 1)
+        with pytest.raises(TypeError, match=f"{name}: expected an int, got True"):
+            pipe.stream(prompt_embeds=text, **{**base, "num_chunks": 1, name: True})
     with pytest.raises(ValueError, match="unknown policy 'window'"):
         pipe.stream(prompt_embeds=text, policy="window", **base)
     assert attached_cache(pipe.transformer) is None
@@ -312,6 +318,24 @@ def test_cli_writes_each_samples_video_with_a_self_forcing_checkpoint(folder, mo
             assert video.shape == (video_frames(frames), PIXELS, PIXELS, 3)
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["report.json"] + [f"video_{p}_{i}.mp4" for p in ("dense", "sink", "relax", "pack") for i in (0, 1)])
+
+
+def test_cli_pipeline_casts_the_transformer_without_diffusers_fp32_warning(folder):
+    """relaxkv-generate --diffusers runs the whole transformer in --dtype on purpose (as relaxkv_gen's model):
+    diffusers' "should be kept in float32" warning is silenced for that cast, and diffusers' verbosity is as it was."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    library = diffusers_logging.get_logger("diffusers")  # the library's logger: every diffusers module logs through it
+    library.addHandler(handler)
+    verbosity = diffusers_logging.get_verbosity()
+    try:
+        pipe = load_pipeline(folder, CFG, device="cpu", dtype=torch.float16, prompt=False)
+    finally:
+        library.removeHandler(handler)
+    assert {p.dtype for p in pipe.transformer.parameters()} == {torch.float16}
+    assert diffusers_logging.get_verbosity() == verbosity
+    assert not [r for r in records if "should be kept in float32" in r.getMessage()]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from relaxkv_gen import FlowMatchSampler
 from relaxkv_gen import build_model
 from relaxkv_gen import get_preset
+from relaxkv_gen import random_text
+from relaxkv_gen import rollout
 from relaxkv_gen import sinusoidal_embedding_1d
 from relaxkv_gen import unpatchify
 from relaxkv_gen.config import MAX_LATENT_FRAMES
@@ -300,3 +302,11 @@ def test_rollout_protocol_and_sampler(monkeypatch):
         torch.testing.assert_close(t, torch.full((2, 2), want))
     for c in range(3):  # the refresh pass (5th) runs on the chunk's final x0, which is what is returned
         torch.testing.assert_close(seen[5 * c + 4][0], res.latents[:, :, 2 * c:2 * c + 2], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("num_chunks, error", [(True, TypeError), (0, ValueError), (2.0, TypeError)])
+def test_rollout_takes_an_int_count_of_chunks(num_chunks, error):
+    """A bool is not a count: ``num_chunks=True`` used to run one chunk."""
+    cfg = get_preset("tiny")
+    with pytest.raises(error, match="num_chunks: expected an int"):
+        rollout(build_model(cfg, seed=0), "relax", random_text(cfg, 1, 0), num_chunks=num_chunks)

@@ -49,6 +49,16 @@ WALL_CLOCK = "wall time on the CPU (time.perf_counter)"
 MAX_PLAN_ELEMENTS = 256  # bigger tensors in a plan are summarised by shape in the report
 
 
+def check_count(name: str, value, low: int = 1) -> int:
+    """An int count argument: TypeError for anything but an int (a bool too: ``True`` is not a count), ValueError
+    below ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {value!r} ({type(value).__name__})")
+    if value < low:
+        raise ValueError(f"{name}: expected an int >= {low}, got {value}")
+    return value
+
+
 def make_policy(name: str):
     """Memory policy object for ``name`` in :data:`POLICY_NAMES`."""
     if name not in POLICY_NAMES:
@@ -261,8 +271,7 @@ def rollout(
         the cache's ``last_plan``, the frames each memory segment showed and, with ``timing``, ``timing_ms``:
         every section and ``"chunk"`` (:data:`CHUNK_SECTION`) on the timer's clock.
     """
-    if num_chunks < 1:
-        raise ValueError(f"num_chunks: expected >= 1, got {num_chunks}")
+    check_count("num_chunks", num_chunks)
     cfg = model.cfg
     param = next(model.parameters())
     device, dtype = param.device, param.dtype

@@ -149,6 +149,7 @@ class KVCache:
         if backend == "fused":
             backend = "auto" if self.device.type == "cuda" else "triton"
         self.planner = pl = policy.planner(height, width)  # raises when the policy's geometry does not fit the grid
+        pl.check_heads(num_heads)  # the model's heads, on every rank
         attention = resolve_attention(attention, engine, self.device.type, fp8=kv_dtype is not None,
                                       gathers=pl.gathers)
         if engine == "auto" and backend == "reference":

@@ -96,15 +96,33 @@ def _check_transformer(transformer) -> None:
 
 
 def _input_check(cache: KVCache):
-    """A forward pre-hook refusing latents whose batch, frame count or grid is not the cache's (before any work)."""
+    """A forward pre-hook run before any work: it refuses latents whose batch, frame count or grid is not the cache's,
+    text embeddings of another batch, and a block whose self-attention processor was swapped after ``attach``
+    (its calls would bypass the cache, noticed only at ``end_chunk``, after the chunk's outputs)."""
+    name = "WanTransformer3DModel with a KV cache attached"
+
+    def argument(args, kwargs, key: str, index: int):
+        return kwargs[key] if key in kwargs else (args[index] if len(args) > index else None)
+
     def check(module, args, kwargs):
-        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        x = argument(args, kwargs, "hidden_states", 0)
         ph, pw = PATCH_SIZE[1:]
         want = (cache.batch, cache.policy.chunk_frames, cache.height * ph, cache.width * pw)
         if x.dim() != 5 or (x.shape[0], *x.shape[2:]) != want:
-            raise ValueError(f"WanTransformer3DModel with a KV cache attached: hidden_states: expected "
-                             f"[{want[0]}, C, {want[1]}, {want[2]}, {want[3]}] (the cache's batch, a chunk of "
-                             f"{want[1]} latent frames, the latent grid), got {list(x.shape)}")
+            raise ValueError(f"{name}: hidden_states: expected [{want[0]}, C, {want[1]}, {want[2]}, {want[3]}] (the "
+                             f"cache's batch, a chunk of {want[1]} latent frames, the latent grid), got "
+                             f"{list(x.shape)}")
+        text = argument(args, kwargs, "encoder_hidden_states", 2)
+        if isinstance(text, torch.Tensor) and (text.dim() != 3 or text.shape[0] != cache.batch):
+            raise ValueError(f"{name}: encoder_hidden_states (the text embeddings): expected [{cache.batch}, "
+                             f"text_len, text_dim] (the cache's batch), got {list(text.shape)}")
+        for layer, block in enumerate(module.blocks):
+            processor = block.attn1.processor
+            if not (isinstance(processor, KVCacheAttnProcessor) and processor.cache is cache
+                    and processor.layer == layer):
+                raise RuntimeError(f"{name}: block {layer}'s self-attention processor was replaced after attach "
+                                   f"(now {type(processor).__name__}), so its calls would bypass the KV cache: "
+                                   "detach(transformer) before setting processors, then attach again")
     return check
 
 

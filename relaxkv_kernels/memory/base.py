@@ -219,6 +219,10 @@ class Planner:
         """The plan of chunk ``n`` (host only)."""
         raise NotImplementedError
 
+    def check_heads(self, num_heads: int) -> None:
+        """ValueError when the policy cannot serve a model of ``num_heads`` attention heads (all ranks together);
+        called when a cache is made, before any allocation."""
+
     def allocate(self, geometry: CacheGeometry) -> dict[str, torch.Tensor]:
         """Extra device state of the policy, every tensor ``[num_layers, ...]`` (e.g. Pack's mean keys)."""
         return {}

@@ -152,6 +152,11 @@ class PackPlanner(Planner):
             plan.selects, plan.selected_keys = True, k * self.block_tokens
         return plan
 
+    def check_heads(self, num_heads: int) -> None:
+        if num_heads < 2:  # H // 2 = 0 heads would give a NaN affinity and always the oldest block
+            raise ValueError(f"PackMemory: num_heads: expected at least 2 attention heads (the Mid selection scores "
+                             f"blocks over the first H // 2 heads), got {num_heads}")
+
     def allocate(self, geometry: CacheGeometry) -> dict[str, torch.Tensor]:
         g = geometry
         shape = (g.num_layers, g.batch, self.n_blocks, g.num_heads, g.head_dim)

@@ -27,7 +27,7 @@ N, H, D, F = 3, 2, 16, 6
 
 
 def _args(g: torch.Generator, dtype=torch.float32, device="cpu"):
-    x = randn(g, N, 2 * F + 5, H, D, dtype=dtype, device=device) * 3  # rows past U * F are ignored
+    x = randn(g, N, 2 * F, H, D, dtype=dtype, device=device) * 3
     pool, scale = fp8_pool(g, N, 5 * F, H, D, device=device)
     return [x, pool, scale, torch.tensor([3, 1], device=device), F]
 
@@ -78,7 +78,9 @@ test_bad_input, test_scalar_type, test_checked_true = raw_op_tests(
         (1, torch.zeros(N, 5 * F, H + 1, D, dtype=FP8), ValueError, "pool: expected shape"),
         (3, torch.tensor([3, 5]), ValueError, r"frame_slot: expected values in \[0, 4\]"),
         (3, torch.tensor([3.0, 1.0]), TypeError, "frame_slot: expected dtype"),
-        (0, torch.zeros(N, F, H, D), ValueError, "x: expected at least U \\* frame_tokens"),
+        (0, torch.zeros(N, F, H, D), ValueError, "x: expected U \\* frame_tokens = 2 \\* 6 rows"),
+        (4, F // 2, ValueError, "x: expected U \\* frame_tokens = 2 \\* 3 rows"),  # frames cut at the wrong rows
+        (3, torch.tensor([1, 1]), ValueError, r"frame_slot: expected distinct values .* got \[1, 1\]"),
     ],
     scalar=(4, 6.0, "frame_tokens"),
 )

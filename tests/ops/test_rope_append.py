@@ -604,6 +604,7 @@ BAD = [  # (argument index, replacement, error type, message fragment)
     pytest.param(6, torch.tensor([3, 5]), ValueError, "frame_slot: expected values in \\[0, 4\\]", id="slot_range"),
     pytest.param(6, torch.tensor([-1, 1]), ValueError, "frame_slot: expected values in \\[0, 4\\]", id="slot_negative"),
     pytest.param(6, torch.tensor([3.0, 1.0]), TypeError, "frame_slot: expected dtype", id="slot_float"),
+    pytest.param(6, torch.tensor([2, 2]), ValueError, "frame_slot: expected distinct values", id="slot_duplicate"),
     pytest.param(7, torch.tensor([7, 8, 9]), ValueError, "frame_pos: expected shape", id="pos_length"),
     pytest.param(7, torch.tensor([7, 8], device="meta"), ValueError, "frame_pos: expected tensors on cpu",
                  id="pos_device"),

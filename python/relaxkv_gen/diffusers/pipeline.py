@@ -58,6 +58,7 @@ from relaxkv_kernels.integrations.diffusers import attach
 from relaxkv_kernels.integrations.diffusers import attached_cache
 from relaxkv_kernels.integrations.diffusers import detach
 
+from ..rollout import check_count
 from ..rollout import denoise_chunk
 from ..rollout import make_policy
 from ..sampler import DEFAULT_STEPS
@@ -209,8 +210,7 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("ChunkwiseWanPipeline: pass exactly one of prompt and prompt_embeds, got "
                              + ("both" if prompt is not None else "neither"))
-        if not isinstance(max_sequence_length, int) or max_sequence_length < 1:
-            raise ValueError(f"max_sequence_length: expected a positive int, got {max_sequence_length!r}")
+        check_count("max_sequence_length", max_sequence_length)
         text_dim = self.transformer.config.text_dim
         if prompt is not None:
             prompt_embeds = self._t5_prompt_embeds(prompt, max_sequence_length)
@@ -287,12 +287,12 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
             called; the KV cache is attached to the transformer at the first ``next`` and detached when the
             iteration ends, fails or is closed (``close()``, or the iterator going out of scope after a ``break``).
         """
-        if not isinstance(num_chunks, int) or num_chunks < 1:
-            raise ValueError(f"num_chunks: expected an int >= 1, got {num_chunks!r}")
+        check_count("num_chunks", num_chunks)
         patch = self.transformer.config.patch_size[1]
         multiple = self.vae_scale_factor_spatial * patch
-        if not (isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0
-                and height % multiple == 0 and width % multiple == 0):
+        for name, value in (("height", height), ("width", width)):
+            check_count(name, value, low=0)
+        if not (height > 0 and width > 0 and height % multiple == 0 and width % multiple == 0):
             raise ValueError(f"height, width: expected positive multiples of {multiple} (VAE factor "
                              f"{self.vae_scale_factor_spatial} x patch {patch}), got {height!r} x {width!r}")
         if output_type not in OUTPUT_TYPES:

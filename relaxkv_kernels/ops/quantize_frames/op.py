@@ -38,13 +38,13 @@ def _check(x, pool, pool_scale, frame_slot, frame_tokens) -> None:
     check_int(op, "frame_tokens", frame_tokens, low=1)
     check_index(op, "frame_slot", frame_slot)
     u = frame_slot.numel()
-    if x.shape[1] < u * frame_tokens:
-        raise ValueError(f"{op}: x: expected at least U * frame_tokens = {u} * {frame_tokens} rows (U = frame_slot "
-                         f"entries), got {x.shape[1]}")
+    if x.shape[1] != u * frame_tokens:  # a wrong frame_tokens would cut frames at the wrong rows
+        raise ValueError(f"{op}: x: expected U * frame_tokens = {u} * {frame_tokens} rows (U = frame_slot entries: "
+                         f"the chunk's rows, frame after frame), got {x.shape[1]}")
     n_slots = pool.shape[1] // frame_tokens
     if n_slots < 1:
         raise ValueError(f"{op}: pool: expected room for one frame slot of {frame_tokens} rows, got {pool.shape[1]}")
-    check_index(op, "frame_slot", frame_slot, u, 0, n_slots - 1)
+    check_index(op, "frame_slot", frame_slot, u, 0, n_slots - 1, distinct=True)
 
 
 @torch.library.custom_op("relaxkv::quantize_frames", mutates_args=("pool", "pool_scale"))
@@ -68,10 +68,10 @@ def quantize_frames(x: Tensor, pool: Tensor, pool_scale: Tensor, frame_slot: Ten
     ``end_chunk`` (every layer in one call: leading dims flattened).
 
     Args:
-        x: [N, >= U * F, H, D] float rows (fp32 / fp16 / bf16, any strides; rows past U * F are ignored).
+        x: [N, U * F, H, D] float rows (fp32 / fp16 / bf16, any strides): exactly the chunk's frames.
         pool: float8_e4m3fn [N, n_rows, H, D], written in place. pool_scale: float32 [N, n_rows, H], written in
             place.
-        frame_slot: int32/int64 [U] slot of each frame. frame_tokens: F.
+        frame_slot: int32/int64 [U] slot of each frame, distinct. frame_tokens: F.
 
     Example:
         >>> quantize_frames(window_k[:, :3 * 1560], k_pool, k_scale, torch.tensor([4, 5, 6]), 1560)

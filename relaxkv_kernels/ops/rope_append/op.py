@@ -56,7 +56,7 @@ def _check(q, k, v, k_cache, v_cache, proto, frame_slot, frame_pos, height, widt
         protos = "" if proto is None else f" and {proto.shape[1]} prototype slots"
         raise ValueError(f"{op}: k_cache, proto: expected room for at least one frame slot of {f} rows, got "
                          f"{k_cache.shape[1]} rows{protos}")
-    check_index(op, "frame_slot", frame_slot, u, 0, n_slots - 1)
+    check_index(op, "frame_slot", frame_slot, u, 0, n_slots - 1, distinct=True)
     check_index(op, "frame_pos", frame_pos, u)
 
 
@@ -93,7 +93,8 @@ def rope_append(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tenso
             s*F .. s*F+F-1.
         proto: float32 [B, n_slots, D], receives each frame's mean pre-RoPE key (not normalised); None:
             no prototypes (only policies that score frames need them, and only at one layer).
-        frame_slot: int32/int64 [U] slot per chunk frame; frame_pos: int32/int64 [U] temporal position per frame.
+        frame_slot: int32/int64 [U] slot per chunk frame, distinct; frame_pos: int32/int64 [U] temporal position per
+            frame.
         backend: "auto", "reference", "triton" or "cuda".
         k_cache_scale, v_cache_scale: float32 [B, n_rows, H], the per-row-and-head scales of FP8 caches (None for
             caches in k's dtype), written in place with the rows: each written row and head is quantized from its
