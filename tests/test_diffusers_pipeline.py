@@ -4,6 +4,7 @@ The transformer is diffusers' ``WanTransformer3DModel`` with the tiny reference 
 latents are checked against :func:`relaxkv_gen.rollout` (same noise, same schedule, same memory); the VAE is a tiny
 random ``AutoencoderKLWan`` (8 x 8 latents -> 64 x 64 frames), checked against its own ``decode``.
 """
+import dataclasses
 import json
 import logging
 
@@ -43,14 +44,17 @@ def video_frames(latent_frames: int) -> int:
 
 
 def tiny_vae(patched: bool = False) -> AutoencoderKLWan:
-    """A random 3-channel Wan2.1 VAE, or (``patched``) a Wan2.2-like one: residual, patch 2, factor 16."""
+    """A random 3-channel Wan2.1 VAE, or (``patched``) a Wan2.2-like one: residual, patch 2, factor 16, 48 latent
+    channels."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
         if patched:
-            vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+            stats = torch.Generator().manual_seed(2)
+            vae = AutoencoderKLWan(base_dim=8, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                    temperal_downsample=[False, True, True], is_residual=True, patch_size=2,
                                    in_channels=12, out_channels=12, scale_factor_spatial=16,
-                                   latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0])
+                                   latents_mean=(torch.randn(48, generator=stats) * 0.3).tolist(),
+                                   latents_std=(torch.rand(48, generator=stats) + 0.5).tolist())
         else:
             vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                    temperal_downsample=[False, True, True])
@@ -111,6 +115,31 @@ def test_fp8_pools_match_rollout_with_fp8_pools(pipe, model):
                   output_type="latent", kv_dtype=torch.float8_e4m3fn)
     assert pipe.kv_cache.kv_dtype == torch.float8_e4m3fn
     torch.testing.assert_close(latents.cpu(), ref.latents, rtol=0, atol=ROLLOUT_ATOL)
+
+
+def test_wan22_ti2v_text_to_video_matches_rollout():
+    """Wan2.2 TI2V-5B's text-to-video geometry on a tiny model: 48 latent channels, patch (1, 2, 2), and the residual
+    VAE (patch 2, spatial factor 16). The pipeline's latents are relaxkv_gen's rollout of the same weights (the
+    transformer is Wan2.1's block with other channel counts; a chunk's frames share one timestep, so [B] timesteps
+    are its per-token ones), and its frames the streaming decode of those latents."""
+    cfg = dataclasses.replace(CFG, name="tiny-wan2.2", in_dim=48, out_dim=48)
+    model = build_model(cfg, seed=0)
+    transformer = WanTransformer3DModel(**diffusers_config(cfg)).eval()
+    transformer.load_state_dict(wan_to_diffusers(model.state_dict()))
+    vae = tiny_vae(patched=True)
+    pipe = ChunkwiseWanPipeline(transformer, vae, FlowMatchEulerDiscreteScheduler(shift=5.0))
+    text = random_text(cfg, 1, 0)
+    ref = rollout(model, "relax", text, num_chunks=3, seed=7, backend="reference", timing=False)
+    pixels = vae.config.scale_factor_spatial * cfg.latent_height  # 128
+    kwargs = dict(prompt_embeds=text, max_sequence_length=cfg.text_len, height=pixels, width=pixels, policy="relax",
+                  num_chunks=3, progress=False)
+    latents = pipe(generator=torch.Generator().manual_seed(7), output_type="latent", **kwargs).frames
+    assert latents.shape == ref.latents.shape == (1, 48, 9, 8, 8)
+    torch.testing.assert_close(latents, ref.latents, rtol=0, atol=ROLLOUT_ATOL)
+    frames = pipe(generator=torch.Generator().manual_seed(7), output_type="pt", **kwargs).frames
+    assert frames.shape == (1, video_frames(9), 3, pixels, pixels)
+    want = (full_decode(vae, latents).clamp(-1, 1) + 1) / 2  # [B, 3, T, H, W] in [0, 1]
+    torch.testing.assert_close(frames, want.transpose(1, 2), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("steps", [(1000, 750, 500, 250), (1000, 900, 601, 333, 7)], ids=["self-forcing", "odd"])

@@ -269,14 +269,15 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
             policy: the memory: a name for :func:`relaxkv_gen.rollout.make_policy` (``"dense"``, ``"sink"``,
                 ``"relax"``, ``"pack"``) or a ``relaxkv_kernels.MemoryPolicy``; its ``chunk_frames`` is U.
             num_chunks: chunks of U latent frames each.
-            height, width: pixels, multiples of 16 (VAE factor 8 x patch 2); latents are ``height // 8`` x
-                ``width // 8``.
+            height, width: pixels, multiples of s x patch (s = the VAE's spatial factor: 8 for Wan2.1, 16 for
+                Wan2.2's VAE; patch 2): 16 for Wan2.1, 32 for Wan2.2; latents are ``height // s`` x ``width // s``.
             generator: a CPU ``torch.Generator`` for all the noise (None: a new one seeded 0), drawn as
                 :func:`relaxkv_gen.rollout.rollout` draws it, so the same seed gives the same latents.
             denoising_steps: the Self-Forcing steps (:meth:`sampler`).
             output_type: per chunk, ``"np"``: float array [B, frames, height, width, 3] in [0, 1]; ``"pt"``: tensor
                 [B, frames, 3, height, width] in [0, 1]; ``"pil"``: B lists of ``frames`` PIL images; ``"latent"``:
-                the chunk's latents [B, 16, U, height // 8, width // 8] (normalised, not decoded). ``frames`` is
+                the chunk's latents [B, C, U, height // s, width // s] (C: the transformer's in_channels, 16 for
+                Wan2.1, 48 for Wan2.2 TI2V-5B; normalised, not decoded). ``frames`` is
                 1 + 4 (U - 1) for the first chunk, 4 U after.
             backend: the ``KVCache`` backend; None: ``"fused"`` on a CUDA device, ``"reference"`` elsewhere.
             progress: a progress bar over the chunks (``self.progress_bar``; see ``set_progress_bar_config``).
@@ -364,8 +365,8 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
         Returns:
             ``WanPipelineOutput(frames=...)`` (or ``(frames,)`` with ``return_dict=False``): ``"np"``
             [B, 1 + 4 (T - 1), height, width, 3], ``"pt"`` [B, 1 + 4 (T - 1), 3, height, width], ``"pil"`` B lists
-            of PIL images, ``"latent"`` [B, 16, T, height // 8, width // 8], for T = ``num_chunks * U`` latent
-            frames.
+            of PIL images, ``"latent"`` [B, C, T, height // s, width // s] (see :meth:`stream`), for
+            T = ``num_chunks * U`` latent frames.
         """
         chunks = list(self.stream(prompt, **kwargs))
         output_type = kwargs.get("output_type", inspect.signature(self.stream).parameters["output_type"].default)
