@@ -191,7 +191,7 @@ def test_only_layer_0_writes_prototypes():
 def test_live_bytes_grow_then_stay_bounded():
     """Dense and Relax hold a bounded number of frames; the allocation covers the largest live set."""
     for policy in (rk.DenseWindow(window=9), rk.RelaxMemory(reservoir=30), rk.PackMemory(top_k=2, archive=3)):
-        cache = rk.KVCache(policy, 1, 1, 1, 16, 4, 4, dtype=torch.float32, device="meta")
+        cache = rk.KVCache(policy, 1, 1, 2, 16, 4, 4, dtype=torch.float32, device="meta")  # Pack: >= 2 heads
         live = []
         for _ in range(40):
             cache.last_plan = cache.planner.plan(cache.chunk)  # planner only: no tensors are touched
