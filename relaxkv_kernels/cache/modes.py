@@ -103,8 +103,8 @@ class DenseMode(AttentionMode):
     when the chunk's key count changes (in steady state never).
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args):
+        super().__init__(*args)
         self.keys, self.n_keys = [], None
 
     def begin(self, plan: ChunkPlan) -> None:
