@@ -483,7 +483,7 @@ def row_specs(su: ChunkSetup, args) -> list[tuple[str, str, tuple]]:
             specs.append(("step", f"{name}+graph", (mode, None, True)))
     specs.append(("parts", "parts", ()))
     if args.kv_dtype == "fp8":  # the mode "auto" picks for FP8 pools on CUDA, and the window (dense: per_call first)
-        auto = resolve_attention("auto", "auto", "cuda", fp8=True,
+        auto = resolve_attention("auto", "auto", "cuda", staged=True,
                                  gathers=su.policy.planner(su.shape.height, su.shape.width).gathers)
         for mode in dict.fromkeys((auto, "window")):
             specs.append(("step", f"step[{mode}:best]+fp8", (mode, None, False, FP8)))

@@ -31,7 +31,7 @@ TARGET = 0.53  # issue 17: pools + scales <= 0.53x the bf16 pools
 def cuda_cache(model, policy: str, kv_dtype: torch.dtype | None, attention: str = "auto") -> rk.KVCache:
     """The cache of ``policy`` in ``attention`` ("auto": the mode "auto" picks on CUDA), on meta tensors."""
     pol = make_policy(policy)
-    attention = resolve_attention(attention, "auto", "cuda", fp8=kv_dtype is not None,
+    attention = resolve_attention(attention, "auto", "cuda", staged=kv_dtype is not None,
                                   gathers=pol.planner(model.height, model.width).gathers)
     return rk.KVCache(pol, model.layers, BATCH, model.heads, model.head_dim, model.height, model.width,
                       dtype=torch.bfloat16, device="meta", attention=attention, kv_dtype=kv_dtype)

@@ -264,6 +264,7 @@ def test_cuda_without_an_index_is_the_current_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert canonical_device("cuda") == torch.device("cuda:0")
     assert canonical_device("cuda:1") == torch.device("cuda:1") and canonical_device("cpu") == torch.device("cpu")
+    assert canonical_device("cpu:0") == torch.device("cpu") == torch.empty(0, device="cpu:0").device
     with FakeTensorMode():
         q = torch.empty(1, 4, 2, 16, device="cuda:0")
     check_tensor("op", "q", q, device="cuda")  # "cuda" matches cuda:0

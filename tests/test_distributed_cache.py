@@ -37,10 +37,10 @@ def _init(rank: int, world: int, store: str, backend: str = "gloo") -> None:
                             timeout=timedelta(seconds=60))
 
 
-def _rollout_worker(rank, world, store, results, names, attention, fail_at, kv_dtype=None):
-    """For each policy: single-process and head-parallel caches side by side (pools in ``kv_dtype``); per chunk the
-    largest output difference on this rank's heads and both tables' frames. ``fail_at``: rank 1 raises before
-    that chunk."""
+def _rollout_worker(rank, world, store, results, names, attention, fail_at, kv_dtype=None, pool_device=None):
+    """For each policy: single-process and head-parallel caches side by side (pools in ``kv_dtype``, the head-parallel
+    one's on ``pool_device``); per chunk the largest output difference on this rank's heads and both tables' frames.
+    ``fail_at``: rank 1 raises before that chunk."""
     _init(rank, world, store)
     result = {}
     try:
@@ -49,7 +49,8 @@ def _rollout_worker(rank, world, store, results, names, attention, fail_at, kv_d
             single = rk.KVCache(POLICIES[name](), L, B, H, D, HH, WW, dtype=torch.float32, backend="reference",
                                 attention=attention, kv_dtype=kv_dtype)
             shard = rk.KVCache(POLICIES[name](), L, B, H, D, HH, WW, dtype=torch.float32, backend="reference",
-                               attention=attention, process_group=dist.group.WORLD, kv_dtype=kv_dtype)
+                               attention=attention, process_group=dist.group.WORLD, kv_dtype=kv_dtype,
+                               pool_device=pool_device)
             gen = torch.Generator().manual_seed(7)
             shape = (B, single.policy.chunk_frames * HH * WW, H, D)
             worst, frames, same = 0.0, [], True
@@ -71,7 +72,8 @@ def _rollout_worker(rank, world, store, results, names, attention, fail_at, kv_d
                 frames.append(tables)
             result[name] = {"worst": worst, "frames": frames, "same_as_single": same,
                             "pool_ratio": single.storage.k.numel() / shard.storage.k.numel(),
-                            "num_heads": shard.num_heads, "selects": shard.last_plan.selects}
+                            "num_heads": shard.num_heads, "selects": shard.last_plan.selects,
+                            "host_bytes": shard.host_bytes(), "pool_bytes": shard.pool_bytes()}
     except Exception as exc:  # reported to the test; the process ends, which closes its connections
         result["error"] = f"{type(exc).__name__}: {exc}"
     results.put((rank, result))
@@ -79,14 +81,16 @@ def _rollout_worker(rank, world, store, results, names, attention, fail_at, kv_d
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world, names, attention, kv_dtype", [
-    (2, ("dense", "relax", "pack"), "segments", None),
-    (2, ("relax", "pack"), "window", None),
-    (4, ("relax", "pack"), "segments", None),
-    (2, ("relax", "pack"), "window", torch.float8_e4m3fn),  # scales per row and head: sharded like the pools
-], ids=["P2-segments", "P2-window", "P4-segments", "P2-window-fp8"])
-def test_head_parallel_caches_match_the_single_process_cache(tmp_path, world, names, attention, kv_dtype):
-    results = _run(world, _rollout_worker, tmp_path, names, attention, -1, kv_dtype)
+@pytest.mark.parametrize("world, names, attention, kv_dtype, pool_device", [
+    (2, ("dense", "relax", "pack"), "segments", None, None),
+    (2, ("relax", "pack"), "window", None, None),
+    (4, ("relax", "pack"), "segments", None, None),
+    (2, ("relax", "pack"), "window", torch.float8_e4m3fn, None),  # scales per row and head: sharded like the pools
+    (2, ("dense", "relax", "pack"), "window", torch.float8_e4m3fn, "cpu"),  # each rank's heads in host memory
+], ids=["P2-segments", "P2-window", "P4-segments", "P2-window-fp8", "P2-window-fp8-host"])
+def test_head_parallel_caches_match_the_single_process_cache(tmp_path, world, names, attention, kv_dtype,
+                                                             pool_device):
+    results = _run(world, _rollout_worker, tmp_path, names, attention, -1, kv_dtype, pool_device)
     for rank, result in enumerate(results):
         assert "error" not in result, f"rank {rank}: {result['error']}"
         for name in names:
@@ -96,6 +100,7 @@ def test_head_parallel_caches_match_the_single_process_cache(tmp_path, world, na
             assert r["frames"] == results[0][name]["frames"], (rank, name)  # every rank chose the same frames
             assert r["pool_ratio"] == world and r["num_heads"] == H // world
             assert r["selects"] == (name != "dense")  # the selections ran (steady state reached)
+            assert r["host_bytes"] == (r["pool_bytes"] if pool_device else 0)
 
 
 def test_a_rank_that_fails_ends_every_rank_with_a_named_error(tmp_path):
@@ -125,6 +130,38 @@ def test_heads_not_divisible_by_the_ranks_is_a_named_error_on_every_rank(tmp_pat
     for result in results:
         assert result["error"] == ("KVCache: num_heads 3 is not divisible by the 2 ranks of process_group (each "
                                    "rank holds num_heads / P heads)")
+
+
+def _mismatch_worker(rank, world, store, results, settings):
+    """Rank r makes a cache with ``settings[r]`` (policy name and KVCache keywords); reports the error, if any."""
+    _init(rank, world, store)
+    name, kw = settings[rank]
+    try:
+        rk.KVCache(POLICIES[name](), L, B, kw.pop("num_heads", H), D, HH, WW, dtype=torch.float32,
+                   process_group=dist.group.WORLD, **kw)
+        result = {}
+    except ValueError as exc:
+        result = {"error": str(exc)}
+    results.put((rank, result))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("settings, differ", [
+    ((("relax", {}), ("pack", {})), "policy"),
+    ((("relax", {}), ("relax", {"num_heads": 2})), "geometry"),
+    ((("relax", {}), ("relax", {"pool_device": "cpu"})), "pool_device"),
+    ((("pack", {"kv_dtype": torch.float8_e4m3fn}), ("pack", {})), "kv_dtype"),
+], ids=["policy", "heads", "pools", "kv_dtype"])
+def test_ranks_that_make_different_caches_get_a_named_error_at_construction(tmp_path, settings, differ):
+    """One collective at construction: every rank names what differs, within seconds (no hang in the first
+    selection, no prototypes averaged over mismatched heads)."""
+    start = time.monotonic()
+    results = _run(2, _mismatch_worker, tmp_path, settings, timeout=60)
+    assert time.monotonic() - start < 45
+    for result in results:
+        assert result["error"].startswith(f"KVCache: process_group: every rank must make the same cache, but the "
+                                          f"ranks differ in {differ} ("), result
+    assert results[0] == results[1]
 
 
 def test_process_group_without_torch_distributed_is_a_named_error():

@@ -152,9 +152,9 @@ def test_fp8_pools_stage_every_chunk():
     assert fp8.chunk_mode.name == "window" and fp8.mode.nbytes() > 0
     from relaxkv_kernels.cache.modes import resolve_attention
 
-    assert resolve_attention("auto", "auto", "cuda", fp8=True, gathers=False) == "per_call"
-    assert resolve_attention("auto", "auto", "cuda", fp8=True, gathers=True) == "window"
-    assert resolve_attention("auto", "auto", "cpu", fp8=True, gathers=False) == "segments"
+    assert resolve_attention("auto", "auto", "cuda", staged=True, gathers=False) == "per_call"
+    assert resolve_attention("auto", "auto", "cuda", staged=True, gathers=True) == "window"
+    assert resolve_attention("auto", "auto", "cpu", staged=True, gathers=False) == "segments"
 
 
 @pytest.mark.parametrize("kv_dtype, exc, match", [

@@ -42,6 +42,7 @@ once the plans are steady, whatever the number of passes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 
@@ -79,7 +80,7 @@ class KVCache:
         num_layers, batch, num_heads, head_dim: model geometry (head_dim even).
         height, width: token grid of a latent frame (F = height * width tokens).
         dtype: compute dtype of q/k/v, the attention windows and the output (bf16 / fp16 / fp32). device: where
-            everything lives.
+            everything lives (the pools too, unless ``pool_device``).
         kv_dtype: dtype of the K/V pools: None (the same as ``dtype``) or ``torch.float8_e4m3fn``: the pools (frames
             and compressed blocks) hold e4m3 codes with one fp32 scale per row and head (``relaxkv_kernels.ops.fp8``;
             about half the bytes), quantized where rows enter the pool and dequantized when they are read. The
@@ -97,7 +98,13 @@ class KVCache:
             rank holds ``num_heads / P`` heads of everything (``num_heads`` is the model's, on every rank; rank r
             holds heads ``r * H / P`` onwards) and ``attend`` takes that rank's heads, ``[B, U*F, H/P, D]``; the
             selections read all heads through collectives (:mod:`relaxkv_kernels.memory.heads`), so every rank
-            chooses the same frames. Every rank must make the same calls in the same order.
+            chooses the same frames. Every rank must make the same calls in the same order, and make the same cache
+            (policy, geometry, dtypes, pool placement, modes): checked at construction with one collective.
+        pool_device: where the K/V pools and their FP8 scales live: None (on ``device``) or "cpu": host memory,
+            pinned on CUDA and read and written in place by the kernels through unified addressing
+            (:mod:`relaxkv_kernels.cache.storage`); everything else stays on ``device``. The window mode reads each
+            attended row once per chunk and layer over PCIe; per_call and segments read at every call. Checked
+            against the host's available memory before anything is allocated (:class:`HostMemoryError`).
 
     Attributes:
         storage: the :class:`KVStorage` (``storage.k``, ``storage.v``: [L, B, n_rows, H, D]; ``storage.k_scale``,
@@ -115,7 +122,7 @@ class KVCache:
     def __init__(self, policy: MemoryPolicy, num_layers: int, batch: int, num_heads: int, head_dim: int, height: int,
                  width: int, dtype: torch.dtype = torch.bfloat16, device="cpu", backend: str = "auto",
                  attention: str = "auto", engine: str = "auto", process_group=None,
-                 kv_dtype: torch.dtype | None = None):
+                 kv_dtype: torch.dtype | None = None, pool_device=None):
         op = "KVCache"
         if not isinstance(policy, MemoryPolicy):
             raise TypeError(f"{op}: policy: expected a MemoryPolicy (DenseWindow, RelaxMemory, PackMemory, ...), "
@@ -145,13 +152,20 @@ class KVCache:
             raise ValueError(f"{op}: device: {str(device)!r} asked for, but torch sees no CUDA device here "
                              f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None})")
         self.device = canonical_device(device)
+        host_pools = self._host_pools(pool_device)
         self.heads = None if process_group is None else HeadShards(op, process_group, num_heads)
         if backend == "fused":
             backend = "auto" if self.device.type == "cuda" else "triton"
         self.planner = pl = policy.planner(height, width)  # raises when the policy's geometry does not fit the grid
         pl.check_heads(num_heads)  # the model's heads, on every rank
-        attention = resolve_attention(attention, engine, self.device.type, fp8=kv_dtype is not None,
+        attention = resolve_attention(attention, engine, self.device.type, staged=kv_dtype is not None or host_pools,
                                       gathers=pl.gathers)
+        if self.heads is not None:  # ranks that made different caches would hang or mix heads: fail on every rank
+            self.heads.check_same(op, {
+                "policy": repr(policy) if dataclasses.is_dataclass(policy) else type(policy).__qualname__,
+                "geometry": (num_layers, batch, num_heads, head_dim, height, width), "dtype": str(dtype),
+                "kv_dtype": str(kv_dtype), "pool_device": "host" if host_pools else "device",
+                "backend": backend, "attention": attention, "engine": engine})
         if engine == "auto" and backend == "reference":
             engine = "reference"
         self.backend, self.attention, self.engine = backend, attention, engine
@@ -165,7 +179,7 @@ class KVCache:
         self.kv_dtype = self.geometry.pool_dtype
         if pl.selection not in SELECTIONS:
             raise ValueError(f"{op}: {type(pl).__name__}.selection: expected one of {SELECTIONS}, got {pl.selection!r}")
-        self.storage = KVStorage(self.geometry, pl)
+        self.storage = KVStorage(self.geometry, pl, host=host_pools)
         n_tables = num_layers if pl.selection == "per_layer" else 1
         self.device_plan = DevicePlan.allocate(n_tables, batch, pl.n_seg, policy.chunk_frames, self.device)
         self._seg = [self.device_plan.seg[i if n_tables > 1 else 0] for i in range(num_layers)]  # views per layer
@@ -189,6 +203,19 @@ class KVCache:
         self._steps: dict[int, DeviceStep] = {}
         self._layer_steps: list[DeviceStep] = []  # made at begin_chunk for a planner with per-layer steps
         self.profiler = None
+
+    def _host_pools(self, pool_device) -> bool:
+        """Whether ``pool_device`` (the constructor's) puts the pools in host memory; ValueError for another device."""
+        if pool_device is None:
+            return False
+        try:
+            where = canonical_device(pool_device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"KVCache: pool_device: expected None or 'cpu', got {pool_device!r} ({e})") from None
+        if where.type != "cpu" and where != self.device:
+            raise ValueError(f"KVCache: pool_device: expected None (the pools on {self.device}) or 'cpu' (host "
+                             f"memory), got {pool_device!r}")
+        return where.type == "cpu"
 
     # ------------------------------------------------------------------ host side, between chunks
 
@@ -377,9 +404,18 @@ class KVCache:
         return self.storage.pool_bytes()
 
     def memory_bytes(self) -> int:
-        """Bytes of device storage allocated by the cache: pools (with their scales when FP8), prototypes, policy
-        state, tables and windows (:meth:`pool_bytes`: the pools and scales alone).
+        """Bytes of storage allocated by the cache: pools (with their scales when FP8), prototypes, policy state,
+        tables and windows (:meth:`pool_bytes`: the pools and scales alone); the sum of :meth:`device_bytes` and
+        :meth:`host_bytes`.
 
         Fixed at construction: pools are sized for the steady state (see :meth:`live_bytes` for use).
         """
         return self.storage.nbytes() + nbytes(self.device_plan.seg) + self.mode.nbytes()
+
+    def host_bytes(self) -> int:
+        """Bytes the cache holds in host memory: the pools and their scales with ``pool_device="cpu"``, else 0."""
+        return self.storage.host_bytes()
+
+    def device_bytes(self) -> int:
+        """Bytes the cache holds on its device: :meth:`memory_bytes` less :meth:`host_bytes`."""
+        return self.memory_bytes() - self.host_bytes()

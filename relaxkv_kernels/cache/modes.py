@@ -16,7 +16,13 @@ and asks it per chunk (:meth:`AttentionMode.for_chunk`) which mode serves that c
     pool prefix  a chunk whose keys are the pool's first rows at their true positions (``ChunkPlan.pool_prefix``:
                a dense window without re-rotation, or any chunk of that shape) attends to the pool directly;
                window and per_call hand such chunks to it, and a planner that never gathers gets only it.
-               Not with FP8 pools: the attention engines read the compute dtype, so every chunk stages.
+               Not with FP8 or host pools: the attention engines read the compute dtype on the device, so
+               every chunk stages.
+
+Host pools (``KVCache(pool_device="cpu")``, :mod:`.storage`) are read and written in place over PCIe. The window mode
+reads each memory row once per chunk and layer (the staging) and writes the chunk's rows once (the commit): the
+mode host pools are made for. per_call reads every attended row at every call and writes the chunk's rows at
+every pass; segments reads them at every call: both work, at that PCIe cost per call.
 
 With FP8 pools (``KVCache(kv_dtype=torch.float8_e4m3fn)``) the pool ops take the pools' scales: rope_append and
 compress_kv quantize what they write, gather_kv_rope and sparse_kv_attention dequantize what they read, and the
@@ -151,7 +157,7 @@ class GatherMode(DenseMode):
     def __init__(self, *args, planner: Planner, prefix: PoolPrefixMode | None):
         super().__init__(*args)
         g = self.g
-        self.prefix = prefix  # None: every chunk stages (FP8 pools)
+        self.prefix = prefix  # None: every chunk stages (FP8 or host pools)
         n_windows = g.num_layers if self.per_layer_windows else 1
         self.win_k = torch.empty(n_windows, g.batch, planner.max_keys, g.num_heads, g.head_dim, dtype=g.dtype,
                                  device=g.device)
@@ -237,19 +243,21 @@ class PerCallMode(GatherMode):
         return self.dense(q_rot, kw, vw)
 
 
-def resolve_attention(attention: str, engine: str, device_type: str, fp8: bool = False, gathers: bool = True) -> str:
-    """The mode ``attention`` names on a ``device_type`` device for pools that are ``fp8`` or not, of a planner that
-    ``gathers`` or not; ValueError for an engine given to the segments mode, which has none.
+def resolve_attention(attention: str, engine: str, device_type: str, staged: bool = False, gathers: bool = True
+                      ) -> str:
+    """The mode ``attention`` names on a ``device_type`` device, for pools the attention engines read as they are or
+    not (``staged``: FP8 or host pools), of a planner that ``gathers`` or not; ValueError for an engine given to the
+    segments mode, which has none.
 
-    "auto": segments off CUDA; on CUDA window, except per_call for FP8 pools of a planner that never gathers (a
-    dense window without re-rotation): there per-layer windows would add bf16 copies as large as the pools, while
-    one shared window keeps the memory about half (staged at every call instead of once per chunk).
+    "auto": segments off CUDA; on CUDA window, except per_call for staged pools of a planner that never gathers (a
+    dense window without re-rotation): there per-layer windows would add compute-dtype copies of every pool row on
+    the device, while one shared window keeps the memory small (staged at every call instead of once per chunk).
     """
     if attention == "auto":
         if device_type != "cuda":
             attention = "segments"
         else:
-            attention = "per_call" if fp8 and not gathers else "window"
+            attention = "per_call" if staged and not gathers else "window"
     if attention == "segments" and engine != "auto":
         raise ValueError(f"KVCache: engine: the segments attention mode runs the segment-table kernel and has no "
                          f"engine, got engine={engine!r} (use attention='window' or 'per_call')")
@@ -261,12 +269,13 @@ def make_mode(attention: str, geometry: CacheGeometry, storage: KVStorage, dplan
     """The strategy of ``attention`` (one of ``MODES``): the one place a mode name becomes behaviour.
 
     window and per_call over a planner that never gathers (``Planner.gathers`` False) attend to the pool
-    prefix of every chunk and allocate no window, unless the pools are FP8 (then every chunk stages).
+    prefix of every chunk and allocate no window, unless the engines cannot read the pools (FP8 or host pools,
+    ``KVStorage.direct``): then every chunk stages.
     """
     args = (geometry, storage, dplan, backend, engine, section)
     if attention == "segments":
         return AttentionMode(*args)
-    prefix = None if storage.fp8 else PoolPrefixMode(*args)
+    prefix = PoolPrefixMode(*args) if storage.direct else None
     if prefix is not None and not planner.gathers:
         return prefix
     return {"window": WindowMode, "per_call": PerCallMode}[attention](*args, planner=planner, prefix=prefix)

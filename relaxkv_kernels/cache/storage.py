@@ -1,11 +1,25 @@
-"""What a cache holds between chunks: the K/V pools, the per-frame prototypes and the policy's state."""
+"""What a cache holds between chunks: the K/V pools, the per-frame prototypes and the policy's state.
+
+The pools live on the cache's device, or in host memory (``KVCache(pool_device="cpu")``). Host pools on a CUDA device
+are pinned and handed to the ops as CUDA tensors over the same memory (:func:`device_alias`): a pinned allocation is
+mapped into the GPU's unified address space, so every kernel (Triton, the CUDA extension, torch's own) reads and
+writes the rows in place over PCIe, with no copy and no host synchronisation, and a captured chunk step replays
+as it would with device pools. On a CPU-only machine host pools are plain CPU tensors: only the code path changes.
+"""
 from __future__ import annotations
+
+import math
+import os
 
 import torch
 
 from ..memory import CacheGeometry
 from ..memory import Planner
-from ..ops.fp8 import is_fp8
+from ..ops.fp8 import FP8_DTYPES
+
+
+class HostMemoryError(MemoryError):
+    """Host pools asked for more than the machine has available, or their pinned allocation failed."""
 
 
 def nbytes(*tensors: torch.Tensor | None) -> int:
@@ -13,14 +27,82 @@ def nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+def available_host_bytes() -> int:
+    """Host memory available to new allocations: ``MemAvailable`` of /proc/meminfo (Linux), else the free
+    physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class _MappedHost:
+    """Pinned host memory seen as CUDA memory (``__cuda_array_interface__``): with unified addressing the pointer of
+    a pinned allocation is valid in device code as it is (``cudaHostGetDevicePointer`` returns the same address)."""
+
+    def __init__(self, host: torch.Tensor):
+        self.host = host  # owns the memory for as long as the device tensor lives
+        self.__cuda_array_interface__ = {"shape": (host.numel() * host.element_size(),), "typestr": "|u1",
+                                         "data": (host.data_ptr(), False), "version": 2, "strides": None}
+
+
+def device_alias(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A tensor on CUDA ``device`` over the pinned tensor ``host``'s memory (same shape and dtype, no copy)."""
+    flat = torch.as_tensor(_MappedHost(host), device=device)  # uint8 bytes: the interface has no bf16 / FP8 type
+    return flat.view(host.dtype).view(host.shape)
+
+
+def _host_pools(shapes: list[tuple[tuple[int, ...], torch.dtype]], device: torch.device
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Empty host tensors of ``shapes`` for the pools of a cache on ``device``, as the ops see them (pinned and
+    mapped on CUDA, :func:`device_alias`; plain CPU tensors on a CPU; meta tensors on meta, for bytes only), and
+    the pinned tensors behind them (CUDA only, else empty).
+
+    The bytes are checked against the available host memory first; a failed pinned allocation frees what was
+    allocated before it. Both raise :class:`HostMemoryError` with the bytes asked and available.
+    """
+    if device.type == "meta":
+        return [torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in shapes], []
+    asked = sum(math.prod(shape) * dtype.itemsize for shape, dtype in shapes)
+    available = available_host_bytes()
+    gib = 2 ** 30
+    if asked > available:
+        raise HostMemoryError(f"KVCache: pool_device='cpu': the K/V pools need {asked / gib:.2f} GiB ({asked} bytes) "
+                              f"of host memory, {available / gib:.2f} GiB ({available} bytes) are available: use "
+                              "FP8 pools (kv_dtype=torch.float8_e4m3fn), a smaller batch, or a machine with more RAM")
+    pinned = device.type == "cuda"
+    out = []
+    try:
+        for shape, dtype in shapes:
+            out.append(torch.empty(shape, dtype=dtype, pin_memory=pinned))
+    except RuntimeError as exc:  # cudaHostAlloc failed (pinned memory is limited by the OS, e.g. in containers)
+        out.clear()  # freed now, not when the traceback goes
+        raise HostMemoryError(f"KVCache: pool_device='cpu': allocating {asked / gib:.2f} GiB ({asked} bytes) of "
+                              f"{'pinned ' if pinned else ''}host memory failed with {available / gib:.2f} GiB "
+                              f"({available} bytes) available: "
+                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+                              ) from None
+    return ([device_alias(t, device) for t in out], out) if pinned else (out, [])
+
+
 class KVStorage:
     """Pools, prototypes and policy state of every layer, sized once for the policy's steady state.
 
+    Args:
+        geometry, planner: the cache's. host: the pools and their scales in host memory (see the module docstring).
+
     Attributes:
         k, v: [num_layers, B, n_rows, H, D] in the pool dtype (``geometry.pool_dtype``): K rotated at its write-time
-            position, V as is.
+            position, V as is. On the device, or with ``host`` in host memory (on CUDA: the device view of pinned
+            memory).
         k_scale, v_scale: float32 [num_layers, B, n_rows, H], one scale per row and head of FP8 pools
-            (``relaxkv_kernels.ops.fp8``), else None.
+            (``relaxkv_kernels.ops.fp8``), else None; where the pools are.
+        host: the pools are in host memory. pinned: the pinned host tensors behind the pools and scales (CUDA with
+            ``host``), else empty.
         proto: float32 [B, n_slots, D], layer 0's mean pre-RoPE key per frame slot (policies that score
             frames), else None.
         state: the planner's device state (``Planner.allocate``), each tensor [num_layers, ...].
@@ -28,15 +110,18 @@ class KVStorage:
             (None, None) for pools in the compute dtype.
     """
 
-    def __init__(self, geometry: CacheGeometry, planner: Planner):
+    def __init__(self, geometry: CacheGeometry, planner: Planner, host: bool = False):
         g = geometry
-        self.k = torch.empty(g.num_layers, g.batch, planner.n_rows, g.num_heads, g.head_dim, dtype=g.pool_dtype,
-                             device=g.device)
-        self.v = torch.empty_like(self.k)
-        self.k_scale = self.v_scale = None
-        if is_fp8(self.k):
-            self.k_scale = torch.empty(self.k.shape[:-1], dtype=torch.float32, device=g.device)
-            self.v_scale = torch.empty_like(self.k_scale)
+        shape = (g.num_layers, g.batch, planner.n_rows, g.num_heads, g.head_dim)
+        shapes = [(shape, g.pool_dtype)] * 2
+        if g.pool_dtype in FP8_DTYPES:
+            shapes += [(shape[:-1], torch.float32)] * 2
+        self.host, self.pinned = host, []
+        if host:  # first: a request that does not fit fails before anything else is allocated
+            pools, self.pinned = _host_pools(shapes, g.device)
+        else:
+            pools = [torch.empty(shape, dtype=dtype, device=g.device) for shape, dtype in shapes]
+        self.k, self.v, self.k_scale, self.v_scale = (*pools, None, None)[:4]
         self.proto = None
         if planner.needs_prototypes:
             self.proto = torch.empty(g.batch, planner.n_slots, g.head_dim, dtype=torch.float32, device=g.device)
@@ -49,6 +134,11 @@ class KVStorage:
     def fp8(self) -> bool:
         """The pools hold FP8 codes with scales."""
         return self.k_scale is not None
+
+    @property
+    def direct(self) -> bool:
+        """The attention engines can read the pools as they are: in the compute dtype, on the device."""
+        return not (self.fp8 or self.host)
 
     def layer_state(self, layer: int) -> dict[str, torch.Tensor]:
         """The layer's slice of every state tensor."""
@@ -63,6 +153,10 @@ class KVStorage:
     def pool_bytes(self) -> int:
         """Bytes of the K/V pools and their scales."""
         return nbytes(self.k, self.v, self.k_scale, self.v_scale)
+
+    def host_bytes(self) -> int:
+        """Bytes in host memory: the pools and their scales when they are there, else 0."""
+        return self.pool_bytes() if self.host else 0
 
     def nbytes(self) -> int:
         return self.pool_bytes() + nbytes(self.proto, *self.state.values())

@@ -79,6 +79,21 @@ class HeadShards(RankGroup):
                              f"(each rank holds num_heads / P heads)")
         self.local_heads = num_heads // self.size
 
+    def check_same(self, op: str, settings: dict[str, object]) -> None:
+        """ValueError on every rank unless every rank passes equal ``settings`` (one ``all_gather_object``), naming
+        the settings that differ and each rank's value: ranks with different caches would hang in a collective
+        of one rank's policy that the others never make, or mix heads of different geometries."""
+        import torch.distributed as dist
+
+        every: list = [None] * self.size
+        self.collective(f"{op} all_gather (settings of every rank)", dist.all_gather_object, every, settings)
+        differ = [name for name in settings if any(other.get(name) != settings[name] for other in every)]
+        if differ:
+            values = "; ".join(f"{name}: " + ", ".join(f"rank {r} {other.get(name)!r}" for r, other in enumerate(every))
+                               for name in differ)
+            raise ValueError(f"{op}: process_group: every rank must make the same cache, but the ranks differ in "
+                             f"{', '.join(differ)} ({values})")
+
     def gather_heads(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         """Every rank's ``t`` (this rank's heads along ``dim``) concatenated in rank order: all H heads."""
         return self.gather(t, dim, "KVCache all_gather (heads)")

@@ -22,17 +22,22 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
+_NO_INDEX = ("cpu", "meta")  # device types whose tensors report no index
 
 
 def canonical_device(device) -> torch.device:
-    """``device`` as tensors report it: ``"cuda"`` becomes the current CUDA device (``cuda:<index>``).
+    """``device`` as tensors report it: ``"cuda"`` becomes the current CUDA device (``cuda:<index>``), and a device
+    type whose tensors carry no index drops the one given (``"cpu:0"`` is ``cpu``, where torch puts such tensors).
 
-    Tensors always carry an index (``cuda:0``) while ``torch.device("cuda")`` has none, so a device
-    that enters the package from a user goes through here once before any comparison.
+    Tensors on CUDA always carry an index (``cuda:0``) while ``torch.device("cuda")`` has none, and CPU tensors
+    never do while ``torch.device("cpu:0")`` has one, so a device that enters the package from a user goes through
+    here once before any comparison.
     """
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
+    if device.type in _NO_INDEX and device.index is not None:
+        return torch.device(device.type)
     return device
 
 
