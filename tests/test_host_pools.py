@@ -18,6 +18,7 @@ import weakref
 
 import pytest
 import torch
+from test_custom_policy import SinkNearest
 
 import relaxkv_kernels as rk
 from relaxkv_kernels.cache import storage as storage_module
@@ -26,7 +27,6 @@ from relaxkv_kernels.cache.storage import HostMemoryError
 from helpers import FP8
 from helpers import close
 from helpers import held_rows
-from test_custom_policy import SinkNearest
 
 POLICIES = {
     "dense": lambda: rk.DenseWindow(window=9),
