@@ -106,14 +106,16 @@ def test_latents_match_rollout(pipe, model, policy):
     assert attached_cache(pipe.transformer) is None
 
 
-def test_fp8_pools_match_rollout_with_fp8_pools(pipe, model):
-    """kv_dtype reaches the attached cache: the pipeline's latents are relaxkv_gen's with the same FP8 pools."""
+def test_fp8_host_pools_match_rollout_with_fp8_pools(pipe, model):
+    """kv_dtype and pool_device reach the attached cache: the pipeline's latents with FP8 pools in host memory are
+    relaxkv_gen's with the same FP8 pools on the device."""
     text = random_text(CFG, 1, 0)
     ref = rollout(model, "relax", text, num_chunks=4, seed=7, backend="reference", timing=False,
                   kv_dtype=torch.float8_e4m3fn)
     latents = run(pipe, policy="relax", num_chunks=4, generator=torch.Generator().manual_seed(7),
-                  output_type="latent", kv_dtype=torch.float8_e4m3fn)
+                  output_type="latent", kv_dtype=torch.float8_e4m3fn, pool_device="cpu")
     assert pipe.kv_cache.kv_dtype == torch.float8_e4m3fn
+    assert pipe.kv_cache.host_bytes() == pipe.kv_cache.pool_bytes() > 0 and ref.memory["host_bytes"] == 0
     torch.testing.assert_close(latents.cpu(), ref.latents, rtol=0, atol=ROLLOUT_ATOL)
 
 

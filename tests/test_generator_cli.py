@@ -371,3 +371,24 @@ def test_fp8_pools_report_the_memory_saved(tmp_path, capsys):
     assert 0 < (fp8 - fp32).norm() / fp32.norm() < 2.0**-4  # e4m3's relative step bounds each stored value
     same = json.loads((tmp_path / "fp32" / "report.json").read_text())["policies"]["relax"]["memory"]
     assert same["ratio"] == 1 and same["kv_bytes"] == mem["kv_bytes_same_dtype"]
+
+
+def test_host_pools_split_the_memory_by_place(tmp_path, capsys):
+    """--pools host: the pools (here with FP8 scales) are the host bytes, the rest the device's, printed and in
+    report.json; the latents are those of device pools, bitwise (segments mode on the CPU: the same kernels read
+    the same rows)."""
+    args = ["--preset", "tiny", "--policy", "relax", "--chunks", "3", "--no-progress", "--no-timing", "--kv-dtype",
+            "fp8"]
+    assert main([*args, "--pools", "host", "--out", str(tmp_path / "host")]) == 0
+    stdout = capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "device")]) == 0
+    report = json.loads((tmp_path / "host" / "report.json").read_text())
+    mem = report["policies"]["relax"]["memory"]
+    assert report["meta"]["pools"] == "host" and mem["pools"] == "host"
+    assert mem["host_bytes"] == mem["pool_bytes"] > 0 and mem["device_bytes"] + mem["host_bytes"] == mem["kv_bytes"]
+    assert (f"(device {mem['device_bytes'] / 2**20:.2f} MiB, host {mem['host_bytes'] / 2**20:.2f} MiB)"
+            in stdout), stdout
+    device = json.loads((tmp_path / "device" / "report.json").read_text())["policies"]["relax"]["memory"]
+    assert device["host_bytes"] == 0 and device["device_bytes"] == device["kv_bytes"] == mem["kv_bytes"]
+    host, dev = (torch.load(tmp_path / d / "latents_relax.pt", weights_only=True) for d in ("host", "device"))
+    assert torch.equal(host, dev)

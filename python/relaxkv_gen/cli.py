@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-dtype", choices=sorted(KV_DTYPES),
                    help="K/V pool dtype: fp8 = float8_e4m3fn codes with an fp32 scale per row and head, about half the "
                         "KV memory (default: the model dtype)")
+    p.add_argument("--pools", choices=["device", "host"], default="device",
+                   help="where the K/V pools live: host = pinned host memory, read in place by the kernels over PCIe "
+                        "(the GPU keeps windows, tables and prototypes; default: device)")
     p.add_argument("--batch", type=positive_int, default=1, help="samples per rollout (default: 1)")
     p.add_argument("--checkpoint", type=Path, help="Self-Forcing generator checkpoint (.pt/.pth/.safetensors)")
     text = p.add_mutually_exclusive_group()
@@ -341,6 +344,11 @@ def run_ranks(args, cfg, device: torch.device, group) -> int:
     return 0
 
 
+def pool_device(args) -> str | None:
+    """``KVCache``'s ``pool_device`` for ``--pools``."""
+    return "cpu" if args.pools == "host" else None
+
+
 def load_text(args, cfg) -> torch.Tensor:
     """``--text-embeds`` as [batch, L, text_dim], or seeded random stand-in states."""
     return (load_text_embeds(args.text_embeds, cfg, args.batch) if args.text_embeds
@@ -367,7 +375,7 @@ def generate(args, cfg, staging: Path | None, *, device, dtype, backend, policie
     for name in policies:
         results.append(rollout(model, name, text, num_chunks=chunks[name], seed=args.seed, backend=backend,
                                timing=not args.no_timing, progress=staging is not None and not args.no_progress,
-                               process_group=group, kv_dtype=kv_dtype))
+                               process_group=group, kv_dtype=kv_dtype, pool_device=pool_device(args)))
     if staging is None:
         return []
     report = build_report(results, {
@@ -375,7 +383,7 @@ def generate(args, cfg, staging: Path | None, *, device, dtype, backend, policie
         "device": str(device), "dtype": str(dtype).replace("torch.", ""), "batch": args.batch, "seed": args.seed,
         "weights": weights, "text": str(args.text_embeds) if args.text_embeds else f"random (seed {args.seed})",
         "timing": "off" if args.no_timing else clock_label(device), "passes_per_chunk": 5, "ranks": ranks,
-        "kv_dtype": str(kv_dtype or dtype).replace("torch.", ""),
+        "kv_dtype": str(kv_dtype or dtype).replace("torch.", ""), "pools": args.pools,
     })
     if not args.no_timing:
         print(format_timing_table(report))
@@ -406,7 +414,7 @@ def generate_with_diffusers(args, cfg, staging: Path, *, device, dtype, backend,
             (str(args.text_embeds) if args.text_embeds else f"random (seed {args.seed})")}
     return write_videos(pipe, cfg, staging, policies=policies, chunks=chunks, text=text, seed=args.seed,
                         backend=backend, progress=not args.no_progress, info=info,
-                        kv_dtype=KV_DTYPES.get(args.kv_dtype))
+                        kv_dtype=KV_DTYPES.get(args.kv_dtype), pool_device=pool_device(args))
 
 
 def out_of_memory(exc: BaseException) -> bool:

@@ -179,27 +179,30 @@ def random_text(cfg, batch: int, seed: int) -> torch.Tensor:
 
 
 def make_cache(model: CausalWanModel, policy, batch: int, backend: str = "reference", process_group=None,
-               kv_dtype: torch.dtype | None = None, device=None):
+               kv_dtype: torch.dtype | None = None, device=None, pool_device=None):
     """A ``relaxkv_kernels.KVCache`` for ``policy`` with the model's geometry, dtype and device (or ``device``, e.g.
     "meta" to count bytes); with a ``process_group`` of P ranks, head-parallel: this rank's ``num_heads / P`` heads
-    (ValueError unless P divides them); ``kv_dtype``: the pools' dtype (None: the model's; torch.float8_e4m3fn)."""
+    (ValueError unless P divides them); ``kv_dtype``: the pools' dtype (None: the model's; torch.float8_e4m3fn);
+    ``pool_device``: None (the pools on the device) or "cpu" (host memory, see ``KVCache``)."""
     cfg = model.cfg
     param = next(model.parameters())
     return rk.KVCache(
         policy, num_layers=cfg.num_layers, batch=batch, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
         height=cfg.grid_height, width=cfg.grid_width, dtype=param.dtype, device=device or param.device,
-        backend=backend, process_group=process_group, kv_dtype=kv_dtype,
+        backend=backend, process_group=process_group, kv_dtype=kv_dtype, pool_device=pool_device,
     )
 
 
 def memory_summary(model: CausalWanModel, policy, batch: int, cache: rk.KVCache) -> dict:
-    """What ``cache`` allocates and what the same cache takes with pools in the model's dtype (counted on the meta
-    device): ``{"kv_dtype", "kv_bytes", "pool_bytes", "kv_bytes_same_dtype", "pool_bytes_same_dtype", "ratio"}``
-    (``ratio``: pools and scales against the same-dtype pools)."""
+    """What ``cache`` allocates, where, and what the same cache takes with pools in the model's dtype (counted on
+    the meta device): ``{"kv_dtype", "pools", "kv_bytes", "device_bytes", "host_bytes", "pool_bytes",
+    "kv_bytes_same_dtype", "pool_bytes_same_dtype", "ratio"}`` (``pools``: "device" or "host"; ``ratio``: pools and
+    scales against the same-dtype pools)."""
     group = None if cache.heads is None else cache.heads.group  # this rank's share of the heads, like ``cache``
     same = cache if cache.kv_dtype == cache.dtype else make_cache(model, policy, batch, process_group=group,
                                                                   device="meta")
-    out = {"kv_dtype": str(cache.kv_dtype).replace("torch.", ""), "kv_bytes": cache.memory_bytes(),
+    out = {"kv_dtype": str(cache.kv_dtype).replace("torch.", ""), "pools": "host" if cache.storage.host else "device",
+           "kv_bytes": cache.memory_bytes(), "device_bytes": cache.device_bytes(), "host_bytes": cache.host_bytes(),
            "pool_bytes": cache.pool_bytes(), "kv_bytes_same_dtype": same.memory_bytes(),
            "pool_bytes_same_dtype": same.pool_bytes()}
     out["ratio"] = out["pool_bytes"] / out["pool_bytes_same_dtype"]
@@ -246,6 +249,7 @@ def rollout(
     progress: bool = False,
     process_group=None,
     kv_dtype: torch.dtype | None = None,
+    pool_device=None,
 ) -> RolloutResult:
     """Generate ``num_chunks`` chunks with memory policy ``policy_name``.
 
@@ -264,6 +268,8 @@ def rollout(
             heads and a chunk's tokens U*F. The records are this rank's (``kv_bytes``: its share of the heads).
         kv_dtype: the cache's pool dtype (None: the model's; ``torch.float8_e4m3fn``: FP8 pools, about half the
             bytes; ``RolloutResult.memory`` compares them).
+        pool_device: where the cache's K/V pools live: None (the model's device) or "cpu" (host memory, pinned on
+            CUDA; ``RolloutResult.memory`` splits the bytes by place).
 
     Returns:
         :class:`RolloutResult` with latents [B, 16, num_chunks * chunk_frames, H, W] and one record per
@@ -283,7 +289,7 @@ def rollout(
         check_ranks(cfg, u, parallel.size)  # the same ValueError on every rank, before any collective
     context = model.embed_text(text)
     batch = context.shape[0]
-    cache = make_cache(model, policy, batch, backend, process_group, kv_dtype)
+    cache = make_cache(model, policy, batch, backend, process_group, kv_dtype, pool_device=pool_device)
     gen = torch.Generator().manual_seed(seed)
     shape = (batch, cfg.in_dim, u, cfg.latent_height, cfg.latent_width)
 

@@ -94,7 +94,7 @@ def video_names(policy: str, batch: int) -> list[str]:
 
 def write_videos(pipe: ChunkwiseWanPipeline, cfg: ModelConfig, staging: Path, *, policies: list[str],
                  chunks: dict[str, int], text: dict, seed: int, backend: str, progress: bool, info: dict,
-                 kv_dtype: torch.dtype | None = None) -> list[str]:
+                 kv_dtype: torch.dtype | None = None, pool_device=None) -> list[str]:
     """Generate each policy's videos into ``staging`` (mp4s written as the chunks come) and ``report.json``;
     returns the names written. ``text``: ``{"prompt": [...]}`` or ``{"prompt_embeds": [B, L, text_dim]}``."""
     import imageio
@@ -113,13 +113,16 @@ def write_videos(pipe: ChunkwiseWanPipeline, cfg: ModelConfig, staging: Path, *,
                                                    width=cfg.latent_width * PIXELS_PER_LATENT,
                                                    generator=torch.Generator().manual_seed(seed), output_type="np",
                                                    max_sequence_length=cfg.text_len, backend=backend,
-                                                   progress=progress, kv_dtype=kv_dtype)):
+                                                   progress=progress, kv_dtype=kv_dtype,
+                                                   pool_device=pool_device)):
                 for writer, video in zip(writers, frames):  # [frames, H, W, 3] in [0, 1]
                     for frame in video:
                         writer.append_data(np.round(frame * 255).astype(np.uint8))
                 now = time.perf_counter()
                 records.append({"chunk": i, "video_frames": int(frames.shape[1]), "time_ms": 1e3 * (now - start),
                                 "kv_bytes": int(pipe.kv_cache.memory_bytes()),
+                                "device_bytes": int(pipe.kv_cache.device_bytes()),
+                                "host_bytes": int(pipe.kv_cache.host_bytes()),
                                 "selected_frames": pipe.kv_cache.selected_frames()})
                 start = now
         finally:

@@ -261,6 +261,7 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
         backend: str | None = None,
         progress: bool = True,
         kv_dtype: torch.dtype | None = None,
+        pool_device=None,
     ) -> Iterator:
         """Generate ``num_chunks`` chunks, yielding each one's output as soon as it is generated and decoded.
 
@@ -282,6 +283,8 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
             backend: the ``KVCache`` backend; None: ``"fused"`` on a CUDA device, ``"reference"`` elsewhere.
             progress: a progress bar over the chunks (``self.progress_bar``; see ``set_progress_bar_config``).
             kv_dtype: the cache's pool dtype (None: the transformer's; ``torch.float8_e4m3fn``: FP8 pools).
+            pool_device: where the cache's K/V pools live: None (the execution device) or "cpu" (host memory,
+                pinned on CUDA, see ``relaxkv_kernels.KVCache``).
 
         Returns:
             An iterator of ``num_chunks`` outputs. Arguments are checked (ValueError / TypeError) when ``stream`` is
@@ -315,12 +318,12 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
             backend = "fused" if device.type == "cuda" else "reference"
         latent_h, latent_w = height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial
         return self._chunks(text, policy, sampler, num_chunks, latent_h, latent_w, generator, output_type, backend,
-                            device, progress, kv_dtype)
+                            device, progress, kv_dtype, pool_device)
 
     @torch.no_grad()
     def _chunks(self, text: torch.Tensor, policy: MemoryPolicy, sampler: FlowMatchSampler, num_chunks: int,
                 latent_h: int, latent_w: int, generator: torch.Generator, output_type: str, backend: str,
-                device: torch.device, progress: bool, kv_dtype: torch.dtype | None) -> Iterator:
+                device: torch.device, progress: bool, kv_dtype: torch.dtype | None, pool_device) -> Iterator:
         """The generation loop behind :meth:`stream` (arguments checked): text [B, L, text_dim] on ``device``."""
         transformer = self.transformer
         batch, frames = text.shape[0], int(policy.chunk_frames)
@@ -338,7 +341,8 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
                                "stream() still open?): finish or close() that iterator first")
         decoder = None if output_type == "latent" else StreamingVAEDecoder(self.vae)
         self.kv_cache = attach(transformer, policy, batch=batch, height=latent_h // 2, width=latent_w // 2,
-                               backend=backend, device=device, dtype=dtype, kv_dtype=kv_dtype)
+                               backend=backend, device=device, dtype=dtype, kv_dtype=kv_dtype,
+                               pool_device=pool_device)
         bar = self.progress_bar(total=num_chunks) if progress else None
         try:
             for _ in range(num_chunks):
