@@ -1,5 +1,5 @@
 """benchmarks/fp8_budget.py and kv_memory.py: the FP8 error budget holds over whole tiny generator rollouts, and the
-README's FP8 memory table is what kv_memory.py computes now.
+README's FP8 and host-pool memory tables are what kv_memory.py computes now.
 
 The bound (fp8_budget's docstring): with the same inputs, the attention output's error against a float32 cache is
 larger with FP8 pools than with bf16 pools (the pools really are FP8) and at most 2 x 16 times it (e4m3 keeps 4
@@ -49,3 +49,13 @@ def test_readme_memory_table_is_the_scripts():
         "README.md's FP8 memory table is stale: paste `python benchmarks/kv_memory.py` in")
     for _, _, pools_bf16, pools_fp8, *_ in kv_memory.rows():
         assert pools_fp8 / pools_bf16 <= kv_memory.TARGET
+
+
+def test_readme_host_pool_table_is_the_scripts_and_meets_the_targets():
+    """Host pools (issue 24): a Relax cache keeps <= 2.0 GiB on the GPU at Wan2.1-1.3B and <= 8.5 GiB at Wan-14B."""
+    assert kv_memory.host_markdown() in (ROOT / "README.md").read_text(), (
+        "README.md's host-pool memory table is stale: paste `python benchmarks/kv_memory.py --host` in")
+    rows = {(name, policy): sizes for name, policy, _, *sizes in kv_memory.host_rows()}
+    for name, target in kv_memory.HOST_TARGETS.items():
+        on_gpu, gpu_host_bf16, host_bf16, gpu_host_fp8, _ = rows[name, "relax"]
+        assert gpu_host_bf16 <= target and gpu_host_fp8 <= target and gpu_host_bf16 + host_bf16 == on_gpu
