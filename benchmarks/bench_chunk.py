@@ -21,9 +21,14 @@ chunk (planner fast-forwarded, pools random). Rows, all per chunk, same run, sam
                          "auto" picks for them on CUDA (per_call for dense: memory first) and in the window mode,
                          eager and graphed, next to the bf16-pool steps of the same run (target: <= 1.03x the best
                          bf16 step)
+    step[...]+host       ``--pools host``: the window step with the pools in pinned host memory
+                         (``pool_device="cpu"``), eager and graphed, next to the device-pool steps of the same run
+                         (target: <= 1.05x the best device-pool step)
     append / stage / select   rope_append (every call), the window staging (gather_kv_rope_into, once per
                          layer) and the selection, each timed alone; with ``--kv-dtype fp8`` also stage_fp8 (the
-                         staging from FP8 pools) and copy_fp8 (a device copy of the same bytes, its bandwidth bound)
+                         staging from FP8 pools) and copy_fp8 (a device copy of the same bytes, its bandwidth bound);
+                         with ``--pools host`` stage_host (the staging from host pools: pool bytes read over PCIe per
+                         second) and copy_h2d (a pinned host-to-device copy of the same bytes: target >= 80% of it)
 
 FLOP per chunk = 4 * Nq * Nk * H * D * layers * passes; TFLOP/s and the fraction of the bf16 matmul peak
 measured in the same run. ``--write-tuning`` records the fastest window engine per config in
@@ -355,15 +360,16 @@ class RowRunner:
 
         return self.finish(row, self.time(chunk))
 
-    def step(self, attention: str, engine: str, graph: bool, kv_dtype: torch.dtype | None = None) -> dict:
+    def step(self, attention: str, engine: str, graph: bool, kv_dtype: torch.dtype | None = None,
+             pool_device: str | None = None) -> dict:
         su = self.su
         name = f"step[{attention}:{engine}]" if attention != "segments" else "step[segments]"
-        name += ("+fp8" if kv_dtype is not None else "") + ("+graph" if graph else "")
+        name += ("+fp8" if kv_dtype is not None else "") + ("+host" if pool_device else "") + ("+graph" if graph else "")
         label = {"window": "per-chunk window", "per_call": "per-call window",
                  "segments": "segment-table kernel"}[attention] + (f", {engine}" if attention != "segments" else "")
-        label += ", FP8 pools" if kv_dtype is not None else ""
+        label += (", FP8 pools" if kv_dtype is not None else "") + (", host pools" if pool_device else "")
         cache = su.cache(backend="auto", attention=attention, engine=engine if attention != "segments" else "auto",
-                         kv_dtype=kv_dtype)
+                         kv_dtype=kv_dtype, pool_device=pool_device)
         passes = self.passes(cache)
 
         def eager():
@@ -375,9 +381,10 @@ class RowRunner:
         fn = GraphedChunk(cache, passes) if graph else eager
         row = self.row("step", name, label + (" (CUDA graph)" if graph else " (eager)"), attention=attention,
                        engine=engine, graph=graph, kv_bytes=cache.memory_bytes(),
-                       window_bytes=cache.mode.nbytes(), kv_dtype=str(cache.kv_dtype).replace("torch.", ""))
+                       window_bytes=cache.mode.nbytes(), kv_dtype=str(cache.kv_dtype).replace("torch.", ""),
+                       pools="host" if pool_device else "device", device_bytes=cache.device_bytes())
         t = self.time(fn)
-        if attention == "window" and not graph and kv_dtype is None:
+        if attention == "window" and not graph and kv_dtype is None and not pool_device:
             self.window_ms[engine] = t.ms
         return self.finish(row, t)
 
@@ -428,26 +435,42 @@ class RowRunner:
         cache, plan = self.first_pass(FP8)
         if cache.chunk_mode.name != "window":
             return []
-        row, moved = self.stage(cache, plan, "stage_fp8", "window staging from FP8 pools, once per layer")
+        row, read, written = self.stage(cache, plan, "stage_fp8", "window staging from FP8 pools, once per layer")
+        moved = read + written
         src = torch.empty(moved // 2, dtype=torch.uint8, device=su.device)
         dst = torch.empty_like(src)
         t = self.time(lambda: dst.copy_(src))
         return [row, self.finish(self.row("part", "copy_fp8", "device copy of the staging's bytes (its bound)",
                                           gbps=2 * src.numel() / (t.ms * 1e-3) / 1e9), t)]
 
-    def first_pass(self, kv_dtype: torch.dtype | None = None) -> tuple[rk.KVCache, object]:
-        """A window-mode cache (pools in ``kv_dtype``) at the steady chunk, after its first pass (every layer's
-        selection and staging): (cache, the chunk's plan)."""
+    def parts_host(self) -> list[dict]:
+        """The window staging from host pools (gather_kv_rope_into reading pinned host memory over PCIe, once per
+        layer) against a pinned host-to-device copy of the bytes it reads, measured in the same run."""
         su = self.su
-        cache = su.cache(backend="auto", attention="window", kv_dtype=kv_dtype)
+        cache, plan = self.first_pass(pool_device="cpu")
+        row, read, _ = self.stage(cache, plan, "stage_host", "window staging from host pools, once per layer")
+        t_stage = row["ms_per_chunk"]
+        row["gbps_host_read"] = read / (t_stage * 1e-3) / 1e9
+        src = torch.empty(read, dtype=torch.uint8, pin_memory=su.device.type == "cuda")
+        dst = torch.empty(read, dtype=torch.uint8, device=su.device)
+        t = self.time(lambda: dst.copy_(src, non_blocking=True))
+        return [row, self.finish(self.row("part", "copy_h2d", "pinned host-to-device copy of the staging's pool bytes "
+                                          "(its bound)", gbps=read / (t.ms * 1e-3) / 1e9), t)]
+
+    def first_pass(self, kv_dtype: torch.dtype | None = None, pool_device: str | None = None
+                   ) -> tuple[rk.KVCache, object]:
+        """A window-mode cache (pools in ``kv_dtype``, on ``pool_device``) at the steady chunk, after its first pass
+        (every layer's selection and staging): (cache, the chunk's plan)."""
+        su = self.su
+        cache = su.cache(backend="auto", attention="window", kv_dtype=kv_dtype, pool_device=pool_device)
         plan = cache.begin_chunk()
         for layer in range(su.shape.layers):
             cache.attend(layer, *su.qkv)
         return cache, plan
 
-    def stage(self, cache: rk.KVCache, plan, name: str, label: str) -> tuple[dict, int]:
-        """The window staging of ``cache`` (after :meth:`first_pass`) alone, once per layer: its row and the bytes it
-        moves (pool rows and their scales read, window rows written)."""
+    def stage(self, cache: rk.KVCache, plan, name: str, label: str) -> tuple[dict, int, int]:
+        """The window staging of ``cache`` (after :meth:`first_pass`) alone, once per layer: its row, the bytes it
+        reads (pool rows and their scales) and the bytes it writes (window rows)."""
         su, s = self.su, self.su.shape
         mode, st, u_rows = cache.chunk_mode, cache.storage, su.nq
         segs = [cache.step(layer).seg[:, :plan.n_memory_seg] for layer in range(s.layers)]
@@ -457,11 +480,12 @@ class RowRunner:
                 mode.gather(layer, segs[layer], mode.win_k[layer][:, u_rows:su.nk], mode.win_v[layer][:, u_rows:su.nk])
 
         elems = 2 * (su.nk - u_rows) * s.batch * s.heads * s.head_dim * s.layers  # K and V elements staged
-        moved = elems * (st.k.element_size() + mode.win_k.element_size())
+        read, written = elems * st.k.element_size(), elems * mode.win_k.element_size()
         if st.fp8:
-            moved += elems // s.head_dim * st.k_scale.element_size()
+            read += elems // s.head_dim * st.k_scale.element_size()
         t = self.time(stage)
-        return self.finish(self.row("part", name, label, gbps=moved / (t.ms * 1e-3) / 1e9), t), moved
+        row = self.row("part", name, label, gbps=(read + written) / (t.ms * 1e-3) / 1e9)
+        return self.finish(row, t), read, written
 
 
 def row_specs(su: ChunkSetup, args) -> list[tuple[str, str, tuple]]:
@@ -490,6 +514,11 @@ def row_specs(su: ChunkSetup, args) -> list[tuple[str, str, tuple]]:
             if cuda:
                 specs.append(("step", f"step[{mode}:best]+fp8+graph", (mode, None, True, FP8)))
         specs.append(("parts_fp8", "parts_fp8", ()))
+    if args.pools == "host":  # the window step with the pools in pinned host memory, and its staging's bandwidth
+        specs.append(("step", "step[window:best]+host", ("window", None, False, None, "cpu")))
+        if cuda:
+            specs.append(("step", "step[window:best]+host+graph", ("window", None, True, None, "cpu")))
+        specs.append(("parts_host", "parts_host", ()))
     return specs
 
 
@@ -516,8 +545,11 @@ def targets(rows: list[dict]) -> list[dict]:
     best = {}
     fp8_name = str(FP8).replace("torch.", "")
     for config in dict.fromkeys(r["config"] for r in rows):
-        step = ms(config, lambda r: r["kind"] == "step" and r.get("kv_dtype") != fp8_name)
+        step = ms(config, lambda r: r["kind"] == "step" and r.get("kv_dtype") != fp8_name and r.get("pools") != "host")
         fp8 = ms(config, lambda r: r["kind"] == "step" and r.get("kv_dtype") == fp8_name)
+        host = ms(config, lambda r: r["kind"] == "step" and r.get("pools") == "host")
+        stage_host = [r for r in rows if r["config"] == config and r["row"] in ("stage_host", "copy_h2d")
+                      and r["status"] == "ok"]
         bound = ms(config, lambda r: r["row"] == "bound[cudnn]")
         official = ms(config, lambda r: r["kind"] == "official")
         best[config] = step
@@ -526,6 +558,13 @@ def targets(rows: list[dict]) -> list[dict]:
                     "speedup_vs_official": official / step if step and official else None})
         if fp8:
             out[-1].update(fp8_step_ms=fp8, fp8_over_bf16=fp8 / step if step else None, target_fp8_over_bf16=1.03)
+        if host:
+            out[-1].update(host_step_ms=host, host_over_device=host / step if step else None,
+                           target_host_over_device=1.05)
+        if len(stage_host) == 2:
+            staged, copy = stage_host
+            out[-1].update(stage_host_gbps=staged["gbps_host_read"], copy_h2d_gbps=copy["gbps"],
+                           stage_over_copy=staged["gbps_host_read"] / copy["gbps"], target_stage_over_copy=0.8)
     if best.get("dense") and best.get("relax"):
         out.append({"config": "dense/relax", "ratio": best["dense"] / best["relax"], "target": 2.8})
     return out
@@ -550,6 +589,9 @@ def parse_args(argv=None):
     p.add_argument("--peak-n", type=int, help="bf16 matmul size for the peak (default 8192 on CUDA, 512 on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kv-dtype", choices=["fp8"], help="also time the steps with FP8 pools and their staging")
+    p.add_argument("--pools", choices=["host"],
+                   help="also time the window step with the pools in pinned host memory and its staging against the "
+                        "pinned host-to-device copy bandwidth")
     p.add_argument("--out", help="JSON path (CSV written beside it); "
                                  "default benchmarks/results/chunk_<shapes>_<device>.json")
     p.add_argument("--no-progress", action="store_true")
@@ -580,6 +622,14 @@ def print_tables(rows: list[dict], goals: list[dict], env: dict, peak: dict) -> 
             if "fp8_step_ms" in g:
                 print(f"  {g['config']:6} FP8 pools {common.fmt(g['fp8_step_ms'])} ms = "
                       f"{common.fmt(g['fp8_over_bf16'])}x the bf16-pool step (target <= {g['target_fp8_over_bf16']})")
+            if "host_step_ms" in g:
+                print(f"  {g['config']:6} host pools {common.fmt(g['host_step_ms'])} ms = "
+                      f"{common.fmt(g['host_over_device'])}x the device-pool step "
+                      f"(target <= {g['target_host_over_device']})")
+            if "stage_over_copy" in g:
+                print(f"  {g['config']:6} staging from host pools {common.fmt(g['stage_host_gbps'])} GB/s = "
+                      f"{common.fmt(g['stage_over_copy'])}x the pinned copy's {common.fmt(g['copy_h2d_gbps'])} GB/s "
+                      f"(target >= {g['target_stage_over_copy']})")
 
 
 def main(argv=None) -> dict:

@@ -12,6 +12,9 @@
 #   CONFIGS=relax FULL=1 bash benchmarks/run_gpu.sh   # one chunk config; the full generator benchmark
 #   STEPS="build fp8" bash benchmarks/run_gpu.sh      # opt-in: FP8-pool chunk steps vs bf16 pools (issue 17), in
 #                                                     # the archive as chunk_wan_fp8.json; its targets in summary.txt
+#   STEPS="build host" bash benchmarks/run_gpu.sh     # opt-in: window chunk steps with host pools vs device pools and
+#                                                     # the staging vs the pinned copy bandwidth (issue 24), relax and
+#                                                     # pack, as chunk_wan_host.json; its targets in summary.txt
 #
 # After the run: copy the JSON/CSV/PNG that matter into benchmarks/results/, commit relaxkv_kernels/ops/dense_attention/tuning.json
 # (bench_chunk --write-tuning records the fastest attention engine per shape on this device), and fill the
@@ -80,6 +83,8 @@ step plot 10 bash -c "shopt -s nullglob; $PY benchmarks/plot_results.py $WORK/ch
     $PY benchmarks/plot_generator.py $WORK/generator_*.json --table $WORK/GENERATOR.md"
 step fp8 200 "$PY" benchmarks/bench_chunk.py --shapes wan --configs "$CONFIGS" --kv-dtype fp8 --engines sdpa_cudnn \
     --skip-official --no-progress --reps 3 --budget-s 10 --out "$WORK/chunk_wan_fp8.json"
+step host 200 "$PY" benchmarks/bench_chunk.py --shapes wan --configs relax,pack --pools host --engines sdpa_cudnn \
+    --skip-official --no-progress --reps 3 --budget-s 10 --out "$WORK/chunk_wan_host.json"
 step diffusers 90 "$PY" benchmarks/bench_diffusers.py --preset wan-1.3b --reps 2 --no-progress \
     --out "$WORK/diffusers_wan.json"
 cp relaxkv_kernels/ops/dense_attention/tuning.json "$WORK/tuning.json"

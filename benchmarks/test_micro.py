@@ -187,7 +187,7 @@ def outputs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     chunk = bench_chunk.main(TINY + ["--out", str(tmp / "chunk.json")])
     triton_rows = bench_chunk.main(TINY + ["--configs", "relax", "--engines", "triton", "--layers", "1",
-                                           "--passes", "1", "--skip-official", "--kv-dtype", "fp8",
+                                           "--passes", "1", "--skip-official", "--kv-dtype", "fp8", "--pools", "host",
                                            "--out", str(tmp / "chunk_triton.json")])
     scaling = bench_scaling.main(["--shapes", "tiny", "--seconds", "1,2", "--layers", "1", "--passes", "1",
                                   "--no-progress", "--out", str(tmp / "scaling.json")])
@@ -231,6 +231,13 @@ def test_bench_chunk_rows(outputs):
     assert fp8["kv_bytes"] < trows["step[window:triton]"]["kv_bytes"]
     assert trows["stage_fp8"]["gbps"] > 0 and trows["copy_fp8"]["gbps"] > 0
     assert triton_data["targets"][0]["target_fp8_over_bf16"] == 1.03 and triton_data["targets"][0]["fp8_over_bf16"]
+    # --pools host: the window step with host pools (the pools counted off the device), its staging and the copy
+    host = trows["step[window:triton]+host"]
+    assert host["status"] == "ok" and host["pools"] == "host" and trows["step[window:triton]"]["pools"] == "device"
+    assert host["device_bytes"] < host["kv_bytes"] == trows["step[window:triton]"]["kv_bytes"]
+    assert trows["stage_host"]["gbps_host_read"] > 0 and trows["copy_h2d"]["gbps"] > 0
+    goal = triton_data["targets"][0]
+    assert goal["target_host_over_device"] == 1.05 and goal["host_over_device"] and goal["stage_over_copy"] > 0
 
 
 def test_bench_scaling_rows(outputs):

@@ -148,3 +148,72 @@ def test_cuda_graph_replays_a_relax_chunk_step_with_the_cuda_kernels(monkeypatch
     assert torch.equal(graphed.device_plan.seg, eager.device_plan.seg)  # selected at begin_chunk, read by the graph
     eager.end_chunk()
     graphed.end_chunk()
+
+
+HOST_CASES = [("relax", None), ("pack", torch.float8_e4m3fn)]  # Pack on FP8 pools: compress_kv and quantize_frames
+
+
+def _host_policy(name):
+    return rk.RelaxMemory(reservoir=30) if name == "relax" else rk.PackMemory(top_k=1, archive=3, q_stride=2)
+
+
+@pytest.mark.csrc
+@pytest.mark.parametrize("ops", ["triton", "cuda"])
+@pytest.mark.parametrize("name, kv_dtype", HOST_CASES, ids=["relax", "pack-fp8"])
+def test_host_pools_are_page_locked_and_read_in_place_by_the_kernels(name, kv_dtype, ops, monkeypatch):
+    """pool_device="cpu" on CUDA: the pools are page-locked host memory, the ops get CUDA tensors over the same
+    bytes, and the Triton kernels (auto) or the CUDA extension's (``RELAXKV_BACKEND_<OP>=cuda``) read and write them
+    in place: every call bitwise equal to the same cache with device pools over 9 chunks (window mode, bf16)."""
+    pytest.importorskip("triton")
+    if ops == "cuda":
+        for op in ("ROPE_APPEND", "GATHER_KV_ROPE", "COMPRESS_KV", "QUANTIZE_FRAMES", "RELAX_SELECT"):
+            monkeypatch.setenv(f"RELAXKV_BACKEND_{op}", "cuda")
+    layers, b, h, d, hh, ww = 2, 1, 2, 64, 4, 4
+    caches = [rk.KVCache(_host_policy(name), layers, b, h, d, hh, ww, dtype=torch.bfloat16, device="cuda",
+                         backend="fused", attention="window", kv_dtype=kv_dtype, pool_device=where)
+              for where in (None, "cpu")]
+    device, host = caches
+    st = host.storage
+    assert st.k.device.type == "cuda" and st.pinned and all(t.is_pinned() for t in st.pinned)
+    assert st.k.data_ptr() == st.pinned[0].data_ptr() and device.storage.pinned == []
+    assert host.host_bytes() == host.pool_bytes() and host.device_bytes() == host.memory_bytes() - host.pool_bytes()
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    shape = (b, device.policy.chunk_frames * hh * ww, h, d)
+    for chunk in range(9):
+        for cache in caches:
+            cache.begin_chunk()
+        for _ in range(2):
+            for layer in range(layers):
+                qkv = [torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+                assert torch.equal(host.attend(layer, *qkv), device.attend(layer, *qkv)), (chunk, layer)
+        for cache in caches:
+            cache.end_chunk()
+    assert device.last_plan.selects
+    rows = torch.tensor([s * hh * ww + i for s, p in enumerate(device.last_plan.slot_pos) if p >= 0
+                         for i in range(hh * ww)], device="cuda")
+    for a, c in ((device.storage.k, st.pinned[0]), (device.storage.v, st.pinned[1])):
+        assert torch.equal(a[:, :, rows].view(torch.uint8).cpu(), c[:, :, rows.cpu()].view(torch.uint8))
+
+
+@pytest.mark.csrc
+@pytest.mark.cuda_graph
+@pytest.mark.parametrize("name, kv_dtype", HOST_CASES, ids=["relax", "pack-fp8"])
+def test_cuda_graph_of_a_chunk_step_with_host_pools_replays_device_pools(name, kv_dtype):
+    """A chunk step with host pools captured once in steady state and replayed over 4 chunks: bitwise equal to the
+    eager chunk steps of the same cache with device pools (the kernels read host memory inside the graph)."""
+    pytest.importorskip("triton")
+    layers, b, h, d, hh, ww = 2, 1, 2, 64, 4, 4
+    eager, graphed = (rk.KVCache(_host_policy(name), layers, b, h, d, hh, ww, dtype=torch.bfloat16, device="cuda",
+                                 backend="fused", attention="window", kv_dtype=kv_dtype, pool_device=where)
+                      for where in (None, "cpu"))
+    gen = torch.Generator(device="cuda").manual_seed(12)
+    shape = (b, eager.policy.chunk_frames * hh * ww, h, d)
+
+    def inputs():
+        return [tuple(torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+                for _ in range(layers)]
+
+    def step(cache, qkv):
+        return [cache.attend(layer, *qkv[layer]) for layer in range(layers)]
+
+    assert_graph_replays_chunk_steps(eager, graphed, step, inputs, warmup=6, chunks=4)

@@ -2,7 +2,7 @@
 
 On a CPU-only machine host pools are plain CPU tensors, so what these tests check is the code path: every chunk
 stages (no pool-prefix attention, which reads the pools with the engines), the bytes are split by place, bad
-requests fail before anything is allocated. On a GPU (tests/test_gpu_step.py) the pools are pinned and the kernels
+requests fail before anything is allocated. On a GPU (tests/test_gpu_step.py) the pools are page-locked and the kernels
 read them in place through unified addressing.
 
 - Every policy (dense, sink with re-rotation, Relax, Pack, a user's device-step policy), every attention mode, pools
@@ -133,18 +133,18 @@ def test_host_pools_that_do_not_fit_fail_before_any_allocation(monkeypatch):
 def test_a_failed_host_allocation_frees_what_it_allocated(monkeypatch):
     """The third pool (the K scales of FP8 pools) fails: the two allocated before it are freed, one named error."""
     alive = []
-    real_empty = torch.empty
+    allocate = storage_module._allocate_host
 
-    def empty(*args, **kw):
-        if "pin_memory" in kw and len(alive) == 2:
-            raise RuntimeError("CUDA error: out of memory\nmore lines")
-        t = real_empty(*args, **kw)
+    def failing(*args):
+        if len(alive) == 2:
+            raise RuntimeError("cudaHostRegister failed: cudaError.memoryAllocation\nmore lines")
+        t = allocate(*args)
         alive.append(weakref.ref(t))
         return t
 
-    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(storage_module, "_allocate_host", failing)
     with pytest.raises(HostMemoryError, match=r"allocating 0\.00 GiB \(\d+ bytes\) of host memory failed with .* "
-                                              r"available: CUDA error: out of memory$"):
+                                              r"available: cudaHostRegister failed: cudaError.memoryAllocation$"):
         rk.KVCache(rk.PackMemory(top_k=1, archive=3), L, B, H, D, HH, WW, dtype=torch.float32, pool_device="cpu",
                    kv_dtype=FP8)
     gc.collect()

@@ -1,10 +1,10 @@
 """What a cache holds between chunks: the K/V pools, the per-frame prototypes and the policy's state.
 
 The pools live on the cache's device, or in host memory (``KVCache(pool_device="cpu")``). Host pools on a CUDA device
-are pinned and handed to the ops as CUDA tensors over the same memory (:func:`device_alias`): a pinned allocation is
-mapped into the GPU's unified address space, so every kernel (Triton, the CUDA extension, torch's own) reads and
-writes the rows in place over PCIe, with no copy and no host synchronisation, and a captured chunk step replays
-as it would with device pools. On a CPU-only machine host pools are plain CPU tensors: only the code path changes.
+are page-locked and mapped (``cudaHostRegister``) and handed to the ops as CUDA tensors over the same memory
+(:class:`_MappedHost`): a mapped allocation lies in the GPU's unified address space, so every kernel (Triton, the CUDA
+extension, torch's own) reads and writes the rows in place over PCIe, with no copy and no host synchronisation, and
+a captured chunk step replays as it would with device pools. On a CPU-only machine host pools are plain CPU tensors: only the code path changes.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from ..ops.fp8 import FP8_DTYPES
 
 
 class HostMemoryError(MemoryError):
-    """Host pools asked for more than the machine has available, or their pinned allocation failed."""
+    """Host pools asked for more than the machine has available, or their allocation (or page-locking) failed."""
 
 
 def nbytes(*tensors: torch.Tensor | None) -> int:
@@ -40,30 +40,58 @@ def available_host_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+_REGISTER_PORTABLE_MAPPED = 1 | 2  # cudaHostRegisterPortable | cudaHostRegisterMapped
+
+
 class _MappedHost:
-    """Pinned host memory seen as CUDA memory (``__cuda_array_interface__``): with unified addressing the pointer of
-    a pinned allocation is valid in device code as it is (``cudaHostGetDevicePointer`` returns the same address)."""
+    """A host tensor's memory, page-locked and mapped for the GPU with ``cudaHostRegister``, seen as CUDA memory
+    through ``__cuda_array_interface__``; unregistered when the last tensor over it goes.
+
+    Registered rather than allocated with ``pin_memory=True``: torch's pinned allocator rounds every block up to a
+    power of two (a 6.7 GiB pool would pin 8 GiB). With unified addressing a registered pointer is valid in device
+    code as it is (the GPU's ``cudaDevAttrCanUseHostPointerForRegisteredMem``, set on 64-bit Linux platforms).
+    """
 
     def __init__(self, host: torch.Tensor):
-        self.host = host  # owns the memory for as long as the device tensor lives
+        self.host = host  # owns the memory for as long as a device tensor over it lives
         self.__cuda_array_interface__ = {"shape": (host.numel() * host.element_size(),), "typestr": "|u1",
                                          "data": (host.data_ptr(), False), "version": 2, "strides": None}
 
+    @classmethod
+    def register(cls, host: torch.Tensor) -> _MappedHost:
+        """``host``'s memory page-locked and mapped (RuntimeError naming the CUDA error when that fails)."""
+        cudart = torch.cuda.cudart()
+        err = cudart.cudaHostRegister(host.data_ptr(), host.numel() * host.element_size(), _REGISTER_PORTABLE_MAPPED)
+        if err != cudart.cudaError.success:
+            raise RuntimeError(f"cudaHostRegister failed: {err}")
+        return cls(host)
 
-def device_alias(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A tensor on CUDA ``device`` over the pinned tensor ``host``'s memory (same shape and dtype, no copy)."""
-    flat = torch.as_tensor(_MappedHost(host), device=device)  # uint8 bytes: the interface has no bf16 / FP8 type
-    return flat.view(host.dtype).view(host.shape)
+    def __del__(self):
+        torch.cuda.cudart().cudaHostUnregister(self.host.data_ptr())
+
+    def device_tensor(self, device: torch.device) -> torch.Tensor:
+        """A tensor on CUDA ``device`` over the host tensor's memory (same shape and dtype, no copy)."""
+        flat = torch.as_tensor(self, device=device)  # uint8 bytes: the interface has no bf16 / FP8 type
+        return flat.view(self.host.dtype).view(self.host.shape)
+
+
+def _allocate_host(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor | _MappedHost:
+    """One host pool for a cache on ``device``: page-locked and mapped on CUDA, a plain CPU tensor elsewhere."""
+    host = torch.empty(shape, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    with torch.cuda.device(device):  # the mapping's device: where the device tensors will be
+        return _MappedHost.register(host)
 
 
 def _host_pools(shapes: list[tuple[tuple[int, ...], torch.dtype]], device: torch.device
                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Empty host tensors of ``shapes`` for the pools of a cache on ``device``, as the ops see them (pinned and
-    mapped on CUDA, :func:`device_alias`; plain CPU tensors on a CPU; meta tensors on meta, for bytes only), and
-    the pinned tensors behind them (CUDA only, else empty).
+    """Empty host tensors of ``shapes`` for the pools of a cache on ``device``, as the ops see them (page-locked and
+    mapped on CUDA, :class:`_MappedHost`; plain CPU tensors on a CPU; meta tensors on meta, for bytes only), and the
+    page-locked host tensors behind them (CUDA only, else empty).
 
-    The bytes are checked against the available host memory first; a failed pinned allocation frees what was
-    allocated before it. Both raise :class:`HostMemoryError` with the bytes asked and available.
+    The bytes are checked against the available host memory first; a failed allocation or page-locking frees
+    what was allocated before it. Both raise :class:`HostMemoryError` with the bytes asked and available.
     """
     if device.type == "meta":
         return [torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in shapes], []
@@ -78,15 +106,18 @@ def _host_pools(shapes: list[tuple[tuple[int, ...], torch.dtype]], device: torch
     out = []
     try:
         for shape, dtype in shapes:
-            out.append(torch.empty(shape, dtype=dtype, pin_memory=pinned))
-    except RuntimeError as exc:  # cudaHostAlloc failed (pinned memory is limited by the OS, e.g. in containers)
-        out.clear()  # freed now, not when the traceback goes
+            out.append(_allocate_host(shape, dtype, device))
+    except RuntimeError as exc:  # out of memory, or page-locking refused (limited by the OS, e.g. in containers)
+        out.clear()  # freed (and unregistered) now, not when the traceback goes
         raise HostMemoryError(f"KVCache: pool_device='cpu': allocating {asked / gib:.2f} GiB ({asked} bytes) of "
-                              f"{'pinned ' if pinned else ''}host memory failed with {available / gib:.2f} GiB "
+                              f"{'page-locked ' if pinned else ''}host memory failed with {available / gib:.2f} GiB "
                               f"({available} bytes) available: "
                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
                               ) from None
-    return ([device_alias(t, device) for t in out], out) if pinned else (out, [])
+    if not pinned:
+        return out, []
+    with torch.cuda.device(device):
+        return [m.device_tensor(device) for m in out], [m.host for m in out]
 
 
 class KVStorage:
@@ -101,8 +132,8 @@ class KVStorage:
             memory).
         k_scale, v_scale: float32 [num_layers, B, n_rows, H], one scale per row and head of FP8 pools
             (``relaxkv_kernels.ops.fp8``), else None; where the pools are.
-        host: the pools are in host memory. pinned: the pinned host tensors behind the pools and scales (CUDA with
-            ``host``), else empty.
+        host: the pools are in host memory. pinned: the page-locked host tensors behind the pools and scales (CUDA
+            with ``host``), else empty.
         proto: float32 [B, n_slots, D], layer 0's mean pre-RoPE key per frame slot (policies that score
             frames), else None.
         state: the planner's device state (``Planner.allocate``), each tensor [num_layers, ...].
