@@ -214,6 +214,9 @@ def test_attach_errors(models):
         with pytest.raises(ValueError, match=r"encoder_hidden_states \(the text embeddings\): expected \[1, "):
             _flow(transformer, torch.randn(1, 16, 3, 8, 8), torch.tensor([0.0]), text.expand(2, -1, -1))
         assert cache._calls == [0] * CFG.num_layers
+        # no hidden_states at all: diffusers' own error, not the input check's IndexError
+        with pytest.raises(TypeError, match="hidden_states"):
+            transformer(timestep=torch.tensor([0.0]), encoder_hidden_states=text)
     finally:
         detach(transformer)
 
@@ -273,6 +276,9 @@ def test_weights_round_trip_bit_exact_and_named_errors():
         wan_to_diffusers({k: v for k, v in sd.items() if k != "head.head.bias"})
     with pytest.raises(ValueError, match=r"diffusers_to_wan: .*unknown: blocks\.1\.attn1\.to_qkv\.weight"):
         diffusers_to_wan({**converted, "blocks.1.attn1.to_qkv.weight": torch.zeros(1)})
+    for convert in (wan_to_diffusers, diffusers_to_wan):
+        with pytest.raises(TypeError, match=rf"{convert.__name__}: state_dict: expected a dict of tensors .* got list"):
+            convert([1, 2])
     with pytest.raises(ValueError, match="no transformer blocks"):
         diffusers_to_wan({"proj_out.weight": torch.zeros(1)})
 

@@ -31,6 +31,7 @@ from relaxkv_gen.diffusers import diffusers_config
 from relaxkv_gen.diffusers import wan_to_diffusers
 from relaxkv_gen.diffusers.generate import load_pipeline
 from relaxkv_kernels.integrations.diffusers import attached_cache
+from relaxkv_kernels.integrations.diffusers import detach
 
 CFG = get_preset("tiny")
 PIXELS = 8 * CFG.latent_height  # 64: the tiny VAE's frames
@@ -229,6 +230,13 @@ def test_stream_detaches_when_stopped_early(pipe):
         next(pipe.stream(**kwargs))
     open_stream.close()
     assert attached_cache(pipe.transformer) is None
+    # the caller detaches mid-stream: the next chunk's own error, not the cleanup's "no KV cache is attached"
+    open_stream = pipe.stream(**kwargs)
+    next(open_stream)
+    detach(pipe.transformer)
+    with pytest.raises(RuntimeError, match="no layer attended in chunk 1"):
+        next(open_stream)
+    assert attached_cache(pipe.transformer) is None
 
 
 def test_mp4_export(pipe, tmp_path):
@@ -264,6 +272,18 @@ def test_argument_errors(pipe):
             pipe.stream(prompt_embeds=text, **{**base, "num_chunks": 1, name: True})
     with pytest.raises(ValueError, match="unknown policy 'window'"):
         pipe.stream(prompt_embeds=text, policy="window", **base)
+    # what the cache would refuse at the first next(), refused by stream() itself
+    with pytest.raises(ValueError, match="KVCache: backend: expected one of"):
+        pipe.stream(prompt_embeds=text, backend="cuda_fast", **base)
+    for kv_dtype in (torch.float8_e5m2, torch.int8, "fp8"):
+        with pytest.raises(TypeError, match="KVCache: kv_dtype: expected None"):
+            pipe.stream(prompt_embeds=text, kv_dtype=kv_dtype, **base)
+    with pytest.raises(ValueError, match="PackMemory: a 2x2 token grid is smaller than"):
+        pipe.stream(prompt_embeds=text, policy="pack", **{**base, "height": 32, "width": 32})
+    with pytest.raises(ValueError, match="KVCache: pool_device: expected None or 'cpu', got 'gpu'"):
+        pipe.stream(prompt_embeds=text, pool_device="gpu", **base)
+    with pytest.raises(ValueError, match=r"steps: expected whole numbers .* got \[1000\.5\]"):
+        pipe.stream(prompt_embeds=text, denoising_steps=(1000.5,), **base)
     assert attached_cache(pipe.transformer) is None
 
 
@@ -331,16 +351,25 @@ def folder(transformer, tmp_path_factory):
     return path
 
 
-def test_cli_writes_each_samples_video_with_a_self_forcing_checkpoint(folder, model, tmp_path):
+def test_cli_writes_each_samples_video_with_a_self_forcing_checkpoint(folder, model, tmp_path, capsys):
+    """Every policy's mp4s, FP8 pools in host memory: report.json records the pools' dtype and place and the bytes
+    on each side, and the memory lines are printed as on relaxkv_gen's path."""
     ckpt = tmp_path / "self_forcing.pt"
     torch.save({"generator_ema": {f"model.{k}": v for k, v in model.state_dict().items()}}, ckpt)
     out = tmp_path / "out"
     assert main(["--preset", "tiny", "--diffusers", str(folder), "--checkpoint", str(ckpt), "--policy", "all",
-                 "--chunks", "2", "--batch", "2", "--out", str(out), "--no-progress"]) == 0
+                 "--chunks", "2", "--batch", "2", "--out", str(out), "--no-progress", "--kv-dtype", "fp8",
+                 "--pools", "host"]) == 0
+    stdout = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert report["mode"] == "diffusers" and "self_forcing.pt" in report["weights"]
+    assert report["kv_dtype"] == "float8_e4m3fn" and report["pools"] == "host"
     for policy, frames in (("dense", 6), ("sink", 6), ("relax", 6), ("pack", 8)):
         entry = report["policies"][policy]
+        mem = entry["memory"]
+        assert mem["kv_dtype"] == "float8_e4m3fn" and mem["pools"] == "host"
+        assert mem["host_bytes"] == mem["pool_bytes"] > 0 and mem["device_bytes"] + mem["host_bytes"] == mem["kv_bytes"]
+        assert f"KV memory, {policy}: {mem['kv_bytes'] / 2**20:.2f} MiB with float8_e4m3fn pools (device " in stdout
         assert entry["videos"] == [f"video_{policy}_0.mp4", f"video_{policy}_1.mp4"]
         assert entry["video_frames"] == video_frames(frames) and len(entry["chunks"]) == 2
         assert all(c["kv_bytes"] > 0 for c in entry["chunks"])

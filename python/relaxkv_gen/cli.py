@@ -411,7 +411,8 @@ def generate_with_diffusers(args, cfg, staging: Path, *, device, dtype, backend,
     info = {"mode": "diffusers", "folder": str(args.diffusers), "preset": cfg.name, "weights": weights,
             "backend": backend, "device": str(device), "dtype": str(dtype).replace("torch.", ""), "batch": args.batch,
             "seed": args.seed, "text": args.prompt if prompt else
-            (str(args.text_embeds) if args.text_embeds else f"random (seed {args.seed})")}
+            (str(args.text_embeds) if args.text_embeds else f"random (seed {args.seed})"),
+            "kv_dtype": str(KV_DTYPES.get(args.kv_dtype, dtype)).replace("torch.", ""), "pools": args.pools}
     return write_videos(pipe, cfg, staging, policies=policies, chunks=chunks, text=text, seed=args.seed,
                         backend=backend, progress=not args.no_progress, info=info,
                         kv_dtype=KV_DTYPES.get(args.kv_dtype), pool_device=pool_device(args))

@@ -339,7 +339,8 @@ def _chunk_ranges(chunks: list[int]) -> str:
 
 def format_memory(report: dict) -> str:
     """One line per policy: the KV memory allocated (on the device and in host memory) and, for pools in another
-    dtype than the model's (FP8), what the same cache takes with pools in the model's dtype and the pools' ratio."""
+    dtype than the model's (FP8) where the report has it, what the same cache takes with pools in the model's dtype
+    and the pools' ratio."""
     model = report["meta"].get("dtype", "")
     lines = []
     for name, p in report["policies"].items():
@@ -348,7 +349,7 @@ def format_memory(report: dict) -> str:
             continue
         line = (f"KV memory, {name}: {m['kv_bytes'] / 2**20:.2f} MiB with {m['kv_dtype']} pools "
                 f"(device {m['device_bytes'] / 2**20:.2f} MiB, host {m['host_bytes'] / 2**20:.2f} MiB)")
-        if m["kv_dtype"] != model:
+        if m["kv_dtype"] != model and "ratio" in m:
             line += (f" (pools and scales {m['pool_bytes'] / 2**20:.2f} MiB, {m['ratio']:.3f}x {model} pools); "
                      f"{m['kv_bytes_same_dtype'] / 2**20:.2f} MiB with {model} pools: "
                      f"{(m['kv_bytes_same_dtype'] - m['kv_bytes']) / 2**20:.2f} MiB saved")

@@ -35,7 +35,11 @@ class FlowMatchSampler:
 
     @classmethod
     def create(cls, steps=DEFAULT_STEPS, shift: float = DEFAULT_SHIFT, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS):
-        steps = [int(s) for s in steps]
+        given = list(steps)
+        if any(isinstance(s, bool) or int(s) != s for s in given):  # 1000.5 would be truncated silently
+            raise ValueError(f"steps: expected whole numbers (timesteps of the {num_train_timesteps}-step training "
+                             f"schedule), got {given}")
+        steps = [int(s) for s in given]
         if not steps or any(not 0 < s <= num_train_timesteps for s in steps):
             raise ValueError(f"steps: expected values in (0, {num_train_timesteps}], got {steps}")
         if any(a <= b for a, b in zip(steps, steps[1:])):

@@ -18,6 +18,7 @@ from ..checkpoint import check_state_dict
 from ..checkpoint import read_state_dict
 from ..config import VIDEO_FPS
 from ..config import ModelConfig
+from ..report import format_memory
 from ..report import write_json
 from .pipeline import ChunkwiseWanPipeline
 from .weights import check_diffusers_config
@@ -128,8 +129,14 @@ def write_videos(pipe: ChunkwiseWanPipeline, cfg: ModelConfig, staging: Path, *,
         finally:
             for writer in writers:
                 writer.close()
+        cache = pipe.kv_cache
         report["policies"][policy] = {"videos": files, "video_frames": sum(r["video_frames"] for r in records),
-                                      "chunks": records}
+                                      "chunks": records, "memory": {
+                                          "kv_dtype": str(cache.kv_dtype).replace("torch.", ""),
+                                          "pools": "host" if cache.storage.host else "device",
+                                          "kv_bytes": cache.memory_bytes(), "device_bytes": cache.device_bytes(),
+                                          "host_bytes": cache.host_bytes(), "pool_bytes": cache.pool_bytes()}}
         names += files
+    print(format_memory({"meta": info, "policies": report["policies"]}))
     write_json(report, staging / "report.json")
     return [*names, "report.json"]

@@ -53,6 +53,7 @@ from diffusers.utils.accelerate_utils import apply_forward_hook
 from diffusers.utils.torch_utils import get_module_execution_device
 from diffusers.video_processor import VideoProcessor
 
+from relaxkv_kernels import KVCache
 from relaxkv_kernels import MemoryPolicy
 from relaxkv_kernels.integrations.diffusers import attach
 from relaxkv_kernels.integrations.diffusers import attached_cache
@@ -317,6 +318,11 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
         if backend is None:
             backend = "fused" if device.type == "cuda" else "reference"
         latent_h, latent_w = height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial
+        config = self.transformer.config  # the cache attach() will make, on meta tensors: its checks, now
+        KVCache(policy, num_layers=config.num_layers, batch=text.shape[0], num_heads=config.num_attention_heads,
+                head_dim=config.attention_head_dim, height=latent_h // patch, width=latent_w // patch,
+                dtype=self.transformer.dtype, device="meta", backend=backend, kv_dtype=kv_dtype,
+                pool_device=pool_device)
         return self._chunks(text, policy, sampler, num_chunks, latent_h, latent_w, generator, output_type, backend,
                             device, progress, kv_dtype, pool_device)
 
@@ -356,7 +362,8 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
                 if bar is not None:
                     bar.update()
         finally:
-            detach(transformer)
+            if attached_cache(transformer) is self.kv_cache:  # unless the caller detached it (their error speaks)
+                detach(transformer)
             if bar is not None:
                 bar.close()
             self.maybe_free_model_hooks()

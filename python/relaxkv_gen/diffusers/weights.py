@@ -41,6 +41,12 @@ def check_diffusers_config(config, cfg: ModelConfig) -> None:
         raise ValueError(f"the diffusers transformer is not preset {cfg.name!r}: " + ", ".join(differ))
 
 
+def _check_dict(state_dict, what: str) -> None:
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"{what}: state_dict: expected a dict of tensors (e.g. from relaxkv_gen.load_checkpoint or "
+                        f"a model's state_dict()), got {type(state_dict).__name__}")
+
+
 def _num_blocks(names, what: str) -> int:
     indices = {int(m.group(1)) for name in names if (m := BLOCK.match(name))}
     if not indices:
@@ -83,15 +89,17 @@ def wan_to_diffusers(state_dict: dict) -> dict[str, torch.Tensor]:
 
     Accepts what :func:`relaxkv_gen.load_checkpoint` reads: a flat Wan state dict, or a Self-Forcing training
     checkpoint (``generator_ema`` preferred, ``model.`` prefixes and wrapper components stripped). ValueError
-    listing unknown and missing names.
+    listing unknown and missing names; TypeError for anything but a dict of tensors.
     """
+    _check_dict(state_dict, "wan_to_diffusers")
     sd, _ = normalize_state_dict(state_dict)
     return _rename(sd, name_map(_num_blocks(sd, "wan_to_diffusers")), "wan_to_diffusers")
 
 
 def diffusers_to_wan(state_dict: dict) -> dict[str, torch.Tensor]:
     """``WanTransformer3DModel`` state dict -> Wan names (``CausalWanModel``, Self-Forcing's generator).
-    ValueError listing unknown and missing names."""
+    ValueError listing unknown and missing names; TypeError for anything but a dict of tensors."""
+    _check_dict(state_dict, "diffusers_to_wan")
     n = _num_blocks(state_dict, "diffusers_to_wan")
     inverse = {new: original for original, new in name_map(n).items()}
     return _rename(state_dict, inverse, "diffusers_to_wan")
