@@ -364,7 +364,8 @@ class RowRunner:
              pool_device: str | None = None) -> dict:
         su = self.su
         name = f"step[{attention}:{engine}]" if attention != "segments" else "step[segments]"
-        name += ("+fp8" if kv_dtype is not None else "") + ("+host" if pool_device else "") + ("+graph" if graph else "")
+        name += "+fp8" if kv_dtype is not None else ""
+        name += ("+host" if pool_device else "") + ("+graph" if graph else "")
         label = {"window": "per-chunk window", "per_call": "per-call window",
                  "segments": "segment-table kernel"}[attention] + (f", {engine}" if attention != "segments" else "")
         label += (", FP8 pools" if kv_dtype is not None else "") + (", host pools" if pool_device else "")

@@ -4,7 +4,8 @@ The pools live on the cache's device, or in host memory (``KVCache(pool_device="
 are page-locked and mapped (``cudaHostRegister``) and handed to the ops as CUDA tensors over the same memory
 (:class:`_MappedHost`): a mapped allocation lies in the GPU's unified address space, so every kernel (Triton, the CUDA
 extension, torch's own) reads and writes the rows in place over PCIe, with no copy and no host synchronisation, and
-a captured chunk step replays as it would with device pools. On a CPU-only machine host pools are plain CPU tensors: only the code path changes.
+a captured chunk step replays as it would with device pools. On a CPU-only machine host pools are plain CPU tensors:
+only the code path changes.
 """
 from __future__ import annotations
 
