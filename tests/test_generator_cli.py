@@ -263,6 +263,39 @@ def test_existing_empty_out_is_used(tmp_path, capsys):
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~_umask()  # not mkdtemp's 0700
 
 
+def test_out_that_is_the_current_folder(tmp_path, capsys, monkeypatch):
+    """``--out .`` in an empty folder fills it in place (the shell sitting in it keeps seeing its files: same inode);
+    a non-empty current folder (or one holding it) is never replaced, even with --overwrite; ``--out ""`` is
+    refused, not taken as the current folder."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    inode = os.stat(".").st_ino
+    assert _run_tiny(Path(".")) == 0
+    assert os.stat(".").st_ino == inode and "report.json" in os.listdir(".")
+    assert [p.name for p in tmp_path.iterdir()] == ["here"]  # no temporary folder beside it
+    capsys.readouterr()
+    for out in (".", ".."):
+        assert _run_tiny(Path(out), "--overwrite") == 2
+        assert "is not empty and is the current folder or holds it" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser().parse_args(["--out", ""])
+    assert exc.value.code == 2 and "expected a folder, got an empty path" in capsys.readouterr().err
+
+
+def test_sigterm_is_one_line_and_status_143(tmp_path, capsys, monkeypatch):
+    """A job scheduler's SIGTERM mid-run: the temporary folder and the parents made for it go, one line, 143."""
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+
+    monkeypatch.setattr(cli, "rollout", terminated)
+    assert _run_tiny(tmp_path / "a" / "out") == 143
+    assert capsys.readouterr().err == "relaxkv-generate: terminated\n"
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

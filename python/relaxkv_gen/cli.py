@@ -22,7 +22,9 @@ import contextlib
 import datetime
 import math
 import os
+import signal
 import sys
+import threading
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -60,7 +62,7 @@ DEFAULT_CHUNKS = 7
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KV_DTYPES = {"fp8": torch.float8_e4m3fn}
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed accepts
-EXIT_ERROR, EXIT_INTERRUPTED = 2, 130  # 130 = 128 + SIGINT, as a shell reports a Ctrl-C
+EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 130, 143  # 128 + SIGINT / SIGTERM, as a shell reports them
 RANKS_TIMEOUT = datetime.timedelta(minutes=10)  # a collective waiting this long for another rank fails
 EPILOG = ("Exit status: 0 done; 2 an error, reported as one line 'relaxkv-generate: error: ...' (bad inputs before any "
           "work); 130 interrupted (Ctrl-C), reported as 'relaxkv-generate: interrupted'. A failed or interrupted "
@@ -107,6 +109,13 @@ def seconds_float(text: str) -> float:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return seconds
+
+
+def out_arg(text: str) -> Path:
+    """argparse type: a folder path (not empty: ``Path("")`` would be the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a folder, got an empty path (the current folder: pass '.')")
+    return Path(text)
 
 
 def device_arg(text: str) -> torch.device:
@@ -157,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and report.json (needs the diffusers extra). --checkpoint loads Self-Forcing-style weights "
                         "into its transformer")
     p.add_argument("--seed", type=seed_int, default=0)
-    p.add_argument("--out", type=Path, default=Path("out/generate"),
+    p.add_argument("--out", type=out_arg, default=Path("out/generate"),
                    help="output folder (default: out/generate): absent or empty (an existing, non-empty folder is "
                         "refused unless --overwrite). Outputs are written to a temporary folder made beside it "
                         "before any work, and moved in at the end")
@@ -424,18 +433,32 @@ def out_of_memory(exc: BaseException) -> bool:
         isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
+class Terminated(Exception):
+    """SIGTERM arrived during the run (raised by the handler :func:`main` installs, so clean-ups run)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv=None) -> int:
     """Entry point: 0 on success; 2 with one line ``relaxkv-generate: error: ...`` on stderr; 130 with one line
-    ``relaxkv-generate: interrupted`` on a Ctrl-C. Anything but 0 leaves ``--out`` as it was."""
+    ``relaxkv-generate: interrupted`` on a Ctrl-C, 143 with ``relaxkv-generate: terminated`` on a SIGTERM (a job
+    scheduler's stop). Anything but 0 leaves ``--out`` as it was, with no temporary folder beside it."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help / --version (0), or a usage error (2, its line already printed)
         return exc.code
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return run(args)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Terminated:
+        print(f"{PROG}: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except (ValueError, OSError, ImportError) as exc:  # OSError: FileNotFoundError, a full disk, ...
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     except CollectiveError as exc:  # another rank stopped: its own line says why
@@ -445,5 +468,8 @@ def main(argv=None) -> int:
             raise
         message = (f"out of memory ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
                    "try a smaller --batch or preset")
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     sys.stderr.write(f"{PROG}: error: {message}\n")  # one write: the lines of several ranks do not interleave
     return EXIT_ERROR

@@ -8,9 +8,10 @@
     finally:
         out.discard()       # after a failure or an interrupt: the staging folder and made parents go
 
-"Existing" means a non-empty folder: an empty one is used as if absent. Replacing one needs ``overwrite``
-and is refused for a folder holding anything this CLI does not write (see :data:`OUTPUT_NAMES`), so a
-mistyped ``--out ~ --overwrite`` cannot delete a home directory.
+"Existing" means a non-empty folder: an empty one is used as if absent, and filled in place (its inode kept:
+``--out .`` in an empty folder leaves the shell that ran it where its files are). Replacing one needs
+``overwrite`` and is refused for a folder holding anything this CLI does not write (see :data:`OUTPUT_NAMES`), so a
+mistyped ``--out ~ --overwrite`` cannot delete a home directory, and for the current folder or one holding it.
 """
 from __future__ import annotations
 
@@ -30,23 +31,29 @@ OUTPUT_NAMES = re.compile(r"(report\.json|report\.png|report_memory_map\.png|lat
                           r"|video_[a-z0-9_]+\.mp4)")
 
 
+HELD = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def interrupts_held():
-    """SIGINT is ignored inside (main thread only): a Ctrl-C cannot cut a move or a clean-up in half.
+    """SIGINT and SIGTERM are ignored inside (main thread only): a Ctrl-C or a stop cannot cut a move or a clean-up
+    in half.
 
     Both take milliseconds; an interrupt in them is dropped rather than re-raised after, so a run whose
     outputs were moved in reports success, and a clean-up always finishes.
     """
-    previous = signal.getsignal(signal.SIGINT)
+    previous = [signal.getsignal(sig) for sig in HELD]
     # signals can be set from the main thread only; None: a handler not installed from Python (cannot be put back)
-    if threading.current_thread() is not threading.main_thread() or previous is None:
+    if threading.current_thread() is not threading.main_thread() or None in previous:
         yield
         return
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in HELD:
+        signal.signal(sig, signal.SIG_IGN)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in zip(HELD, previous):
+            signal.signal(sig, handler)
 
 
 def _make_unique(parent: Path, prefix: str) -> Path:
@@ -82,6 +89,10 @@ class OutputFolder:
         """Why the existing --out may not be replaced now (None: it is absent or empty, or may be replaced)."""
         if not self.path.is_dir() or not any(os.scandir(self.path)):
             return None
+        cwd = Path(os.path.realpath(os.getcwd()))
+        if self.path == cwd or self.path in cwd.parents:
+            return (f"{self.label} is not empty and is the current folder or holds it: replacing it would leave "
+                    "this shell in a deleted folder; choose another folder")
         if not self.overwrite:
             return (f"{self.label} is not empty (a previous run's outputs?): pass --overwrite to replace it as a "
                     "whole, or choose another folder")
@@ -133,8 +144,12 @@ class OutputFolder:
                 raise ValueError(f"{self.label} was filled during this run with what may not be replaced "
                                  f"({', '.join(map(repr, self._foreign()[:3])) or 'outputs, without --overwrite'}); "
                                  f"this run's outputs are in {str(staging)!r}")
-            if not self.path.is_dir() or not any(os.scandir(self.path)):
-                os.replace(staging, self.path)  # rename(2) takes the place of an empty folder too
+            if not self.path.is_dir():
+                os.replace(staging, self.path)
+            elif not any(os.scandir(self.path)):  # filled in place: the folder (and a shell sitting in it) stays
+                for entry in os.scandir(staging):
+                    os.replace(entry.path, self.path / entry.name)
+                staging.rmdir()
             else:
                 old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.old-", dir=self.path.parent))
                 os.replace(self.path, old)
