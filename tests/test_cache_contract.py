@@ -166,12 +166,85 @@ def test_inconsistent_plans_are_refused_at_begin_chunk(monkeypatch):
 
     def more_keys_than_the_windows_hold(n):
         plan = plan_of(n)
-        plan.segments[-1] = (0, 1000, 0)  # a padding row made to attend 1000 rows
+        plan.segments[-1] = (0, 144, 0)  # a padding row made to attend the whole pool
         return plan
 
     monkeypatch.setattr(cache.planner, "plan", selects_without_device_rows)
     with pytest.raises(RuntimeError, match=r"DensePlanner.plan\(0\): expected selects=True with selected_keys > 0"):
         cache.begin_chunk()
     monkeypatch.setattr(cache.planner, "plan", more_keys_than_the_windows_hold)
-    with pytest.raises(RuntimeError, match="expected at most max_keys = 144 keys, got 1048"):
+    with pytest.raises(RuntimeError, match="expected at most max_keys = 144 keys, got 192"):
         cache.begin_chunk()
+
+
+def _edited_plan(cache, n: int, edit):
+    plan = type(cache.planner).plan(cache.planner, n)
+    edit(plan)
+    return plan
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda p: (p.segments.pop(), p.frames_attended.pop()),
+     r"expected segments and frames_attended of n_seg = 9 rows \(pad the table"),
+    (lambda p: p.segments.__setitem__(8, (140, 16, 0)), r"segment 8 \(start 140, length 16\) is not inside the pool"),
+    (lambda p: p.segments.__setitem__(8, (0, -16, 0)), r"segment 8 \(start 0, length -16\) is not inside the pool"),
+    (lambda p: p.segments.__setitem__(8, (-16, 16, 0)), r"segment 8 \(start -16, length 16\) is not inside"),
+    (lambda p: (p.frame_slot.__setitem__(0, 9), p.segments.__setitem__(p.n_memory_seg, (144, 16, 0))),
+     r"frame slot 9 is not one of the n_slots = 9 slots"),
+], ids=["unpadded", "past-the-pool", "negative-length", "negative-start", "slot-out-of-range"])
+def test_a_custom_planners_bad_table_is_named_at_begin_chunk(monkeypatch, edit, match):
+    """Host-side, before anything is uploaded or launched (it used to fail inside torch or a kernel, or read rows
+    past the pool)."""
+    cache = rk.KVCache(rk.DenseWindow(window=9), 1, 1, 2, 16, 4, 4, dtype=torch.float32)
+    monkeypatch.setattr(cache.planner, "plan", lambda n: _edited_plan(cache, n, edit))
+    with pytest.raises(RuntimeError, match=r"KVCache.begin_chunk: DensePlanner.plan\(0\): " + match):
+        cache.begin_chunk()
+
+
+def test_a_chunk_frame_written_into_a_slot_its_memory_reads_is_named(monkeypatch):
+    """A planner that reuses the slot of a frame it still attends (segments mode: 97% off, silently) is refused."""
+    cache = rk.KVCache(rk.DenseWindow(window=9), 1, 1, 2, 16, 4, 4, dtype=torch.float32, attention="segments")
+    x = torch.randn(1, 48, 2, 16)
+    cache.begin_chunk()
+    cache.attend(0, x, x, x)
+    cache.end_chunk()  # chunk 1 reads frames 0-2 in slots 0-2
+
+    def reuse_slot_0(plan):
+        plan.frame_slot[0] = 0
+        plan.segments[plan.n_memory_seg] = (0, 16, 0)
+
+    monkeypatch.setattr(cache.planner, "plan", lambda n: _edited_plan(cache, n, reuse_slot_0))
+    with pytest.raises(RuntimeError, match=r"the chunk writes a frame into slot 0 \(rows 0 to 15\), which memory "
+                                           r"segment 0 \(rows 0 to 15\) still reads: evict that frame"):
+        cache.begin_chunk()
+
+
+def test_policy_and_planner_contract_errors():
+    class NoPlanner(rk.MemoryPolicy):
+        chunk_frames = 3
+
+    with pytest.raises(NotImplementedError, match=r"NoPlanner: a MemoryPolicy must implement planner\(height, "):
+        rk.KVCache(NoPlanner(), 1, 1, 2, 16, 4, 4)
+
+    class SmallPool(rk.MemoryPolicy):
+        chunk_frames = 3
+
+        def planner(self, height, width):
+            return type(rk.DenseWindow().planner(height, width))(rk.DenseWindow(window=9), height * width)
+
+    class TinyPlanner(rk.Planner):
+        def plan(self, n):
+            raise AssertionError("never planned")
+
+    class TooSmall(rk.MemoryPolicy):
+        chunk_frames = 3
+
+        def planner(self, height, width):
+            return TinyPlanner(height * width, n_slots=4, n_rows=3 * height * width, n_seg=4, max_keys=100)
+
+    with pytest.raises(ValueError, match=r"TinyPlanner: expected n_rows >= n_slots x F = 4 x 16 .* got n_rows = 48"):
+        rk.KVCache(TooSmall(), 1, 1, 2, 16, 4, 4)
+    with pytest.raises(RuntimeError, match=r"KVCache.selected_frames: no chunk planned yet: call begin_chunk\(\)"):
+        rk.KVCache(rk.RelaxMemory(), 1, 1, 2, 16, 4, 4).selected_frames()
+    with pytest.raises(ValueError, match=r"RelaxMemory: candidates: expected an int in \[3, None\], got 2"):
+        rk.RelaxMemory(history=3, candidates=2)

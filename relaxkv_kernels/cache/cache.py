@@ -157,6 +157,14 @@ class KVCache:
         if backend == "fused":
             backend = "auto" if self.device.type == "cuda" else "triton"
         self.planner = pl = policy.planner(height, width)  # raises when the policy's geometry does not fit the grid
+        if not isinstance(pl, Planner):
+            raise TypeError(f"{op}: {type(policy).__name__}.planner(): expected a relaxkv_kernels.Planner, got "
+                            f"{type(pl).__name__}")
+        if pl.n_rows < pl.n_slots * height * width or pl.max_keys < policy.chunk_frames * height * width:
+            raise ValueError(f"{op}: {type(pl).__name__}: expected n_rows >= n_slots x F = {pl.n_slots} x "
+                             f"{height * width} (every slot's rows in the pool) and max_keys >= chunk_frames x F = "
+                             f"{policy.chunk_frames * height * width}, got n_rows = {pl.n_rows}, max_keys = "
+                             f"{pl.max_keys}")
         pl.check_heads(num_heads)  # the model's heads, on every rank
         attention = resolve_attention(attention, engine, self.device.type, staged=kv_dtype is not None or host_pools,
                                       gathers=pl.gathers)
@@ -257,8 +265,30 @@ class KVCache:
         return plan
 
     def _check_plan(self, plan: ChunkPlan, total: int) -> None:
-        """A planner's plan is consistent: device rows iff it selects, keys within the windows' size."""
-        name = f"KVCache.begin_chunk: {type(self.planner).__name__}.plan({self.chunk})"
+        """A planner's plan is consistent (host only, before anything is uploaded): a padded table of segments inside
+        the pool, the chunk's frames in slots no memory segment reads, device rows iff it selects, keys within the
+        windows' size."""
+        pl = self.planner
+        name = f"KVCache.begin_chunk: {type(pl).__name__}.plan({self.chunk})"
+        if len(plan.segments) != pl.n_seg or len(plan.frames_attended) != pl.n_seg:
+            raise RuntimeError(f"{name}: expected segments and frames_attended of n_seg = {pl.n_seg} rows (pad the "
+                               f"table with (0, 0, 0) rows and -2 frames: relaxkv_kernels.memory.pad), got "
+                               f"{len(plan.segments)} and {len(plan.frames_attended)}")
+        for slot in plan.frame_slot:
+            if not 0 <= slot < pl.n_slots:
+                raise RuntimeError(f"{name}: frame slot {slot} is not one of the n_slots = {pl.n_slots} slots")
+        for i, (start, length, _) in enumerate(plan.segments):
+            if start < 0 or length < 0 or start + length > pl.n_rows:
+                raise RuntimeError(f"{name}: segment {i} (start {start}, length {length}) is not inside the pool of "
+                                   f"n_rows = {pl.n_rows} rows (expected start >= 0, length >= 0, start + length <= "
+                                   "n_rows)")
+        f = self.frame_tokens
+        for slot in plan.frame_slot:
+            for i, (start, length, _) in enumerate(plan.segments[:plan.n_memory_seg]):
+                if length and start < (slot + 1) * f and slot * f < start + length:
+                    raise RuntimeError(f"{name}: the chunk writes a frame into slot {slot} (rows {slot * f} to "
+                                       f"{(slot + 1) * f - 1}), which memory segment {i} (rows {start} to "
+                                       f"{start + length - 1}) still reads: evict that frame before reusing its slot")
         rows = plan.device_rows()
         if bool(rows) != plan.selects or bool(plan.selected_keys) != plan.selects or plan.selected_keys < 0:
             raise RuntimeError(f"{name}: expected selects=True with selected_keys > 0 exactly when frames_attended "
@@ -387,6 +417,8 @@ class KVCache:
         frame."""
         check_int("KVCache.selected_frames", "layer", layer, low=0, high=self.num_layers - 1)
         plan = self.last_plan
+        if plan is None:
+            raise RuntimeError("KVCache.selected_frames: no chunk planned yet: call begin_chunk() first")
         out = []
         for row in self._seg[layer].cpu().tolist():
             frames = []

@@ -294,4 +294,6 @@ class MemoryPolicy:
                 raise TypeError(f"{name}: {f.name}: expected {kind}, got {value!r} ({type(value).__name__})")
 
     def planner(self, height: int, width: int) -> Planner:
-        raise NotImplementedError
+        """The :class:`Planner` of a cache whose frames have ``height`` x ``width`` tokens (every policy makes one)."""
+        raise NotImplementedError(f"{type(self).__name__}: a MemoryPolicy must implement planner(height, width), "
+                                  "returning the Planner that plans its chunks (see relaxkv_kernels.memory)")

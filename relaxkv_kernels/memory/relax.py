@@ -132,7 +132,8 @@ class RelaxMemory(MemoryPolicy):
     trim: bool = True
 
     def bounds(self) -> dict[str, tuple[int | None, int | None]]:
-        return {"sink": (0, None), "tail": (0, None), "history": (1, None), "candidates": (1, None),
+        return {"sink": (0, None), "tail": (0, None), "history": (1, None),
+                "candidates": (self.history, None),  # history entries are chosen among the candidates
                 "chunk_frames": (1, None), "reservoir": (self.sink + self.tail + 2 + self.chunk_frames, None)}
 
     def planner(self, height: int, width: int) -> "RelaxPlanner":
