@@ -120,6 +120,35 @@ def test_fp8_host_pools_match_rollout_with_fp8_pools(pipe, model):
     torch.testing.assert_close(latents.cpu(), ref.latents, rtol=0, atol=ROLLOUT_ATOL)
 
 
+def test_image_to_video_matches_rollout_with_the_images_latent(pipe, model):
+    """stream(image=...): the image is encoded by the VAE (alone, as the causal VAE encodes a first frame) and opens
+    the first chunk; the latents equal relaxkv_gen's rollout given that latent frame as context, the first frame
+    bitwise; the video's first frame is the decoded image latent; a later chunk changes with the image alone."""
+    g = torch.Generator().manual_seed(5)
+    image = torch.rand(1, 3, PIXELS, PIXELS, generator=g)
+    latent = pipe.encode_image(image, PIXELS, PIXELS)
+    assert latent.shape == (1, 16, 1, CFG.latent_height, CFG.latent_width)
+    ref = rollout(model, "relax", random_text(CFG, 1, 0), num_chunks=3, seed=7, backend="reference", timing=False,
+                  context=latent)
+    latents = run(pipe, policy="relax", num_chunks=3, generator=torch.Generator().manual_seed(7),
+                  output_type="latent", image=image)
+    assert latents.shape == ref.latents.shape == (1, 16, 9, 8, 8) and torch.equal(latents[:, :, :1], latent)
+    torch.testing.assert_close(latents.cpu(), ref.latents, rtol=0, atol=ROLLOUT_ATOL)
+    other = run(pipe, policy="relax", num_chunks=3, generator=torch.Generator().manual_seed(7),
+                output_type="latent", image=1 - image)
+    assert not torch.allclose(other[:, :, 6:], latents[:, :, 6:])  # chunk 2 attends to the image's frame
+    video = run(pipe, policy="relax", num_chunks=1, generator=torch.Generator().manual_seed(7), output_type="pt",
+                image=image)
+    first = full_decode(pipe.vae, latent.float())[:, :, 0]  # [1, 3, H, W] in [-1, 1]
+    torch.testing.assert_close(video[:, 0], (first / 2 + 0.5).clamp(0, 1), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"image: expected 64 x 64 pixels \(the video's height x width\), got 32 x 64"):
+        pipe.stream(image=image[:, :, :32], prompt_embeds=random_text(CFG, 1, 0), height=PIXELS, width=PIXELS,
+                    max_sequence_length=CFG.text_len)
+    with pytest.raises(TypeError, match="image: expected a PIL image, a list of them, or a tensor"):
+        pipe.stream(image="cat.png", prompt_embeds=random_text(CFG, 1, 0), height=PIXELS, width=PIXELS,
+                    max_sequence_length=CFG.text_len)
+
+
 def test_wan22_ti2v_text_to_video_matches_rollout():
     """Wan2.2 TI2V-5B's text-to-video geometry on a tiny model: 48 latent channels, patch (1, 2, 2), and the residual
     VAE (patch 2, spatial factor 16). The pipeline's latents are relaxkv_gen's rollout of the same weights (the

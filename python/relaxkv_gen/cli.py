@@ -159,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--text-embeds", type=Path,
                       help="text encoder states [L, text_dim] (or [B, L, text_dim]), .pt or .safetensors")
     text.add_argument("--prompt", help="with --diffusers: a prompt for the folder's text encoder (needs transformers)")
+    p.add_argument("--first-latent", type=Path, metavar="FILE",
+                   help="image-to-video / video extension: clean latent frames [1 or B, C, n, h, w] (.pt or "
+                        ".safetensors) the video starts with; the written latents begin with them")
+    p.add_argument("--image", type=Path, metavar="PATH",
+                   help="with --diffusers: image-to-video, the video starts with this image (of the video's size), "
+                        "encoded by the folder's VAE")
     p.add_argument("--diffusers", type=Path, metavar="FOLDER",
                    help="run diffusers instead of relaxkv_gen's model: a diffusers-format Wan2.1 T2V folder "
                         "(transformer/, vae/; e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers) whose transformer is --preset's "
@@ -183,10 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_text_embeds(path: Path, cfg, batch: int) -> torch.Tensor:
-    """[batch, L, text_dim] float32 from a saved tensor; FileNotFoundError / ValueError on anything else."""
-    what = f"text embeddings {str(path)!r}"
-    obj = read_tensor_file(path, "text embeddings")
+def _one_tensor(path: Path, kind: str) -> torch.Tensor:
+    """The one floating-point tensor saved in ``path`` (.pt or .safetensors); ValueError naming ``kind`` otherwise."""
+    what = f"{kind} {str(path)!r}"
+    obj = read_tensor_file(path, kind)
     if isinstance(obj, dict):  # a safetensors file, or a saved dict
         if len(obj) != 1:
             raise ValueError(f"{what}: expected exactly one tensor, got {sorted(map(str, obj))}")
@@ -194,6 +200,31 @@ def load_text_embeds(path: Path, cfg, batch: int) -> torch.Tensor:
     if not isinstance(obj, torch.Tensor) or not obj.is_floating_point():
         raise ValueError(f"{what}: expected a floating-point tensor, got {type(obj).__name__}"
                          + (f" of {obj.dtype}" if isinstance(obj, torch.Tensor) else ""))
+    if not torch.isfinite(obj).all():
+        raise ValueError(f"{what}: contains NaN or Inf")
+    return obj
+
+
+def load_first_latent(path: Path, cfg, batch: int) -> torch.Tensor:
+    """``--first-latent``: clean latent frames [1 or batch, in_dim, n, latent_height, latent_width] (or without the
+    batch dim) as float32; FileNotFoundError / ValueError on anything else."""
+    what = f"--first-latent {str(path)!r}"
+    obj = _one_tensor(path, "--first-latent")
+    if obj.dim() == 4:
+        obj = obj.unsqueeze(0)
+    want = (cfg.in_dim, cfg.latent_height, cfg.latent_width)
+    if obj.dim() != 5 or (obj.shape[1], *obj.shape[3:]) != want or obj.shape[2] < 1:
+        raise ValueError(f"{what}: expected clean latent frames [1 or {batch}, {want[0]}, n, {want[1]}, {want[2]}] "
+                         f"(preset {cfg.name!r}), got {list(obj.shape)}")
+    if obj.shape[0] not in (1, batch):
+        raise ValueError(f"{what}: batch {obj.shape[0]} does not match --batch {batch}")
+    return obj.float()
+
+
+def load_text_embeds(path: Path, cfg, batch: int) -> torch.Tensor:
+    """[batch, L, text_dim] float32 from a saved tensor; FileNotFoundError / ValueError on anything else."""
+    what = f"text embeddings {str(path)!r}"
+    obj = _one_tensor(path, "text embeddings")
     if obj.dim() == 2:
         obj = obj.unsqueeze(0)
     if obj.dim() != 3 or obj.shape[-1] != cfg.text_dim:
@@ -203,8 +234,6 @@ def load_text_embeds(path: Path, cfg, batch: int) -> torch.Tensor:
         raise ValueError(f"{what}: expected 1..{cfg.text_len} rows, got {obj.shape[1]}")
     if obj.shape[0] not in (1, batch):
         raise ValueError(f"{what}: batch {obj.shape[0]} does not match --batch {batch}")
-    if not torch.isfinite(obj).all():
-        raise ValueError(f"{what}: contains NaN or Inf")
     return obj.float().expand(batch, -1, -1).contiguous()
 
 
@@ -330,6 +359,12 @@ def run_ranks(args, cfg, device: torch.device, group) -> int:
     check_modules(progress=not args.no_progress)
     if args.prompt is not None and args.diffusers is None:
         raise ValueError("--prompt needs --diffusers (a folder with the text encoder)")
+    if args.image is not None and args.diffusers is None:
+        raise ValueError("--image needs --diffusers (a folder with the VAE that encodes it); relaxkv_gen's model "
+                         "takes clean latents: --first-latent")
+    if args.first_latent is not None and args.diffusers is not None:
+        raise ValueError("--first-latent is for relaxkv_gen's model; with --diffusers pass the image (--image)")
+    first = None if args.first_latent is None else load_first_latent(args.first_latent, cfg, args.batch)
     if args.diffusers is not None:
         from .diffusers.generate import check_folder  # ImportError naming the extra when diffusers is missing
 
@@ -342,7 +377,7 @@ def run_ranks(args, cfg, device: torch.device, group) -> int:
                                             policies=policies, chunks=chunks)
         else:
             files = generate(args, cfg, staging, device=device, dtype=dtype, backend=backend, policies=policies,
-                             chunks=chunks, group=group)
+                             chunks=chunks, group=group, first=first)
         if out is not None:
             out.commit()
     finally:
@@ -364,8 +399,10 @@ def load_text(args, cfg) -> torch.Tensor:
             else random_text(cfg, args.batch, args.seed))
 
 
-def generate(args, cfg, staging: Path | None, *, device, dtype, backend, policies, chunks, group=None) -> list[str]:
+def generate(args, cfg, staging: Path | None, *, device, dtype, backend, policies, chunks, group=None,
+             first: torch.Tensor | None = None) -> list[str]:
     """relaxkv_gen's own model: latents, report.json and the figures into ``staging``; returns the names.
+    ``first``: ``--first-latent``'s clean latent frames, which the video starts with (None: text-to-video).
 
     With a process ``group`` every rank generates, and only rank 0 (``staging`` None elsewhere) prints and writes.
     """
@@ -384,7 +421,8 @@ def generate(args, cfg, staging: Path | None, *, device, dtype, backend, policie
     for name in policies:
         results.append(rollout(model, name, text, num_chunks=chunks[name], seed=args.seed, backend=backend,
                                timing=not args.no_timing, progress=staging is not None and not args.no_progress,
-                               process_group=group, kv_dtype=kv_dtype, pool_device=pool_device(args)))
+                               process_group=group, kv_dtype=kv_dtype, pool_device=pool_device(args),
+                               context=first))
     if staging is None:
         return []
     report = build_report(results, {
@@ -393,6 +431,7 @@ def generate(args, cfg, staging: Path | None, *, device, dtype, backend, policie
         "weights": weights, "text": str(args.text_embeds) if args.text_embeds else f"random (seed {args.seed})",
         "timing": "off" if args.no_timing else clock_label(device), "passes_per_chunk": 5, "ranks": ranks,
         "kv_dtype": str(kv_dtype or dtype).replace("torch.", ""), "pools": args.pools,
+        "first_latent": None if first is None else {"path": str(args.first_latent), "frames": first.shape[2]},
     })
     if not args.no_timing:
         print(format_timing_table(report))

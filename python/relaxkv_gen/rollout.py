@@ -210,7 +210,8 @@ def memory_summary(model: CausalWanModel, policy, batch: int, cache: rk.KVCache)
 
 
 def denoise_chunk(forward: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor], sampler: FlowMatchSampler,
-                  noise: Callable[[], torch.Tensor], batch: int, frames: int, device) -> torch.Tensor:
+                  noise: Callable[[], torch.Tensor], batch: int, frames: int, device,
+                  given: torch.Tensor | None = None) -> torch.Tensor:
     """The denoising passes and the clean refresh pass of one chunk (between ``begin_chunk`` and ``end_chunk``).
 
     Args:
@@ -220,19 +221,60 @@ def denoise_chunk(forward: Callable[[torch.Tensor, torch.Tensor, int], torch.Ten
         sampler: the step schedule. noise: returns fresh noise [B, 16, U, H, W] (called ``num_steps`` times:
             the initial latents, then one draw per re-noising).
         batch, frames: B and U. device: where the timesteps go.
+        given: clean latents [B, 16, r, H, W] of the chunk's first r frames (context frames, e.g. an image's), or
+            None. r < U: at every pass those frames are the given latents at timestep 0 (CausVid's zero-shot
+            image-to-video), and the result holds them bitwise. r = U: a context chunk, its one pass the clean
+            refresh pass (no noise drawn).
 
     Returns:
-        x0 [B, 16, U, H, W]: the last denoising step's prediction, the refresh pass's input.
+        x0 [B, 16, U, H, W]: the last denoising step's prediction (the given latents of a context chunk), the
+        refresh pass's input.
     """
+    r = 0 if given is None else given.shape[2]
+    if r == frames:
+        forward(given, torch.zeros(batch, frames, device=device), sampler.num_steps)
+        return given
+
+    def pin(x):  # the given frames in front, as they are
+        return x if not r else torch.cat([given, x[:, :, r:]], dim=2)
+
+    def at(t):  # [B, U] per-frame timesteps: t for the generated frames, 0 for the given ones
+        t = t.expand(batch, frames)
+        return t if not r else torch.cat([torch.zeros_like(t[:, :r]), t[:, r:]], dim=1)
+
     timesteps, sigmas = sampler.timesteps.to(device), sampler.sigmas.to(device)
-    x = noise()
+    x = pin(noise())
     for step in range(sampler.num_steps):
-        flow = forward(x, timesteps[step].expand(batch, frames), step)
-        x0 = sampler.to_x0(x, flow, sigmas[step])
+        flow = forward(x, at(timesteps[step]), step)
+        x0 = pin(sampler.to_x0(x, flow, sigmas[step]))
         if step + 1 < sampler.num_steps:
-            x = sampler.renoise(x0, noise(), sigmas[step + 1])
+            x = pin(sampler.renoise(x0, noise(), sigmas[step + 1]))
     forward(x0, torch.zeros(batch, frames, device=device), sampler.num_steps)  # refresh pass at t = 0
     return x0
+
+
+def context_chunks(context: torch.Tensor | None, chunk_frames: int, batch: int, shape: tuple[int, ...],
+                   device, dtype) -> list[torch.Tensor]:
+    """Clean latent frames ``context`` [1 or B, C, n, H, W] split over the first chunks (``denoise_chunk``'s
+    ``given``): the whole context chunks, then the rest (fewer frames, at the front of the first generated chunk),
+    each [B, C, <= U, H, W] on ``device`` in ``dtype``; [] for None. ValueError / TypeError for a tensor of another
+    shape.
+
+    ``shape`` is a chunk's latent shape (B, C, U, H, W)."""
+    if context is None:
+        return []
+    _, c, _, h, w = shape
+    if not isinstance(context, torch.Tensor):
+        raise TypeError(f"context: expected a tensor [1 or {batch}, {c}, n, {h}, {w}] of clean latent frames, got "
+                        f"{type(context).__name__}")
+    if (context.dim() != 5 or context.shape[0] not in (1, batch) or context.shape[1] != c or context.shape[2] < 1
+            or tuple(context.shape[3:]) != (h, w) or not context.is_floating_point()):
+        raise ValueError(f"context: expected clean latent frames [1 or {batch}, {c}, n >= 1, {h}, {w}] (a float "
+                         f"tensor), got {list(context.shape)} {context.dtype}")
+    if not bool(context.isfinite().all()):
+        raise ValueError("context: expected finite latents, got NaN or inf")
+    given = context.to(device=device, dtype=dtype).expand(batch, -1, -1, -1, -1)
+    return list(given.split(chunk_frames, dim=2))
 
 
 @torch.no_grad()
@@ -250,6 +292,7 @@ def rollout(
     process_group=None,
     kv_dtype: torch.dtype | None = None,
     pool_device=None,
+    context: torch.Tensor | None = None,
 ) -> RolloutResult:
     """Generate ``num_chunks`` chunks with memory policy ``policy_name``.
 
@@ -270,10 +313,16 @@ def rollout(
             bytes; ``RolloutResult.memory`` compares them).
         pool_device: where the cache's K/V pools live: None (the model's device) or "cpu" (host memory, pinned on
             CUDA; ``RolloutResult.memory`` splits the bytes by place).
+        context: clean latent frames [1 or B, 16, n, H, W] the video starts with (image-to-video: an image's one
+            latent frame; video extension: a video's latents), or None. The latents begin with them, bitwise.
+            Every whole chunk of them is a context chunk: one clean pass at timestep 0 (as a refresh pass), which
+            commits their K/V at their positions for the memory to treat as any frame. The rest (n mod U frames)
+            opens the first generated chunk: at every pass those frames are the given latents at timestep 0, the
+            others are denoised. ``num_chunks`` generated chunks follow the context chunks.
 
     Returns:
-        :class:`RolloutResult` with latents [B, 16, num_chunks * chunk_frames, H, W] and one record per
-        chunk: ``time_ms`` (host wall time, after a device sync on CUDA), KV bytes (allocated and in use),
+        :class:`RolloutResult` with latents [B, 16, T, H, W] (T: ``chunk_frames`` times the context chunks and
+        ``num_chunks``) and one record per chunk (``context_frames``: how many of its frames were given): ``time_ms`` (host wall time, after a device sync on CUDA), KV bytes (allocated and in use),
         the cache's ``last_plan``, the frames each memory segment showed and, with ``timing``, ``timing_ms``:
         every section and ``"chunk"`` (:data:`CHUNK_SECTION`) on the timer's clock.
     """
@@ -287,11 +336,12 @@ def rollout(
     parallel = None if process_group is None else SequenceParallel(process_group)
     if parallel is not None:
         check_ranks(cfg, u, parallel.size)  # the same ValueError on every rank, before any collective
-    context = model.embed_text(text)
-    batch = context.shape[0]
+    text_states = model.embed_text(text)
+    batch = text_states.shape[0]
+    shape = (batch, cfg.in_dim, u, cfg.latent_height, cfg.latent_width)
+    given = context_chunks(context, u, batch, shape, device, dtype)  # checked before the cache is made
     cache = make_cache(model, policy, batch, backend, process_group, kv_dtype, pool_device=pool_device)
     gen = torch.Generator().manual_seed(seed)
-    shape = (batch, cfg.in_dim, u, cfg.latent_height, cfg.latent_width)
 
     def noise():
         return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
@@ -303,12 +353,13 @@ def rollout(
     sharded = {} if parallel is None else {"parallel": parallel}  # one process: the model called as before
 
     def forward(x, t, _pass):
-        return model(x, t, context, cache, timer, **sharded)
+        return model(x, t, text_states, cache, timer, **sharded)
 
     result = RolloutResult(policy=policy_name, latents=None, chunk_frames=u,
                            memory=memory_summary(model, policy, batch, cache))
     outputs = []
-    bar = progress_bar(range(num_chunks), policy_name, progress)
+    whole = sum(g.shape[2] == u for g in given)  # context chunks, before the num_chunks generated ones
+    bar = progress_bar(range(whole + num_chunks), policy_name, progress)
     try:
         for i in bar:
             if device.type == "cuda":
@@ -316,7 +367,7 @@ def rollout(
             t0 = time.perf_counter()
             with timer.section(CHUNK_SECTION) if timer is not None else contextlib.nullcontext():
                 cache.begin_chunk()
-                x0 = denoise_chunk(forward, sampler, noise, batch, u, device)
+                x0 = denoise_chunk(forward, sampler, noise, batch, u, device, given[i] if i < len(given) else None)
                 cache.end_chunk()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -326,6 +377,7 @@ def rollout(
                 "chunk": i,
                 "start_frame": i * u,
                 "frames": u,
+                "context_frames": given[i].shape[2] if i < len(given) else 0,
                 "time_ms": elapsed_ms,
                 "kv_bytes": int(cache.memory_bytes()),
                 "kv_live_bytes": int(cache.live_bytes()),

@@ -60,6 +60,7 @@ from relaxkv_kernels.integrations.diffusers import attached_cache
 from relaxkv_kernels.integrations.diffusers import detach
 
 from ..rollout import check_count
+from ..rollout import context_chunks
 from ..rollout import denoise_chunk
 from ..rollout import make_policy
 from ..sampler import DEFAULT_STEPS
@@ -246,6 +247,38 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
         return states.masked_fill(~real[..., None], 0.0)
 
     @torch.no_grad()
+    def encode_image(self, image, height: int, width: int) -> torch.Tensor:
+        """Image-to-video's first latent frame, as ``WanImageToVideoPipeline`` makes its condition: the image (a PIL
+        image, a list of B of them, or a tensor [B, 3, height, width] / [3, height, width] in [0, 1]) encoded alone by
+        the causal VAE (the mode of its latent distribution) and normalised with ``latents_mean`` / ``latents_std``.
+
+        Returns:
+            [B, z, 1, height // s, width // s] in the transformer's dtype on the execution device. ValueError for an
+            image of another size than ``height`` x ``width`` (it is not resized: the video would not start with it).
+        """
+        images = image if isinstance(image, list) else [image]
+        for i, img in enumerate(images):
+            if isinstance(img, torch.Tensor) and img.dim() in (3, 4) and img.shape[-3] == 3:
+                size = tuple(img.shape[-2:])
+            elif isinstance(getattr(img, "size", None), tuple):  # a PIL image: (width, height)
+                size = img.size[::-1]
+            else:
+                raise TypeError(f"image: expected a PIL image, a list of them, or a tensor [B, 3, {height}, {width}] "
+                                f"in [0, 1], got {type(img).__name__}"
+                                + (f" of shape {list(img.shape)}" if isinstance(img, torch.Tensor) else ""))
+            if size != (height, width):
+                raise ValueError(f"image: expected {height} x {width} pixels (the video's height x width), got "
+                                 f"{size[0]} x {size[1]}" + (f" (image {i})" if len(images) > 1 else ""))
+        pixels = self.video_processor.preprocess(image, height=height, width=width)  # [B, 3, H, W] in [-1, 1]
+        vae = self.vae
+        pixels = pixels.to(device=get_module_execution_device(vae), dtype=vae.dtype).unsqueeze(2)
+        z = vae.encode(pixels).latent_dist.mode()  # [B, z, 1, h, w]
+        z_dim = vae.config.z_dim
+        mean = torch.tensor(vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(z.device, z.dtype)
+        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(z.device, z.dtype)
+        return ((z - mean) * inv_std).to(self._execution_device, self.transformer.dtype)
+
+    @torch.no_grad()
     def stream(
         self,
         prompt: str | list[str] | None = None,
@@ -263,6 +296,7 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
         progress: bool = True,
         kv_dtype: torch.dtype | None = None,
         pool_device=None,
+        image=None,
     ) -> Iterator:
         """Generate ``num_chunks`` chunks, yielding each one's output as soon as it is generated and decoded.
 
@@ -286,6 +320,10 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
             kv_dtype: the cache's pool dtype (None: the transformer's; ``torch.float8_e4m3fn``: FP8 pools).
             pool_device: where the cache's K/V pools live: None (the execution device) or "cpu" (host memory,
                 pinned on CUDA, see ``relaxkv_kernels.KVCache``).
+            image: image-to-video: the video's first frame (a PIL image, B of them, or a tensor [B, 3, height,
+                width] in [0, 1], see :meth:`encode_image`), or None (text-to-video). Its latent frame opens the
+                first chunk (``relaxkv_gen.rollout``'s ``context``: at every pass that frame is the image's latent at
+                timestep 0, the other U - 1 frames are denoised), and every policy keeps it as any frame.
 
         Returns:
             An iterator of ``num_chunks`` outputs. Arguments are checked (ValueError / TypeError) when ``stream`` is
@@ -318,19 +356,24 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
         if backend is None:
             backend = "fused" if device.type == "cuda" else "reference"
         latent_h, latent_w = height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial
+        shape = (text.shape[0], self.transformer.config.in_channels, int(policy.chunk_frames), latent_h, latent_w)
+        given = [] if image is None else context_chunks(self.encode_image(image, height, width), shape[2],
+                                                        shape[0], shape, device, self.transformer.dtype)
         config = self.transformer.config  # the cache attach() will make, on meta tensors: its checks, now
         KVCache(policy, num_layers=config.num_layers, batch=text.shape[0], num_heads=config.num_attention_heads,
                 head_dim=config.attention_head_dim, height=latent_h // patch, width=latent_w // patch,
                 dtype=self.transformer.dtype, device="meta", backend=backend, kv_dtype=kv_dtype,
                 pool_device=pool_device)
         return self._chunks(text, policy, sampler, num_chunks, latent_h, latent_w, generator, output_type, backend,
-                            device, progress, kv_dtype, pool_device)
+                            device, progress, kv_dtype, pool_device, given)
 
     @torch.no_grad()
     def _chunks(self, text: torch.Tensor, policy: MemoryPolicy, sampler: FlowMatchSampler, num_chunks: int,
                 latent_h: int, latent_w: int, generator: torch.Generator, output_type: str, backend: str,
-                device: torch.device, progress: bool, kv_dtype: torch.dtype | None, pool_device) -> Iterator:
-        """The generation loop behind :meth:`stream` (arguments checked): text [B, L, text_dim] on ``device``."""
+                device: torch.device, progress: bool, kv_dtype: torch.dtype | None, pool_device,
+                given: list[torch.Tensor]) -> Iterator:
+        """The generation loop behind :meth:`stream` (arguments checked): text [B, L, text_dim] on ``device``;
+        ``given``: the context frames of the first chunks (``relaxkv_gen.rollout.context_chunks``)."""
         transformer = self.transformer
         batch, frames = text.shape[0], int(policy.chunk_frames)
         shape = (batch, transformer.config.in_channels, frames, latent_h, latent_w)
@@ -339,8 +382,12 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
         def noise():  # as relaxkv_gen.rollout.rollout draws it
             return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
 
-        def forward(x, t, _pass):  # denoise_chunk's timesteps are the same for every frame: t [B, U] -> [B]
-            return transformer(hidden_states=x, timestep=t[:, 0], encoder_hidden_states=text).sample
+        tokens = (latent_h // 2) * (latent_w // 2)
+        per_token = [False]  # the chunk has given frames: timesteps per token (0 on theirs), as Wan2.2 takes them
+
+        def forward(x, t, _pass):  # t [B, U]: one timestep per sample, or per token in a chunk with given frames
+            step = t.repeat_interleave(tokens, dim=1) if per_token[0] else t[:, 0]
+            return transformer(hidden_states=x, timestep=step, encoder_hidden_states=text).sample
 
         if attached_cache(transformer) is not None:
             raise RuntimeError("ChunkwiseWanPipeline: the transformer already has a KV cache attached (another "
@@ -349,11 +396,14 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
         self.kv_cache = attach(transformer, policy, batch=batch, height=latent_h // 2, width=latent_w // 2,
                                backend=backend, device=device, dtype=dtype, kv_dtype=kv_dtype,
                                pool_device=pool_device)
-        bar = self.progress_bar(total=num_chunks) if progress else None
+        total = sum(g.shape[2] == frames for g in given) + num_chunks  # context chunks, then the generated ones
+        bar = self.progress_bar(total=total) if progress else None
         try:
-            for _ in range(num_chunks):
+            for i in range(total):
+                chunk_given = given[i] if i < len(given) else None
+                per_token[0] = chunk_given is not None and chunk_given.shape[2] < frames
                 self.kv_cache.begin_chunk()
-                x0 = denoise_chunk(forward, sampler, noise, batch, frames, device)  # [B, 16, U, h, w]
+                x0 = denoise_chunk(forward, sampler, noise, batch, frames, device, chunk_given)  # [B, 16, U, h, w]
                 self.kv_cache.end_chunk()
                 if decoder is None:
                     yield x0
