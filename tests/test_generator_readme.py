@@ -1,6 +1,6 @@
-"""The README's examples ("Using relaxkv in your attention module", "Use with diffusers") run as written: their
-python blocks are taken from README.md (not copied here) and run in a fresh interpreter, as a user pasting them
-would."""
+"""The README's examples ("Using relaxkv in your attention module", "Use with diffusers", "Generation modes") run as
+written: their python blocks are taken from README.md (not copied here) and run in a fresh interpreter, as a user
+pasting them would."""
 import os
 import re
 import subprocess
@@ -42,7 +42,8 @@ def test_section_helpers():
     (HEADING, r"torch\.Size\(\[1, \d+, \d+\]\)", []),
     ("### Run it on a tiny model", r"\(1, 45, 64, 64, 3\)\n\(1, 13, 64, 64, 3\)\n\(1, 16, 64, 64, 3\)\n"
                                    r"torch\.Size\(\[1, 16, 3, 8, 8\]\)", ["relax.mp4"]),
-], ids=["attention-module", "diffusers"])
+    ("### Image-to-video and video extension", r"torch\.Size\(\[1, 16, 9, 8, 8\]\) True", []),
+], ids=["attention-module", "diffusers", "image-to-video"])
 def test_readme_example_runs(tmp_path, heading, printed, writes):
     text = section((ROOT / "README.md").read_text(), heading)
     assert text is not None, f"README.md has no {heading!r} section"
