@@ -323,7 +323,8 @@ def rollout(
     Returns:
         :class:`RolloutResult` with latents [B, 16, T, H, W] (T: ``chunk_frames`` times the context chunks and
         ``num_chunks``) and one record per chunk (``context_frames``: how many of its frames were given):
-        ``time_ms`` (host wall time, after a device sync on CUDA), KV bytes (allocated and in use), the cache's ``last_plan``, the frames each memory segment showed and, with ``timing``, ``timing_ms``:
+        ``time_ms`` (host wall time, after a device sync on CUDA), KV bytes (allocated and in use), the cache's
+        ``last_plan``, the frames each memory segment showed and, with ``timing``, ``timing_ms``:
         every section and ``"chunk"`` (:data:`CHUNK_SECTION`) on the timer's clock.
     """
     check_count("num_chunks", num_chunks)
