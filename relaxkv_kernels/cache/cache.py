@@ -277,18 +277,22 @@ class KVCache:
         for slot in plan.frame_slot:
             if not 0 <= slot < pl.n_slots:
                 raise RuntimeError(f"{name}: frame slot {slot} is not one of the n_slots = {pl.n_slots} slots")
+        n_rows, f = pl.n_rows, self.frame_tokens
         for i, (start, length, _) in enumerate(plan.segments):
-            if start < 0 or length < 0 or start + length > pl.n_rows:
+            if start < 0 or length < 0 or start + length > n_rows:
                 raise RuntimeError(f"{name}: segment {i} (start {start}, length {length}) is not inside the pool of "
-                                   f"n_rows = {pl.n_rows} rows (expected start >= 0, length >= 0, start + length <= "
+                                   f"n_rows = {n_rows} rows (expected start >= 0, length >= 0, start + length <= "
                                    "n_rows)")
-        f = self.frame_tokens
+        read = {}  # slot -> a memory segment reading rows of it
+        for i, (start, length, _) in enumerate(plan.segments[:plan.n_memory_seg]):
+            if length:
+                read.update(dict.fromkeys(range(start // f, (start + length - 1) // f + 1), i))
         for slot in plan.frame_slot:
-            for i, (start, length, _) in enumerate(plan.segments[:plan.n_memory_seg]):
-                if length and start < (slot + 1) * f and slot * f < start + length:
-                    raise RuntimeError(f"{name}: the chunk writes a frame into slot {slot} (rows {slot * f} to "
-                                       f"{(slot + 1) * f - 1}), which memory segment {i} (rows {start} to "
-                                       f"{start + length - 1}) still reads: evict that frame before reusing its slot")
+            if slot in read:
+                start, length, _ = plan.segments[read[slot]]
+                raise RuntimeError(f"{name}: the chunk writes a frame into slot {slot} (rows {slot * f} to "
+                                   f"{(slot + 1) * f - 1}), which memory segment {read[slot]} (rows {start} to "
+                                   f"{start + length - 1}) still reads: evict that frame before reusing its slot")
         rows = plan.device_rows()
         if bool(rows) != plan.selects or bool(plan.selected_keys) != plan.selects or plan.selected_keys < 0:
             raise RuntimeError(f"{name}: expected selects=True with selected_keys > 0 exactly when frames_attended "
