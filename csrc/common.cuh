@@ -106,12 +106,33 @@ __device__ __forceinline__ float fp8_scale(float amax, float* inv) {
     return __int_as_float((e + 127) << 23);
 }
 
-// The e4m3fn code of y (|y| <= 448), rounded to nearest even, from the bits (the same codes as torch and the
-// Triton kernels on every device): normal codes round the fp32 mantissa to 3 bits and re-bias the exponent;
-// below 2^-6 the code is round(|y| * 2^9), to nearest even; NaN gives the NaN code.
-__device__ __forceinline__ uint8_t fp8_encode(float y) {
+// The largest finite value of the compute type T rounded down to 3 mantissa bits (an e4m3 mantissa): 1.875 * 2^127
+// for fp32 and bf16, 1.875 * 2^15 for fp16.
+template <typename T>
+__device__ __forceinline__ float finite_max_e4m3();
+template <>
+__device__ __forceinline__ float finite_max_e4m3<float>() { return 3.19014719e38f; }
+template <>
+__device__ __forceinline__ float finite_max_e4m3<__half>() { return 61440.0f; }
+template <>
+__device__ __forceinline__ float finite_max_e4m3<__nv_bfloat16>() { return 3.19014719e38f; }
+
+// The largest e4m3 value whose product with a row's scale (1 / inv, a power of two) is finite in T, at most 448:
+// finite_max_e4m3<T>() * inv (exact; inf past fp32, which the min takes to 448). A row in T's top binade would
+// otherwise round up past T's largest finite value (65000 in fp16: 253.9 * 2^8 rounds to 256 * 2^8, inf);
+// ops/fp8.py's fp8_limit.
+template <typename T>
+__device__ __forceinline__ float fp8_limit(float inv) {
+    return fminf(finite_max_e4m3<T>() * inv, 448.0f);
+}
+
+// The e4m3fn code of y clamped to [-limit, limit] (limit <= 448, fp8_limit), rounded to nearest even, from the bits
+// (the same codes as torch and the Triton kernels on every device): normal codes round the fp32 mantissa to 3 bits
+// and re-bias the exponent; below 2^-6 the code is round(|y| * 2^9), to nearest even; NaN gives the NaN code.
+__device__ __forceinline__ uint8_t fp8_encode(float y, float limit) {
     const int bits = __float_as_int(y);
-    const int a = bits & 0x7FFFFFFF;
+    int a = bits & 0x7FFFFFFF;
+    if (a <= 0x7F800000) a = min(a, __float_as_int(limit));  // |y| clamped; a NaN stays one
     int code;
     if (a > 0x7F800000) {
         code = 0x7F;

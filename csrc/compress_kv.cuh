@@ -86,7 +86,7 @@ __device__ __forceinline__ void pool_window(const CompressParams& p, int64_t b, 
 // (value sv), and the row's scales, each from the row's amax over D (layout at the top). Every thread of the
 // block calls it; `live` false (past the heads): only the barriers. Amax as int bits of |x| (non-negative floats
 // order as their bits, a NaN above all): NaN-propagating like torch's amax.
-template <int VEC>
+template <typename T, int VEC>
 __device__ __forceinline__ void store_fp8_rows(const CompressParams& p, int64_t b, int64_t row, int h, bool live,
                                                int d0, const float (&sk)[VEC], const float (&sv)[VEC]) {
     extern __shared__ int compress_amax[];  // [2][blockDim.y * blockDim.x]: K, then V partials
@@ -111,11 +111,12 @@ __device__ __forceinline__ void store_fp8_rows(const CompressParams& p, int64_t 
     const float v_scale = fp8_scale(__int_as_float(v_bits), &v_inv);
     uint8_t* k_codes = p.k_pool.at<uint8_t>(b, row, h) + d0;
     uint8_t* v_codes = p.v_pool.at<uint8_t>(b, row, h) + d0;
+    const float k_limit = fp8_limit<T>(k_inv);  // codes finite in T
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-        k_codes[e] = fp8_encode(sk[e] * k_inv);
-        v_codes[e] = fp8_encode(sv[e] * v_inv);
-    }
+    for (int e = 0; e < VEC; ++e) k_codes[e] = fp8_encode(sk[e] * k_inv, k_limit);
+    const float v_limit = fp8_limit<T>(v_inv);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) v_codes[e] = fp8_encode(sv[e] * v_inv, v_limit);
     if (threadIdx.x == 0) {
         *p.k_scale.at<float>(b, row, h) = k_scale;
         *p.v_scale.at<float>(b, row, h) = v_scale;
@@ -162,7 +163,7 @@ __global__ void __launch_bounds__(kCompressThreads, kCompressMinBlocks<P>)
         if (live) pool_window<V>(p, b, c, n00, h, d0, sk, sv);
         rotate_pairs<VEC>(sk, cs);
         if constexpr (FP8) {
-            store_fp8_rows<VEC>(p, b, row, h, live, d0, sk, sv);
+            store_fp8_rows<T, VEC>(p, b, row, h, live, d0, sk, sv);
         } else {
             V::store(p.k_pool.at<T>(b, row, h) + d0, sk);
             V::store(p.v_pool.at<T>(b, row, h) + d0, sv);

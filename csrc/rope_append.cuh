@@ -40,9 +40,11 @@
 // take part with amax 0 and skip every memory access. Pass 1 over a head row rotates q and k and takes the
 // maxima, pass 2 rotates k again from the same loaded bits (C = 1: still in registers; else loaded again, an L1
 // hit) and stores N codes per access (8 bytes per 16-byte load of bf16); the group's lane 0 stores the scales.
-// ptxas 13.0, sm_90a: 96 registers for bf16 with C = 1 (5 blocks per SM as above); the chunked element kernels
-// take 128 under __launch_bounds__(128, 4), without spills.
+// ptxas 13.0, sm_90a: 96 registers for fp16 with C = 1 (5 blocks per SM as above); bf16 with C = 1 and the chunked
+// element kernels take up to 128 under __launch_bounds__(128, 4), without spills (kFp8MinBlocks).
 #pragma once
+
+#include <type_traits>
 
 #include "rope.cuh"
 
@@ -147,15 +149,15 @@ __device__ __forceinline__ float lane_group_max(float a, int lanes) {
     return a;
 }
 
-// The e4m3 codes of x * inv (N of them) in one N-byte store (WIDE: the launcher checked the caches' alignment)
-// or N byte stores.
-template <int N, bool WIDE>
+// The e4m3 codes of x * inv (N of them, finite in T: fp8_limit) in one N-byte store (WIDE: the launcher checked the
+// caches' alignment) or N byte stores.
+template <typename T, int N, bool WIDE>
 __device__ __forceinline__ void store_codes(uint8_t* __restrict__ p, const float (&x)[N], float inv) {
     struct alignas(WIDE ? N : 1) Codes {
         uint8_t c[N];
     } r;
 #pragma unroll
-    for (int e = 0; e < N; ++e) r.c[e] = fp8_encode(x[e] * inv);
+    for (int e = 0; e < N; ++e) r.c[e] = fp8_encode(x[e] * inv, fp8_limit<T>(inv));
     *reinterpret_cast<Codes*>(p) = r;
 }
 
@@ -248,9 +250,9 @@ __device__ __forceinline__ void rope_append_row_fp8(const RopeAppendParams& p, c
                 float x[N];
                 V::unpack(kb, x);
                 rotate_pairs<N>(x, cs[c]);
-                store_codes<N, WIDE>(k_codes + h * p.k_cache.sh + c * step, x, k_inv);
+                store_codes<T, N, WIDE>(k_codes + h * p.k_cache.sh + c * step, x, k_inv);
                 V::unpack(vb, x);
-                store_codes<N, WIDE>(v_codes + h * p.v_cache.sh + c * step, x, v_inv);
+                store_codes<T, N, WIDE>(v_codes + h * p.v_cache.sh + c * step, x, v_inv);
             }
         }
     }
@@ -288,9 +290,14 @@ __global__ void __launch_bounds__(kRopeThreads, 5)
     rope_append_tile_sum(p, part);
 }
 
+// Blocks per SM the FP8 kernel's registers must allow: 5 (<= 96 registers) for one chunk per lane, except bf16,
+// whose 16-byte path needs 4 (<= 128: at 96 the clamp that keeps codes finite in T spills 4 bytes); 4 for chunks.
+template <typename V, int C>
+constexpr int kFp8MinBlocks = C == 1 && !std::is_same_v<typename V::T, __nv_bfloat16> ? 5 : 4;
+
 // FP8 caches: rope_append_kernel's work with quantized K / V rows; block (L, R = kRopeThreads / L), C chunks/lane.
 template <typename V, int C>
-__global__ void __launch_bounds__(kRopeThreads, C == 1 ? 5 : 4)
+__global__ void __launch_bounds__(kRopeThreads, kFp8MinBlocks<V, C>)
     rope_append_fp8_kernel(const RopeAppendParams p, const RopeFreqs freqs) {
     constexpr int N = V::N;
     extern __shared__ float part[];

@@ -190,3 +190,43 @@ def test_fp8_at_wan_shapes_within_the_e4m3_bound(name):
     truth = torch.stack(outs["truth"])
     err_same, err_fp8 = _rel(torch.stack(outs["same"]), truth), _rel(torch.stack(outs["fp8"]), truth)
     assert err_same < err_fp8 <= 2 * STEP_RATIO * err_same
+
+
+def _top_binade_rollout(attention: str, backend: str, dtype: torch.dtype, device="cpu") -> torch.Tensor:
+    """Outputs of a Relax cache with FP8 pools fed keys and values holding the compute dtype's near-largest finite
+    value (65000 in fp16, 3.3e38 in fp32) in some rows: 4 chunks of one pass, 2 layers."""
+    big = {torch.float16: 65000.0, torch.float32: 3.3e38}[dtype]
+    cache = rk.KVCache(POLICIES["relax"], 2, 1, 2, 16, 4, 4, dtype=dtype, device=device, backend=backend,
+                       attention=attention, kv_dtype=FP8)
+    gen = torch.Generator().manual_seed(8)
+    shape = (1, cache.policy.chunk_frames * 16, 2, 16)
+    outs = []
+    for _ in range(4):
+        cache.begin_chunk()
+        for layer in range(2):
+            q = torch.randn(shape, generator=gen) / 64
+            k, v = (torch.randn(shape, generator=gen) for _ in range(2))
+            k[:, ::5, :, 0], v[:, ::7, :, 1] = big, -big  # a large key and value in every few rows
+            outs.append(cache.attend(layer, *(t.to(device, dtype) for t in (q, k, v))))
+        cache.end_chunk()
+    return torch.stack(outs).float().cpu()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("attention", MODES)
+def test_a_finite_input_stays_finite_through_fp8_pools(attention, dtype):
+    """65000 in fp16 (finite) used to be stored with a power-of-two scale as 256 * 2^8 = 65536, inf in the window
+    (every output non-finite in per_call mode); 3.3e38 in fp32 as 2^128. The codes now saturate below the compute
+    dtype's largest finite value (ops/fp8.py), on the reference and the Triton kernels (interpreter) alike."""
+    backends = ["reference", "fused"] if dtype == torch.float16 else ["reference"]  # interpreter: fp16 / fp32
+    for backend in backends:
+        out = _top_binade_rollout(attention, backend, dtype)
+        assert bool(out.isfinite().all()), (attention, backend, int((~out.isfinite()).sum()))
+
+
+def test_csrc_kernels_keep_a_finite_input_finite(kernel_device, monkeypatch):
+    """The same with the CUDA kernels (emulated on the CPU, or on the GPU) writing the FP8 pools."""
+    for op in ("ROPE_APPEND", "GATHER_KV_ROPE", "COMPRESS_KV"):
+        monkeypatch.setenv(f"RELAXKV_BACKEND_{op}", "cuda")
+    out = _top_binade_rollout("segments", "auto", torch.float16, device=kernel_device)
+    assert bool(out.isfinite().all()), int((~out.isfinite()).sum())

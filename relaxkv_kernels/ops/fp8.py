@@ -12,6 +12,12 @@ range at the small end (README, FP8 pools, measures both).
 Scales are computed from bits, as the kernels do: ``amax = f * 2^E`` with ``f`` in [1, 2);
 ``scale = 2^(E - 8)`` when ``f <= 1.75`` (448 = 1.75 * 2^8), else ``2^(E - 7)``; the exponent is clamped to
 [-126, 127] (a zero row gets ``2^-126`` and codes 0). NaN inputs give the NaN code.
+
+A finite input stays finite: a row in the top binade of its compute dtype would round up past that dtype's largest
+finite value (65000 in fp16: 253.9 * 2^8 rounds to 256 * 2^8 = 65536, inf in fp16; 3.3e38 in fp32 to 2^128), so
+``x / scale`` is first clamped to the largest e4m3 value whose product with the scale is finite in the compute dtype
+(:func:`fp8_limit`; 448 for every row below that binade). Such a value loses at most one e4m3 step (2^-4 relative),
+as any rounding does.
 """
 from __future__ import annotations
 
@@ -35,15 +41,26 @@ def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
     return ((exp.clamp(-126, 127) + 127) << 23).view(torch.float32)
 
 
-def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and scales of ``x`` [..., D] (any float dtype), one scale per row of D.
+def fp8_limit(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The largest e4m3 value ``y`` (at most 448) with ``y * scale`` finite in ``dtype``: ``finfo(dtype).max / scale``
+    rounded down to 3 mantissa bits, in fp32, as the kernels compute it (any shape of fp32 power-of-two scales)."""
+    room = (torch.finfo(dtype).max / scale.double()).float()  # exact in float64; inf where it overflows fp32
+    return (room.view(torch.int32) & ~0xFFFFF).view(torch.float32).clamp(max=FP8_MAX)
+
+
+def quantize_fp8(x: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and scales of ``x`` [..., D] (any float dtype), one scale per row of D; every finite value dequantizes
+    to a finite value of ``dtype``, the compute dtype the rows came from (default: ``x``'s own).
 
     Returns:
         (codes float8_e4m3fn [..., D], scale float32 [...]) with ``codes.float() * scale[..., None] ~= x``.
     """
+    limit_dtype = dtype or x.dtype
     x = x.float()
     scale = fp8_scale(x.abs().amax(-1))
-    return (x / scale.unsqueeze(-1)).to(torch.float8_e4m3fn), scale
+    y, lim = x / scale.unsqueeze(-1), fp8_limit(scale, limit_dtype).unsqueeze(-1)
+    y = torch.where(y.abs() > lim, lim.copysign(y), y)  # NaN compares false: kept
+    return y.to(torch.float8_e4m3fn), scale
 
 
 def dequantize_fp8(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -57,13 +74,14 @@ def pool_values(pool: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
 
 
 def write_rows(pool: torch.Tensor, scale: torch.Tensor | None, dim: int, rows: torch.Tensor,
-               x: torch.Tensor) -> None:
+               x: torch.Tensor, dtype: torch.dtype | None = None) -> None:
     """``pool.index_copy_(dim, rows, x)`` in the pool's format: quantized into the codes and ``scale`` of an FP8
-    pool (the scale is indexed like the pool without its last dim), cast otherwise."""
+    pool (the scale is indexed like the pool without its last dim; ``dtype``: the compute dtype whose finite range
+    the codes keep, see :func:`quantize_fp8`), cast otherwise."""
     if scale is None:
         pool.index_copy_(dim, rows, x.to(pool.dtype))
         return
-    codes, s = quantize_fp8(x)
+    codes, s = quantize_fp8(x, dtype)
     pool.view(torch.uint8).index_copy_(dim, rows, codes.view(torch.uint8))  # torch has no fp8 index_copy_
     scale.index_copy_(dim, rows, s)
 

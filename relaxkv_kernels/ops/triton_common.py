@@ -151,13 +151,25 @@ def _fp8_scale(amax):
 
 
 @triton.jit
-def _fp8_encode(y):
-    """e4m3fn codes (uint8) of fp32 ``y`` with |y| <= 448, rounded to nearest even; NaN gives the NaN code.
+def _fp8_limit(inv, FP_MAX: tl.constexpr):
+    """The largest e4m3 value whose product with a row's scale (``1 / inv``, fp32 [...]) is finite in the compute
+    dtype, whose largest finite value is ``FP_MAX`` (ops/fp8.py's ``fp8_limit``): ``FP_MAX * inv`` (exact) rounded
+    down to 3 mantissa bits, at most 448."""
+    inv = tl.minimum(inv, 512.0 / FP_MAX)  # past it the room exceeds 448 anyway (and the product stays finite)
+    room = (inv * FP_MAX).to(tl.int32, bitcast=True) & -1048576  # 0xFFF00000: sign, exponent, 3 mantissa bits
+    return tl.minimum(room.to(tl.float32, bitcast=True), 448.0)
+
+
+@triton.jit
+def _fp8_encode(y, lim):
+    """e4m3fn codes (uint8) of fp32 ``y`` clamped to ``[-lim, lim]`` (``lim`` <= 448 from :func:`_fp8_limit`,
+    broadcast to ``y``), rounded to nearest even; NaN gives the NaN code.
 
     From the bits, so every backend (GPU and interpreter, whose fp8 cast rounds differently) writes the same
     codes as torch's ``.to(torch.float8_e4m3fn)``: normal codes round the fp32 mantissa to 3 bits and re-bias
     the exponent (127 -> 7); below 2^-6 the code is round(|y| * 2^9), rounded by one fp32 add of 2^23.
     """
+    y = tl.where(tl.abs(y) > lim, tl.where(y < 0, -lim, lim), y)  # NaN compares false: kept
     bits = y.to(tl.int32, bitcast=True)
     sign = ((bits >> 24) & 0x80).to(tl.int32)
     a = bits & 0x7FFFFFFF

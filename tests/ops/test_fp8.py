@@ -18,6 +18,7 @@ from relaxkv_kernels.ops.fp8 import dequantize_fp8
 from relaxkv_kernels.ops.fp8 import fp8_scale
 from relaxkv_kernels.ops.fp8 import quantize_fp8
 from relaxkv_kernels.ops.triton_common import _fp8_encode
+from relaxkv_kernels.ops.triton_common import _fp8_limit
 from relaxkv_kernels.ops.triton_common import _fp8_scale
 
 from helpers import DEVICE
@@ -72,22 +73,52 @@ def test_quantize_keeps_nan():
     assert dequantize_fp8(codes, scale)[0, 3].isnan()
 
 
+TOP = {torch.float16: 65000.0, torch.bfloat16: 3.3e38, torch.float32: 3.3e38}  # in each dtype's top binade
+
+
+def _top_rows(dtype: torch.dtype) -> torch.Tensor:
+    """Rows of ``dtype`` whose amax lies in its top binade (where rounding up would pass its largest finite
+    value), signs and smaller values mixed in, and rows of ordinary values (16 dims)."""
+    g = gen(4)
+    top = TOP[dtype] * torch.tensor([1.0, -1.0, 0.99, -0.97]).repeat(4, 1)
+    rows = torch.cat([top, torch.randn(4, 12, generator=g) * TOP[dtype] / 8], dim=1)
+    return torch.cat([rows, torch.randn(4, 16, generator=g)]).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", list(TOP), ids=str)
+def test_a_finite_row_stays_finite_in_its_compute_dtype(dtype):
+    """65000 in fp16 (3.3e38 in fp32 and bf16) no longer rounds up to inf: the codes saturate one e4m3 step below,
+    within e4m3's rounding bound (2^-4 relative) of the input; rows below the top binade get the unclamped codes."""
+    x = _top_rows(dtype)
+    codes, scale = quantize_fp8(x)
+    back = dequantize_fp8(codes, scale)
+    assert bool(back.isfinite().all()) and bool(back.to(dtype).isfinite().all())
+    big = x.float().abs() >= TOP[dtype] / 2
+    assert bool(((back - x.float()).abs()[big] <= 2.0**-4 * x.float().abs()[big]).all())
+    plain = (x.float()[4:] / scale[4:, None]).to(FP8)
+    assert torch.equal(codes[4:].view(torch.uint8), plain.view(torch.uint8))
+    unclamped = dequantize_fp8((x.float()[:4] / scale[:4, None]).to(FP8), scale[:4])  # what it was
+    assert not bool(unclamped.to(dtype).isfinite().all())
+
+
 @triton.jit
-def _quantize_kernel(x, codes, scale, D: tl.constexpr):
+def _quantize_kernel(x, codes, scale, D: tl.constexpr, FP_MAX: tl.constexpr):
     """One row of D per program: the Triton building blocks as the kernels use them."""
     o = tl.program_id(0) * D + tl.arange(0, D)
-    b_x = tl.load(x + o)
+    b_x = tl.load(x + o).to(tl.float32)
     s, inv = _fp8_scale(tl.max(tl.abs(b_x), 0))
     tl.store(scale + tl.program_id(0), s)
-    tl.store(codes + o, _fp8_encode(b_x * inv))
+    tl.store(codes + o, _fp8_encode(b_x * inv, _fp8_limit(inv, FP_MAX)))
 
 
-def test_triton_scale_and_codes_equal_the_reference():
+@pytest.mark.parametrize("rows", ["random", "top-fp16", "top-fp32"])
+def test_triton_scale_and_codes_equal_the_reference(rows):
     need_triton()
-    x = _rows(gen(2)).to(DEVICE)
+    x = {"random": lambda: _rows(gen(2)), "top-fp16": lambda: _top_rows(torch.float16),
+         "top-fp32": lambda: _top_rows(torch.float32)}[rows]().to(DEVICE)
     codes = torch.full(x.shape, float("nan"), dtype=FP8, device=DEVICE)
     scale = torch.full(x.shape[:-1], float("nan"), device=DEVICE)
-    _quantize_kernel[(x.shape[0],)](x, codes.view(torch.uint8), scale, D=x.shape[1])
+    _quantize_kernel[(x.shape[0],)](x, codes.view(torch.uint8), scale, D=x.shape[1], FP_MAX=torch.finfo(x.dtype).max)
     want_codes, want_scale = quantize_fp8(x)
     assert torch.equal(scale, want_scale)
     assert torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8))

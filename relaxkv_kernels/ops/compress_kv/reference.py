@@ -67,6 +67,6 @@ def compress_kv_into_ref(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor,
     ck, cv, mk = _compress_fp32(k, v, start, frames, height, width)
     nc = ck.shape[1]
     rows = torch.arange(row0 + slot * nc, row0 + (slot + 1) * nc, device=k_pool.device)
-    write_rows(k_pool, k_pool_scale, 1, rows, ck)
-    write_rows(v_pool, v_pool_scale, 1, rows, cv)
+    write_rows(k_pool, k_pool_scale, 1, rows, ck, k.dtype)
+    write_rows(v_pool, v_pool_scale, 1, rows, cv, v.dtype)
     mean_key[:, slot] = mk

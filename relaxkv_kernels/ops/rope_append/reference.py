@@ -36,8 +36,8 @@ def rope_append_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     pos = token_positions(frame_pos.cpu(), height, width).to(q.device)
     rows = (frame_slot.view(-1, 1) * f + torch.arange(f, device=k.device)).reshape(-1)
     k_rot = apply_rope(k if k_cache_scale is None else k.float(), pos)  # FP8: never rounded to k's dtype first
-    write_rows(k_cache, k_cache_scale, 1, rows, k_rot)
-    write_rows(v_cache, v_cache_scale, 1, rows, v)
+    write_rows(k_cache, k_cache_scale, 1, rows, k_rot, k.dtype)
+    write_rows(v_cache, v_cache_scale, 1, rows, v, v.dtype)
     if proto is not None:
         proto.index_copy_(1, frame_slot, k.float().unflatten(1, (u, f)).mean(dim=(2, 3)))
     return apply_rope(q, pos)

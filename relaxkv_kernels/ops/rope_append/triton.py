@@ -32,6 +32,7 @@ from ..fp8 import scale_strides
 from ..triton_common import _cos_sin
 from ..triton_common import _fp8_amax
 from ..triton_common import _fp8_encode
+from ..triton_common import _fp8_limit
 from ..triton_common import _fp8_scale
 from ..triton_common import inv_freq_table
 from ..triton_common import pair_split
@@ -65,7 +66,7 @@ def _rope_append_kernel(
     s_vsb, s_vsn, s_vsh,
     s_fs, s_fp,
     # meta-parameters
-    N_T: tl.constexpr, N_H: tl.constexpr, HAS_PROTO: tl.constexpr, FP8: tl.constexpr,
+    N_T: tl.constexpr, N_H: tl.constexpr, HAS_PROTO: tl.constexpr, FP8: tl.constexpr, FP_MAX: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i_t = tl.program_id(0)
@@ -121,8 +122,9 @@ def _rope_append_kernel(
             b_v = b_v.to(tl.float32)
             b_ks, b_kinv = _fp8_scale(_fp8_amax(b_kr, 2))  # [BT, BH]
             b_vs, b_vinv = _fp8_scale(_fp8_amax(b_v, 2))
-            tl.store(p_kc + i_h * s_kch, _fp8_encode(b_kr * b_kinv[:, :, None]), mask=m_tdc & m_h)
-            tl.store(p_vc + i_h * s_vch, _fp8_encode(b_v * b_vinv[:, :, None]), mask=m_tdc & m_h)
+            b_klim, b_vlim = _fp8_limit(b_kinv, FP_MAX)[:, :, None], _fp8_limit(b_vinv, FP_MAX)[:, :, None]
+            tl.store(p_kc + i_h * s_kch, _fp8_encode(b_kr * b_kinv[:, :, None], b_klim), mask=m_tdc & m_h)
+            tl.store(p_vc + i_h * s_vch, _fp8_encode(b_v * b_vinv[:, :, None], b_vlim), mask=m_tdc & m_h)
             i_hs = (h0 + o_h).to(tl.int64)[None, :]  # [1, BH]
             m_s = m_rows[:, None] & (i_hs < N_HEADS)
             tl.store(p_ks + i_hs * s_ksh, b_ks, mask=m_s)
@@ -195,7 +197,8 @@ def rope_append_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cach
         *q.stride(), *k.stride(), *v.stride(), *q_rot.stride(), *k_cache.stride(), *v_cache.stride(),
         *scale_strides(k_cache_scale), *scale_strides(v_cache_scale),
         frame_slot.stride(0), frame_pos.stride(0),
-        N_T=n_t, N_H=n_h, HAS_PROTO=proto is not None, FP8=fp8, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
+        N_T=n_t, N_H=n_h, HAS_PROTO=proto is not None, FP8=fp8, FP_MAX=torch.finfo(k.dtype).max,
+        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
         num_warps=4,
     )
     if proto is None:
