@@ -4,8 +4,9 @@ Keys of segment s were stored rotated at their write-time positions and must be 
 segment's temporal shift ``delta`` (README, Design: delta RoPE). Rotations are orthogonal, so
 ``q . R(delta) k == R(-delta) q . k``: the kernel rotates its Q tile once per segment (BM x D work)
 instead of every K tile (length x D work), and never copies or re-rotates the cache. FP8 pools (a constexpr
-switch) are dequantized per tile right after the load (codes * scale of the row and head, fp32), then the tile
-goes on in q's dtype like a loaded one.
+switch) are dequantized per tile right after the load (codes * scale of the row and head, fp32; the codes converted
+by the GPU, or decoded from their bits on GPUs without FP8 units: ``triton_common.fp8_codes``), then the tile goes on
+in q's dtype like a loaded one.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from ...availability import interpreter_enabled
 from ..checks import require
 from ..fp8 import scale_strides
 from ..triton_common import _cos_sin
+from ..triton_common import _fp8_values
+from ..triton_common import fp8_codes
 from ..triton_common import inv_freq_table
 from ..triton_common import pair_split
 
@@ -128,9 +131,9 @@ def _sparse_kv_attention_kernel(
             if FP8:  # values in fp32, then the dots' operand dtype (q's, or fp32 under UPCAST) like a loaded tile
                 b_ks = tl.load(p_ks + rows * s_ksn, mask=m_n, other=0.0)  # [BN]
                 b_vs = tl.load(p_vs + rows * s_vsn, mask=m_n, other=0.0)  # [BN]
-                b_ka = (b_ka.to(tl.float32) * b_ks[None, :]).to(b_qb.dtype)
-                b_kb = (b_kb.to(tl.float32) * b_ks[None, :]).to(b_qb.dtype)
-                b_v = (b_v.to(tl.float32) * b_vs[:, None]).to(b_qb.dtype)
+                b_ka = (_fp8_values(b_ka) * b_ks[None, :]).to(b_qb.dtype)
+                b_kb = (_fp8_values(b_kb) * b_ks[None, :]).to(b_qb.dtype)
+                b_v = (_fp8_values(b_v) * b_vs[:, None]).to(b_qb.dtype)
             if UPCAST:
                 b_ka = b_ka.to(tl.float32)
                 b_kb = b_kb.to(tl.float32)
@@ -175,8 +178,8 @@ def sparse_kv_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: to
 
     Args:
         q: [B, Nq, H, D] queries, already rotated (fp16, bf16 or fp32; any strides).
-        k_pool, v_pool: [B, n_rows, H, D] cache pools of q's dtype or both float8_e4m3fn, keys rotated at
-            write time.
+        k_pool, v_pool: [B, n_rows, H, D] cache pools of q's dtype or both float8_e4m3fn (or the uint8 view of
+            FP8 pools: their codes decoded in software, as on GPUs without FP8 units), keys rotated at write time.
         seg: int32 [B, n_seg, 3] segment table (start_row, length, delta) on q's device; read in the kernel
             (no host synchronisation). Rows must lie inside the pools (not checked: that would need a sync).
         scale: softmax scale (usually D ** -0.5).
@@ -200,6 +203,8 @@ def sparse_kv_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: to
     n_t, _ = pair_split(d)
     block_d = max(32, triton.next_power_of_2(d))
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)  # noqa: E731
+    if k_pool_scale is not None:
+        k_pool, v_pool = fp8_codes(k_pool), fp8_codes(v_pool)
     _sparse_kv_attention_kernel[grid](
         q, k_pool, v_pool, seg, inv_freq_table(d, q.device), out,
         k_pool_scale, v_pool_scale,
