@@ -4,8 +4,8 @@ One program per (tile of output rows, batch element) finds each row's segment fr
 device (prefix sums of the lengths, no host sync), then copies V and rotates the temporal pairs of K
 by the segment's delta for every head (cos/sin once per row, reused by all heads). FP8 pools (constexpr
 ``FP8``) are read as codes times the scale of the row and head (one scale load per row and head), the codes
-converted by the GPU or, on GPUs without FP8 units, decoded from their bits (``triton_common.fp8_codes``). The CUDA kernel
-(csrc/gather_kv_rope.cuh) is the fast path where the extension is built; this one serves GPUs without
+converted by the GPU or, on GPUs without FP8 units, decoded from their bits (``triton_common.fp8_codes``). The
+CUDA kernel (csrc/gather_kv_rope.cuh) is the fast path where the extension is built; this one serves GPUs without
 it and the CPU interpreter.
 """
 from __future__ import annotations
@@ -104,10 +104,13 @@ def gather_kv_rope_triton(k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch
     if b == 0 or total == 0:
         return
     n_t, _ = pair_split(d)
-    block_r = 16 if interpreter_enabled() else 32
     fp8 = k_pool_scale is not None
     if fp8:
         k_pool, v_pool = fp8_codes(k_pool), fp8_codes(v_pool)
+    # 16 rows a program where FP8 codes are decoded in software, 8 warps: with 32 rows and 4 warps their integer
+    # temporaries spill 96-112 B on sm_80 / sm_86 (255 registers; benchmarks/target_report.py)
+    soft = k_pool.dtype == torch.uint8
+    block_r = 16 if interpreter_enabled() or soft else 32
     _gather_kv_rope_kernel[(triton.cdiv(total, block_r), b)](
         k_pool, v_pool, k_pool_scale, v_pool_scale, seg, inv_freq_table(d, k_pool.device), k_out, v_out,
         total, seg.shape[1], h, d,
@@ -115,5 +118,5 @@ def gather_kv_rope_triton(k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch
         *seg.stride(), *k_out.stride(), *v_out.stride(),
         N_T=n_t, FP8=fp8, BLOCK_R=block_r, BLOCK_S=triton.next_power_of_2(seg.shape[1]),
         BLOCK_D=triton.next_power_of_2(d),
-        num_warps=4,
+        num_warps=8 if soft else 4,
     )

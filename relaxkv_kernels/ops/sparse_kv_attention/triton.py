@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 
 from ...availability import interpreter_enabled
+from ...targets import UnsupportedGPUError
+from ...targets import target_of
 from ..checks import require
 from ..fp8 import scale_strides
 from ..triton_common import _cos_sin
@@ -32,10 +34,10 @@ def _configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=1, num_stages=1)]
     # D = 128 fp16/bf16 on H100: 128 x 64 tiles, 8 warps, 3 stages is the usual sweet spot (FA2 tutorial);
     # the smaller ones serve D = 64 and short query counts. 128 x 64 at 4 warps is left out: ptxas (sm_90a,
-    # Triton 3.9, benchmarks/ptxas_report.py) gives it 592 B of stack at D = 128, against 32 B at 8 warps.
-    # FP8 pools (1-byte K/V tiles dequantized in registers) keep all four, compiled the same way: main config 254
-    # registers, 32 B of stack, 97 KiB of shared memory (128 with bf16 pools); the others 32-40 B of stack. The
-    # pools' dtype is part of Triton's autotune key, so FP8 pools are tuned on their own.
+    # Triton 3.9, benchmarks/target_report.py) gives it 592 B of stack at D = 128, against 32 B at 8 warps.
+    # FP8 pools (1-byte K/V tiles dequantized in registers) keep all four, compiled the same way. The pools' dtype is
+    # part of Triton's autotune key, so FP8 pools are tuned on their own. On other GPUs ``fitting_configs`` drops
+    # what does not fit (shared memory) or spills there: per target, benchmarks/results/targets.json.
     return [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
@@ -44,7 +46,37 @@ def _configs() -> list[triton.Config]:
     ]
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "N_Q"])
+def spills(kernel) -> int:
+    """Bytes of registers ptxas spilled in a compiled kernel (loads it on the GPU; benchmarks/target_report.py, which
+    compiles for GPUs it does not have, reads them from ptxas instead)."""
+    return kernel.n_spills
+
+
+def fitting_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The autotuner's ``early_config_prune``: the configs that fit the GPU Triton compiles for.
+
+    Each config is compiled for this launch (the autotuner compiles them anyway; the JIT caches them) and kept when
+    its shared memory is within the target's limit (``relaxkv_kernels.targets``: 99 KiB on sm_86 / sm_89 / sm_120,
+    where the 128 x 128 tiles need 160 KiB) and ptxas spilled no register; where every fitting config spills, the
+    ones that spill least. Measured with Triton 3.9 for every target at Wan shapes by benchmarks/target_report.py.
+    """
+    if interpreter_enabled():
+        return configs
+    target = target_of(divmod(triton.runtime.driver.active.get_current_target().arch, 10))
+    launch = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+    fit = {}
+    for cfg in configs:
+        kernel = _sparse_kv_attention_kernel.fn.warmup(**named_args, **launch, **cfg.all_kwargs(), grid=(1,))
+        if kernel.metadata.shared <= target.smem_per_block:
+            fit[cfg] = spills(kernel)
+    if not fit:
+        raise UnsupportedGPUError(f"relaxkv.sparse_kv_attention: no tile config fits the {target.smem_per_block} B of "
+                                  f"shared memory of {target.arch}")
+    least = min(fit.values())
+    return [cfg for cfg, spilled in fit.items() if spilled == least]
+
+
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "N_Q"], prune_configs_by={"early_config_prune": fitting_configs})
 @triton.jit
 def _sparse_kv_attention_kernel(
     # pointers
@@ -79,7 +111,7 @@ def _sparse_kv_attention_kernel(
     o_n = tl.arange(0, BLOCK_N)  # [BN]
     # head dims in two halves: every temporal pair (the only ones a delta turns: 44 of 128 dims) lies in
     # the first, so only that half of the Q tile is re-rotated per segment; the second stays as loaded.
-    # ptxas, sm_90a, bf16 D = 128, 128x64 tiles, 8 warps, 3 stages (benchmarks/ptxas_report.py):
+    # ptxas, sm_90a, bf16 D = 128, 128x64 tiles, 8 warps, 3 stages (benchmarks/target_report.py):
     # 246 registers and 32 B of stack, against 255 and 312 B of spills with one full-width rotated tile
     o_a = tl.arange(0, HALF_D)  # [BH] dims 0 .. BD/2-1
     o_b = HALF_D + tl.arange(0, HALF_D)  # [BH] dims BD/2 .. BD-1
