@@ -223,9 +223,10 @@ def ptxas_resources(ptx: str, target: Target) -> dict:
     return {k: row[k] for k in ("registers", "stack", "spill_stores", "spill_loads")}
 
 
-def ptxas_spills(kernel) -> int:
-    """``sparse_kv_attention.triton.spills`` for a kernel compiled for the stand-in target (ptxas, not the GPU)."""
-    return ptxas_resources(kernel.asm["ptx"], active_target())["spill_stores"]
+def ptxas_local_memory(kernel) -> int:
+    """``sparse_kv_attention.triton.local_memory`` for a kernel compiled for the stand-in target: ptxas's stack frame
+    (the local memory the GPU would report), in Triton's 4-byte words."""
+    return ptxas_resources(kernel.asm["ptx"], active_target())["stack"] // 4
 
 
 def active_target() -> Target:
@@ -235,7 +236,9 @@ def active_target() -> Target:
 def compile_row(launch: Launch, config, target: Target, kept: bool) -> dict:
     """One launch and config compiled for ``target``: resources and verdict."""
     opts = {} if config is None else config.all_kwargs()
+    codes = (torch.float8_e4m3fn, torch.uint8)  # FP8 pools as the kernels take them (converted / decoded)
     row = {"kernel": launch.kernel, "target": target.arch, "config": _config_name(config, launch),
+           "fp8": any(isinstance(a, Pointer) and a.dtype in codes for a in launch.args),
            "kept": kept, "hot": launch.kernel in HOT and any("/window/" in w for w in launch.seen),
            "seen": sorted(launch.seen)}
     t0 = time.perf_counter()
@@ -281,7 +284,7 @@ def report(targets: list[Target], policies, modes, kv_dtypes, chunks: int) -> li
     from relaxkv_kernels.ops.sparse_kv_attention import triton as attention
 
     rows = []
-    attention.spills = ptxas_spills  # the autotuner's pruning reads spills from ptxas here, not from a GPU
+    attention.local_memory = ptxas_local_memory  # the autotuner's pruning reads ptxas here, not a GPU
     for target in targets:
         with stand_in(target):
             launches = capture(policies, modes, kv_dtypes, chunks)
@@ -307,7 +310,7 @@ def summary(rows: list[dict], cuda: dict[str, list[dict]]) -> list[str]:
         kept = {}
         for r in mine:
             if r["kernel"] == "_sparse_kv_attention_kernel" and r["kept"]:
-                kept.setdefault("FP8" if any("/fp8" in w for w in r["seen"]) else "bf16", set()).add(r["config"])
+                kept.setdefault("FP8" if r["fp8"] else "bf16", set()).add(r["config"])
         attention = " / ".join(", ".join(sorted(kept.get(k, ()))) or "-" for k in ("bf16", "FP8"))
         ck = cuda.get(t.arch)
         cuda_cell = (f"{max(r['registers'] for r in ck)}, {max(r['spill_stores'] for r in ck)} B" if ck else "-")

@@ -46,9 +46,11 @@ def _configs() -> list[triton.Config]:
     ]
 
 
-def spills(kernel) -> int:
-    """Bytes of registers ptxas spilled in a compiled kernel (loads it on the GPU; benchmarks/target_report.py, which
-    compiles for GPUs it does not have, reads them from ptxas instead)."""
+def local_memory(kernel) -> int:
+    """Per-thread local memory of a compiled kernel, in 4-byte words as Triton's ``n_spills`` counts it (loaded on the
+    GPU to read it; benchmarks/target_report.py, which compiles for GPUs it does not have, reads ptxas's stack frame
+    instead): spilled registers plus the 32 B stack frame of libdevice's cos/sin slow path that every config has."""
+    kernel._init_handles()
     return kernel.n_spills
 
 
@@ -57,8 +59,9 @@ def fitting_configs(configs: list[triton.Config], named_args: dict, **kwargs) ->
 
     Each config is compiled for this launch (the autotuner compiles them anyway; the JIT caches them) and kept when
     its shared memory is within the target's limit (``relaxkv_kernels.targets``: 99 KiB on sm_86 / sm_89 / sm_120,
-    where the 128 x 128 tiles need 160 KiB) and ptxas spilled no register; where every fitting config spills, the
-    ones that spill least. Measured with Triton 3.9 for every target at Wan shapes by benchmarks/target_report.py.
+    where the 128 x 128 tiles need 160 KiB) and it has the least local memory of those: configs that spill registers
+    have more (Triton 3.9, every target at Wan shapes, benchmarks/results/targets.json: 32 B of stack frame without a
+    spill, 40 B to 15.9 KB with one; bf16 128 x 64 tiles spill 104 B on sm_80 / sm_86 / sm_89, 152 B on sm_120).
     """
     if interpreter_enabled():
         return configs
@@ -68,12 +71,12 @@ def fitting_configs(configs: list[triton.Config], named_args: dict, **kwargs) ->
     for cfg in configs:
         kernel = _sparse_kv_attention_kernel.fn.warmup(**named_args, **launch, **cfg.all_kwargs(), grid=(1,))
         if kernel.metadata.shared <= target.smem_per_block:
-            fit[cfg] = spills(kernel)
+            fit[cfg] = local_memory(kernel)
     if not fit:
         raise UnsupportedGPUError(f"relaxkv.sparse_kv_attention: no tile config fits the {target.smem_per_block} B of "
                                   f"shared memory of {target.arch}")
     least = min(fit.values())
-    return [cfg for cfg, spilled in fit.items() if spilled == least]
+    return [cfg for cfg, local in fit.items() if local == least]
 
 
 @triton.autotune(configs=_configs(), key=["HEAD_DIM", "N_Q"], prune_configs_by={"early_config_prune": fitting_configs})
