@@ -3,12 +3,14 @@
 Pure functions of a capability tuple, so the rules a GPU user meets are checked here without one; the dispatch
 test feeds a capability through torch's query. setup.py's default build must hold every target of the table.
 """
+import re
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from relaxkv_kernels.availability import cuda_extension
 from relaxkv_kernels.ops.gather_kv_rope.op import BACKENDS as GATHER_KV_ROPE_BACKENDS
 from relaxkv_kernels.targets import TARGETS
 from relaxkv_kernels.targets import UnsupportedGPUError
@@ -42,6 +44,15 @@ def test_setup_builds_every_target_plus_ptx_of_the_newest(monkeypatch):
     assert setup.cuda_archs() == ["sm_80", "sm_90a"]
     assert setup.gencode_flags(["sm_90a", "compute_120"]) == ["-gencode=arch=compute_90a,code=sm_90a",
                                                              "-gencode=arch=compute_120,code=compute_120"]
+
+
+def test_the_built_extension_names_what_it_holds():
+    """_C.cuda_archs: the cubins and PTX of the build, as runs_on reads them (the default build: every target)."""
+    ext = cuda_extension()
+    if ext is None:
+        pytest.skip("relaxkv_kernels._C not built (no nvcc at install time)")
+    archs = ext.cuda_archs.split(";")
+    assert archs and all(re.fullmatch(r"(sm|compute)_\d+a?", a) for a in archs), archs
 
 
 @pytest.mark.parametrize("capability, arch", [
