@@ -3,7 +3,8 @@
 The extension (csrc/*.cu + csrc/bindings.cpp, pybind11, no torch headers) is compiled and linked by
 nvcc itself, so it builds against any torch wheel, CPU-only included. It is skipped, leaving a
 pure-Python install, when nvcc is not found or RELAXKV_SKIP_CUDA_BUILD=1.
-RELAXKV_CUDA_ARCHS="80;90a" picks the targets (default 90a).
+RELAXKV_CUDA_ARCHS picks the targets, as torch's TORCH_CUDA_ARCH_LIST does ("+PTX": embed that target's PTX
+too). The default is every GPU of relaxkv_kernels/targets.py plus PTX of the newest, which later GPUs JIT.
 """
 import os
 import shutil
@@ -31,10 +32,24 @@ def find_nvcc():
     return None
 
 
-def gencode_flags():
-    archs = os.environ.get("RELAXKV_CUDA_ARCHS", "90a").replace(",", ";").replace(" ", ";")
-    archs = [a.replace(".", "") for a in archs.split(";") if a]
-    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+DEFAULT_ARCHS = "80;86;89;90a;100a;120+PTX"  # the `gencode` of every relaxkv_kernels.targets.TARGETS entry
+
+
+def cuda_archs() -> list[str]:
+    """What the extension holds: ``sm_<arch>`` cubins and ``compute_<arch>`` PTX, from RELAXKV_CUDA_ARCHS."""
+    spec = os.environ.get("RELAXKV_CUDA_ARCHS", DEFAULT_ARCHS).replace(",", ";").replace(" ", ";")
+    archs = []
+    for entry in filter(None, spec.split(";")):
+        arch = entry.removesuffix("+PTX").replace(".", "")
+        archs.append(f"sm_{arch}")
+        if entry.endswith("+PTX"):
+            archs.append(f"compute_{arch}")
+    return archs
+
+
+def gencode_flags(archs: list[str]) -> list[str]:
+    """nvcc's -gencode flags for ``archs`` (``cuda_archs()``)."""
+    return [f"-gencode=arch=compute_{a.split('_')[1]},code={a}" for a in archs]
 
 
 class NvccBuildExt(build_ext):
@@ -50,11 +65,14 @@ class NvccBuildExt(build_ext):
         tmp.mkdir(parents=True, exist_ok=True)
         includes = [f"-I{d}" for d in (pybind11.get_include(), sysconfig.get_paths()["include"],
                                        str(ROOT / "csrc"))]
-        gencode = gencode_flags()
+        archs = cuda_archs()
+        gencode = gencode_flags(archs)
+        # the list reaches the module as _C.cuda_archs (relaxkv_kernels.targets checks the running GPU against it)
+        define = f"-DRELAXKV_CUDA_ARCHS={';'.join(archs)}"
 
         def compile_one(src):
             obj = tmp / (Path(src).name + ".o")
-            cmd = [nvcc, "-c", str(ROOT / src), "-o", str(obj), *NVCC_FLAGS, *gencode, *includes]
+            cmd = [nvcc, "-c", str(ROOT / src), "-o", str(obj), *NVCC_FLAGS, *gencode, define, *includes]
             print(" ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)
             return str(obj)

@@ -42,6 +42,18 @@ def ptx_entries(ptx: str) -> dict[str, str]:
     return {name: ptx[s:e] for (s, name), e in zip(starts, bounds)}
 
 
+def ptxas_usage(log: str) -> list[dict]:
+    """Per entry function of a ``ptxas -v`` log: kernel (mangled name), registers, barriers, stack, spill_stores,
+    spill_loads (bytes)."""
+    rows = []
+    for chunk in log.split("Compiling entry function")[1:]:
+        stack, spill_st, spill_ld = map(int, _PROPS.search(chunk).groups())
+        used = _USED.search(chunk)
+        rows.append({"kernel": _ENTRY.search("Compiling entry function" + chunk)[1], "registers": int(used[1]),
+                     "barriers": int(used[2] or 0), "stack": stack, "spill_stores": spill_st, "spill_loads": spill_ld})
+    return rows
+
+
 def report(arch: str = "sm_90a") -> list[dict]:
     """One row per kernel instantiation of csrc/*.cu."""
     nvcc = find_nvcc()
@@ -58,13 +70,9 @@ def report(arch: str = "sm_90a") -> list[dict]:
             info = subprocess.run([ptxas, "-v", f"-arch={arch}", str(ptx_path), "-o", str(Path(tmp) / "k.cubin")],
                                   check=True, capture_output=True, text=True).stderr
             bodies = ptx_entries(ptx_path.read_text())
-            for chunk in info.split("Compiling entry function")[1:]:
-                name = _ENTRY.search("Compiling entry function" + chunk)[1]
-                stack, spill_st, spill_ld = map(int, _PROPS.search(chunk).groups())
-                used = _USED.search(chunk)
-                row = {"source": src.name, "kernel": name, "registers": int(used[1]),
-                       "barriers": int(used[2] or 0), "stack": stack, "spill_stores": spill_st,
-                       "spill_loads": spill_ld, "vector": bool(_VECTOR.search(name))}
+            for row in ptxas_usage(info):
+                name = row["kernel"]
+                row.update(source=src.name, vector=bool(_VECTOR.search(name)))
                 row.update({k: len(p.findall(bodies[name])) for k, p in ACCESSES.items()})
                 rows.append(row)
     for row, pretty in zip(rows, demangle([r["kernel"] for r in rows])):

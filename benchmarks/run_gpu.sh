@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU tier in one call, sized for one device command (limits add up to 545 s; expected ~6-7 min on an
+# The GPU tier in one call, sized for one device command (limits add up to 590 s; expected ~6-7 min on an
 # H100): build the extension, the chunk and generator benchmarks at Wan2.1-1.3B shapes, the GPU tests,
 # rope_append against the copy bandwidth, the README main job, tables and plots, and last the diffusers adapter
 # against relaxkv_gen's model (skipped, status 77, where diffusers is not installed). Everything goes to $WORK
@@ -70,7 +70,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run if selected, log to $WORK/NAME.log
     keep
 }
 
-step build 45 "$PY" setup.py build_ext --inplace
+step build 90 "$PY" setup.py build_ext --inplace
 step chunk 150 "$PY" benchmarks/bench_chunk.py --shapes wan --configs "$CONFIGS" --write-tuning --no-progress \
     --reps 3 --budget-s 10 --out "$WORK/chunk_wan.json"
 step generator 100 "$PY" benchmarks/bench_generator.py --preset wan-1.3b $quick --no-progress \

@@ -11,6 +11,12 @@
 
 namespace py = pybind11;
 
+#ifndef RELAXKV_CUDA_ARCHS  // setup.py passes its target list (sm_80;...;compute_120); a build outside it has none
+#define RELAXKV_CUDA_ARCHS
+#endif
+#define RELAXKV_STR2(x) #x
+#define RELAXKV_STR(x) RELAXKV_STR2(x)
+
 namespace relaxkv {
 
 int device_count() {
@@ -32,6 +38,7 @@ PYBIND11_MODULE(_C, m) {
     dtype_codes["float16"] = int(kFloat16);
     dtype_codes["bfloat16"] = int(kBFloat16);
     m.attr("dtype_codes") = dtype_codes;
+    m.attr("cuda_archs") = RELAXKV_STR(RELAXKV_CUDA_ARCHS);  // sm_XY cubins and compute_XY PTX, ';'-separated
     const auto nogil = py::call_guard<py::gil_scoped_release>();
 
     m.def("device_count", &device_count, "CUDA devices visible to this module's runtime; 0 without a driver.");

@@ -100,6 +100,22 @@ def kernel_device(request, monkeypatch) -> str:
     return "cpu"
 
 
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """``fake_gpu(capability, name)``: torch reports one CUDA device of that capability and name (no GPU needed), for
+    the rules of relaxkv_kernels.targets (dispatch, KVCache) that read it."""
+    from relaxkv_kernels import targets
+
+    def set_gpu(capability: tuple[int, int], name: str) -> None:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: name)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        targets.device_target.cache_clear()
+
+    yield set_gpu
+    targets.device_target.cache_clear()
+
+
 def pytest_collection_modifyitems(config, items):
     """GPU tests are skipped cleanly when no CUDA device is present."""
     if torch.cuda.is_available():

@@ -4,6 +4,7 @@ inference-only backward), and a whole chunk step under torch.compile(fullgraph=T
 import importlib
 import inspect
 import json
+import warnings
 
 import pytest
 import torch
@@ -72,9 +73,10 @@ def test_auto_on_cpu_is_the_reference(op, no_backend_env):
 
 
 @pytest.mark.parametrize("op", [op for op in TABLE_OPS if TABLES[op].cuda is not None])
-def test_cuda_backend_finds_the_cuda_kernel(op, no_backend_env):
+def test_cuda_backend_finds_the_cuda_kernel(op, no_backend_env, fake_gpu):
     if cuda_extension() is None:
         pytest.skip("relaxkv_kernels._C not built (no nvcc at install time)")
+    fake_gpu((9, 0), "NVIDIA H100 80GB HBM3")
     table = TABLES[op]
     assert table.resolve(CUDA, "cuda") == "cuda"
     assert table.implementation(CUDA, "cuda") is table.cuda
@@ -82,9 +84,10 @@ def test_cuda_backend_finds_the_cuda_kernel(op, no_backend_env):
         table.resolve(CPU, "cuda")  # the real runtime takes CUDA tensors only (the emulated one CPU tensors)
 
 
-def test_resolution_rules(no_backend_env):
+def test_resolution_rules(no_backend_env, fake_gpu):
     """auto on CUDA: the first kernel of the table's ``auto`` order that is available here; explicit names
     that cannot run raise, naming the op."""
+    fake_gpu((9, 0), "NVIDIA H100 80GB HBM3")
     both = OpBackends("toy", reference=_ref, triton=lambda: _ref, cuda=_ref, auto=("cuda", "triton"))
     only_ref = OpBackends("toy", reference=_ref)
     first = "cuda" if cuda_extension() is not None else "triton" if triton_available() else "reference"
@@ -176,6 +179,33 @@ def test_tuning_table_of_another_version_is_ignored(tuning_table):
     assert tuning.load_table() == {}
     tuning.record({key: "triton"})  # replaces the old entries, does not merge them
     assert json.loads(tuning_table.read_text())["entries"] == {key: "triton"}
+
+
+def test_default_engine_is_measured_cudnn_or_torch_dispatch():
+    """cuDNN first only on a target measured on hardware (sm_90a: H100) with a cuDNN newer than 9.15.0; torch's own
+    dispatch on the others (A100 .. RTX 5090, B200) and before sm_80."""
+    assert tuning.default_for((9, 0), tuning.CUDNN_MIN) == "sdpa_cudnn"
+    assert tuning.default_for((9, 0), tuning.CUDNN_MIN - 1) == "sdpa"
+    for capability in [(7, 5), (8, 0), (8, 6), (8, 9), (10, 0), (12, 0)]:
+        assert tuning.default_for(capability, tuning.CUDNN_MIN) == "sdpa", capability
+
+
+def test_unmeasured_gpu_gets_the_default_with_one_warning(tuning_table, monkeypatch):
+    """A GPU without a row in the table: the default engine and one warning per process naming it; once it has a
+    row (bench_chunk --write-tuning), its other shapes fall back silently."""
+    monkeypatch.setattr(tuning, "device_name", lambda device: "NVIDIA GeForce RTX 5090")
+    monkeypatch.setattr(tuning, "default_engine", lambda device: "sdpa")
+    tuning.warn_unmeasured.cache_clear()
+    with pytest.warns(UserWarning, match="RTX 5090 has no row in tuning.json .*'sdpa', a safe default"):
+        assert tuning.choose_engine("cuda:0", 128, 4680, 10920) == "sdpa"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert tuning.choose_engine("cuda:0", 128, 4680, 32760) == "sdpa"  # said once
+        tuning.warn_unmeasured.cache_clear()
+        tuning.record({tuning.tuning_key("NVIDIA GeForce RTX 5090", 128, 4680, 10920): "sdpa_flash"})
+        assert tuning.choose_engine("cuda:0", 128, 4680, 10920) == "sdpa_flash"
+        assert tuning.choose_engine("cuda:0", 128, 4680, 32760) == "sdpa"  # measured GPU, other shape: silent
+    tuning.warn_unmeasured.cache_clear()
 
 
 def test_auto_engine_follows_the_tuning_table(tuning_table):

@@ -60,6 +60,7 @@ from ..ops.checks import check_tensor
 from ..ops.dense_attention.engines import ENGINES
 from ..ops.fp8 import FP8_DTYPES
 from ..ops.rope_append.op import rope_append_op
+from ..targets import require_gpu
 from .device_plan import DevicePlan
 from .modes import MODES
 from .modes import make_mode
@@ -156,6 +157,8 @@ class KVCache:
         self.heads = None if process_group is None else HeadShards(op, process_group, num_heads)
         if backend == "fused":
             backend = "auto" if self.device.type == "cuda" else "triton"
+        if self.device.type == "cuda" and backend != "reference":  # one UnsupportedGPUError here, not in a launch
+            require_gpu(self.device, with_extension=backend in ("auto", "cuda"))
         self.planner = pl = policy.planner(height, width)  # raises when the policy's geometry does not fit the grid
         if not isinstance(pl, Planner):
             raise TypeError(f"{op}: {type(policy).__name__}.planner(): expected a relaxkv_kernels.Planner, got "

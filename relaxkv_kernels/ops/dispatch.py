@@ -15,6 +15,9 @@ The backend comes from the call's ``backend`` argument, else ``RELAXKV_BACKEND_<
     triton     CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``
     cuda       the compiled extension ``relaxkv_kernels._C`` (tensors of ``cuda_common.runtime``'s device type)
     auto       on CUDA the op's ``auto`` preference among the kernels it has, else the reference
+
+A Triton or CUDA backend on a GPU the package has no code for (older than sm_80; for ``cuda``, one the extension
+was not built for) raises ``relaxkv_kernels.targets.UnsupportedGPUError`` here, before any launch.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import torch
 from ..availability import cuda_extension
 from ..availability import interpreter_enabled
 from ..availability import triton_available
+from ..targets import require_gpu
 from . import cuda_common
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
@@ -54,13 +58,7 @@ class OpBackends:
         if backend not in BACKENDS:
             raise ValueError(f"{op}: backend: expected one of {BACKENDS}, got {backend!r}")
         if backend == "auto":
-            if device.type == "cuda":
-                for name in self.auto:
-                    if name == "triton" and self.triton is not None and triton_available():
-                        return "triton"
-                    if name == "cuda" and self.cuda is not None and cuda_extension() is not None:
-                        return "cuda"
-            return "reference"
+            backend = self._auto(device)
         if backend == "triton":
             if self.triton is None:
                 raise RuntimeError(f"{op}: backend 'triton': no Triton kernel for this op (use 'cuda' or 'reference')")
@@ -69,7 +67,19 @@ class OpBackends:
                                    f"on CPU), got device {device}")
         if backend == "cuda" and (self.cuda is None or device.type != cuda_common.runtime.device_type):
             raise RuntimeError(f"{op}: backend 'cuda' needs a CUDA kernel for this op and CUDA tensors, got {device}")
+        if backend != "reference" and device.type == "cuda":  # UnsupportedGPUError before any launch
+            require_gpu(device, with_extension=backend == "cuda")
         return backend
+
+    def _auto(self, device: torch.device) -> str:
+        """On CUDA the first of the op's ``auto`` kernels that can run, else the reference."""
+        if device.type == "cuda":
+            for name in self.auto:
+                if name == "triton" and self.triton is not None and triton_available():
+                    return "triton"
+                if name == "cuda" and self.cuda is not None and cuda_extension() is not None:
+                    return "cuda"
+        return "reference"
 
     def run(self, device: torch.device, backend: str, checked: bool, check: Callable, *args):
         """The op on ``args`` (the implementation's arguments): ``check(*args)`` first unless the caller has

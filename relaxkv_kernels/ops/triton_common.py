@@ -12,8 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..availability import interpreter_enabled
 from ..geometry import rope_inv_freq
 from ..geometry import rope_pair_split
+from ..targets import target_of
 
 TWO_PI_INV = tl.constexpr(0.15915494309189535)  # 1 / (2 pi)
 # 2 pi split in two fp32 parts (Cody-Waite): HI has 8 significant bits, so k * HI is exact
@@ -180,3 +182,40 @@ def _fp8_encode(y, lim):
     code = tl.where(a >= 0x3C800000, normal, sub)  # 0x3C800000: 2^-6, e4m3's smallest normal
     code = tl.where(a > 0x7F800000, 0x7F, code)
     return (code | sign).to(tl.uint8)
+
+
+@triton.jit
+def _fp8_decode(codes):
+    """fp32 values of e4m3fn ``codes`` (uint8), bit for bit those of the GPU's converter and of torch's ``.float()``.
+
+    For GPUs without FP8 units (sm_80, sm_86: Triton refuses ``fp8e4nv`` there). Normal codes (exponent field > 0)
+    re-bias the exponent (7 -> 127: add 120 << 23) under the 3 mantissa bits moved to the top of fp32's;
+    subnormal ones are mantissa * 2^-9 (an exact fp32 product, itself normal: no denormal flushing); 0x7F and
+    0xFF are NaN. The sign bit is copied last, so -0 stays -0.
+    """
+    c = codes.to(tl.int32)
+    mag = c & 0x7F
+    normal = (mag << 20) + (120 << 23)
+    sub = (mag.to(tl.float32) * 0.001953125).to(tl.int32, bitcast=True)  # 2^-9
+    bits = tl.where(mag >= 8, normal, sub)
+    bits = tl.where(mag == 0x7F, 0x7FC00000, bits)
+    return (bits | ((c >> 7) << 31)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fp8_values(codes):
+    """fp32 values of loaded e4m3fn codes: converted by the GPU where they were loaded as ``fp8e4nv``, decoded from
+    the bits (``_fp8_decode``) where they were loaded through a uint8 view (``fp8_codes``)."""
+    if codes.dtype == tl.uint8:
+        return _fp8_decode(codes)
+    return codes.to(tl.float32)
+
+
+def fp8_codes(pool: torch.Tensor) -> torch.Tensor:
+    """An FP8 pool as the kernels load it (``_fp8_values``): the pool itself where e4m3 converts in hardware (the
+    target Triton compiles for has FP8 tensor cores, ``relaxkv_kernels.targets``; the interpreter), its uint8 codes
+    where it does not (sm_80, sm_86)."""
+    if interpreter_enabled():
+        return pool
+    arch = triton.runtime.driver.active.get_current_target().arch  # the capability Triton compiles for, e.g. 86
+    return pool if target_of(divmod(arch, 10)).fp8_tensor_cores else pool.view(torch.uint8)

@@ -3,7 +3,8 @@
 The reference against its literal definition (smallest power of two with amax / scale <= 448, torch's
 round-to-nearest-even cast, e4m3's 2^-4 relative error); the Triton building blocks, run in a tiny kernel
 under the interpreter, against the reference bit for bit, on every e4m3 value, every rounding tie and
-rows of magnitudes from 2^-140 to 2^100; the pool-format check's named errors.
+rows of magnitudes from 2^-140 to 2^100; the software decode of GPUs without FP8 units against torch's conversion
+on all 256 codes; the pool-format check's named errors.
 """
 import math
 
@@ -20,6 +21,7 @@ from relaxkv_kernels.ops.fp8 import quantize_fp8
 from relaxkv_kernels.ops.triton_common import _fp8_encode
 from relaxkv_kernels.ops.triton_common import _fp8_limit
 from relaxkv_kernels.ops.triton_common import _fp8_scale
+from relaxkv_kernels.ops.triton_common import _fp8_values
 
 from helpers import DEVICE
 from helpers import FP8
@@ -122,6 +124,26 @@ def test_triton_scale_and_codes_equal_the_reference(rows):
     want_codes, want_scale = quantize_fp8(x)
     assert torch.equal(scale, want_scale)
     assert torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8))
+
+
+@triton.jit
+def _decode_kernel(codes, out, N: tl.constexpr):
+    o = tl.arange(0, N)
+    tl.store(out + o, _fp8_values(tl.load(codes + o)))
+
+
+def test_triton_software_decode_equals_torch_on_every_code():
+    """uint8 codes (how sm_80 / sm_86 load FP8 pools: decoded from the bits) give torch's float32 values bit for bit
+    on the 254 finite codes (both zeros, 14 subnormals, the normals up to +-448), NaN on 0x7F and 0xFF. (The
+    converter path, fp8e4nv loads, is the GPU's: the interpreter's emulation of it is not checked here.)"""
+    need_triton()
+    codes = torch.arange(256, dtype=torch.uint8, device=DEVICE)
+    out = torch.full((256,), 1.0, device=DEVICE)
+    _decode_kernel[(1,)](codes, out, N=256)
+    want = codes.view(FP8).float()
+    nan = want.isnan()
+    assert nan.sum() == 2 and torch.equal(out[nan].isnan(), torch.ones(2, dtype=torch.bool, device=DEVICE))
+    assert torch.equal(out[~nan].view(torch.int32), want[~nan].view(torch.int32))
 
 
 def test_pool_format_errors_name_the_argument():

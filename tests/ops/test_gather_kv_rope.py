@@ -504,10 +504,15 @@ def test_gather_kv_rope_fp8_public_ops_reference():
 @pytest.mark.skipif(BACKENDS.triton is None, reason="gather_kv_rope has no Triton kernel")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
-def test_gather_kv_rope_fp8_triton_matches_reference(dtype, layout):
+@pytest.mark.parametrize("decode", ["converter", "software"])
+def test_gather_kv_rope_fp8_triton_matches_reference(dtype, layout, decode, monkeypatch):
     """FP8 pools into fp32 / fp16 buffers (the interpreter computes bf16 wrongly); fp32: gather_kv_rope's new
-    tensors too."""
+    tensors too. "software": the codes read through uint8 views and decoded from their bits, as on sm_80 / sm_86."""
     need_triton()
+    if decode == "software":
+        from relaxkv_kernels.ops.gather_kv_rope import triton as kernel
+
+        monkeypatch.setattr(kernel, "fp8_codes", lambda pool: pool.view(torch.uint8))
     g = gen(63)
     seg, total = ragged_table(2, 90, g)
     args = _fp8_args(g, 2, 90, 3, 32, seg, DEVICE, layout)

@@ -242,12 +242,20 @@ def _attention_same_dtype(q, k_pool, v_pool, seg, scale):
     pytest.param(torch.float16, 2, 32, 9, [(0, 16, 2), (20, 0, 0)], [(0, 0, 3), (40, 0, -1)], "contiguous",
                  id="fp16-d32-batch1-empty"),
 ])
-@pytest.mark.parametrize("pools", ["compute", "fp8"], ids=["pools_compute_dtype", "pools_fp8"])
-def test_sparse_kv_attention_triton_matches_reference(dtype, heads, head_dim, n_q, seg0, seg1, layout, pools):
+@pytest.mark.parametrize("pools", ["compute", "fp8", "fp8_software"],
+                         ids=["pools_compute_dtype", "pools_fp8", "pools_fp8_software_decode"])
+def test_sparse_kv_attention_triton_matches_reference(dtype, heads, head_dim, n_q, seg0, seg1, layout, pools,
+                                                      monkeypatch):
     """pools "fp8": codes and scales of pools whose rows and heads span 3 binades, rows no segment lists
-    poisoned (NaN codes and scales); "interleaved" then gives the codes and the two scales three layouts."""
+    poisoned (NaN codes and scales); "interleaved" then gives the codes and the two scales three layouts.
+    "fp8_software": the codes read through uint8 views and decoded from their bits, as on sm_80 / sm_86."""
     need_triton()
+    from relaxkv_kernels.ops.sparse_kv_attention import triton as kernel
     from relaxkv_kernels.ops.sparse_kv_attention.triton import sparse_kv_attention_triton
+
+    if pools == "fp8_software":
+        monkeypatch.setattr(kernel, "fp8_codes", lambda pool: pool.view(torch.uint8))
+        pools = "fp8"
 
     g = gen(n_q + head_dim + len(seg0))
     if layout == "interleaved":  # q: every other token of a longer one; pools: K and V interleaved in one buffer

@@ -8,9 +8,11 @@
 Keys are ``<device name>|d<head_dim>|q<Nq bucket>|k<Nk bucket>``, buckets a quarter octave wide
 (``bucket``); values are engines of ``engines.py``. ``benchmarks/bench_chunk.py
 --write-tuning`` times every engine at the chunk shapes on the device it runs on and records the
-fastest. Without an entry: ``sdpa_cudnn`` on CUDA devices of compute capability 9.0 or newer with a cuDNN
-newer than 9.15.0 (H100, 2026-11-27: cuDNN 506 TFLOP/s against 310 for the flash backend at Wan relax
-shapes), torch's own SDPA dispatch elsewhere. The lookup uses Python ints and strings only (the file is
+fastest. Without an entry: ``sdpa_cudnn`` on the GPUs of a target measured on hardware (``measured`` in
+``relaxkv_kernels.targets``: sm_90a, H100, 2026-11-27: cuDNN 506 TFLOP/s against 310 for the flash backend at Wan
+relax shapes) with a cuDNN newer than 9.15.0, torch's own SDPA dispatch elsewhere (a safe default: it runs on every
+GPU); a GPU with no row at all is named in one warning per process, which says how to measure it. The lookup uses
+Python ints and strings only (the file is
 read once per process), so it costs no host-device synchronisation; resolve it outside compiled regions
 (``KVCache.begin_chunk`` does) and pass the engine into compiled code.
 
@@ -22,10 +24,13 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 from pathlib import Path
 
 import torch
 
+from ...targets import OLDEST
+from ...targets import target_of
 from .engines import ENGINES
 
 TUNING_PATH = Path(__file__).with_name("tuning.json")
@@ -69,20 +74,45 @@ CUDNN_MIN = 91501  # torch itself avoids cuDNN attention up to 9.15.0 (out-of-bo
 # failures when the query length is not a multiple of 128, as 4680 is: pytorch #169849, #167101)
 
 
-@functools.cache
-def default_engine(device: str) -> str:
-    """The engine without a table entry: cuDNN first on compute capability >= 9.0 with a cuDNN newer than 9.15.0
-    (measured on an H100), else torch's own dispatch."""
-    dev = torch.device(device)
-    if (dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (9, 0)
-            and (torch.backends.cudnn.version() or 0) >= CUDNN_MIN):
+def default_for(capability: tuple[int, int], cudnn: int) -> str:
+    """The engine without a table entry on a GPU of ``capability`` with cuDNN ``cudnn`` (``torch.backends.cudnn.
+    version()``): cuDNN first where a GPU of that target was measured (an H100: sm_90a) and cuDNN is newer than
+    9.15.0, else torch's own dispatch."""
+    if tuple(capability) >= OLDEST and target_of(capability).measured and cudnn >= CUDNN_MIN:
         return "sdpa_cudnn"
     return "sdpa"
 
 
+@functools.cache
+def default_engine(device: str) -> str:
+    """:func:`default_for` the CUDA ``device``; torch's own dispatch off CUDA."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return "sdpa"
+    return default_for(torch.cuda.get_device_capability(dev), torch.backends.cudnn.version() or 0)
+
+
+@functools.cache
+def warn_unmeasured(name: str, engine: str) -> None:
+    """The one warning of a process for a GPU ``name`` the table has no row for."""
+    warnings.warn(f"relaxkv dense_attention: {name} has no row in {TUNING_PATH.name} (never measured): engine "
+                  f"'auto' runs {engine!r}, a safe default, not a measured choice. Run `python "
+                  "benchmarks/bench_chunk.py --shapes wan --write-tuning` on this GPU to record the fastest engines.",
+                  stacklevel=3)
+
+
 def choose_engine(device: str, head_dim: int, n_q: int, n_k: int) -> str:
-    """The attention engine for n_q queries over n_k contiguous keys on ``device`` (a string)."""
-    return load_table().get(tuning_key(device_name(device), head_dim, n_q, n_k)) or default_engine(device)
+    """The attention engine for n_q queries over n_k contiguous keys on ``device`` (a string): the table's, else
+    :func:`default_engine` (with :func:`warn_unmeasured` on a GPU the table has no row for)."""
+    name = device_name(device)
+    table = load_table()
+    engine = table.get(tuning_key(name, head_dim, n_q, n_k))
+    if engine is not None:
+        return engine
+    engine = default_engine(device)
+    if torch.device(device).type == "cuda" and not any(key.startswith(f"{name}|") for key in table):
+        warn_unmeasured(name, engine)
+    return engine
 
 
 def record(choices: dict[str, str], path: str | Path | None = None) -> Path:

@@ -3,8 +3,9 @@
 One program per (tile of output rows, batch element) finds each row's segment from the table on the
 device (prefix sums of the lengths, no host sync), then copies V and rotates the temporal pairs of K
 by the segment's delta for every head (cos/sin once per row, reused by all heads). FP8 pools (constexpr
-``FP8``) are read as codes times the scale of the row and head (one scale load per row and head). The CUDA kernel
-(csrc/gather_kv_rope.cuh) is the fast path where the extension is built; this one serves GPUs without
+``FP8``) are read as codes times the scale of the row and head (one scale load per row and head), the codes
+converted by the GPU or, on GPUs without FP8 units, decoded from their bits (``triton_common.fp8_codes``). The
+CUDA kernel (csrc/gather_kv_rope.cuh) is the fast path where the extension is built; this one serves GPUs without
 it and the CPU interpreter.
 """
 from __future__ import annotations
@@ -15,7 +16,9 @@ import triton.language as tl
 
 from ...availability import interpreter_enabled
 from ..fp8 import scale_strides
+from ..triton_common import _fp8_values
 from ..triton_common import _rope_rotate
+from ..triton_common import fp8_codes
 from ..triton_common import inv_freq_table
 from ..triton_common import pair_split
 
@@ -65,8 +68,8 @@ def _gather_kv_rope_kernel(
         if FP8:  # codes * the scale of the row and head; rows the table does not cover get a NaN scale
             b_ks = tl.load(k_scale + i_b * s_ksb + i_h * s_ksh + rows * s_ksn, mask=m_cov, other=float("nan"))  # [BR]
             b_vs = tl.load(v_scale + i_b * s_vsb + i_h * s_vsh + rows * s_vsn, mask=m_cov, other=float("nan"))
-            b_k = tl.load(p_k, mask=m_load, other=0.0).to(tl.float32) * b_ks[:, None]  # [BR, BD]
-            b_v = tl.load(p_v, mask=m_load, other=0.0).to(tl.float32) * b_vs[:, None]
+            b_k = _fp8_values(tl.load(p_k, mask=m_load, other=0.0)) * b_ks[:, None]  # [BR, BD]
+            b_v = _fp8_values(tl.load(p_v, mask=m_load, other=0.0)) * b_vs[:, None]
         else:
             b_k = tl.load(p_k, mask=m_load, other=float("nan")).to(tl.float32)  # [BR, BD]
             b_v = tl.load(p_v, mask=m_load, other=float("nan"))
@@ -90,7 +93,8 @@ def gather_kv_rope_triton(k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch
     the public op).
 
     Args:
-        k_pool, v_pool: [B, n_rows, H, D] cache pools (any strides), fp32 / fp16 / bf16 or float8_e4m3fn.
+        k_pool, v_pool: [B, n_rows, H, D] cache pools (any strides), fp32 / fp16 / bf16 or float8_e4m3fn (or the
+            uint8 view of FP8 pools: their codes decoded in software, as on GPUs without FP8 units).
         seg: int32 [B, n_seg, 3].
         k_out, v_out: [B, total, H, D] (any strides), written in place: the pools' dtype, or any of fp32 / fp16 /
             bf16 for FP8 pools.
@@ -100,8 +104,13 @@ def gather_kv_rope_triton(k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch
     if b == 0 or total == 0:
         return
     n_t, _ = pair_split(d)
-    block_r = 16 if interpreter_enabled() else 32
     fp8 = k_pool_scale is not None
+    if fp8:
+        k_pool, v_pool = fp8_codes(k_pool), fp8_codes(v_pool)
+    # 16 rows a program where FP8 codes are decoded in software, 8 warps: with 32 rows and 4 warps their integer
+    # temporaries spill 96-112 B on sm_80 / sm_86 (255 registers; benchmarks/target_report.py)
+    soft = k_pool.dtype == torch.uint8
+    block_r = 16 if interpreter_enabled() or soft else 32
     _gather_kv_rope_kernel[(triton.cdiv(total, block_r), b)](
         k_pool, v_pool, k_pool_scale, v_pool_scale, seg, inv_freq_table(d, k_pool.device), k_out, v_out,
         total, seg.shape[1], h, d,
@@ -109,5 +118,5 @@ def gather_kv_rope_triton(k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch
         *seg.stride(), *k_out.stride(), *v_out.stride(),
         N_T=n_t, FP8=fp8, BLOCK_R=block_r, BLOCK_S=triton.next_power_of_2(seg.shape[1]),
         BLOCK_D=triton.next_power_of_2(d),
-        num_warps=4,
+        num_warps=8 if soft else 4,
     )

@@ -4,8 +4,9 @@ Keys of segment s were stored rotated at their write-time positions and must be 
 segment's temporal shift ``delta`` (README, Design: delta RoPE). Rotations are orthogonal, so
 ``q . R(delta) k == R(-delta) q . k``: the kernel rotates its Q tile once per segment (BM x D work)
 instead of every K tile (length x D work), and never copies or re-rotates the cache. FP8 pools (a constexpr
-switch) are dequantized per tile right after the load (codes * scale of the row and head, fp32), then the tile
-goes on in q's dtype like a loaded one.
+switch) are dequantized per tile right after the load (codes * scale of the row and head, fp32; the codes converted
+by the GPU, or decoded from their bits on GPUs without FP8 units: ``triton_common.fp8_codes``), then the tile goes on
+in q's dtype like a loaded one.
 """
 from __future__ import annotations
 
@@ -14,9 +15,13 @@ import triton
 import triton.language as tl
 
 from ...availability import interpreter_enabled
+from ...targets import UnsupportedGPUError
+from ...targets import target_of
 from ..checks import require
 from ..fp8 import scale_strides
 from ..triton_common import _cos_sin
+from ..triton_common import _fp8_values
+from ..triton_common import fp8_codes
 from ..triton_common import inv_freq_table
 from ..triton_common import pair_split
 
@@ -29,10 +34,10 @@ def _configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=1, num_stages=1)]
     # D = 128 fp16/bf16 on H100: 128 x 64 tiles, 8 warps, 3 stages is the usual sweet spot (FA2 tutorial);
     # the smaller ones serve D = 64 and short query counts. 128 x 64 at 4 warps is left out: ptxas (sm_90a,
-    # Triton 3.9, benchmarks/ptxas_report.py) gives it 592 B of stack at D = 128, against 32 B at 8 warps.
-    # FP8 pools (1-byte K/V tiles dequantized in registers) keep all four, compiled the same way: main config 254
-    # registers, 32 B of stack, 97 KiB of shared memory (128 with bf16 pools); the others 32-40 B of stack. The
-    # pools' dtype is part of Triton's autotune key, so FP8 pools are tuned on their own.
+    # Triton 3.9, benchmarks/target_report.py) gives it 592 B of stack at D = 128, against 32 B at 8 warps.
+    # FP8 pools (1-byte K/V tiles dequantized in registers) keep all four, compiled the same way. The pools' dtype is
+    # part of Triton's autotune key, so FP8 pools are tuned on their own. On other GPUs ``fitting_configs`` drops
+    # what does not fit (shared memory) or spills there: per target, benchmarks/results/targets.json.
     return [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
@@ -41,7 +46,40 @@ def _configs() -> list[triton.Config]:
     ]
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "N_Q"])
+def local_memory(kernel) -> int:
+    """Per-thread local memory of a compiled kernel, in 4-byte words as Triton's ``n_spills`` counts it (loaded on the
+    GPU to read it; benchmarks/target_report.py, which compiles for GPUs it does not have, reads ptxas's stack frame
+    instead): spilled registers plus the 32 B stack frame of libdevice's cos/sin slow path that every config has."""
+    kernel._init_handles()
+    return kernel.n_spills
+
+
+def fitting_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The autotuner's ``early_config_prune``: the configs that fit the GPU Triton compiles for.
+
+    Each config is compiled for this launch (the autotuner compiles them anyway; the JIT caches them) and kept when
+    its shared memory is within the target's limit (``relaxkv_kernels.targets``: 99 KiB on sm_86 / sm_89 / sm_120,
+    where the 128 x 128 tiles need 160 KiB) and it has the least local memory of those: configs that spill registers
+    have more (Triton 3.9, every target at Wan shapes, benchmarks/results/targets.json: 32 B of stack frame without a
+    spill, 40 B to 15.9 KB with one; bf16 128 x 64 tiles spill 104 B on sm_80 / sm_86 / sm_89, 152 B on sm_120).
+    """
+    if interpreter_enabled():
+        return configs
+    target = target_of(divmod(triton.runtime.driver.active.get_current_target().arch, 10))
+    launch = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+    fit = {}
+    for cfg in configs:
+        kernel = _sparse_kv_attention_kernel.fn.warmup(**named_args, **launch, **cfg.all_kwargs(), grid=(1,))
+        if kernel.metadata.shared <= target.smem_per_block:
+            fit[cfg] = local_memory(kernel)
+    if not fit:
+        raise UnsupportedGPUError(f"relaxkv.sparse_kv_attention: no tile config fits the {target.smem_per_block} B of "
+                                  f"shared memory of {target.arch}")
+    least = min(fit.values())
+    return [cfg for cfg, local in fit.items() if local == least]
+
+
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "N_Q"], prune_configs_by={"early_config_prune": fitting_configs})
 @triton.jit
 def _sparse_kv_attention_kernel(
     # pointers
@@ -76,7 +114,7 @@ def _sparse_kv_attention_kernel(
     o_n = tl.arange(0, BLOCK_N)  # [BN]
     # head dims in two halves: every temporal pair (the only ones a delta turns: 44 of 128 dims) lies in
     # the first, so only that half of the Q tile is re-rotated per segment; the second stays as loaded.
-    # ptxas, sm_90a, bf16 D = 128, 128x64 tiles, 8 warps, 3 stages (benchmarks/ptxas_report.py):
+    # ptxas, sm_90a, bf16 D = 128, 128x64 tiles, 8 warps, 3 stages (benchmarks/target_report.py):
     # 246 registers and 32 B of stack, against 255 and 312 B of spills with one full-width rotated tile
     o_a = tl.arange(0, HALF_D)  # [BH] dims 0 .. BD/2-1
     o_b = HALF_D + tl.arange(0, HALF_D)  # [BH] dims BD/2 .. BD-1
@@ -128,9 +166,9 @@ def _sparse_kv_attention_kernel(
             if FP8:  # values in fp32, then the dots' operand dtype (q's, or fp32 under UPCAST) like a loaded tile
                 b_ks = tl.load(p_ks + rows * s_ksn, mask=m_n, other=0.0)  # [BN]
                 b_vs = tl.load(p_vs + rows * s_vsn, mask=m_n, other=0.0)  # [BN]
-                b_ka = (b_ka.to(tl.float32) * b_ks[None, :]).to(b_qb.dtype)
-                b_kb = (b_kb.to(tl.float32) * b_ks[None, :]).to(b_qb.dtype)
-                b_v = (b_v.to(tl.float32) * b_vs[:, None]).to(b_qb.dtype)
+                b_ka = (_fp8_values(b_ka) * b_ks[None, :]).to(b_qb.dtype)
+                b_kb = (_fp8_values(b_kb) * b_ks[None, :]).to(b_qb.dtype)
+                b_v = (_fp8_values(b_v) * b_vs[:, None]).to(b_qb.dtype)
             if UPCAST:
                 b_ka = b_ka.to(tl.float32)
                 b_kb = b_kb.to(tl.float32)
@@ -175,8 +213,8 @@ def sparse_kv_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: to
 
     Args:
         q: [B, Nq, H, D] queries, already rotated (fp16, bf16 or fp32; any strides).
-        k_pool, v_pool: [B, n_rows, H, D] cache pools of q's dtype or both float8_e4m3fn, keys rotated at
-            write time.
+        k_pool, v_pool: [B, n_rows, H, D] cache pools of q's dtype or both float8_e4m3fn (or the uint8 view of
+            FP8 pools: their codes decoded in software, as on GPUs without FP8 units), keys rotated at write time.
         seg: int32 [B, n_seg, 3] segment table (start_row, length, delta) on q's device; read in the kernel
             (no host synchronisation). Rows must lie inside the pools (not checked: that would need a sync).
         scale: softmax scale (usually D ** -0.5).
@@ -200,6 +238,8 @@ def sparse_kv_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: to
     n_t, _ = pair_split(d)
     block_d = max(32, triton.next_power_of_2(d))
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), b * h)  # noqa: E731
+    if k_pool_scale is not None:
+        k_pool, v_pool = fp8_codes(k_pool), fp8_codes(v_pool)
     _sparse_kv_attention_kernel[grid](
         q, k_pool, v_pool, seg, inv_freq_table(d, q.device), out,
         k_pool_scale, v_pool_scale,
