@@ -409,6 +409,25 @@ def test_cli_writes_each_samples_video_with_a_self_forcing_checkpoint(folder, mo
         ["report.json"] + [f"video_{p}_{i}.mp4" for p in ("dense", "sink", "relax", "pack") for i in (0, 1)])
 
 
+def test_cli_image_to_video(folder, tmp_path, capsys):
+    """relaxkv-generate --diffusers FOLDER --image PATH: the video starts from the image (report.json names it); an
+    image of another size than the video is one error line."""
+    from PIL import Image
+
+    pixels = (torch.rand(PIXELS, PIXELS, 3, generator=torch.Generator().manual_seed(1)) * 255).byte().numpy()
+    Image.fromarray(pixels).save(tmp_path / "first.png")
+    Image.fromarray(pixels[:32]).save(tmp_path / "small.png")
+    out = tmp_path / "out"
+    args = ["--preset", "tiny", "--diffusers", str(folder), "--policy", "relax", "--chunks", "2", "--no-progress"]
+    assert main([*args, "--image", str(tmp_path / "first.png"), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["image"] == str(tmp_path / "first.png")
+    assert imageio.v3.imread(out / "video_relax.mp4").shape[0] == video_frames(6)
+    capsys.readouterr()
+    assert main([*args, "--image", str(tmp_path / "small.png"), "--out", str(tmp_path / "bad")]) == 2
+    assert "image: expected 64 x 64 pixels (the video's height x width), got 32 x 64" in capsys.readouterr().err
+
+
 def test_cli_pipeline_casts_the_transformer_without_diffusers_fp32_warning(folder):
     """relaxkv-generate --diffusers runs the whole transformer in --dtype on purpose (as relaxkv_gen's model):
     diffusers' "should be kept in float32" warning is silenced for that cast, and diffusers' verbosity is as it was."""

@@ -205,6 +205,17 @@ def _one_tensor(path: Path, kind: str) -> torch.Tensor:
     return obj
 
 
+def load_image(path: Path):
+    """``--image``: the picture as an RGB PIL image (FileNotFoundError / ValueError naming the file otherwise)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except UnidentifiedImageError:
+        raise ValueError(f"--image {str(path)!r}: not an image PIL can read") from None
+
+
 def load_first_latent(path: Path, cfg, batch: int) -> torch.Tensor:
     """``--first-latent``: clean latent frames [1 or batch, in_dim, n, latent_height, latent_width] (or without the
     batch dim) as float32; FileNotFoundError / ValueError on anything else."""
@@ -460,10 +471,12 @@ def generate_with_diffusers(args, cfg, staging: Path, *, device, dtype, backend,
             "backend": backend, "device": str(device), "dtype": str(dtype).replace("torch.", ""), "batch": args.batch,
             "seed": args.seed, "text": args.prompt if prompt else
             (str(args.text_embeds) if args.text_embeds else f"random (seed {args.seed})"),
-            "kv_dtype": str(KV_DTYPES.get(args.kv_dtype, dtype)).replace("torch.", ""), "pools": args.pools}
+            "kv_dtype": str(KV_DTYPES.get(args.kv_dtype, dtype)).replace("torch.", ""), "pools": args.pools,
+            "image": None if args.image is None else str(args.image)}
     return write_videos(pipe, cfg, staging, policies=policies, chunks=chunks, text=text, seed=args.seed,
                         backend=backend, progress=not args.no_progress, info=info,
-                        kv_dtype=KV_DTYPES.get(args.kv_dtype), pool_device=pool_device(args))
+                        kv_dtype=KV_DTYPES.get(args.kv_dtype), pool_device=pool_device(args),
+                        image=None if args.image is None else load_image(args.image))
 
 
 def out_of_memory(exc: BaseException) -> bool:
