@@ -207,7 +207,8 @@ def _one_tensor(path: Path, kind: str) -> torch.Tensor:
 
 def load_image(path: Path):
     """``--image``: the picture as an RGB PIL image (FileNotFoundError / ValueError naming the file otherwise)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+    from PIL import UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
