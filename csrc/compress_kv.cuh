@@ -141,17 +141,12 @@ __global__ void __launch_bounds__(kCompressThreads, kCompressMinBlocks<P>)
     const int64_t tc = c / (p.n_y * p.n_x), yc = (c / p.n_x) % p.n_y, xc = c % p.n_x;
     const int d0 = threadIdx.x * VEC;
 
-    // window centre; t0 + 2tc + 0.5 is exact in fp32 for |t0| < 2^22
-    const float t = float(*p.t0 + kPoolT * tc) + 0.5f * (kPoolT - 1);
+    // window centre (the temporal one in fp64: an absolute position)
+    const double t = double(*p.t0 + kPoolT * tc) + 0.5 * (kPoolT - 1);
     const float y = float(kPoolY * yc) + 0.5f * (kPoolY - 1), x = float(kPoolX * xc) + 0.5f * (kPoolX - 1);
     float2 cs[VEC / 2];
 #pragma unroll
-    for (int i = 0; i < VEC / 2; ++i) {
-        const int j = d0 / 2 + i;
-        float s, co;
-        sincosf(rope_angle(freqs, j, t, y, x), &s, &co);
-        cs[i] = make_float2(co, s);
-    }
+    for (int i = 0; i < VEC / 2; ++i) cs[i] = rope_cos_sin(freqs, d0 / 2 + i, t, y, x);
 
     const int64_t n00 = kPoolT * tc * p.frame_tokens + kPoolY * yc * p.width + kPoolX * xc;  // window corner
     const int64_t row = p.row0 + slot * p.n_c + c;

@@ -6,7 +6,9 @@
 // d real dims, pair i of the axis has inverse frequency theta^(-2i/d), theta = 10000, built in fp64
 // on the host (as relaxkv_kernels/geometry.py does) and rounded once to fp32; angles are
 // position * inv_freq in fp32 and go through sincosf (full range reduction, no fast-math), so
-// fractional positions (compressed tokens) and deltas of any sign are exact to fp32 rounding.
+// fractional positions (compressed tokens) and deltas of any sign are exact to fp32 rounding. Temporal
+// angles at absolute positions (rope_cos_sin: append, compression) take the fp64 table and are reduced in
+// fp64 first: in fp32 a frame at position 10^5 turns 3e-3 rad off (the table's and the product's rounding).
 #pragma once
 
 #include <cmath>
@@ -18,10 +20,12 @@ namespace relaxkv {
 constexpr int kRopeMaxPairs = kMaxHeadDim / 2;
 constexpr double kRopeTheta = 10000.0;
 
-// The pair split and the fp32 inverse frequency of every pair. Passed by value (1 KiB of kernel parameters).
+// The pair split and the inverse frequency of every pair, fp32, and fp64 for the temporal pairs (at most
+// kRopeMaxPairs / 3 + 2). Passed by value (1.4 KiB of kernel parameters).
 struct RopeFreqs {
     int n_t, n_h;  // temporal and height pairs; width takes the rest
     float inv_freq[kRopeMaxPairs];
+    double inv_freq_t[kRopeMaxPairs / 3 + 2];
 };
 
 // Wan inverse frequencies of the D / 2 pairs, axes (t, h, w) concatenated, fp64 -> fp32 once.
@@ -34,14 +38,30 @@ inline RopeFreqs wan_rope(int64_t head_dim) {
     int j = 0;
     for (int axis = 0; axis < 3; ++axis) {
         const double d = 2.0 * counts[axis];
-        for (int i = 0; i < counts[axis]; ++i, ++j) f.inv_freq[j] = float(1.0 / std::pow(kRopeTheta, 2.0 * i / d));
+        for (int i = 0; i < counts[axis]; ++i, ++j) {
+            const double inv = 1.0 / std::pow(kRopeTheta, 2.0 * i / d);
+            f.inv_freq[j] = float(inv);
+            if (axis == 0) f.inv_freq_t[i] = inv;
+        }
     }
     return f;
 }
 
-// Rotation angle of pair j of a token at (t, y, x): t for the temporal pairs, y for the height pairs, x for the rest.
-__device__ __forceinline__ float rope_angle(const RopeFreqs& f, int j, float t, float y, float x) {
-    return (j < f.n_t ? t : j < f.n_t + f.n_h ? y : x) * f.inv_freq[j];
+// (cos, sin) of pair j of a token at (t, y, x): t (an absolute position, fp64) for the temporal pairs, reduced to
+// [-pi, pi] in fp64 (2 pi in two parts: k * 2 pi exact to fp64 rounding up to positions of 2^40); y for the height
+// pairs, x for the rest, in fp32.
+__device__ __forceinline__ float2 rope_cos_sin(const RopeFreqs& f, int j, double t, float y, float x) {
+    float angle;
+    if (j < f.n_t) {
+        const double a = t * f.inv_freq_t[j];
+        const double k = rint(a * 0.15915494309189535);
+        angle = float(fma(-k, 2.4492935982947064e-16, fma(-k, 6.283185307179586, a)));  // 2 pi = hi + lo
+    } else {
+        angle = (j < f.n_t + f.n_h ? y : x) * f.inv_freq[j];
+    }
+    float s, c;
+    sincosf(angle, &s, &c);
+    return make_float2(c, s);
 }
 
 // (a, b) -> (a cos - b sin, a sin + b cos) for the first n (default all VEC / 2) pairs of x; cs[p] = (cos, sin).

@@ -102,14 +102,10 @@ __device__ __forceinline__ void rope_append_dims(const RopeAppendParams& p, cons
     const int64_t slot = p.frame_slot[u];
     const bool slot_ok = slot >= 0 && slot < p.n_slots;  // validated in Python; never write out of bounds
     const int64_t y = tok / p.width;
-    const float t = float(p.frame_pos[u]);
+    const double t = double(p.frame_pos[u]);
     float2 cs[N / 2];  // (cos, sin) of this thread's pairs: one sincosf each for all heads of q and k
 #pragma unroll
-    for (int i = 0; i < N / 2; ++i) {
-        float s, c;
-        sincosf(rope_angle(freqs, d0 / 2 + i, t, float(y), float(tok - y * p.width)), &s, &c);
-        cs[i] = make_float2(c, s);
-    }
+    for (int i = 0; i < N / 2; ++i) cs[i] = rope_cos_sin(freqs, d0 / 2 + i, t, float(y), float(tok - y * p.width));
     auto [q, k, v, q_rot, k_cache, v_cache] = token_rows<T, T>(p, b, u, tok, slot * p.frame_tokens + tok, d0);
     for (int h0 = 0; h0 < H; h0 += kHeadsInFlight) {
         typename V::Raw rq[kHeadsInFlight], rk[kHeadsInFlight], rv[kHeadsInFlight];
@@ -178,7 +174,7 @@ __device__ __forceinline__ void rope_append_row_fp8(const RopeAppendParams& p, c
     const int64_t slot = p.frame_slot[u];
     const bool slot_ok = slot >= 0 && slot < p.n_slots;  // uniform over the block (one frame u)
     const int64_t y = tok / p.width;
-    const float t = float(p.frame_pos[u]);
+    const double t = double(p.frame_pos[u]);
     bool in[C];
     float2 cs[C][N / 2];  // (cos, sin) of this thread's pairs, for all heads; (1, 0) where it has none
 #pragma unroll
@@ -186,11 +182,9 @@ __device__ __forceinline__ void rope_append_row_fp8(const RopeAppendParams& p, c
         const int d0 = (c * lanes + lane) * N;
         in[c] = live && d0 < p.head_dim;
 #pragma unroll
-        for (int i = 0; i < N / 2; ++i) {
-            float s = 0.f, co = 1.f;
-            if (in[c]) sincosf(rope_angle(freqs, d0 / 2 + i, t, float(y), float(tok - y * p.width)), &s, &co);
-            cs[c][i] = make_float2(co, s);
-        }
+        for (int i = 0; i < N / 2; ++i)
+            cs[c][i] = in[c] ? rope_cos_sin(freqs, d0 / 2 + i, t, float(y), float(tok - y * p.width))
+                             : make_float2(1.f, 0.f);
     }
     const int64_t row = slot * p.frame_tokens + tok;
     auto [q, k, v, q_rot, k_codes, v_codes] = token_rows<T, uint8_t>(p, b, u, tok, row, lane * N);

@@ -3,8 +3,10 @@
 One copy, used by the attention (temporal delta on Q), compression (window-centre positions) and
 append (token positions) kernels. Angles are computed in fp32 as ``position * inv_freq`` with the
 table rounded once from float64 (``rope_inv_freq``), then reduced to [-pi, pi] before cos/sin, so
-GPU ``cos``/``sin`` never see a large argument (``width`` pair 0 reaches ~52 rad, temporal pairs
-several hundred).
+GPU ``cos``/``sin`` never see a large argument (``width`` pair 0 reaches ~52 rad). Temporal angles at absolute
+positions (append, compression) are computed and reduced in fp64 from the float64 table
+(:func:`_angle_exact`): in fp32 a frame at position 10^5 turns 3e-3 rad off (fp32 rounding of the table and of the
+product), which the streams of any length reach (10^4 latent frames: 42 minutes of video).
 """
 from __future__ import annotations
 
@@ -18,23 +20,26 @@ from ..geometry import rope_pair_split
 from ..targets import target_of
 
 TWO_PI_INV = tl.constexpr(0.15915494309189535)  # 1 / (2 pi)
-# 2 pi split in two fp32 parts (Cody-Waite): HI has 8 significant bits, so k * HI is exact
+# 2 pi split in fp32-exact parts (Cody-Waite): HI has 8 significant bits, so k * HI is exact; HI + LO is 2 pi to fp32
+# precision (the fp32 reduction), HI + LO + LO2 to fp64 precision (the fp64 one)
 TWO_PI_HI = tl.constexpr(6.28125)
-TWO_PI_LO = tl.constexpr(0.0019353071795864769)  # 2 pi - TWO_PI_HI
+TWO_PI_LO = tl.constexpr(0.0019353071693331003)  # fp32(2 pi - HI)
+TWO_PI_LO2 = tl.constexpr(1.0253131677018246e-11)  # 2 pi - HI - LO
 
-_INV_FREQ_CACHE: dict[tuple[int, str], torch.Tensor] = {}
+_INV_FREQ_CACHE: dict[tuple[int, str, torch.dtype], torch.Tensor] = {}
 
 
-def inv_freq_table(head_dim: int, device: torch.device) -> torch.Tensor:
-    """fp32 [D/2] inverse frequency of every pair (axes t, h, w), rounded once from float64, cached per device.
+def inv_freq_table(head_dim: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[D/2] inverse frequency of every pair (axes t, h, w) in ``dtype``: fp32 rounded once from float64, or the
+    float64 table itself (kernels with absolute temporal positions, :func:`_angle_exact`); cached per device.
 
     Built with device-side torch ops only (no host-to-device copy), so a first call inside CUDA-graph
     capture is safe.
     """
-    key = (head_dim, str(device))
+    key = (head_dim, str(device), dtype)
     table = _INV_FREQ_CACHE.get(key)
     if table is None:
-        table = rope_inv_freq(head_dim, device=device).to(torch.float32)
+        table = rope_inv_freq(head_dim, device=device).to(dtype)
         _INV_FREQ_CACHE[key] = table
     return table
 
@@ -55,19 +60,38 @@ def _cos_sin(angle):
 
 
 @triton.jit
+def _angle_exact(pos, inv):
+    """fp64 ``pos * inv`` (a position, any size, and a float64 inverse frequency) reduced to [-pi, pi], as fp32: exact
+    to fp32 rounding for positions up to 2^24 (the fp32 product is off by 3e-3 rad at 10^5)."""
+    a = pos.to(tl.float64) * inv
+    k = tl.floor(a * TWO_PI_INV + 0.5)
+    r = a - k * TWO_PI_HI
+    r = r - k * TWO_PI_LO
+    r = r - k * TWO_PI_LO2
+    return r.to(tl.float32)
+
+
+@triton.jit
 def _rope_rotate(x, pos_t, pos_y, pos_x, p_inv, N_T: tl.constexpr, N_H: tl.constexpr, HALF_D,
-                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Rotate the interleaved pairs of fp32 ``x`` [BT, BD] at positions (t, y, x), each fp32 [BT].
+                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, EXACT_T: tl.constexpr = False):
+    """Rotate the interleaved pairs of fp32 ``x`` [BT, BD] at positions (t, y, x), each [BT].
 
     Pair p < N_T turns by pos_t * inv[p], N_T <= p < N_T + N_H by pos_y * inv[p], the rest by pos_x * inv[p].
-    Padding pairs (p >= HALF_D) get angle 0 (their lanes are masked by the caller anyway).
+    Padding pairs (p >= HALF_D) get angle 0 (their lanes are masked by the caller anyway). ``EXACT_T``: ``p_inv`` is
+    the float64 table and the temporal angles are taken in fp64 (:func:`_angle_exact`: absolute positions);
+    otherwise the fp32 table (temporal deltas, small).
     """
     BLOCK_P: tl.constexpr = BLOCK_D // 2
     o_p = tl.arange(0, BLOCK_P)
-    b_inv = tl.load(p_inv + o_p, mask=o_p < HALF_D, other=0.0)  # [BP]
-    pos = tl.where((o_p < N_T)[None, :], pos_t[:, None],
+    b_inv_t = tl.load(p_inv + o_p, mask=o_p < HALF_D, other=0.0)  # [BP]
+    b_inv = b_inv_t.to(tl.float32)
+    temporal = (o_p < N_T)[None, :]
+    pos = tl.where(temporal, pos_t[:, None].to(tl.float32),
                    tl.where((o_p < N_T + N_H)[None, :], pos_y[:, None], pos_x[:, None]))  # [BT, BP]
-    b_cos, b_sin = _cos_sin(pos * b_inv[None, :])  # [BT, BP]
+    angle = pos * b_inv[None, :]
+    if EXACT_T:
+        angle = tl.where(temporal, _angle_exact(pos_t[:, None], b_inv_t[None, :]), angle)
+    b_cos, b_sin = _cos_sin(angle)  # [BT, BP]
     x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_T, BLOCK_P, 2)))  # [BT, BP] each
     rot = tl.join(x_even * b_cos - x_odd * b_sin, x_even * b_sin + x_odd * b_cos)  # [BT, BP, 2]
     return tl.reshape(rot, (BLOCK_T, BLOCK_D))

@@ -147,6 +147,8 @@ TRITON_CASES = pytest.mark.parametrize("dtype, heads, head_dim, frames, height, 
     pytest.param(torch.float32, 1, 32, 4, 12, 16, 0, 0, "contiguous", id="fp32-two-tiles"),
     pytest.param(torch.float32, 1, 48, 4, 12, 16, 0, 0, "contiguous", id="fp32-D48-two-tiles"),
     pytest.param(torch.float16, 2, 32, 2, 4, 12, 3, 25, "fused_kv", id="fp16-noncontig-kv"),
+    # a long stream: at t0 = 10^5 fp32 angles were 3e-3 rad off; the temporal ones are taken in fp64
+    pytest.param(torch.float32, 2, 32, 2, 8, 8, 1, 100000, "contiguous", id="fp32-stream-t0"),
 ])
 
 
@@ -261,7 +263,9 @@ def test_compress_kv_cuda_matches_reference(kernel_device, dtype, case):
     (torch.float16, ("unaligned", 2, 2, 4, 9, 5, 128, 3, 41)),  # scalar path: 4 head lanes for 5 heads; last slot
     (torch.float32, ("contiguous", 2, 2, 5, 4, 9, 128, 1, 6)),  # vector path: 8 head lanes for 9 heads
     (torch.bfloat16, ("strided", 2, 4, 4, 9, 33, 64, 2, 97)),  # 32 head lanes for 33 heads; strided mean_key
-], ids=["single_token-fp32", "head_loop-scalar-fp16", "head_loop-vector-fp32", "head_loop-strided_mean_key-bf16"])
+    (torch.float32, ("contiguous", 2, 2, 8, 8, 2, 128, 1, 2**24 - 8)),  # a stream's far position: fp64 angles
+], ids=["single_token-fp32", "head_loop-scalar-fp16", "head_loop-vector-fp32", "head_loop-strided_mean_key-bf16",
+        "stream_t0-fp32"])
 def test_compress_kv_cuda_edge_cases(kernel_device, dtype, case):
     _check_cuda(kernel_device, dtype, *case, compare_triton=False)
 

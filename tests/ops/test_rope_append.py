@@ -192,6 +192,8 @@ def _assert_rope_close(out: torch.Tensor, x: torch.Tensor, pos: torch.Tensor, wh
     pytest.param(torch.float16, 1, 32, 4, 5, [2], [0], "contiguous", id="fp16-one-frame"),
     pytest.param(torch.float16, 2, 32, 5, 6, [0, 5, 3], [17, 18, 19], "fused_qkv", id="fp16-noncontig-qkv"),
     pytest.param(torch.float32, 2, 32, 4, 4, [3, 4], [300, 301], "contiguous", id="fp32-far-frames"),
+    # a long stream (10^5 frames: fp32 angles were 3e-3 rad off there; the temporal ones are taken in fp64)
+    pytest.param(torch.float32, 2, 32, 2, 3, [0, 2], [100000, 2**24 - 1], "contiguous", id="fp32-stream-positions"),
     # heads in groups of BLOCK_H = 2 with a masked last group, D = 40 padded to 64, F = 35: 4 tiles of 8 + 3
     pytest.param(torch.float32, 5, 40, 5, 7, [3, 0], [6, 7], "contiguous", id="fp32-5heads-d40-tile_tail"),
     # one group of BLOCK_H = 4 for 3 heads, D = 48, F = 33 tokens in 5 tiles, fused qkv views
@@ -295,6 +297,28 @@ def test_rope_append_cuda_matches_reference(kernel_device, dtype, layout, U, h, 
     keep[frame_slot] = False
     assert torch.equal(proto[:, keep], p0[:, keep])
     assert torch.equal(q, q0) and torch.equal(k, k0) and torch.equal(v, v0)
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["cache", "fp8-cache"])
+def test_rope_append_cuda_at_stream_positions(kernel_device, fp8):
+    """Frames at 10^5 and 2^24 - 1 (a stream far past the trained length): the fp32 kernel rotates to fp32 rounding
+    of the float64 reference (its temporal angles are reduced in fp64; in fp32 they were 3e-3 rad off)."""
+    dev, b, h, w, heads, d = kernel_device, 1, 3, 4, 2, 128
+    g = gen(31)
+    f = h * w
+    q, k, v = (randn(g, b, 2 * f, heads, d, device=dev) for _ in range(3))
+    frame_slot, frame_pos = torch.tensor([2, 0], device=dev), torch.tensor([100000, 2**24 - 1], device=dev)
+    k_cache = torch.full((b, 3 * f, heads, d), float("nan"), device=dev)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    scales = (torch.full(k_cache.shape[:3], float("nan"), device=dev) for _ in range(2)) if fp8 else (None, None)
+    if fp8:
+        k_cache, v_cache = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
+    q_rot = rope_append_cuda(q, k, v, k_cache, v_cache, None, frame_slot, frame_pos, h, w, *scales)
+    pos = token_positions(frame_pos.cpu(), h, w).to(dev)
+    _assert_rope_close(q_rot, q, pos, "q_rot")
+    if not fp8:
+        rows = (frame_slot[:, None] * f + torch.arange(f, device=dev)).flatten()
+        _assert_rope_close(k_cache[:, rows], k, pos, "k_cache")
 
 
 def _check_cuda_views(dev, dtype, layout, U, h, w, H_, D_, n_slots, frame_slot, frame_pos):

@@ -74,12 +74,12 @@ def _compress_kv_kernel(
     b_pv = acc_v / (PT * PY * PX)
     tl.store(partial + (i_bh.to(tl.int64) * tl.num_programs(0) + i_c) * HEAD_DIM + o_d, tl.sum(b_pk, 0), mask=m_d)
 
-    # window centres: (t0 + 2 tc + 0.5, 4 yc + 1.5, 4 xc + 1.5), in fp32
-    b_t0 = tl.load(t0).to(tl.float32)
-    pos_t = b_t0 + i_tc.to(tl.float32) * PT + (PT - 1) * 0.5
+    # window centres: (t0 + 2 tc + 0.5 in fp64: absolute, 4 yc + 1.5, 4 xc + 1.5)
+    pos_t = tl.load(t0).to(tl.float64) + i_tc.to(tl.float64) * PT + (PT - 1) * 0.5
     pos_y = i_yc.to(tl.float32) * PY + (PY - 1) * 0.5
     pos_x = i_xc.to(tl.float32) * PX + (PX - 1) * 0.5
-    b_ck = _rope_rotate(b_pk, pos_t, pos_y, pos_x, inv_freq, N_T, N_H, HEAD_DIM // 2, BLOCK_C, BLOCK_D)
+    b_ck = _rope_rotate(b_pk, pos_t, pos_y, pos_x, inv_freq, N_T, N_H, HEAD_DIM // 2, BLOCK_C, BLOCK_D,
+                        EXACT_T=True)
 
     rows = row0 + tl.load(block_slot) * N_C + o_c.to(tl.int64)  # [BC] pool rows of this block
     p_kp = k_pool + i_b * s_kpb + i_h * s_kph + rows[:, None] * s_kpn + o_d[None, :] * s_kpd
@@ -138,7 +138,8 @@ def compress_kv_triton(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v
     if fp8:  # codes are stored through uint8 views (the interpreter's fp8 cast rounds wrongly)
         k_pool, v_pool = k_pool.view(torch.uint8), v_pool.view(torch.uint8)
     _compress_kv_kernel[(n_tiles, b * h)](
-        k, v, k_pool, v_pool, k_pool_scale, v_pool_scale, block_slot, t0, inv_freq_table(d, k.device), partial,
+        k, v, k_pool, v_pool, k_pool_scale, v_pool_scale, block_slot, t0, inv_freq_table(d, k.device, torch.float64),
+        partial,
         row0, n_c, ny, nx, f, width, h, d,
         *k.stride(), *v.stride(), *k_pool.stride(), *v_pool.stride(),
         *scale_strides(k_pool_scale), *scale_strides(v_pool_scale),

@@ -29,6 +29,7 @@ import triton.language as tl
 
 from ..fp8 import is_fp8
 from ..fp8 import scale_strides
+from ..triton_common import _angle_exact
 from ..triton_common import _cos_sin
 from ..triton_common import _fp8_amax
 from ..triton_common import _fp8_encode
@@ -86,12 +87,14 @@ def _rope_append_kernel(
     m_tdc = m_rows[:, None, None] & m_d  # device table is not, and nothing is written outside the cache
 
     # cos/sin of every (token, pair), once for all heads of q and k: token (t, y, x) = (frame_pos[u], o_t // W, o_t % W)
-    pos_t = tl.load(frame_pos + i_u * s_fp).to(tl.float32)
+    pos_t = tl.load(frame_pos + i_u * s_fp)
     pos_y = (o_t // WIDTH).to(tl.float32)
     pos_x = (o_t % WIDTH).to(tl.float32)
-    b_inv = tl.load(inv_freq + o_p, mask=o_p < HEAD_DIM // 2, other=0.0)  # [BP]
-    pos = tl.where((o_p < N_T)[None, :], pos_t, tl.where((o_p < N_T + N_H)[None, :], pos_y[:, None], pos_x[:, None]))
-    b_cos, b_sin = _cos_sin(pos * b_inv[None, :])  # [BT, BP]
+    b_inv_t = tl.load(inv_freq + o_p, mask=o_p < HEAD_DIM // 2, other=0.0)  # [BP] float64
+    b_inv = b_inv_t.to(tl.float32)
+    angle_t = _angle_exact(pos_t, b_inv_t)  # [BP]: the frame's temporal angles, reduced in fp64
+    pos = tl.where((o_p < N_T + N_H)[None, :], pos_y[:, None], pos_x[:, None])
+    b_cos, b_sin = _cos_sin(tl.where((o_p < N_T)[None, :], angle_t[None, :], pos * b_inv[None, :]))  # [BT, BP]
     b_cos = tl.expand_dims(b_cos, 1)  # [BT, 1, BP]
     b_sin = tl.expand_dims(b_sin, 1)
 
@@ -144,8 +147,9 @@ def rope_append_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cach
     """Rotate and append one chunk of U frames (the op form of ``rope_append_ref``): one launch, two with proto.
 
     Token i of frame u (y = i // width, x = i % width) is rotated at (frame_pos[u], y, x) with Wan 3D
-    RoPE, angles ``position * inv_freq`` in fp32 (inverse frequencies rounded once from float64), reduced
-    to [-pi, pi] before cos/sin. ``k_cache[:, frame_slot[u] * F + i]`` gets the rotated key, ``v_cache``
+    RoPE, temporal angles in fp64 from the float64 table, reduced to [-pi, pi] there (exact for positions of any
+    stream length), the others ``position * inv_freq`` in fp32 (inverse frequencies rounded once from float64),
+    reduced to [-pi, pi] before cos/sin. ``k_cache[:, frame_slot[u] * F + i]`` gets the rotated key, ``v_cache``
     the value, ``proto[:, frame_slot[u]]`` the mean of the frame's pre-RoPE keys over tokens then heads
     (float32, not normalised, summed in a fixed order). FP8 caches get each written row and head quantized
     from its fp32 value (``ops/fp8.py``): K from the fp32 rotation, V from v. Arguments as validated by
@@ -192,7 +196,8 @@ def rope_append_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cach
         k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     k_scale, v_scale = (k_cache_scale, v_cache_scale) if fp8 else (q_rot, q_rot)  # q_rot: never read without FP8
     _rope_append_kernel[(n_tiles, u, b)](
-        q, k, v, q_rot, k_cache, v_cache, k_scale, v_scale, frame_slot, frame_pos, inv_freq_table(d, dev), partial,
+        q, k, v, q_rot, k_cache, v_cache, k_scale, v_scale, frame_slot, frame_pos,
+        inv_freq_table(d, dev, torch.float64), partial,
         f, width, h, d, n_slots,
         *q.stride(), *k.stride(), *v.stride(), *q_rot.stride(), *k_cache.stride(), *v_cache.stride(),
         *scale_strides(k_cache_scale), *scale_strides(v_cache_scale),
