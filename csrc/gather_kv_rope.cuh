@@ -141,9 +141,7 @@ __global__ void __launch_bounds__(kGatherThreads)
     __syncthreads();
     for (int e = tid; e < kGatherRows * n_t; e += blockDim.x) {  // [R, n_t] cos/sin, shared by all heads
         const int i = e / n_t, j = e - i * n_t;
-        float s, c;
-        sincosf(float(row_delta[i]) * freqs.inv_freq[j], &s, &c);
-        cs[e] = make_float2(c, s);
+        cs[e] = rope_cos_sin(freqs, j, double(row_delta[i]), 0.f, 0.f);  // a temporal pair: reduced in fp64
     }
     __syncthreads();
 

@@ -154,6 +154,30 @@ def test_gather_kv_rope_triton_matches_reference(dtype):
     assert torch.equal(v, v_ref)
 
 
+STREAM_SEG = [[[3, 7, 100000], [40, 5, -100000], [60, 9, 2**24 - 1], [20, 4, 0]]]  # a long stream's re-index deltas
+
+
+def _stream_inputs(dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = gen(16)
+    k_pool, v_pool = (randn(g, 1, 80, 2, 64, device=dev) for _ in range(2))
+    return k_pool, v_pool, torch.tensor(STREAM_SEG, dtype=torch.int32, device=dev)
+
+
+def test_gather_kv_rope_triton_at_stream_deltas():
+    """Deltas of 10^5 and 2^24 - 1 (a sink re-indexed next to a chunk far into a stream): fp32 rotation to fp32
+    rounding of the float64 reference (the temporal angles are reduced in fp64; in fp32 they were 3e-3 rad off)."""
+    need_triton()
+    k_pool, v_pool, seg = _stream_inputs(DEVICE)
+    k, v = rk.gather_kv_rope(k_pool, v_pool, seg, 25, backend="triton")
+    k_ref, v_ref = gather_kv_rope_ref(k_pool.double(), v_pool, seg, 25)
+    close(k, k_ref, torch.float32, "k")
+    assert torch.equal(v, v_ref)
+
+
+def test_gather_kv_rope_cuda_at_stream_deltas(kernel_device):
+    _check_cuda(*_stream_inputs(kernel_device), 25, torch.float32)
+
+
 # --------------------------------------------------------------------------------- CUDA vs reference
 
 

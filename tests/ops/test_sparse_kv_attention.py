@@ -301,6 +301,19 @@ def test_sparse_kv_attention_triton_matches_reference(dtype, heads, head_dim, n_
         assert torch.equal(out[1], torch.zeros_like(out[1]))
 
 
+def test_sparse_kv_attention_triton_at_stream_deltas():
+    """Deltas of 10^5 and 2^24 - 1 (re-indexed frames far into a stream): the fp32 kernel attends within fp32
+    rounding of the float64 reference (q's temporal angles are reduced in fp64; in fp32 they were 3e-3 rad off)."""
+    need_triton()
+    g = gen(17)
+    q = randn(g, 1, 9, 2, 32, device=DEVICE)
+    k_pool, v_pool = (randn(g, 1, 80, 2, 32, device=DEVICE) for _ in range(2))
+    seg = torch.tensor([[[3, 7, 100000], [40, 5, -100000], [60, 9, 2**24 - 1]]], dtype=torch.int32, device=DEVICE)
+    got = rk.sparse_kv_attention(q, k_pool, v_pool, seg, 32**-0.5, backend="triton", impl="fused")
+    want = sparse_kv_attention_ref(q.double(), k_pool.double(), v_pool.double(), seg, 32**-0.5)
+    close(got, want, torch.float32, "out")
+
+
 def test_sparse_kv_attention_triton_refuses_head_dim_below_16():
     """Backend-specific: tl.dot tiles need head_dim >= 16 (the reference takes any even head_dim); the public
     function and the raw op name the op, the argument and the constraint."""

@@ -74,7 +74,7 @@ def _gather_kv_rope_kernel(
             b_k = tl.load(p_k, mask=m_load, other=float("nan")).to(tl.float32)  # [BR, BD]
             b_v = tl.load(p_v, mask=m_load, other=float("nan"))
         # temporal pairs turn by delta; height and width pairs by angle 0 (cos 1, sin 0: copied exactly)
-        b_k = _rope_rotate(b_k, b_delta, zero, zero, inv_freq, N_T, 0, HEAD_DIM // 2, BLOCK_R, BLOCK_D)
+        b_k = _rope_rotate(b_k, b_delta, zero, zero, inv_freq, N_T, 0, HEAD_DIM // 2, BLOCK_R, BLOCK_D, EXACT_T=True)
         o_row = o_r.to(tl.int64)[:, None]
         p_ko = k_out + i_b * s_kob + i_h * s_koh + o_row * s_kon + o_d[None, :] * s_kod
         p_vo = v_out + i_b * s_vob + i_h * s_voh + o_row * s_von + o_d[None, :] * s_vod
@@ -112,7 +112,7 @@ def gather_kv_rope_triton(k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch
     soft = k_pool.dtype == torch.uint8
     block_r = 16 if interpreter_enabled() or soft else 32
     _gather_kv_rope_kernel[(triton.cdiv(total, block_r), b)](
-        k_pool, v_pool, k_pool_scale, v_pool_scale, seg, inv_freq_table(d, k_pool.device), k_out, v_out,
+        k_pool, v_pool, k_pool_scale, v_pool_scale, seg, inv_freq_table(d, k_pool.device, torch.float64), k_out, v_out,
         total, seg.shape[1], h, d,
         *k_pool.stride(), *v_pool.stride(), *scale_strides(k_pool_scale), *scale_strides(v_pool_scale),
         *seg.stride(), *k_out.stride(), *v_out.stride(),

@@ -19,6 +19,7 @@ from ...targets import UnsupportedGPUError
 from ...targets import target_of
 from ..checks import require
 from ..fp8 import scale_strides
+from ..triton_common import _angle_exact
 from ..triton_common import _cos_sin
 from ..triton_common import _fp8_values
 from ..triton_common import fp8_codes
@@ -132,7 +133,7 @@ def _sparse_kv_attention_kernel(
     if UPCAST:
         b_qb = b_qb.to(tl.float32)
     b_sign = tl.where(o_a % 2 == 0, -1.0, 1.0)  # [BH]
-    # inverse frequency of the temporal pair of each lane; 0 elsewhere, so cos = 1, sin = 0 exactly there
+    # inverse frequency (float64) of the temporal pair of each lane; 0 elsewhere, so cos = 1, sin = 0 exactly there
     b_inv = tl.load(inv_freq + o_a // 2, mask=(o_a // 2) < N_T, other=0.0)  # [BH]
 
     p_k = k_pool + i_b * s_kb + i_h * s_kh
@@ -151,8 +152,9 @@ def _sparse_kv_attention_kernel(
         start = tl.load(p_seg + i_s * s_ss).to(tl.int64)
         length = tl.load(p_seg + i_s * s_ss + s_sf)
         delta = tl.load(p_seg + i_s * s_ss + 2 * s_sf).to(tl.float32)
-        # R(-delta) q = q cos - q_perp sin on the temporal pairs (fp32); delta = 0 leaves q bit-exact
-        b_cos, b_sin = _cos_sin(delta * b_inv)  # [BH]
+        # R(-delta) q = q cos - q_perp sin on the temporal pairs, the angle reduced in fp64 (a re-indexed sink's delta
+        # grows with the stream); delta = 0 leaves q bit-exact
+        b_cos, b_sin = _cos_sin(_angle_exact(delta, b_inv))  # [BH]
         b_qr = b_qa.to(tl.float32) * b_cos[None, :] - b_qp.to(tl.float32) * b_sign[None, :] * b_sin[None, :]
         if not UPCAST:
             b_qr = b_qr.to(q.dtype.element_ty)
@@ -241,7 +243,7 @@ def sparse_kv_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: to
     if k_pool_scale is not None:
         k_pool, v_pool = fp8_codes(k_pool), fp8_codes(v_pool)
     _sparse_kv_attention_kernel[grid](
-        q, k_pool, v_pool, seg, inv_freq_table(d, q.device), out,
+        q, k_pool, v_pool, seg, inv_freq_table(d, q.device, torch.float64), out,
         k_pool_scale, v_pool_scale,
         float(scale), n_q, seg.shape[1], h, d,
         *q.stride(), *k_pool.stride(), *v_pool.stride(), *seg.stride(), *out.stride(),
