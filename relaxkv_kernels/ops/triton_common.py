@@ -1,12 +1,12 @@
 """Shared pieces of the Triton kernels: the RoPE inverse-frequency table, angle reduction, pair rotation, top-k.
 
-One copy, used by the attention (temporal delta on Q), compression (window-centre positions) and
-append (token positions) kernels. Angles are computed in fp32 as ``position * inv_freq`` with the
-table rounded once from float64 (``rope_inv_freq``), then reduced to [-pi, pi] before cos/sin, so
-GPU ``cos``/``sin`` never see a large argument (``width`` pair 0 reaches ~52 rad). Temporal angles at absolute
-positions (append, compression) are computed and reduced in fp64 from the float64 table
-(:func:`_angle_exact`): in fp32 a frame at position 10^5 turns 3e-3 rad off (fp32 rounding of the table and of the
-product), which the streams of any length reach (10^4 latent frames: 42 minutes of video).
+One copy, used by the attention (temporal delta on Q), staging (temporal delta on K), compression (window-centre
+positions) and append (token positions) kernels. Height and width angles are computed in fp32 as
+``position * inv_freq`` with the table rounded once from float64 (``rope_inv_freq``), then reduced to [-pi, pi]
+before cos/sin, so GPU ``cos``/``sin`` never see a large argument (``width`` pair 0 reaches ~52 rad). Temporal angles
+(absolute positions, and re-index deltas, which grow as large) are computed and reduced in fp64 from the float64
+table (:func:`_angle_exact`): in fp32 a frame at position 10^5 turns 3e-3 rad off (fp32 rounding of the table and of
+the product), which the streams of any length reach (10^4 latent frames: 42 minutes of video).
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ def compress_kv_cuda(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_p
         v_pool[b, row0 + slot * Nc + c] = pv
         mean_key[b, slot]               = mean_c pk        (fp32, pre-RoPE; deterministic, no atomics)
 
-    Wan RoPE as in rope_append (fp64 inverse-frequency table rounded to fp32, fp32 angles, sincosf). FP8 pools
+    Wan RoPE as in rope_append (temporal angles in fp64 reduced to [-pi, pi], the others in fp32, sincosf). FP8 pools
     get each written row and head quantized from its fp32 value (ops/fp8.py): codes and a scale; mean_key is the
     same either way.
 

@@ -30,7 +30,8 @@ def rope_append_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
                                                                               not normalised)
 
     rope is Wan's 3D RoPE (relaxkv_kernels/geometry.py): inverse frequencies built in float64
-    on the host and rounded to float32, angle = position * inv_freq in float32, sincosf, rotation in
+    on the host, angle = position * inv_freq (temporal pairs in float64 reduced to [-pi, pi]; the others with
+    the table rounded to float32, in float32), sincosf, rotation in
     float32, one rounding to the storage dtype. proto is summed in fp32 in a fixed order (per thread over
     heads, per block over its tokens, then over the blocks of the frame): deterministic, no atomics.
     FP8 caches (rope_append_fp8_kernel; the launcher reads a null scale pointer as "not FP8"): each written
