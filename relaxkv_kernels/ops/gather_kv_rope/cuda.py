@@ -24,8 +24,8 @@ def gather_kv_rope_cuda(k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch.T
         v[b] = cat_s v_pool[b, start_s : start_s + length_s]
 
     R_t rotates the temporal RoPE pairs only (angle delta * inv_freq in fp64, reduced to [-pi, pi] there, then
-    sincosf, once per output row, reused by every head). FP8 pools are read as ``code * scale`` (fp32, the scale of the row and
-    head), rotated in fp32 and rounded once to the outputs' dtype. 16-byte loads and stores when the
+    sincosf, once per output row, reused by every head). FP8 pools are read as ``code * scale`` (fp32, the scale of
+    the row and head), rotated in fp32 and rounded once to the outputs' dtype. 16-byte loads and stores when the
     pools and outputs allow them (FP8: 16 codes per load, head_dim a multiple of 16). The table stays
     on the device: each block scans its lengths in shared memory (no host sync). ``total`` must equal
     sum(length) of every batch element (host-known from the plan; checked for CPU tables by the
