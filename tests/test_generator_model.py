@@ -259,6 +259,12 @@ class _RecordingCache(PlainAttend):
     def memory_bytes(self):
         return 1
 
+    def device_bytes(self):
+        return 1
+
+    def host_bytes(self):
+        return 0
+
     def pool_bytes(self):
         return 1
 

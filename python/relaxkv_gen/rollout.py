@@ -201,7 +201,7 @@ def memory_summary(model: CausalWanModel, policy, batch: int, cache: rk.KVCache)
     group = None if cache.heads is None else cache.heads.group  # this rank's share of the heads, like ``cache``
     same = cache if cache.kv_dtype == cache.dtype else make_cache(model, policy, batch, process_group=group,
                                                                   device="meta")
-    out = {"kv_dtype": str(cache.kv_dtype).replace("torch.", ""), "pools": "host" if cache.storage.host else "device",
+    out = {"kv_dtype": str(cache.kv_dtype).replace("torch.", ""), "pools": "host" if cache.host_bytes() else "device",
            "kv_bytes": cache.memory_bytes(), "device_bytes": cache.device_bytes(), "host_bytes": cache.host_bytes(),
            "pool_bytes": cache.pool_bytes(), "kv_bytes_same_dtype": same.memory_bytes(),
            "pool_bytes_same_dtype": same.pool_bytes()}

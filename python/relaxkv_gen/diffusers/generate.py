@@ -134,7 +134,7 @@ def write_videos(pipe: ChunkwiseWanPipeline, cfg: ModelConfig, staging: Path, *,
         report["policies"][policy] = {"videos": files, "video_frames": sum(r["video_frames"] for r in records),
                                       "chunks": records, "memory": {
                                           "kv_dtype": str(cache.kv_dtype).replace("torch.", ""),
-                                          "pools": "host" if cache.storage.host else "device",
+                                          "pools": "host" if cache.host_bytes() else "device",
                                           "kv_bytes": cache.memory_bytes(), "device_bytes": cache.device_bytes(),
                                           "host_bytes": cache.host_bytes(), "pool_bytes": cache.pool_bytes()}}
         names += files
