@@ -5,6 +5,7 @@ latents are checked against :func:`relaxkv_gen.rollout` (same noise, same schedu
 random ``AutoencoderKLWan`` (8 x 8 latents -> 64 x 64 frames), checked against its own ``decode``.
 """
 import dataclasses
+import itertools
 import json
 import logging
 
@@ -266,6 +267,24 @@ def test_stream_detaches_when_stopped_early(pipe):
     with pytest.raises(RuntimeError, match="no layer attended in chunk 1"):
         next(open_stream)
     assert attached_cache(pipe.transformer) is None
+
+
+def test_stream_without_end(pipe):
+    """num_chunks=None: the stream goes on until the caller stops (here after 12 chunks, past Relax's warm-up), at
+    constant cache memory; the first chunks are those of a bounded stream; calling the pipeline refuses it."""
+    kwargs = dict(prompt_embeds=random_text(CFG, 1, 0), height=PIXELS, width=PIXELS, max_sequence_length=CFG.text_len,
+                  output_type="latent", progress=False)
+    endless = pipe.stream(num_chunks=None, generator=torch.Generator().manual_seed(3), **kwargs)
+    sizes, chunks = [], []
+    for chunk in itertools.islice(endless, 12):
+        chunks.append(chunk)
+        sizes.append(pipe.kv_cache.memory_bytes())
+    endless.close()
+    assert attached_cache(pipe.transformer) is None and len(set(sizes)) == 1
+    bounded = list(pipe.stream(num_chunks=3, generator=torch.Generator().manual_seed(3), **kwargs))
+    assert all(torch.equal(a, b) for a, b in zip(chunks, bounded))
+    with pytest.raises(ValueError, match="num_chunks=None streams without end: iterate stream"):
+        pipe(num_chunks=None, **kwargs)
 
 
 def test_mp4_export(pipe, tmp_path):

@@ -37,6 +37,7 @@ accelerate for ``WanTransformer3DModel.from_pretrained`` in diffusers 0.42.1)::
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections.abc import Iterator
 from collections.abc import Sequence
 
@@ -285,7 +286,7 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
         *,
         prompt_embeds: torch.Tensor | None = None,
         policy: str | MemoryPolicy = "relax",
-        num_chunks: int = 7,
+        num_chunks: int | None = 7,
         height: int = 480,
         width: int = 832,
         generator: torch.Generator | None = None,
@@ -304,7 +305,8 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
             prompt, prompt_embeds, max_sequence_length: the text, see :meth:`encode_prompt` (B videos).
             policy: the memory: a name for :func:`relaxkv_gen.rollout.make_policy` (``"dense"``, ``"sink"``,
                 ``"relax"``, ``"pack"``) or a ``relaxkv_kernels.MemoryPolicy``; its ``chunk_frames`` is U.
-            num_chunks: chunks of U latent frames each.
+            num_chunks: chunks of U latent frames each; None: a stream without end, until the caller stops
+                iterating (``close()`` or a ``break``), at constant cache memory (the policy's pools are sized once).
             height, width: pixels, multiples of s x patch (s = the VAE's spatial factor: 8 for Wan2.1, 16 for
                 Wan2.2's VAE; patch 2): 16 for Wan2.1, 32 for Wan2.2; latents are ``height // s`` x ``width // s``.
             generator: a CPU ``torch.Generator`` for all the noise (None: a new one seeded 0), drawn as
@@ -330,7 +332,8 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
             called; the KV cache is attached to the transformer at the first ``next`` and detached when the
             iteration ends, fails or is closed (``close()``, or the iterator going out of scope after a ``break``).
         """
-        check_count("num_chunks", num_chunks)
+        if num_chunks is not None:
+            check_count("num_chunks", num_chunks)
         patch = self.transformer.config.patch_size[1]
         multiple = self.vae_scale_factor_spatial * patch
         for name, value in (("height", height), ("width", width)):
@@ -396,10 +399,11 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
         self.kv_cache = attach(transformer, policy, batch=batch, height=latent_h // 2, width=latent_w // 2,
                                backend=backend, device=device, dtype=dtype, kv_dtype=kv_dtype,
                                pool_device=pool_device)
-        total = sum(g.shape[2] == frames for g in given) + num_chunks  # context chunks, then the generated ones
+        whole = sum(g.shape[2] == frames for g in given)  # context chunks, then the generated ones
+        total = None if num_chunks is None else whole + num_chunks
         bar = self.progress_bar(total=total) if progress else None
         try:
-            for i in range(total):
+            for i in itertools.count() if total is None else range(total):
                 chunk_given = given[i] if i < len(given) else None
                 per_token[0] = chunk_given is not None and chunk_given.shape[2] < frames
                 self.kv_cache.begin_chunk()
@@ -429,6 +433,8 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
             of PIL images, ``"latent"`` [B, C, T, height // s, width // s] (see :meth:`stream`), for
             T = ``num_chunks * U`` latent frames.
         """
+        if "num_chunks" in kwargs and kwargs["num_chunks"] is None:
+            raise ValueError("num_chunks=None streams without end: iterate stream(...) instead of calling the pipeline")
         chunks = list(self.stream(prompt, **kwargs))
         output_type = kwargs.get("output_type", inspect.signature(self.stream).parameters["output_type"].default)
         if output_type == "latent":
