@@ -93,12 +93,13 @@ def test_host_pools_give_the_outputs_of_device_pools(name, attention, kv_dtype):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("name, attention, kv_dtype", [("dense", "window", None), ("pack", "window", FP8),
+@pytest.mark.parametrize("name, attention, kv_dtype", [("dense", "window", None), ("relax", "window", FP8),
                                                        ("relax", "segments", None)])
 def test_host_pools_with_the_triton_kernels(name, attention, kv_dtype):
-    """fp16 compute (the interpreter's bf16 is broken), one pass per chunk, 6 chunks (past Pack's first compressed
-    block): the fused backend on host pools (a dense window staged where device pools are read in place; Pack's
-    compress_kv, staging and window commit on FP8 pools; the segment-table kernel)."""
+    """fp16 compute (the interpreter's bf16 is broken), one pass per chunk, 6 chunks (past Relax's first selection):
+    the fused backend on host pools (a dense window staged where device pools are read in place; staging and the
+    quantizing window commit on FP8 pools; the segment-table kernel). Pack's compress_kv on FP8 pools is the
+    reference's in tests/test_fp8_cache.py, and Pack on host pools in the reference test above."""
     device, host = _side_by_side(name, chunks=6, passes=1, dtype=torch.float16, backend="fused",
                                  attention=attention, kv_dtype=kv_dtype)
     _assert_same_pools(device, host)
