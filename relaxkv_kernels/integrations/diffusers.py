@@ -128,6 +128,20 @@ def _input_check(cache: KVCache):
     return check
 
 
+def cache_for(transformer, policy: MemoryPolicy, *, batch: int, height: int, width: int, **kvcache_kwargs) -> KVCache:
+    """The :class:`KVCache` :func:`attach` makes for ``transformer`` (arguments as there), not attached: e.g. with
+    ``device="meta"``, a dry run of its checks that allocates nothing."""
+    if kvcache_kwargs.get("process_group") is not None:
+        raise ValueError("attach: process_group is not supported: the processor hands the cache every head, with no "
+                         "all-to-all around it (several GPUs: relaxkv_gen's model under torchrun, README 'Many GPUs')")
+    cfg = transformer.config
+    weight = transformer.blocks[0].attn1.to_q.weight
+    kvcache_kwargs.setdefault("dtype", weight.dtype)
+    kvcache_kwargs.setdefault("device", weight.device)
+    return KVCache(policy, num_layers=cfg.num_layers, batch=batch, num_heads=cfg.num_attention_heads,
+                   head_dim=cfg.attention_head_dim, height=height, width=width, **kvcache_kwargs)
+
+
 def attach(transformer, policy: MemoryPolicy, *, batch: int, height: int, width: int, **kvcache_kwargs) -> KVCache:
     """Route every block's self-attention of ``transformer`` through a new :class:`KVCache`; returns the cache.
 
@@ -145,15 +159,7 @@ def attach(transformer, policy: MemoryPolicy, *, batch: int, height: int, width:
     after its refresh pass. TypeError / ValueError (nothing changed) for a transformer it cannot serve.
     """
     _check_transformer(transformer)
-    if kvcache_kwargs.get("process_group") is not None:
-        raise ValueError("attach: process_group is not supported: the processor hands the cache every head, with no "
-                         "all-to-all around it (several GPUs: relaxkv_gen's model under torchrun, README 'Many GPUs')")
-    cfg = transformer.config
-    weight = transformer.blocks[0].attn1.to_q.weight
-    kvcache_kwargs.setdefault("dtype", weight.dtype)
-    kvcache_kwargs.setdefault("device", weight.device)
-    cache = KVCache(policy, num_layers=cfg.num_layers, batch=batch, num_heads=cfg.num_attention_heads,
-                    head_dim=cfg.attention_head_dim, height=height, width=width, **kvcache_kwargs)
+    cache = cache_for(transformer, policy, batch=batch, height=height, width=width, **kvcache_kwargs)
     processors = [block.attn1.processor for block in transformer.blocks]
     for layer, block in enumerate(transformer.blocks):
         block.attn1.set_processor(KVCacheAttnProcessor(cache, layer))

@@ -54,10 +54,10 @@ from diffusers.utils.accelerate_utils import apply_forward_hook
 from diffusers.utils.torch_utils import get_module_execution_device
 from diffusers.video_processor import VideoProcessor
 
-from relaxkv_kernels import KVCache
 from relaxkv_kernels import MemoryPolicy
 from relaxkv_kernels.integrations.diffusers import attach
 from relaxkv_kernels.integrations.diffusers import attached_cache
+from relaxkv_kernels.integrations.diffusers import cache_for
 from relaxkv_kernels.integrations.diffusers import detach
 
 from ..rollout import check_count
@@ -362,11 +362,9 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
         shape = (text.shape[0], self.transformer.config.in_channels, int(policy.chunk_frames), latent_h, latent_w)
         given = [] if image is None else context_chunks(self.encode_image(image, height, width), shape[2],
                                                         shape[0], shape, device, self.transformer.dtype)
-        config = self.transformer.config  # the cache attach() will make, on meta tensors: its checks, now
-        KVCache(policy, num_layers=config.num_layers, batch=text.shape[0], num_heads=config.num_attention_heads,
-                head_dim=config.attention_head_dim, height=latent_h // patch, width=latent_w // patch,
-                dtype=self.transformer.dtype, device="meta", backend=backend, kv_dtype=kv_dtype,
-                pool_device=pool_device)
+        cache_for(self.transformer, policy, batch=text.shape[0], height=latent_h // patch, width=latent_w // patch,
+                  dtype=self.transformer.dtype, device="meta", backend=backend, kv_dtype=kv_dtype,
+                  pool_device=pool_device)  # the cache _chunks attaches, on meta tensors: its checks, now
         return self._chunks(text, policy, sampler, num_chunks, latent_h, latent_w, generator, output_type, backend,
                             device, progress, kv_dtype, pool_device, given)
 
