@@ -107,7 +107,7 @@ __device__ __forceinline__ float fp8_scale(float amax, float* inv) {
 }
 
 // The largest finite value of the compute type T rounded down to 3 mantissa bits (an e4m3 mantissa): 1.875 * 2^127
-// for fp32 and bf16, 1.875 * 2^15 for fp16.
+// for fp32 and bf16, 1.875 * 2^15 for fp16 (relaxkv_kernels/ops/fp8.py: fp8_room).
 template <typename T>
 __device__ __forceinline__ float finite_max_e4m3();
 template <>

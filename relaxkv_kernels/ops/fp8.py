@@ -41,11 +41,18 @@ def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
     return ((exp.clamp(-126, 127) + 127) << 23).view(torch.float32)
 
 
+def fp8_room(dtype: torch.dtype) -> float:
+    """``dtype``'s largest finite value rounded down to 3 mantissa bits (an e4m3 mantissa), as an fp32 number (inf for
+    float64): 61440 for fp16, 1.875 * 2^127 for bf16 and fp32. The Triton kernels take it as a constant, the CUDA
+    kernels have it as ``finite_max_e4m3<T>`` (csrc/common.cuh)."""
+    top = torch.tensor(torch.finfo(dtype).max, dtype=torch.float32)  # inf for float64
+    return float((top.view(torch.int32) & ~0xFFFFF).view(torch.float32))
+
+
 def fp8_limit(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The largest e4m3 value ``y`` (at most 448) with ``y * scale`` finite in ``dtype``: ``finfo(dtype).max / scale``
-    rounded down to 3 mantissa bits, in fp32, as the kernels compute it (any shape of fp32 power-of-two scales)."""
-    room = (torch.finfo(dtype).max / scale.double()).float()  # exact in float64; inf where it overflows fp32
-    return (room.view(torch.int32) & ~0xFFFFF).view(torch.float32).clamp(max=FP8_MAX)
+    """The largest e4m3 value ``y`` (at most 448) with ``y * scale`` finite in ``dtype``: ``fp8_room(dtype) / scale``
+    (exact: the scales are powers of two; inf past fp32), as the kernels compute it (fp32 scales, any shape)."""
+    return (fp8_room(dtype) / scale.double()).float().clamp(max=FP8_MAX)
 
 
 def quantize_fp8(x: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -177,13 +177,11 @@ def _fp8_scale(amax):
 
 
 @triton.jit
-def _fp8_limit(inv, FP_MAX: tl.constexpr):
+def _fp8_limit(inv, ROOM: tl.constexpr):
     """The largest e4m3 value whose product with a row's scale (``1 / inv``, fp32 [...]) is finite in the compute
-    dtype, whose largest finite value is ``FP_MAX`` (ops/fp8.py's ``fp8_limit``): ``FP_MAX * inv`` (exact) rounded
-    down to 3 mantissa bits, at most 448."""
-    inv = tl.minimum(inv, 512.0 / FP_MAX)  # past it the room exceeds 448 anyway (and the product stays finite)
-    room = (inv * FP_MAX).to(tl.int32, bitcast=True) & -1048576  # 0xFFF00000: sign, exponent, 3 mantissa bits
-    return tl.minimum(room.to(tl.float32, bitcast=True), 448.0)
+    dtype (ops/fp8.py's ``fp8_limit``; ``ROOM``: its ``fp8_room``): ``ROOM * inv`` (exact), at most 448."""
+    inv = tl.minimum(inv, 512.0 / ROOM)  # past it the product exceeds 448 anyway (and stays finite)
+    return tl.minimum(inv * ROOM, 448.0)
 
 
 @triton.jit

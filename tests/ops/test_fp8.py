@@ -16,6 +16,7 @@ import triton.language as tl
 from relaxkv_kernels.ops.fp8 import FP8_MAX
 from relaxkv_kernels.ops.fp8 import check_pool_format
 from relaxkv_kernels.ops.fp8 import dequantize_fp8
+from relaxkv_kernels.ops.fp8 import fp8_room
 from relaxkv_kernels.ops.fp8 import fp8_scale
 from relaxkv_kernels.ops.fp8 import quantize_fp8
 from relaxkv_kernels.ops.triton_common import _fp8_encode
@@ -104,13 +105,13 @@ def test_a_finite_row_stays_finite_in_its_compute_dtype(dtype):
 
 
 @triton.jit
-def _quantize_kernel(x, codes, scale, D: tl.constexpr, FP_MAX: tl.constexpr):
+def _quantize_kernel(x, codes, scale, D: tl.constexpr, ROOM: tl.constexpr):
     """One row of D per program: the Triton building blocks as the kernels use them."""
     o = tl.program_id(0) * D + tl.arange(0, D)
     b_x = tl.load(x + o).to(tl.float32)
     s, inv = _fp8_scale(tl.max(tl.abs(b_x), 0))
     tl.store(scale + tl.program_id(0), s)
-    tl.store(codes + o, _fp8_encode(b_x * inv, _fp8_limit(inv, FP_MAX)))
+    tl.store(codes + o, _fp8_encode(b_x * inv, _fp8_limit(inv, ROOM)))
 
 
 @pytest.mark.parametrize("rows", ["random", "top-fp16", "top-fp32"])
@@ -120,7 +121,7 @@ def test_triton_scale_and_codes_equal_the_reference(rows):
          "top-fp32": lambda: _top_rows(torch.float32)}[rows]().to(DEVICE)
     codes = torch.full(x.shape, float("nan"), dtype=FP8, device=DEVICE)
     scale = torch.full(x.shape[:-1], float("nan"), device=DEVICE)
-    _quantize_kernel[(x.shape[0],)](x, codes.view(torch.uint8), scale, D=x.shape[1], FP_MAX=torch.finfo(x.dtype).max)
+    _quantize_kernel[(x.shape[0],)](x, codes.view(torch.uint8), scale, D=x.shape[1], ROOM=fp8_room(x.dtype))
     want_codes, want_scale = quantize_fp8(x)
     assert torch.equal(scale, want_scale)
     assert torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8))

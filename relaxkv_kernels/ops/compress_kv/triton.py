@@ -17,6 +17,7 @@ from ...geometry import POOL_T
 from ...geometry import POOL_X
 from ...geometry import POOL_Y
 from ...geometry import compressed_grid
+from ..fp8 import fp8_room
 from ..fp8 import is_fp8
 from ..fp8 import scale_strides
 from ..triton_common import _fp8_amax
@@ -43,7 +44,7 @@ def _compress_kv_kernel(
     s_ksb, s_ksn, s_ksh,
     s_vsb, s_vsn, s_vsh,
     # meta-parameters
-    FP8: tl.constexpr, FP_MAX: tl.constexpr, N_T: tl.constexpr, N_H: tl.constexpr,
+    FP8: tl.constexpr, ROOM: tl.constexpr, N_T: tl.constexpr, N_H: tl.constexpr,
     PT: tl.constexpr, PY: tl.constexpr, PX: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -87,8 +88,8 @@ def _compress_kv_kernel(
     if FP8:  # the tile holds whole rows: each row's amax over D is complete (masked lanes are 0)
         b_ks, b_kinv = _fp8_scale(_fp8_amax(b_ck, 1))  # [BC]
         b_vs, b_vinv = _fp8_scale(_fp8_amax(b_pv, 1))
-        tl.store(p_kp, _fp8_encode(b_ck * b_kinv[:, None], _fp8_limit(b_kinv, FP_MAX)[:, None]), mask=m_cd)  # uint8
-        tl.store(p_vp, _fp8_encode(b_pv * b_vinv[:, None], _fp8_limit(b_vinv, FP_MAX)[:, None]), mask=m_cd)
+        tl.store(p_kp, _fp8_encode(b_ck * b_kinv[:, None], _fp8_limit(b_kinv, ROOM)[:, None]), mask=m_cd)  # uint8
+        tl.store(p_vp, _fp8_encode(b_pv * b_vinv[:, None], _fp8_limit(b_vinv, ROOM)[:, None]), mask=m_cd)
         tl.store(k_scale + i_b * s_ksb + i_h * s_ksh + rows * s_ksn, b_ks, mask=m_c)
         tl.store(v_scale + i_b * s_vsb + i_h * s_vsh + rows * s_vsn, b_vs, mask=m_c)
     else:
@@ -143,7 +144,7 @@ def compress_kv_triton(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v
         row0, n_c, ny, nx, f, width, h, d,
         *k.stride(), *v.stride(), *k_pool.stride(), *v_pool.stride(),
         *scale_strides(k_pool_scale), *scale_strides(v_pool_scale),
-        FP8=fp8, FP_MAX=torch.finfo(k.dtype).max,
+        FP8=fp8, ROOM=fp8_room(k.dtype),
         N_T=n_t, N_H=n_h, PT=POOL_T, PY=POOL_Y, PX=POOL_X, BLOCK_C=block_c, BLOCK_D=block_d,
         num_warps=4,
     )

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ...availability import interpreter_enabled
+from ..fp8 import fp8_room
 from ..triton_common import _fp8_amax
 from ..triton_common import _fp8_encode
 from ..triton_common import _fp8_limit
@@ -28,7 +29,7 @@ def _quantize_frames_kernel(
     s_cn, s_cr, s_ch, s_cd,
     s_sn, s_sr, s_sh,
     # meta-parameters
-    FP_MAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROOM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i_n = tl.program_id(1).to(tl.int64)
     o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR] rows of x
@@ -42,7 +43,7 @@ def _quantize_frames_kernel(
         b_x = tl.load(p_x, mask=m, other=0.0).to(tl.float32)  # [BR, BD]
         b_scale, b_inv = _fp8_scale(_fp8_amax(b_x, 1))  # [BR]
         p_c = pool + i_n * s_cn + i_h * s_ch + rows[:, None] * s_cr + o_d[None, :] * s_cd
-        tl.store(p_c, _fp8_encode(b_x * b_inv[:, None], _fp8_limit(b_inv, FP_MAX)[:, None]), mask=m)
+        tl.store(p_c, _fp8_encode(b_x * b_inv[:, None], _fp8_limit(b_inv, ROOM)[:, None]), mask=m)
         tl.store(pool_scale + i_n * s_sn + i_h * s_sh + rows * s_sr, b_scale, mask=m_r)
 
 
@@ -58,5 +59,5 @@ def quantize_frames_triton(x: torch.Tensor, pool: torch.Tensor, pool_scale: torc
         x, pool.view(torch.uint8), pool_scale, frame_slot,
         n_tokens, frame_tokens, h, d,
         *x.stride(), *pool.stride(), *pool_scale.stride(),
-        FP_MAX=torch.finfo(x.dtype).max, BLOCK_R=block_r, BLOCK_D=triton.next_power_of_2(d), num_warps=4,
+        ROOM=fp8_room(x.dtype), BLOCK_R=block_r, BLOCK_D=triton.next_power_of_2(d), num_warps=4,
     )

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..fp8 import fp8_room
 from ..fp8 import is_fp8
 from ..fp8 import scale_strides
 from ..triton_common import _angle_exact
@@ -67,7 +68,7 @@ def _rope_append_kernel(
     s_vsb, s_vsn, s_vsh,
     s_fs, s_fp,
     # meta-parameters
-    N_T: tl.constexpr, N_H: tl.constexpr, HAS_PROTO: tl.constexpr, FP8: tl.constexpr, FP_MAX: tl.constexpr,
+    N_T: tl.constexpr, N_H: tl.constexpr, HAS_PROTO: tl.constexpr, FP8: tl.constexpr, ROOM: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     i_t = tl.program_id(0)
@@ -125,7 +126,7 @@ def _rope_append_kernel(
             b_v = b_v.to(tl.float32)
             b_ks, b_kinv = _fp8_scale(_fp8_amax(b_kr, 2))  # [BT, BH]
             b_vs, b_vinv = _fp8_scale(_fp8_amax(b_v, 2))
-            b_klim, b_vlim = _fp8_limit(b_kinv, FP_MAX)[:, :, None], _fp8_limit(b_vinv, FP_MAX)[:, :, None]
+            b_klim, b_vlim = _fp8_limit(b_kinv, ROOM)[:, :, None], _fp8_limit(b_vinv, ROOM)[:, :, None]
             tl.store(p_kc + i_h * s_kch, _fp8_encode(b_kr * b_kinv[:, :, None], b_klim), mask=m_tdc & m_h)
             tl.store(p_vc + i_h * s_vch, _fp8_encode(b_v * b_vinv[:, :, None], b_vlim), mask=m_tdc & m_h)
             i_hs = (h0 + o_h).to(tl.int64)[None, :]  # [1, BH]
@@ -202,7 +203,7 @@ def rope_append_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cach
         *q.stride(), *k.stride(), *v.stride(), *q_rot.stride(), *k_cache.stride(), *v_cache.stride(),
         *scale_strides(k_cache_scale), *scale_strides(v_cache_scale),
         frame_slot.stride(0), frame_pos.stride(0),
-        N_T=n_t, N_H=n_h, HAS_PROTO=proto is not None, FP8=fp8, FP_MAX=torch.finfo(k.dtype).max,
+        N_T=n_t, N_H=n_h, HAS_PROTO=proto is not None, FP8=fp8, ROOM=fp8_room(k.dtype),
         BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
         num_warps=4,
     )
