@@ -73,24 +73,20 @@ def _angle_exact(pos, inv):
 
 @triton.jit
 def _rope_rotate(x, pos_t, pos_y, pos_x, p_inv, N_T: tl.constexpr, N_H: tl.constexpr, HALF_D,
-                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, EXACT_T: tl.constexpr = False):
-    """Rotate the interleaved pairs of fp32 ``x`` [BT, BD] at positions (t, y, x), each [BT].
+                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rotate the interleaved pairs of fp32 ``x`` [BT, BD] at positions (t, y, x), each [BT]; ``p_inv``: the float64
+    table (``inv_freq_table(..., torch.float64)``).
 
-    Pair p < N_T turns by pos_t * inv[p], N_T <= p < N_T + N_H by pos_y * inv[p], the rest by pos_x * inv[p].
-    Padding pairs (p >= HALF_D) get angle 0 (their lanes are masked by the caller anyway). ``EXACT_T``: ``p_inv`` is
-    the float64 table and the temporal angles are taken in fp64 (:func:`_angle_exact`: absolute positions);
-    otherwise the fp32 table (temporal deltas, small).
+    Pair p < N_T turns by pos_t * inv[p] (in fp64, :func:`_angle_exact`: positions and deltas of any size),
+    N_T <= p < N_T + N_H by pos_y * inv[p], the rest by pos_x * inv[p] (fp32). Padding pairs (p >= HALF_D) get angle
+    0 (their lanes are masked by the caller anyway).
     """
     BLOCK_P: tl.constexpr = BLOCK_D // 2
     o_p = tl.arange(0, BLOCK_P)
-    b_inv_t = tl.load(p_inv + o_p, mask=o_p < HALF_D, other=0.0)  # [BP]
+    b_inv_t = tl.load(p_inv + o_p, mask=o_p < HALF_D, other=0.0)  # [BP] float64
     b_inv = b_inv_t.to(tl.float32)
-    temporal = (o_p < N_T)[None, :]
-    pos = tl.where(temporal, pos_t[:, None].to(tl.float32),
-                   tl.where((o_p < N_T + N_H)[None, :], pos_y[:, None], pos_x[:, None]))  # [BT, BP]
-    angle = pos * b_inv[None, :]
-    if EXACT_T:
-        angle = tl.where(temporal, _angle_exact(pos_t[:, None], b_inv_t[None, :]), angle)
+    pos = tl.where((o_p < N_T + N_H)[None, :], pos_y[:, None], pos_x[:, None])  # [BT, BP], spatial pairs
+    angle = tl.where((o_p < N_T)[None, :], _angle_exact(pos_t[:, None], b_inv_t[None, :]), pos * b_inv[None, :])
     b_cos, b_sin = _cos_sin(angle)  # [BT, BP]
     x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_T, BLOCK_P, 2)))  # [BT, BP] each
     rot = tl.join(x_even * b_cos - x_odd * b_sin, x_even * b_sin + x_odd * b_cos)  # [BT, BP, 2]

@@ -79,8 +79,7 @@ def _compress_kv_kernel(
     pos_t = tl.load(t0).to(tl.float64) + i_tc.to(tl.float64) * PT + (PT - 1) * 0.5
     pos_y = i_yc.to(tl.float32) * PY + (PY - 1) * 0.5
     pos_x = i_xc.to(tl.float32) * PX + (PX - 1) * 0.5
-    b_ck = _rope_rotate(b_pk, pos_t, pos_y, pos_x, inv_freq, N_T, N_H, HEAD_DIM // 2, BLOCK_C, BLOCK_D,
-                        EXACT_T=True)
+    b_ck = _rope_rotate(b_pk, pos_t, pos_y, pos_x, inv_freq, N_T, N_H, HEAD_DIM // 2, BLOCK_C, BLOCK_D)
 
     rows = row0 + tl.load(block_slot) * N_C + o_c.to(tl.int64)  # [BC] pool rows of this block
     p_kp = k_pool + i_b * s_kpb + i_h * s_kph + rows[:, None] * s_kpn + o_d[None, :] * s_kpd

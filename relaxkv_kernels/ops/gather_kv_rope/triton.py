@@ -74,7 +74,7 @@ def _gather_kv_rope_kernel(
             b_k = tl.load(p_k, mask=m_load, other=float("nan")).to(tl.float32)  # [BR, BD]
             b_v = tl.load(p_v, mask=m_load, other=float("nan"))
         # temporal pairs turn by delta; height and width pairs by angle 0 (cos 1, sin 0: copied exactly)
-        b_k = _rope_rotate(b_k, b_delta, zero, zero, inv_freq, N_T, 0, HEAD_DIM // 2, BLOCK_R, BLOCK_D, EXACT_T=True)
+        b_k = _rope_rotate(b_k, b_delta, zero, zero, inv_freq, N_T, 0, HEAD_DIM // 2, BLOCK_R, BLOCK_D)
         o_row = o_r.to(tl.int64)[:, None]
         p_ko = k_out + i_b * s_kob + i_h * s_koh + o_row * s_kon + o_d[None, :] * s_kod
         p_vo = v_out + i_b * s_vob + i_h * s_voh + o_row * s_von + o_d[None, :] * s_vod
