@@ -5,10 +5,11 @@ Public API:
                      gather_kv_rope, gather_kv_rope_into, dense_attention, quantize_frames (also as
                      torch.ops.relaxkv.*)
     policies         DenseWindow, RelaxMemory, PackMemory (and MemoryPolicy / Planner for your own)
-    cache            KVCache (begin_chunk / attend / end_chunk)
+    cache            KVCache (begin_chunk / attend / end_chunk; begin_rewrite / end_rewrite to re-cache frames)
     backends()       which backends this machine can run
 """
 from .availability import backends
+from .cache import FrameNotHeldError
 from .cache import KVCache
 from .memory import DenseWindow
 from .memory import MemoryPolicy
@@ -27,6 +28,7 @@ from .ops import sparse_kv_attention
 
 __all__ = [
     "DenseWindow",
+    "FrameNotHeldError",
     "KVCache",
     "MemoryPolicy",
     "PackMemory",

@@ -121,6 +121,28 @@ def test_fp8_host_pools_match_rollout_with_fp8_pools(pipe, model):
     torch.testing.assert_close(latents.cpu(), ref.latents, rtol=0, atol=ROLLOUT_ATOL)
 
 
+@pytest.mark.parametrize("policy, recache", [("relax", "attended"), ("pack", "recent")])
+def test_prompt_switch_with_recache_matches_rollout(pipe, model, policy, recache):
+    """stream(prompt_schedule=..., recache=...): relaxkv_gen's rollout with the same schedule, the stored K/V of the
+    chosen frames re-computed by the transformer under the new text (Pack's recent block recompressed)."""
+    text, new = random_text(CFG, 1, 0), random_text(CFG, 1, 4)
+    ref = rollout(model, policy, text, num_chunks=4, seed=7, backend="reference", timing=False, prompts={3: new},
+                  recache=recache)
+    assert ref.chunks[3]["recached_frames"]
+    latents = run(pipe, policy=policy, num_chunks=4, generator=torch.Generator().manual_seed(7),
+                  output_type="latent", prompt_schedule={3: new}, recache=recache)
+    torch.testing.assert_close(latents.cpu(), ref.latents, rtol=0, atol=ROLLOUT_ATOL)
+    for schedule, recache, error, match in (
+            ({3: ""}, "none", ValueError, "prompt_schedule: chunk 3: expected a non-empty prompt"),
+            ({4: new}, "none", ValueError, r"prompts: chunk 4: expected a chunk index >= 0 < 4"),
+            ([new], "none", TypeError, "prompt_schedule: expected a dict"),
+            ({3: new}, "all", ValueError, "recache: expected one of")):
+        with pytest.raises(error, match=match):
+            pipe.stream(prompt_embeds=text, height=PIXELS, width=PIXELS, num_chunks=4,
+                        max_sequence_length=CFG.text_len, prompt_schedule=schedule, recache=recache)
+    assert attached_cache(pipe.transformer) is None
+
+
 def test_image_to_video_matches_rollout_with_the_images_latent(pipe, model):
     """stream(image=...): the image is encoded by the VAE (alone, as the causal VAE encodes a first frame) and opens
     the first chunk; the latents equal relaxkv_gen's rollout given that latent frame as context, the first frame

@@ -118,6 +118,28 @@ def out_arg(text: str) -> Path:
     return Path(text)
 
 
+def schedule_arg(text: str) -> dict[int, str]:
+    """``--prompt-schedule``: ``{chunk: value}`` from ``"0:a;40:b"`` or a file of ``CHUNK:VALUE`` lines."""
+    path = Path(text)
+    entries = path.read_text().splitlines() if path.is_file() else text.split(";")
+    schedule = {}
+    for entry in filter(str.strip, entries):
+        chunk, sep, value = entry.partition(":")
+        try:
+            chunk = int(chunk)
+        except ValueError:
+            chunk = -1
+        if not sep or chunk < 0 or not value.strip():
+            raise argparse.ArgumentTypeError(f"expected CHUNK:VALUE entries (a chunk index >= 0, a non-empty text "
+                                             f"embeds file or prompt), got {entry.strip()!r}")
+        if chunk in schedule:
+            raise argparse.ArgumentTypeError(f"chunk {chunk} is scheduled twice")
+        schedule[chunk] = value.strip()
+    if not schedule:
+        raise argparse.ArgumentTypeError(f"expected CHUNK:VALUE entries, got {text!r}")
+    return schedule
+
+
 def device_arg(text: str) -> torch.device:
     """argparse type: ``cpu``, ``cuda`` or ``cuda:N`` for a GPU that exists here."""
     try:
@@ -159,6 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--text-embeds", type=Path,
                       help="text encoder states [L, text_dim] (or [B, L, text_dim]), .pt or .safetensors")
     text.add_argument("--prompt", help="with --diffusers: a prompt for the folder's text encoder (needs transformers)")
+    p.add_argument("--prompt-schedule", type=schedule_arg, metavar="SPEC",
+                   help="prompt switches: 'CHUNK:VALUE;CHUNK:VALUE' or a file of CHUNK:VALUE lines, chunks counted "
+                        "from 0; VALUE is a text-embeds file (as --text-embeds), or with --diffusers --prompt a "
+                        "prompt. From each chunk on the model reads that text (chunk 0's replaces --prompt / "
+                        "--text-embeds)")
+    p.add_argument("--recache", choices=rk.cache.RECACHE, default="none",
+                   help="at each switch, the stored K/V re-computed under the new text before the chunk: none (the "
+                        "cross-attention text alone changes), recent (the last chunk's frames the memory reads; a "
+                        "dense window: its whole window, as LongLive), attended (every frame the next chunk may read "
+                        "at full resolution); default: none")
     p.add_argument("--first-latent", type=Path, metavar="FILE",
                    help="image-to-video / video extension: clean latent frames [1 or B, C, n, h, w] (.pt or "
                         ".safetensors) the video starts with; the written latents begin with them")
@@ -374,6 +406,8 @@ def run_ranks(args, cfg, device: torch.device, group) -> int:
     if args.image is not None and args.diffusers is None:
         raise ValueError("--image needs --diffusers (a folder with the VAE that encodes it); relaxkv_gen's model "
                          "takes clean latents: --first-latent")
+    if args.recache != "none" and args.prompt_schedule is None:
+        raise ValueError(f"--recache {args.recache} needs --prompt-schedule (it re-computes the K/V at a switch)")
     if args.first_latent is not None and args.diffusers is not None:
         raise ValueError("--first-latent is for relaxkv_gen's model; with --diffusers pass the image (--image)")
     first = None if args.first_latent is None else load_first_latent(args.first_latent, cfg, args.batch)
@@ -411,6 +445,16 @@ def load_text(args, cfg) -> torch.Tensor:
             else random_text(cfg, args.batch, args.seed))
 
 
+def load_schedule(args, cfg) -> tuple[torch.Tensor | list[str], dict]:
+    """The first text and ``--prompt-schedule``'s switches: prompts (``--prompt``: B copies of each) or text states
+    [batch, L, text_dim] (each VALUE a text-embeds file); chunk 0's entry replaces the first text."""
+    prompts = args.prompt is not None
+    schedule = {chunk: [value] * args.batch if prompts else load_text_embeds(Path(value), cfg, args.batch)
+                for chunk, value in (args.prompt_schedule or {}).items()}
+    first = [args.prompt] * args.batch if prompts else load_text(args, cfg)
+    return schedule.pop(0, first), schedule
+
+
 def generate(args, cfg, staging: Path | None, *, device, dtype, backend, policies, chunks, group=None,
              first: torch.Tensor | None = None) -> list[str]:
     """relaxkv_gen's own model: latents, report.json and the figures into ``staging``; returns the names.
@@ -418,7 +462,7 @@ def generate(args, cfg, staging: Path | None, *, device, dtype, backend, policie
 
     With a process ``group`` every rank generates, and only rank 0 (``staging`` None elsewhere) prints and writes.
     """
-    text = load_text(args, cfg)
+    text, schedule = load_schedule(args, cfg)
     ranks = 1 if group is None else group.size()
     if args.checkpoint is not None:
         model = build_model(cfg, dtype=dtype, init=False)
@@ -434,7 +478,7 @@ def generate(args, cfg, staging: Path | None, *, device, dtype, backend, policie
         results.append(rollout(model, name, text, num_chunks=chunks[name], seed=args.seed, backend=backend,
                                timing=not args.no_timing, progress=staging is not None and not args.no_progress,
                                process_group=group, kv_dtype=kv_dtype, pool_device=pool_device(args),
-                               context=first))
+                               context=first, prompts=schedule or None, recache=args.recache))
     if staging is None:
         return []
     report = build_report(results, {
@@ -444,6 +488,7 @@ def generate(args, cfg, staging: Path | None, *, device, dtype, backend, policie
         "timing": "off" if args.no_timing else clock_label(device), "passes_per_chunk": 5, "ranks": ranks,
         "kv_dtype": str(kv_dtype or dtype).replace("torch.", ""), "pools": args.pools,
         "first_latent": None if first is None else {"path": str(args.first_latent), "frames": first.shape[2]},
+        "prompt_schedule": args.prompt_schedule, "recache": args.recache,
     })
     if not args.no_timing:
         print(format_timing_table(report))
@@ -465,7 +510,8 @@ def generate_with_diffusers(args, cfg, staging: Path, *, device, dtype, backend,
     from .diffusers.generate import write_videos
 
     prompt = args.prompt is not None
-    text = {"prompt": [args.prompt] * args.batch} if prompt else {"prompt_embeds": load_text(args, cfg)}
+    first, schedule = load_schedule(args, cfg)
+    text = {"prompt": first} if prompt else {"prompt_embeds": first}
     pipe = load_pipeline(args.diffusers, cfg, device=device, dtype=dtype, prompt=prompt)
     weights = load_weights(pipe, args.checkpoint) if args.checkpoint is not None else f"{args.diffusers}/transformer"
     info = {"mode": "diffusers", "folder": str(args.diffusers), "preset": cfg.name, "weights": weights,
@@ -473,11 +519,13 @@ def generate_with_diffusers(args, cfg, staging: Path, *, device, dtype, backend,
             "seed": args.seed, "text": args.prompt if prompt else
             (str(args.text_embeds) if args.text_embeds else f"random (seed {args.seed})"),
             "kv_dtype": str(KV_DTYPES.get(args.kv_dtype, dtype)).replace("torch.", ""), "pools": args.pools,
-            "image": None if args.image is None else str(args.image)}
+            "image": None if args.image is None else str(args.image), "prompt_schedule": args.prompt_schedule,
+            "recache": args.recache}
     return write_videos(pipe, cfg, staging, policies=policies, chunks=chunks, text=text, seed=args.seed,
                         backend=backend, progress=not args.no_progress, info=info,
                         kv_dtype=KV_DTYPES.get(args.kv_dtype), pool_device=pool_device(args),
-                        image=None if args.image is None else load_image(args.image))
+                        image=None if args.image is None else load_image(args.image),
+                        prompt_schedule=schedule or None, recache=args.recache)
 
 
 def out_of_memory(exc: BaseException) -> bool:

@@ -277,6 +277,43 @@ def context_chunks(context: torch.Tensor | None, chunk_frames: int, batch: int, 
     return list(given.split(chunk_frames, dim=2))
 
 
+def text_schedule(prompts, text: torch.Tensor, chunks: int | None) -> dict[int, torch.Tensor]:
+    """The text of every chunk that changes it: ``{0: text}`` and ``prompts`` (``{chunk: text encoder states [B, L,
+    text_dim]}``, chunks counted as the records count them, context chunks included), in chunk order. ValueError /
+    TypeError, before any work, for a chunk that is not an int in ``[0, chunks)`` (``chunks`` None: any >= 0), or a
+    prompt that is not a non-empty tensor of ``text``'s batch and width."""
+    if prompts is None:
+        return {0: text}
+    if not isinstance(prompts, dict):
+        raise TypeError(f"prompts: expected a dict {{chunk: text states}}, got {type(prompts).__name__}")
+    schedule = {0: text}
+    for chunk, states in sorted(prompts.items(), key=lambda kv: kv[0] if isinstance(kv[0], int) else -1):
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0 or (chunks is not None
+                                                                                  and chunk >= chunks):
+            bound = "" if chunks is None else f" < {chunks} (the chunks of this run)"
+            raise ValueError(f"prompts: chunk {chunk!r}: expected a chunk index >= 0{bound}")
+        if (not isinstance(states, torch.Tensor) or states.dim() != 3 or not states.numel()
+                or states.shape[0] not in (1, text.shape[0]) or states.shape[2] != text.shape[2]):
+            got = list(states.shape) if isinstance(states, torch.Tensor) else type(states).__name__
+            raise ValueError(f"prompts: chunk {chunk}: expected text states [1 or {text.shape[0]}, L >= 1, "
+                             f"{text.shape[2]}], got {got}")
+        schedule[chunk] = states.expand(text.shape[0], -1, -1)
+    return schedule
+
+
+def run_recache(cache: rk.KVCache, which: str, latents: Callable[[list[int]], torch.Tensor],
+            forward: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor], batch: int, device) -> list[int]:
+    """Re-cache before the next chunk: the frames ``cache.recache_frames(which)`` names, one chunk's of them at a
+    time, each rewritten by one clean pass at timestep 0 (``forward(x, t, pass)`` as in :func:`denoise_chunk`, with the
+    new text) over their latents (``latents(frames)`` -> [B, C, len(frames), H, W]); returns the frames."""
+    frames = cache.recache_frames(which)
+    for group in cache.recache_groups(frames) if frames else []:
+        cache.begin_rewrite(group)
+        forward(latents(group), torch.zeros(batch, len(group), device=device), 0)
+        cache.end_rewrite()
+    return frames
+
+
 @torch.no_grad()
 def rollout(
     model: CausalWanModel,
@@ -293,6 +330,8 @@ def rollout(
     kv_dtype: torch.dtype | None = None,
     pool_device=None,
     context: torch.Tensor | None = None,
+    prompts: dict[int, torch.Tensor] | None = None,
+    recache: str = "none",
 ) -> RolloutResult:
     """Generate ``num_chunks`` chunks with memory policy ``policy_name``.
 
@@ -319,15 +358,27 @@ def rollout(
             commits their K/V at their positions for the memory to treat as any frame. The rest (n mod U frames)
             opens the first generated chunk: at every pass those frames are the given latents at timestep 0, the
             others are denoised. ``num_chunks`` generated chunks follow the context chunks.
+        prompts: a prompt schedule ``{chunk: text states [1 or B, L, text_dim]}`` (chunks counted as the records
+            count them, context chunks included; chunk 0 defaults to ``text``), or None. From each listed chunk on the
+            cross-attention reads that text.
+        recache: at each switch, which stored K/V are re-computed under the new text before the chunk
+            (``KVCache.recache_frames``): "none" (only the cross-attention text changes), "recent" (the last chunk's
+            frames the memory reads, a dense window's whole window: LongLive's choice) or "attended" (every frame the
+            next chunk may read at full resolution). Each is rewritten by a clean pass over its latents at its own
+            position (``KVCache.begin_rewrite``), its derived state (Relax's prototypes, Pack's compressed block)
+            following.
 
     Returns:
         :class:`RolloutResult` with latents [B, 16, T, H, W] (T: ``chunk_frames`` times the context chunks and
         ``num_chunks``) and one record per chunk (``context_frames``: how many of its frames were given):
         ``time_ms`` (host wall time, after a device sync on CUDA), KV bytes (allocated and in use), the cache's
-        ``last_plan``, the frames each memory segment showed and, with ``timing``, ``timing_ms``:
+        ``last_plan``, the frames each memory segment showed, ``prompt`` (the schedule's chunk whose text it read)
+        and ``recached_frames`` (re-computed before it, in ``time_ms``) and, with ``timing``, ``timing_ms``:
         every section and ``"chunk"`` (:data:`CHUNK_SECTION`) on the timer's clock.
     """
     check_count("num_chunks", num_chunks)
+    if recache not in rk.cache.RECACHE:
+        raise ValueError(f"recache: expected one of {list(rk.cache.RECACHE)}, got {recache!r}")
     cfg = model.cfg
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
@@ -341,6 +392,11 @@ def rollout(
     batch = text_states.shape[0]
     shape = (batch, cfg.in_dim, u, cfg.latent_height, cfg.latent_width)
     given = context_chunks(context, u, batch, shape, device, dtype)  # checked before the cache is made
+    whole = sum(g.shape[2] == u for g in given)  # context chunks, before the num_chunks generated ones
+    schedule = {chunk: model.embed_text(states)
+                for chunk, states in text_schedule(prompts, text, whole + num_chunks).items()}
+    if parallel is not None and recache != "none" and len(schedule) > 1:
+        check_ranks(cfg, 1, parallel.size)  # a rewrite may take one frame
     cache = make_cache(model, policy, batch, backend, process_group, kv_dtype, pool_device=pool_device)
     gen = torch.Generator().manual_seed(seed)
 
@@ -353,20 +409,28 @@ def rollout(
 
     sharded = {} if parallel is None else {"parallel": parallel}  # one process: the model called as before
 
+    prompt = 0
+
     def forward(x, t, _pass):
-        return model(x, t, text_states, cache, timer, **sharded)
+        return model(x, t, schedule[prompt], cache, timer, **sharded)
+
+    def latents(frames):
+        return torch.stack([outputs[fr // u][:, :, fr % u] for fr in frames], dim=2).to(device)
 
     result = RolloutResult(policy=policy_name, latents=None, chunk_frames=u,
                            memory=memory_summary(model, policy, batch, cache))
     outputs = []
-    whole = sum(g.shape[2] == u for g in given)  # context chunks, before the num_chunks generated ones
     bar = progress_bar(range(whole + num_chunks), policy_name, progress)
     try:
         for i in bar:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
+            recached = []
             with timer.section(CHUNK_SECTION) if timer is not None else contextlib.nullcontext():
+                if i in schedule and i:
+                    prompt = i
+                    recached = run_recache(cache, recache, latents, forward, batch, device)
                 cache.begin_chunk()
                 x0 = denoise_chunk(forward, sampler, noise, batch, u, device, given[i] if i < len(given) else None)
                 cache.end_chunk()
@@ -379,6 +443,8 @@ def rollout(
                 "start_frame": i * u,
                 "frames": u,
                 "context_frames": given[i].shape[2] if i < len(given) else 0,
+                "prompt": prompt,
+                "recached_frames": recached,
                 "time_ms": elapsed_ms,
                 "kv_bytes": int(cache.memory_bytes()),
                 "kv_live_bytes": int(cache.live_bytes()),

@@ -63,6 +63,7 @@ from ..ops.rope_append.op import rope_append_op
 from ..targets import require_gpu
 from .device_plan import DevicePlan
 from .modes import MODES
+from .modes import AttentionMode
 from .modes import make_mode
 from .modes import resolve_attention
 from .storage import KVStorage
@@ -71,6 +72,12 @@ from .storage import nbytes
 CACHE_BACKENDS = ("reference", "fused", "auto", "triton")
 ATTENTION_MODES = ("auto", *MODES)
 SELECTIONS = (None, "chunk", "per_layer")
+RECACHE = ("none", "recent", "attended")
+
+
+class FrameNotHeldError(ValueError):
+    """A re-cache asked for frames the memory does not hold at full resolution (dropped, compressed, or not made
+    yet)."""
 
 
 class KVCache:
@@ -193,16 +200,20 @@ class KVCache:
         self.storage = KVStorage(self.geometry, pl, host=host_pools)
         n_tables = num_layers if pl.selection == "per_layer" else 1
         self.device_plan = DevicePlan.allocate(n_tables, batch, pl.n_seg, policy.chunk_frames, self.device)
-        self._seg = [self.device_plan.seg[i if n_tables > 1 else 0] for i in range(num_layers)]  # views per layer
+        self._chunk_seg = [self.device_plan.seg[i if n_tables > 1 else 0] for i in range(num_layers)]  # per layer
+        # what the calls of the current pass read: the chunk's plan, or a rewrite's (begin_chunk / begin_rewrite)
+        self._dplan, self._seg = self.device_plan, self._chunk_seg
         self._layer_state = [self.storage.layer_state(i) for i in range(num_layers)]
         self.mode = make_mode(attention, self.geometry, self.storage, self.device_plan, pl, backend, engine,
                               self._section)
         self.chunk_mode = self.mode
         self._appends = type(pl).append is not Planner.append  # the planner has a step after every cache write
         self._chunk_shape = (batch, policy.chunk_frames * self.frame_tokens, self.num_heads, head_dim)
+        self._pass_shape = self._chunk_shape
         self.chunk = 0
         self.last_plan: ChunkPlan | None = None
         self._in_chunk = False
+        self._rewriting = False  # the passes in progress are a rewrite's (begin_rewrite), not a chunk's
         # attend calls per layer in the current chunk: eager ones in a list, traced ones in a tensor (a compiled
         # graph adds to it without a guard on the count, so every pass runs the same graph)
         self._calls = [0] * num_layers
@@ -236,6 +247,8 @@ class KVCache:
         Calling it again before ``end_chunk`` plans the same chunk again (same slots) and restores its
         pending device steps, e.g. to capture the chunk step in a CUDA graph after a warm-up run.
         """
+        if self._rewriting:
+            raise RuntimeError("KVCache.begin_chunk: a rewrite is in progress: end_rewrite() after its pass first")
         plan = self.planner.plan(self.chunk)
         u = len(plan.frame_slot)
         if u != self.policy.chunk_frames or plan.segments[plan.n_memory_seg: plan.n_memory_seg + u] != [
@@ -252,6 +265,7 @@ class KVCache:
                                "graph captured a chunk step of this cache, so a replay would read stale buffers; "
                                "capture once the plans are steady (past the policy's warm-up), or make a new cache")
         self.last_plan, self._shapes, self.chunk_mode = plan, shapes, mode
+        self._dplan, self._seg, self._pass_shape = self.device_plan, self._chunk_seg, self._chunk_shape
         self._steps = {}  # the planner's DeviceStep per layer (-1: the chunk's), made on use
         mode.begin(plan)
         if plan.selects and self.planner.selection == "chunk":
@@ -311,26 +325,35 @@ class KVCache:
         rows would hold stale or uninitialised K/V for every later chunk). Once a chunk step was captured
         (:meth:`capture`), a chunk with no ``attend`` call since ``begin_chunk`` is its replay.
         """
-        if not self._in_chunk:
+        if not self._in_chunk or self._rewriting:
             raise RuntimeError(f"KVCache.end_chunk: no chunk in progress (call begin_chunk() before the passes of "
-                               f"chunk {self.chunk}, end_chunk() once after its refresh pass)")
-        calls = [a + b for a, b in zip(self._calls, self._traced_calls.tolist())]
-        most = max(calls)
-        if most == 0 and self._captured is None:
-            raise RuntimeError(f"KVCache.end_chunk: no layer attended in chunk {self.chunk}: run every layer's passes "
-                               "(cache.attend) between begin_chunk() and end_chunk(), or replay a chunk step "
-                               "captured inside cache.capture()")
-        behind = [layer for layer, n in enumerate(calls) if n < most]
-        if behind:
-            raise RuntimeError(f"KVCache.end_chunk: layers {behind} attended {sorted({calls[i] for i in behind})} "
-                               f"times in chunk {self.chunk}, the others {most}: every layer must run every pass "
-                               "(the refresh pass writes the K/V later chunks read)")
+                               f"chunk {self.chunk}, end_chunk() once after its refresh pass"
+                               f"{'; a rewrite ends with end_rewrite()' if self._rewriting else ''})")
+        self._check_calls("KVCache.end_chunk", f"chunk {self.chunk}", replayed=self._captured is not None)
         self.chunk_mode.commit(self.last_plan)
-        if self.heads is not None and self.storage.proto is not None:  # the mean over all heads, before scoring
-            slots = self.device_plan.frame_slot
-            self.storage.proto[:, slots] = self.heads.mean_(self.storage.proto[:, slots])
+        self._mean_prototypes()
         self._in_chunk = False
         self.chunk += 1
+
+    def _check_calls(self, op: str, what: str, replayed: bool = False) -> None:
+        """RuntimeError unless every layer attended as many times as the others, at least once (``replayed``: a
+        chunk whose passes all ran from a captured graph's replays counts no call)."""
+        calls = [a + b for a, b in zip(self._calls, self._traced_calls.tolist())]
+        most = max(calls)
+        if most == 0 and not replayed:
+            raise RuntimeError(f"{op}: no layer attended in {what}: run every layer's passes (cache.attend) before "
+                               f"{op.rpartition('.')[2]}(), or replay a chunk step captured inside cache.capture()")
+        behind = [layer for layer, n in enumerate(calls) if n < most]
+        if behind:
+            raise RuntimeError(f"{op}: layers {behind} attended {sorted({calls[i] for i in behind})} times in {what}, "
+                               f"the others {most}: every layer must run every pass (the last pass writes the K/V "
+                               "later chunks read)")
+
+    def _mean_prototypes(self) -> None:
+        """Head-parallel: the prototypes of the pass's frames become their mean over all heads (before any scoring)."""
+        if self.heads is not None and self.storage.proto is not None:
+            slots = self._dplan.frame_slot
+            self.storage.proto[:, slots] = self.heads.mean_(self.storage.proto[:, slots])
 
     @contextlib.contextmanager
     def capture(self):
@@ -342,11 +365,117 @@ class KVCache:
         replays (no eager ``attend`` between ``begin_chunk`` and ``end_chunk``) counts as the captured step. Several
         captures of one chunk (e.g. its first pass and a later one) may share one ``capture()`` block.
         """
-        if not self._in_chunk:
+        if not self._in_chunk or self._rewriting:
             raise RuntimeError("KVCache.capture: no chunk in progress: call begin_chunk() before capturing the "
-                               f"passes of chunk {self.chunk}")
+                               f"passes of chunk {self.chunk} (a rewrite runs eagerly)")
         yield self
         self._captured = self._shapes
+
+    # ------------------------------------------------------------------ host side: re-cache, between chunks
+
+    def recache_frames(self, which: str) -> list[int]:
+        """The frames a re-cache of kind ``which`` rewrites before the next chunk (host only; plans that chunk, as
+        ``begin_chunk`` will again, so what it evicts is gone):
+
+        - "none": [];
+        - "recent": the planner's recent frames (:meth:`Planner.recent_frames`: the last chunk's frames the next chunk
+          may read; a dense window: every frame after its sink, LongLive's local window);
+        - "attended": every frame the next chunk may read at full resolution (:meth:`Planner.readable_frames`: its
+          memory segments' frames and those a device step may choose, e.g. Relax's history candidates). Pack's
+          compressed mid blocks are not frames: their full-resolution rows are gone, they keep their K/V.
+        """
+        if which not in RECACHE:
+            raise ValueError(f"KVCache.recache_frames: expected one of {RECACHE}, got {which!r}")
+        self._check_between("KVCache.recache_frames")
+        if which == "none":
+            return []
+        plan = self.planner.plan(self.chunk)
+        return self.planner.recent_frames(plan) if which == "recent" else self.planner.readable_frames(plan)
+
+    def held_frames(self) -> list[int]:
+        """Frames the memory holds at full resolution (a re-cache may rewrite them), sorted."""
+        return sorted(self.planner.slots.slot_of)
+
+    def recache_groups(self, frames) -> list[list[int]]:
+        """``frames`` (sorted, distinct) in the groups :meth:`begin_rewrite` takes: the frames of one chunk each (chunk
+        ``c`` holds frames ``c * U`` to ``c * U + U - 1``), in order."""
+        u, groups = self.policy.chunk_frames, {}
+        for frame in self._check_frames("KVCache.recache_groups", frames, any_chunk=True):
+            groups.setdefault(frame // u, []).append(frame)
+        return list(groups.values())
+
+    def begin_rewrite(self, frames) -> ChunkPlan:
+        """Start a rewrite: one clean pass over the latents of ``frames``, which the memory holds at full resolution,
+        that writes their K/V over their rows (a re-cache, e.g. under a new prompt). Between chunks only.
+
+        ``frames``: sorted frame indices of one chunk (:meth:`recache_groups`). Then run the model's clean pass
+        (timestep 0) over those frames' latents, ``[B, C, len(frames), h, w]``: every layer's ``attend`` takes
+        ``[B, len(frames) * F, H, D]``, rotates q/k at the frames' own positions, writes their rows (and whatever the
+        policy derives from them: Relax's prototypes, Pack's compressed copy of their block and its mean key, through
+        :meth:`Planner.rewrite_index`), and attends to the frames the next chunk may read from earlier chunks (their
+        rows as they are now: rewritten ones hold the new K/V) and to the frames themselves, at their true positions,
+        in the segment-table attention (``sparse_kv_attention``). End with :meth:`end_rewrite`.
+
+        Raises FrameNotHeldError for frames the memory dropped (or compressed) or that are not made yet, ValueError
+        for frames of several chunks, RuntimeError inside a chunk. Nothing of the next chunk's plan changes.
+        """
+        op = "KVCache.begin_rewrite"
+        self._check_between(op)
+        frames = self._check_frames(op, frames)
+        nxt = self.planner.plan(self.chunk)  # what the next chunk evicts is gone; re-planned alike at begin_chunk
+        slot_of, u, f = self.planner.slots.slot_of, self.policy.chunk_frames, self.frame_tokens
+        missing = [fr for fr in frames if fr not in slot_of or fr >= nxt.start_frame]
+        if missing:
+            raise FrameNotHeldError(f"{op}: frames {missing} are not held at full resolution before chunk "
+                                    f"{self.chunk} (held: {sorted(fr for fr in slot_of if fr < nxt.start_frame)}): "
+                                    f"the policy dropped them or they are not made yet")
+        context = [fr for fr in self.planner.readable_frames(nxt) if fr // u < frames[0] // u]
+        rows = context + frames
+        plan = ChunkPlan(self.chunk, frames[0], [slot_of[fr] for fr in frames], frames,
+                         [(slot_of[fr] * f, f, 0) for fr in rows], rows, [], nxt.slot_pos, n_memory_seg=len(context),
+                         index=self.planner.rewrite_index(frames))
+        dplan = DevicePlan.allocate(1, self.batch, len(rows), len(frames), self.device)
+        dplan.upload(plan)
+        self.last_plan, self._dplan, self._seg = plan, dplan, [dplan.seg[0]] * self.num_layers
+        self.chunk_mode = AttentionMode(self.geometry, self.storage, dplan, self.backend, "auto", self._section)
+        self._pass_shape = (self.batch, len(frames) * f, self.num_heads, self.head_dim)
+        self._steps, self._first, self._selects_layer = {}, None, False
+        self._layer_steps = [self.step(layer) for layer in range(self.num_layers)] if self._appends else []
+        self._calls = [0] * self.num_layers
+        self._traced_calls.zero_()
+        self._in_chunk = self._rewriting = True
+        return plan
+
+    def end_rewrite(self) -> None:
+        """Finish the rewrite begun by :meth:`begin_rewrite`: every layer ran its pass (RuntimeError otherwise)."""
+        if not self._rewriting:
+            raise RuntimeError("KVCache.end_rewrite: no rewrite in progress (begin_rewrite(frames) first)")
+        self._check_calls("KVCache.end_rewrite", f"the rewrite of frames {self.last_plan.frame_pos}")
+        self._mean_prototypes()
+        self._in_chunk = self._rewriting = False
+
+    @property
+    def pass_frames(self) -> int:
+        """Latent frames a pass takes now: the policy's ``chunk_frames``, or a rewrite's frame count."""
+        return self._pass_shape[1] // self.frame_tokens
+
+    def _check_between(self, op: str) -> None:
+        if self._in_chunk:
+            what = "a rewrite" if self._rewriting else f"chunk {self.chunk}"
+            raise RuntimeError(f"{op}: {what} is in progress: a re-cache runs between chunks (after end_chunk(), "
+                               "before begin_chunk())")
+
+    def _check_frames(self, op: str, frames, any_chunk: bool = False) -> list[int]:
+        """``frames`` as a list of sorted distinct frame indices (of one chunk unless ``any_chunk``)."""
+        frames = list(frames) if isinstance(frames, (list, tuple, range)) else None
+        ok = frames is not None and all(isinstance(fr, int) and not isinstance(fr, bool) for fr in frames)
+        if not ok or not frames or frames != sorted(set(frames)) or frames[0] < 0:
+            raise ValueError(f"{op}: frames: expected sorted distinct frame indices >= 0, got {frames!r}")
+        u = self.policy.chunk_frames
+        if not any_chunk and frames[0] // u != frames[-1] // u:
+            raise ValueError(f"{op}: frames: expected frames of one chunk of {u} (split them with recache_groups()), "
+                             f"got {frames}")
+        return frames
 
     def step(self, layer: int | None) -> DeviceStep:
         """The planner's view of a device step of the current chunk: at the chunk (``layer`` None) or at one layer.
@@ -357,7 +486,7 @@ class KVCache:
         key = -1 if layer is None else layer
         step = self._steps.get(key)
         if step is None:
-            plan, s, index = self.last_plan, self.storage, self.device_plan.index
+            plan, s, index = self.last_plan, self.storage, self._dplan.index
             if layer is None:
                 step = DeviceStep(plan, index, self._seg[0], None, None, None, s.state, s.proto, self.backend,
                                   self.heads)
@@ -384,7 +513,7 @@ class KVCache:
             raise RuntimeError(f"{op}: call begin_chunk() before the first pass of a chunk")
         check_int(op, "layer", layer, low=0, high=self.num_layers - 1)
         for name, t in (("q", q), ("k", k), ("v", v)):
-            check_tensor(op, name, t, shape=self._chunk_shape, dtypes=(self.dtype,), device=self.device)
+            check_tensor(op, name, t, shape=self._pass_shape, dtypes=(self.dtype,), device=self.device)
         if torch.compiler.is_compiling():
             self._traced_calls[layer] += 1
         else:
@@ -396,7 +525,7 @@ class KVCache:
         with self._section("rope_append"):
             dst_k, dst_v, k_scale, v_scale, slots, proto = mode.target(layer)
             q_rot = rope_append_op(q, k, v, dst_k, dst_v, proto if layer == 0 else None, slots,
-                                   self.device_plan.frame_pos, self.height, self.width, self.backend, k_scale,
+                                   self._dplan.frame_pos, self.height, self.width, self.backend, k_scale,
                                    v_scale, checked=True)
         if first and self._selects_layer:
             with self._section("select"):

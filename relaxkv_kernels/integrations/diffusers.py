@@ -109,11 +109,11 @@ def _input_check(cache: KVCache):
         if not isinstance(x, torch.Tensor):  # a call diffusers itself refuses: let its own error speak
             return
         ph, pw = PATCH_SIZE[1:]
-        want = (cache.batch, cache.policy.chunk_frames, cache.height * ph, cache.width * pw)
+        want = (cache.batch, cache.pass_frames, cache.height * ph, cache.width * pw)
         if x.dim() != 5 or (x.shape[0], *x.shape[2:]) != want:
             raise ValueError(f"{name}: hidden_states: expected [{want[0]}, C, {want[1]}, {want[2]}, {want[3]}] (the "
-                             f"cache's batch, a chunk of {want[1]} latent frames, the latent grid), got "
-                             f"{list(x.shape)}")
+                             f"cache's batch, the {want[1]} latent frames of a chunk or of a rewrite, the latent "
+                             f"grid), got {list(x.shape)}")
         text = argument(args, kwargs, "encoder_hidden_states", 2)
         if isinstance(text, torch.Tensor) and (text.dim() != 3 or text.shape[0] != cache.batch):
             raise ValueError(f"{name}: encoder_hidden_states (the text embeddings): expected [{cache.batch}, "

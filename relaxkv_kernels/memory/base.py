@@ -242,6 +242,23 @@ class Planner:
     def append(self, step: DeviceStep, k: torch.Tensor, v: torch.Tensor) -> None:
         """Device step after every cache write of ``step.layer`` (k, v: the chunk's pre-RoPE keys and values)."""
 
+    def readable_frames(self, plan: ChunkPlan) -> list[int]:
+        """Frames before ``plan``'s chunk that it may read at full resolution, sorted: its memory segments' frames,
+        and those a device step may choose (a planner with device-chosen frames adds them). A re-cache "attended"
+        rewrites these; a rewrite attends to those of earlier chunks."""
+        return sorted({fr for fr in plan.frames_attended[: plan.n_memory_seg] if fr >= 0})
+
+    def recent_frames(self, plan: ChunkPlan) -> list[int]:
+        """The frames a re-cache "recent" rewrites before ``plan``'s chunk: the readable frames of the chunk before it
+        (a planner with a longer recent window widens it)."""
+        return [fr for fr in self.readable_frames(plan) if fr >= plan.start_frame - len(plan.frame_slot)]
+
+    def rewrite_index(self, frames: list[int]) -> object | None:
+        """The ``index`` (as ``ChunkPlan.index``) of a rewrite of ``frames`` (held, of one chunk) for the planner's
+        :meth:`append` step, e.g. Pack's compressed copy of their block; None: a planner without one. ValueError
+        for frames the policy cannot rewrite alone."""
+        return None
+
     def frame_of_row(self, plan: ChunkPlan, start_row: int) -> int:
         """The frame a selected segment starting at ``start_row`` shows (for inspection)."""
         return plan.slot_pos[start_row // self.frame_tokens]

@@ -43,6 +43,10 @@ class DensePlanner(Planner):
         self.policy = policy
         self.gathers = policy.rerotate  # without re-rotation every chunk is a pool prefix
 
+    def recent_frames(self, plan: ChunkPlan) -> list[int]:
+        """The whole window after the sink (LongLive's local window)."""
+        return [fr for fr in self.readable_frames(plan) if fr >= self.policy.sink]
+
     def plan(self, n: int) -> ChunkPlan:
         p, f = self.policy, self.frame_tokens
         u, c = p.chunk_frames, n * p.chunk_frames

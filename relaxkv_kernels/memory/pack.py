@@ -182,6 +182,18 @@ class PackPlanner(Planner):
         compress_kv_op(k, v, step.k_pool, step.v_pool, step.state["mean_key"], i.block_slot, i.block_t0, self.row0,
                        self.policy.block_frames, *self.grid, step.backend, step.k_scale, step.v_scale, checked=True)
 
+    def rewrite_index(self, frames: list[int]) -> PackIndex:
+        """A rewrite of a non-sink block recompresses it into its archive slot (its mean key too): all its frames, at
+        once; sink blocks have no compressed copy."""
+        b = self.policy.block_frames
+        t0 = frames[0] // b * b
+        if t0 not in self.block_pos:
+            return PackIndex(list(self.block_pos), [], [], [], [])
+        if frames != list(range(t0, t0 + b)):
+            raise ValueError(f"PackMemory: a rewrite of block {t0 // b} (frames {t0} to {t0 + b - 1}) takes all its "
+                             f"{b} frames, its compressed copy is made of them all; got {frames}")
+        return PackIndex(list(self.block_pos), [self.block_pos.index(t0)], [t0], [], [])
+
     def frame_of_row(self, plan: ChunkPlan, start_row: int) -> int:
         if start_row < self.row0:
             return super().frame_of_row(plan, start_row)

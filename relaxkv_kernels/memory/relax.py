@@ -216,6 +216,11 @@ class RelaxPlanner(Planner):
             plan.index = RelaxIndex(plan.slot_pos, job.sink_slots, job.tail_slots, job.cand_slots, job.target_pos)
         return plan
 
+    def readable_frames(self, plan: ChunkPlan) -> list[int]:
+        """The static frames and every history candidate (relax_select chooses among them on the device)."""
+        candidates = plan.job.candidates if plan.job is not None else []
+        return sorted(set(super().readable_frames(plan)).union(candidates))
+
     def select_chunk(self, step: DeviceStep) -> None:
         """relax_select once per chunk, from the stored prototypes: the history rows of the table every layer reads."""
         p, i = self.policy, step.index

@@ -95,10 +95,12 @@ def video_names(policy: str, batch: int) -> list[str]:
 
 def write_videos(pipe: ChunkwiseWanPipeline, cfg: ModelConfig, staging: Path, *, policies: list[str],
                  chunks: dict[str, int], text: dict, seed: int, backend: str, progress: bool, info: dict,
-                 kv_dtype: torch.dtype | None = None, pool_device=None, image=None) -> list[str]:
+                 kv_dtype: torch.dtype | None = None, pool_device=None, image=None, prompt_schedule: dict | None = None,
+                 recache: str = "none") -> list[str]:
     """Generate each policy's videos into ``staging`` (mp4s written as the chunks come) and ``report.json``;
     returns the names written. ``text``: ``{"prompt": [...]}`` or ``{"prompt_embeds": [B, L, text_dim]}``;
-    ``image``: the first frame of every video (``ChunkwiseWanPipeline.stream``'s), or None."""
+    ``image``: the first frame of every video, ``prompt_schedule`` and ``recache``: prompt switches
+    (``ChunkwiseWanPipeline.stream``'s)."""
     import imageio
 
     report = {**info, "fps": VIDEO_FPS, "policies": {}}
@@ -116,7 +118,8 @@ def write_videos(pipe: ChunkwiseWanPipeline, cfg: ModelConfig, staging: Path, *,
                                                    generator=torch.Generator().manual_seed(seed), output_type="np",
                                                    max_sequence_length=cfg.text_len, backend=backend,
                                                    progress=progress, kv_dtype=kv_dtype,
-                                                   pool_device=pool_device, image=image)):
+                                                   pool_device=pool_device, image=image,
+                                                   prompt_schedule=prompt_schedule, recache=recache)):
                 for writer, video in zip(writers, frames):  # [frames, H, W, 3] in [0, 1]
                     for frame in video:
                         writer.append_data(np.round(frame * 255).astype(np.uint8))

@@ -55,6 +55,7 @@ from diffusers.utils.torch_utils import get_module_execution_device
 from diffusers.video_processor import VideoProcessor
 
 from relaxkv_kernels import MemoryPolicy
+from relaxkv_kernels.cache import RECACHE
 from relaxkv_kernels.integrations.diffusers import attach
 from relaxkv_kernels.integrations.diffusers import attached_cache
 from relaxkv_kernels.integrations.diffusers import cache_for
@@ -64,6 +65,8 @@ from ..rollout import check_count
 from ..rollout import context_chunks
 from ..rollout import denoise_chunk
 from ..rollout import make_policy
+from ..rollout import run_recache
+from ..rollout import text_schedule
 from ..sampler import DEFAULT_STEPS
 from ..sampler import FlowMatchSampler
 
@@ -298,6 +301,8 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
         kv_dtype: torch.dtype | None = None,
         pool_device=None,
         image=None,
+        prompt_schedule: dict | None = None,
+        recache: str = "none",
     ) -> Iterator:
         """Generate ``num_chunks`` chunks, yielding each one's output as soon as it is generated and decoded.
 
@@ -326,6 +331,12 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
                 width] in [0, 1], see :meth:`encode_image`), or None (text-to-video). Its latent frame opens the
                 first chunk (``relaxkv_gen.rollout``'s ``context``: at every pass that frame is the image's latent at
                 timestep 0, the other U - 1 frames are denoised), and every policy keeps it as any frame.
+            prompt_schedule: prompt switches, ``{chunk: prompt}`` (a string, B strings, or text states [B, L,
+                text_dim] as ``prompt_embeds``), chunks counted from 0 with the image's chunk; from each listed chunk
+                on the transformer reads that text (``prompt`` / ``prompt_embeds`` until the first).
+            recache: at each switch, the stored K/V re-computed under the new text before the chunk: "none",
+                "recent" or "attended" (``relaxkv_gen.rollout.rollout``'s ``recache``; README "Prompt switches and
+                re-cache"). The pipeline keeps the latents of the frames the memory holds for it.
 
         Returns:
             An iterator of ``num_chunks`` outputs. Arguments are checked (ValueError / TypeError) when ``stream`` is
@@ -362,20 +373,45 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
         shape = (text.shape[0], self.transformer.config.in_channels, int(policy.chunk_frames), latent_h, latent_w)
         given = [] if image is None else context_chunks(self.encode_image(image, height, width), shape[2],
                                                         shape[0], shape, device, self.transformer.dtype)
+        whole = sum(g.shape[2] == shape[2] for g in given)  # context chunks, then the generated ones
+        texts = self._schedule(prompt_schedule, text, max_sequence_length,
+                               None if num_chunks is None else whole + num_chunks, recache)
         cache_for(self.transformer, policy, batch=text.shape[0], height=latent_h // patch, width=latent_w // patch,
                   dtype=self.transformer.dtype, device="meta", backend=backend, kv_dtype=kv_dtype,
                   pool_device=pool_device)  # the cache _chunks attaches, on meta tensors: its checks, now
-        return self._chunks(text, policy, sampler, num_chunks, latent_h, latent_w, generator, output_type, backend,
-                            device, progress, kv_dtype, pool_device, given)
+        return self._chunks(texts, policy, sampler, num_chunks, latent_h, latent_w, generator, output_type, backend,
+                            device, progress, kv_dtype, pool_device, given, recache)
+
+    def _schedule(self, prompt_schedule, text: torch.Tensor, max_sequence_length: int, chunks: int | None,
+                  recache: str) -> dict[int, torch.Tensor]:
+        """``{0: text}`` and every switch of ``prompt_schedule`` encoded (:meth:`encode_prompt`), checked as
+        ``relaxkv_gen.rollout.text_schedule`` checks them for a stream of ``chunks`` chunks (None: no end):
+        ValueError / TypeError before any work."""
+        if recache not in RECACHE:
+            raise ValueError(f"recache: expected one of {list(RECACHE)}, got {recache!r}")
+        if prompt_schedule is None:
+            return {0: text}
+        if not isinstance(prompt_schedule, dict):
+            raise TypeError(f"prompt_schedule: expected a dict {{chunk: prompt}}, got {type(prompt_schedule).__name__}")
+        encoded = {}
+        for chunk, value in prompt_schedule.items():
+            if isinstance(value, str) and not value.strip() or isinstance(value, list) and not all(
+                    isinstance(p, str) and p.strip() for p in value):
+                raise ValueError(f"prompt_schedule: chunk {chunk!r}: expected a non-empty prompt, got {value!r}")
+            states = value if isinstance(value, torch.Tensor) else None
+            encoded[chunk] = self.encode_prompt(None if states is not None else value, states, max_sequence_length)
+        return text_schedule(encoded, text, chunks)
 
     @torch.no_grad()
-    def _chunks(self, text: torch.Tensor, policy: MemoryPolicy, sampler: FlowMatchSampler, num_chunks: int,
-                latent_h: int, latent_w: int, generator: torch.Generator, output_type: str, backend: str,
-                device: torch.device, progress: bool, kv_dtype: torch.dtype | None, pool_device,
-                given: list[torch.Tensor]) -> Iterator:
-        """The generation loop behind :meth:`stream` (arguments checked): text [B, L, text_dim] on ``device``;
-        ``given``: the context frames of the first chunks (``relaxkv_gen.rollout.context_chunks``)."""
+    def _chunks(self, texts: dict[int, torch.Tensor], policy: MemoryPolicy, sampler: FlowMatchSampler,
+                num_chunks: int, latent_h: int, latent_w: int, generator: torch.Generator, output_type: str,
+                backend: str, device: torch.device, progress: bool, kv_dtype: torch.dtype | None, pool_device,
+                given: list[torch.Tensor], recache: str) -> Iterator:
+        """The generation loop behind :meth:`stream` (arguments checked): ``texts`` {chunk: text [B, L, text_dim]}
+        on ``device`` from each switch on; ``given``: the context frames of the first chunks
+        (``relaxkv_gen.rollout.context_chunks``)."""
         transformer = self.transformer
+        text = texts[0]
         batch, frames = text.shape[0], int(policy.chunk_frames)
         shape = (batch, transformer.config.in_channels, frames, latent_h, latent_w)
         dtype = transformer.dtype
@@ -390,6 +426,9 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
             step = t.repeat_interleave(tokens, dim=1) if per_token[0] else t[:, 0]
             return transformer(hidden_states=x, timestep=step, encoder_hidden_states=text).sample
 
+        held = {}  # frame -> latents [B, C, h, w] of the frames the memory holds, for a re-cache
+        keep = recache != "none" and len(texts) > 1
+
         if attached_cache(transformer) is not None:
             raise RuntimeError("ChunkwiseWanPipeline: the transformer already has a KV cache attached (another "
                                "stream() still open?): finish or close() that iterator first")
@@ -403,10 +442,17 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
         try:
             for i in itertools.count() if total is None else range(total):
                 chunk_given = given[i] if i < len(given) else None
+                if i in texts and i:
+                    text = texts[i]
+                    run_recache(self.kv_cache, recache, lambda fr: torch.stack([held[f] for f in fr], dim=2),
+                                forward, batch, device)
                 per_token[0] = chunk_given is not None and chunk_given.shape[2] < frames
                 self.kv_cache.begin_chunk()
                 x0 = denoise_chunk(forward, sampler, noise, batch, frames, device, chunk_given)  # [B, 16, U, h, w]
                 self.kv_cache.end_chunk()
+                if keep:
+                    held.update((i * frames + u, x0[:, :, u]) for u in range(frames))
+                    held = {f: held[f] for f in self.kv_cache.held_frames()}
                 if decoder is None:
                     yield x0
                 else:
