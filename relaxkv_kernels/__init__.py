@@ -6,10 +6,14 @@ Public API:
                      torch.ops.relaxkv.*)
     policies         DenseWindow, RelaxMemory, PackMemory (and MemoryPolicy / Planner for your own)
     cache            KVCache (begin_chunk / attend / end_chunk)
+    distributed      RankGroup, run_collective, CollectiveError (collectives whose failures name the rank)
     backends()       which backends this machine can run
 """
 from .availability import backends
 from .cache import KVCache
+from .distributed import CollectiveError
+from .distributed import RankGroup
+from .distributed import run_collective
 from .memory import DenseWindow
 from .memory import MemoryPolicy
 from .memory import PackMemory
@@ -26,11 +30,13 @@ from .ops import rope_append
 from .ops import sparse_kv_attention
 
 __all__ = [
+    "CollectiveError",
     "DenseWindow",
     "KVCache",
     "MemoryPolicy",
     "PackMemory",
     "Planner",
+    "RankGroup",
     "RelaxMemory",
     "backends",
     "compress_kv",
@@ -41,6 +47,7 @@ __all__ = [
     "quantize_frames",
     "relax_select",
     "rope_append",
+    "run_collective",
     "sparse_kv_attention",
 ]
 __version__ = "0.1.0"

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 import relaxkv_kernels as rk
-from relaxkv_kernels.memory.heads import CollectiveError
-from relaxkv_kernels.memory.heads import run_collective
+from relaxkv_kernels import CollectiveError
+from relaxkv_kernels import run_collective
 
 from . import __version__
 from .checkpoint import load_checkpoint

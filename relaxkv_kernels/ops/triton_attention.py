@@ -14,17 +14,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ...availability import interpreter_enabled
-from ...targets import UnsupportedGPUError
-from ...targets import target_of
-from ..checks import require
-from ..fp8 import scale_strides
-from ..triton_common import _angle_exact
-from ..triton_common import _cos_sin
-from ..triton_common import _fp8_values
-from ..triton_common import fp8_codes
-from ..triton_common import inv_freq_table
-from ..triton_common import pair_split
+from ..availability import interpreter_enabled
+from ..targets import UnsupportedGPUError
+from ..targets import target_of
+from .checks import require
+from .fp8 import scale_strides
+from .triton_common import _angle_exact
+from .triton_common import _cos_sin
+from .triton_common import _fp8_values
+from .triton_common import fp8_codes
+from .triton_common import inv_freq_table
+from .triton_common import pair_split
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) == exp2(x * LOG2E); exp2 is the native instruction
 MIN_HEAD_DIM = 16  # tl.dot needs tiles of at least 16 along the reduced dim

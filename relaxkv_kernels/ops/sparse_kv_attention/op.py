@@ -30,7 +30,7 @@ IMPLS = ("auto", "fused", "gather")
 
 
 def _triton():
-    from .triton import sparse_kv_attention_triton
+    from ..triton_attention import sparse_kv_attention_triton
 
     return sparse_kv_attention_triton
 
