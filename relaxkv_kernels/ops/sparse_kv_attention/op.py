@@ -38,6 +38,19 @@ def _triton():
 BACKENDS = OpBackends("sparse_kv_attention", reference=sparse_kv_attention_ref, triton=_triton)
 
 
+def choose_impl(impl: str, device_type: str, total_known: bool = True) -> str:
+    """``impl`` (one of ``IMPLS``), or for ``"auto"`` how attention over a segment table runs on a ``device_type``
+    device: ``"gather"`` on CUDA when the keys per batch element are known on the host (``total_known``), else
+    ``"fused"``. H100, 2026-11-27, bf16 pools: gather + cuDNN 103 ms against 145 ms fused per relax chunk (FP8 pools
+    halve the bytes the gather reads, not measured). The one rule for the public op and the cache's attention modes
+    (``cache.modes.resolve_attention``: ``"fused"`` is the segments mode)."""
+    if impl not in IMPLS:
+        raise ValueError(f"relaxkv.sparse_kv_attention: impl: expected one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "gather" if device_type == "cuda" and total_known else "fused"
+    return impl
+
+
 def _check(q, k_pool, v_pool, seg, scale, k_pool_scale=None, v_pool_scale=None) -> float:
     """The checks of :func:`sparse_kv_attention`'s tensors, pool format (FP8 scales) and scale (public function and
     registered op); returns the scale (D ** -0.5 for None)."""
@@ -88,9 +101,8 @@ def sparse_kv_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, seg: Tensor, 
             pools in q's dtype); see ``ops/fp8.py``.
         impl: "fused" (one segment-table kernel, no copy), "gather" (:func:`gather_kv_rope` into
             contiguous K/V in q's dtype, FP8 rows dequantized, then :func:`dense_attention` with ``engine``),
-            or "auto": "gather" on CUDA when ``total`` is given outside torch.compile (H100, 2026-11-27, bf16
-            pools: gather + cuDNN 103 ms against 145 ms fused per relax chunk; FP8 pools halve the bytes the
-            gather reads, not measured), else "fused".
+            or "auto": "gather" on CUDA when ``total`` is given outside torch.compile, else "fused"
+            (:func:`choose_impl`).
         total: keys per batch element, sum of the table's lengths (host-known from the plan);
             required by "gather".
         engine: attention engine of "gather" (see :func:`dense_attention`).
@@ -100,14 +112,11 @@ def sparse_kv_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, seg: Tensor, 
     """
     op = "relaxkv.sparse_kv_attention"
     scale = _check(q, k_pool, v_pool, seg, scale, k_pool_scale, v_pool_scale)
-    if impl not in IMPLS:
-        raise ValueError(f"{op}: impl: expected one of {IMPLS}, got {impl!r}")
+    impl = choose_impl(impl, q.device.type, total is not None and not torch.compiler.is_compiling())
     if total is not None:
         check_total(op, seg, total)
     elif impl == "gather":
         raise ValueError(f"{op}: total: required for impl='gather' (keys per batch element, sum of segment lengths)")
-    if impl == "auto":
-        impl = "gather" if q.is_cuda and total is not None and not torch.compiler.is_compiling() else "fused"
     if impl == "fused":
         return sparse_kv_attention_op(q, k_pool, v_pool, seg, scale, backend, k_pool_scale, v_pool_scale,
                                       checked=True)
