@@ -87,14 +87,17 @@ def sparse_kv_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, seg: Tensor, 
                         engine: str = "auto") -> Tensor:
     """Attention of q over the K/V rows listed by a device-side segment table, RoPE re-indexed on load.
 
-    out = softmax(q K^T * scale) V, K = concat over segments s of R_t(delta_s) k_pool[start_s : start_s + len_s]
-    (R_t: temporal-only RoPE rotation), fp32 accumulation. FP8 pools are read as their values
-    ``code * scale`` (fp32, scale of the row and head), then the same math.
+    out[b] = softmax(q[b] K_b^T * scale) V_b per head, no mask, fp32 accumulation, where K_b concatenates, over the
+    segments s = (start_s, len_s, delta_s) of ``seg[b]`` in table order, R_t(delta_s) k_pool[b, start_s : start_s +
+    len_s] (R_t: the temporal RoPE pairs turned by delta_s frames; keys are stored rotated at their write-time
+    positions), and V_b the same rows of v_pool. Segments of length 0 are skipped; a batch element with no key at all
+    gets zeros. FP8 pools are read as their values ``code * scale`` (fp32, the scale of the row and head), then the
+    same math.
 
     Args:
-        q: [B, Nq, H, D] rotated queries.
+        q: [B, Nq, H, D] rotated queries (fp32 / fp16 / bf16, any strides).
         k_pool, v_pool: [B, n_rows, H, D], both in q's dtype or both float8_e4m3fn.
-        seg: int32 [B, n_seg, 3] rows (start_row, length, delta); length 0 = unused entry.
+        seg: int32 [B, n_seg, 3] rows (start_row, length, delta); length 0 = unused entry. Rows inside the pools.
         scale: softmax scale, default D ** -0.5.
         backend: backend of the relaxkv ops that run (reference / triton / cuda / auto).
         k_pool_scale, v_pool_scale: float32 [B, n_rows, H], the per-row-and-head scales of FP8 pools (None for
@@ -109,6 +112,12 @@ def sparse_kv_attention(q: Tensor, k_pool: Tensor, v_pool: Tensor, seg: Tensor, 
 
     Returns:
         [B, Nq, H, D] in q.dtype.
+
+    Example:
+        >>> q, k_pool, v_pool = torch.randn(1, 16, 2, 32), torch.randn(1, 40, 2, 32), torch.randn(1, 40, 2, 32)
+        >>> seg = torch.tensor([[[0, 16, -3], [20, 20, 0]]], dtype=torch.int32)  # rows 0-15 turned by -3, rows 20-39
+        >>> sparse_kv_attention(q, k_pool, v_pool, seg).shape
+        torch.Size([1, 16, 2, 32])
     """
     op = "relaxkv.sparse_kv_attention"
     scale = _check(q, k_pool, v_pool, seg, scale, k_pool_scale, v_pool_scale)
