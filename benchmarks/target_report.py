@@ -121,8 +121,9 @@ def _key(fn, args, kwargs) -> tuple:
 def capturing(where: list[str]):
     """Record every Triton launch (into the yielded dict, deduplicated) instead of running it; ops take the Triton
     backend on CPU tensors meanwhile. ``where[0]`` labels the launches seen (the rollout running)."""
-    for path in sorted((ROOT / "relaxkv_kernels" / "ops").glob("*/triton.py")):  # imported first: they read the
-        importlib.import_module(f"relaxkv_kernels.ops.{path.parent.name}.triton")  # real interpreter_enabled
+    kernel_files = sorted((ROOT / "relaxkv_kernels" / "ops").glob("*/triton.py"))
+    for name in ["triton_attention", *(f"{path.parent.name}.triton" for path in kernel_files)]:  # imported first:
+        importlib.import_module(f"relaxkv_kernels.ops.{name}")  # they read the real interpreter_enabled
     launches: dict[tuple, Launch] = {}
     jit_run, tuner_run = JITFunction.run, Autotuner.run
     checks = (dispatch.interpreter_enabled, availability.interpreter_enabled)
@@ -224,7 +225,7 @@ def ptxas_resources(ptx: str, target: Target) -> dict:
 
 
 def ptxas_local_memory(kernel) -> int:
-    """``sparse_kv_attention.triton.local_memory`` for a kernel compiled for the stand-in target: ptxas's stack frame
+    """``ops.triton_attention.local_memory`` for a kernel compiled for the stand-in target: ptxas's stack frame
     (the local memory the GPU would report), in Triton's 4-byte words."""
     return ptxas_resources(kernel.asm["ptx"], active_target())["stack"] // 4
 
@@ -281,7 +282,7 @@ def report(targets: list[Target], policies, modes, kv_dtypes, chunks: int) -> li
     """One row per distinct launch, autotune config and target. The rollouts are captured under each target's
     stand-in driver: what a launcher decides from the target (FP8 codes read as uint8 on sm_80 / sm_86) and what the
     autotuner prunes there are what that GPU would get."""
-    from relaxkv_kernels.ops.sparse_kv_attention import triton as attention
+    from relaxkv_kernels.ops import triton_attention as attention
 
     rows = []
     attention.local_memory = ptxas_local_memory  # the autotuner's pruning reads ptxas here, not a GPU

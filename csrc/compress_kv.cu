@@ -1,4 +1,4 @@
-// Host launcher of compress_kv (kernels and semantics: compress_kv.cuh).
+// Host launcher of compress_kv (contract: relaxkv_kernels.ops.compress_kv; kernels: compress_kv.cuh).
 #include <algorithm>
 
 #include "compress_kv.cuh"

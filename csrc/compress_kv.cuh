@@ -1,4 +1,5 @@
 // compress_kv: PackForcing 2x4x4 pooling of a block's K and V into compressed pool rows (relaxkv_kernels/memory/pack.py).
+// Contract (formula, shapes, dtypes): relaxkv_kernels.ops.compress_kv; what follows is how the kernels compute it.
 //
 // Compressed token c = (tc, yc, xc) of the (frames/2, height/4, width/4) grid, window tokens
 // n = (2tc + dt) * F + (4yc + dy) * width + 4xc + dx, dt < 2, dy, dx < 4:

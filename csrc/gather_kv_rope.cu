@@ -1,4 +1,4 @@
-// Host launcher of gather_kv_rope (kernel and semantics: gather_kv_rope.cuh).
+// Host launcher of gather_kv_rope (contract: relaxkv_kernels.ops.gather_kv_rope; kernel: gather_kv_rope.cuh).
 #include "gather_kv_rope.cuh"
 
 namespace relaxkv {

@@ -1,4 +1,5 @@
 // gather_kv_rope: K (temporal delta-rotated) and V of a segment table, gathered into contiguous
+// Contract (formula, shapes, dtypes): relaxkv_kernels.ops.gather_kv_rope; what follows is how the kernels compute it.
 // [B, total, H, D] tensors for a dense attention kernel (the "gather" implementation of
 // sparse_kv_attention).
 //

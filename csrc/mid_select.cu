@@ -1,4 +1,4 @@
-// Host launcher of mid_select (kernels and semantics: mid_select.cuh).
+// Host launcher of mid_select (contract: relaxkv_kernels.ops.mid_select; kernels: mid_select.cuh).
 #include <algorithm>
 #include <cmath>
 

@@ -1,4 +1,5 @@
 // mid_select: PackForcing mid-block top-k (relaxkv_kernels/memory/pack.py), two launches.
+// Contract (formula, shapes, dtypes): relaxkv_kernels.ops.mid_select; what follows is how the kernels compute it.
 //
 //   qsum[b, h]  = sum_{i < Nsq} q[b, i * q_stride, h]              (h < H/2, fp32)
 //   s_{b,m}     = Nc / (sqrt(D) * H/2) * sum_{h < H/2} qsum[b, h] . mean_key[b, mid_slots[m], h]

@@ -1,4 +1,4 @@
-// Host launcher of relax_select (kernel and semantics: relax_select.cuh).
+// Host launcher of relax_select (contract: relaxkv_kernels.ops.relax_select; kernel: relax_select.cuh).
 #include "relax_select.cuh"
 
 namespace relaxkv {

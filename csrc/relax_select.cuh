@@ -1,4 +1,5 @@
 // relax_select: Relax Forcing history selection (relaxkv_kernels/memory/relax.py), one launch of B tiny blocks.
+// Contract (formula, shapes, dtypes): relaxkv_kernels.ops.relax_select; what follows is how the kernels compute it.
 //
 //   p_x     = x / max(||x||, eps)               (sink / tail: x = mean of their frames' proto rows)
 //   r[b, c] = <p_{cand c}, p_sink> - lam * <p_{cand c}, p_tail>     (a term dropped when S or T = 0)

@@ -1,4 +1,4 @@
-// Host launcher of rope_append (kernels and semantics: rope_append.cuh).
+// Host launcher of rope_append (contract: relaxkv_kernels.ops.rope_append; kernels: rope_append.cuh).
 #include <algorithm>
 
 #include "rope_append.cuh"

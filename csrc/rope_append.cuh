@@ -1,4 +1,5 @@
 // rope_append: the fused cache write path (README, Design: a chunk): one launch, two with prototypes.
+// Contract (formula, shapes, dtypes): relaxkv_kernels.ops.rope_append; what follows is how the kernels compute it.
 //
 //   q_rot[b, n]              = rope(q[b, n])       at (frame_pos[u], y, x), n = u * F + y * W + x
 //   k_cache[b, slot_u*F + i] = rope(k[b, u*F + i]) at the same positions, slot_u = frame_slot[u]

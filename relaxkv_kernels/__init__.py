@@ -6,11 +6,16 @@ Public API:
                      torch.ops.relaxkv.*)
     policies         DenseWindow, RelaxMemory, PackMemory (and MemoryPolicy / Planner for your own)
     cache            KVCache (begin_chunk / attend / end_chunk; begin_rewrite / end_rewrite to re-cache frames)
+    distributed      RankGroup, run_collective, CollectiveError (collectives whose failures name the rank)
     backends()       which backends this machine can run
 """
 from .availability import backends
+from .cache import RECACHE
 from .cache import FrameNotHeldError
 from .cache import KVCache
+from .distributed import CollectiveError
+from .distributed import RankGroup
+from .distributed import run_collective
 from .memory import DenseWindow
 from .memory import MemoryPolicy
 from .memory import PackMemory
@@ -27,12 +32,15 @@ from .ops import rope_append
 from .ops import sparse_kv_attention
 
 __all__ = [
+    "RECACHE",
+    "CollectiveError",
     "DenseWindow",
     "FrameNotHeldError",
     "KVCache",
     "MemoryPolicy",
     "PackMemory",
     "Planner",
+    "RankGroup",
     "RelaxMemory",
     "backends",
     "compress_kv",
@@ -43,6 +51,7 @@ __all__ = [
     "quantize_frames",
     "relax_select",
     "rope_append",
+    "run_collective",
     "sparse_kv_attention",
 ]
 __version__ = "0.1.0"

@@ -56,6 +56,30 @@ def poison_empty(monkeypatch):
     yield
 
 
+@pytest.fixture(autouse=True)
+def fresh_backend_environment():
+    """Every test starts by reading RELAXKV_BACKEND* afresh (the package reads them once: ``environment_backend``)."""
+    from relaxkv_kernels.ops.dispatch import environment_backend
+
+    environment_backend.cache_clear()
+
+
+@pytest.fixture
+def backend_env(monkeypatch):
+    """``backend_env(name, value)``: the environment variable ``name`` (a RELAXKV_BACKEND*) set to ``value`` for this
+    test (``value`` None: unset), read again by the next op call."""
+    from relaxkv_kernels.ops.dispatch import environment_backend
+
+    def set_env(name: str, value: str | None) -> None:
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+        environment_backend.cache_clear()
+
+    return set_env
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "csrc: runs the csrc/ CUDA kernels (on the GPU, or emulated on the CPU)")
     config.addinivalue_line("markers", "cuda_graph: captures a CUDA graph (needs PyTorch's caching allocator)")

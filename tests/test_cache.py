@@ -243,11 +243,11 @@ def test_fused_chunk_steps_match_reference(policy, chunks):
 
 
 @POLICIES
-def test_cuda_kernel_chunk_steps_match_reference(policy, chunks, kernel_device, monkeypatch):
+def test_cuda_kernel_chunk_steps_match_reference(policy, chunks, kernel_device, backend_env):
     """Every CUDA kernel in the step (RELAXKV_BACKEND_<OP>=cuda): the window attention mode, whose memory rows
     gather_kv_rope writes into a slice of each layer's window."""
     for op in CUDA_OPS:
-        monkeypatch.setenv(f"RELAXKV_BACKEND_{op.upper()}", "cuda")
+        backend_env(f"RELAXKV_BACKEND_{op.upper()}", "cuda")
     _run_against_reference(policy, chunks, kernel_device, "auto", "window")
 
 

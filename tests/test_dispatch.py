@@ -16,6 +16,7 @@ from relaxkv_kernels.ops.compress_kv.op import BACKENDS as COMPRESS_KV_BACKENDS
 from relaxkv_kernels.ops.dense_attention import tuning
 from relaxkv_kernels.ops.dense_attention.op import resolve_engine
 from relaxkv_kernels.ops.dispatch import OpBackends
+from relaxkv_kernels.ops.dispatch import environment_backend
 from relaxkv_kernels.ops.gather_kv_rope.op import BACKENDS as GATHER_KV_ROPE_BACKENDS
 from relaxkv_kernels.ops.mid_select.op import BACKENDS as MID_SELECT_BACKENDS
 from relaxkv_kernels.ops.quantize_frames.op import BACKENDS as QUANTIZE_FRAMES_BACKENDS
@@ -45,12 +46,13 @@ def _ref(*args):
 
 
 @pytest.fixture
-def no_backend_env(monkeypatch):
-    """No RELAXKV_BACKEND* variable from the environment the tests run in."""
+def no_backend_env(backend_env):
+    """No RELAXKV_BACKEND* variable from the environment the tests run in; returns ``backend_env`` (conftest) to set
+    them."""
     for op in TABLE_OPS:
-        monkeypatch.delenv(f"RELAXKV_BACKEND_{op.upper()}", raising=False)
-    monkeypatch.delenv("RELAXKV_BACKEND", raising=False)
-    return monkeypatch
+        backend_env(f"RELAXKV_BACKEND_{op.upper()}", None)
+    backend_env("RELAXKV_BACKEND", None)
+    return backend_env
 
 
 # ----------------------------------------------------------------------------------------- resolution
@@ -101,11 +103,11 @@ def test_resolution_rules(no_backend_env, fake_gpu):
         only_ref.resolve(CUDA, "cuda")
 
 
-def test_triton_on_cpu_needs_the_interpreter(no_backend_env):
+def test_triton_on_cpu_needs_the_interpreter(no_backend_env, monkeypatch):
     need_triton()
     table = TABLES["relax_select"]
     assert table.resolve(CPU, "triton") == "triton"
-    no_backend_env.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="backend 'triton' needs triton and a CUDA tensor"):
         table.resolve(CPU, "triton")
 
@@ -114,18 +116,29 @@ def test_environment_chooses_the_backend_of_auto(no_backend_env):
     """RELAXKV_BACKEND_<OP> beats RELAXKV_BACKEND, which beats auto; an explicit argument beats both."""
     need_triton()
     env = no_backend_env
-    env.setenv("RELAXKV_BACKEND", "triton")
+    env("RELAXKV_BACKEND", "triton")
     assert TABLES["mid_select"].resolve(CPU) == "triton"
-    env.setenv("RELAXKV_BACKEND_MID_SELECT", "reference")
+    env("RELAXKV_BACKEND_MID_SELECT", "reference")
     assert TABLES["mid_select"].resolve(CPU) == "reference"
     assert TABLES["relax_select"].resolve(CPU) == "triton"
     assert TABLES["relax_select"].resolve(CPU, "reference") == "reference"
-    env.setenv("RELAXKV_BACKEND_RELAX_SELECT", "fastest")
+    env("RELAXKV_BACKEND_RELAX_SELECT", "fastest")
     with pytest.raises(ValueError, match="relaxkv.relax_select: backend: expected one of .* got 'fastest'"):
         TABLES["relax_select"].resolve(CPU)
 
 
-def test_public_op_follows_the_environment(no_backend_env):
+def test_the_environment_is_read_once(no_backend_env, monkeypatch):
+    """The RELAXKV_BACKEND* variables are read once per op, not at every call; ``cache_clear`` reads them again."""
+    table = TABLES["mid_select"]
+    assert table.resolve(CPU) == "reference"
+    monkeypatch.setenv("RELAXKV_BACKEND_MID_SELECT", "fastest")
+    assert table.resolve(CPU) == "reference"
+    environment_backend.cache_clear()
+    with pytest.raises(ValueError, match="relaxkv.mid_select: backend: expected one of .* got 'fastest'"):
+        table.resolve(CPU)
+
+
+def test_public_op_follows_the_environment(no_backend_env, monkeypatch):
     """The variable reaches the implementation a public op runs (a spy in the Triton slot of the table)."""
     table, calls = TABLES["mid_select"], []
 
@@ -133,15 +146,15 @@ def test_public_op_follows_the_environment(no_backend_env):
         calls.append(len(args))
         return table.reference(*args)
 
-    no_backend_env.setattr(table, "triton", lambda: spy)
-    no_backend_env.setattr("relaxkv_kernels.ops.dispatch.triton_available", lambda: True)
-    no_backend_env.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(table, "triton", lambda: spy)
+    monkeypatch.setattr("relaxkv_kernels.ops.dispatch.triton_available", lambda: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     g = gen(1)
     args = [randn(g, 1, 8, 2, 16), randn(g, 1, 3, 2, 16), torch.tensor([0, 1, 2]), torch.arange(3),
             torch.zeros(1, 2, 3, dtype=torch.int32), 0, torch.tensor([5]), 0, 4, 1]
     rk.mid_select(*args)
     assert calls == []
-    no_backend_env.setenv("RELAXKV_BACKEND_MID_SELECT", "triton")
+    no_backend_env("RELAXKV_BACKEND_MID_SELECT", "triton")
     rk.mid_select(*args)
     assert calls == [11]  # the 10 arguments and batch_mean
 

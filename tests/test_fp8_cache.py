@@ -115,10 +115,10 @@ def test_triton_kernels_give_the_reference_pools_and_outputs(name, attention):
 
 
 @pytest.mark.parametrize("attention", ["window", "segments"])
-def test_csrc_kernels_give_the_reference_pools_and_outputs(attention, kernel_device, monkeypatch):
+def test_csrc_kernels_give_the_reference_pools_and_outputs(attention, kernel_device, backend_env):
     """The CUDA kernels (emulated on the CPU, or on the GPU) for every op that has one, fp32 compute."""
     for op in ("ROPE_APPEND", "GATHER_KV_ROPE", "COMPRESS_KV"):
-        monkeypatch.setenv(f"RELAXKV_BACKEND_{op}", "cuda")
+        backend_env(f"RELAXKV_BACKEND_{op}", "cuda")
     policy = POLICIES["pack"]
     kw = dict(chunks=6, passes=1, attention=attention, kv_dtype=FP8, device=kernel_device)
     want_out, want = cache_rollout(policy, backend="reference", **kw)
@@ -224,9 +224,9 @@ def test_a_finite_input_stays_finite_through_fp8_pools(attention, dtype):
         assert bool(out.isfinite().all()), (attention, backend, int((~out.isfinite()).sum()))
 
 
-def test_csrc_kernels_keep_a_finite_input_finite(kernel_device, monkeypatch):
+def test_csrc_kernels_keep_a_finite_input_finite(kernel_device, backend_env):
     """The same with the CUDA kernels (emulated on the CPU, or on the GPU) writing the FP8 pools."""
     for op in ("ROPE_APPEND", "GATHER_KV_ROPE", "COMPRESS_KV"):
-        monkeypatch.setenv(f"RELAXKV_BACKEND_{op}", "cuda")
+        backend_env(f"RELAXKV_BACKEND_{op}", "cuda")
     out = _top_binade_rollout("segments", "auto", torch.float16, device=kernel_device)
     assert bool(out.isfinite().all()), int((~out.isfinite()).sum())

@@ -101,7 +101,7 @@ def test_compiled_relax_chunk_step_matches_eager():
 
 @pytest.mark.csrc
 @pytest.mark.cuda_graph
-def test_cuda_graph_replays_a_relax_chunk_step_with_the_cuda_kernels(monkeypatch):
+def test_cuda_graph_replays_a_relax_chunk_step_with_the_cuda_kernels(backend_env):
     """A whole first pass of a Relax chunk (rope_append, staging, attention; relax_select at begin_chunk) with the
     csrc/ kernels in one graph: replays identical, equal to eager within bf16 rounding."""
     pytest.importorskip("triton")
@@ -112,7 +112,7 @@ def test_cuda_graph_replays_a_relax_chunk_step_with_the_cuda_kernels(monkeypatch
     caches = [rk.KVCache(policy, layers, b, h, d, hh, ww, dtype=torch.bfloat16, device=dev, backend="auto")
               for _ in range(2)]
     for op in ("RELAX_SELECT", "ROPE_APPEND"):  # the CUDA kernels (auto would pick Triton)
-        monkeypatch.setenv(f"RELAXKV_BACKEND_{op}", "cuda")
+        backend_env(f"RELAXKV_BACKEND_{op}", "cuda")
     eager, graphed = caches
 
     def inputs():
@@ -160,14 +160,14 @@ def _host_policy(name):
 @pytest.mark.csrc
 @pytest.mark.parametrize("ops", ["triton", "cuda"])
 @pytest.mark.parametrize("name, kv_dtype", HOST_CASES, ids=["relax", "pack-fp8"])
-def test_host_pools_are_page_locked_and_read_in_place_by_the_kernels(name, kv_dtype, ops, monkeypatch):
+def test_host_pools_are_page_locked_and_read_in_place_by_the_kernels(name, kv_dtype, ops, backend_env):
     """pool_device="cpu" on CUDA: the pools are page-locked host memory, the ops get CUDA tensors over the same
     bytes, and the Triton kernels (auto) or the CUDA extension's (``RELAXKV_BACKEND_<OP>=cuda``) read and write them
     in place: every call bitwise equal to the same cache with device pools over 9 chunks (window mode, bf16)."""
     pytest.importorskip("triton")
     if ops == "cuda":
         for op in ("ROPE_APPEND", "GATHER_KV_ROPE", "COMPRESS_KV", "QUANTIZE_FRAMES", "RELAX_SELECT"):
-            monkeypatch.setenv(f"RELAXKV_BACKEND_{op}", "cuda")
+            backend_env(f"RELAXKV_BACKEND_{op}", "cuda")
     layers, b, h, d, hh, ww = 2, 1, 2, 64, 4, 4
     caches = [rk.KVCache(_host_policy(name), layers, b, h, d, hh, ww, dtype=torch.bfloat16, device="cuda",
                          backend="fused", attention="window", kv_dtype=kv_dtype, pool_device=where)

@@ -5,8 +5,10 @@
 - ``relaxkv_kernels.ops.<op>.reference`` is imported only by its own ``ops.<op>.op`` (the reference
   backend) and by other ``reference`` modules (references build on references): everything else goes
   through the public op, so a reference is never a second, unchecked entry point.
-- The package imports without triton: only the ``triton.py`` kernel files and ``ops/triton_common.py``
-  import it (or import those files) at module level; everything else loads them lazily.
+- The package imports without triton: only the ``triton.py`` kernel files, ``ops/triton_common.py`` and
+  ``ops/triton_attention.py`` import it (or import those files) at module level; everything else loads them lazily.
+- No import loop, between modules or between op folders and subpackages, lazy imports included.
+- relaxkv_gen (python/) imports relaxkv_kernels through its public API only (``PUBLIC_MODULES``).
 - The repository passes ``ruff check`` (the rules in pyproject.toml's ``[tool.ruff]``); skipped where ruff is
   not installed (the ``test`` extra brings it).
 """
@@ -24,7 +26,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "relaxkv_kernels"
 OPS = PACKAGE / "ops"
-TRITON_FILES = {"relaxkv_kernels.ops.triton_common"}  # plus every relaxkv_kernels.ops.<op>.triton
+TRITON_FILES = {"relaxkv_kernels.ops.triton_common", "relaxkv_kernels.ops.triton_attention"}  # plus every
+# relaxkv_kernels.ops.<op>.triton
+PUBLIC_MODULES = {  # what a codebase outside the package (relaxkv_gen) may import
+    "relaxkv_kernels": PACKAGE / "__init__.py",
+    "relaxkv_kernels.distributed": PACKAGE / "distributed.py",
+    "relaxkv_kernels.integrations.diffusers": PACKAGE / "integrations" / "diffusers.py",
+}
 
 
 def _module_name(path: Path) -> str:
@@ -69,6 +77,41 @@ def _imports(path: Path, source: str, module_level_only: bool = False) -> list[t
     return found
 
 
+def public_names(module: str) -> set[str] | None:
+    """The public names of a public module of the package (``__all__`` where it has one, else its names without a
+    leading underscore); None for a module outside the public API."""
+    path = PUBLIC_MODULES.get(module)
+    if path is None:
+        return None
+    tree = ast.parse(path.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            return set(ast.literal_eval(node.value))
+    return {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and not n.name.startswith("_")}
+
+
+def private_api_violations(files: dict[Path, str]) -> list[str]:
+    """'file:line: ...' for every import of relaxkv_kernels that reaches past its public API: a module outside
+    ``PUBLIC_MODULES`` or a name the module does not export."""
+    bad = []
+    for path, source in files.items():
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                uses = [(alias.name, None) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                uses = [(node.module, alias.name) for alias in node.names]
+            else:
+                continue
+            for module, name in uses:
+                if module.split(".")[0] != "relaxkv_kernels":
+                    continue
+                names = public_names(module)
+                if names is None or (name is not None and name not in names):
+                    what = module if name is None else f"{module}.{name}"
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: imports {what}, not public API")
+    return sorted(bad)
+
+
 def _op_folders() -> list[Path]:
     return sorted(p for p in OPS.iterdir() if (p / "__init__.py").is_file())
 
@@ -109,30 +152,34 @@ def triton_import_violations(files: dict[Path, str]) -> list[str]:
     return sorted(set(bad))
 
 
-def import_graph(files: dict[Path, str]) -> dict[str, set[str]]:
-    """Module -> the package modules it imports at module level (``from a import b``: a.b where b is a module,
-    else a; imports inside functions run lazily and are left out)."""
+def op_unit(module: str) -> str:
+    """The unit of the package ``module`` belongs to: its op folder (``relaxkv_kernels.ops.<op>``) or other
+    subpackage (``relaxkv_kernels.<sub>``), else itself (a top-level module, a shared ``ops`` helper)."""
+    parts = module.split(".")
+    return ".".join(parts[:3] if parts[:2] == ["relaxkv_kernels", "ops"] else parts[:2])
+
+
+def import_graph(files: dict[Path, str], unit=lambda module: module) -> dict[str, set[str]]:
+    """``unit(module)`` -> the ``unit``s of the package modules it imports, at module level or inside a function
+    (a lazy import closes a loop as surely: it only delays it). ``from a import b``: a.b where b is a module, else a.
+    Imports within one unit are left out."""
     modules = {_module_name(path) for path in files}
-    graph = {name: set() for name in modules}
+    graph = {unit(name): set() for name in modules}
     for path, source in files.items():
         name = _module_name(path)
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        todo = list(ast.parse(source).body)
-        while todo:
-            node = todo.pop()
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-                continue
-            todo.extend(ast.iter_child_nodes(node))
+        targets = set()
+        for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.Import):
-                graph[name] |= {alias.name for alias in node.names} & modules
+                targets |= {alias.name for alias in node.names}
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
                     anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                     base = ".".join(anchor + ([base] if base else []))
-                for alias in node.names:
-                    target = f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
-                    graph[name] |= {target} & modules
+                targets |= {f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                            for alias in node.names}
+        graph[unit(name)] |= {unit(target) for target in targets & modules} - {unit(name)}
     return graph
 
 
@@ -157,18 +204,33 @@ def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return cycles
 
 
-def test_the_package_has_no_import_cycle():
-    cycles = import_cycles(import_graph(_read(sorted(PACKAGE.rglob("*.py")))))
-    assert not cycles, "module-level import cycles in relaxkv_kernels:\n" + "\n".join(" -> ".join(c) for c in cycles)
+@pytest.mark.parametrize("unit", [None, op_unit], ids=["modules", "op-folders"])
+def test_the_package_has_no_import_cycle(unit):
+    """No loop between modules, nor between op folders and subpackages (``ops.a`` importing ``ops.b`` while
+    ``ops.b`` imports ``ops.a``: a sideways link), lazy imports included."""
+    graph = import_graph(_read(sorted(PACKAGE.rglob("*.py"))), *([unit] if unit else []))
+    cycles = import_cycles(graph)
+    assert not cycles, "import cycles in relaxkv_kernels:\n" + "\n".join(" -> ".join(c) for c in cycles)
 
 
-def test_the_cycle_rule_catches_a_loop():
-    """tuning importing dense_attention's op (which imports tuning) is the loop the tuning table once had."""
+@pytest.mark.parametrize("planted, unit, cycle", [
+    pytest.param("from .op import resolve_engine\n", None,
+                 ["relaxkv_kernels.ops.dense_attention.op", "relaxkv_kernels.ops.dense_attention.tuning"],
+                 id="module-level"),
+    pytest.param("def load():\n    from .op import resolve_engine\n", None,
+                 ["relaxkv_kernels.ops.dense_attention.op", "relaxkv_kernels.ops.dense_attention.tuning"],
+                 id="lazy"),
+    pytest.param("def load():\n    from ..sparse_kv_attention.op import sparse_kv_attention\n", op_unit,
+                 ["relaxkv_kernels.ops.dense_attention", "relaxkv_kernels.ops.sparse_kv_attention"],
+                 id="lazy-between-op-folders"),
+])
+def test_the_cycle_rule_catches_a_loop(planted, unit, cycle):
+    """A loop planted in dense_attention's tuning.py: back to its own op.py (which imports tuning), at module level or
+    inside a function, or into sparse_kv_attention's op.py (which imports dense_attention) inside a function."""
     files = _read(sorted(PACKAGE.rglob("*.py")))
     tuning = PACKAGE / "ops" / "dense_attention" / "tuning.py"
-    files[tuning] = "from .op import resolve_engine\n" + files[tuning]
-    assert ["relaxkv_kernels.ops.dense_attention.op", "relaxkv_kernels.ops.dense_attention.tuning",
-            "relaxkv_kernels.ops.dense_attention.op"] in import_cycles(import_graph(files))
+    files[tuning] = planted + files[tuning]
+    assert [*cycle, cycle[0]] in import_cycles(import_graph(files, *([unit] if unit else [])))
 
 
 def test_the_package_has_op_folders():
@@ -201,6 +263,23 @@ def test_package_imports_without_triton():
             "assert 'triton' not in {m.split('.')[0] for m, v in sys.modules.items() if v is not None}\n")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_the_generator_uses_only_the_public_api():
+    bad = private_api_violations(_read(sorted((ROOT / "python").rglob("*.py"))))
+    assert not bad, "relaxkv_gen reaches past relaxkv_kernels' public API:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("source, ok", [
+    pytest.param("import relaxkv_kernels as rk\nfrom relaxkv_kernels import RankGroup\n", True, id="public"),
+    pytest.param("from relaxkv_kernels.integrations.diffusers import attach\n", True, id="integration"),
+    pytest.param("from relaxkv_kernels.memory.heads import RankGroup\n", False, id="private-module"),
+    pytest.param("from relaxkv_kernels.integrations.diffusers import _Attachment\n", False, id="private-name"),
+    pytest.param("def load():\n    import relaxkv_kernels.ops.dispatch\n", False, id="lazy-private-module"),
+])
+def test_the_public_api_rule_catches_a_private_import(source, ok):
+    bad = private_api_violations({ROOT / "python" / "relaxkv_gen" / "cli.py": source})
+    assert (bad == []) == ok, bad
 
 
 @pytest.mark.parametrize("source, rule, expected", [

@@ -60,12 +60,12 @@ def test_window_with_triton_kernels_matches_the_reference(name):
 
 @pytest.mark.parametrize("attention", ["window", "per_call"])
 @pytest.mark.parametrize("name", ["relax-batch0", "pack"])
-def test_window_with_cuda_kernels_matches_the_reference(name, attention, kernel_device, monkeypatch):
+def test_window_with_cuda_kernels_matches_the_reference(name, attention, kernel_device, backend_env):
     """Every csrc kernel (rope_append, gather_kv_rope_into, relax_select / mid_select, compress_kv) in the window."""
     if kernel_device == "cuda":
         pytest.skip("the GPU variant runs in test_cuda_graph_replays_a_window_chunk_step")
     for op in ("ROPE_APPEND", "GATHER_KV_ROPE", "RELAX_SELECT", "MID_SELECT", "COMPRESS_KV"):
-        monkeypatch.setenv(f"RELAXKV_BACKEND_{op}", "cuda")
+        backend_env(f"RELAXKV_BACKEND_{op}", "cuda")
     policy = POLICIES[name]
     want = cache_rollout(policy, chunks=6, passes=1, backend="reference", attention="segments")
     got = cache_rollout(policy, chunks=6, passes=1, backend="auto", attention=attention, engine="sdpa")

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 import relaxkv_kernels as rk
-from relaxkv_kernels.memory.heads import CollectiveError
-from relaxkv_kernels.memory.heads import run_collective
+from relaxkv_kernels import CollectiveError
+from relaxkv_kernels import run_collective
 
 from . import __version__
 from .checkpoint import load_checkpoint
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "from 0; VALUE is a text-embeds file (as --text-embeds), or with --diffusers --prompt a "
                         "prompt. From each chunk on the model reads that text (chunk 0's replaces --prompt / "
                         "--text-embeds)")
-    p.add_argument("--recache", choices=rk.cache.RECACHE, default="none",
+    p.add_argument("--recache", choices=rk.RECACHE, default="none",
                    help="at each switch, the stored K/V re-computed under the new text before the chunk: none (the "
                         "cross-attention text alone changes), recent (the last chunk's frames the memory reads; a "
                         "dense window: its whole window, as LongLive), attended (every frame the next chunk may read "

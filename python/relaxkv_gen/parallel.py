@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from relaxkv_kernels.memory.heads import RankGroup
+from relaxkv_kernels import RankGroup
 
 from .config import ModelConfig
 from .model import AttendFn

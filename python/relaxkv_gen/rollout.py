@@ -377,8 +377,8 @@ def rollout(
         every section and ``"chunk"`` (:data:`CHUNK_SECTION`) on the timer's clock.
     """
     check_count("num_chunks", num_chunks)
-    if recache not in rk.cache.RECACHE:
-        raise ValueError(f"recache: expected one of {list(rk.cache.RECACHE)}, got {recache!r}")
+    if recache not in rk.RECACHE:
+        raise ValueError(f"recache: expected one of {list(rk.RECACHE)}, got {recache!r}")
     cfg = model.cfg
     param = next(model.parameters())
     device, dtype = param.device, param.dtype

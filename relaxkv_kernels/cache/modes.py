@@ -41,6 +41,7 @@ from ..ops.dense_attention.op import dense_attention_op
 from ..ops.dense_attention.op import resolve_engine
 from ..ops.gather_kv_rope.op import gather_kv_rope_into_op
 from ..ops.quantize_frames.op import quantize_frames_op
+from ..ops.sparse_kv_attention.op import choose_impl
 from ..ops.sparse_kv_attention.op import sparse_kv_attention_op
 from .device_plan import DevicePlan
 from .storage import KVStorage
@@ -249,12 +250,13 @@ def resolve_attention(attention: str, engine: str, device_type: str, staged: boo
     not (``staged``: FP8 or host pools), of a planner that ``gathers`` or not; ValueError for an engine given to the
     segments mode, which has none.
 
-    "auto": segments off CUDA; on CUDA window, except per_call for staged pools of a planner that never gathers (a
-    dense window without re-rotation): there per-layer windows would add compute-dtype copies of every pool row on
-    the device, while one shared window keeps the memory small (staged at every call instead of once per chunk).
+    "auto": segments where ``sparse_kv_attention``'s own choice (:func:`choose_impl`) is its fused kernel (off
+    CUDA); else window, except per_call for staged pools of a planner that never gathers (a dense window without
+    re-rotation): there per-layer windows would add compute-dtype copies of every pool row on the device, while one
+    shared window keeps the memory small (staged at every call instead of once per chunk).
     """
     if attention == "auto":
-        if device_type != "cuda":
+        if choose_impl("auto", device_type) == "fused":
             attention = "segments"
         else:
             attention = "per_call" if staged and not gathers else "window"

@@ -9,7 +9,8 @@ Each op folder declares its table in ``op.py``, e.g. ::
     BACKENDS = OpBackends("relax_select", reference=relax_select_ref, triton=_triton, cuda=relax_select_cuda)
 
 The backend comes from the call's ``backend`` argument, else ``RELAXKV_BACKEND_<OP>`` (e.g.
-``RELAXKV_BACKEND_SPARSE_KV_ATTENTION=triton``), else ``RELAXKV_BACKEND``, else ``auto``:
+``RELAXKV_BACKEND_SPARSE_KV_ATTENTION=triton``), else ``RELAXKV_BACKEND``, else ``auto`` (the variables are read
+once per op and process: :func:`environment_backend`):
 
     reference  pure PyTorch, CPU and CUDA
     triton     CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``
@@ -21,6 +22,7 @@ was not built for) raises ``relaxkv_kernels.targets.UnsupportedGPUError`` here, 
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 
@@ -33,6 +35,14 @@ from ..targets import require_gpu
 from . import cuda_common
 
 BACKENDS = ("auto", "reference", "triton", "cuda")
+
+
+@functools.cache
+def environment_backend(op: str) -> str:
+    """The backend the environment names for ``op``: ``RELAXKV_BACKEND_<OP>``, else ``RELAXKV_BACKEND``, else
+    ``"auto"``. Read once per op and process; ``environment_backend.cache_clear()`` reads the variables again
+    (the tests that set them do)."""
+    return os.environ.get(f"RELAXKV_BACKEND_{op.upper()}") or os.environ.get("RELAXKV_BACKEND", "auto")
 
 
 class OpBackends:
@@ -54,7 +64,7 @@ class OpBackends:
         """The backend that runs the op for tensors on ``device``."""
         op = f"relaxkv.{self.op}"
         if backend == "auto":
-            backend = os.environ.get(f"RELAXKV_BACKEND_{self.op.upper()}") or os.environ.get("RELAXKV_BACKEND", "auto")
+            backend = environment_backend(self.op)
         if backend not in BACKENDS:
             raise ValueError(f"{op}: backend: expected one of {BACKENDS}, got {backend!r}")
         if backend == "auto":

@@ -250,8 +250,8 @@ def test_sparse_kv_attention_triton_matches_reference(dtype, heads, head_dim, n_
     poisoned (NaN codes and scales); "interleaved" then gives the codes and the two scales three layouts.
     "fp8_software": the codes read through uint8 views and decoded from their bits, as on sm_80 / sm_86."""
     need_triton()
-    from relaxkv_kernels.ops.sparse_kv_attention import triton as kernel
-    from relaxkv_kernels.ops.sparse_kv_attention.triton import sparse_kv_attention_triton
+    from relaxkv_kernels.ops import triton_attention as kernel
+    from relaxkv_kernels.ops.triton_attention import sparse_kv_attention_triton
 
     if pools == "fp8_software":
         monkeypatch.setattr(kernel, "fp8_codes", lambda pool: pool.view(torch.uint8))

@@ -54,8 +54,8 @@ from diffusers.utils.accelerate_utils import apply_forward_hook
 from diffusers.utils.torch_utils import get_module_execution_device
 from diffusers.video_processor import VideoProcessor
 
+from relaxkv_kernels import RECACHE
 from relaxkv_kernels import MemoryPolicy
-from relaxkv_kernels.cache import RECACHE
 from relaxkv_kernels.integrations.diffusers import attach
 from relaxkv_kernels.integrations.diffusers import attached_cache
 from relaxkv_kernels.integrations.diffusers import cache_for

@@ -20,28 +20,11 @@ def compress_kv_cuda(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_p
                      mean_key: torch.Tensor, block_slot: torch.Tensor, t0: torch.Tensor, row0: int, frames: int,
                      height: int, width: int, k_pool_scale: torch.Tensor | None = None,
                      v_pool_scale: torch.Tensor | None = None) -> None:
-    r"""PackForcing compression of one block into the compressed pool rows: two launches, no host sync.
+    """Contract: :func:`relaxkv_kernels.ops.compress_kv` (two launches, no host sync).
 
-    For compressed token c = (tc, yc, xc) of the (frames // 2, height // 4, width // 4) grid, with
-    pk, pv the fp32 means of k, v over its 2x4x4 window and slot = block_slot[0]:
-
-        k_pool[b, row0 + slot * Nc + c] = rope(pk) at (t0 + 2 tc + 0.5, 4 yc + 1.5, 4 xc + 1.5)
-        v_pool[b, row0 + slot * Nc + c] = pv
-        mean_key[b, slot]               = mean_c pk        (fp32, pre-RoPE; deterministic, no atomics)
-
-    Wan RoPE as in rope_append (temporal angles in fp64 reduced to [-pi, pi], the others in fp32, sincosf). FP8 pools
-    get each written row and head quantized from its fp32 value (ops/fp8.py): codes and a scale; mean_key is the
-    same either way.
-
-    Args:
-        k, v: [B, frames * height * width, H, D] pre-RoPE block keys / values, any strides.
-        k_pool, v_pool: [B, n_rows, H, D] (dtype of k, or both float8_e4m3fn), stride(-1) == 1, written in place.
-        mean_key: float32 [B, n_blocks, H, D], written in place.
-        block_slot, t0: int [1] device tensors: archive slot (in [0, n_blocks); out of range: nothing
-            is written) and the block's first-frame position, read by the kernel.
-        row0: first compressed pool row. frames, height, width: the block's token grid (>= 2x4x4).
-        k_pool_scale, v_pool_scale: float32 [B, n_rows, H] scales of FP8 pools, written in place (a null pointer
-            to the launcher: pools in the compute dtype); None otherwise.
+    Wan RoPE as in rope_append (temporal angles in fp64 reduced to [-pi, pi], the others in fp32, sincosf); mean_key
+    summed in a fixed order (deterministic, no atomics). k, v: any strides; pools: stride(-1) == 1; scales: any strides
+    (a null pointer to the launcher: pools in the compute dtype). block_slot out of [0, n_blocks): nothing is written.
 
     Example:
         >>> k = torch.randn(1, 4 * 1560, 12, 128, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP

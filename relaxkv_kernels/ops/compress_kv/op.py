@@ -83,19 +83,36 @@ def compress_kv(k: Tensor, v: Tensor, k_pool: Tensor, v_pool: Tensor, mean_key: 
                 k_pool_scale: Optional[Tensor] = None, v_pool_scale: Optional[Tensor] = None) -> None:
     """PackForcing compression: 2x4x4 average pooling of a block's K and V into compressed pool rows.
 
-    Pooled keys are rotated at their window centres (t0 + 2 tc + 0.5, 4 yc + 1.5, 4 xc + 1.5).
+    With Nc = (frames // 2) * (height // 4) * (width // 4) compressed tokens c = (tc, yc, xc), pk and pv the float32
+    means of k and v over c's 2x4x4 (t, y, x) window, and slot = block_slot[0]:
+
+        k_pool[b, row0 + slot * Nc + c] = rope(pk) at its window centre (t0 + 2 tc + 0.5, 4 yc + 1.5, 4 xc + 1.5)
+        v_pool[b, row0 + slot * Nc + c] = pv
+        mean_key[b, slot]               = mean over c of pk   (float32, pre-RoPE: the block's key for the affinity)
+
+    rope is Wan's 3D RoPE (as in :func:`rope_append`, at fractional positions). Windows past the floors (an odd frame,
+    rows / columns past a multiple of 4) are dropped.
 
     Args:
-        k, v: [B, frames * F, H, D] pre-RoPE block keys / values.
+        k, v: [B, frames * F, H, D] pre-RoPE block keys / values (F = height * width; fp32 / fp16 / bf16).
         k_pool, v_pool: [B, n_rows, H, D] in the dtype of k, or both float8_e4m3fn (FP8 pools); rows
             row0 + slot * Nc .. + Nc - 1 are written.
         mean_key: float32 [B, n_blocks, H, D]; entry ``slot`` receives the mean pooled pre-RoPE key (float32,
             computed before any quantization: the same with FP8 pools).
         block_slot, t0: int32/int64 [1] archive slot and first-frame position (device tensors: no host sync).
+        row0: first pool row of the compressed region. frames, height, width: the block's token grid (>= 2x4x4).
         backend: "auto", "reference", "triton" or "cuda".
         k_pool_scale, v_pool_scale: float32 [B, n_rows, H] scales of FP8 pools (ops/fp8.py), written in place with
             their rows: each written row and head is quantized from its float32 value (the rotated pooled key, the
             pooled value), never rounded to the compute dtype first. None for pools in the compute dtype.
+
+    Returns:
+        None (the pools, their scales and mean_key are written in place).
+
+    Example:
+        >>> k, v = torch.randn(1, 4 * 64, 2, 16), torch.randn(1, 4 * 64, 2, 16)  # a block of 4 frames of 8 x 8 tokens
+        >>> pool, mean_key = torch.zeros(1, 64, 2, 16), torch.zeros(1, 4, 2, 16)  # Nc = 2 * 2 * 2 = 8 rows a block
+        >>> compress_kv(k, v, pool, pool.clone(), mean_key, torch.tensor([1]), torch.tensor([12]), 32, 4, 8, 8)
     """
     _check(k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames, height, width, k_pool_scale, v_pool_scale)
     torch.ops.relaxkv.compress_kv(k, v, k_pool, v_pool, mean_key, block_slot, t0, row0, frames, height, width, backend,

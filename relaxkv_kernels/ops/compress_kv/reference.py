@@ -51,17 +51,8 @@ def compress_kv_into_ref(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor,
                          mean_key: torch.Tensor, block_slot: torch.Tensor, t0: torch.Tensor, row0: int, frames: int,
                          height: int, width: int, k_pool_scale: torch.Tensor | None = None,
                          v_pool_scale: torch.Tensor | None = None) -> None:
-    """Op form of :func:`compress_kv_ref`: write the compressed block into the pools in place.
-
-    Rows ``row0 + slot * Nc .. row0 + slot * Nc + Nc - 1`` of k_pool / v_pool receive the rotated pooled
-    keys / pooled values (FP8 pools: quantized from their float32 values into codes and scales), and
-    ``mean_key[:, slot]`` the block's mean key (float32, whatever the pools' format).
-
-    Args:
-        k, v: [B, frames * F, H, D] pre-RoPE block keys / values.
-        k_pool, v_pool: [B, n_rows, H, D] (dtype of k, or float8_e4m3fn); mean_key: float32 [B, n_blocks, H, D].
-        block_slot, t0: int64 [1] archive slot and temporal position of the block's first frame.
-        k_pool_scale, v_pool_scale: float32 [B, n_rows, H] scales of FP8 pools (written with their rows), else None.
+    """Contract: :func:`relaxkv_kernels.ops.compress_kv`: :func:`compress_kv_ref` written into the pools (FP8 pools:
+    quantized from the float32 values).
     """
     slot, start = int(block_slot[0]), int(t0[0])
     ck, cv, mk = _compress_fp32(k, v, start, frames, height, width)

@@ -67,7 +67,7 @@ def _compress_kv_kernel(
     p_v = v + i_b * s_vb + i_h * s_vh + o_d[None, :] * s_vd
     acc_k = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
     acc_v = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
-    for w in range(PT * PY * PX):  # the 2x4x4 window (a runtime loop: unrolling 32 x 2 loads spilled 5 KB on sm_90)
+    for w in range(PT * PY * PX):  # the 2x4x4 window (a runtime loop: unrolled, its 32 x 2 loads spill)
         tok = tok0 + ((w // (PY * PX)) * FRAME_TOKENS + ((w // PX) % PY) * WIDTH + w % PX)
         acc_k += tl.load(p_k + tok[:, None] * s_kn, mask=m_cd, other=0.0).to(tl.float32)
         acc_v += tl.load(p_v + tok[:, None] * s_vn, mask=m_cd, other=0.0).to(tl.float32)
@@ -101,26 +101,11 @@ def compress_kv_triton(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v
                        mean_key: torch.Tensor, block_slot: torch.Tensor, t0: torch.Tensor, row0: int, frames: int,
                        height: int, width: int, k_pool_scale: torch.Tensor | None = None,
                        v_pool_scale: torch.Tensor | None = None) -> None:
-    """Compress one block into archive slot ``block_slot`` (in place): the op form of ``compress_kv_ref``.
+    """Contract: :func:`relaxkv_kernels.ops.compress_kv` (k, v: any strides; block_slot and t0 read on the device, no
+    host synchronisation; block_slot must be in range).
 
-    With Nc = (frames // 2) * (height // 4) * (width // 4) and rows r = row0 + block_slot * Nc + j:
-    ``k_pool[:, r]`` = 2x4x4 average of the pre-RoPE keys of window j, rotated at its centre
-    (t0 + 2 tc + 0.5, 4 yc + 1.5, 4 xc + 1.5); ``v_pool[:, r]`` = the 2x4x4 average of V;
-    ``mean_key[:, block_slot]`` = mean over j of the pooled pre-RoPE keys (float32). Windows past the
-    floors (odd frames, height/width not multiples of 4) are dropped, as in the reference. FP8 pools get each
-    row and head quantized from its fp32 value (ops/fp8.py), codes and scale; mean_key is the same either way.
-
-    Args:
-        k, v: [B, frames * F, H, D] the block's pre-RoPE keys and values (F = height * width; any strides).
-        k_pool, v_pool: [B, n_rows, H, D] cache pools (dtype of k, or both float8_e4m3fn), written in place.
-        mean_key: float32 [B, n_blocks, H, D], written in place.
-        block_slot: int32/int64 [1] archive slot (on the device, read by the kernel: no host sync; must be in
-            range). t0: int32/int64 [1] temporal position of the block's first frame (on the device).
-        row0: first pool row of the compressed region. frames, height, width: the block's token grid.
-        k_pool_scale, v_pool_scale: float32 [B, n_rows, H] scales of FP8 pools, written in place; None otherwise.
-
-    Returns:
-        None.
+    Two launches: the pooling, rotation and writes, then a tiny reduction of the per-tile partial sums into
+    ``mean_key`` (deterministic, no atomics).
     """
     b, n, h, d = k.shape
     f = height * width

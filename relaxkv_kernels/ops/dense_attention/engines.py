@@ -84,8 +84,8 @@ def flash_attn(engine: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
 
 
 def triton_engine(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    from ..sparse_kv_attention.triton import require_head_dim
-    from ..sparse_kv_attention.triton import sparse_kv_attention_triton
+    from ..triton_attention import require_head_dim
+    from ..triton_attention import sparse_kv_attention_triton
 
     require_head_dim("relaxkv.dense_attention", q)
     seg = torch.zeros(q.shape[0], 1, 3, dtype=torch.int32, device=q.device)

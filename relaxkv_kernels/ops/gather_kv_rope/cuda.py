@@ -15,31 +15,14 @@ _OP = "gather_kv_rope_cuda"
 def gather_kv_rope_cuda(k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch.Tensor, k_out: torch.Tensor,
                         v_out: torch.Tensor, k_pool_scale: torch.Tensor | None = None,
                         v_pool_scale: torch.Tensor | None = None) -> None:
-    r"""K (temporal delta-rotated) and V of every segment, concatenated into ``k_out`` / ``v_out``: one launch.
+    """Contract: :func:`relaxkv_kernels.ops.gather_kv_rope_into` (one launch, no host synchronisation).
 
-    For batch element b, segments s = (start, length, delta) of ``seg[b]`` in table order
-    (length 0 skipped):
-
-        k[b] = cat_s R_t(delta_s) k_pool[b, start_s : start_s + length_s]
-        v[b] = cat_s v_pool[b, start_s : start_s + length_s]
-
-    R_t rotates the temporal RoPE pairs only (angle delta * inv_freq in fp64, reduced to [-pi, pi] there, then
-    sincosf, once per output row, reused by every head). FP8 pools are read as ``code * scale`` (fp32, the scale of
-    the row and head), rotated in fp32 and rounded once to the outputs' dtype. 16-byte loads and stores when the
-    pools and outputs allow them (FP8: 16 codes per load, head_dim a multiple of 16). The table stays
-    on the device: each block scans its lengths in shared memory (no host sync). ``total`` must equal
-    sum(length) of every batch element (host-known from the plan; checked for CPU tables by the
-    public op): rows the table does not cover come out as NaN, and nothing is read or written out of
-    bounds.
-
-    Args:
-        k_pool, v_pool: [B, n_rows, H, D] (fp16 / bf16 / fp32 or float8_e4m3fn, same dtype), any strides (rows
-            of unit stride are read in place; others are copied first).
-        seg: int32 [B, n_seg, 3] segment table (start_row, length, delta).
-        k_out, v_out: [B, total, H, D] of the pools' dtype (any of fp32 / fp16 / bf16 for FP8 pools, the same
-            for both), written in place: rows contiguous within a batch element (a slice of a longer buffer
-            along dim 1 is fine), the same strides for both.
-        k_pool_scale, v_pool_scale: float32 [B, n_rows, H] scales of FP8 pools (any strides), None otherwise.
+    R_t's angle ``delta * inv_freq`` in fp64, reduced to [-pi, pi] there, then sincosf, once per output row, reused by
+    every head; FP8 values rotated in fp32 and rounded once to the outputs' dtype. 16-byte loads and stores when the
+    pools and outputs allow them (FP8: 16 codes per load, head_dim a multiple of 16). Each block scans the table's
+    lengths in shared memory; rows the table does not cover come out NaN, and nothing is read or written out of bounds.
+    Pools: any strides (rows of unit stride are read in place; others are copied first). Outputs: rows contiguous
+    within a batch element (a slice of a longer buffer along dim 1 is fine), the same strides for both.
 
     Example:
         >>> kp = torch.randn(1, 8 * 1560, 12, 128, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP

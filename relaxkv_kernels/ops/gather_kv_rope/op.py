@@ -110,9 +110,11 @@ def gather_kv_rope(k_pool: Tensor, v_pool: Tensor, seg: Tensor, total: int, back
                    k_pool_scale: Tensor | None = None, v_pool_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """K (temporal delta-rotated) and V of a segment table, gathered into contiguous tensors.
 
-    k[b] = concat over segments s of R_t(delta_s) k_pool[b, start_s : start_s + len_s], v[b] likewise
-    without rotation; zero-length segments skipped. FP8 pools are read as their values ``code * scale``
-    (fp32, the scale of the row and head; ``ops/fp8.py``), then the same math.
+    k[b] = concat over the segments s = (start_s, len_s, delta_s) of ``seg[b]``, in table order, of
+    R_t(delta_s) k_pool[b, start_s : start_s + len_s], v[b] likewise without rotation. Keys are stored rotated at
+    their write-time positions; R_t turns their temporal RoPE pairs by delta_s frames. A segment of length 0 is an
+    unused entry (fixed table shapes for CUDA graphs), skipped. FP8 pools are read as their values
+    ``code * scale`` (fp32, the scale of the row and head; ``ops/fp8.py``), then the same math.
 
     Args:
         k_pool, v_pool: [B, n_rows, H, D], same dtype: fp32 / fp16 / bf16, or float8_e4m3fn with scales.

@@ -1,11 +1,5 @@
-"""gather_kv_rope reference: K/V rows listed by a segment table, keys delta-rotated (float64 RoPE math).
-
-Segment table ``seg``: int32 [B, n_seg, 3], one row per segment ``(start_row, length, delta)``.
-Segment ``s`` of batch element ``b`` covers pool rows ``start .. start + length - 1``; its keys were
-stored rotated at their write-time positions and are rotated again by the temporal shift ``delta``
-(frames) on load. ``length == 0`` marks an unused segment (fixed table shapes for CUDA graphs).
-FP8 pools are dequantized first (``code * scale``, fp32: ``ops/fp8.py``), then the same math.
-"""
+"""gather_kv_rope reference (contract: ``relaxkv_kernels.ops.gather_kv_rope``): float64 RoPE math, FP8 pools
+dequantized first (``ops/fp8.py``)."""
 from __future__ import annotations
 
 import torch
@@ -43,20 +37,8 @@ def gather_segments_ref(k_pool: torch.Tensor, v_pool: torch.Tensor, seg_b: torch
 def gather_kv_rope_ref(k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch.Tensor, total: int,
                        k_pool_scale: torch.Tensor | None = None,
                        v_pool_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """K (temporal delta-rotated, float64 math) and V of every batch element's segments, concatenated.
-
-    k[b] = cat_s R_t(delta_s) k_pool[b, start_s : start_s + len_s], v[b] likewise without rotation,
-    segments in table order, zero-length ones skipped (:func:`gather_segments_ref` per batch element).
-
-    Args:
-        k_pool, v_pool: [B, n_rows, H, D] cache pools (keys rotated at write time).
-        seg: int32 [B, n_seg, 3] segment table (start_row, length, delta).
-        total: rows per batch element; must equal sum(length) of every batch element.
-        k_pool_scale, v_pool_scale: float32 [B, n_rows, H] scales of FP8 pools, None otherwise.
-
-    Returns:
-        (k, v): [B, total, H, D] each, contiguous, dtype of the pools; float32 for FP8 pools (the dequantized
-        rows).
+    """Contract: :func:`relaxkv_kernels.ops.gather_kv_rope`; float64 RoPE math, :func:`gather_segments_ref` per batch
+    element.
     """
     ks, vs = [], []
     for b in range(k_pool.shape[0]):
@@ -73,8 +55,9 @@ def gather_kv_rope_ref(k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch.Te
 def gather_kv_rope_into_ref(k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch.Tensor, k_out: torch.Tensor,
                             v_out: torch.Tensor, k_pool_scale: torch.Tensor | None = None,
                             v_pool_scale: torch.Tensor | None = None) -> None:
-    """:func:`gather_kv_rope_ref` written into ``k_out`` / ``v_out`` [B, total, H, D] in place (rounded once to
-    their dtype)."""
+    """Contract: :func:`relaxkv_kernels.ops.gather_kv_rope_into`: :func:`gather_kv_rope_ref` rounded once to the
+    outputs' dtype.
+    """
     k, v = gather_kv_rope_ref(k_pool, v_pool, seg, k_out.shape[1], k_pool_scale, v_pool_scale)
     k_out.copy_(k)
     v_out.copy_(v)

@@ -85,20 +85,12 @@ def _gather_kv_rope_kernel(
 def gather_kv_rope_triton(k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch.Tensor, k_out: torch.Tensor,
                           v_out: torch.Tensor, k_pool_scale: torch.Tensor | None = None,
                           v_pool_scale: torch.Tensor | None = None) -> None:
-    """K (temporal delta-rotated) and V of every segment of ``seg`` into ``k_out`` / ``v_out`` (one launch, no sync).
+    """Contract: :func:`relaxkv_kernels.ops.gather_kv_rope_into` (one launch, no host synchronisation).
 
-    k_out[b] = cat_s R_t(delta_s) k_pool[b, start_s : start_s + len_s], v_out[b] likewise without rotation,
-    segments in table order, zero-length ones skipped; angles delta * inv_freq in fp32; FP8 pools read as
-    ``code * scale`` in fp32. Rows beyond the table's total come out NaN (total is checked for CPU tables by
-    the public op).
-
-    Args:
-        k_pool, v_pool: [B, n_rows, H, D] cache pools (any strides), fp32 / fp16 / bf16 or float8_e4m3fn (or the
-            uint8 view of FP8 pools: their codes decoded in software, as on GPUs without FP8 units).
-        seg: int32 [B, n_seg, 3].
-        k_out, v_out: [B, total, H, D] (any strides), written in place: the pools' dtype, or any of fp32 / fp16 /
-            bf16 for FP8 pools.
-        k_pool_scale, v_pool_scale: float32 [B, n_rows, H] scales of FP8 pools (any strides), None otherwise.
+    Temporal angles ``delta * inv_freq`` in fp64 reduced to [-pi, pi] (``triton_common._rope_rotate``); rows beyond the
+    table's total come out NaN (the public op checks total for CPU tables). Pools, scales and outputs may have any
+    strides; the pools may also be the uint8 view of FP8 pools (codes decoded in software, as on GPUs without FP8
+    units).
     """
     b, total, h, d = k_out.shape
     if b == 0 or total == 0:
@@ -108,7 +100,7 @@ def gather_kv_rope_triton(k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch
     if fp8:
         k_pool, v_pool = fp8_codes(k_pool), fp8_codes(v_pool)
     # 16 rows a program where FP8 codes are decoded in software, 8 warps: with 32 rows and 4 warps their integer
-    # temporaries spill 96-112 B on sm_80 / sm_86 (255 registers; benchmarks/target_report.py)
+    # temporaries spill on sm_80 / sm_86 (benchmarks/target_report.py compiles the configs used, for every target)
     soft = k_pool.dtype == torch.uint8
     block_r = 16 if interpreter_enabled() or soft else 32
     _gather_kv_rope_kernel[(triton.cdiv(total, block_r), b)](

@@ -14,32 +14,11 @@ _OP = "mid_select_cuda"
 def mid_select_cuda(q: torch.Tensor, mean_key: torch.Tensor, mid_slots: torch.Tensor, block_pos: torch.Tensor,
                     seg: torch.Tensor, seg_index: int, target_pos: torch.Tensor, row0: int, block_tokens: int,
                     q_stride: int, batch_mean: bool = False) -> torch.Tensor:
-    r"""PackForcing mid-block affinities and top-k into the segment table: two launches, no host sync.
+    """Contract: :func:`relaxkv_kernels.ops.mid_select` (two launches, no host synchronisation).
 
-    Through the bilinear identity (``mid_select_ref``), with Sq = every ``q_stride``-th query token:
-
-        s_{b,m} = |Sq| * Nc * mean_{h < H/2} qbar[b, h] . mean_key[b, mid_slots[m], h] / sqrt(D)
-
-    (``batch_mean``: the mean over (b, h < H/2), the same for every b). qbar is summed in fp32 by a split
-    reduction (grid (splits, H/2, B), 16-byte loads, deterministic order), then one block per sample (one
-    for all with ``batch_mean``) takes the dot products (a warp per block), the top k = target_pos.numel()
-    (ties to the lower index), re-sorted in time (mid_slots) order, and writes
-    ``seg[b, seg_index + j] = (row0 + slot * Nc, Nc, target_pos[j] - block_pos[slot])``. The contract is on
-    ``relaxkv_kernels.mid_select``.
-
-    Args:
-        q: [B, Nq, H, D] pre-RoPE queries (fp16 / bf16 / fp32), any strides.
-        mean_key: float32 [B, n_blocks, H, D] mean compressed key per archive slot.
-        mid_slots: int [M] archive slots of the mid blocks, oldest first (values in [0, n_blocks);
-            an out-of-range slot scores 0 and gets an empty segment).
-        block_pos: int [n_blocks] first-frame position per archive slot.
-        seg: int32 [B, n_seg, 3], rows seg_index .. seg_index + k - 1 written in place.
-        target_pos: int [k] re-packed first-frame positions, 1 <= k <= M.
-        row0: first compressed pool row. block_tokens: Nc. q_stride: query subsample stride.
-        batch_mean: the paper's batch-averaged affinity.
-
-    Returns:
-        float32 [B, M] affinities.
+    qbar is summed in fp32 by a split reduction (grid (splits, H/2, B), 16-byte loads, deterministic order), then one
+    block per sample (one for all with ``batch_mean``) takes the dot products (a warp per block) and the top k. q: fp16
+    / bf16 / fp32, any strides. Slots are not checked here: an out-of-range mid slot scores 0 and gets an empty segment.
 
     Example:
         >>> q = torch.randn(1, 6240, 12, 128, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP

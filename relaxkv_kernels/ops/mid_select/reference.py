@@ -60,25 +60,8 @@ def mid_affinity_ref(q_sub: torch.Tensor, mean_key: torch.Tensor, block_tokens: 
 def mid_select_ref(q: torch.Tensor, mean_key: torch.Tensor, mid_slots: torch.Tensor, block_pos: torch.Tensor,
                    seg: torch.Tensor, seg_index: int, target_pos: torch.Tensor, row0: int, block_tokens: int,
                    q_stride: int, batch_mean: bool = False) -> torch.Tensor:
-    """Score the mid blocks per sample and write each sample's top-k, in time order, into its segment rows.
-
-    k = target_pos.numel() blocks are selected among the M archived blocks ``mid_slots`` (time
-    order), for each batch element b on its own scores (``batch_mean``: on the batch-averaged scores, one
-    choice for every b). Selected block j of b (in time order) goes to ``seg[b, seg_index + j]`` as
-    ``(row0 + slot * Nc, Nc, target_pos[j] - block_pos[slot])``: re-packed right before Recent.
-
-    Args:
-        q: [B, Nq, H, D] pre-RoPE queries of the current block.
-        mean_key: float32 [B, n_blocks, H, D] mean compressed key per archive slot.
-        mid_slots: int64 [M] archive slots of the mid blocks, oldest first.
-        block_pos: int64 [n_blocks] temporal position of each archived block's first frame.
-        seg: int32 [B, n_seg, 3], written in place.
-        target_pos: int64 [k] new first-frame position of the j-th selected block.
-        row0: first pool row of the compressed region; block_tokens: Nc; q_stride: query subsample.
-        batch_mean: the paper's batch-averaged affinity.
-
-    Returns:
-        float32 [B, M] affinities (``batch_mean``: the same row for every b).
+    """Contract: :func:`relaxkv_kernels.ops.mid_select`; the affinity through :func:`mid_affinity_ref` (the bilinear
+    identity, checked against :func:`mid_affinity_literal`).
     """
     scores = mid_affinity_ref(subsample_queries(q, q_stride), mean_key[:, mid_slots], block_tokens, batch_mean)
     pick = top_in_order(scores, target_pos.numel())  # [B, k]

@@ -93,28 +93,11 @@ def _mid_select_kernel(
 def mid_select_triton(q: torch.Tensor, mean_key: torch.Tensor, mid_slots: torch.Tensor, block_pos: torch.Tensor,
                       seg: torch.Tensor, seg_index: int, target_pos: torch.Tensor, row0: int, block_tokens: int,
                       q_stride: int, batch_mean: bool = False) -> torch.Tensor:
-    """Score the mid blocks and write each sample's top-k, in time order, into ``seg`` (two small launches, no sync).
+    """Contract: :func:`relaxkv_kernels.ops.mid_select` (two small launches, no host synchronisation).
 
-    ``s_{b,m} = |Sq| * Nc * mean_{h<H/2} qbar_{b,h} . kbar_{b,m,h} / sqrt(D)`` with qbar the mean of the
-    subsampled queries (every ``q_stride``-th token from the first), kbar_{b,m} = ``mean_key[b, mid_slots[m]]``;
-    ``batch_mean``: the mean over (b, h < H/2), one choice for every sample. Sample b's k = target_pos.numel()
-    best blocks (ties to the lower index), re-sorted in mid_slots (time) order, go to ``seg[b, seg_index + j]``
-    as ``(row0 + slot * Nc, Nc, target_pos[j] - block_pos[slot])``. Same semantics as ``mid_select_ref``;
-    the contract is on ``relaxkv_kernels.mid_select``.
-
-    Args:
-        q: [B, Nq, H, D] pre-RoPE queries of the current block (any float dtype, any strides; H >= 2).
-        mean_key: float32 [B, n_blocks, H, D] mean compressed key per archive slot.
-        mid_slots: int32/int64 [M] archive slots of the mid blocks, oldest first.
-        block_pos: int64 [n_blocks] temporal position of each archived block's first frame.
-        seg: int32 [B, n_seg, 3] segment table, rows seg_index .. seg_index + k - 1 written in place.
-        seg_index: first segment row of the mid blocks.
-        target_pos: int64 [k] new first-frame position of the j-th selected block (k <= M).
-        row0: first pool row of the compressed region. block_tokens: Nc. q_stride: query subsample step.
-        batch_mean: the paper's batch-averaged affinity.
-
-    Returns:
-        scores: float32 [B, M] affinities (``batch_mean``: the same row for every sample).
+    The affinity through the bilinear identity: kernel 1 means the subsampled queries (one program per (b, h)), kernel 2
+    takes the dot products and the top-k (one program per sample; one for all with ``batch_mean``). q: any float dtype,
+    any strides, H >= 2.
     """
     b, n_q, h, d = q.shape
     dev = q.device

@@ -49,7 +49,7 @@ def _quantize_frames_kernel(
 
 def quantize_frames_triton(x: torch.Tensor, pool: torch.Tensor, pool_scale: torch.Tensor,
                            frame_slot: torch.Tensor, frame_tokens: int) -> None:
-    """:func:`~.reference.quantize_frames_ref` in one launch (x, pool, pool_scale: any strides)."""
+    """Contract: :func:`relaxkv_kernels.ops.quantize_frames`, in one launch (x, pool, pool_scale: any strides)."""
     n, _, h, d = x.shape
     n_tokens = frame_slot.numel() * frame_tokens
     if n == 0:

@@ -13,29 +13,10 @@ _OP = "relax_select_cuda"
 def relax_select_cuda(proto: torch.Tensor, slot_pos: torch.Tensor, sink_slots: torch.Tensor, tail_slots: torch.Tensor,
                       cand_slots: torch.Tensor, seg: torch.Tensor, seg_index: int, target_pos: torch.Tensor,
                       frame_tokens: int, lam: float, batch0_decides: bool, contiguous: bool) -> torch.Tensor:
-    r"""Score the Relax Forcing candidates and write the selected history frames into ``seg``: one launch.
+    """Contract: :func:`relaxkv_kernels.ops.relax_select` (one launch, no host synchronisation).
 
-    With p_x = x / max(||x||, 1e-12) (sink / tail: x = mean of their frames' rows of ``proto``):
-
-        r[b, c] = <p_{cand_slots[c]}, p_sink> - lam * <p_{cand_slots[c]}, p_tail>   (a term dropped when S or T = 0)
-
-    The H_sel = target_pos.numel() best candidates of r[b] (of r[0] for everyone when
-    ``batch0_decides``), ties to the lower candidate index, in memory order, go to
-    ``seg[b, seg_index + j] = (slot * F, F, target_pos[j] - slot_pos[slot])`` (delta 0 when
-    ``contiguous``). One block per batch element; frame means in fp32, norms and dots in fp64
-    (warp shuffles). Same semantics as ``relax_select_ref``; no host synchronisation.
-
-    Args:
-        proto: float32 [B, n_slots, D] per-frame means of pre-RoPE keys (not normalised), any strides.
-        slot_pos: int [n_slots] write-time frame position of each slot.
-        sink_slots, tail_slots, cand_slots: int [S], [T], [C'] slots in memory order (values in
-            [0, n_slots); not checked here, that would synchronise: an out-of-range slot reads as zeros).
-        seg: int32 [B, n_seg, 3], rows seg_index .. seg_index + H_sel - 1 written in place.
-        seg_index: first history row. target_pos: int [H_sel], 1 <= H_sel <= C'.
-        frame_tokens: F. lam: lambda. batch0_decides, contiguous: see above.
-
-    Returns:
-        scores: float32 [B, C'] (each batch element's own scores).
+    One block per batch element; frame means in fp32, norms and dots in fp64 (warp shuffles). Slots are not checked
+    here (that would synchronise): an out-of-range slot reads as zeros. proto: any strides.
 
     Example:
         >>> proto = torch.randn(1, 8, 128, device="cuda")  # doctest: +SKIP

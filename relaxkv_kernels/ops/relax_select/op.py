@@ -75,15 +75,34 @@ def relax_select(proto: Tensor, slot_pos: Tensor, sink_slots: Tensor, tail_slots
                  batch0_decides: bool = False, contiguous: bool = False, backend: str = "auto") -> Tensor:
     """Relax Forcing selection: r(h) = <p_h, p_sink> - lam * <p_h, p_tail>, top-H into the segment table.
 
+    With p_x = x / max(||x||, 1e-12) (sink / tail: x = the mean of their frames' rows of ``proto``; a term is dropped
+    when its slot list is empty):
+
+        r[b, c] = <p_{cand_slots[c]}, p_sink> - lam * <p_{cand_slots[c]}, p_tail>
+
+    The H_sel = target_pos.numel() best candidates of r[b] (of r[0] for every b when ``batch0_decides``; ties to the
+    lower candidate index; a non-finite score is never chosen over a finite one), in memory order, go to
+    ``seg[b, seg_index + j] = (slot * F, F, target_pos[j] - slot_pos[slot])`` (hybrid RoPE), or delta 0 when
+    ``contiguous`` (keys keep their true positions).
+
     Args:
-        proto: float32 [B, n_slots, D] per-frame means of pre-RoPE keys.
-        slot_pos: int32/int64 [n_slots] write positions.
+        proto: float32 [B, n_slots, D] per-frame means of pre-RoPE keys (not normalised).
+        slot_pos: int32/int64 [n_slots] write-time frame position of each slot.
         sink_slots, tail_slots, cand_slots: int32/int64 [S], [T], [C'] slots (memory order).
-        seg: int32 [B, n_seg, 3]; entries seg_index .. seg_index + H - 1 are written.
-        target_pos: int32/int64 [H] positions given to the selected frames (hybrid RoPE). frame_tokens: F.
+        seg: int32 [B, n_seg, 3]; entries seg_index .. seg_index + H_sel - 1 are written in place.
+        seg_index: first segment row of the history frames.
+        target_pos: int32/int64 [H_sel] positions given to the selected frames, 1 <= H_sel <= C'. frame_tokens: F.
+        lam: lambda. batch0_decides, contiguous: see above. backend: "auto", "reference", "triton" or "cuda".
 
     Returns:
-        scores float32 [B, C'].
+        scores float32 [B, C'] (each batch element's own scores; NaN for a candidate whose prototype is not finite).
+
+    Example:
+        >>> proto, seg = torch.randn(1, 8, 16), torch.zeros(1, 7, 3, dtype=torch.int32)
+        >>> scores = relax_select(proto, torch.arange(8), torch.tensor([0, 1]), torch.tensor([7]),
+        ...                       torch.tensor([3, 4, 5, 6]), seg, 2, torch.tensor([20]), 1560)
+        >>> tuple(scores.shape)
+        (1, 4)
     """
     lam = _check(proto, slot_pos, sink_slots, tail_slots, cand_slots, seg, seg_index, target_pos, frame_tokens, lam,
                  batch0_decides, contiguous)

@@ -62,22 +62,7 @@ def top_in_order(scores: torch.Tensor, k: int) -> torch.Tensor:
 def relax_select_ref(proto: torch.Tensor, slot_pos: torch.Tensor, sink_slots: torch.Tensor, tail_slots: torch.Tensor,
                      cand_slots: torch.Tensor, seg: torch.Tensor, seg_index: int, target_pos: torch.Tensor,
                      frame_tokens: int, lam: float, batch0_decides: bool, contiguous: bool) -> torch.Tensor:
-    """Score the candidates and write the selected history frames into the segment table.
-
-    The H_sel = target_pos.numel() best candidates (per batch element, or batch element 0's choice for
-    all when ``batch0_decides``), in memory order, go to ``seg[:, seg_index + j]`` as
-    ``(slot * F, F, delta)`` with delta = target_pos[j] - slot_pos[slot] (hybrid RoPE) or 0 when
-    ``contiguous`` (keys keep their true position).
-
-    Args:
-        proto: float32 [B, n_slots, D]; slot_pos: int64 [n_slots] write-time frame position per slot.
-        sink_slots, tail_slots, cand_slots: int64 [S], [T], [C'].
-        seg: int32 [B, n_seg, 3], written in place.
-        target_pos: int64 [H_sel]. frame_tokens: F.
-
-    Returns:
-        scores float32 [B, C'].
-    """
+    """Contract: :func:`relaxkv_kernels.ops.relax_select` (the official semantics, float64 prototypes)."""
     scores = relax_scores_ref(proto, sink_slots, tail_slots, cand_slots, lam)
     pick = top_in_order(scores[:1] if batch0_decides else scores, target_pos.numel())
     pick = pick.expand(scores.shape[0], -1)

@@ -105,26 +105,10 @@ def relax_select_triton(proto: torch.Tensor, slot_pos: torch.Tensor, sink_slots:
                         tail_slots: torch.Tensor, cand_slots: torch.Tensor, seg: torch.Tensor, seg_index: int,
                         target_pos: torch.Tensor, frame_tokens: int, lam: float, batch0_decides: bool,
                         contiguous: bool) -> torch.Tensor:
-    """Score the Relax Forcing candidates and write the selected history frames into ``seg``, in one launch.
+    """Contract: :func:`relaxkv_kernels.ops.relax_select`, in one launch, no host synchronisation.
 
-    ``r(h) = <p_h, p_sink> - lam * <p_h, p_tail>`` with p = x / max(||x||, 1e-12) of per-frame means
-    (sink / tail: mean over their frames first); a term is dropped when its slot list is empty. The
-    H_sel = target_pos.numel() best candidates (ties to the lower candidate index; batch element 0's
-    choice for everyone when ``batch0_decides``), in memory order, go to ``seg[:, seg_index + j]`` as
-    ``(slot * F, F, target_pos[j] - slot_pos[slot])``, or delta 0 when ``contiguous``.
-    Same semantics as ``relax_select_ref``; no host synchronisation.
-
-    Args:
-        proto: float32 [B, n_slots, D] per-frame means of pre-RoPE keys (not normalised).
-        slot_pos: int32/int64 [n_slots] write-time frame position of each slot.
-        sink_slots, tail_slots, cand_slots: int32/int64 [S], [T], [C'] (cand_slots in memory order).
-        seg: int32 [B, n_seg, 3] segment table, rows seg_index .. seg_index + H_sel - 1 written in place.
-        seg_index: first segment row of the history frames.
-        target_pos: int32/int64 [H_sel] target temporal position of the j-th selected frame (H_sel <= C').
-        frame_tokens: F. lam: lambda. batch0_decides, contiguous: see above.
-
-    Returns:
-        scores: float32 [B, C'] (each batch element's own scores).
+    One program per batch element (one for all with ``batch0_decides``); norms in fp32 after scaling each prototype by
+    its largest entry (:func:`_normalize`), so prototypes of any finite magnitude normalise exactly.
     """
     b, _, d = proto.shape
     slot_pos, sink_slots, tail_slots, cand_slots, target_pos = (

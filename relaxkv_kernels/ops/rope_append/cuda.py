@@ -18,42 +18,17 @@ def rope_append_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
                      v_cache: torch.Tensor, proto: torch.Tensor | None, frame_slot: torch.Tensor,
                      frame_pos: torch.Tensor, height: int, width: int, k_cache_scale: torch.Tensor | None = None,
                      v_cache_scale: torch.Tensor | None = None) -> torch.Tensor:
-    r"""Rotate a chunk's queries, and write its keys, values and frame prototypes into the cache.
+    """Contract: :func:`relaxkv_kernels.ops.rope_append`.
 
-    One launch on the current stream (plus a tiny one summing the prototypes when ``proto`` is given). With
-    F = height * width tokens per frame, token n = u * F + y * width + x of chunk frame u:
-
-        q_rot[b, n]                    = rope(q[b, n])  at (frame_pos[u], y, x)
-        k_cache[b, frame_slot[u]*F + i] = rope(k[b, u*F + i]) at the same positions
-        v_cache[b, frame_slot[u]*F + i] = v[b, u*F + i]
-        proto[b, frame_slot[u]]         = mean_{i < F, h < H} k[b, u*F + i, h]   (pre-RoPE, fp32,
-                                                                              not normalised)
-
-    rope is Wan's 3D RoPE (relaxkv_kernels/geometry.py): inverse frequencies built in float64
-    on the host, angle = position * inv_freq (temporal pairs in float64 reduced to [-pi, pi]; the others with
-    the table rounded to float32, in float32), sincosf, rotation in
-    float32, one rounding to the storage dtype. proto is summed in fp32 in a fixed order (per thread over
-    heads, per block over its tokens, then over the blocks of the frame): deterministic, no atomics.
-    FP8 caches (rope_append_fp8_kernel; the launcher reads a null scale pointer as "not FP8"): each written
-    (row, head) is quantized from its fp32 value (ops/fp8.py), K from the fp32 rotation, V from v: its amax
-    over D reduced across the lanes of the token before the codes are written.
-
-    Args:
-        q, k, v: [B, U*F, H, D], float16 / bfloat16 / float32, any strides.
-        k_cache, v_cache: [B, n_rows, H, D], dtype of k or both float8_e4m3fn, stride(-1) == 1; slot s is
-            rows s*F .. s*F+F-1, so n_rows >= n_slots * F. Written in place.
-        proto: [B, n_slots, D] float32, stride(-1) == 1. Rows frame_slot[u] written in place. None: no
-            prototypes (the kernel skips the sums).
-        frame_slot: int32/int64 [U], cache slot of each chunk frame, distinct, in [0, n_slots). Not checked
-            on the host (that would synchronise); the kernel skips the cache and proto writes of an
-            out-of-range slot rather than write out of bounds.
-        frame_pos: int32/int64 [U], temporal RoPE position of each chunk frame.
-        height, width: token grid of one frame.
-        k_cache_scale, v_cache_scale: float32 [B, n_rows, H] (any strides) scales of FP8 caches, written in place
-            with their rows; None for caches in k's dtype.
-
-    Returns:
-        q_rot: [B, U*F, H, D] contiguous, dtype of q.
+    One launch on the current stream (plus a tiny one summing the prototypes when ``proto`` is given). Inverse
+    frequencies built in float64 on the host; temporal angles in float64 reduced to [-pi, pi], the others in float32
+    with the table rounded to float32; sincosf, rotation in float32, one rounding to the storage dtype. proto is summed
+    in fp32 in a fixed order (per thread over heads, per block over its tokens, then over the blocks of the frame):
+    deterministic, no atomics. FP8 caches (rope_append_fp8_kernel; the launcher reads a null scale pointer as "not
+    FP8"): each written row and head's amax over D is reduced across the lanes of the token before its codes are
+    written. q, k, v: any strides; caches and proto: stride(-1) == 1; scales: any strides. frame_slot is not checked on
+    the device: the kernel skips the cache and proto writes of an out-of-range slot rather than write out of bounds.
+    Returns q_rot contiguous.
 
     Example:
         >>> B, U, h, w, H, D = 1, 3, 30, 52, 12, 128  # doctest: +SKIP

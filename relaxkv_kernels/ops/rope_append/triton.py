@@ -145,37 +145,12 @@ def rope_append_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cach
                        v_cache: torch.Tensor, proto: torch.Tensor | None, frame_slot: torch.Tensor,
                        frame_pos: torch.Tensor, height: int, width: int, k_cache_scale: torch.Tensor | None = None,
                        v_cache_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Rotate and append one chunk of U frames (the op form of ``rope_append_ref``): one launch, two with proto.
+    """Contract: :func:`relaxkv_kernels.ops.rope_append` (arguments as it validates them: any strides, slots in range).
 
-    Token i of frame u (y = i // width, x = i % width) is rotated at (frame_pos[u], y, x) with Wan 3D
-    RoPE, temporal angles in fp64 from the float64 table, reduced to [-pi, pi] there (exact for positions of any
-    stream length), the others ``position * inv_freq`` in fp32 (inverse frequencies rounded once from float64),
-    reduced to [-pi, pi] before cos/sin. ``k_cache[:, frame_slot[u] * F + i]`` gets the rotated key, ``v_cache``
-    the value, ``proto[:, frame_slot[u]]`` the mean of the frame's pre-RoPE keys over tokens then heads
-    (float32, not normalised, summed in a fixed order). FP8 caches get each written row and head quantized
-    from its fp32 value (``ops/fp8.py``): K from the fp32 rotation, V from v. Arguments as validated by
-    ``relaxkv_kernels.rope_append`` (any strides; slots in range).
-
-    Args:
-        q, k, v: [B, U * F, H, D] (F = height * width), after q/k RMSNorm, before RoPE.
-        k_cache, v_cache: [B, n_rows, H, D], dtype of k or both float8_e4m3fn; frame slot s owns rows
-            s*F .. s*F + F - 1 (written in place).
-        proto: float32 [B, n_slots, D] (written in place), or None: no prototypes (no sums, one launch).
-        frame_slot, frame_pos: int32/int64 [U] cache slot and temporal position of each chunk frame (on the device).
-        height, width: token grid of a frame.
-        k_cache_scale, v_cache_scale: float32 [B, n_rows, H] scales of FP8 caches (written in place with their
-            rows), None for caches in k's dtype.
-
-    Returns:
-        q_rot: [B, U * F, H, D], dtype of q.
-
-    Example:
-        >>> B, U, h, w, H, D = 1, 3, 30, 52, 12, 128  # doctest: +SKIP
-        >>> q, k, v = (torch.randn(B, U * h * w, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        >>> k_cache = torch.empty(B, 8 * h * w, H, D, device="cuda", dtype=torch.bfloat16)
-        >>> v_cache, proto = torch.empty_like(k_cache), torch.empty(B, 8, D, device="cuda")
-        >>> slot = torch.tensor([5, 6, 7], device="cuda")
-        >>> q_rot = rope_append_triton(q, k, v, k_cache, v_cache, proto, slot, slot, h, w)
+    One launch, two with ``proto`` (the second sums each frame's partial sums in a fixed order: deterministic, no
+    atomics). Temporal angles in fp64 from the float64 table, reduced to [-pi, pi] there (exact for positions of any
+    stream length); the others ``position * inv_freq`` in fp32 (inverse frequencies rounded once from float64), reduced
+    to [-pi, pi] before cos/sin. FP8 caches: K quantized from the fp32 rotation, V from v.
     """
     b, n, h, d = q.shape
     f = height * width

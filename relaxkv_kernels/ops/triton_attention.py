@@ -14,17 +14,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ...availability import interpreter_enabled
-from ...targets import UnsupportedGPUError
-from ...targets import target_of
-from ..checks import require
-from ..fp8 import scale_strides
-from ..triton_common import _angle_exact
-from ..triton_common import _cos_sin
-from ..triton_common import _fp8_values
-from ..triton_common import fp8_codes
-from ..triton_common import inv_freq_table
-from ..triton_common import pair_split
+from ..availability import interpreter_enabled
+from ..targets import UnsupportedGPUError
+from ..targets import target_of
+from .checks import require
+from .fp8 import scale_strides
+from .triton_common import _angle_exact
+from .triton_common import _cos_sin
+from .triton_common import _fp8_values
+from .triton_common import fp8_codes
+from .triton_common import inv_freq_table
+from .triton_common import pair_split
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) == exp2(x * LOG2E); exp2 is the native instruction
 MIN_HEAD_DIM = 16  # tl.dot needs tiles of at least 16 along the reduced dim
@@ -34,8 +34,8 @@ def _configs() -> list[triton.Config]:
     if interpreter_enabled():  # multi-config autotune needs a GPU driver; small tiles keep CPU tests fast
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=1, num_stages=1)]
     # D = 128 fp16/bf16 on H100: 128 x 64 tiles, 8 warps, 3 stages is the usual sweet spot (FA2 tutorial);
-    # the smaller ones serve D = 64 and short query counts. 128 x 64 at 4 warps is left out: ptxas (sm_90a,
-    # Triton 3.9, benchmarks/target_report.py) gives it 592 B of stack at D = 128, against 32 B at 8 warps.
+    # the smaller ones serve D = 64 and short query counts. 128 x 64 at 4 warps is left out: ptxas (sm_90a) spills
+    # it at D = 128, where 8 warps do not (compile it with benchmarks/target_report.py to see the stack frames).
     # FP8 pools (1-byte K/V tiles dequantized in registers) keep all four, compiled the same way. The pools' dtype is
     # part of Triton's autotune key, so FP8 pools are tuned on their own. On other GPUs ``fitting_configs`` drops
     # what does not fit (shared memory) or spills there: per target, benchmarks/results/targets.json.
@@ -61,8 +61,9 @@ def fitting_configs(configs: list[triton.Config], named_args: dict, **kwargs) ->
     Each config is compiled for this launch (the autotuner compiles them anyway; the JIT caches them) and kept when
     its shared memory is within the target's limit (``relaxkv_kernels.targets``: 99 KiB on sm_86 / sm_89 / sm_120,
     where the 128 x 128 tiles need 160 KiB) and it has the least local memory of those: configs that spill registers
-    have more (Triton 3.9, every target at Wan shapes, benchmarks/results/targets.json: 32 B of stack frame without a
-    spill, 40 B to 15.9 KB with one; bf16 128 x 64 tiles spill 104 B on sm_80 / sm_86 / sm_89, 152 B on sm_120).
+    have more. Every config's stack frame and spills per target, at Wan shapes, are in benchmarks/results/targets.json
+    (``python benchmarks/target_report.py`` measures them; Triton 3.9 there: 32 B of stack frame without a spill,
+    40 B to 15.9 KB with one).
     """
     if interpreter_enabled():
         return configs
@@ -114,9 +115,9 @@ def _sparse_kv_attention_kernel(
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     o_n = tl.arange(0, BLOCK_N)  # [BN]
     # head dims in two halves: every temporal pair (the only ones a delta turns: 44 of 128 dims) lies in
-    # the first, so only that half of the Q tile is re-rotated per segment; the second stays as loaded.
-    # ptxas, sm_90a, bf16 D = 128, 128x64 tiles, 8 warps, 3 stages (benchmarks/target_report.py):
-    # 246 registers and 32 B of stack, against 255 and 312 B of spills with one full-width rotated tile
+    # the first, so only that half of the Q tile is re-rotated per segment; the second stays as loaded, which keeps
+    # the 128x64-tile, 8-warp config within 255 registers without a spill at D = 128 on sm_90a (248 registers, 32 B
+    # of stack in benchmarks/results/targets.json; re-measure with benchmarks/target_report.py)
     o_a = tl.arange(0, HALF_D)  # [BH] dims 0 .. BD/2-1
     o_b = HALF_D + tl.arange(0, HALF_D)  # [BH] dims BD/2 .. BD-1
     m_m = o_m < N_Q
@@ -204,33 +205,12 @@ def require_head_dim(op: str, q: torch.Tensor) -> None:
 def sparse_kv_attention_triton(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch.Tensor,
                                scale: float, k_pool_scale: torch.Tensor | None = None,
                                v_pool_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q K^T * scale) V over the segments of ``seg``, keys delta-rotated on the fly (fp32 accumulation).
+    """Contract: :func:`relaxkv_kernels.ops.sparse_kv_attention` (``impl="fused"``, ``scale`` given).
 
-    For batch element b, the keys are the pool rows of every segment (start_row, length, delta) of
-    ``seg[b]`` in table order, segment s's keys rotated by ``delta`` on their temporal pairs:
-    ``out[b, i, h] = sum_j softmax_j(q[b, i, h] . R(delta_j) k[b, j, h] * scale) v[b, j, h]``.
-    Implemented as ``R(-delta_s) q . k``: Q is re-rotated once per segment, K/V are read in place.
-    Segments of length 0 are skipped; a batch element with no key at all gets zeros. FP8 pools are read as
-    ``k = code * k_pool_scale`` (fp32) per row and head, then rounded to q's dtype for the dots.
-
-    Args:
-        q: [B, Nq, H, D] queries, already rotated (fp16, bf16 or fp32; any strides).
-        k_pool, v_pool: [B, n_rows, H, D] cache pools of q's dtype or both float8_e4m3fn (or the uint8 view of
-            FP8 pools: their codes decoded in software, as on GPUs without FP8 units), keys rotated at write time.
-        seg: int32 [B, n_seg, 3] segment table (start_row, length, delta) on q's device; read in the kernel
-            (no host synchronisation). Rows must lie inside the pools (not checked: that would need a sync).
-        scale: softmax scale (usually D ** -0.5).
-        k_pool_scale, v_pool_scale: float32 [B, n_rows, H] scales of FP8 pools (any strides); None otherwise.
-
-    Returns:
-        out: [B, Nq, H, D], dtype of q.
-
-    Example:
-        >>> q = torch.randn(1, 16, 2, 32); kp = torch.randn(1, 40, 2, 32); vp = torch.randn(1, 40, 2, 32)
-        >>> seg = torch.tensor([[[0, 16, -3], [20, 20, 0]]], dtype=torch.int32)
-        >>> out = sparse_kv_attention_triton(q, kp, vp, seg, 32 ** -0.5)  # [1, 16, 2, 32]
-        >>> (kc, ks), (vc, vs) = quantize_fp8(kp), quantize_fp8(vp)  # FP8 pools (ops/fp8.py), scales [1, 40, 2]
-        >>> out8 = sparse_kv_attention_triton(q, kc, vc, seg, 32 ** -0.5, ks, vs)  # ~= out, in q's dtype
+    One launch, no host synchronisation: the table is read in the kernel, so its rows are not checked against the pools
+    here (the public op checks CPU tables). q, the pools and the scales may have any strides; the pools may also be the
+    uint8 view of FP8 pools (codes decoded in software, as on GPUs without FP8 units). FP8 values are rounded to q's
+    dtype for the dots. head_dim >= 16 (tl.dot tiles).
     """
     require_head_dim("relaxkv.sparse_kv_attention", q)
     b, n_q, h, d = q.shape
