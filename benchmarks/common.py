@@ -45,7 +45,7 @@ def configure_triton() -> None:
 
 @dataclass(frozen=True)
 class Shape:
-    """Model geometry of a benchmark run (Wan2.1-1.3B: README, Design; relaxkv_kernels/geometry.py)."""
+    """Model geometry of a benchmark run (Wan2.1-1.3B: docs/pages/design.md; relaxkv_kernels/geometry.py)."""
 
     name: str
     layers: int
