@@ -149,7 +149,7 @@ def env_info(device: torch.device) -> dict:
 
 def plan_shape(plan) -> tuple:
     """What makes one chunk's host and device work differ from the next: the plan's sizes and the lengths of its
-    index lists (``plan.index``: a dataclass of lists; a dict of lists in trees before the cache restructure, which
+    index lists (``plan.index``: a dataclass of lists; a dict of lists in older trees, which
     ``bench_host.py --baseline`` measures)."""
     index = plan.index or {}
     items = index.items() if isinstance(index, dict) else vars(index).items()
