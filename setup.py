@@ -118,9 +118,11 @@ if __name__ == "__main__":
         # ruff: the lint check of tests/test_layout.py and .ci/run, pinned so every machine lints by the same rules;
         # and the diffusers extra (relaxkv_kernels.integrations.diffusers, relaxkv_gen.diffusers: accelerate for
         # diffusers' from_pretrained, transformers for the text encoder, imageio-ffmpeg for the mp4s), whose tests
-        # run everywhere
+        # run everywhere; docs: the site of docs/ (mkdocs build --strict -f docs/mkdocs.yml, in .ci/run), API pages
+        # read from the docstrings statically by mkdocstrings, README sections included by pymdownx.snippets
         extras_require={"diffusers": DIFFUSERS_EXTRA,
-                        "test": ["pytest", "pytest-benchmark", "pybind11", "ninja", "ruff==0.17.6", *DIFFUSERS_EXTRA]},
+                        "test": ["pytest", "pytest-benchmark", "pybind11", "ninja", "ruff==0.17.6", *DIFFUSERS_EXTRA],
+                        "docs": ["mkdocs==1.6.1", "mkdocstrings[python]>=1.0", "pymdown-extensions>=10"]},
         entry_points={"console_scripts": ["relaxkv-generate = relaxkv_gen.cli:main"]},
         ext_modules=extensions(),
         cmdclass={"build_ext": NvccBuildExt},

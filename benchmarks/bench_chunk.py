@@ -3,7 +3,7 @@
     python benchmarks/bench_chunk.py --shapes wan --configs dense,relax,pack --write-tuning   # on a GPU
     python benchmarks/bench_chunk.py --shapes tiny                                          # CPU smoke (CPU time)
 
-Configs (README, Design): dense 21 frames (4680 q x 32760 k), relax 7 frames (4680 x 10920), pack
+Configs (docs/pages/design.md): dense 21 frames (4680 q x 32760 k), relax 7 frames (4680 x 10920), pack
 (6240 x 27872 = 8 sink frames + 16 x 182 mid tokens + 4 recent + 4 current), each at a steady-state
 chunk (planner fast-forwarded, pools random). Rows, all per chunk, same run, same device:
 
@@ -75,7 +75,7 @@ CONFIGS = {
     "pack": (rk.PackMemory, 70),
 }
 FP8 = torch.float8_e4m3fn
-EXPECTED_WAN = {"dense": (4680, 32760), "relax": (4680, 10920), "pack": (6240, 27872)}  # README, Design
+EXPECTED_WAN = {"dense": (4680, 32760), "relax": (4680, 10920), "pack": (6240, 27872)}  # docs/pages/design.md
 TARGETS = {"dense": 1.06, "relax": 1.12, "pack": 1.08}  # best complete step / cuDNN bound, at most
 BOUNDS = ("cudnn", "flash")
 WINDOW_ENGINES = ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "triton", "flash_attn", "flash_attn_cute")

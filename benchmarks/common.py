@@ -45,7 +45,7 @@ def configure_triton() -> None:
 
 @dataclass(frozen=True)
 class Shape:
-    """Model geometry of a benchmark run (Wan2.1-1.3B: README, Design; relaxkv_kernels/geometry.py)."""
+    """Model geometry of a benchmark run (Wan2.1-1.3B: docs/pages/design.md; relaxkv_kernels/geometry.py)."""
 
     name: str
     layers: int
@@ -149,7 +149,7 @@ def env_info(device: torch.device) -> dict:
 
 def plan_shape(plan) -> tuple:
     """What makes one chunk's host and device work differ from the next: the plan's sizes and the lengths of its
-    index lists (``plan.index``: a dataclass of lists; a dict of lists in trees before the cache restructure, which
+    index lists (``plan.index``: a dataclass of lists; a dict of lists in older trees, which
     ``bench_host.py --baseline`` measures)."""
     index = plan.index or {}
     items = index.items() if isinstance(index, dict) else vars(index).items()

@@ -1,4 +1,4 @@
-"""FP8 pools' error budget, measured: the README's "FP8 pools" error tables.
+"""FP8 pools' error budget, measured: the error tables of docs/pages/guides/fp8-pools.md.
 
     python benchmarks/fp8_budget.py [--chunks 20] [--part granularity|budget]   # CPU, reference ops, minutes
 

@@ -1,6 +1,6 @@
 """Head parallelism on paper: K/V bytes per rank and what the collectives move per chunk, Wan2.1-1.3B and Wan-14B.
 
-    python benchmarks/head_parallel.py    # the README's "Many GPUs" tables (markdown), computed here
+    python benchmarks/head_parallel.py    # the tables of docs/pages/guides/many-gpus.md (markdown), computed here
 
 Bytes per rank are ``KVCache.memory_bytes()`` of the cache one rank allocates (``num_heads / P`` heads; built on
 ``device="meta"``, so nothing is allocated): pools, prototypes, policy state, tables and the per-layer windows of

@@ -1,4 +1,5 @@
-"""K/V memory with FP8 pools against bf16 pools, per policy, Wan2.1-1.3B and Wan-14B: the README's FP8 table.
+"""K/V memory with FP8 pools against bf16 pools, per policy, Wan2.1-1.3B and Wan-14B (the memory
+table of docs/pages/guides/fp8-pools.md).
 
     python benchmarks/kv_memory.py    # the table (markdown), computed here
 
@@ -9,7 +10,7 @@ K and V pools (FP8: e4m3 codes plus one fp32 scale per row and head, ``pool_byte
 ``memory_bytes()``, which adds the prototypes, policy state, segment tables and the windows (bf16 either way);
 "per_call": the same with one window shared by every layer (``attention="per_call"``, the memory-tight mode).
 
-    python benchmarks/kv_memory.py --host    # the README's host-pool table: the GPU's share with pools in host memory
+    python benchmarks/kv_memory.py --host    # the GPU share with host pools (docs/pages/guides/host-pools.md)
 
 With ``pool_device="cpu"`` the pools and their scales are host bytes (``host_bytes()``) and the GPU keeps the rest
 (``device_bytes()``: windows, prototypes, policy state, tables), in the mode "auto" picks on CUDA for host pools.
@@ -30,8 +31,8 @@ from head_parallel import POLICIES
 from head_parallel import gib
 
 FP8 = torch.float8_e4m3fn
-TARGET = 0.53  # issue 17: pools + scales <= 0.53x the bf16 pools
-HOST_TARGETS = {"Wan2.1-1.3B": 2.0 * 2**30, "Wan-14B": 8.5 * 2**30}  # issue 24: a Relax cache's GPU bytes, host pools
+TARGET = 0.53  # pools + scales <= 0.53x the bf16 pools
+HOST_TARGETS = {"Wan2.1-1.3B": 2.0 * 2**30, "Wan-14B": 8.5 * 2**30}  # a Relax cache's GPU bytes, host pools
 
 
 def cuda_cache(model, policy: str, kv_dtype: torch.dtype | None, attention: str = "auto",

@@ -10,10 +10,10 @@
 #   bash benchmarks/run_gpu.sh                        # the default steps, most valuable first
 #   STEPS="build chunk" bash benchmarks/run_gpu.sh    # some steps; "sanitizer" is opt-in (minutes under the tools)
 #   CONFIGS=relax FULL=1 bash benchmarks/run_gpu.sh   # one chunk config; the full generator benchmark
-#   STEPS="build fp8" bash benchmarks/run_gpu.sh      # opt-in: FP8-pool chunk steps vs bf16 pools (issue 17), in
+#   STEPS="build fp8" bash benchmarks/run_gpu.sh      # opt-in: FP8-pool chunk steps vs bf16 pools, in
 #                                                     # the archive as chunk_wan_fp8.json; its targets in summary.txt
 #   STEPS="build host" bash benchmarks/run_gpu.sh     # opt-in: window chunk steps with host pools vs device pools and
-#                                                     # the staging vs the pinned copy bandwidth (issue 24), relax and
+#                                                     # the staging vs the pinned copy bandwidth, relax and
 #                                                     # pack, as chunk_wan_host.json; its targets in summary.txt
 #
 # After the run: copy the JSON/CSV/PNG that matter into benchmarks/results/, commit relaxkv_kernels/ops/dense_attention/tuning.json

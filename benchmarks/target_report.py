@@ -299,7 +299,7 @@ def report(targets: list[Target], policies, modes, kv_dtypes, chunks: int) -> li
 
 
 def summary(rows: list[dict], cuda: dict[str, list[dict]]) -> list[str]:
-    """The README's "Supported GPUs" table (markdown) from the rows of a run and the CUDA kernels' per target."""
+    """The table of docs/pages/supported-gpus.md (markdown) from the rows of a run and the CUDA kernels' per target."""
     lines = ["| target | GPUs | shared memory / block | FP8 pools | Triton launches compiled | hot path: max "
              "registers, spills, shared memory | attention configs kept (bf16 / FP8 pools) | CUDA kernels: max "
              "registers, spills | measured on hardware |", "|" + "---|" * 9]

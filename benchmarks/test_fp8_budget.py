@@ -1,5 +1,5 @@
 """benchmarks/fp8_budget.py and kv_memory.py: the FP8 error budget holds over whole tiny generator rollouts, and the
-README's FP8 and host-pool memory tables are what kv_memory.py computes now.
+memory tables of the docs' FP8 and host-pool pages are what kv_memory.py computes now.
 
 The bound (fp8_budget's docstring): with the same inputs, the attention output's error against a float32 cache is
 larger with FP8 pools than with bf16 pools (the pools really are FP8) and at most 2 x 16 times it (e4m3 keeps 4
@@ -18,6 +18,8 @@ from relaxkv_kernels.ops.fp8 import dequantize_fp8
 from relaxkv_kernels.ops.fp8 import quantize_fp8
 
 ROOT = Path(__file__).resolve().parents[1]
+FP8_PAGE = ROOT / "docs" / "pages" / "guides" / "fp8-pools.md"
+HOST_PAGE = ROOT / "docs" / "pages" / "guides" / "host-pools.md"
 BOUND = fp8_budget.STEP_RATIO * fp8_budget.SLACK
 
 
@@ -43,18 +45,18 @@ def test_granularity_quantizer_is_the_library_one():
     assert frame.shape == x.shape and not torch.equal(frame, x)
 
 
-def test_readme_memory_table_is_the_scripts():
+def test_docs_memory_table_is_the_scripts():
     table = kv_memory.markdown()
-    assert table in (ROOT / "README.md").read_text(), (
-        "README.md's FP8 memory table is stale: paste `python benchmarks/kv_memory.py` in")
+    assert table in FP8_PAGE.read_text(), (
+        f"{FP8_PAGE.relative_to(ROOT)}: the memory table is stale: paste `python benchmarks/kv_memory.py` in")
     for _, _, pools_bf16, pools_fp8, *_ in kv_memory.rows():
         assert pools_fp8 / pools_bf16 <= kv_memory.TARGET
 
 
-def test_readme_host_pool_table_is_the_scripts_and_meets_the_targets():
-    """Host pools (issue 24): a Relax cache keeps <= 2.0 GiB on the GPU at Wan2.1-1.3B and <= 8.5 GiB at Wan-14B."""
-    assert kv_memory.host_markdown() in (ROOT / "README.md").read_text(), (
-        "README.md's host-pool memory table is stale: paste `python benchmarks/kv_memory.py --host` in")
+def test_docs_host_pool_table_is_the_scripts_and_meets_the_targets():
+    """Host pools: a Relax cache keeps <= 2.0 GiB on the GPU at Wan2.1-1.3B and <= 8.5 GiB at Wan-14B."""
+    assert kv_memory.host_markdown() in HOST_PAGE.read_text(), (
+        f"{HOST_PAGE.relative_to(ROOT)}: the memory table is stale: paste `python benchmarks/kv_memory.py --host` in")
     rows = {(name, policy): sizes for name, policy, _, *sizes in kv_memory.host_rows()}
     for name, target in kv_memory.HOST_TARGETS.items():
         on_gpu, gpu_host_bf16, host_bf16, gpu_host_fp8, _ = rows[name, "relax"]

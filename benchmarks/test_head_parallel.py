@@ -1,15 +1,16 @@
-"""benchmarks/head_parallel.py: the README's "Many GPUs" tables are what the script computes now, and its model
+"""benchmarks/head_parallel.py: the tables of the docs' "Many GPUs" page are what the script computes now, and its model
 agrees with the caches it describes."""
 from pathlib import Path
 
 import head_parallel
 
 ROOT = Path(__file__).resolve().parents[1]
+PAGE = ROOT / "docs" / "pages" / "guides" / "many-gpus.md"
 
 
-def test_readme_tables_are_the_scripts():
-    assert head_parallel.markdown() in (ROOT / "README.md").read_text(), (
-        "README.md's Many GPUs tables are stale: paste `python benchmarks/head_parallel.py` in")
+def test_docs_tables_are_the_scripts():
+    assert head_parallel.markdown() in PAGE.read_text(), (
+        f"{PAGE.relative_to(ROOT)}: the tables are stale: paste `python benchmarks/head_parallel.py` in")
 
 
 def test_each_rank_holds_a_pth_of_the_pools():

@@ -1,8 +1,8 @@
 """Generation modes beyond text-to-video through relaxkv_gen's rollout and CLI: context frames (image-to-video, video
 extension).
 
-Semantics (README, "Generation modes"): the video starts with the given clean latent frames, bitwise. Each whole
-chunk of them is a context chunk (one clean pass at timestep 0, which commits their K/V at their positions); the
+Semantics (docs/pages/modes/image-to-video.md): the video starts with the given clean latent frames, bitwise. Each
+whole chunk of them is a context chunk (one clean pass at timestep 0, which commits their K/V at their positions); the
 rest (n mod U frames) opens the first generated chunk, where at every pass those frames are the given latents at
 timestep 0. The memory then treats them as any frame: later chunks attend to them (their outputs change when only
 the given frames change).

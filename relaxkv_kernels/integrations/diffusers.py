@@ -133,7 +133,8 @@ def cache_for(transformer, policy: MemoryPolicy, *, batch: int, height: int, wid
     ``device="meta"``, a dry run of its checks that allocates nothing."""
     if kvcache_kwargs.get("process_group") is not None:
         raise ValueError("attach: process_group is not supported: the processor hands the cache every head, with no "
-                         "all-to-all around it (several GPUs: relaxkv_gen's model under torchrun, README 'Many GPUs')")
+                         "all-to-all around it (several GPUs: relaxkv_gen's model under torchrun, "
+                         "docs/pages/guides/many-gpus.md)")
     cfg = transformer.config
     weight = transformer.blocks[0].attn1.to_q.weight
     kvcache_kwargs.setdefault("dtype", weight.dtype)

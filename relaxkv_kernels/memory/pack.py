@@ -45,7 +45,7 @@ class PackIndex:
 
 @dataclass(frozen=True)
 class PackMemory(MemoryPolicy):
-    """PackForcing memory (README, Design: PackForcing): full-resolution Sink and Recent, compressed top-k Mid blocks.
+    """PackForcing memory (docs/pages/design.md): full-resolution Sink and Recent, compressed top-k Mid blocks.
 
     Args:
         block_frames: B_f, the generation chunk and the memory unit (latent frames).

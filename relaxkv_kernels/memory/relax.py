@@ -1,6 +1,6 @@
 """Relax Forcing memory: Sink + one History frame chosen on the device from 4 candidates + Tail + current chunk.
 
-Semantics follow the official implementation (README, Design: Relax Forcing). Frames are addressed by
+Semantics follow the official implementation (docs/pages/design.md). Frames are addressed by
 their index in memory order (oldest first) in the planning rules, and by their cache slot in the plans.
 """
 from __future__ import annotations
@@ -109,7 +109,7 @@ class RelaxJob:
 
 @dataclass(frozen=True)
 class RelaxMemory(MemoryPolicy):
-    """Relax Forcing memory (README, Design: Relax Forcing): Sink + selected History + Tail + current chunk.
+    """Relax Forcing memory (docs/pages/design.md): Sink + selected History + Tail + current chunk.
 
     Args:
         sink, tail, history: S, T, H_sel. candidates: C. lam: lambda in r(h) = S(h) - lambda R(h).

@@ -7,7 +7,7 @@ the head dim. A power of two makes quantizing (``x / scale``) and dequantizing (
 fp32 operations, so the only rounding is e4m3's own (round to nearest even, 3 mantissa bits: relative
 error at most 2^-4 for normal codes): every backend writes bit-identical codes. Compared with the
 tightest scale ``amax / 448`` it keeps e4m3's relative precision and gives up less than one binade of
-range at the small end (README, FP8 pools, measures both).
+range at the small end (docs/pages/guides/fp8-pools.md measures both).
 
 Scales are computed from bits, as the kernels do: ``amax = f * 2^E`` with ``f`` in [1, 2);
 ``scale = 2^(E - 8)`` when ``f <= 1.75`` (448 = 1.75 * 2^8), else ``2^(E - 7)``; the exponent is clamped to

@@ -1,7 +1,7 @@
 """Segment-table flash attention: K/V read in place from the cache pools, temporal delta RoPE folded into Q.
 
 Keys of segment s were stored rotated at their write-time positions and must be rotated again by the
-segment's temporal shift ``delta`` (README, Design: delta RoPE). Rotations are orthogonal, so
+segment's temporal shift ``delta`` (docs/pages/design.md: delta RoPE). Rotations are orthogonal, so
 ``q . R(delta) k == R(-delta) q . k``: the kernel rotates its Q tile once per segment (BM x D work)
 instead of every K tile (length x D work), and never copies or re-rotates the cache. FP8 pools (a constexpr
 switch) are dequantized per tile right after the load (codes * scale of the row and head, fp32; the codes converted
