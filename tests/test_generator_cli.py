@@ -106,7 +106,7 @@ def no_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("generation started before the inputs were checked")
 
-    monkeypatch.setattr(cli, "rollout", refuse)
+    monkeypatch.setattr(cli, "collect", refuse)
 
 
 @pytest.mark.parametrize("args, message", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
@@ -289,7 +289,7 @@ def test_sigterm_is_one_line_and_status_143(tmp_path, capsys, monkeypatch):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler raises before this ends
 
-    monkeypatch.setattr(cli, "rollout", terminated)
+    monkeypatch.setattr(cli, "collect", terminated)
     assert _run_tiny(tmp_path / "a" / "out") == 143
     assert capsys.readouterr().err == "relaxkv-generate: terminated\n"
     assert list(tmp_path.iterdir()) == []
@@ -313,7 +313,7 @@ def test_overwrite_replaces_the_folder_as_a_whole(tmp_path, capsys):
 
 def test_overwrite_keeps_the_old_folder_when_the_run_fails(tmp_path, capsys, monkeypatch):
     old = _previous_run(tmp_path / "out")
-    monkeypatch.setattr(cli, "rollout", lambda *a, **k: (_ for _ in ()).throw(ValueError("failed mid-run")))
+    monkeypatch.setattr(cli, "collect", lambda *a, **k: (_ for _ in ()).throw(ValueError("failed mid-run")))
     assert _run_tiny(tmp_path / "out", "--overwrite") == 2
     assert capsys.readouterr().err == "relaxkv-generate: error: failed mid-run\n"
     assert _contents(tmp_path / "out") == old
@@ -328,7 +328,7 @@ def test_interrupt_is_one_line_and_status_130(tmp_path, capsys, monkeypatch, exi
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "rollout", interrupted)
+    monkeypatch.setattr(cli, "collect", interrupted)
     assert _run_tiny(out, *(["--overwrite"] if existing else [])) == 130
     captured = capsys.readouterr()
     assert captured.err == "relaxkv-generate: interrupted\n" and captured.out == ""
@@ -373,6 +373,47 @@ def test_ctrl_c_during_a_real_run(tmp_path, existing):
         assert _contents(out) == old and [p.name for p in work.iterdir()] == ["out"]
     else:
         assert not work.exists()  # made for the temporary folder, removed with it
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_endless_run_stops_and_writes_what_it_made(tmp_path, sig):
+    """--endless: generates until stopped; a SIGINT or SIGTERM once chunks are done ends it with status 0, one line
+    naming the chunks, and the outputs of those chunks (the chunk in progress dropped) moved into --out."""
+    out = tmp_path / "out"
+    log = tmp_path / "stderr.txt"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "relaxkv_gen", "--preset", "tiny", "--policy", "pack", "--endless", "--no-timing",
+             "--out", str(out)],
+            stdout=subprocess.PIPE, stderr=err, env=ENV, cwd=tmp_path,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            deadline = time.monotonic() + 180
+            while not re.search(rb"\b[2-9]\d*/\d+\b", log.read_bytes()):  # tqdm: "pack: ... | 2/4194304 [..."
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "no progress within 180 s: " + log.read_text()
+                time.sleep(0.1)
+            proc.send_signal(sig)
+            code = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    stderr = log.read_text()
+    assert code == 0, stderr
+    chunks = int(re.search(r"relaxkv-generate: stopped after (\d+) chunks\n", stderr).group(1))
+    assert chunks >= 2 and "Traceback" not in stderr
+    latents = torch.load(out / "latents_pack.pt", weights_only=True)
+    assert latents.shape[2] == 4 * chunks
+    report = json.loads((out / "report.json").read_text())
+    assert report["meta"]["endless"] and len(report["policies"]["pack"]["chunks"]) == chunks
+    assert b"wrote latents_pack.pt" in proc.stdout.read()
+    assert [p.name for p in tmp_path.iterdir() if p.name != "stderr.txt"] == ["out"]
+
+
+def test_endless_needs_one_policy(tmp_path, capsys):
+    assert cli.main(["--preset", "tiny", "--policy", "all", "--endless", "--out", str(tmp_path / "o")]) == 2
+    assert "--endless runs one policy in one process" in capsys.readouterr().err
 
 
 def test_rollout_imports_relaxkv_kernels_plainly():

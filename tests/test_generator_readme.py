@@ -28,6 +28,8 @@ EXPECT = {
     "docs/pages/guides/diffusers.md": (r"\(1, 45, 64, 64, 3\)\n\(1, 13, 64, 64, 3\)\n\(1, 16, 64, 64, 3\)\n"
                                        r"torch\.Size\(\[1, 16, 3, 8, 8\]\)", ["relax.mp4"]),
     "docs/pages/modes/image-to-video.md": (r"torch\.Size\(\[1, 16, 9, 8, 8\]\) True", []),
+    "docs/pages/modes/streams.md": (r"0 \(1, 16, 4, 8, 8\) True\n1 \(1, 16, 4, 8, 8\) True\n2 \(1, 16, 4, 8, 8\) True",
+                                    []),
     "docs/pages/modes/prompt-switches.md": (r"\[0, 0, 0, 3\] \[0, 1, 5, 6, 8\]", []),
 }
 

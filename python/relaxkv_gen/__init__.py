@@ -24,6 +24,7 @@ from .model import sinusoidal_embedding_1d
 from .model import unpatchify
 from .parallel import SequenceParallel
 from .rollout import POLICY_NAMES
+from .rollout import Rollout
 from .rollout import RolloutResult
 from .rollout import denoise_chunk
 from .rollout import make_cache
@@ -36,6 +37,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS", "ModelConfig", "get_preset", "CausalWanModel", "build_model", "sinusoidal_embedding_1d",
-    "unpatchify", "load_checkpoint", "FlowMatchSampler", "POLICY_NAMES", "RolloutResult", "denoise_chunk",
+    "unpatchify", "load_checkpoint", "FlowMatchSampler", "POLICY_NAMES", "Rollout", "RolloutResult", "denoise_chunk",
     "make_cache", "make_policy", "random_text", "rollout", "SequenceParallel", "__version__",
 ]

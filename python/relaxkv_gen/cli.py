@@ -51,11 +51,12 @@ from .report import plot_memory_map
 from .report import plot_report
 from .report import write_json
 from .rollout import POLICY_NAMES
+from .rollout import Rollout
 from .rollout import clock_label
+from .rollout import collect
 from .rollout import default_backend
 from .rollout import make_policy
 from .rollout import random_text
-from .rollout import rollout
 
 PROG = "relaxkv-generate"
 DEFAULT_CHUNKS = 7
@@ -165,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument("--chunks", type=positive_int,
                         help=f"chunks to generate per policy (default: {DEFAULT_CHUNKS})")
     length.add_argument("--seconds", type=seconds_float, help="video length at 16 fps, 4 video frames per latent frame")
+    length.add_argument("--endless", action="store_true",
+                        help="no fixed length: generate until Ctrl-C or SIGTERM (or the longest video), then write "
+                             "what was generated and exit 0; the cache's memory stays constant (one policy, one "
+                             "process)")
     p.add_argument("--backend", choices=["reference", "fused"],
                    help="KV memory backend (default: fused on CUDA, else reference)")
     p.add_argument("--device", type=device_arg, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
@@ -283,6 +288,8 @@ def load_text_embeds(path: Path, cfg, batch: int) -> torch.Tensor:
 
 def plan_chunks(args, chunk_frames: int) -> int:
     """Chunks of ``chunk_frames`` latent frames for ``--chunks`` / ``--seconds``; ValueError past MAX_LATENT_FRAMES."""
+    if args.endless:
+        return MAX_LATENT_FRAMES // chunk_frames
     if args.seconds is not None:
         n = math.ceil(latent_frames_for_seconds(args.seconds) / chunk_frames)
     else:
@@ -396,6 +403,8 @@ def run_ranks(args, cfg, device: torch.device, group) -> int:
         raise ValueError("--backend fused on the CPU needs triton, run under TRITON_INTERPRET=1 (set before triton "
                          "is imported); use --backend reference")
     policies = list(POLICY_NAMES) if args.policy == "all" else [args.policy]
+    if args.endless and (len(policies) > 1 or group is not None):
+        raise ValueError("--endless runs one policy in one process (a stop ends the run): pick --policy, no torchrun")
     chunks = {name: plan_chunks(args, int(make_policy(name).chunk_frames)) for name in policies}
     if group is not None:
         for name in policies:
@@ -475,10 +484,11 @@ def generate(args, cfg, staging: Path | None, *, device, dtype, backend, policie
     results = []
     kv_dtype = KV_DTYPES.get(args.kv_dtype)
     for name in policies:
-        results.append(rollout(model, name, text, num_chunks=chunks[name], seed=args.seed, backend=backend,
-                               timing=not args.no_timing, progress=staging is not None and not args.no_progress,
-                               process_group=group, kv_dtype=kv_dtype, pool_device=pool_device(args),
-                               context=first, prompts=schedule or None, recache=args.recache))
+        run = Rollout(model, name, text, num_chunks=chunks[name], seed=args.seed, backend=backend,
+                      timing=not args.no_timing, progress=staging is not None and not args.no_progress,
+                      process_group=group, kv_dtype=kv_dtype, pool_device=pool_device(args), context=first,
+                      prompts=schedule or None, recache=args.recache)
+        results.append(collect(run, lambda count: until_stopped(args.endless, count)))
     if staging is None:
         return []
     report = build_report(results, {
@@ -488,7 +498,7 @@ def generate(args, cfg, staging: Path | None, *, device, dtype, backend, policie
         "timing": "off" if args.no_timing else clock_label(device), "passes_per_chunk": 5, "ranks": ranks,
         "kv_dtype": str(kv_dtype or dtype).replace("torch.", ""), "pools": args.pools,
         "first_latent": None if first is None else {"path": str(args.first_latent), "frames": first.shape[2]},
-        "prompt_schedule": args.prompt_schedule, "recache": args.recache,
+        "prompt_schedule": args.prompt_schedule, "recache": args.recache, "endless": args.endless,
     })
     if not args.no_timing:
         print(format_timing_table(report))
@@ -520,12 +530,13 @@ def generate_with_diffusers(args, cfg, staging: Path, *, device, dtype, backend,
             (str(args.text_embeds) if args.text_embeds else f"random (seed {args.seed})"),
             "kv_dtype": str(KV_DTYPES.get(args.kv_dtype, dtype)).replace("torch.", ""), "pools": args.pools,
             "image": None if args.image is None else str(args.image), "prompt_schedule": args.prompt_schedule,
-            "recache": args.recache}
+            "recache": args.recache, "endless": args.endless}
     return write_videos(pipe, cfg, staging, policies=policies, chunks=chunks, text=text, seed=args.seed,
                         backend=backend, progress=not args.no_progress, info=info,
                         kv_dtype=KV_DTYPES.get(args.kv_dtype), pool_device=pool_device(args),
                         image=None if args.image is None else load_image(args.image),
-                        prompt_schedule=schedule or None, recache=args.recache)
+                        prompt_schedule=schedule or None, recache=args.recache,
+                        until_stopped=lambda count: until_stopped(args.endless, count))
 
 
 def out_of_memory(exc: BaseException) -> bool:
@@ -540,6 +551,18 @@ class Terminated(Exception):
 
 def _terminate(signum, frame):
     raise Terminated
+
+
+@contextlib.contextmanager
+def until_stopped(endless: bool, count):
+    """``--endless``: a Ctrl-C or SIGTERM inside ends the run's loop, not the run, once ``count()`` chunks are done
+    (a line says how many; the chunk in progress is dropped); otherwise, or with none done, they go on up."""
+    try:
+        yield
+    except (KeyboardInterrupt, Terminated):
+        if not endless or not count():
+            raise
+        print(f"{PROG}: stopped after {count()} chunks", file=sys.stderr)
 
 
 def main(argv=None) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import time
 from collections import defaultdict
@@ -376,95 +377,149 @@ def rollout(
         and ``recached_frames`` (re-computed before it, in ``time_ms``) and, with ``timing``, ``timing_ms``:
         every section and ``"chunk"`` (:data:`CHUNK_SECTION`) on the timer's clock.
     """
-    check_count("num_chunks", num_chunks)
-    if recache not in rk.RECACHE:
-        raise ValueError(f"recache: expected one of {list(rk.RECACHE)}, got {recache!r}")
-    cfg = model.cfg
-    param = next(model.parameters())
-    device, dtype = param.device, param.dtype
-    sampler = sampler or FlowMatchSampler.create()
-    policy = make_policy(policy_name)
-    u = int(policy.chunk_frames)
-    parallel = None if process_group is None else SequenceParallel(process_group)
-    if parallel is not None:
-        check_ranks(cfg, u, parallel.size)  # the same ValueError on every rank, before any collective
-    text_states = model.embed_text(text)
-    batch = text_states.shape[0]
-    shape = (batch, cfg.in_dim, u, cfg.latent_height, cfg.latent_width)
-    given = context_chunks(context, u, batch, shape, device, dtype)  # checked before the cache is made
-    whole = sum(g.shape[2] == u for g in given)  # context chunks, before the num_chunks generated ones
-    schedule = {chunk: model.embed_text(states)
-                for chunk, states in text_schedule(prompts, text, whole + num_chunks).items()}
-    if parallel is not None and recache != "none" and len(schedule) > 1:
-        check_ranks(cfg, 1, parallel.size)  # a rewrite may take one frame
-    cache = make_cache(model, policy, batch, backend, process_group, kv_dtype, pool_device=pool_device)
-    gen = torch.Generator().manual_seed(seed)
+    check_count("num_chunks", num_chunks)  # a finite rollout (Rollout(num_chunks=None) streams without end)
+    run = Rollout(model, policy_name, text, num_chunks=num_chunks, seed=seed, backend=backend, sampler=sampler,
+                  timing=timing, progress=progress, process_group=process_group, kv_dtype=kv_dtype,
+                  pool_device=pool_device, context=context, prompts=prompts, recache=recache)
+    return collect(run)
 
-    def noise():
-        return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
 
-    timer = SectionTimer(device) if timing else None
-    if timer is not None:
-        cache.profiler = timer.section
-
-    sharded = {} if parallel is None else {"parallel": parallel}  # one process: the model called as before
-
-    prompt = 0
-
-    def forward(x, t, _pass):
-        return model(x, t, schedule[prompt], cache, timer, **sharded)
-
-    def latents(frames):
-        return torch.stack([outputs[fr // u][:, :, fr % u] for fr in frames], dim=2).to(device)
-
-    result = RolloutResult(policy=policy_name, latents=None, chunk_frames=u,
-                           memory=memory_summary(model, policy, batch, cache))
+def collect(run: "Rollout", stop: Callable[[Callable[[], int]], contextlib.AbstractContextManager] | None = None
+            ) -> RolloutResult:
+    """``run``'s chunks, generated, in a :class:`RolloutResult`. ``stop``: given a function counting the chunks done, a
+    context manager around the loop (one that ends it early without an error keeps the chunks done)."""
+    result = RolloutResult(policy=run.policy_name, latents=None, chunk_frames=run.chunk_frames, memory=run.memory)
     outputs = []
-    bar = progress_bar(range(whole + num_chunks), policy_name, progress)
-    try:
-        for i in bar:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            recached = []
-            with timer.section(CHUNK_SECTION) if timer is not None else contextlib.nullcontext():
-                if i in schedule and i:
-                    prompt = i
-                    recached = run_recache(cache, recache, latents, forward, batch, device)
-                cache.begin_chunk()
-                x0 = denoise_chunk(forward, sampler, noise, batch, u, device, given[i] if i < len(given) else None)
-                cache.end_chunk()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            elapsed_ms = 1e3 * (time.perf_counter() - t0)
-            plan = cache.last_plan
-            record = {
-                "chunk": i,
-                "start_frame": i * u,
-                "frames": u,
-                "context_frames": given[i].shape[2] if i < len(given) else 0,
-                "prompt": prompt,
-                "recached_frames": recached,
-                "time_ms": elapsed_ms,
-                "kv_bytes": int(cache.memory_bytes()),
-                "kv_live_bytes": int(cache.live_bytes()),
-                "plan": to_jsonable(plan),
-                # the chunk's work, which tells warm-up chunks from steady ones (report.steady_chunks)
-                "keys_attended": int(plan.total_keys()),
-                "selects": bool(plan.selects),
-                "selected_frames": to_jsonable(cache.selected_frames()),  # reads the device table: after the chunk
-            }
-            if timer is not None:
-                record["timing_ms"] = timer.collect()
+    with contextlib.nullcontext() if stop is None else stop(lambda: len(outputs)):
+        for record, x0 in run:
             result.chunks.append(record)
-            outputs.append(x0.cpu())
-            if progress:
-                bar.set_postfix(ms=f"{elapsed_ms:.0f}", kv_mib=f"{record['kv_bytes'] / 2**20:.1f}")
-    finally:
-        if progress:
-            bar.close()  # ends the bar's line, on an interrupt too, so what is printed next starts a line
+            outputs.append(x0)
     result.latents = torch.cat(outputs, dim=2)
     return result
+
+
+class HeldLatents:
+    """The latents of the frames a cache holds at full resolution, what a re-cache reads (:func:`run_recache`'s
+    ``latents``): :meth:`add` each chunk's after it ends (``keep`` False: none kept, no re-cache will run)."""
+
+    def __init__(self, cache: rk.KVCache, keep: bool):
+        self.cache, self.keep, self.frames = cache, keep, {}
+
+    def add(self, chunk: int, x0: torch.Tensor) -> None:
+        """Chunk ``chunk``'s latents [B, C, U, H, W]; the frames the cache no longer holds go."""
+        if self.keep:
+            u = x0.shape[2]
+            self.frames.update((chunk * u + i, x0[:, :, i]) for i in range(u))
+            self.frames = {fr: self.frames[fr] for fr in self.cache.held_frames()}
+
+    def __call__(self, frames: list[int]) -> torch.Tensor:
+        return torch.stack([self.frames[fr] for fr in frames], dim=2)
+
+
+class Rollout:
+    """The chunks of a rollout, generated as they are iterated: ``for record, latents in Rollout(...)`` yields each
+    chunk's record and latents [B, 16, U, H, W] (on the CPU), as :func:`rollout` collects them.
+
+    Arguments as :func:`rollout`'s, checked at construction (ValueError / TypeError before any work), where the cache
+    is made too; ``num_chunks`` None: no end, until the caller stops iterating. Attributes: ``cache``, ``memory``
+    (:func:`memory_summary`), ``chunk_frames`` (U).
+    """
+
+    def __init__(self, model: CausalWanModel, policy_name: str, text: torch.Tensor, *, num_chunks: int | None,
+                 seed: int = 0, backend: str = "reference", sampler: FlowMatchSampler | None = None,
+                 timing: bool = True, progress: bool = False, process_group=None,
+                 kv_dtype: torch.dtype | None = None, pool_device=None, context: torch.Tensor | None = None,
+                 prompts: dict[int, torch.Tensor] | None = None, recache: str = "none"):
+        if num_chunks is not None:
+            check_count("num_chunks", num_chunks)
+        if recache not in rk.RECACHE:
+            raise ValueError(f"recache: expected one of {list(rk.RECACHE)}, got {recache!r}")
+        cfg = model.cfg
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.model, self.policy_name, self.seed, self.progress = model, policy_name, seed, progress
+        self.sampler = sampler or FlowMatchSampler.create()
+        policy = make_policy(policy_name)
+        self.chunk_frames = u = int(policy.chunk_frames)
+        self.parallel = None if process_group is None else SequenceParallel(process_group)
+        if self.parallel is not None:
+            check_ranks(cfg, u, self.parallel.size)  # the same ValueError on every rank, before any collective
+        self.batch = batch = model.embed_text(text).shape[0]
+        self.shape = (batch, cfg.in_dim, u, cfg.latent_height, cfg.latent_width)
+        self.given = context_chunks(context, u, batch, self.shape, self.device, self.dtype)  # before the cache
+        whole = sum(g.shape[2] == u for g in self.given)  # context chunks, before the num_chunks generated ones
+        self.total = None if num_chunks is None else whole + num_chunks
+        self.schedule = {chunk: model.embed_text(states)
+                         for chunk, states in text_schedule(prompts, text, self.total).items()}
+        self.recache = recache
+        if self.parallel is not None and recache != "none" and len(self.schedule) > 1:
+            check_ranks(cfg, 1, self.parallel.size)  # a rewrite may take one frame
+        self.cache = make_cache(model, policy, batch, backend, process_group, kv_dtype, pool_device=pool_device)
+        self.timer = SectionTimer(self.device) if timing else None
+        if self.timer is not None:
+            self.cache.profiler = self.timer.section
+        self.memory = memory_summary(model, policy, batch, self.cache)
+
+    def __iter__(self):
+        model, cache, timer, device, u, batch = (self.model, self.cache, self.timer, self.device, self.chunk_frames,
+                                                 self.batch)
+        gen = torch.Generator().manual_seed(self.seed)
+
+        def noise():
+            return torch.randn(self.shape, generator=gen).to(device=device, dtype=self.dtype)
+
+        sharded = {} if self.parallel is None else {"parallel": self.parallel}  # one process: the model as before
+        prompt = 0
+
+        def forward(x, t, _pass):
+            return model(x, t, self.schedule[prompt], cache, timer, **sharded)
+
+        held = HeldLatents(cache, self.recache != "none" and len(self.schedule) > 1)
+        chunks = itertools.count() if self.total is None else range(self.total)
+        bar = progress_bar(chunks, self.policy_name, self.progress)
+        try:
+            for i in bar:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                recached = []
+                given = self.given[i] if i < len(self.given) else None
+                with timer.section(CHUNK_SECTION) if timer is not None else contextlib.nullcontext():
+                    if i in self.schedule and i:
+                        prompt = i
+                        recached = run_recache(cache, self.recache, held, forward, batch, device)
+                    cache.begin_chunk()
+                    x0 = denoise_chunk(forward, self.sampler, noise, batch, u, device, given)
+                    cache.end_chunk()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                elapsed_ms = 1e3 * (time.perf_counter() - t0)
+                plan = cache.last_plan
+                record = {
+                    "chunk": i,
+                    "start_frame": i * u,
+                    "frames": u,
+                    "context_frames": 0 if given is None else given.shape[2],
+                    "prompt": prompt,
+                    "recached_frames": recached,
+                    "time_ms": elapsed_ms,
+                    "kv_bytes": int(cache.memory_bytes()),
+                    "kv_live_bytes": int(cache.live_bytes()),
+                    "plan": to_jsonable(plan),
+                    # the chunk's work, which tells warm-up chunks from steady ones (report.steady_chunks)
+                    "keys_attended": int(plan.total_keys()),
+                    "selects": bool(plan.selects),
+                    "selected_frames": to_jsonable(cache.selected_frames()),  # reads the device table: after the chunk
+                }
+                if timer is not None:
+                    record["timing_ms"] = timer.collect()
+                held.add(i, x0)
+                if self.progress:
+                    bar.set_postfix(ms=f"{elapsed_ms:.0f}", kv_mib=f"{record['kv_bytes'] / 2**20:.1f}")
+                yield record, x0.cpu()
+        finally:
+            if self.progress:
+                bar.close()  # ends the bar's line, on an interrupt too, so what is printed next starts a line
 
 
 def progress_bar(it, desc: str, enabled: bool, unit: str = "chunk"):

@@ -8,6 +8,7 @@ as the chunks are decoded, so a long video never sits in memory; ``report.json``
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -96,11 +97,12 @@ def video_names(policy: str, batch: int) -> list[str]:
 def write_videos(pipe: ChunkwiseWanPipeline, cfg: ModelConfig, staging: Path, *, policies: list[str],
                  chunks: dict[str, int], text: dict, seed: int, backend: str, progress: bool, info: dict,
                  kv_dtype: torch.dtype | None = None, pool_device=None, image=None, prompt_schedule: dict | None = None,
-                 recache: str = "none") -> list[str]:
+                 recache: str = "none", until_stopped=None) -> list[str]:
     """Generate each policy's videos into ``staging`` (mp4s written as the chunks come) and ``report.json``;
     returns the names written. ``text``: ``{"prompt": [...]}`` or ``{"prompt_embeds": [B, L, text_dim]}``;
     ``image``: the first frame of every video, ``prompt_schedule`` and ``recache``: prompt switches
-    (``ChunkwiseWanPipeline.stream``'s)."""
+    (``ChunkwiseWanPipeline.stream``'s). ``until_stopped(count)``: a context manager around each policy's loop given
+    a function that counts its chunks done (the CLI's ``--endless`` stop), or None."""
     import imageio
 
     report = {**info, "fps": VIDEO_FPS, "policies": {}}
@@ -110,29 +112,31 @@ def write_videos(pipe: ChunkwiseWanPipeline, cfg: ModelConfig, staging: Path, *,
         writers = [imageio.get_writer(staging / name, fps=VIDEO_FPS, codec="libx264", quality=5,
                                       macro_block_size=16) for name in files]
         records = []
-        try:
-            start = time.perf_counter()
-            for i, frames in enumerate(pipe.stream(**text, policy=policy, num_chunks=chunks[policy],
-                                                   height=cfg.latent_height * PIXELS_PER_LATENT,
-                                                   width=cfg.latent_width * PIXELS_PER_LATENT,
-                                                   generator=torch.Generator().manual_seed(seed), output_type="np",
-                                                   max_sequence_length=cfg.text_len, backend=backend,
-                                                   progress=progress, kv_dtype=kv_dtype,
-                                                   pool_device=pool_device, image=image,
-                                                   prompt_schedule=prompt_schedule, recache=recache)):
-                for writer, video in zip(writers, frames):  # [frames, H, W, 3] in [0, 1]
-                    for frame in video:
-                        writer.append_data(np.round(frame * 255).astype(np.uint8))
-                now = time.perf_counter()
-                records.append({"chunk": i, "video_frames": int(frames.shape[1]), "time_ms": 1e3 * (now - start),
-                                "kv_bytes": int(pipe.kv_cache.memory_bytes()),
-                                "device_bytes": int(pipe.kv_cache.device_bytes()),
-                                "host_bytes": int(pipe.kv_cache.host_bytes()),
-                                "selected_frames": pipe.kv_cache.selected_frames()})
-                start = now
-        finally:
-            for writer in writers:
-                writer.close()
+        stop = contextlib.nullcontext() if until_stopped is None else until_stopped(lambda: len(records))
+        with stop:  # the CLI's --endless: a stop ends the loop (the writers closed first)
+            try:
+                start = time.perf_counter()
+                for i, frames in enumerate(pipe.stream(**text, policy=policy, num_chunks=chunks[policy],
+                                                       height=cfg.latent_height * PIXELS_PER_LATENT,
+                                                       width=cfg.latent_width * PIXELS_PER_LATENT,
+                                                       generator=torch.Generator().manual_seed(seed), output_type="np",
+                                                       max_sequence_length=cfg.text_len, backend=backend,
+                                                       progress=progress, kv_dtype=kv_dtype,
+                                                       pool_device=pool_device, image=image,
+                                                       prompt_schedule=prompt_schedule, recache=recache)):
+                    for writer, video in zip(writers, frames):  # [frames, H, W, 3] in [0, 1]
+                        for frame in video:
+                            writer.append_data(np.round(frame * 255).astype(np.uint8))
+                    now = time.perf_counter()
+                    records.append({"chunk": i, "video_frames": int(frames.shape[1]), "time_ms": 1e3 * (now - start),
+                                    "kv_bytes": int(pipe.kv_cache.memory_bytes()),
+                                    "device_bytes": int(pipe.kv_cache.device_bytes()),
+                                    "host_bytes": int(pipe.kv_cache.host_bytes()),
+                                    "selected_frames": pipe.kv_cache.selected_frames()})
+                    start = now
+            finally:
+                for writer in writers:
+                    writer.close()
         cache = pipe.kv_cache
         report["policies"][policy] = {"videos": files, "video_frames": sum(r["video_frames"] for r in records),
                                       "chunks": records, "memory": {

@@ -61,6 +61,7 @@ from relaxkv_kernels.integrations.diffusers import attached_cache
 from relaxkv_kernels.integrations.diffusers import cache_for
 from relaxkv_kernels.integrations.diffusers import detach
 
+from ..rollout import HeldLatents
 from ..rollout import check_count
 from ..rollout import context_chunks
 from ..rollout import denoise_chunk
@@ -426,8 +427,6 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
             step = t.repeat_interleave(tokens, dim=1) if per_token[0] else t[:, 0]
             return transformer(hidden_states=x, timestep=step, encoder_hidden_states=text).sample
 
-        held = {}  # frame -> latents [B, C, h, w] of the frames the memory holds, for a re-cache
-        keep = recache != "none" and len(texts) > 1
 
         if attached_cache(transformer) is not None:
             raise RuntimeError("ChunkwiseWanPipeline: the transformer already has a KV cache attached (another "
@@ -436,6 +435,7 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
         self.kv_cache = attach(transformer, policy, batch=batch, height=latent_h // 2, width=latent_w // 2,
                                backend=backend, device=device, dtype=dtype, kv_dtype=kv_dtype,
                                pool_device=pool_device)
+        held = HeldLatents(self.kv_cache, recache != "none" and len(texts) > 1)
         whole = sum(g.shape[2] == frames for g in given)  # context chunks, then the generated ones
         total = None if num_chunks is None else whole + num_chunks
         bar = self.progress_bar(total=total) if progress else None
@@ -444,15 +444,12 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
                 chunk_given = given[i] if i < len(given) else None
                 if i in texts and i:
                     text = texts[i]
-                    run_recache(self.kv_cache, recache, lambda fr: torch.stack([held[f] for f in fr], dim=2),
-                                forward, batch, device)
+                    run_recache(self.kv_cache, recache, held, forward, batch, device)
                 per_token[0] = chunk_given is not None and chunk_given.shape[2] < frames
                 self.kv_cache.begin_chunk()
                 x0 = denoise_chunk(forward, sampler, noise, batch, frames, device, chunk_given)  # [B, 16, U, h, w]
                 self.kv_cache.end_chunk()
-                if keep:
-                    held.update((i * frames + u, x0[:, :, u]) for u in range(frames))
-                    held = {f: held[f] for f in self.kv_cache.held_frames()}
+                held.add(i, x0)
                 if decoder is None:
                     yield x0
                 else:
