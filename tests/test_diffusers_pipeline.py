@@ -469,6 +469,18 @@ def test_cli_image_to_video(folder, tmp_path, capsys):
     assert "image: expected 64 x 64 pixels (the video's height x width), got 32 x 64" in capsys.readouterr().err
 
 
+def test_cli_prompt_schedule_with_recache(folder, tmp_path, capsys):
+    """relaxkv-generate --diffusers FOLDER --prompt-schedule CHUNK:FILE --recache: the stream switches text and
+    re-caches (report.json records both); the video is as long as without a switch."""
+    torch.save(random_text(CFG, 1, 3)[0], tmp_path / "b.pt")
+    out = tmp_path / "out"
+    assert main(["--preset", "tiny", "--diffusers", str(folder), "--policy", "relax", "--chunks", "3", "--no-progress",
+                 "--prompt-schedule", f"2:{tmp_path / 'b.pt'}", "--recache", "recent", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["prompt_schedule"] == {"2": str(tmp_path / "b.pt")} and report["recache"] == "recent"
+    assert imageio.v3.imread(out / "video_relax.mp4").shape[0] == video_frames(9)
+
+
 def test_cli_pipeline_casts_the_transformer_without_diffusers_fp32_warning(folder):
     """relaxkv-generate --diffusers runs the whole transformer in --dtype on purpose (as relaxkv_gen's model):
     diffusers' "should be kept in float32" warning is silenced for that cast, and diffusers' verbosity is as it was."""
