@@ -338,6 +338,32 @@ def test_interrupt_is_one_line_and_status_130(tmp_path, capsys, monkeypatch, exi
         assert list(tmp_path.iterdir()) == []  # the temporary folder and the parent made for it are gone
 
 
+def _signal_after_progress(args: list[str], tmp_path: Path, progress: bytes, sig) -> tuple[int, str, bytes]:
+    """``python -m relaxkv_gen --preset tiny ARGS`` run in ``tmp_path``, sent ``sig`` once its stderr matches
+    ``progress`` (tqdm's count of finished chunks); returns its status, stderr (also in tmp_path/stderr.txt) and
+    stdout."""
+    log = tmp_path / "stderr.txt"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "relaxkv_gen", "--preset", "tiny", *args],
+            stdout=subprocess.PIPE, stderr=err, env=ENV, cwd=tmp_path,
+            # a shell's background job inherits SIGINT ignored; the CLI under test must get the default
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            deadline = time.monotonic() + 180
+            while not re.search(progress, log.read_bytes()):
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "no progress within 180 s: " + log.read_text()
+                time.sleep(0.1)
+            proc.send_signal(sig)
+            code = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return code, log.read_text(), proc.stdout.read()
+
+
 @pytest.mark.parametrize("existing", [False, True], ids=["new-out", "existing-out-overwrite"])
 def test_ctrl_c_during_a_real_run(tmp_path, existing):
     """SIGINT to ``python -m relaxkv_gen`` once its progress bar shows a finished chunk: status 130, the last
@@ -345,30 +371,12 @@ def test_ctrl_c_during_a_real_run(tmp_path, existing):
     work = tmp_path / "work"
     out = work / "out"
     old = _previous_run(out) if existing else None
-    log = tmp_path / "stderr.txt"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "relaxkv_gen", "--preset", "tiny", "--policy", "relax", "--chunks", "400",
-             "--no-timing", "--out", str(out), *(["--overwrite"] if existing else [])],
-            stdout=subprocess.PIPE, stderr=err, env=ENV, cwd=tmp_path,
-            # a shell's background job inherits SIGINT ignored; the CLI under test must get the default
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        try:
-            deadline = time.monotonic() + 180
-            while not re.search(rb"\b[1-9]\d*/400\b", log.read_bytes()):  # tqdm: "relax: ... | 1/400 [..."
-                assert proc.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, "no progress within 180 s: " + log.read_text()
-                time.sleep(0.1)
-            proc.send_signal(signal.SIGINT)
-            code = proc.wait(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    stderr = log.read_text()
+    code, stderr, stdout = _signal_after_progress(
+        ["--policy", "relax", "--chunks", "400", "--no-timing", "--out", str(out),
+         *(["--overwrite"] if existing else [])], tmp_path, rb"\b[1-9]\d*/400\b", signal.SIGINT)
     assert code == 130, stderr
     assert stderr.endswith("\nrelaxkv-generate: interrupted\n") and "Traceback" not in stderr, stderr[-2000:]
-    assert proc.stdout.read() == b""
+    assert stdout == b""
     if existing:
         assert _contents(out) == old and [p.name for p in work.iterdir()] == ["out"]
     else:
@@ -380,26 +388,8 @@ def test_endless_run_stops_and_writes_what_it_made(tmp_path, sig):
     """--endless: generates until stopped; a SIGINT or SIGTERM once chunks are done ends it with status 0, one line
     naming the chunks, and the outputs of those chunks (the chunk in progress dropped) moved into --out."""
     out = tmp_path / "out"
-    log = tmp_path / "stderr.txt"
-    with open(log, "wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "relaxkv_gen", "--preset", "tiny", "--policy", "pack", "--endless", "--no-timing",
-             "--out", str(out)],
-            stdout=subprocess.PIPE, stderr=err, env=ENV, cwd=tmp_path,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        try:
-            deadline = time.monotonic() + 180
-            while not re.search(rb"\b[2-9]\d*/\d+\b", log.read_bytes()):  # tqdm: "pack: ... | 2/4194304 [..."
-                assert proc.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, "no progress within 180 s: " + log.read_text()
-                time.sleep(0.1)
-            proc.send_signal(sig)
-            code = proc.wait(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    stderr = log.read_text()
+    code, stderr, stdout = _signal_after_progress(["--policy", "pack", "--endless", "--no-timing", "--out", str(out)],
+                                                  tmp_path, rb"\b[2-9]\d*/\d+\b", sig)
     assert code == 0, stderr
     chunks = int(re.search(r"relaxkv-generate: stopped after (\d+) chunks\n", stderr).group(1))
     assert chunks >= 2 and "Traceback" not in stderr
@@ -407,7 +397,7 @@ def test_endless_run_stops_and_writes_what_it_made(tmp_path, sig):
     assert latents.shape[2] == 4 * chunks
     report = json.loads((out / "report.json").read_text())
     assert report["meta"]["endless"] and len(report["policies"]["pack"]["chunks"]) == chunks
-    assert b"wrote latents_pack.pt" in proc.stdout.read()
+    assert b"wrote latents_pack.pt" in stdout
     assert [p.name for p in tmp_path.iterdir() if p.name != "stderr.txt"] == ["out"]
 
 
