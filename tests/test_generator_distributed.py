@@ -43,6 +43,7 @@ TINY_4_HEADS = dataclasses.replace(TINY, name="tiny-4-heads", num_heads=4)  # he
 SMALL_PACK = rk.PackMemory(sink_frames=4, top_k=1, archive=4)
 POLICIES = ("dense", "relax", "pack")
 CHUNKS = 6  # relax selects from chunk 2, the small pack from chunk 3
+SWITCH = 4  # a prompt switch with a re-cache of every frame chunk 4 attends (head-parallel rewrites, prototypes)
 PASSES_PER_CHUNK = 5
 GROUP_TIMEOUT = datetime.timedelta(seconds=60)  # a collective waiting on a stopped rank fails after this
 JOIN_TIMEOUT_S = 90.0  # every rank of a spawn reports within this, or the test fails (no hang)
@@ -81,7 +82,8 @@ def _worker(rank: int, size: int, store: str, results, cfg, policies, fail_chunk
         text = random_text(cfg, 1, 0)
         outputs = {}
         for name in policies:
-            res = rollout(model, name, text, num_chunks=CHUNKS, timing=False, process_group=dist.group.WORLD)
+            res = rollout(model, name, text, num_chunks=CHUNKS, timing=False, process_group=dist.group.WORLD,
+                          prompts={SWITCH: random_text(cfg, 1, 1)}, recache="attended")
             cache = make_cache(model, _policy(name), 1, process_group=dist.group.WORLD)
             outputs[name] = {"latents": res.latents.numpy(), "selected": [c["selected_frames"] for c in res.chunks],
                              "k": cache.storage.k.numel(), "v": cache.storage.v.numel()}
@@ -109,11 +111,13 @@ def small_pack(monkeypatch):
 @pytest.mark.parametrize("size, cfg", [(2, TINY), (4, TINY_4_HEADS)], ids=["2-ranks", "4-ranks-4-heads"])
 def test_rollouts_match_one_process(size, cfg, small_pack, tmp_path):
     """Every rank ends with the single-process latents and selections (relax: chunks of 48 tokens, so a
-    rank's range cuts frames; pack: 64, whole frames), with 1/P of its K/V pools."""
+    rank's range cuts frames; pack: 64, whole frames), with 1/P of its K/V pools; a prompt switch re-caches alike."""
     ranks = _spawn(tmp_path, size, cfg, POLICIES)
     model, text = build_model(cfg, seed=0), random_text(cfg, 1, 0)
     for name in POLICIES:
-        one = rollout(model, name, text, num_chunks=CHUNKS, timing=False)
+        one = rollout(model, name, text, num_chunks=CHUNKS, timing=False, prompts={SWITCH: random_text(cfg, 1, 1)},
+                      recache="attended")
+        assert one.chunks[SWITCH]["recached_frames"], name
         cache = make_cache(model, _policy(name), 1)
         selected = [c["selected_frames"] for c in one.chunks]
         if name != "dense":
