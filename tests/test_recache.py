@@ -259,3 +259,24 @@ def test_cli_prompt_schedule(model, tmp_path, capsys):
         assert main(["--preset", "tiny", "--chunks", "2", "--no-progress", "--out", str(tmp_path / "e"), *args]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "e").exists()
+
+
+def test_a_rewrite_leaves_a_captured_chunks_buffers(model):
+    """After a capture (cache.capture()), a rewrite between chunks uses buffers of its own: the chunk plan's index
+    tensors and segment table keep their storage, and the next begin_chunk accepts the plan as the captured one."""
+    cache, latents = _generate(model, "relax", 5, attention="window")
+    text = model.embed_text(random_text(CFG, 1, 0))
+    x, t = latents[:, :, -3:], torch.zeros(1, 3)
+    cache.begin_chunk()
+    with cache.capture():
+        model(x, t, text, cache)
+    cache.end_chunk()
+    latents = torch.cat([latents, x], dim=2)  # chunk 5's frames: what the re-cache reads for them
+    plan = cache.device_plan
+    buffers = [plan.seg, plan.frame_slot, plan.frame_pos, *vars(plan.index).values()]
+    pointers = [b.data_ptr() for b in buffers]
+    run_recache(cache, "attended", lambda fr: latents[:, :, fr], lambda x, t, _: model(x, t, text, cache), 1, "cpu")
+    cache.begin_chunk()
+    assert [b.data_ptr() for b in [plan.seg, plan.frame_slot, plan.frame_pos, *vars(plan.index).values()]] == pointers
+    model(x, t, text, cache)
+    cache.end_chunk()
