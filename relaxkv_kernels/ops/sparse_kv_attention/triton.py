@@ -35,7 +35,7 @@ def _configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=1, num_stages=1)]
     # D = 128 fp16/bf16 on H100: 128 x 64 tiles, 8 warps, 3 stages is the usual sweet spot (FA2 tutorial);
     # the smaller ones serve D = 64 and short query counts. 128 x 64 at 4 warps is left out: ptxas (sm_90a,
-    # Triton 3.9, benchmarks/target_report.py) gives it 592 B of stack at D = 128, against 32 B at 8 warps.
+    # Triton 3.9, benchmarks/reports/target_report.py) gives it 592 B of stack at D = 128, against 32 B at 8 warps.
     # FP8 pools (1-byte K/V tiles dequantized in registers) keep all four, compiled the same way. The pools' dtype is
     # part of Triton's autotune key, so FP8 pools are tuned on their own. On other GPUs ``fitting_configs`` drops
     # what does not fit (shared memory) or spills there: per target, benchmarks/results/targets.json.
@@ -49,8 +49,9 @@ def _configs() -> list[triton.Config]:
 
 def local_memory(kernel) -> int:
     """Per-thread local memory of a compiled kernel, in 4-byte words as Triton's ``n_spills`` counts it (loaded on the
-    GPU to read it; benchmarks/target_report.py, which compiles for GPUs it does not have, reads ptxas's stack frame
-    instead): spilled registers plus the 32 B stack frame of libdevice's cos/sin slow path that every config has."""
+    GPU to read it; benchmarks/reports/target_report.py, which compiles for GPUs it does not have, reads ptxas's stack
+    frame instead): spilled registers plus the 32 B stack frame of libdevice's cos/sin slow path that every config
+    has."""
     kernel._init_handles()
     return kernel.n_spills
 
@@ -115,7 +116,7 @@ def _sparse_kv_attention_kernel(
     o_n = tl.arange(0, BLOCK_N)  # [BN]
     # head dims in two halves: every temporal pair (the only ones a delta turns: 44 of 128 dims) lies in
     # the first, so only that half of the Q tile is re-rotated per segment; the second stays as loaded.
-    # ptxas, sm_90a, bf16 D = 128, 128x64 tiles, 8 warps, 3 stages (benchmarks/target_report.py):
+    # ptxas, sm_90a, bf16 D = 128, 128x64 tiles, 8 warps, 3 stages (benchmarks/reports/target_report.py):
     # 246 registers and 32 B of stack, against 255 and 312 B of spills with one full-width rotated tile
     o_a = tl.arange(0, HALF_D)  # [BH] dims 0 .. BD/2-1
     o_b = HALF_D + tl.arange(0, HALF_D)  # [BH] dims BD/2 .. BD-1
