@@ -1,6 +1,7 @@
-"""Plot and Markdown table of the generator benchmark (JSON written by bench_generator.py): stacked time
-breakdown per policy, eager vs captured, in ms per video frame (chunks are 3 latent frames for dense / sink /
-relax and 4 for pack).
+"""Plot and Markdown table of the generator benchmark (JSON written by bench_generator.py).
+
+A stacked time breakdown per policy, eager vs captured, in ms per video frame (chunks are 3 latent frames for dense /
+sink / relax and 4 for pack).
 
     python -m benchmarks plot_generator benchmarks/results/generator_wan-1.3b_nvidia_h100_80gb_hbm3.json \
         --table benchmarks/results/GENERATOR.md
