@@ -100,7 +100,7 @@ def extensions():
 DIFFUSERS_EXTRA = ["diffusers>=0.42.1", "accelerate", "transformers", "imageio", "imageio-ffmpeg"]  # 0.42.1: tested
 py_packages = find_packages(where="python", include=["relaxkv_gen", "relaxkv_gen.*"])
 
-# guarded: benchmarks/cuda_resource_report.py imports find_nvcc and NVCC_FLAGS from here
+# guarded: benchmarks/reports/cuda_resource_report.py and tests/package/ import from here
 # (setuptools runs this file as __main__)
 if __name__ == "__main__":
     setup(
@@ -115,7 +115,7 @@ if __name__ == "__main__":
         install_requires=["torch", "numpy", "tqdm", "matplotlib", "safetensors",
                           "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         # the test tiers: pytest-benchmark (benchmarks/), pybind11 + ninja (the emulated CUDA kernels, tests/cuda_emu/),
-        # ruff: the lint check of tests/test_layout.py and .ci/run, pinned so every machine lints by the same rules;
+        # ruff: the lint check of tests/package/test_layout.py and .ci/run, pinned so every machine lints by the same rules;
         # and the diffusers extra (relaxkv_kernels.integrations.diffusers, relaxkv_gen.diffusers: accelerate for
         # diffusers' from_pretrained, transformers for the text encoder, imageio-ffmpeg for the mp4s), whose tests
         # run everywhere; docs: the site of docs/ (mkdocs build --strict -f docs/mkdocs.yml, in .ci/run), API pages

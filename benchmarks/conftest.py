@@ -5,15 +5,12 @@ parts of it the benchmarks need. The package's NaN poisoning of ``torch.empty`` 
 tests time ops, the op tests in ``tests/`` check their outputs.
 """
 import os
-import sys
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is imported
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `import common`, `import bench_chunk`
 
 
 def pytest_collection_modifyitems(config, items):

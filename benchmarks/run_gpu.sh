@@ -71,21 +71,21 @@ step() {  # step NAME LIMIT_S COMMAND...: run if selected, log to $WORK/NAME.log
 }
 
 step build 90 "$PY" setup.py build_ext --inplace
-step chunk 150 "$PY" benchmarks/bench_chunk.py --shapes wan --configs "$CONFIGS" --write-tuning --no-progress \
+step chunk 150 "$PY" -m benchmarks chunk --shapes wan --configs "$CONFIGS" --write-tuning --no-progress \
     --reps 3 --budget-s 10 --out "$WORK/chunk_wan.json"
-step generator 100 "$PY" benchmarks/bench_generator.py --preset wan-1.3b $quick --no-progress \
+step generator 100 "$PY" -m benchmarks generator --preset wan-1.3b $quick --no-progress \
     --out "$WORK/generator_wan.json"
 step tests 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider $xdist tests --junitxml "$WORK/tests.xml"
-step rope 25 "$PY" benchmarks/bench_rope_append.py --shapes wan --out "$WORK/rope_append_wan.json"
+step rope 25 "$PY" -m benchmarks rope_append --shapes wan --out "$WORK/rope_append_wan.json"
 step readme 25 "$PY" -m relaxkv_gen --preset tiny --policy all --chunks 20 --out "$WORK/readme_main" --no-progress
 step sanitizer 300 env PYTHON="$PY" bash tests/run_compute_sanitizer.sh
-step plot 10 bash -c "shopt -s nullglob; $PY benchmarks/plot_results.py $WORK/chunk_*.json --table $WORK/TABLE.md; \
-    $PY benchmarks/plot_generator.py $WORK/generator_*.json --table $WORK/GENERATOR.md"
-step fp8 200 "$PY" benchmarks/bench_chunk.py --shapes wan --configs "$CONFIGS" --kv-dtype fp8 --engines sdpa_cudnn \
+step plot 10 bash -c "shopt -s nullglob; $PY -m benchmarks plot_results $WORK/chunk_*.json --table $WORK/TABLE.md; \
+    $PY -m benchmarks plot_generator $WORK/generator_*.json --table $WORK/GENERATOR.md"
+step fp8 200 "$PY" -m benchmarks chunk --shapes wan --configs "$CONFIGS" --kv-dtype fp8 --engines sdpa_cudnn \
     --skip-official --no-progress --reps 3 --budget-s 10 --out "$WORK/chunk_wan_fp8.json"
-step host 200 "$PY" benchmarks/bench_chunk.py --shapes wan --configs relax,pack --pools host --engines sdpa_cudnn \
+step host 200 "$PY" -m benchmarks chunk --shapes wan --configs relax,pack --pools host --engines sdpa_cudnn \
     --skip-official --no-progress --reps 3 --budget-s 10 --out "$WORK/chunk_wan_host.json"
-step diffusers 90 "$PY" benchmarks/bench_diffusers.py --preset wan-1.3b --reps 2 --no-progress \
+step diffusers 90 "$PY" -m benchmarks diffusers --preset wan-1.3b --reps 2 --no-progress \
     --out "$WORK/diffusers_wan.json"
 cp relaxkv_kernels/ops/dense_attention/tuning.json "$WORK/tuning.json"
 summary

@@ -3,7 +3,7 @@
 ``TARGETS`` names each target once with the limits its kernels must fit (per block: shared memory a block may
 opt in to, registers; per thread: registers) and whether it has FP8 tensor cores (e4m3 conversion in
 hardware: Triton accepts ``fp8e4nv`` from sm_89; on sm_80 / sm_86 FP8 pools are decoded in software).
-``setup.py`` builds the CUDA extension for every entry, ``benchmarks/target_report.py`` compiles every Triton
+``setup.py`` builds the CUDA extension for every entry, ``benchmarks/reports/target_report.py`` compiles every Triton
 launch for every entry, and the attention autotuner prunes its configs by the running GPU's entry.
 
 Pure functions of a capability tuple (no GPU query), so the rules are tested on the CPU:

@@ -19,8 +19,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is imported
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
-
 from helpers import INT_POISON  # noqa: E402  (tests/ is on sys.path: this file's directory)
 
 _PACKAGES = ("relaxkv_kernels", "relaxkv_gen")

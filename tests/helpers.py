@@ -1,5 +1,5 @@
 """Helpers shared by the test files: inputs and layouts, tolerances, segment tables, literal RoPE, running a
-public op. Imported as ``helpers`` (tests/conftest.py puts tests/ on sys.path)."""
+public op. Imported as ``helpers`` (pytest puts tests/ on sys.path: the folder of tests/conftest.py)."""
 from __future__ import annotations
 
 import torch

@@ -35,7 +35,7 @@ def _configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=1, num_stages=1)]
     # D = 128 fp16/bf16 on H100: 128 x 64 tiles, 8 warps, 3 stages is the usual sweet spot (FA2 tutorial);
     # the smaller ones serve D = 64 and short query counts. 128 x 64 at 4 warps is left out: ptxas (sm_90a) spills
-    # it at D = 128, where 8 warps do not (compile it with benchmarks/target_report.py to see the stack frames).
+    # it at D = 128, where 8 warps do not (compile it with benchmarks/reports/target_report.py to see the stack frames).
     # FP8 pools (1-byte K/V tiles dequantized in registers) keep all four, compiled the same way. The pools' dtype is
     # part of Triton's autotune key, so FP8 pools are tuned on their own. On other GPUs ``fitting_configs`` drops
     # what does not fit (shared memory) or spills there: per target, benchmarks/results/targets.json.
@@ -49,8 +49,9 @@ def _configs() -> list[triton.Config]:
 
 def local_memory(kernel) -> int:
     """Per-thread local memory of a compiled kernel, in 4-byte words as Triton's ``n_spills`` counts it (loaded on the
-    GPU to read it; benchmarks/target_report.py, which compiles for GPUs it does not have, reads ptxas's stack frame
-    instead): spilled registers plus the 32 B stack frame of libdevice's cos/sin slow path that every config has."""
+    GPU to read it; benchmarks/reports/target_report.py, which compiles for GPUs it does not have, reads ptxas's stack
+    frame instead): spilled registers plus the 32 B stack frame of libdevice's cos/sin slow path that every config
+    has."""
     kernel._init_handles()
     return kernel.n_spills
 
@@ -62,7 +63,7 @@ def fitting_configs(configs: list[triton.Config], named_args: dict, **kwargs) ->
     its shared memory is within the target's limit (``relaxkv_kernels.targets``: 99 KiB on sm_86 / sm_89 / sm_120,
     where the 128 x 128 tiles need 160 KiB) and it has the least local memory of those: configs that spill registers
     have more. Every config's stack frame and spills per target, at Wan shapes, are in benchmarks/results/targets.json
-    (``python benchmarks/target_report.py`` measures them; Triton 3.9 there: 32 B of stack frame without a spill,
+    (``python -m benchmarks target_report`` measures them; Triton 3.9 there: 32 B of stack frame without a spill,
     40 B to 15.9 KB with one).
     """
     if interpreter_enabled():
@@ -117,7 +118,7 @@ def _sparse_kv_attention_kernel(
     # head dims in two halves: every temporal pair (the only ones a delta turns: 44 of 128 dims) lies in
     # the first, so only that half of the Q tile is re-rotated per segment; the second stays as loaded, which keeps
     # the 128x64-tile, 8-warp config within 255 registers without a spill at D = 128 on sm_90a (248 registers, 32 B
-    # of stack in benchmarks/results/targets.json; re-measure with benchmarks/target_report.py)
+    # of stack in benchmarks/results/targets.json; re-measure with benchmarks/reports/target_report.py)
     o_a = tl.arange(0, HALF_D)  # [BH] dims 0 .. BD/2-1
     o_b = HALF_D + tl.arange(0, HALF_D)  # [BH] dims BD/2 .. BD-1
     m_m = o_m < N_Q

@@ -3,8 +3,8 @@
 Each engine takes q [B, Nq, H, D], k, v [B, Nk, H, D] (unit last stride) and a scale, and returns a
 contiguous [B, Nq, H, D] in q's dtype (the fake says so; SDPA keeps q's [B, N, H, D] layout, so this is
 no copy there, and the output projection needs it contiguous anyway). Which one is fastest depends on the device
-and the shape: ``tuning.json`` records it per device from ``benchmarks/bench_chunk.py``; nothing here prefers one by
-default.
+and the shape: ``tuning.json`` records it per device from ``python -m benchmarks chunk``; nothing here prefers one
+by default.
 
     sdpa             torch's own dispatch order
     sdpa_cudnn       SDPA, cuDNN backend first (flash, efficient, math after it if cuDNN refuses the inputs)

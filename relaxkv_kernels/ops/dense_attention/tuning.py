@@ -6,7 +6,7 @@
      "entries": {"NVIDIA H100 80GB HBM3|d128|q8192|k16384": "sdpa_cudnn", ...}}
 
 Keys are ``<device name>|d<head_dim>|q<Nq bucket>|k<Nk bucket>``, buckets a quarter octave wide
-(``bucket``); values are engines of ``engines.py``. ``benchmarks/bench_chunk.py
+(``bucket``); values are engines of ``engines.py``. ``python -m benchmarks chunk
 --write-tuning`` times every engine at the chunk shapes on the device it runs on and records the
 fastest. Without an entry: ``sdpa_cudnn`` on the GPUs of a target measured on hardware (``measured`` in
 ``relaxkv_kernels.targets``: sm_90a, H100, 2026-11-27: cuDNN 506 TFLOP/s against 310 for the flash backend at Wan
@@ -97,7 +97,7 @@ def warn_unmeasured(name: str, engine: str) -> None:
     """The one warning of a process for a GPU ``name`` the table has no row for."""
     warnings.warn(f"relaxkv dense_attention: {name} has no row in {TUNING_PATH.name} (never measured): engine "
                   f"'auto' runs {engine!r}, a safe default, not a measured choice. Run `python "
-                  "benchmarks/bench_chunk.py --shapes wan --write-tuning` on this GPU to record the fastest engines.",
+                  "-m benchmarks chunk --shapes wan --write-tuning` on this GPU to record the fastest engines.",
                   stacklevel=3)
 
 

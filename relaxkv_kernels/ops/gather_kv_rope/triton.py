@@ -100,7 +100,7 @@ def gather_kv_rope_triton(k_pool: torch.Tensor, v_pool: torch.Tensor, seg: torch
     if fp8:
         k_pool, v_pool = fp8_codes(k_pool), fp8_codes(v_pool)
     # 16 rows a program where FP8 codes are decoded in software, 8 warps: with 32 rows and 4 warps their integer
-    # temporaries spill on sm_80 / sm_86 (benchmarks/target_report.py compiles the configs used, for every target)
+    # temporaries spill on sm_80 / sm_86 (benchmarks/reports/target_report.py compiles the configs used, per target)
     soft = k_pool.dtype == torch.uint8
     block_r = 16 if interpreter_enabled() or soft else 32
     _gather_kv_rope_kernel[(triton.cdiv(total, block_r), b)](

@@ -1,0 +1,1 @@
+"""Figures and Markdown tables from the JSON the benchmarks write."""
