@@ -289,7 +289,7 @@ def test_rollout_protocol_and_sampler(monkeypatch):
     log, seen = [], []
     policy = SimpleNamespace(chunk_frames=2)
     fake_rk = SimpleNamespace(DenseWindow=lambda **kw: policy, RelaxMemory=lambda: policy, PackMemory=lambda: policy,
-                              KVCache=lambda *a, **kw: _RecordingCache(log))
+                              KVCache=lambda *a, **kw: _RecordingCache(log), RECACHE=("none",))
     forward = model.forward
 
     def spy(x, t, context, cache, timer=None):
