@@ -48,7 +48,6 @@ class OpSetup:
 
     su: bench_chunk.ChunkSetup
     cache: object
-    plan: object
 
     @property
     def device(self):
@@ -65,7 +64,7 @@ def setup_for(config: str, size: str) -> OpSetup:
         plan = cache.begin_chunk()  # runs a chunk-level selection (Relax)
         if plan.selects and cache.planner.selection == "per_layer":
             cache.planner.select_layer(cache.step_context(0), su.qkv[0])
-        _SETUPS[key] = OpSetup(su, cache, plan)
+        _SETUPS[key] = OpSetup(su, cache)
     return _SETUPS[key]
 
 

@@ -90,8 +90,8 @@ class AttentionMode:
         """Per-chunk set-up on the host (keys per call, engine, the views the calls read and write)."""
 
     def target(self, layer: int) -> tuple:
-        """Where :meth:`append` writes the layer's K/V: (k rows, v rows, their scales or None, None, frame slots,
-        prototypes or None); the pool rows of the chunk's frames here."""
+        """Where :meth:`append` writes the layer's K/V: (k rows, v rows, k scales, v scales (None unless FP8 pools),
+        frame slots, prototypes or None); here the pool rows of the chunk's frames."""
         return (*self.storage.layers[layer], *self.storage.scales[layer], self.buffers.frame_slot, self.storage.proto)
 
     def append(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
