@@ -149,12 +149,12 @@ def env_info(device: torch.device) -> dict:
 
 def plan_shape(plan) -> tuple:
     """What makes one chunk's host and device work differ from the next: the plan's sizes and the lengths of its
-    index lists (``plan.index``: a dataclass of lists; a dict of lists in older trees, which
+    index lists (``plan.index``: a dataclass of lists and host scalars; a dict of lists in older trees, which
     ``bench_host.py --baseline`` measures)."""
     index = plan.index or {}
     items = index.items() if isinstance(index, dict) else vars(index).items()
     return (plan.selects, plan.total_keys(), plan.memory_keys(), plan.pool_prefix() is None, len(plan.segments),
-            tuple(sorted((name, len(values)) for name, values in items)))
+            tuple(sorted((name, len(values)) for name, values in items if isinstance(values, list))))
 
 
 def steady_chunk(policy, height: int, width: int, horizon: int = 400) -> int:

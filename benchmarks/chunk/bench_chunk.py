@@ -181,10 +181,10 @@ class OfficialPath:
         plan = cache.begin_chunk()  # runs a chunk-level selection (Relax)
         if plan.selects and cache.planner.selection == "per_layer":  # every layer's choice (Pack) into its table
             for layer in range(s.layers):
-                cache.planner.select_layer(cache.step(layer), su.qkv[0])
+                cache.planner.select_layer(cache.step_context(layer), su.qkv[0])
         self.plan = plan
         self.rows, self.k_rope = [], []
-        for table in cache.device_plan.seg[:, 0].cpu().tolist():  # batch element 0's tables (B = 1 in every shape)
+        for table in cache.plan_buffers.seg[:, 0].cpu().tolist():  # batch element 0's tables (B = 1 in every shape)
             rows, pos = [], []
             for start, length, delta in table:
                 if length == 0:
@@ -192,7 +192,7 @@ class OfficialPath:
                 rows.append((start, length))
                 pl = cache.planner
                 if start >= pl.n_slots * f:  # a compressed Pack block
-                    t0 = plan.job.block_pos[(start - pl.row0) // pl.block_tokens] + delta
+                    t0 = plan.index.block_pos[(start - pl.row0) // pl.block_tokens] + delta
                     pos.append(compressed_positions(t0, su.policy.block_frames, s.height, s.width))
                 else:
                     pos.append(token_positions(torch.tensor([plan.slot_pos[start // f] + delta]), s.height, s.width))
@@ -227,20 +227,21 @@ class OfficialPath:
             def frames(slots):  # [B, n, F, H, D]
                 return torch.stack([k0[:, sl * f:(sl + 1) * f] for sl in slots], dim=1)
 
-            job = plan.job
-            p_sink = set_prototype(frame_means_literal(frames(job.sink_slots)))
-            p_tail = set_prototype(frame_means_literal(frames(job.tail_slots)))
-            p_cand = F.normalize(frame_means_literal(frames(job.cand_slots)), dim=-1, eps=1e-12)
+            index = plan.index
+            p_sink = set_prototype(frame_means_literal(frames(index.sink_slots)))
+            p_tail = set_prototype(frame_means_literal(frames(index.tail_slots)))
+            p_cand = F.normalize(frame_means_literal(frames(index.cand_slots)), dim=-1, eps=1e-12)
             r = (p_cand * p_sink[:, None]).sum(-1) - su.policy.lam * (p_cand * p_tail[:, None]).sum(-1)
             r[0].argmax().item()
         elif isinstance(su.policy, rk.PackMemory):
-            pl, job = cache.planner, plan.job
+            pl, index = cache.planner, plan.index
             q_sub = subsample_queries(su.qkv[0], su.policy.q_stride)
             for layer in range(su.shape.layers):
                 k_pool = cache.storage.k[layer]
                 blocks = [k_pool[:, pl.row0 + sl * pl.block_tokens: pl.row0 + (sl + 1) * pl.block_tokens]
-                          for sl in job.mid_slots]
-                mid_affinity_literal(q_sub, blocks, su.policy.batch_mean).topk(len(job.target_pos)).indices.tolist()
+                          for sl in index.mid_slots]
+                scores = mid_affinity_literal(q_sub, blocks, su.policy.batch_mean)
+                scores.topk(len(index.mid_target_pos)).indices.tolist()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -380,7 +381,7 @@ class RowRunner:
         fn = GraphedChunk(cache, passes) if graph else eager
         row = self.row("step", name, label + (" (CUDA graph)" if graph else " (eager)"), attention=attention,
                        engine=engine, graph=graph, kv_bytes=cache.memory_bytes(),
-                       window_bytes=cache.mode.nbytes(), kv_dtype=str(cache.kv_dtype).replace("torch.", ""),
+                       window_bytes=cache.attention_mode.nbytes(), kv_dtype=str(cache.kv_dtype).replace("torch.", ""),
                        pools="host" if pool_device else "device", device_bytes=cache.device_bytes())
         t = self.time(fn)
         if attention == "window" and not graph and kv_dtype is None and not pool_device:
@@ -392,14 +393,14 @@ class RowRunner:
         su, s = self.su, self.su.shape
         cache, plan = self.first_pass()
         q, k, v = su.qkv
-        mode, dplan = cache.chunk_mode, cache.device_plan
+        mode, buffers = cache.active_mode, cache.plan_buffers
         rows = []
         targets = [mode.target(layer) for layer in range(s.layers)]  # window rows or pool rows (+ scales), slots
 
         def append():
             for _ in range(s.passes):
                 for layer, (dst_k, dst_v, k_scale, v_scale, slots, _) in enumerate(targets):
-                    rope_append_op(q, k, v, dst_k, dst_v, None, slots, dplan.frame_pos, s.height, s.width,
+                    rope_append_op(q, k, v, dst_k, dst_v, None, slots, buffers.frame_pos, s.height, s.width,
                                    cache.backend, k_scale, v_scale, checked=True)
 
         nbytes = 6 * q.numel() * q.element_size()  # read q, k, v; write q_rot, rotated k, v
@@ -412,8 +413,8 @@ class RowRunner:
             pl = cache.planner
             per_layer = pl.selection == "per_layer"
             layers = range(s.layers) if per_layer else [None]
-            scratch = dplan.seg.clone()  # the selections write here, not into the cache's tables
-            steps = [dataclasses.replace(cache.step(layer), seg=scratch[layer or 0]) for layer in layers]
+            scratch = buffers.seg.clone()  # the selections write here, not into the cache's tables
+            steps = [dataclasses.replace(cache.step_context(layer), seg=scratch[layer or 0]) for layer in layers]
 
             def select():
                 for step in steps:
@@ -432,7 +433,7 @@ class RowRunner:
         against a device copy of the same bytes (read and written)."""
         su = self.su
         cache, plan = self.first_pass(FP8)
-        if cache.chunk_mode.name != "window":
+        if cache.active_mode.name != "window":
             return []
         row, read, written = self.stage(cache, plan, "stage_fp8", "window staging from FP8 pools, once per layer")
         moved = read + written
@@ -471,8 +472,8 @@ class RowRunner:
         """The window staging of ``cache`` (after :meth:`first_pass`) alone, once per layer: its row, the bytes it
         reads (pool rows and their scales) and the bytes it writes (window rows)."""
         su, s = self.su, self.su.shape
-        mode, st, u_rows = cache.chunk_mode, cache.storage, su.nq
-        segs = [cache.step(layer).seg[:, :plan.n_memory_seg] for layer in range(s.layers)]
+        mode, st, u_rows = cache.active_mode, cache.storage, su.nq
+        segs = [cache.step_context(layer).seg[:, :plan.n_memory_seg] for layer in range(s.layers)]
 
         def stage():
             for layer in range(s.layers):

@@ -100,7 +100,7 @@ def rollout(policy_name: str, seconds: float, shape: common.Shape, device: torch
         "mean_ms_per_chunk": statistics.fmean(chunk_ms), "plan_ms_mean": statistics.fmean(plan_ms),
         "kv_bytes": cache.memory_bytes(), "kv_gib": cache.memory_bytes() / 2**30,
         "wan30_kv_gib_computed": wan_kv_bytes(policy) / 2**30,
-        "attended_tokens_last_chunk": int(cache.device_plan.seg[0, 0, :, 1].sum()),
+        "attended_tokens_last_chunk": int(cache.plan_buffers.seg[0, 0, :, 1].sum()),
         "cpu_timing": device.type != "cuda", "status": "ok", "chunk_ms": chunk_ms,
     }
     if device.type == "cuda":

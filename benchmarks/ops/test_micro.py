@@ -47,7 +47,6 @@ class OpSetup:
 
     su: bench_chunk.ChunkSetup
     cache: object
-    plan: object
 
     @property
     def device(self):
@@ -63,8 +62,8 @@ def setup_for(config: str, size: str) -> OpSetup:
         cache = su.cache(backend="reference", attention="segments")
         plan = cache.begin_chunk()  # runs a chunk-level selection (Relax)
         if plan.selects and cache.planner.selection == "per_layer":
-            cache.planner.select_layer(cache.step(0), su.qkv[0])
-        _SETUPS[key] = OpSetup(su, cache, plan)
+            cache.planner.select_layer(cache.step_context(0), su.qkv[0])
+        _SETUPS[key] = OpSetup(su, cache)
     return _SETUPS[key]
 
 
@@ -90,39 +89,39 @@ def timed(device: torch.device, fn):
 
 
 def op_rope_append(o: OpSetup, backend):
-    (q, k, v), st, d, s = o.su.qkv, o.cache.storage, o.cache.device_plan, o.su.shape
+    (q, k, v), st, d, s = o.su.qkv, o.cache.storage, o.cache.plan_buffers, o.su.shape
     return lambda: rk.rope_append(q, k, v, st.k[0], st.v[0], st.proto, d.frame_slot, d.frame_pos, s.height, s.width,
                                   backend=backend)
 
 
 def op_sparse_kv_attention(o: OpSetup, backend):
-    q, st, seg = o.su.qkv[0], o.cache.storage, o.cache.step(0).seg
+    q, st, seg = o.su.qkv[0], o.cache.storage, o.cache.step_context(0).seg
     return lambda: rk.sparse_kv_attention(q, st.k[0], st.v[0], seg, backend=backend, impl="fused")
 
 
 def op_gather_kv_rope(o: OpSetup, backend):
-    st, seg = o.cache.storage, o.cache.step(0).seg
+    st, seg = o.cache.storage, o.cache.step_context(0).seg
     return lambda: rk.gather_kv_rope(st.k[0], st.v[0], seg, o.su.nk, backend=backend)
 
 
 def op_relax_select(o: OpSetup, backend):
-    step, p, job = o.cache.step(None), o.su.policy, o.plan.job
+    step, p = o.cache.step_context(None), o.su.policy
     i, seg = step.index, step.seg.clone()
     return lambda: rk.relax_select(step.proto, i.slot_pos, i.sink_slots, i.tail_slots, i.cand_slots, seg,
-                                   job.seg_index, i.target_pos, o.su.shape.frame_tokens, p.lam, p.batch0_decides,
+                                   i.seg_index, i.target_pos, o.su.shape.frame_tokens, p.lam, p.batch0_decides,
                                    p.contiguous_rope, backend=backend)
 
 
 def op_mid_select(o: OpSetup, backend):
-    step, pl, job = o.cache.step(0), o.cache.planner, o.plan.job
+    step, pl = o.cache.step_context(0), o.cache.planner
     i, q, seg = step.index, o.su.qkv[0], step.seg.clone()
-    return lambda: rk.mid_select(q, step.state["mean_key"], i.mid_slots, i.block_pos, seg, job.seg_index,
+    return lambda: rk.mid_select(q, step.state["mean_key"], i.mid_slots, i.block_pos, seg, i.seg_index,
                                  i.mid_target_pos, pl.row0, pl.block_tokens, min(o.su.policy.q_stride, q.shape[1]),
                                  o.su.policy.batch_mean, backend=backend)
 
 
 def op_compress_kv(o: OpSetup, backend):
-    (_, k, v), step, s = o.su.qkv, o.cache.step(0), o.su.shape
+    (_, k, v), step, s = o.su.qkv, o.cache.step_context(0), o.su.shape
     return lambda: rk.compress_kv(k, v, step.k_pool, step.v_pool, step.state["mean_key"], step.index.block_slot,
                                   step.index.block_t0, o.cache.planner.row0, o.su.policy.block_frames, s.height,
                                   s.width, backend=backend)

@@ -1,14 +1,15 @@
 """``KVCache``: the coordinator of a model's KV memory. It joins three parts with typed seams:
 
 - storage (:class:`~.storage.KVStorage`): pools, prototypes, policy state, bytes;
-- the plan on the device (:class:`~.device_plan.DevicePlan`): the index tensors of the chunk's plan,
+- the plan's buffers (:class:`~.plan_buffers.PlanBuffers`): the index tensors of the chunk's plan on the device,
   uploaded by the host at ``begin_chunk`` and reused in place while their shapes hold;
-- the attention mode (:mod:`.modes`): windows, where ``rope_append`` writes, staging, the commit at
+- the attention mode (:mod:`.modes`): windows, the ``rope_append`` write of a pass's K/V, staging, the commit at
   ``end_chunk``.
 
 The policy's planner plans every chunk on the host and runs its device steps on a typed
-:class:`~relaxkv_kernels.memory.DeviceStep`; it never sees the cache. Usage inside an attention
-module (q, k, v after q/k RMSNorm, before RoPE)::
+:class:`~relaxkv_kernels.memory.StepContext`, and its end-of-chunk work in ``Planner.commit``; it never sees the
+cache. The cache itself checks the calls, counts them and sequences the parts. Usage inside an attention module
+(q, k, v after q/k RMSNorm, before RoPE)::
 
     cache = KVCache(RelaxMemory(), num_layers=30, batch=1, num_heads=12, head_dim=128,
                     height=30, width=52, dtype=torch.bfloat16, device="cuda")
@@ -48,9 +49,9 @@ import torch
 
 from ..memory import CacheGeometry
 from ..memory import ChunkPlan
-from ..memory import DeviceStep
 from ..memory import MemoryPolicy
 from ..memory import Planner
+from ..memory import StepContext
 from ..memory.heads import HeadShards
 from ..ops.checks import FLOAT_DTYPES
 from ..ops.checks import canonical_device
@@ -59,13 +60,12 @@ from ..ops.checks import check_int
 from ..ops.checks import check_tensor
 from ..ops.dense_attention.engines import ENGINES
 from ..ops.fp8 import FP8_DTYPES
-from ..ops.rope_append.op import rope_append_op
 from ..targets import require_gpu
-from .device_plan import DevicePlan
 from .modes import MODES
-from .modes import AttentionMode
+from .modes import SegmentsMode
 from .modes import make_mode
 from .modes import resolve_attention
+from .plan_buffers import PlanBuffers
 from .storage import KVStorage
 from .storage import nbytes
 
@@ -117,9 +117,11 @@ class KVCache:
     Attributes:
         storage: the :class:`KVStorage` (``storage.k``, ``storage.v``: [L, B, n_rows, H, D]; ``storage.k_scale``,
             ``storage.v_scale``: [L, B, n_rows, H] for FP8 pools).
-        device_plan: the :class:`DevicePlan` of the current chunk (``device_plan.seg``: the segment tables).
-        mode: the attention mode built from ``attention``; chunk_mode: the one serving the current chunk (``mode``,
-            or its pool-prefix mode for a chunk whose keys are a pool prefix). planner: the policy's planner.
+        plan_buffers: the :class:`PlanBuffers` the chunks' plans are uploaded into (``plan_buffers.seg``: the segment
+            tables).
+        attention_mode: the attention mode built from ``attention``; active_mode: the one serving the passes in
+            progress (``attention_mode``, its pool-prefix mode for a chunk whose keys are a pool prefix, or a rewrite's
+            segments mode). planner: the policy's planner.
         num_heads: the heads this cache holds (H / P with a process group). heads: the ``HeadShards`` or None.
         dtype: the compute dtype. kv_dtype: the pools' dtype (``dtype`` unless FP8).
         chunk: index of the next chunk to end. last_plan: the plan of the current (or last) chunk.
@@ -199,14 +201,14 @@ class KVCache:
             raise ValueError(f"{op}: {type(pl).__name__}.selection: expected one of {SELECTIONS}, got {pl.selection!r}")
         self.storage = KVStorage(self.geometry, pl, host=host_pools)
         n_tables = num_layers if pl.selection == "per_layer" else 1
-        self.device_plan = DevicePlan.allocate(n_tables, batch, pl.n_seg, policy.chunk_frames, self.device)
-        self._chunk_seg = [self.device_plan.seg[i if n_tables > 1 else 0] for i in range(num_layers)]  # per layer
+        self.plan_buffers = PlanBuffers.allocate(n_tables, batch, pl.n_seg, policy.chunk_frames, self.device)
+        self._chunk_seg = [self.plan_buffers.seg[i if n_tables > 1 else 0] for i in range(num_layers)]  # per layer
         # what the calls of the current pass read: the chunk's plan, or a rewrite's (begin_chunk / begin_rewrite)
-        self._dplan, self._seg = self.device_plan, self._chunk_seg
+        self._buffers, self._seg = self.plan_buffers, self._chunk_seg
         self._layer_state = [self.storage.layer_state(i) for i in range(num_layers)]
-        self.mode = make_mode(attention, self.geometry, self.storage, self.device_plan, pl, backend, engine,
-                              self._section)
-        self.chunk_mode = self.mode
+        self.attention_mode = make_mode(attention, self.geometry, self.storage, self.plan_buffers, pl, backend, engine,
+                                        self._section)
+        self.active_mode = self.attention_mode
         self._appends = type(pl).append is not Planner.append  # the planner has a step after every cache write
         self._chunk_shape = (batch, policy.chunk_frames * self.frame_tokens, self.num_heads, head_dim)
         self._pass_shape = self._chunk_shape
@@ -222,8 +224,8 @@ class KVCache:
         self._selects_layer = False  # the chunk runs the planner's select_layer at each layer's first call
         self._captured = None  # the shapes of the chunk captured in capture() (replays need the same)
         self._shapes = None
-        self._steps: dict[int, DeviceStep] = {}
-        self._layer_steps: list[DeviceStep] = []  # made at begin_chunk for a planner with per-layer steps
+        self._steps: dict[int, StepContext] = {}
+        self._layer_steps: list[StepContext] = []  # made at begin_chunk for a planner with per-layer steps
         self.profiler = None
 
     def _host_pools(self, pool_device) -> bool:
@@ -258,21 +260,21 @@ class KVCache:
                                f"{plan.n_memory_seg} memory segments")
         total = plan.total_keys()
         self._check_plan(plan, total)
-        mode = self.mode.for_chunk(plan)
-        shapes = (self.device_plan.upload(plan), plan.n_memory_seg, total, mode.name)
+        mode = self.attention_mode.for_chunk(plan)
+        shapes = (self.plan_buffers.upload(plan), plan.n_memory_seg, total, mode.name)
         if self._captured is not None and shapes != self._captured:
             raise RuntimeError(f"KVCache.begin_chunk: chunk {self.chunk} changes the plan's shapes since a CUDA "
                                "graph captured a chunk step of this cache, so a replay would read stale buffers; "
                                "capture once the plans are steady (past the policy's warm-up), or make a new cache")
-        self.last_plan, self._shapes, self.chunk_mode = plan, shapes, mode
-        self._dplan, self._seg, self._pass_shape = self.device_plan, self._chunk_seg, self._chunk_shape
-        self._steps = {}  # the planner's DeviceStep per layer (-1: the chunk's), made on use
+        self.last_plan, self._shapes, self.active_mode = plan, shapes, mode
+        self._buffers, self._seg, self._pass_shape = self.plan_buffers, self._chunk_seg, self._chunk_shape
+        self._steps = {}  # the planner's StepContext per layer (-1: the chunk's), made on use
         mode.begin(plan)
         if plan.selects and self.planner.selection == "chunk":
             with self._section("select"):
-                self.planner.select_chunk(self.step(None))
+                self.planner.select_chunk(self.step_context(None))
         self._selects_layer = plan.selects and self.planner.selection == "per_layer"
-        self._layer_steps = ([self.step(layer) for layer in range(self.num_layers)]
+        self._layer_steps = ([self.step_context(layer) for layer in range(self.num_layers)]
                              if self._selects_layer or self._appends else [])
         self._calls = [0] * self.num_layers
         self._traced_calls.zero_()
@@ -330,8 +332,8 @@ class KVCache:
                                f"chunk {self.chunk}, end_chunk() once after its refresh pass"
                                f"{'; a rewrite ends with end_rewrite()' if self._rewriting else ''})")
         self._check_calls("KVCache.end_chunk", f"chunk {self.chunk}", replayed=self._captured is not None)
-        self.chunk_mode.commit(self.last_plan)
-        self._mean_prototypes()
+        self.active_mode.commit(self.last_plan)
+        self.planner.commit(self.step_context(None))
         self._in_chunk = False
         self.chunk += 1
 
@@ -348,12 +350,6 @@ class KVCache:
             raise RuntimeError(f"{op}: layers {behind} attended {sorted({calls[i] for i in behind})} times in {what}, "
                                f"the others {most}: every layer must run every pass (the last pass writes the K/V "
                                "later chunks read)")
-
-    def _mean_prototypes(self) -> None:
-        """Head-parallel: the prototypes of the pass's frames become their mean over all heads (before any scoring)."""
-        if self.heads is not None and self.storage.proto is not None:
-            slots = self._dplan.frame_slot
-            self.storage.proto[:, slots] = self.heads.mean_(self.storage.proto[:, slots])
 
     @contextlib.contextmanager
     def capture(self):
@@ -434,13 +430,13 @@ class KVCache:
         plan = ChunkPlan(self.chunk, frames[0], [slot_of[fr] for fr in frames], frames,
                          [(slot_of[fr] * f, f, 0) for fr in rows], rows, [], nxt.slot_pos, n_memory_seg=len(context),
                          index=self.planner.rewrite_index(frames))
-        dplan = DevicePlan.allocate(1, self.batch, len(rows), len(frames), self.device)
-        dplan.upload(plan)
-        self.last_plan, self._dplan, self._seg = plan, dplan, [dplan.seg[0]] * self.num_layers
-        self.chunk_mode = AttentionMode(self.geometry, self.storage, dplan, self.backend, "auto", self._section)
+        buffers = PlanBuffers.allocate(1, self.batch, len(rows), len(frames), self.device)
+        buffers.upload(plan)
+        self.last_plan, self._buffers, self._seg = plan, buffers, [buffers.seg[0]] * self.num_layers
+        self.active_mode = SegmentsMode(self.geometry, self.storage, buffers, self.backend, "auto", self._section)
         self._pass_shape = (self.batch, len(frames) * f, self.num_heads, self.head_dim)
         self._steps, self._first, self._selects_layer = {}, None, False
-        self._layer_steps = [self.step(layer) for layer in range(self.num_layers)] if self._appends else []
+        self._layer_steps = [self.step_context(layer) for layer in range(self.num_layers)] if self._appends else []
         self._calls = [0] * self.num_layers
         self._traced_calls.zero_()
         self._in_chunk = self._rewriting = True
@@ -451,7 +447,7 @@ class KVCache:
         if not self._rewriting:
             raise RuntimeError("KVCache.end_rewrite: no rewrite in progress (begin_rewrite(frames) first)")
         self._check_calls("KVCache.end_rewrite", f"the rewrite of frames {self.last_plan.frame_pos}")
-        self._mean_prototypes()
+        self.planner.commit(self.step_context(None))
         self._in_chunk = self._rewriting = False
 
     @property
@@ -477,8 +473,8 @@ class KVCache:
                              f"got {frames}")
         return frames
 
-    def step(self, layer: int | None) -> DeviceStep:
-        """The planner's view of a device step of the current chunk: at the chunk (``layer`` None) or at one layer.
+    def step_context(self, layer: int | None) -> StepContext:
+        """What a planner's device step of the current chunk sees: at the chunk (``layer`` None) or at one layer.
 
         The cache hands it to the planner's steps; benchmarks and tests use it to run a step alone. Made once
         per chunk and layer (a planner's step runs at every pass of a layer).
@@ -486,13 +482,14 @@ class KVCache:
         key = -1 if layer is None else layer
         step = self._steps.get(key)
         if step is None:
-            plan, s, index = self.last_plan, self.storage, self._dplan.index
+            plan, s, buffers = self.last_plan, self.storage, self._buffers
             if layer is None:
-                step = DeviceStep(plan, index, self._seg[0], None, None, None, s.state, s.proto, self.backend,
-                                  self.heads)
+                step = StepContext(plan, buffers.index, self._seg[0], None, None, None, s.state, s.proto, self.backend,
+                                   self.heads, frame_slot=buffers.frame_slot)
             else:
-                step = DeviceStep(plan, index, self._seg[layer], layer, *s.layers[layer], self._layer_state[layer],
-                                  s.proto, self.backend, self.heads, *s.scales[layer])
+                step = StepContext(plan, buffers.index, self._seg[layer], layer, *s.layers[layer],
+                                   self._layer_state[layer], s.proto, self.backend, self.heads, *s.scales[layer],
+                                   buffers.frame_slot)
             self._steps[key] = step
         return step
 
@@ -521,12 +518,9 @@ class KVCache:
         first = self._first is not None and self._first[layer]
         if first:
             self._first[layer] = False
-        mode = self.chunk_mode
+        mode = self.active_mode
         with self._section("rope_append"):
-            dst_k, dst_v, k_scale, v_scale, slots, proto = mode.target(layer)
-            q_rot = rope_append_op(q, k, v, dst_k, dst_v, proto if layer == 0 else None, slots,
-                                   self._dplan.frame_pos, self.height, self.width, self.backend, k_scale,
-                                   v_scale, checked=True)
+            q_rot = mode.append(layer, q, k, v)
         if first and self._selects_layer:
             with self._section("select"):
                 self.planner.select_layer(self._layer_steps[layer], q)
@@ -540,7 +534,7 @@ class KVCache:
     def chunk_engine(self) -> str | None:
         """The attention engine of the current chunk's calls (the tuning table's choice for "auto"); None in
         the segments mode."""
-        return getattr(self.chunk_mode, "chunk_engine", None)
+        return self.active_mode.chunk_engine
 
     def _section(self, name: str):
         return contextlib.nullcontext() if self.profiler is None else self.profiler(name)
@@ -578,7 +572,7 @@ class KVCache:
 
         Fixed at construction: pools are sized for the steady state (see :meth:`live_bytes` for use).
         """
-        return self.storage.nbytes() + nbytes(self.device_plan.seg) + self.mode.nbytes()
+        return self.storage.nbytes() + nbytes(self.plan_buffers.seg) + self.attention_mode.nbytes()
 
     def host_bytes(self) -> int:
         """Bytes the cache holds in host memory: the pools and their scales with ``pool_device="cpu"``, else 0."""

@@ -1,7 +1,7 @@
 """How the calls of a chunk attend: one small strategy object per attention mode.
 
-A mode owns its windows, decides where ``rope_append`` writes a pass's K/V, stages the memory, runs the
-attention and commits the chunk's rows at ``end_chunk``. ``KVCache`` builds one with :func:`make_mode`
+A mode owns its windows, writes a pass's K/V where its calls read them (``rope_append``), stages the memory, runs
+the attention and commits the chunk's rows at ``end_chunk``. ``KVCache`` builds one with :func:`make_mode`
 and asks it per chunk (:meth:`AttentionMode.for_chunk`) which mode serves that chunk.
 
     segments   ``sparse_kv_attention`` over the segment table, no copy (the Triton kernel; the reference
@@ -41,9 +41,10 @@ from ..ops.dense_attention.op import dense_attention_op
 from ..ops.dense_attention.op import resolve_engine
 from ..ops.gather_kv_rope.op import gather_kv_rope_into_op
 from ..ops.quantize_frames.op import quantize_frames_op
+from ..ops.rope_append.op import rope_append_op
 from ..ops.sparse_kv_attention.op import choose_impl
 from ..ops.sparse_kv_attention.op import sparse_kv_attention_op
-from .device_plan import DevicePlan
+from .plan_buffers import PlanBuffers
 from .storage import KVStorage
 from .storage import nbytes
 
@@ -62,18 +63,22 @@ def row_views(k: torch.Tensor, v: torch.Tensor, start: int, stop: int) -> list[t
 
 
 class AttentionMode:
-    """One attention mode of a cache (see the module docstring); the base class is the segment-table mode.
+    """What every attention mode of a cache shares (see the module docstring); :class:`SegmentsMode` and
+    :class:`DenseMode` are the two kinds.
 
-    What a call reads is fixed on the host at ``begin`` (views, sizes, the engine); :meth:`attend` branches on
-    nothing but ``first``, so a compiled model keeps one graph for a chunk's first pass and one for the others.
+    A mode writes a pass's K/V where its calls read them (:meth:`append`), attends (:meth:`attend`) and commits
+    the chunk's rows at ``end_chunk`` (:meth:`commit`). What a call reads is fixed on the host at ``begin`` (views,
+    sizes, the engine); :meth:`attend` branches on nothing but ``first``, so a compiled model keeps one graph for a
+    chunk's first pass and one for the others.
     """
 
-    name = "segments"
+    name: str
     stages = False  # the current chunk's calls stage memory at each layer's first call
+    chunk_engine: str | None = None  # the attention engine of the current chunk's calls (None: no engine)
 
-    def __init__(self, geometry: CacheGeometry, storage: KVStorage, dplan: DevicePlan, backend: str, engine: str,
+    def __init__(self, geometry: CacheGeometry, storage: KVStorage, buffers: PlanBuffers, backend: str, engine: str,
                  section: Callable[[str], object]):
-        self.g, self.storage, self.dplan = geometry, storage, dplan
+        self.g, self.storage, self.buffers = geometry, storage, buffers
         self.backend, self.engine, self.section = backend, engine, section
         self.scale = geometry.head_dim ** -0.5
 
@@ -85,15 +90,20 @@ class AttentionMode:
         """Per-chunk set-up on the host (keys per call, engine, the views the calls read and write)."""
 
     def target(self, layer: int) -> tuple:
-        """Where ``rope_append`` writes the layer's K/V: (k rows, v rows, their scales or None, None, frame slots,
-        prototypes or None)."""
-        return (*self.storage.layers[layer], *self.storage.scales[layer], self.dplan.frame_slot, self.storage.proto)
+        """Where :meth:`append` writes the layer's K/V: (k rows, v rows, k scales, v scales (None unless FP8 pools),
+        frame slots, prototypes or None); here the pool rows of the chunk's frames."""
+        return (*self.storage.layers[layer], *self.storage.scales[layer], self.buffers.frame_slot, self.storage.proto)
+
+    def append(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``rope_append`` of the pass's pre-RoPE K/V into :meth:`target` at the chunk's positions (layer 0 records
+        the prototypes); returns q rotated."""
+        dst_k, dst_v, k_scale, v_scale, slots, proto = self.target(layer)
+        return rope_append_op(q, k, v, dst_k, dst_v, proto if layer == 0 else None, slots, self.buffers.frame_pos,
+                              self.g.height, self.g.width, self.backend, k_scale, v_scale, checked=True)
 
     def attend(self, layer: int, q_rot: torch.Tensor, seg: torch.Tensor, first: bool) -> torch.Tensor:
         """The layer's attention over its planned memory (``first``: the layer's first call of the chunk)."""
-        k, v = self.storage.layers[layer]
-        k_scale, v_scale = self.storage.scales[layer]
-        return sparse_kv_attention_op(q_rot, k, v, seg, self.scale, self.backend, k_scale, v_scale, checked=True)
+        raise NotImplementedError
 
     def commit(self, plan: ChunkPlan) -> None:
         """At ``end_chunk``: move what the chunk wrote outside the pool into it."""
@@ -101,6 +111,17 @@ class AttentionMode:
     def nbytes(self) -> int:
         """Bytes of the mode's own buffers (windows)."""
         return 0
+
+
+class SegmentsMode(AttentionMode):
+    """``sparse_kv_attention`` over the segment table, reading the pool with no copy."""
+
+    name = "segments"
+
+    def attend(self, layer: int, q_rot: torch.Tensor, seg: torch.Tensor, first: bool) -> torch.Tensor:
+        k, v = self.storage.layers[layer]
+        k_scale, v_scale = self.storage.scales[layer]
+        return sparse_kv_attention_op(q_rot, k, v, seg, self.scale, self.backend, k_scale, v_scale, checked=True)
 
 
 class DenseMode(AttentionMode):
@@ -191,7 +212,7 @@ class WindowMode(GatherMode):
         g = self.g
         self.proto_chunk = None  # the chunk's prototypes, committed by end_chunk
         if self.storage.proto is not None:
-            self.proto_chunk = torch.empty(g.batch, len(self.dplan.window_slot), g.head_dim, dtype=torch.float32,
+            self.proto_chunk = torch.empty(g.batch, len(self.buffers.window_slot), g.head_dim, dtype=torch.float32,
                                            device=g.device)
         self.win_layers = list(zip(self.win_k.unbind(0), self.win_v.unbind(0)))
         self.memory_rows = []  # per layer (k, v): the window rows the staging writes
@@ -205,8 +226,8 @@ class WindowMode(GatherMode):
         super().make_views()
         self.memory_rows = row_views(self.win_k, self.win_v, self.u_rows, self.total)
 
-    def target(self, layer: int) -> tuple:
-        return (*self.win_layers[layer], None, None, self.dplan.window_slot, self.proto_chunk)
+    def target(self, layer: int) -> tuple:  # the window's chunk rows
+        return (*self.win_layers[layer], None, None, self.buffers.window_slot, self.proto_chunk)
 
     def attend(self, layer: int, q_rot: torch.Tensor, seg: torch.Tensor, first: bool) -> torch.Tensor:
         if first:  # the memory rows: once per chunk and layer
@@ -220,13 +241,13 @@ class WindowMode(GatherMode):
         if s.fp8:  # every layer at once: one quantizing pass each for K and V
             for win, pool, scale in pools:
                 quantize_frames_op(win[:, :, :len(plan.frame_slot) * f].flatten(0, 1), pool.flatten(0, 1),
-                                   scale.flatten(0, 1), self.dplan.frame_slot, f, self.backend, checked=True)
+                                   scale.flatten(0, 1), self.buffers.frame_slot, f, self.backend, checked=True)
         else:  # every layer at once: one copy per frame
             for u, slot in enumerate(plan.frame_slot):
                 for win, pool, _ in pools:
                     pool[:, :, slot * f:(slot + 1) * f].copy_(win[:, :, u * f:(u + 1) * f])
         if self.proto_chunk is not None:
-            s.proto[:, self.dplan.frame_slot] = self.proto_chunk
+            s.proto[:, self.buffers.frame_slot] = self.proto_chunk
 
     def nbytes(self) -> int:
         return super().nbytes() + nbytes(self.proto_chunk)
@@ -266,7 +287,7 @@ def resolve_attention(attention: str, engine: str, device_type: str, staged: boo
     return attention
 
 
-def make_mode(attention: str, geometry: CacheGeometry, storage: KVStorage, dplan: DevicePlan, planner: Planner,
+def make_mode(attention: str, geometry: CacheGeometry, storage: KVStorage, buffers: PlanBuffers, planner: Planner,
               backend: str, engine: str, section: Callable[[str], object]) -> AttentionMode:
     """The strategy of ``attention`` (one of ``MODES``): the one place a mode name becomes behaviour.
 
@@ -274,9 +295,9 @@ def make_mode(attention: str, geometry: CacheGeometry, storage: KVStorage, dplan
     prefix of every chunk and allocate no window, unless the engines cannot read the pools (FP8 or host pools,
     ``KVStorage.direct``): then every chunk stages.
     """
-    args = (geometry, storage, dplan, backend, engine, section)
+    args = (geometry, storage, buffers, backend, engine, section)
     if attention == "segments":
-        return AttentionMode(*args)
+        return SegmentsMode(*args)
     prefix = PoolPrefixMode(*args) if storage.direct else None
     if prefix is not None and not planner.gathers:
         return prefix

@@ -5,7 +5,7 @@ from the chunk index alone (it never reads device memory), the cache slot of eac
 evicted and the segment table: one ``(start_row, length, delta)`` row per attended run of pool rows,
 in the order memory, then the chunk's own frames, then padding. Entries whose content depends on the
 data (Relax's history frame, Pack's mid blocks) are left for the planner's device steps, which see a
-typed :class:`DeviceStep` (the plan, its index tensors on the device, the table they write, the layer's
+typed :class:`StepContext` (the plan, its index tensors on the device, the table they write, the layer's
 pools and policy state), never the cache:
 
 - :meth:`Planner.select_chunk` (``selection = "chunk"``): once per chunk, at ``begin_chunk``, from what
@@ -13,7 +13,9 @@ pools and policy state), never the cache:
   which layers are called does not matter;
 - :meth:`Planner.select_layer` (``selection = "per_layer"``): at each layer's first pass of the chunk,
   from that layer's queries (Pack's affinity); one table per layer;
-- :meth:`Planner.append`: after every cache write of a layer (Pack compresses the current block there).
+- :meth:`Planner.append`: after every cache write of a layer (Pack compresses the current block there);
+- :meth:`Planner.commit`: once the chunk's (or a rewrite's) rows are in the pool (a head-parallel cache averages
+  the new prototypes over the ranks there).
 
 Frame slot ``s`` owns pool rows ``s * F .. s * F + F - 1``; a planner may put other rows after the
 frame slots (Pack's compressed blocks). In steady state every table a planner produces keeps its
@@ -22,6 +24,7 @@ shape from chunk to chunk, so a chunk step can be captured in a CUDA graph.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -58,6 +61,20 @@ class CacheGeometry:
         return self.height * self.width
 
 
+def host_field(**kwargs) -> dataclasses.Field:
+    """A field of a plan's ``index`` record that stays on the host: the cache uploads every other field (``kwargs``:
+    those of ``dataclasses.field``). For what the device steps need as Python values (e.g. the first segment row
+    they write) or what only the host reads (e.g. the frames behind the slots)."""
+    return dataclasses.field(metadata={"upload": False}, **kwargs)
+
+
+@functools.cache
+def uploaded_fields(cls: type) -> tuple[str, ...]:
+    """The fields of an ``index`` record class that the cache uploads (lists of ints): all but :func:`host_field`
+    ones."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("upload", True))
+
+
 @dataclass
 class ChunkPlan:
     """Everything about one chunk that the host knows before it runs.
@@ -66,9 +83,10 @@ class ChunkPlan:
     are the memory (entries of length 0 reserved for the device step are filled on the device),
     the next ``len(frame_slot)`` are the chunk's frames at delta 0, the rest is padding (0, 0, 0).
     ``frames_attended`` lists the frame index of each segment (-1: chosen on the device, -2: unused).
-    ``index`` is a dataclass of ``list[int]`` fields (``RelaxIndex``, ``PackIndex``, your own): the index
-    tensors of the device steps; the cache uploads it as the same dataclass of int64 device tensors
-    (``DeviceStep.index``), refreshed in place while the shapes hold.
+    ``index`` is the policy's one record of its device steps' inputs (``RelaxIndex``, ``PackIndex``, your own): a
+    dataclass of ``list[int]`` fields, which the cache uploads as int64 device tensors (``StepContext.index``: the
+    same dataclass, refreshed in place while the shapes hold), and of :func:`host_field` fields it leaves as they
+    are.
     """
 
     chunk: int
@@ -80,10 +98,9 @@ class ChunkPlan:
     evicted: list[int]
     slot_pos: list[int]  # true frame position stored in each slot (-1: empty)
     n_memory_seg: int
-    job: object | None = None  # the policy's host-side inputs of its device steps (RelaxJob, PackJob, ...)
     selects: bool = False  # this chunk runs the planner's selection (see Planner.selection)
     selected_keys: int = 0  # keys per batch element the device step adds to the static segments
-    index: object | None = None  # dataclass of list[int] fields, uploaded for the device steps
+    index: object | None = None  # the device steps' inputs: a dataclass of list[int] (uploaded) and host fields
 
     def memory_keys(self) -> int:
         """Keys per batch element before the chunk's own frames (static memory + selections)."""
@@ -114,11 +131,12 @@ class ChunkPlan:
 
 
 @dataclass(frozen=True)
-class DeviceStep:
+class StepContext:
     """What a planner's device step sees: the chunk's plan, its index tensors, the table it writes, the storage.
 
     Attributes:
-        plan: the chunk's host plan. index: ``plan.index`` as int64 device tensors (same dataclass).
+        plan: the chunk's host plan. index: ``plan.index`` with its uploaded fields as int64 device tensors (same
+            dataclass; :func:`host_field` fields as they are).
         seg: int32 [B, n_seg, 3], the segment table of this step (the one table of every layer for
             ``selection = "chunk"``, the layer's own for ``"per_layer"``).
         layer: the layer (None at the chunk step).
@@ -133,6 +151,7 @@ class DeviceStep:
         backend: the ops' backend.
         heads: the :class:`~relaxkv_kernels.memory.heads.HeadShards` of a head-parallel cache (pools, state and
             queries hold this rank's heads only; a step reading all heads gathers them), or None.
+        frame_slot: int64 [U], the pool slots of the chunk's frames on the device (``plan.frame_slot``), or None.
     """
 
     plan: ChunkPlan
@@ -147,6 +166,7 @@ class DeviceStep:
     heads: HeadShards | None = None
     k_scale: torch.Tensor | None = None
     v_scale: torch.Tensor | None = None
+    frame_slot: torch.Tensor | None = None
 
 
 class SlotMap:
@@ -200,7 +220,7 @@ class Planner:
         selection: None, "chunk" (:meth:`select_chunk` once per chunk at ``begin_chunk``, one segment table
             for every layer) or "per_layer" (:meth:`select_layer` at each layer's first pass, one segment
             table per layer).
-        needs_prototypes: layer 0's cache write records per-frame prototypes (``DeviceStep.proto``).
+        needs_prototypes: layer 0's cache write records per-frame prototypes (``StepContext.proto``).
         gathers: a chunk's keys may differ from a pool prefix at delta 0 (``ChunkPlan.pool_prefix``), so
             the cache's window modes need windows; False: attention reads the pool, no window is allocated.
         slots: the :class:`SlotMap` of frames held.
@@ -227,11 +247,11 @@ class Planner:
         """Extra device state of the policy, every tensor ``[num_layers, ...]`` (e.g. Pack's mean keys)."""
         return {}
 
-    def select_chunk(self, step: DeviceStep) -> None:
+    def select_chunk(self, step: StepContext) -> None:
         """``selection = "chunk"``: fill the reserved rows of ``step.seg`` from stored data, at ``begin_chunk``."""
         raise NotImplementedError(f"{type(self).__name__}: selection is 'chunk' but select_chunk() is not implemented")
 
-    def select_layer(self, step: DeviceStep, q: torch.Tensor) -> None:
+    def select_layer(self, step: StepContext, q: torch.Tensor) -> None:
         """``selection = "per_layer"``: fill the reserved rows of the layer's ``step.seg`` at its first pass.
 
         ``q``: the layer's pre-RoPE queries [B, U*F, H, D].
@@ -239,8 +259,18 @@ class Planner:
         raise NotImplementedError(f"{type(self).__name__}: selection is 'per_layer' but select_layer() is not "
                                   "implemented")
 
-    def append(self, step: DeviceStep, k: torch.Tensor, v: torch.Tensor) -> None:
+    def append(self, step: StepContext, k: torch.Tensor, v: torch.Tensor) -> None:
         """Device step after every cache write of ``step.layer`` (k, v: the chunk's pre-RoPE keys and values)."""
+
+    def commit(self, step: StepContext) -> None:
+        """At ``end_chunk`` and ``end_rewrite``, once the pass's rows are in the pool (``step``: the chunk step's).
+
+        A head-parallel cache (``step.heads``) records each rank's prototypes as a mean over that rank's heads; here
+        the prototypes of the chunk's frames become their mean over all heads (one ``all_reduce``), before any
+        scoring reads them, so every rank chooses the same frames. A planner with more per-head state to share
+        extends it."""
+        if step.heads is not None and step.proto is not None:
+            step.proto[:, step.frame_slot] = step.heads.mean_(step.proto[:, step.frame_slot])
 
     def readable_frames(self, plan: ChunkPlan) -> list[int]:
         """Frames before ``plan``'s chunk that it may read at full resolution, sorted: its memory segments' frames,

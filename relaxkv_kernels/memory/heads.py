@@ -6,7 +6,8 @@ compressed block. What crosses ranks is only what a selection reads over all hea
 the same frames:
 
 - Relax: the per-frame prototype (a mean over heads) is the mean of the ranks' means, one ``all_reduce`` of the
-  chunk's new prototypes per chunk (:meth:`HeadShards.mean_`, at ``end_chunk``, before the next scoring);
+  chunk's new prototypes per chunk (:meth:`HeadShards.mean_`, in ``Planner.commit`` at ``end_chunk``, before the
+  next scoring);
 - Pack: the affinity reads the first H / 2 heads of the subsampled queries and of the blocks' mean keys; those
   are gathered along heads (:meth:`HeadShards.gather_heads`) at each layer's selection, so every rank runs the same
   ``mid_select`` on the same inputs as a single process would.

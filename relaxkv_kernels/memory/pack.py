@@ -14,33 +14,25 @@ from ..ops.compress_kv.op import compress_kv_op
 from ..ops.mid_select.op import mid_select_op
 from .base import CacheGeometry
 from .base import ChunkPlan
-from .base import DeviceStep
 from .base import MemoryPolicy
 from .base import Planner
+from .base import StepContext
+from .base import host_field
 from .base import pad
 
 
 @dataclass
-class PackJob:
-    """Host-side inputs of ``mid_select`` and ``compress_kv`` for one chunk."""
-
-    mid_slots: list[int]  # archive slots, oldest first
-    mid_blocks: list[int]  # block indices of mid_slots
-    target_pos: list[int]  # re-packed first-frame position of each selected block
-    seg_index: int
-    block_slot: int | None  # archive slot receiving the current block (None for sink blocks)
-    block_pos: list[int]  # first-frame position per archive slot (-1: empty)
-
-
-@dataclass
 class PackIndex:
-    """Index tensors of ``mid_select`` and ``compress_kv``, uploaded by the cache every chunk (empty: step not run)."""
+    """Inputs of ``mid_select`` and ``compress_kv`` for one chunk: the lists uploaded by the cache every chunk (empty:
+    step not run), and on the host the mid blocks and the first mid row."""
 
-    block_pos: list[int]
-    block_slot: list[int]  # [1], or [] for a sink block (kept at full resolution only)
-    block_t0: list[int]
-    mid_slots: list[int]  # [] when no mid block exists yet
-    mid_target_pos: list[int]
+    block_pos: list[int]  # first-frame position per archive slot (-1: empty)
+    block_slot: list[int]  # [1] archive slot receiving the current block, or [] for a sink block (full resolution only)
+    block_t0: list[int]  # [1] first frame of the current block, or []
+    mid_slots: list[int]  # archive slots, oldest first ([] when no mid block exists yet)
+    mid_target_pos: list[int]  # re-packed first-frame position of each selected block
+    mid_blocks: list[int] = host_field(default_factory=list)  # block indices of mid_slots
+    seg_index: int = host_field(default=0)  # the segment-table row of the first selected block
 
 
 @dataclass(frozen=True)
@@ -140,14 +132,13 @@ class PackPlanner(Planner):
         if n >= self.sink_blocks:
             block_slot = (n - self.sink_blocks) % self.n_blocks
             self.block_pos[block_slot] = c
-        job = PackJob([(m - self.sink_blocks) % self.n_blocks for m in mid], mid,
-                      [start[len(sink) + j] for j in range(k)], seg_index, block_slot, list(self.block_pos))
+        has_block = block_slot is not None
+        index = PackIndex(list(self.block_pos), [block_slot] if has_block else [], [c] if has_block else [],
+                          [(m - self.sink_blocks) % self.n_blocks for m in mid],
+                          [start[len(sink) + j] for j in range(k)], mid, seg_index)
         pad(segments, attended, self.n_seg)
         plan = ChunkPlan(n, c, current, list(range(c, c + b)), segments, attended, evicted, self.slots.slot_pos(),
-                         n_memory_seg=n_memory, job=job)
-        has_block = block_slot is not None
-        plan.index = PackIndex(job.block_pos, [block_slot] if has_block else [], [c] if has_block else [],
-                               job.mid_slots if k else [], job.target_pos)
+                         n_memory_seg=n_memory, index=index)
         if k:
             plan.selects, plan.selected_keys = True, k * self.block_tokens
         return plan
@@ -162,7 +153,7 @@ class PackPlanner(Planner):
         shape = (g.num_layers, g.batch, self.n_blocks, g.num_heads, g.head_dim)
         return {"mean_key": torch.empty(shape, dtype=torch.float32, device=g.device)}
 
-    def select_layer(self, step: DeviceStep, q: torch.Tensor) -> None:
+    def select_layer(self, step: StepContext, q: torch.Tensor) -> None:
         """mid_select at each layer's first pass: that layer's mid-block rows, per sample (or batch-averaged).
 
         Head-parallel (``step.heads``): the subsampled queries and the mean keys are gathered over the ranks' heads
@@ -171,10 +162,10 @@ class PackPlanner(Planner):
         stride, mean_key = min(self.policy.q_stride, q.shape[1]), step.state["mean_key"]
         if step.heads is not None:
             q, mean_key, stride = step.heads.gather_heads(q[:, ::stride], 2), step.heads.gather_heads(mean_key, 2), 1
-        mid_select_op(q, mean_key, i.mid_slots, i.block_pos, step.seg, step.plan.job.seg_index, i.mid_target_pos,
+        mid_select_op(q, mean_key, i.mid_slots, i.block_pos, step.seg, i.seg_index, i.mid_target_pos,
                       self.row0, self.block_tokens, stride, self.policy.batch_mean, step.backend, checked=True)
 
-    def append(self, step: DeviceStep, k: torch.Tensor, v: torch.Tensor) -> None:
+    def append(self, step: StepContext, k: torch.Tensor, v: torch.Tensor) -> None:
         """compress_kv of the current block into its archive slot (the refresh pass writes the final copy)."""
         i = step.index
         if not i.block_slot.numel():  # sink blocks are kept at full resolution only (a shape: no guard on the slot)
@@ -197,7 +188,7 @@ class PackPlanner(Planner):
     def frame_of_row(self, plan: ChunkPlan, start_row: int) -> int:
         if start_row < self.row0:
             return super().frame_of_row(plan, start_row)
-        return plan.job.block_pos[(start_row - self.row0) // self.block_tokens]  # a compressed block: its first frame
+        return plan.index.block_pos[(start_row - self.row0) // self.block_tokens]  # a compressed block: its first frame
 
     def live_rows(self) -> int:
         return super().live_rows() + sum(pos >= 0 for pos in self.block_pos) * self.block_tokens

@@ -12,9 +12,10 @@ import torch
 
 from ..ops.relax_select.op import relax_select_op
 from .base import ChunkPlan
-from .base import DeviceStep
 from .base import MemoryPolicy
 from .base import Planner
+from .base import StepContext
+from .base import host_field
 from .base import pad
 
 
@@ -86,25 +87,16 @@ def relax_target_positions(chunk_start: int, sink: int, tail: int, history: int,
 
 @dataclass
 class RelaxIndex:
-    """Index tensors of ``relax_select`` (slots in memory order), uploaded by the cache every chunk that selects."""
+    """Inputs of ``relax_select`` for one chunk that selects (slots in memory order): the lists uploaded by the
+    cache, and on the host the candidates' frames and the first history row."""
 
     slot_pos: list[int]
     sink_slots: list[int]
     tail_slots: list[int]
     cand_slots: list[int]
-    target_pos: list[int]
-
-
-@dataclass
-class RelaxJob:
-    """Inputs of ``relax_select`` for one chunk (slots, in memory order)."""
-
-    sink_slots: list[int]
-    tail_slots: list[int]
-    cand_slots: list[int]
-    candidates: list[int]  # frame indices of the candidates
     target_pos: list[int]  # one per history entry
-    seg_index: int
+    candidates: list[int] = host_field()  # frame indices of the candidates
+    seg_index: int = host_field()  # the segment-table row of the first history entry
 
 
 @dataclass(frozen=True)
@@ -183,10 +175,10 @@ class RelaxPlanner(Planner):
         u, c = p.chunk_frames, n * p.chunk_frames
         evicted = self.slots.keep_only(p.kept_frames(n))
         current = [self.slots.place(c + i) for i in range(u)]
-        slot_of = self.slots.slot_of
         mem = p.reservoir_frames(n)
         roles = relax_roles(len(mem), p.sink, p.tail, p.candidates)
-        segments, attended, job = [], [], None
+        slot_of, slot_pos = self.slots.slot_of, self.slots.slot_pos()
+        segments, attended, index = [], [], None
         if roles.warmup:
             frames = mem + list(range(c, c + u))
             first = c + u - len(frames)
@@ -203,30 +195,29 @@ class RelaxPlanner(Planner):
             segments += [(slot_of[fr] * f, f, pos - fr) for fr, pos in zip(tail, tail_pos)]
             segments += [(slot_of[c + i] * f, f, 0) for i in range(u)]
             attended = sink + [-1] * h + tail + list(range(c, c + u))
-            job = RelaxJob(
-                [slot_of[fr] for fr in sink], [slot_of[fr] for fr in tail], [slot_of[fr] for fr in cands], cands,
-                hist_pos if not p.contiguous_rope else [0] * h, len(sink),
+            index = RelaxIndex(
+                slot_pos, [slot_of[fr] for fr in sink], [slot_of[fr] for fr in tail], [slot_of[fr] for fr in cands],
+                hist_pos if not p.contiguous_rope else [0] * h, cands, len(sink),
             )
         n_memory = len(segments) - u
         pad(segments, attended, self.n_seg)
-        plan = ChunkPlan(n, c, current, list(range(c, c + u)), segments, attended, evicted, self.slots.slot_pos(),
-                         n_memory_seg=n_memory, job=job)
-        if job is not None:
-            plan.selects, plan.selected_keys = True, len(job.target_pos) * f
-            plan.index = RelaxIndex(plan.slot_pos, job.sink_slots, job.tail_slots, job.cand_slots, job.target_pos)
+        plan = ChunkPlan(n, c, current, list(range(c, c + u)), segments, attended, evicted, slot_pos,
+                         n_memory_seg=n_memory, index=index)
+        if index is not None:
+            plan.selects, plan.selected_keys = True, len(index.target_pos) * f
         return plan
 
     def readable_frames(self, plan: ChunkPlan) -> list[int]:
         """The static frames and every history candidate (relax_select chooses among them on the device)."""
-        candidates = plan.job.candidates if plan.job is not None else []
+        candidates = plan.index.candidates if plan.index is not None else []
         return sorted(set(super().readable_frames(plan)).union(candidates))
 
-    def select_chunk(self, step: DeviceStep) -> None:
+    def select_chunk(self, step: StepContext) -> None:
         """relax_select once per chunk, from the stored prototypes: the history rows of the table every layer reads."""
         p, i = self.policy, step.index
-        relax_select_op(step.proto, i.slot_pos, i.sink_slots, i.tail_slots, i.cand_slots, step.seg,
-                        step.plan.job.seg_index, i.target_pos, self.frame_tokens, p.lam, p.batch0_decides,
-                        p.contiguous_rope, step.backend, checked=True)
+        relax_select_op(step.proto, i.slot_pos, i.sink_slots, i.tail_slots, i.cand_slots, step.seg, i.seg_index,
+                        i.target_pos, self.frame_tokens, p.lam, p.batch0_decides, p.contiguous_rope, step.backend,
+                        checked=True)
 
 
 @lru_cache(maxsize=None)

@@ -103,7 +103,7 @@ def test_relax_cache_matches_literal_reservoir_over_300_frames():
                 worst = max(worst, (got - want).abs().max().item())
         if literal.choice is not None:
             chosen = [row[policy.sink] for row in cache.selected_frames()]
-            cands = cache.last_plan.job.candidates
+            cands = cache.last_plan.index.candidates
             assert chosen == [cands[i] for i in literal.choice], f"chunk {chunk}"
         cache.end_chunk()
         literal.end_chunk()
@@ -169,7 +169,7 @@ def test_policy_state_layout(policy):
         assert cache.storage.state["mean_key"].shape == (layers, batch, pl.n_blocks, heads, d)
     else:
         assert cache.storage.state == {}
-    assert cache.device_plan.seg.shape == (layers if pl.selection == "per_layer" else 1, batch, pl.n_seg, 3)
+    assert cache.plan_buffers.seg.shape == (layers if pl.selection == "per_layer" else 1, batch, pl.n_seg, 3)
 
 
 def test_only_layer_0_writes_prototypes():

@@ -131,7 +131,7 @@ def test_a_planner_with_an_unknown_selection_kind_is_refused():
 def _pack_picks(cache, layer=0):
     """Mid blocks chosen at ``layer`` in the last chunk, per sample."""
     plan = cache.last_plan
-    return [row[plan.job.seg_index: plan.job.seg_index + 2] for row in cache.selected_frames(layer)]
+    return [row[plan.index.seg_index: plan.index.seg_index + 2] for row in cache.selected_frames(layer)]
 
 
 def test_pack_selects_per_sample_by_default_and_batch_mean_couples_the_batch():

@@ -22,7 +22,7 @@ import relaxkv_kernels as rk
 from relaxkv_kernels.geometry import apply_rope
 from relaxkv_kernels.geometry import token_positions
 from relaxkv_kernels.memory import ChunkPlan
-from relaxkv_kernels.memory import DeviceStep
+from relaxkv_kernels.memory import StepContext
 from relaxkv_kernels.memory import pad
 
 
@@ -188,13 +188,13 @@ class SinkNearestPlanner(rk.Planner):
             plan.index = NearestIndex([slot[fr] for fr in cands], [slot[tail[0]]], plan.slot_pos, [c - 2])
         return plan
 
-    def select_chunk(self, step: DeviceStep) -> None:
+    def select_chunk(self, step: StepContext) -> None:
         i = step.index
         cand = F.normalize(step.proto[:, i.cand_slots], dim=-1)  # [B, C, D]
         ref = F.normalize(step.proto[:, i.tail_slot], dim=-1)  # [B, 1, D]
         self.write_choice(step, (cand * ref).sum(-1))
 
-    def write_choice(self, step: DeviceStep, score: torch.Tensor) -> None:
+    def write_choice(self, step: StepContext, score: torch.Tensor) -> None:
         """Each sample's best candidate (score [B, C]; argmax: the first of ties) into the reserved row, no sync."""
         i, f = step.index, self.frame_tokens
         slot = i.cand_slots[score.argmax(-1)]  # [B]
@@ -207,10 +207,10 @@ class SinkNearestQueryPlanner(SinkNearestPlanner):
 
     selection = "per_layer"
 
-    def select_chunk(self, step: DeviceStep) -> None:
+    def select_chunk(self, step: StepContext) -> None:
         raise AssertionError("selection is 'per_layer': the cache must call select_layer")
 
-    def select_layer(self, step: DeviceStep, q: torch.Tensor) -> None:
+    def select_layer(self, step: StepContext, q: torch.Tensor) -> None:
         cand = F.normalize(step.proto[:, step.index.cand_slots], dim=-1)  # [B, C, D]
         query = F.normalize(q.float().mean(dim=(1, 2)), dim=-1)  # [B, D]: mean over tokens and heads
         self.write_choice(step, (cand * query[:, None]).sum(-1))
@@ -312,7 +312,7 @@ def _upload(index, device):
 
 @pytest.mark.parametrize("by_query", [False, True], ids=["chunk", "per_layer"])
 def test_device_step_needs_only_the_typed_step(by_query):
-    """No cache: the step runs on a hand-made DeviceStep (no pools, no state, no job). On the meta device, where
+    """No cache: the step runs on a hand-made StepContext (no pools, no state). On the meta device, where
     a host sync (.item(), .tolist(), nonzero, tensor-valued if) raises; then on the CPU, where it writes only
     the reserved row, with a tie between two candidates going to the lower one."""
     policy, batch, head_dim = SinkNearest(by_query=by_query), 3, 16
@@ -320,11 +320,11 @@ def test_device_step_needs_only_the_typed_step(by_query):
     f = planner.frame_tokens
     for n in range(7):  # the slots of a steady-state chunk, some reused
         plan = planner.plan(n)
-    assert plan.selects and plan.job is None and len(plan.index.cand_slots) == policy.span - 1
+    assert plan.selects and len(plan.index.cand_slots) == policy.span - 1
     q_shape = (batch, policy.chunk_frames * f, 2, head_dim)
 
     def run(device, proto, seg, q):
-        step = DeviceStep(plan, _upload(plan.index, device), seg, 0 if by_query else None, None, None, {}, proto,
+        step = StepContext(plan, _upload(plan.index, device), seg, 0 if by_query else None, None, None, {}, proto,
                           "reference")
         planner.select_layer(step, q) if by_query else planner.select_chunk(step)
 

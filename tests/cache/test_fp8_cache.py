@@ -67,7 +67,7 @@ def test_fp8_error_is_bounded_by_e4m3_and_selections_do_not_change(name, attenti
     assert err_same < err_fp8 <= 2 * STEP_RATIO * err_same, (err_same, err_fp8)
     for layer in range(same.num_layers):  # the last chunk's tables (pack: a choice per layer)
         assert fp8.selected_frames(layer) == same.selected_frames(layer)
-    assert torch.equal(fp8.device_plan.seg, same.device_plan.seg)
+    assert torch.equal(fp8.plan_buffers.seg, same.plan_buffers.seg)
 
 
 @pytest.mark.parametrize("name", ["relax", "pack"])
@@ -107,7 +107,7 @@ def test_triton_kernels_give_the_reference_pools_and_outputs(name, attention):
     want_out, want = cache_rollout(policy, backend="reference", **kw)
     got_out, got = cache_rollout(policy, backend="fused", **kw)
     torch.testing.assert_close(got_out, want_out, rtol=1e-2, atol=1e-2)  # fp16 (2^-11) and one e4m3 step of a row
-    assert torch.equal(got.device_plan.seg, want.device_plan.seg)
+    assert torch.equal(got.plan_buffers.seg, want.plan_buffers.seg)
     rows = held_rows(want)
     s, w = got.storage, want.storage
     assert_fp8_equal(s.k[:, :, rows], s.k_scale[:, :, rows], w.k[:, :, rows], w.k_scale[:, :, rows], exact=False)
@@ -124,7 +124,7 @@ def test_csrc_kernels_give_the_reference_pools_and_outputs(attention, kernel_dev
     want_out, want = cache_rollout(policy, backend="reference", **kw)
     got_out, got = cache_rollout(policy, backend="auto", **kw)
     torch.testing.assert_close(got_out, want_out, rtol=1e-2, atol=1e-2)  # one e4m3 step of a rare code
-    assert torch.equal(got.device_plan.seg, want.device_plan.seg)
+    assert torch.equal(got.plan_buffers.seg, want.plan_buffers.seg)
     rows = held_rows(want).to(kernel_device)
     s, w = got.storage, want.storage
     assert_fp8_equal(s.k[:, :, rows], s.k_scale[:, :, rows], w.k[:, :, rows], w.k_scale[:, :, rows], exact=False)
@@ -148,8 +148,8 @@ def test_fp8_pools_stage_every_chunk():
     policy = POLICIES["dense"]
     _, bf16 = cache_rollout(policy, chunks=2, backend="reference", attention="window")
     _, fp8 = cache_rollout(policy, chunks=2, backend="reference", attention="window", kv_dtype=FP8)
-    assert bf16.chunk_mode.name == "pool_prefix" and bf16.mode.nbytes() == 0
-    assert fp8.chunk_mode.name == "window" and fp8.mode.nbytes() > 0
+    assert bf16.active_mode.name == "pool_prefix" and bf16.attention_mode.nbytes() == 0
+    assert fp8.active_mode.name == "window" and fp8.attention_mode.nbytes() > 0
     from relaxkv_kernels.cache.modes import resolve_attention
 
     assert resolve_attention("auto", "auto", "cuda", staged=True, gathers=False) == "per_call"

@@ -129,7 +129,7 @@ def test_cuda_graph_replays_a_relax_chunk_step_with_the_cuda_kernels(backend_env
 
     qkv = inputs()
     eager.begin_chunk()
-    assert eager.last_plan.job is not None
+    assert eager.last_plan.index is not None
     want = [eager.attend(layer, *qkv[layer]) for layer in range(layers)]
     static = [tuple(t.clone() for t in x) for x in qkv]
     graphed.begin_chunk()
@@ -145,7 +145,7 @@ def test_cuda_graph_replays_a_relax_chunk_step_with_the_cuda_kernels(backend_env
     for got, again, ref in zip(first, outs, want):
         assert torch.equal(got, again)  # replays are identical
         torch.testing.assert_close(got, ref, rtol=1.6e-2, atol=1.6e-2)  # bf16: ~2 ulps
-    assert torch.equal(graphed.device_plan.seg, eager.device_plan.seg)  # selected at begin_chunk, read by the graph
+    assert torch.equal(graphed.plan_buffers.seg, eager.plan_buffers.seg)  # selected at begin_chunk, read by the graph
     eager.end_chunk()
     graphed.end_chunk()
 

@@ -48,7 +48,8 @@ def _side_by_side(name: str, chunks: int = 9, passes: int = 2, dtype=torch.float
     """
     caches = [rk.KVCache(POLICIES[name](), L, B, H, D, HH, WW, dtype=dtype, pool_device=where, **kw)
               for where in (None, "cpu")]
-    in_place = caches[0].mode.name == "pool_prefix" or getattr(caches[0].mode, "prefix", None) is not None
+    mode = caches[0].attention_mode
+    in_place = mode.name == "pool_prefix" or getattr(mode, "prefix", None) is not None
     gen = torch.Generator().manual_seed(5)
     shape = (B, caches[0].policy.chunk_frames * HH * WW, H, D)
     for chunk in range(chunks):
@@ -58,13 +59,13 @@ def _side_by_side(name: str, chunks: int = 9, passes: int = 2, dtype=torch.float
             for layer in range(L):
                 q, k, v = (torch.randn(shape, generator=gen).to(dtype) for _ in range(3))
                 want, got = (cache.attend(layer, q, k, v) for cache in caches)
-                if in_place and caches[0].chunk_mode.name == "pool_prefix":
+                if in_place and caches[0].active_mode.name == "pool_prefix":
                     close(got, want, dtype, f"{name} chunk {chunk} layer {layer}")
                 else:
                     assert torch.equal(got, want), (name, chunk, layer)
         for cache in caches:
             cache.end_chunk()
-        assert torch.equal(caches[1].device_plan.seg, caches[0].device_plan.seg), (name, chunk)
+        assert torch.equal(caches[1].plan_buffers.seg, caches[0].plan_buffers.seg), (name, chunk)
     return caches
 
 
@@ -89,7 +90,7 @@ def test_host_pools_give_the_outputs_of_device_pools(name, attention, kv_dtype):
     assert device.last_plan.selects == (name not in ("dense", "sink-rerotate"))  # past the first selections
     assert host.storage.host and not device.storage.host
     if attention != "segments":  # the engines never read host pools: every chunk stages, none attends to the pool
-        assert host.chunk_mode.name == attention
+        assert host.active_mode.name == attention
 
 
 @pytest.mark.interpreter

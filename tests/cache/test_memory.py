@@ -166,8 +166,8 @@ def test_plans_are_bounded_and_steady(policy):
         assert len(planner.slots.slot_of) <= planner.n_slots
         for start, length, _ in plan.segments:
             assert length == 0 or 0 <= start and start + length <= planner.n_rows
-        job = plan.job
-        shapes.append(None if job is None else tuple(len(x) for x in vars(job).values() if isinstance(x, list)))
+        index = plan.index
+        shapes.append(None if index is None else tuple(len(x) for x in vars(index).values() if isinstance(x, list)))
     assert len(set(shapes[200:])) == 1
 
 
@@ -178,8 +178,8 @@ def test_relax_steady_state_plan():
     for i in range(n + 1):
         plan = planner.plan(i)
     c = plan.start_frame
-    assert [c - fr for fr in plan.job.candidates] == [58, 44, 30, 16]
-    assert plan.job.target_pos == [c - 2]
+    assert [c - fr for fr in plan.index.candidates] == [58, 44, 30, 16]
+    assert plan.index.target_pos == [c - 2]
     sink, tail = plan.segments[0:2], plan.segments[3]
     assert [s[2] for s in sink] == [c - 4, c - 4]  # stored at 0 and 1, read at c-4 and c-3
     assert tail[2] == 0 and plan.frames_attended[3] == c - 1
@@ -193,7 +193,7 @@ def test_pack_active_context_is_27872_tokens():
     for n in range(300):
         plan = planner.plan(n)
         if n >= 19:  # 16 mid blocks exist from block 19 on
-            k = len(plan.job.target_pos)
+            k = len(plan.index.mid_target_pos)
             assert sum(s[1] for s in plan.segments) + k * planner.block_tokens == 27872
 
 
@@ -202,8 +202,8 @@ def test_pack_repacks_sink_and_mid_before_recent():
     for n in range(8):
         plan = planner.plan(n)
     assert plan.start_frame == 28
-    assert plan.job.mid_blocks == [3, 4, 5]  # first frames 12, 16, 20; recent block 6 (frames 24..27)
-    assert plan.job.target_pos == [16, 20]  # two selected blocks packed right before recent (24)
+    assert plan.index.mid_blocks == [3, 4, 5]  # first frames 12, 16, 20; recent block 6 (frames 24..27)
+    assert plan.index.mid_target_pos == [16, 20]  # two selected blocks packed right before recent (24)
     assert [s[2] for s in plan.segments[:8]] == [8] * 8  # sink frames 0..7 now at 8..15
     assert plan.frames_attended[10:14] == [24, 25, 26, 27] and [s[2] for s in plan.segments[10:]] == [0] * 8
 

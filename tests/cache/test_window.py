@@ -29,7 +29,7 @@ POLICIES = {
 def _assert_same_rollout(got, want, tol):
     (out, cache), (ref, ref_cache) = got, want
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
-    assert torch.equal(cache.device_plan.seg, ref_cache.device_plan.seg)  # same selections
+    assert torch.equal(cache.plan_buffers.seg, ref_cache.plan_buffers.seg)  # same selections
     rows = held_rows(ref_cache).to(ref_cache.storage.k.device)
     # end_chunk committed the chunk rows
     for a, b in ((cache.storage.k, ref_cache.storage.k), (cache.storage.v, ref_cache.storage.v)):
@@ -229,10 +229,10 @@ def test_bf16_window_at_wan_shapes_meets_the_2x_rule(name):
             outs[mode] = cache.attend(0, q, k, v)
             cache.end_chunk()
     ref_cache = caches["segments"]
-    device_plan = ref_cache.device_plan
+    plan_buffers = ref_cache.plan_buffers
     q_rot = rk.rope_append(q, k, v, ref_cache.storage.k[0].clone(), ref_cache.storage.v[0].clone(), None,
-                           device_plan.frame_slot, device_plan.frame_pos, 30, 52, backend="reference")
-    seg = device_plan.seg[0]
+                           plan_buffers.frame_slot, plan_buffers.frame_pos, 30, 52, backend="reference")
+    seg = plan_buffers.seg[0]
     total = ref_cache.last_plan.total_keys()
     want = rk.sparse_kv_attention(q_rot.float(), ref_cache.storage.k[0].float(), ref_cache.storage.v[0].float(), seg,
                                   backend="reference", impl="fused")

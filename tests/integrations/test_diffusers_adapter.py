@@ -208,7 +208,8 @@ def test_attach_errors(models):
         cache.begin_chunk()
         text = random_text(CFG, 1, 0)
         for shape in [(1, 16, 3, 8, 6), (1, 16, 3, 6, 8), (2, 16, 3, 8, 8), (1, 16, 2, 8, 8)]:
-            with pytest.raises(ValueError, match=r"expected \[1, C, 3, 8, 8\] \(the cache's batch, the 3 latent frames of a chunk"):
+            with pytest.raises(ValueError, match=r"expected \[1, C, 3, 8, 8\] \(the cache's batch, the 3 latent "
+                                                 r"frames of a chunk"):
                 _flow(transformer, torch.randn(shape), torch.tensor([0.0] * shape[0]), text.expand(shape[0], -1, -1))
         # text of another batch: named before any layer runs (it used to run and count layer 0, then fail on q)
         with pytest.raises(ValueError, match=r"encoder_hidden_states \(the text embeddings\): expected \[1, "):
