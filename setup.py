@@ -109,7 +109,9 @@ if __name__ == "__main__":
         description="Fused Triton/CUDA kernels for KV memory in autoregressive video diffusion",
         python_requires=">=3.10",
         packages=find_packages(include=["relaxkv_kernels", "relaxkv_kernels.*"]) + py_packages,
-        package_dir={p: "python/" + p.replace(".", "/") for p in py_packages},
+        # python/ holds relaxkv_gen and the command's light launcher module; relaxkv_kernels stays at the top
+        package_dir={"": "python", "relaxkv_kernels": "relaxkv_kernels"},
+        py_modules=["relaxkv_generate"],
         # the engine="auto" table (read by relaxkv_kernels/ops/dense_attention/tuning.py)
         package_data={"relaxkv_kernels": ["ops/dense_attention/tuning.json"]},
         install_requires=["torch", "numpy", "tqdm", "matplotlib", "safetensors",
@@ -123,7 +125,7 @@ if __name__ == "__main__":
         extras_require={"diffusers": DIFFUSERS_EXTRA,
                         "test": ["pytest", "pytest-benchmark", "pybind11", "ninja", "ruff==0.17.6", *DIFFUSERS_EXTRA],
                         "docs": ["mkdocs==1.6.1", "mkdocstrings[python]>=1.0", "pymdown-extensions>=10"]},
-        entry_points={"console_scripts": ["relaxkv-generate = relaxkv_gen.cli:main"]},
+        entry_points={"console_scripts": ["relaxkv-generate = relaxkv_generate:main"]},
         ext_modules=extensions(),
         cmdclass={"build_ext": NvccBuildExt},
         zip_safe=False,

@@ -364,6 +364,22 @@ def _signal_after_progress(args: list[str], tmp_path: Path, progress: bytes, sig
     return code, log.read_text(), proc.stdout.read()
 
 
+def test_ctrl_c_while_the_command_imports(tmp_path):
+    """The relaxkv-generate command starts from a light module (relaxkv_generate): a SIGINT in its first half second,
+    while torch and the packages import, is the one line and status 130, no traceback."""
+    launch = "import sys, relaxkv_generate; sys.exit(relaxkv_generate.main())"
+    done = subprocess.run([sys.executable, "-c", launch, "--version"], capture_output=True, text=True, env=ENV)
+    assert done.returncode == 0 and done.stdout.startswith("relaxkv-generate ")
+    proc = subprocess.Popen([sys.executable, "-c", launch, "--preset", "tiny", "--chunks", "400", "--out",
+                             str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert (proc.returncode, stderr, stdout) == (130, b"relaxkv-generate: interrupted\n", b"")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("existing", [False, True], ids=["new-out", "existing-out-overwrite"])
 def test_ctrl_c_during_a_real_run(tmp_path, existing):
     """SIGINT to ``python -m relaxkv_gen`` once its progress bar shows a finished chunk: status 130, the last
