@@ -252,7 +252,7 @@ def memory_map(report: dict, name: str, max_chunks: int = MAP_MAX_CHUNKS) -> tup
 
     Attended frames come from the device segment table (``selected_frames``); device-chosen segments
     shorter than a frame (``plan.selected_keys`` spread over them) are compressed blocks covering a chunk's
-    frames. Held frames are the plan's ``slot_pos``, held compressed blocks Pack's ``job.block_pos``.
+    frames. Held frames are the plan's ``slot_pos``, held compressed blocks Pack's ``index.block_pos``.
     """
     pol = report["policies"][name]
     chunks, f_tokens, u = pol["chunks"][:max_chunks], frame_tokens(report), pol["chunk_frames"]
@@ -261,7 +261,7 @@ def memory_map(report: dict, name: str, max_chunks: int = MAP_MAX_CHUNKS) -> tup
     candidates = []
     for row, c in enumerate(chunks):
         plan = c["plan"]
-        job = plan.get("job") or {}
+        index = plan.get("index") or {}
         cells = grid[row]
 
         def mark(frames, category):
@@ -270,7 +270,7 @@ def memory_map(report: dict, name: str, max_chunks: int = MAP_MAX_CHUNKS) -> tup
                     cells[fr] = max(cells[fr], category)
 
         mark((f for f in plan["slot_pos"] if f >= 0), HELD)
-        mark((b + i for b in job.get("block_pos", []) if b >= 0 for i in range(u)), HELD_COMPRESSED)
+        mark((b + i for b in index.get("block_pos", []) if b >= 0 for i in range(u)), HELD_COMPRESSED)
         planned = plan["frames_attended"]
         shown = c.get("selected_frames", [planned])[0]
         n_chosen = planned.count(-1)
@@ -285,7 +285,7 @@ def memory_map(report: dict, name: str, max_chunks: int = MAP_MAX_CHUNKS) -> tup
             else:
                 mark([frame], CHOSEN)
         mark(range(c["start_frame"], c["start_frame"] + c["frames"]), CURRENT)
-        candidates += [(row, fr) for fr in job.get("candidates", [])]
+        candidates += [(row, fr) for fr in index.get("candidates", [])]
     return grid, candidates
 
 
