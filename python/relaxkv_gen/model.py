@@ -15,36 +15,21 @@ memory; the blocks themselves are the same code.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import TYPE_CHECKING
-from typing import Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .protocols import AttendFn
+from .protocols import Timer
+from .protocols import timed
 
 if TYPE_CHECKING:
     from .parallel import SequenceParallel
 
 TIME_EMBED_THETA = 10000.0
-_NO_TIMER = contextlib.nullcontext()
-
-
-class AttendFn(Protocol):
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
-
-
-class Timer(Protocol):
-    """Times named sections of a forward pass (e.g. ``relaxkv_gen.rollout.SectionTimer``)."""
-
-    def section(self, name: str) -> contextlib.AbstractContextManager: ...
-
-
-def timed(timer: Timer | None, name: str) -> contextlib.AbstractContextManager:
-    """``timer.section(name)``, or a shared no-op context when there is no timer (no allocation, no event)."""
-    return _NO_TIMER if timer is None else timer.section(name)
 
 
 def sinusoidal_embedding_1d(dim: int, position: torch.Tensor) -> torch.Tensor:

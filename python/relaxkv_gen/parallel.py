@@ -30,9 +30,9 @@ import torch
 from relaxkv_kernels import RankGroup
 
 from .config import ModelConfig
-from .model import AttendFn
-from .model import Timer
-from .model import timed
+from .protocols import AttendFn
+from .protocols import Timer
+from .protocols import timed
 
 COMM_SECTION = "all_to_all"  # the timer section of the Ulysses all-to-alls
 
