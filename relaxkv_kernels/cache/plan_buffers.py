@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..memory import ChunkPlan
+from ..memory.base import host_fields
 from ..memory.base import uploaded_fields
 
 
@@ -52,11 +53,10 @@ class PlanBuffers:
         if index is None:
             self.index = None
         elif type(self.index) is type(index):  # refreshed in place: the planner's steps keep their tensors
-            for field in dataclasses.fields(index):
-                value = getattr(index, field.name)
-                if field.name in names:
-                    value = _refresh(getattr(self.index, field.name), value, device)
-                setattr(self.index, field.name, value)
+            for name in names:
+                setattr(self.index, name, _refresh(getattr(self.index, name), getattr(index, name), device))
+            for name in host_fields(type(index)):
+                setattr(self.index, name, getattr(index, name))
         else:
             self.index = dataclasses.replace(index, **{name: _refresh(None, getattr(index, name), device)
                                                        for name in names})

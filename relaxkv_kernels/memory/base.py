@@ -75,6 +75,12 @@ def uploaded_fields(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("upload", True))
 
 
+@functools.cache
+def host_fields(cls: type) -> tuple[str, ...]:
+    """The :func:`host_field` fields of an ``index`` record class (the ones the cache does not upload)."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in uploaded_fields(cls))
+
+
 @dataclass
 class ChunkPlan:
     """Everything about one chunk that the host knows before it runs.
