@@ -444,12 +444,13 @@ class Rollout:
         self.parallel = None if process_group is None else SequenceParallel(process_group)
         if self.parallel is not None:
             check_ranks(cfg, u, self.parallel.size)  # the same ValueError on every rank, before any collective
-        self.batch = batch = model.embed_text(text).shape[0]
+        first = model.embed_text(text)  # checks the text's shape
+        self.batch = batch = first.shape[0]
         self.shape = (batch, cfg.in_dim, u, cfg.latent_height, cfg.latent_width)
         self.given = context_chunks(context, u, batch, self.shape, self.device, self.dtype)  # before the cache
         whole = sum(g.shape[2] == u for g in self.given)  # context chunks, before the num_chunks generated ones
         self.total = None if num_chunks is None else whole + num_chunks
-        self.schedule = {chunk: model.embed_text(states)
+        self.schedule = {chunk: first if states is text else model.embed_text(states)
                          for chunk, states in text_schedule(prompts, text, self.total).items()}
         self.recache = recache
         if self.parallel is not None and recache != "none" and len(self.schedule) > 1:

@@ -157,6 +157,13 @@ def test_image_to_video_matches_rollout_with_the_images_latent(pipe, model):
                   output_type="latent", image=image)
     assert latents.shape == ref.latents.shape == (1, 16, 9, 8, 8) and torch.equal(latents[:, :, :1], latent)
     torch.testing.assert_close(latents.cpu(), ref.latents, rtol=0, atol=ROLLOUT_ATOL)
+    new = random_text(CFG, 1, 4)  # a switch right after the image's chunk, the image's frame re-cached too
+    switched = rollout(model, "relax", random_text(CFG, 1, 0), num_chunks=3, seed=7, backend="reference",
+                       timing=False, context=latent, prompts={1: new}, recache="attended")
+    assert switched.chunks[1]["recached_frames"] == [0, 1, 2]
+    torch.testing.assert_close(run(pipe, policy="relax", num_chunks=3, generator=torch.Generator().manual_seed(7),
+                                   output_type="latent", image=image, prompt_schedule={1: new}, recache="attended"
+                                   ).cpu(), switched.latents, rtol=0, atol=ROLLOUT_ATOL)
     other = run(pipe, policy="relax", num_chunks=3, generator=torch.Generator().manual_seed(7),
                 output_type="latent", image=1 - image)
     assert not torch.allclose(other[:, :, 6:], latents[:, :, 6:])  # chunk 2 attends to the image's frame

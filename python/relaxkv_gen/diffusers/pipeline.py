@@ -444,6 +444,7 @@ class ChunkwiseWanPipeline(DiffusionPipeline):
                 chunk_given = given[i] if i < len(given) else None
                 if i in texts and i:
                     text = texts[i]
+                    per_token[0] = False  # a rewrite's frames share timestep 0
                     run_recache(self.kv_cache, recache, held, forward, batch, device)
                 per_token[0] = chunk_given is not None and chunk_given.shape[2] < frames
                 self.kv_cache.begin_chunk()
