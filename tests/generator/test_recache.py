@@ -25,6 +25,7 @@ from relaxkv_gen.rollout import rollout
 from relaxkv_gen.rollout import run_recache
 from relaxkv_gen.sampler import FlowMatchSampler
 
+from helpers import assert_2x_rule
 from helpers import literal_rope
 
 CFG = get_preset("tiny")
@@ -175,16 +176,28 @@ def test_recache_with_host_and_fp8_pools(model, policy):
     _same(runs["host"].storage.v, runs["device"].storage.v)
 
 
-def test_recache_through_the_fused_kernels(model):
-    """The Triton kernels (interpreter on CPU) re-cache as the reference backend does."""
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
+def test_recache_through_the_fused_kernels(dtype):
+    """The fused kernels (Triton on a GPU, the interpreter on CPU) re-cache as the reference backend does: fp32 within
+    summation order; bf16 (GPU) within twice the error of the same rollout by the torch reference in bf16, both
+    against the fp32 reference."""
     pytest.importorskip("triton")
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+    if not torch.cuda.is_available() and (dtype != torch.float32 or os.environ.get("TRITON_INTERPRET") != "1"):
+        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1; bf16 needs a GPU")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     text, new = random_text(CFG, 1, 0), random_text(CFG, 1, 5)
     kw = dict(num_chunks=4, timing=False, prompts={3: new}, recache="attended")
-    ref = rollout(model, "relax", text, backend="reference", **kw)
-    fused = rollout(model, "relax", text, backend="fused", **kw)
-    torch.testing.assert_close(fused.latents, ref.latents, rtol=2e-4, atol=2e-4)
+
+    def run(backend, dt):
+        return rollout(build_model(CFG, seed=0, device=device, dtype=dt), "relax", text, backend=backend, **kw)
+
+    truth = run("reference", torch.float32)
+    fused = run("fused", dtype)
+    if dtype == torch.float32:
+        assert [c["selected_frames"] for c in fused.chunks] == [c["selected_frames"] for c in truth.chunks]
+        torch.testing.assert_close(fused.latents, truth.latents, rtol=2e-4, atol=2e-4)
+    else:  # bf16 prototypes may break a near-tie of the scores otherwise than fp32 ones: latents only
+        assert_2x_rule(fused.latents, truth.latents, run("reference", dtype).latents, slack=1e-3, what="bf16 re-cache")
 
 
 def test_rewrite_contract(model):
