@@ -266,9 +266,8 @@ class KVCache:
             raise RuntimeError(f"KVCache.begin_chunk: chunk {self.chunk} changes the plan's shapes since a CUDA "
                                "graph captured a chunk step of this cache, so a replay would read stale buffers; "
                                "capture once the plans are steady (past the policy's warm-up), or make a new cache")
-        self.last_plan, self._shapes, self.active_mode = plan, shapes, mode
-        self._buffers, self._seg, self._pass_shape = self.plan_buffers, self._chunk_seg, self._chunk_shape
-        self._steps = {}  # the planner's StepContext per layer (-1: the chunk's), made on use
+        self._shapes = shapes
+        self._start_passes(plan, mode, self.plan_buffers, self._chunk_seg, self._chunk_shape)
         mode.begin(plan)
         if plan.selects and self.planner.selection == "chunk":
             with self._section("select"):
@@ -276,12 +275,19 @@ class KVCache:
         self._selects_layer = plan.selects and self.planner.selection == "per_layer"
         self._layer_steps = ([self.step_context(layer) for layer in range(self.num_layers)]
                              if self._selects_layer or self._appends else [])
-        self._calls = [0] * self.num_layers
-        self._traced_calls.zero_()
         # read in attend only where a layer's first call differs from its others: one compiled graph otherwise
         self._first = [True] * self.num_layers if self._selects_layer or mode.stages else None
         self._in_chunk = True
         return plan
+
+    def _start_passes(self, plan: ChunkPlan, mode, buffers: PlanBuffers, seg: list[torch.Tensor],
+                      shape: tuple[int, ...]) -> None:
+        """What the calls of the passes to come read (a chunk's or a rewrite's): its plan, mode, uploaded buffers,
+        segment table per layer and q/k/v shape; no step made and no call counted yet."""
+        self.last_plan, self.active_mode, self._buffers, self._seg, self._pass_shape = plan, mode, buffers, seg, shape
+        self._steps = {}  # the planner's StepContext per layer (-1: the chunk's), made on use
+        self._calls = [0] * self.num_layers
+        self._traced_calls.zero_()
 
     def _check_plan(self, plan: ChunkPlan, total: int) -> None:
         """A planner's plan is consistent (host only, before anything is uploaded): a padded table of segments inside
@@ -389,8 +395,10 @@ class KVCache:
         return self.planner.recent_frames(plan) if which == "recent" else self.planner.readable_frames(plan)
 
     def held_frames(self) -> list[int]:
-        """Frames the memory holds at full resolution (a re-cache may rewrite them), sorted."""
-        return sorted(self.planner.slots.slot_of)
+        """Frames made so far that the memory holds at full resolution (a re-cache may rewrite them), sorted; the
+        next chunk's frames are not made yet, even once its plan placed them."""
+        made = self.chunk * self.policy.chunk_frames
+        return sorted(fr for fr in self.planner.slots.slot_of if fr < made)
 
     def recache_groups(self, frames) -> list[list[int]]:
         """``frames`` (sorted, distinct) in the groups :meth:`begin_rewrite` takes: the frames of one chunk each (chunk
@@ -420,11 +428,11 @@ class KVCache:
         frames = self._check_frames(op, frames)
         nxt = self.planner.plan(self.chunk)  # what the next chunk evicts is gone; re-planned alike at begin_chunk
         slot_of, u, f = self.planner.slots.slot_of, self.policy.chunk_frames, self.frame_tokens
-        missing = [fr for fr in frames if fr not in slot_of or fr >= nxt.start_frame]
+        held = self.held_frames()
+        missing = [fr for fr in frames if fr not in held]
         if missing:
             raise FrameNotHeldError(f"{op}: frames {missing} are not held at full resolution before chunk "
-                                    f"{self.chunk} (held: {sorted(fr for fr in slot_of if fr < nxt.start_frame)}): "
-                                    f"the policy dropped them or they are not made yet")
+                                    f"{self.chunk} (held: {held}): the policy dropped them or they are not made yet")
         context = [fr for fr in self.planner.readable_frames(nxt) if fr // u < frames[0] // u]
         rows = context + frames
         plan = ChunkPlan(self.chunk, frames[0], [slot_of[fr] for fr in frames], frames,
@@ -432,13 +440,11 @@ class KVCache:
                          index=self.planner.rewrite_index(frames))
         buffers = PlanBuffers.allocate(1, self.batch, len(rows), len(frames), self.device)
         buffers.upload(plan)
-        self.last_plan, self._buffers, self._seg = plan, buffers, [buffers.seg[0]] * self.num_layers
-        self.active_mode = SegmentsMode(self.geometry, self.storage, buffers, self.backend, "auto", self._section)
-        self._pass_shape = (self.batch, len(frames) * f, self.num_heads, self.head_dim)
-        self._steps, self._first, self._selects_layer = {}, None, False
+        mode = SegmentsMode(self.geometry, self.storage, buffers, self.backend, "auto", self._section)
+        self._start_passes(plan, mode, buffers, [buffers.seg[0]] * self.num_layers,
+                           (self.batch, len(frames) * f, self.num_heads, self.head_dim))
+        self._first, self._selects_layer = None, False
         self._layer_steps = [self.step_context(layer) for layer in range(self.num_layers)] if self._appends else []
-        self._calls = [0] * self.num_layers
-        self._traced_calls.zero_()
         self._in_chunk = self._rewriting = True
         return plan
 
