@@ -12,8 +12,9 @@
 #   CONFIGS=relax FULL=1 bash benchmarks/run_gpu.sh   # one chunk config; the full generator benchmark
 #   STEPS="build fp8" bash benchmarks/run_gpu.sh      # opt-in: FP8-pool chunk steps vs bf16 pools, in
 #                                                     # the archive as chunk_wan_fp8.json; its targets in summary.txt
-#   STEPS="build host" bash benchmarks/run_gpu.sh     # opt-in: window chunk steps with host pools vs device pools and
-#                                                     # the staging vs the pinned copy bandwidth, relax and
+#   STEPS="build host" bash benchmarks/run_gpu.sh     # opt-in: window chunk steps with host pools vs device pools
+#                                                     # (each staging: first call, next layer, all layers ahead)
+#                                                     # and the staging vs the pinned copy bandwidth, relax and
 #                                                     # pack, as chunk_wan_host.json; its targets in summary.txt
 #
 # After the run: copy the JSON/CSV/PNG that matter into benchmarks/results/, commit relaxkv_kernels/ops/dense_attention/tuning.json
@@ -83,8 +84,9 @@ step plot 10 bash -c "shopt -s nullglob; $PY -m benchmarks plot_results $WORK/ch
     $PY -m benchmarks plot_generator $WORK/generator_*.json --table $WORK/GENERATOR.md"
 step fp8 200 "$PY" -m benchmarks chunk --shapes wan --configs "$CONFIGS" --kv-dtype fp8 --engines sdpa_cudnn \
     --skip-official --no-progress --reps 3 --budget-s 10 --out "$WORK/chunk_wan_fp8.json"
-step host 200 "$PY" -m benchmarks chunk --shapes wan --configs relax,pack --pools host --engines sdpa_cudnn \
-    --skip-official --no-progress --reps 3 --budget-s 10 --out "$WORK/chunk_wan_host.json"
+step host 300 "$PY" -m benchmarks chunk --shapes wan --configs relax,pack --pools host --engines sdpa_cudnn \
+    --staging first_call,next_layer,all_layers --skip-official --no-progress --reps 3 --budget-s 10 \
+    --out "$WORK/chunk_wan_host.json"
 step diffusers 90 "$PY" -m benchmarks diffusers --preset wan-1.3b --reps 2 --no-progress \
     --out "$WORK/diffusers_wan.json"
 cp relaxkv_kernels/ops/dense_attention/tuning.json "$WORK/tuning.json"

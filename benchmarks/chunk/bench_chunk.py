@@ -23,7 +23,9 @@ chunk (planner fast-forwarded, pools random). Rows, all per chunk, same run, sam
                          bf16 step)
     step[...]+host       ``--pools host``: the window step with the pools in pinned host memory
                          (``pool_device="cpu"``), eager and graphed, next to the device-pool steps of the same run
-                         (target: <= 1.05x the best device-pool step)
+                         (target: <= 1.05x the best device-pool step); with ``--staging`` once per staging
+                         (``KVCache(staging=...)``: at the first call, one layer ahead, every layer ahead on a side
+                         stream; ``+next_layer`` / ``+all_layers`` rows), the targets naming the fastest
     append / stage / select   rope_append (every call), the window staging (gather_kv_rope_into, once per
                          layer) and the selection, each timed alone; with ``--kv-dtype fp8`` also stage_fp8 (the
                          staging from FP8 pools) and copy_fp8 (a device copy of the same bytes, its bandwidth bound);
@@ -50,6 +52,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import relaxkv_kernels as rk  # noqa: E402
+from relaxkv_kernels.cache.modes import STAGINGS  # noqa: E402
 from relaxkv_kernels.cache.modes import resolve_attention  # noqa: E402
 from relaxkv_kernels.geometry import ROPE_THETA  # noqa: E402
 from relaxkv_kernels.geometry import compressed_positions  # noqa: E402
@@ -360,16 +363,18 @@ class RowRunner:
         return self.finish(row, self.time(chunk))
 
     def step(self, attention: str, engine: str, graph: bool, kv_dtype: torch.dtype | None = None,
-             pool_device: str | None = None) -> dict:
+             pool_device: str | None = None, staging: str = "first_call") -> dict:
         su = self.su
         name = f"step[{attention}:{engine}]" if attention != "segments" else "step[segments]"
         name += "+fp8" if kv_dtype is not None else ""
-        name += ("+host" if pool_device else "") + ("+graph" if graph else "")
+        name += ("+host" if pool_device else "") + ("" if staging == "first_call" else f"+{staging}")
+        name += "+graph" if graph else ""
         label = {"window": "per-chunk window", "per_call": "per-call window",
                  "segments": "segment-table kernel"}[attention] + (f", {engine}" if attention != "segments" else "")
         label += (", FP8 pools" if kv_dtype is not None else "") + (", host pools" if pool_device else "")
+        label += "" if staging == "first_call" else f", staging {staging.replace('_', ' ')} ahead"
         cache = su.cache(backend="auto", attention=attention, engine=engine if attention != "segments" else "auto",
-                         kv_dtype=kv_dtype, pool_device=pool_device)
+                         kv_dtype=kv_dtype, pool_device=pool_device, staging=staging)
         passes = self.passes(cache)
 
         def eager():
@@ -382,7 +387,7 @@ class RowRunner:
         row = self.row("step", name, label + (" (CUDA graph)" if graph else " (eager)"), attention=attention,
                        engine=engine, graph=graph, kv_bytes=cache.memory_bytes(),
                        window_bytes=cache.attention_mode.nbytes(), kv_dtype=str(cache.kv_dtype).replace("torch.", ""),
-                       pools="host" if pool_device else "device", device_bytes=cache.device_bytes())
+                       pools="host" if pool_device else "device", staging=staging, device_bytes=cache.device_bytes())
         t = self.time(fn)
         if attention == "window" and not graph and kv_dtype is None and not pool_device:
             self.window_ms[engine] = t.ms
@@ -515,9 +520,14 @@ def row_specs(su: ChunkSetup, args) -> list[tuple[str, str, tuple]]:
                 specs.append(("step", f"step[{mode}:best]+fp8+graph", (mode, None, True, FP8)))
         specs.append(("parts_fp8", "parts_fp8", ()))
     if args.pools == "host":  # the window step with the pools in pinned host memory, and its staging's bandwidth
-        specs.append(("step", "step[window:best]+host", ("window", None, False, None, "cpu")))
-        if cuda:
-            specs.append(("step", "step[window:best]+host+graph", ("window", None, True, None, "cpu")))
+        ahead = su.policy.planner(su.shape.height, su.shape.width).selection != "per_layer"
+        for staging in args.staging.split(","):
+            if staging != "first_call" and not ahead:  # a per-layer selection stages at the first call only
+                continue
+            name = "step[window:best]+host" + ("" if staging == "first_call" else f"+{staging}")
+            specs.append(("step", name, ("window", None, False, None, "cpu", staging)))
+            if cuda:
+                specs.append(("step", f"{name}+graph", ("window", None, True, None, "cpu", staging)))
         specs.append(("parts_host", "parts_host", ()))
     return specs
 
@@ -559,8 +569,12 @@ def targets(rows: list[dict]) -> list[dict]:
         if fp8:
             out[-1].update(fp8_step_ms=fp8, fp8_over_bf16=fp8 / step if step else None, target_fp8_over_bf16=1.03)
         if host:
+            by_staging = {name: ms(config, lambda r, n=name: r["kind"] == "step" and r.get("pools") == "host"
+                                   and r.get("staging") == n) for name in STAGINGS}
+            by_staging = {name: t for name, t in by_staging.items() if t is not None}
             out[-1].update(host_step_ms=host, host_over_device=host / step if step else None,
-                           target_host_over_device=1.05)
+                           target_host_over_device=1.05, host_ms_by_staging=by_staging,
+                           host_best_staging=min(by_staging, key=by_staging.get))
         if len(stage_host) == 2:
             staged, copy = stage_host
             out[-1].update(stage_host_gbps=staged["gbps_host_read"], copy_h2d_gbps=copy["gbps"],
@@ -572,6 +586,15 @@ def targets(rows: list[dict]) -> list[dict]:
 
 # ----------------------------------------------------------------------------------------------------
 # CLI
+
+
+def stagings(text: str) -> str:
+    """``--staging``: comma-separated names of ``STAGINGS`` (argparse's type)."""
+    unknown = [name for name in text.split(",") if name not in STAGINGS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown staging {', '.join(unknown)} (expected some of "
+                                         f"{', '.join(STAGINGS)})")
+    return text
 
 
 def parse_args(argv=None):
@@ -592,6 +615,9 @@ def parse_args(argv=None):
     p.add_argument("--pools", choices=["host"],
                    help="also time the window step with the pools in pinned host memory and its staging against the "
                         "pinned host-to-device copy bandwidth")
+    p.add_argument("--staging", default="first_call", type=stagings,
+                   help="with --pools host, the window stagings to time, comma-separated, of "
+                        f"{','.join(STAGINGS)} (configs that select per layer: first_call only)")
     p.add_argument("--out", help="JSON path (CSV written beside it); "
                                  "default benchmarks/results/chunk_<shapes>_<device>.json")
     p.add_argument("--no-progress", action="store_true")
@@ -625,7 +651,8 @@ def print_tables(rows: list[dict], goals: list[dict], env: dict, peak: dict) -> 
             if "host_step_ms" in g:
                 print(f"  {g['config']:6} host pools {common.fmt(g['host_step_ms'])} ms = "
                       f"{common.fmt(g['host_over_device'])}x the device-pool step "
-                      f"(target <= {g['target_host_over_device']})")
+                      f"(target <= {g['target_host_over_device']}), staging "
+                      + ", ".join(f"{name} {common.fmt(t)} ms" for name, t in g["host_ms_by_staging"].items()))
             if "stage_over_copy" in g:
                 print(f"  {g['config']:6} staging from host pools {common.fmt(g['stage_host_gbps'])} GB/s = "
                       f"{common.fmt(g['stage_over_copy'])}x the pinned copy's {common.fmt(g['copy_h2d_gbps'])} GB/s "

@@ -186,6 +186,7 @@ def outputs(tmp_path_factory):
     chunk = bench_chunk.main(TINY + ["--out", str(tmp / "chunk.json")])
     triton_rows = bench_chunk.main(TINY + ["--configs", "relax", "--engines", "triton", "--layers", "1",
                                            "--passes", "1", "--skip-official", "--kv-dtype", "fp8", "--pools", "host",
+                                           "--staging", "first_call,all_layers",
                                            "--out", str(tmp / "chunk_triton.json")])
     scaling = bench_scaling.main(["--shapes", "tiny", "--seconds", "1,2", "--layers", "1", "--passes", "1",
                                   "--no-progress", "--out", str(tmp / "scaling.json")])
@@ -236,6 +237,12 @@ def test_bench_chunk_rows(outputs):
     assert trows["stage_host"]["gbps_host_read"] > 0 and trows["copy_h2d"]["gbps"] > 0
     goal = triton_data["targets"][0]
     assert goal["target_host_over_device"] == 1.05 and goal["host_over_device"] and goal["stage_over_copy"] > 0
+    # --staging: a host-pool step per staging, the targets naming each one's time and the fastest
+    ahead = trows["step[window:triton]+host+all_layers"]
+    assert ahead["status"] == "ok" and ahead["staging"] == "all_layers" and host["staging"] == "first_call"
+    assert set(goal["host_ms_by_staging"]) == {"first_call", "all_layers"}
+    assert goal["host_step_ms"] == min(goal["host_ms_by_staging"].values())
+    assert goal["host_ms_by_staging"][goal["host_best_staging"]] == goal["host_step_ms"]
 
 
 def test_bench_scaling_rows(outputs):

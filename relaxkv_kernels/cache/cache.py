@@ -63,6 +63,7 @@ from ..ops.fp8 import FP8_DTYPES
 from ..targets import require_gpu
 from .modes import MODES
 from .modes import SegmentsMode
+from .modes import check_staging
 from .modes import make_mode
 from .modes import resolve_attention
 from .plan_buffers import PlanBuffers
@@ -113,6 +114,11 @@ class KVCache:
             (:mod:`relaxkv_kernels.cache.storage`); everything else stays on ``device``. The window mode reads each
             attended row once per chunk and layer over PCIe; per_call and segments read at every call. Checked
             against the host's available memory before anything is allocated (:class:`HostMemoryError`).
+        staging: when the window mode stages a layer's memory rows (``relaxkv_kernels.cache.modes``): "first_call"
+            (at the layer's first call of the chunk, the default), "next_layer" (one layer ahead on a side stream)
+            or "all_layers" (every layer from layer 0's first call on a side stream). Ahead of the first call only in
+            the window mode, for a planner that selects per chunk or never (ValueError otherwise); meant for host
+            pools, where the staging reads over PCIe.
 
     Attributes:
         storage: the :class:`KVStorage` (``storage.k``, ``storage.v``: [L, B, n_rows, H, D]; ``storage.k_scale``,
@@ -132,7 +138,7 @@ class KVCache:
     def __init__(self, policy: MemoryPolicy, num_layers: int, batch: int, num_heads: int, head_dim: int, height: int,
                  width: int, dtype: torch.dtype = torch.bfloat16, device="cpu", backend: str = "auto",
                  attention: str = "auto", engine: str = "auto", process_group=None,
-                 kv_dtype: torch.dtype | None = None, pool_device=None):
+                 kv_dtype: torch.dtype | None = None, pool_device=None, staging: str = "first_call"):
         op = "KVCache"
         if not isinstance(policy, MemoryPolicy):
             raise TypeError(f"{op}: policy: expected a MemoryPolicy (DenseWindow, RelaxMemory, PackMemory, ...), "
@@ -180,6 +186,7 @@ class KVCache:
         pl.check_heads(num_heads)  # the model's heads, on every rank
         attention = resolve_attention(attention, engine, self.device.type, staged=kv_dtype is not None or host_pools,
                                       gathers=pl.gathers)
+        check_staging(staging, attention, pl, direct=kv_dtype is None and not host_pools)
         if self.heads is not None:  # ranks that made different caches would hang or mix heads: fail on every rank
             self.heads.check_same(op, {
                 "policy": repr(policy) if dataclasses.is_dataclass(policy) else type(policy).__qualname__,
@@ -207,7 +214,7 @@ class KVCache:
         self._buffers, self._seg = self.plan_buffers, self._chunk_seg
         self._layer_state = [self.storage.layer_state(i) for i in range(num_layers)]
         self.attention_mode = make_mode(attention, self.geometry, self.storage, self.plan_buffers, pl, backend, engine,
-                                        self._section)
+                                        self._section, staging)
         self.active_mode = self.attention_mode
         self._appends = type(pl).append is not Planner.append  # the planner has a step after every cache write
         self._chunk_shape = (batch, policy.chunk_frames * self.frame_tokens, self.num_heads, head_dim)

@@ -24,12 +24,30 @@ reads each memory row once per chunk and layer (the staging) and writes the chun
 mode host pools are made for. per_call reads every attended row at every call and writes the chunk's rows at
 every pass; segments reads them at every call: both work, at that PCIe cost per call.
 
+When the window mode stages (``KVCache(staging=...)``, one of ``STAGINGS``):
+
+    first_call   at each layer's first call, on the caller's stream, before its attention (the default);
+    next_layer   at layer l's first call, layer l + 1's staging is enqueued on a side stream that forks from the
+                 caller's there, so it overlaps layer l's attention and the rest of the model's layer; layer l + 1's
+                 first call waits for it (an event). Layer 0 stages at its first call.
+    all_layers   at layer 0's first call every later layer's staging is enqueued on the side stream at once, each
+                 with its event; each layer's first call waits for its own.
+
+The side stream joins the caller's at the last layer's first call (it waits for the last event), so a chunk step
+captured in a CUDA graph holds the fork and the join; under torch.compile the staging ahead runs eagerly (a graph
+break at each layer's first call). Off CUDA there is no stream: the staging ahead runs in order, with the same
+result. Which of the three is fastest depends on PCIe against compute: ``python -m benchmarks chunk --pools host
+--staging ...`` measures them in one run (``STEPS="build host" bash benchmarks/run_gpu.sh``). Only the window mode
+stages once per chunk, and only a planner that selects per chunk (or never) knows every layer's table before the
+layers run: the others take ``first_call`` alone.
+
 With FP8 pools (``KVCache(kv_dtype=torch.float8_e4m3fn)``) the pool ops take the pools' scales: rope_append and
 compress_kv quantize what they write, gather_kv_rope and sparse_kv_attention dequantize what they read, and the
 window commit quantizes the chunk's rows (``quantize_frames``, every layer in one launch).
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -49,6 +67,7 @@ from .storage import KVStorage
 from .storage import nbytes
 
 MODES = ("window", "per_call", "segments")
+STAGINGS = ("first_call", "next_layer", "all_layers")
 
 
 def row_views(k: torch.Tensor, v: torch.Tensor, start: int, stop: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -202,12 +221,12 @@ class GatherMode(DenseMode):
 
 
 class WindowMode(GatherMode):
-    """Per-layer windows [chunk rows | memory rows]: the memory staged at a layer's first call, the chunk rows every
-    pass."""
+    """Per-layer windows [chunk rows | memory rows]: the memory staged once per chunk and layer (at the layer's first
+    call, or ahead of it on a side stream: ``staging``, see the module docstring), the chunk rows every pass."""
 
     name = "window"
 
-    def __init__(self, *args, planner: Planner, prefix: PoolPrefixMode | None):
+    def __init__(self, *args, planner: Planner, prefix: PoolPrefixMode | None, staging: str = "first_call"):
         super().__init__(*args, planner=planner, prefix=prefix)
         g = self.g
         self.proto_chunk = None  # the chunk's prototypes, committed by end_chunk
@@ -216,11 +235,15 @@ class WindowMode(GatherMode):
                                            device=g.device)
         self.win_layers = list(zip(self.win_k.unbind(0), self.win_v.unbind(0)))
         self.memory_rows = []  # per layer (k, v): the window rows the staging writes
+        self.ahead = {"first_call": 0, "next_layer": 1, "all_layers": g.num_layers}[staging]  # layers staged ahead
+        self.staged = [False] * g.num_layers  # per layer: its staging of the current chunk is enqueued
+        self.side, self.events = None, []  # the side stream and one event per layer (CUDA), made on first use
 
     def begin(self, plan: ChunkPlan) -> None:
         self.n_memory_seg = plan.n_memory_seg
         super().begin(plan)
         self.stages = self.total > self.u_rows  # no memory in the first chunk
+        self.staged = [False] * self.g.num_layers
 
     def make_views(self) -> None:
         super().make_views()
@@ -232,8 +255,47 @@ class WindowMode(GatherMode):
     def attend(self, layer: int, q_rot: torch.Tensor, seg: torch.Tensor, first: bool) -> torch.Tensor:
         if first:  # the memory rows: once per chunk and layer
             with self.section("stage"):
-                self.gather(layer, seg[:, : self.n_memory_seg], *self.memory_rows[layer])
+                if self.ahead:
+                    self.stage_ahead(layer, seg)
+                else:
+                    self.gather(layer, seg[:, : self.n_memory_seg], *self.memory_rows[layer])
         return self.dense(q_rot, *self.keys[layer])
+
+    @torch.compiler.disable  # streams and events stay out of traced graphs
+    def stage_ahead(self, layer: int, seg: torch.Tensor) -> None:
+        """At ``layer``'s first call: its memory rows ready in its window (staged now where nothing staged them
+        ahead, else waited for), then the staging of the next ``ahead`` layers not yet enqueued, on the side stream
+        forked here. Every layer reads ``seg``: the planner's one table (it selects per chunk, or never)."""
+        memory = seg[:, : self.n_memory_seg]
+        if not self.staged[layer]:
+            self.gather(layer, memory, *self.memory_rows[layer])
+            self.staged[layer] = True
+        elif self.events:
+            torch.cuda.current_stream(self.g.device).wait_event(self.events[layer])
+        todo = [i for i in range(layer + 1, min(layer + 1 + self.ahead, self.g.num_layers)) if not self.staged[i]]
+        if not todo:
+            return
+        with self.side_stream():
+            for i in todo:
+                self.gather(i, memory, *self.memory_rows[i])
+                if self.events:
+                    self.events[i].record()
+                self.staged[i] = True
+
+    @contextlib.contextmanager
+    def side_stream(self):
+        """On CUDA: the side stream, forked from the caller's stream here (it waits for what the caller enqueued so
+        far: the plan, the selection, the previous chunk's commit), as the current stream. Off CUDA: nothing."""
+        device = self.g.device
+        if device.type != "cuda":
+            yield
+            return
+        if self.side is None:
+            self.side = torch.cuda.Stream(device)
+            self.events = [torch.cuda.Event() for _ in range(self.g.num_layers)]
+        self.side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(self.side):
+            yield
 
     def commit(self, plan: ChunkPlan) -> None:
         f, s = self.g.frame_tokens, self.storage
@@ -287,9 +349,31 @@ def resolve_attention(attention: str, engine: str, device_type: str, staged: boo
     return attention
 
 
+def check_staging(staging: str, attention: str, planner: Planner, direct: bool) -> None:
+    """ValueError unless ``staging`` (one of ``STAGINGS``) fits the resolved ``attention`` mode, ``planner`` and pools
+    (``direct``: on the device in the compute dtype); checked before anything is allocated."""
+    if staging not in STAGINGS:
+        raise ValueError(f"KVCache: staging: expected one of {STAGINGS}, got {staging!r}")
+    if staging == "first_call":
+        return
+    why = None
+    if attention != "window":
+        why = f"the {attention} attention mode has no once-per-chunk staging (use attention='window')"
+    elif planner.selection == "per_layer":
+        why = (f"{type(planner).__name__} selects per layer at the layer's first call, so no layer's table is known "
+               "before that call")
+    elif direct and not planner.gathers:
+        why = (f"{type(planner).__name__} never gathers: with pools on the device every chunk attends to the pool "
+               "prefix, and nothing is staged")
+    if why:
+        raise ValueError(f"KVCache: staging={staging!r}: {why}; use staging='first_call'")
+
+
 def make_mode(attention: str, geometry: CacheGeometry, storage: KVStorage, buffers: PlanBuffers, planner: Planner,
-              backend: str, engine: str, section: Callable[[str], object]) -> AttentionMode:
-    """The strategy of ``attention`` (one of ``MODES``): the one place a mode name becomes behaviour.
+              backend: str, engine: str, section: Callable[[str], object], staging: str = "first_call"
+              ) -> AttentionMode:
+    """The strategy of ``attention`` (one of ``MODES``; the window mode's ``staging``, checked before by
+    :func:`check_staging`): the one place a mode name becomes behaviour.
 
     window and per_call over a planner that never gathers (``Planner.gathers`` False) attend to the pool
     prefix of every chunk and allocate no window, unless the engines cannot read the pools (FP8 or host pools,
@@ -301,4 +385,6 @@ def make_mode(attention: str, geometry: CacheGeometry, storage: KVStorage, buffe
     prefix = PoolPrefixMode(*args) if storage.direct else None
     if prefix is not None and not planner.gathers:
         return prefix
-    return {"window": WindowMode, "per_call": PerCallMode}[attention](*args, planner=planner, prefix=prefix)
+    if attention == "window":
+        return WindowMode(*args, planner=planner, prefix=prefix, staging=staging)
+    return PerCallMode(*args, planner=planner, prefix=prefix)

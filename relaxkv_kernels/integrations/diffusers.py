@@ -152,9 +152,9 @@ def attach(transformer, policy: MemoryPolicy, *, batch: int, height: int, width:
         policy: the memory (``rk.DenseWindow``, ``rk.RelaxMemory``, ``rk.PackMemory`` or your own policy).
         batch: samples per call. height, width: latent tokens per frame after patching (latent size / 2).
         kvcache_kwargs: passed to :class:`KVCache` (``backend``, ``attention``, ``engine``, ``dtype``,
-            ``device``, ``kv_dtype``, ``pool_device``: "cpu" keeps the K/V pools in host memory); ``dtype`` and
-            ``device`` default to those of the transformer's attention weights (pass
-            ``device`` where the weights are not where the model runs, e.g. under diffusers' CPU offloading).
+            ``device``, ``kv_dtype``, ``pool_device``: "cpu" keeps the K/V pools in host memory, ``staging``);
+            ``dtype`` and ``device`` default to those of the transformer's attention weights (pass ``device`` where
+            the weights are not where the model runs, e.g. under diffusers' CPU offloading).
 
     Drive it as ``KVCache`` itself: ``cache.begin_chunk()`` before a chunk's first pass, ``cache.end_chunk()``
     after its refresh pass. TypeError / ValueError (nothing changed) for a transformer it cannot serve.

@@ -122,6 +122,9 @@ def _heads_worker(rank, world, store, results, num_heads):
     except ValueError as exc:
         result = {"error": str(exc)}
     results.put((rank, result))
+    # the check runs no collective: without this, a rank could leave while the other is still connecting in
+    # init_process_group (under load: "connection closed by peer" there, and no result until the timeout)
+    dist.barrier()
     dist.destroy_process_group()
 
 
