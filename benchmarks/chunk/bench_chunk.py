@@ -520,10 +520,7 @@ def row_specs(su: ChunkSetup, args) -> list[tuple[str, str, tuple]]:
                 specs.append(("step", f"step[{mode}:best]+fp8+graph", (mode, None, True, FP8)))
         specs.append(("parts_fp8", "parts_fp8", ()))
     if args.pools == "host":  # the window step with the pools in pinned host memory, and its staging's bandwidth
-        ahead = su.policy.planner(su.shape.height, su.shape.width).selection != "per_layer"
         for staging in args.staging.split(","):
-            if staging != "first_call" and not ahead:  # a per-layer selection stages at the first call only
-                continue
             name = "step[window:best]+host" + ("" if staging == "first_call" else f"+{staging}")
             specs.append(("step", name, ("window", None, False, None, "cpu", staging)))
             if cuda:
@@ -617,7 +614,7 @@ def parse_args(argv=None):
                         "pinned host-to-device copy bandwidth")
     p.add_argument("--staging", default="first_call", type=stagings,
                    help="with --pools host, the window stagings to time, comma-separated, of "
-                        f"{','.join(STAGINGS)} (configs that select per layer: first_call only)")
+                        f"{','.join(STAGINGS)}")
     p.add_argument("--out", help="JSON path (CSV written beside it); "
                                  "default benchmarks/results/chunk_<shapes>_<device>.json")
     p.add_argument("--no-progress", action="store_true")

@@ -116,9 +116,9 @@ class KVCache:
             against the host's available memory before anything is allocated (:class:`HostMemoryError`).
         staging: when the window mode stages a layer's memory rows (``relaxkv_kernels.cache.modes``): "first_call"
             (at the layer's first call of the chunk, the default), "next_layer" (one layer ahead on a side stream)
-            or "all_layers" (every layer from layer 0's first call on a side stream). Ahead of the first call only in
-            the window mode, for a planner that selects per chunk or never (ValueError otherwise); meant for host
-            pools, where the staging reads over PCIe.
+            or "all_layers" (every layer from layer 0's first call on a side stream; a per-layer selection's
+            selected rows still at the first call). Ahead of the first call only in the window mode (ValueError
+            otherwise); meant for host pools, where the staging reads over PCIe.
 
     Attributes:
         storage: the :class:`KVStorage` (``storage.k``, ``storage.v``: [L, B, n_rows, H, D]; ``storage.k_scale``,

@@ -33,13 +33,18 @@ When the window mode stages (``KVCache(staging=...)``, one of ``STAGINGS``):
     all_layers   at layer 0's first call every later layer's staging is enqueued on the side stream at once, each
                  with its event; each layer's first call waits for its own.
 
+A planner that selects per chunk (or never) has every table complete when the layers run: the staging ahead gathers
+a layer's whole memory. One that selects per layer (Pack's mid blocks) fills its device rows at the layer's first
+call: ahead go the static segments before and after that run of device rows (Pack's sink and recent frames; their
+window rows are known, since the run is ``ChunkPlan.selected_keys`` rows), and the run itself is staged at the first
+call, after the selection. A plan whose device rows are not one run stages its memory at the first call.
+
 The side stream joins the caller's at the last layer's first call (it waits for the last event), so a chunk step
 captured in a CUDA graph holds the fork and the join; under torch.compile the staging ahead runs eagerly (a graph
 break at each layer's first call). Off CUDA there is no stream: the staging ahead runs in order, with the same
 result. Which of the three is fastest depends on PCIe against compute: ``python -m benchmarks chunk --pools host
 --staging ...`` measures them in one run (``STEPS="build host" bash benchmarks/run_gpu.sh``). Only the window mode
-stages once per chunk, and only a planner that selects per chunk (or never) knows every layer's table before the
-layers run: the others take ``first_call`` alone.
+stages once per chunk: the others take ``first_call`` alone.
 
 With FP8 pools (``KVCache(kv_dtype=torch.float8_e4m3fn)``) the pool ops take the pools' scales: rope_append and
 compress_kv quantize what they write, gather_kv_rope and sparse_kv_attention dequantize what they read, and the
@@ -236,7 +241,9 @@ class WindowMode(GatherMode):
         self.win_layers = list(zip(self.win_k.unbind(0), self.win_v.unbind(0)))
         self.memory_rows = []  # per layer (k, v): the window rows the staging writes
         self.ahead = {"first_call": 0, "next_layer": 1, "all_layers": g.num_layers}[staging]  # layers staged ahead
+        self.per_layer = planner.selection == "per_layer"  # a table per layer, device rows filled at its first call
         self.staged = [False] * g.num_layers  # per layer: its staging of the current chunk is enqueued
+        self.parts = None  # with ahead: the (segments, memory rows) staged ahead, and those left to the first call
         self.side, self.events = None, []  # the side stream and one event per layer (CUDA), made on first use
 
     def begin(self, plan: ChunkPlan) -> None:
@@ -244,6 +251,24 @@ class WindowMode(GatherMode):
         super().begin(plan)
         self.stages = self.total > self.u_rows  # no memory in the first chunk
         self.staged = [False] * self.g.num_layers
+        if self.ahead:
+            self.parts = self.ahead_parts(plan)
+
+    def ahead_parts(self, plan: ChunkPlan) -> tuple[list[tuple[slice, slice]], tuple[slice, slice] | None]:
+        """The staging ahead of ``plan``'s chunk as (segment rows, memory rows of the window) slices: the parts staged
+        ahead, and the part left to the layer's first call (None: nothing). See the module docstring."""
+        n, rows = plan.n_memory_seg, self.total - self.u_rows
+        everything = (slice(0, n), slice(0, rows))
+        if not (self.per_layer and plan.selects):
+            return [everything], None
+        run = [i for i, frame in enumerate(plan.frames_attended[:n]) if frame == -1]
+        i0, i1 = run[0], run[-1] + 1
+        if run != list(range(i0, i1)):  # later static rows' places would depend on the device rows' lengths
+            return [], everything
+        a = sum(length for _, length, _ in plan.segments[:i0])
+        b = a + plan.selected_keys
+        static = [(slice(0, i0), slice(0, a)), (slice(i1, n), slice(b, rows))]
+        return [(segs, place) for segs, place in static if place.start < place.stop], (slice(i0, i1), slice(a, b))
 
     def make_views(self) -> None:
         super().make_views()
@@ -263,24 +288,36 @@ class WindowMode(GatherMode):
 
     @torch.compiler.disable  # streams and events stay out of traced graphs
     def stage_ahead(self, layer: int, seg: torch.Tensor) -> None:
-        """At ``layer``'s first call: its memory rows ready in its window (staged now where nothing staged them
-        ahead, else waited for), then the staging of the next ``ahead`` layers not yet enqueued, on the side stream
-        forked here. Every layer reads ``seg``: the planner's one table (it selects per chunk, or never)."""
-        memory = seg[:, : self.n_memory_seg]
+        """At ``layer``'s first call (``seg``: its table, its selection done): its memory rows complete in its window
+        (all staged now where nothing staged them ahead; else the staging ahead waited for and the part left to the
+        first call staged), then the staging ahead of the next ``ahead`` layers not yet enqueued, on the side stream
+        forked here."""
+        ahead, at_call = self.parts
         if not self.staged[layer]:
-            self.gather(layer, memory, *self.memory_rows[layer])
+            self.gather(layer, seg[:, : self.n_memory_seg], *self.memory_rows[layer])
             self.staged[layer] = True
-        elif self.events:
-            torch.cuda.current_stream(self.g.device).wait_event(self.events[layer])
+        else:
+            if self.events:
+                torch.cuda.current_stream(self.g.device).wait_event(self.events[layer])
+            if at_call is not None:
+                self.gather_part(layer, seg, at_call)
         todo = [i for i in range(layer + 1, min(layer + 1 + self.ahead, self.g.num_layers)) if not self.staged[i]]
         if not todo:
             return
         with self.side_stream():
             for i in todo:
-                self.gather(i, memory, *self.memory_rows[i])
+                table = self.buffers.seg[i if self.per_layer else 0]
+                for part in ahead:
+                    self.gather_part(i, table, part)
                 if self.events:
                     self.events[i].record()
                 self.staged[i] = True
+
+    def gather_part(self, layer: int, seg: torch.Tensor, part: tuple[slice, slice]) -> None:
+        """The segments ``part[0]`` of ``seg`` into the layer's memory rows ``part[1]``."""
+        segs, place = part
+        k, v = self.memory_rows[layer]
+        self.gather(layer, seg[:, segs], k[:, place], v[:, place])
 
     @contextlib.contextmanager
     def side_stream(self):
@@ -359,9 +396,6 @@ def check_staging(staging: str, attention: str, planner: Planner, direct: bool) 
     why = None
     if attention != "window":
         why = f"the {attention} attention mode has no once-per-chunk staging (use attention='window')"
-    elif planner.selection == "per_layer":
-        why = (f"{type(planner).__name__} selects per layer at the layer's first call, so no layer's table is known "
-               "before that call")
     elif direct and not planner.gathers:
         why = (f"{type(planner).__name__} never gathers: with pools on the device every chunk attends to the pool "
                "prefix, and nothing is staged")

@@ -1,15 +1,19 @@
 """The window mode's staging ahead of a layer's first call (``KVCache(staging="next_layer" | "all_layers")``).
 
-- Every policy that selects per chunk or never (dense, sink with re-rotation, Relax, a user's chunk-level policy),
-  pools in the compute dtype and FP8, on the device and in host memory, the reference backend and the Triton kernels
-  (interpreter): outputs bitwise equal to ``staging="first_call"`` over 9 chunks, the pools' held rows too.
-- What each staging enqueues at which layer's first call (4 layers), and that a re-planned chunk stages again.
+- Every policy (dense, sink with re-rotation, Relax, Pack, a user's policy selecting per chunk and one selecting per
+  layer), pools in the compute dtype and FP8, on the device and in host memory, the reference backend and the Triton
+  kernels (interpreter): outputs bitwise equal to ``staging="first_call"`` over 9 chunks, the pools' held rows too.
+- What each staging gathers at which layer's first call (4 layers): a whole memory, or for a per-layer selection
+  the static parts ahead and the selected run at the first call; a re-planned chunk stages again; device rows that
+  are not one run leave the whole memory to the first call.
 - torch.compile (aot_eager) of a chunk step with the staging ahead equals eager (the staging runs eagerly).
-- Named errors before anything is allocated: a mode with no once-per-chunk staging, a per-layer selection, a planner
-  whose chunks are all pool prefixes on device pools, an unknown name.
+- Named errors before anything is allocated: a mode with no once-per-chunk staging, a planner whose chunks are all
+  pool prefixes on device pools, an unknown name.
 - GPU (skipped without one): host pools staged on the side stream equal first_call, eager and in a captured
   chunk step's replays, at sizes where a missing wait would read a window the staging has not written yet.
 """
+import dataclasses
+
 import pytest
 import torch
 from test_custom_policy import SinkNearest
@@ -26,7 +30,9 @@ POLICIES = {
     "dense": lambda: rk.DenseWindow(window=9),
     "sink-rerotate": lambda: rk.DenseWindow(window=9, sink=3, rerotate=True),
     "relax": lambda: rk.RelaxMemory(reservoir=30),
+    "pack": lambda: rk.PackMemory(top_k=2, archive=3, q_stride=2),
     "custom": lambda: SinkNearest(),
+    "custom-by-query": lambda: SinkNearest(by_query=True),
 }
 L, B, H, D, HH, WW = 4, 2, 2, 16, 4, 4
 AHEAD = ("next_layer", "all_layers")
@@ -74,7 +80,7 @@ def test_staging_ahead_gives_the_outputs_of_the_first_call_staging(name, kv_dtyp
     _run_side_by_side(caches)
     _assert_same_pools(caches)
     assert all(c.active_mode.name == "window" and c.active_mode.stages for c in caches)
-    assert caches[0].last_plan.selects == (name in ("relax", "custom"))  # past the first selections
+    assert caches[0].last_plan.selects == (name not in ("dense", "sink-rerotate"))  # past the first selections
 
 
 @pytest.mark.interpreter
@@ -87,31 +93,78 @@ def test_staging_ahead_with_the_triton_kernels(staging):
     _assert_same_pools(caches)
 
 
+def _gathers_per_first_call(monkeypatch, name: str, staging: str, chunks: int):
+    """Per chunk of a host-pool cache of ``name``: its memory rows, and per call of its 2 passes the (layer, rows) of
+    every gather it ran (a chunk planned again before its end: the last chunk, twice)."""
+    calls = []
+    gather = modes.GatherMode.gather
+    monkeypatch.setattr(modes.GatherMode, "gather", lambda self, layer, seg, k, *a: (
+        calls[-1].append((layer, k.shape[1])), gather(self, layer, seg, k, *a)))
+    cache = _caches(name, [staging], dtype=torch.float32, backend="reference", pool_device="cpu")[0]
+    x = torch.randn(B, cache.policy.chunk_frames * HH * WW, H, D)
+    out = []
+    for chunk in range(chunks):
+        for _ in range(1 + (chunk == chunks - 1)):
+            cache.begin_chunk()
+            calls.clear()
+            for _ in range(2):
+                for layer in range(L):
+                    calls.append([])
+                    cache.attend(layer, x, x, x)
+            out.append((cache.active_mode.total - cache.active_mode.u_rows, list(calls)))
+        cache.end_chunk()
+    return cache, out
+
+
 @pytest.mark.parametrize("staging, expected", [
     ("first_call", [[0], [1], [2], [3]]),
     ("next_layer", [[0, 1], [2], [3], []]),
     ("all_layers", [[0, 1, 2, 3], [], [], []]),
 ])
-def test_what_each_staging_enqueues_at_each_first_call(monkeypatch, staging, expected):
-    """The layers whose staging each layer's first call enqueues, every chunk with memory, once per chunk and layer
-    (later passes stage nothing), and again for a chunk planned again before its end (a capture after a warm-up)."""
-    staged = []  # per call: the layers whose staging it enqueued
-    gather = modes.GatherMode.gather
-    monkeypatch.setattr(modes.GatherMode, "gather", lambda self, layer, *a: (staged[-1].append(layer),
-                                                                             gather(self, layer, *a)))
-    cache = _caches("relax", [staging], dtype=torch.float32, backend="reference", pool_device="cpu")[0]
+def test_what_each_staging_gathers_at_each_first_call(monkeypatch, staging, expected):
+    """Relax (one table, complete at begin_chunk): each layer's whole memory in one gather, once per chunk and layer
+    (later passes stage nothing), again for a chunk planned again; chunk 0 has no memory to stage."""
+    _, chunks = _gathers_per_first_call(monkeypatch, "relax", staging, 4)
+    assert chunks[0] == (0, [[]] * (2 * L))
+    for memory, calls in chunks[1:]:
+        assert [[layer for layer, _ in call] for call in calls] == expected + [[]] * L
+        assert all(rows == memory for call in calls for _, rows in call)
+
+
+@pytest.mark.parametrize("staging", AHEAD)
+def test_a_per_layer_selection_stages_its_static_parts_ahead_and_its_selection_at_the_first_call(monkeypatch,
+                                                                                                 staging):
+    """Pack at a chunk with 2 selected mid blocks: ahead, its sink and recent frames (two gathers per layer, around
+    the run of mid rows, ``selected_keys``); at each layer's first call, after its selection, the mid blocks (layer 0:
+    its whole memory, nothing staged it ahead)."""
+    cache, chunks = _gathers_per_first_call(monkeypatch, "pack", staging, 7)
+    plan = cache.last_plan
+    assert plan.selects and plan.selected_keys == 2 * cache.planner.block_tokens
+    memory, mid = chunks[-1][0], plan.selected_keys
+    sink = plan.index.seg_index * cache.frame_tokens  # the sink frames' rows, before the mid blocks
+    ahead = lambda i: [(i, sink), (i, memory - sink - mid)]  # noqa: E731
+    want = {"next_layer": [[(0, memory), *ahead(1)], [(1, mid), *ahead(2)], [(2, mid), *ahead(3)], [(3, mid)]],
+            "all_layers": [[(0, memory), *ahead(1), *ahead(2), *ahead(3)], [(1, mid)], [(2, mid)], [(3, mid)]]}
+    for _, calls in chunks[-2:]:
+        assert calls == want[staging] + [[]] * L
+
+
+def test_device_rows_that_are_not_one_run_leave_the_whole_memory_to_the_first_call():
+    cache = _caches("pack", ["all_layers"], dtype=torch.float32, backend="reference", pool_device="cpu")[0]
     x = torch.randn(B, cache.policy.chunk_frames * HH * WW, H, D)
-    for chunk in range(4):
-        for replan in range(1 + (chunk == 3)):
-            cache.begin_chunk()
-            staged.clear()
-            for _ in range(2):
-                for layer in range(L):
-                    staged.append([])
-                    cache.attend(layer, x, x, x)
-            want = expected + [[]] * L if chunk else [[]] * (2 * L)  # chunk 0 has no memory to stage
-            assert staged == want, (chunk, replan)
+    for _ in range(6):
+        plan = cache.begin_chunk()
+        for layer in range(L):
+            cache.attend(layer, x, x, x)
         cache.end_chunk()
+    mode = cache.active_mode
+    attended = list(plan.frames_attended)
+    i = attended.index(-1)
+    attended[i], attended[i - 1] = attended[i - 1], attended[i]  # a static segment inside the run
+    everything = (slice(0, plan.n_memory_seg), slice(0, mode.total - mode.u_rows))
+    assert mode.ahead_parts(dataclasses.replace(plan, frames_attended=attended)) == ([], everything)
+    assert mode.ahead_parts(plan)[1] == (slice(i, i + 2), slice(i * cache.frame_tokens, mode.total - mode.u_rows
+                                                                  - cache.frame_tokens * (plan.n_memory_seg - i - 2)))
 
 
 def test_a_compiled_chunk_step_with_the_staging_ahead_equals_eager():
@@ -144,9 +197,6 @@ def test_a_compiled_chunk_step_with_the_staging_ahead_equals_eager():
 @pytest.mark.parametrize("kw, match", [
     (dict(attention="per_call"), "the per_call attention mode has no once-per-chunk staging"),
     (dict(attention="segments"), "the segments attention mode has no once-per-chunk staging"),
-    (dict(attention="window", policy=rk.PackMemory(top_k=1, archive=3, q_stride=2)),
-     "PackPlanner selects per layer at the layer's first call"),
-    (dict(attention="window", policy=SinkNearest(by_query=True)), "SinkNearestQueryPlanner selects per layer"),
     (dict(attention="window", policy=rk.DenseWindow(window=9)), "DensePlanner never gathers: with pools on the device"),
 ])
 def test_a_staging_ahead_where_nothing_can_be_staged_ahead_is_a_named_error(monkeypatch, kw, match):
@@ -160,15 +210,21 @@ def test_a_staging_ahead_where_nothing_can_be_staged_ahead_is_a_named_error(monk
         rk.KVCache(policy, L, B, H, D, HH, WW, staging="early", **kw)
 
 
+GPU_POLICIES = {"relax": lambda: rk.RelaxMemory(reservoir=30),
+                "pack": lambda: rk.PackMemory(top_k=2, archive=3, q_stride=2)}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("staging", AHEAD)
-@pytest.mark.parametrize("kv_dtype", [None, FP8], ids=["bf16", "fp8"])
-def test_host_pools_staged_on_the_side_stream_equal_the_first_call_staging(staging, kv_dtype):
-    """Pinned host pools, 6 layers of 8 frames of 64 tokens (a staging long enough that a missing wait reads a
-    window row of the previous chunk): every call bitwise equal to device pools staged at the first call."""
+@pytest.mark.parametrize("name, kv_dtype", [("relax", None), ("relax", FP8), ("pack", FP8)],
+                         ids=["relax-bf16", "relax-fp8", "pack-fp8"])
+def test_host_pools_staged_on_the_side_stream_equal_the_first_call_staging(name, kv_dtype, staging):
+    """Pinned host pools, 6 layers of 64-token frames (a staging long enough that a missing wait reads a window row
+    of the previous chunk): every call bitwise equal to device pools staged at the first call; Pack's selected
+    blocks staged at the first call after its static parts were staged ahead."""
     pytest.importorskip("triton")
     layers, b, h, d, hh, ww = 6, 1, 4, 64, 8, 8
-    caches = [rk.KVCache(rk.RelaxMemory(reservoir=30), layers, b, h, d, hh, ww, dtype=torch.bfloat16,
+    caches = [rk.KVCache(GPU_POLICIES[name](), layers, b, h, d, hh, ww, dtype=torch.bfloat16,
                          device="cuda", backend="fused", attention="window", kv_dtype=kv_dtype, pool_device=where,
                          staging=s) for where, s in ((None, "first_call"), ("cpu", staging))]
     gen = torch.Generator(device="cuda").manual_seed(13)
@@ -189,12 +245,13 @@ def test_host_pools_staged_on_the_side_stream_equal_the_first_call_staging(stagi
 @pytest.mark.gpu
 @pytest.mark.cuda_graph
 @pytest.mark.parametrize("staging", AHEAD)
-def test_a_captured_chunk_step_with_the_staging_ahead_replays_eager(staging):
+@pytest.mark.parametrize("name", list(GPU_POLICIES))
+def test_a_captured_chunk_step_with_the_staging_ahead_replays_eager(name, staging):
     """The fork to the side stream and its join are captured with the chunk step: replays over 4 chunks bitwise
     equal to eager first_call steps with device pools."""
     pytest.importorskip("triton")
     layers, b, h, d, hh, ww = 4, 1, 2, 64, 4, 4
-    eager, graphed = (rk.KVCache(rk.RelaxMemory(reservoir=30), layers, b, h, d, hh, ww, dtype=torch.bfloat16,
+    eager, graphed = (rk.KVCache(GPU_POLICIES[name](), layers, b, h, d, hh, ww, dtype=torch.bfloat16,
                                  device="cuda", backend="fused", attention="window", pool_device=where, staging=s)
                       for where, s in ((None, "first_call"), ("cpu", staging)))
     gen = torch.Generator(device="cuda").manual_seed(14)
