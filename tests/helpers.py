@@ -107,6 +107,33 @@ def cache_rollout(policy, chunks: int = 9, passes: int = 2, dtype: torch.dtype =
     return torch.stack(outs).cpu(), cache
 
 
+def run_side_by_side(caches, chunks: int = 9, passes: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0,
+                     check=None) -> None:
+    """The caches (one geometry, on one device) fed the same fresh q, k, v (drawn in float32 from ``seed``, cast to
+    ``dtype``) over ``chunks`` chunks of ``passes`` passes of every layer: ``check(got, want, chunk, layer)`` on each
+    later cache's output against the first's (default: bitwise equal), and equal segment tables after every chunk."""
+    first = caches[0]
+    device = first.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shape = (first.batch, first.policy.chunk_frames * first.frame_tokens, first.num_heads, first.head_dim)
+    for chunk in range(chunks):
+        for cache in caches:
+            cache.begin_chunk()
+        for _ in range(passes):
+            for layer in range(first.num_layers):
+                q, k, v = (torch.randn(shape, generator=gen, device=device).to(dtype) for _ in range(3))
+                want, *got = (cache.attend(layer, q, k, v) for cache in caches)
+                for out in got:
+                    if check is None:
+                        assert torch.equal(out, want), (chunk, layer)
+                    else:
+                        check(out, want, chunk, layer)
+        for cache in caches:
+            cache.end_chunk()
+        for cache in caches[1:]:
+            assert torch.equal(cache.plan_buffers.seg, first.plan_buffers.seg), chunk
+
+
 def held_rows(cache) -> torch.Tensor:
     """Pool rows of the frames the planner still holds (rows of empty slots are never read)."""
     f = cache.frame_tokens
@@ -430,3 +457,19 @@ def spawn_ranks(worker, size: int, tmp_path, *args, timeout: float) -> tuple[lis
                 p.kill()
                 p.join()
     return [out[rank] for rank in range(size)], [p.exitcode for p in procs]
+
+
+def assert_layer_steps_replay_eager(eager, graphed, seed: int, warmup: int, chunks: int) -> None:
+    """:func:`assert_graph_replays_chunk_steps` for the step that runs every layer once, each on fresh q, k, v of
+    its own (the caches' dtype, on their CUDA device, from ``seed``)."""
+    gen = torch.Generator(device=eager.device).manual_seed(seed)
+    shape = (eager.batch, eager.policy.chunk_frames * eager.frame_tokens, eager.num_heads, eager.head_dim)
+
+    def inputs():
+        return [tuple(torch.randn(shape, generator=gen, device=eager.device, dtype=eager.dtype) for _ in range(3))
+                for _ in range(eager.num_layers)]
+
+    def step(cache, qkv):
+        return [cache.attend(layer, *qkv[layer]) for layer in range(cache.num_layers)]
+
+    assert_graph_replays_chunk_steps(eager, graphed, step, inputs, warmup=warmup, chunks=chunks)

@@ -7,6 +7,8 @@ import relaxkv_kernels as rk
 from relaxkv_kernels.ops.gather_kv_rope.reference import gather_segments_ref
 
 from helpers import assert_graph_replays_chunk_steps
+from helpers import assert_layer_steps_replay_eager
+from helpers import run_side_by_side
 
 pytestmark = pytest.mark.gpu
 WAN = dict(num_heads=12, head_dim=128, height=30, width=52)  # F = 1560 tokens per latent frame
@@ -177,17 +179,7 @@ def test_host_pools_are_page_locked_and_read_in_place_by_the_kernels(name, kv_dt
     assert st.k.device.type == "cuda" and st.pinned and all(t.is_pinned() for t in st.pinned)
     assert st.k.data_ptr() == st.pinned[0].data_ptr() and device.storage.pinned == []
     assert host.host_bytes() == host.pool_bytes() and host.device_bytes() == host.memory_bytes() - host.pool_bytes()
-    gen = torch.Generator(device="cuda").manual_seed(11)
-    shape = (b, device.policy.chunk_frames * hh * ww, h, d)
-    for chunk in range(9):
-        for cache in caches:
-            cache.begin_chunk()
-        for _ in range(2):
-            for layer in range(layers):
-                qkv = [torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
-                assert torch.equal(host.attend(layer, *qkv), device.attend(layer, *qkv)), (chunk, layer)
-        for cache in caches:
-            cache.end_chunk()
+    run_side_by_side(caches, dtype=torch.bfloat16, seed=11)
     assert device.last_plan.selects
     rows = torch.tensor([s * hh * ww + i for s, p in enumerate(device.last_plan.slot_pos) if p >= 0
                          for i in range(hh * ww)], device="cuda")
@@ -206,14 +198,4 @@ def test_cuda_graph_of_a_chunk_step_with_host_pools_replays_device_pools(name, k
     eager, graphed = (rk.KVCache(_host_policy(name), layers, b, h, d, hh, ww, dtype=torch.bfloat16, device="cuda",
                                  backend="fused", attention="window", kv_dtype=kv_dtype, pool_device=where)
                       for where in (None, "cpu"))
-    gen = torch.Generator(device="cuda").manual_seed(12)
-    shape = (b, eager.policy.chunk_frames * hh * ww, h, d)
-
-    def inputs():
-        return [tuple(torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-                for _ in range(layers)]
-
-    def step(cache, qkv):
-        return [cache.attend(layer, *qkv[layer]) for layer in range(layers)]
-
-    assert_graph_replays_chunk_steps(eager, graphed, step, inputs, warmup=6, chunks=4)
+    assert_layer_steps_replay_eager(eager, graphed, seed=12, warmup=6, chunks=4)

@@ -27,6 +27,7 @@ from relaxkv_kernels.cache.storage import HostMemoryError
 from helpers import FP8
 from helpers import close
 from helpers import held_rows
+from helpers import run_side_by_side
 
 POLICIES = {
     "dense": lambda: rk.DenseWindow(window=9),
@@ -50,22 +51,14 @@ def _side_by_side(name: str, chunks: int = 9, passes: int = 2, dtype=torch.float
               for where in (None, "cpu")]
     mode = caches[0].attention_mode
     in_place = mode.name == "pool_prefix" or getattr(mode, "prefix", None) is not None
-    gen = torch.Generator().manual_seed(5)
-    shape = (B, caches[0].policy.chunk_frames * HH * WW, H, D)
-    for chunk in range(chunks):
-        for cache in caches:
-            cache.begin_chunk()
-        for _ in range(passes):
-            for layer in range(L):
-                q, k, v = (torch.randn(shape, generator=gen).to(dtype) for _ in range(3))
-                want, got = (cache.attend(layer, q, k, v) for cache in caches)
-                if in_place and caches[0].active_mode.name == "pool_prefix":
-                    close(got, want, dtype, f"{name} chunk {chunk} layer {layer}")
-                else:
-                    assert torch.equal(got, want), (name, chunk, layer)
-        for cache in caches:
-            cache.end_chunk()
-        assert torch.equal(caches[1].plan_buffers.seg, caches[0].plan_buffers.seg), (name, chunk)
+
+    def check(got, want, chunk, layer):
+        if in_place and caches[0].active_mode.name == "pool_prefix":
+            close(got, want, dtype, f"{name} chunk {chunk} layer {layer}")
+        else:
+            assert torch.equal(got, want), (name, chunk, layer)
+
+    run_side_by_side(caches, chunks, passes, dtype, seed=5, check=check)
     return caches
 
 

@@ -23,8 +23,9 @@ from relaxkv_kernels.cache import cache as cache_module
 from relaxkv_kernels.cache import modes
 
 from helpers import FP8
-from helpers import assert_graph_replays_chunk_steps
+from helpers import assert_layer_steps_replay_eager
 from helpers import held_rows
+from helpers import run_side_by_side
 
 POLICIES = {
     "dense": lambda: rk.DenseWindow(window=9),
@@ -40,23 +41,6 @@ AHEAD = ("next_layer", "all_layers")
 
 def _caches(name, stagings, **kw):
     return [rk.KVCache(POLICIES[name](), L, B, H, D, HH, WW, attention="window", staging=s, **kw) for s in stagings]
-
-
-def _run_side_by_side(caches, chunks: int = 9, passes: int = 2, dtype=torch.float32, device="cpu") -> None:
-    """The caches fed the same inputs; every call's output bitwise equal to the first cache's."""
-    gen = torch.Generator(device=device).manual_seed(7)
-    shape = (B, caches[0].policy.chunk_frames * HH * WW, H, D)
-    for chunk in range(chunks):
-        for cache in caches:
-            cache.begin_chunk()
-        for _ in range(passes):
-            for layer in range(L):
-                q, k, v = (torch.randn(shape, generator=gen, device=device).to(dtype) for _ in range(3))
-                want, *got = (cache.attend(layer, q, k, v) for cache in caches)
-                for cache, out in zip(caches[1:], got):
-                    assert torch.equal(out, want), (cache.attention_mode.ahead, chunk, layer)
-        for cache in caches:
-            cache.end_chunk()
 
 
 def _assert_same_pools(caches) -> None:
@@ -77,7 +61,7 @@ CASES = [(name, kv, where) for name in POLICIES for kv in (None, FP8) for where 
 def test_staging_ahead_gives_the_outputs_of_the_first_call_staging(name, kv_dtype, pool_device):
     caches = _caches(name, ("first_call", *AHEAD), dtype=torch.float32, backend="reference", kv_dtype=kv_dtype,
                      pool_device=pool_device)
-    _run_side_by_side(caches)
+    run_side_by_side(caches, seed=7)
     _assert_same_pools(caches)
     assert all(c.active_mode.name == "window" and c.active_mode.stages for c in caches)
     assert caches[0].last_plan.selects == (name not in ("dense", "sink-rerotate"))  # past the first selections
@@ -89,7 +73,7 @@ def test_staging_ahead_with_the_triton_kernels(staging):
     """fp16 (the interpreter's bf16 is broken), host FP8 pools of Relax, one pass per chunk, 6 chunks."""
     caches = _caches("relax", ("first_call", staging), dtype=torch.float16, backend="fused", kv_dtype=FP8,
                      pool_device="cpu")
-    _run_side_by_side(caches, chunks=6, passes=1, dtype=torch.float16)
+    run_side_by_side(caches, chunks=6, passes=1, dtype=torch.float16, seed=7)
     _assert_same_pools(caches)
 
 
@@ -227,18 +211,7 @@ def test_host_pools_staged_on_the_side_stream_equal_the_first_call_staging(name,
     caches = [rk.KVCache(GPU_POLICIES[name](), layers, b, h, d, hh, ww, dtype=torch.bfloat16,
                          device="cuda", backend="fused", attention="window", kv_dtype=kv_dtype, pool_device=where,
                          staging=s) for where, s in ((None, "first_call"), ("cpu", staging))]
-    gen = torch.Generator(device="cuda").manual_seed(13)
-    shape = (b, caches[0].policy.chunk_frames * hh * ww, h, d)
-    for chunk in range(9):
-        for cache in caches:
-            cache.begin_chunk()
-        for _ in range(2):
-            for layer in range(layers):
-                qkv = [torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
-                want, got = (cache.attend(layer, *qkv) for cache in caches)
-                assert torch.equal(got, want), (chunk, layer)
-        for cache in caches:
-            cache.end_chunk()
+    run_side_by_side(caches, dtype=torch.bfloat16, seed=13)
     assert caches[1].attention_mode.side is not None and caches[0].last_plan.selects
 
 
@@ -254,14 +227,4 @@ def test_a_captured_chunk_step_with_the_staging_ahead_replays_eager(name, stagin
     eager, graphed = (rk.KVCache(GPU_POLICIES[name](), layers, b, h, d, hh, ww, dtype=torch.bfloat16,
                                  device="cuda", backend="fused", attention="window", pool_device=where, staging=s)
                       for where, s in ((None, "first_call"), ("cpu", staging)))
-    gen = torch.Generator(device="cuda").manual_seed(14)
-    shape = (b, eager.policy.chunk_frames * hh * ww, h, d)
-
-    def inputs():
-        return [tuple(torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-                for _ in range(layers)]
-
-    def step(cache, qkv):
-        return [cache.attend(layer, *qkv[layer]) for layer in range(layers)]
-
-    assert_graph_replays_chunk_steps(eager, graphed, step, inputs, warmup=6, chunks=4)
+    assert_layer_steps_replay_eager(eager, graphed, seed=14, warmup=6, chunks=4)
