@@ -1,8 +1,9 @@
 """The window mode's staging ahead of a layer's first call (``KVCache(staging="next_layer" | "all_layers")``).
 
 - Every policy (dense, sink with re-rotation, Relax, Pack, a user's policy selecting per chunk and one selecting per
-  layer), pools in the compute dtype and FP8, on the device and in host memory, the reference backend and the Triton
-  kernels (interpreter): outputs bitwise equal to ``staging="first_call"`` over 9 chunks, the pools' held rows too.
+  layer), pools in the compute dtype and FP8, on the device and in host memory: outputs bitwise equal to
+  ``staging="first_call"`` over 9 chunks, the pools' held rows too; Relax and Pack through the Triton kernels
+  (interpreter) alike.
 - What each staging gathers at which layer's first call (4 layers): a whole memory, or for a per-layer selection
   the static parts ahead and the selected run at the first call; a re-planned chunk stages again; device rows that
   are not one run leave the whole memory to the first call.
@@ -68,13 +69,16 @@ def test_staging_ahead_gives_the_outputs_of_the_first_call_staging(name, kv_dtyp
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("staging", AHEAD)
-def test_staging_ahead_with_the_triton_kernels(staging):
-    """fp16 (the interpreter's bf16 is broken), host FP8 pools of Relax, one pass per chunk, 6 chunks."""
-    caches = _caches("relax", ("first_call", staging), dtype=torch.float16, backend="fused", kv_dtype=FP8,
-                     pool_device="cpu")
+@pytest.mark.parametrize("name, kv_dtype", [("relax", FP8), ("pack", None)], ids=["relax-fp8", "pack"])
+def test_staging_ahead_with_the_triton_kernels(name, kv_dtype):
+    """fp16 (the interpreter's bf16 is broken), host pools, 2 layers (layer 1 staged ahead), one pass per chunk,
+    6 chunks (past Relax's first selection, Pack's first two: its static parts ahead into window slices)."""
+    caches = [rk.KVCache(POLICIES[name](), 2, B, H, D, HH, WW, dtype=torch.float16, backend="fused",
+                         attention="window", kv_dtype=kv_dtype, pool_device="cpu", staging=staging)
+              for staging in ("first_call", "all_layers")]
     run_side_by_side(caches, chunks=6, passes=1, dtype=torch.float16, seed=7)
     _assert_same_pools(caches)
+    assert caches[0].last_plan.selects
 
 
 def _gathers_per_first_call(monkeypatch, name: str, staging: str, chunks: int):
