@@ -554,7 +554,10 @@ def targets(rows: list[dict]) -> list[dict]:
     for config in dict.fromkeys(r["config"] for r in rows):
         step = ms(config, lambda r: r["kind"] == "step" and r.get("kv_dtype") != fp8_name and r.get("pools") != "host")
         fp8 = ms(config, lambda r: r["kind"] == "step" and r.get("kv_dtype") == fp8_name)
-        host = ms(config, lambda r: r["kind"] == "step" and r.get("pools") == "host")
+        by_staging = {name: ms(config, lambda r, n=name: r["kind"] == "step" and r.get("pools") == "host"
+                               and r.get("staging") == n) for name in STAGINGS}  # host-pool steps
+        by_staging = {name: t for name, t in by_staging.items() if t is not None}
+        host = min(by_staging.values(), default=None)
         stage_host = [r for r in rows if r["config"] == config and r["row"] in ("stage_host", "copy_h2d")
                       and r["status"] == "ok"]
         bound = ms(config, lambda r: r["row"] == "bound[cudnn]")
@@ -566,9 +569,6 @@ def targets(rows: list[dict]) -> list[dict]:
         if fp8:
             out[-1].update(fp8_step_ms=fp8, fp8_over_bf16=fp8 / step if step else None, target_fp8_over_bf16=1.03)
         if host:
-            by_staging = {name: ms(config, lambda r, n=name: r["kind"] == "step" and r.get("pools") == "host"
-                                   and r.get("staging") == n) for name in STAGINGS}
-            by_staging = {name: t for name, t in by_staging.items() if t is not None}
             out[-1].update(host_step_ms=host, host_over_device=host / step if step else None,
                            target_host_over_device=1.05, host_ms_by_staging=by_staging,
                            host_best_staging=min(by_staging, key=by_staging.get))
