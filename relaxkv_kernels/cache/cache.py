@@ -184,9 +184,9 @@ class KVCache:
                              f"{policy.chunk_frames * height * width}, got n_rows = {pl.n_rows}, max_keys = "
                              f"{pl.max_keys}")
         pl.check_heads(num_heads)  # the model's heads, on every rank
-        attention = resolve_attention(attention, engine, self.device.type, staged=kv_dtype is not None or host_pools,
-                                      gathers=pl.gathers)
-        check_staging(staging, attention, pl, direct=kv_dtype is None and not host_pools)
+        staged = kv_dtype is not None or host_pools  # the engines cannot read the pools as they are
+        attention = resolve_attention(attention, engine, self.device.type, staged=staged, gathers=pl.gathers)
+        check_staging(staging, attention, pl, staged=staged)
         if self.heads is not None:  # ranks that made different caches would hang or mix heads: fail on every rank
             self.heads.check_same(op, {
                 "policy": repr(policy) if dataclasses.is_dataclass(policy) else type(policy).__qualname__,

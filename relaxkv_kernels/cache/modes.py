@@ -283,8 +283,12 @@ class WindowMode(GatherMode):
                 if self.ahead:
                     self.stage_ahead(layer, seg)
                 else:
-                    self.gather(layer, seg[:, : self.n_memory_seg], *self.memory_rows[layer])
+                    self.stage(layer, seg)
         return self.dense(q_rot, *self.keys[layer])
+
+    def stage(self, layer: int, seg: torch.Tensor) -> None:
+        """The layer's whole memory (the memory segments of its table ``seg``) into its window's memory rows."""
+        self.gather(layer, seg[:, : self.n_memory_seg], *self.memory_rows[layer])
 
     @torch.compiler.disable  # streams and events stay out of traced graphs
     def stage_ahead(self, layer: int, seg: torch.Tensor) -> None:
@@ -294,7 +298,7 @@ class WindowMode(GatherMode):
         forked here."""
         ahead, at_call = self.parts
         if not self.staged[layer]:
-            self.gather(layer, seg[:, : self.n_memory_seg], *self.memory_rows[layer])
+            self.stage(layer, seg)
             self.staged[layer] = True
         else:
             if self.events:
@@ -386,9 +390,9 @@ def resolve_attention(attention: str, engine: str, device_type: str, staged: boo
     return attention
 
 
-def check_staging(staging: str, attention: str, planner: Planner, direct: bool) -> None:
+def check_staging(staging: str, attention: str, planner: Planner, staged: bool) -> None:
     """ValueError unless ``staging`` (one of ``STAGINGS``) fits the resolved ``attention`` mode, ``planner`` and pools
-    (``direct``: on the device in the compute dtype); checked before anything is allocated."""
+    (``staged``: FP8 or host pools, as for :func:`resolve_attention`); checked before anything is allocated."""
     if staging not in STAGINGS:
         raise ValueError(f"KVCache: staging: expected one of {STAGINGS}, got {staging!r}")
     if staging == "first_call":
@@ -396,7 +400,7 @@ def check_staging(staging: str, attention: str, planner: Planner, direct: bool) 
     why = None
     if attention != "window":
         why = f"the {attention} attention mode has no once-per-chunk staging (use attention='window')"
-    elif direct and not planner.gathers:
+    elif not staged and not planner.gathers:
         why = (f"{type(planner).__name__} never gathers: with pools on the device every chunk attends to the pool "
                "prefix, and nothing is staged")
     if why:
